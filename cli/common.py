@@ -1,0 +1,84 @@
+"""Shared CLI plumbing: one-line errors with exit codes, common options, result printing."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compressor.errors import CompressorError
+
+# Piped output (CI logs, files) gets wide tables instead of 80-column wrapping of module names.
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+
+ModelArg = Annotated[str | None, typer.Argument(help="HF id, local folder, .gguf file or compressor checkpoint "
+                                                     "(default: the embedded stories260K)", show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (written atomically)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a field: key=value (repeatable)")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")]
+SeedOpt = Annotated[int, typer.Option(help="seed for data sampling and training")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a Hub model's custom code")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    """Print one line to stderr and exit with `code` — no traceback."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Map library errors to one-line messages and exit codes (2 = bad config, 3 = gate missed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except CompressorError as err:
+            fail(str(err), err.exit_code)
+        except PermissionError as err:
+            fail(f"permission denied: {err.filename or err}; choose a writable --out", 1)
+        except KeyboardInterrupt:
+            fail("interrupted; no output was written (outputs are staged and renamed only on success)", 130)
+        except torch_oom() as err:
+            fail(f"out of memory ({str(err).splitlines()[0][:120]}); use a smaller batch or --device cpu", 1)
+
+    return wrapper
+
+
+def torch_oom():
+    import torch
+
+    return getattr(torch, "OutOfMemoryError", MemoryError)
+
+
+def print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str, bool)):
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def print_evaluation(evaluation: dict[str, dict[str, Any]]) -> None:
+    if not evaluation:
+        return
+    table = Table(title="quality (held-out text)", title_justify="left")
+    keys = sorted({k for v in evaluation.values() for k in v})
+    table.add_column("when")
+    for key in keys:
+        table.add_column(key, justify="right")
+    for when, values in evaluation.items():
+        table.add_row(when, *[f"{values[k]:.4g}" if isinstance(values.get(k), float) else str(values.get(k, ""))
+                              for k in keys])
+    console.print(table)
+
+
+def stdout_is_tty() -> bool:
+    return sys.stdout.isatty()

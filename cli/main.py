@@ -1,0 +1,41 @@
+"""The `compressor` console script: builds the Typer app, nothing else."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import typer
+
+from . import analyze, compress, eval, generate, methods, run
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`.")
+app.command("analyze")(analyze.analyze)
+app.command("compress")(compress.compress)
+app.command("eval")(eval.eval_command)
+app.command("run")(run.run)
+app.command("methods")(methods.methods)
+app.command("generate")(generate.generate)
+
+
+def _register_finetune() -> None:
+    try:  # TEMP-INTEGRATION: cli/finetune.py lands with the training work
+        from . import finetune
+    except ImportError:
+        return
+    app.command("finetune")(finetune.finetune)
+
+
+_register_finetune()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

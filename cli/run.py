@@ -1,0 +1,43 @@
+"""`compressor run recipe.yaml`: the same stages from a YAML recipe; exit code gates quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from compressor.pipeline import Pipeline
+
+from .common import OutOpt, QuietOpt, SetOpt, console, handle_errors, print_evaluation, print_metrics
+
+
+@handle_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/)")],
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate the recipe and print it resolved")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a YAML recipe. Exit codes: 0 ok, 1 runtime error, 2 invalid recipe, 3 quality gate missed."""
+    overrides = list(set_ or [])
+    if out is not None:
+        overrides.append(f"out={out}")
+    pipeline = Pipeline.from_file(recipe, overrides)
+    if dry_run:
+        import yaml
+
+        console.print(yaml.safe_dump(pipeline.to_recipe(), sort_keys=False))
+        return
+    try:
+        report, _ = pipeline.run(quiet=quiet)
+    finally:
+        pass
+    for record in report.stages:
+        print_metrics(f"stage {record.stage} ({record.seconds:.1f} s)", record.metrics)
+    print_evaluation(report.evaluation)
+    for gate in report.gates:
+        console.print(f"gate {gate['gate']}: {gate['value']:.4g} (limit {gate['limit']}) passed")
+    if pipeline.out:
+        console.print(f"wrote {pipeline.out}")

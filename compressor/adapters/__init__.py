@@ -1,0 +1,2 @@
+"""compressor.adapters — explicit imports register each method."""
+from . import nola  # noqa: F401

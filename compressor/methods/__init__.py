@@ -1,0 +1,2 @@
+"""Compression methods, one module each; these explicit imports register them."""
+from . import asvd, saes_svd, svd, svd_llm, welore  # noqa: F401  (training-free low-rank family)

@@ -1,0 +1,269 @@
+"""Pure tensor maths of the DSFormer dense x sparse factorization W ~ D @ S.
+
+Shapes: W is (out, in), D is (out, k) dense, S is (k, in) with a per-column sparsity pattern:
+`N:M` keeps exactly N of every M consecutive entries along k in each column (hardware friendly,
+packable with `compressor.kernels.pack_nm(S.T)`), `unstructured` keeps the s largest entries of each
+column. Everything here is tensors in, tensors out; `dsformer.py` does the wiring.
+
+The fit minimises the (optionally whitened) reconstruction error
+
+    f(D, S) = tr((W - D S) H (W - D S)^T) = ||(W - D S) X||_F^2      with H = X X^T,
+
+by alternating (a) sparse coding of S: the support is the top-N-of-M projection of the
+unconstrained least-squares solution, then the values on that support are refined by masked
+preconditioned conjugate gradient on f (the columns of S are coupled through H), and (b) the
+closed-form least-squares update of D. With H = None the objective is the plain ||W - D S||_F^2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from compressor.kernels import nm_index_bits, nm_mask
+
+_DAMP = 1e-2  # relative ridge on H (fraction of its mean diagonal), as GPTQ-style solvers use
+
+
+# -- sparsity patterns -------------------------------------------------------------------------
+
+
+def nm_column_mask(s: Tensor, n: int, m: int) -> Tensor:
+    """Bool mask (k, in) keeping the n largest |s| of every m consecutive rows in each column.
+
+    s: (k, in) with k % m == 0. Exactly n per group even when values tie (topk order).
+    """
+    return nm_mask(s.detach().abs().T, n, m).T
+
+
+def topk_column_mask(s: Tensor, nnz: int) -> Tensor:
+    """Bool mask (k, in) keeping the `nnz` largest |s| of each column (the unstructured pattern)."""
+    keep = s.detach().abs().topk(nnz, dim=0).indices
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(0, keep, True)
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Column pattern of S: N:M groups along k (`m` > 0) or `nnz_ratio` of k per column (m == 0)."""
+
+    n: int = 2
+    m: int = 4
+    nnz_ratio: float = 0.0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def density(self) -> float:
+        return self.n / self.m if self.structured else self.nnz_ratio
+
+    def nnz_per_column(self, k: int) -> int:
+        return k // self.m * self.n if self.structured else max(1, round(self.nnz_ratio * k))
+
+    def mask(self, s: Tensor) -> Tensor:
+        if self.structured:
+            return nm_column_mask(s, self.n, self.m)
+        return topk_column_mask(s, self.nnz_per_column(s.shape[0]))
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else f"unstructured({self.nnz_ratio:g})"
+
+
+def parse_pattern(pattern: str, density: float = 0.5) -> SparsePattern:
+    """`"2:4"` -> SparsePattern(2, 4); `"unstructured"` -> SparsePattern(nnz_ratio=density).
+
+    Raises ValueError with the reason; the config turns it into a ConfigError.
+    """
+    if pattern == "unstructured":
+        return SparsePattern(n=0, m=0, nnz_ratio=density)
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"got {pattern!r}; use 'N:M' such as '2:4', or 'unstructured'")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ValueError(f"got {pattern!r}: need 0 < N < M (N = M would make S dense; use svd)")
+    if m > 256:
+        raise ValueError(f"got {pattern!r}: M must be <= 256 so an index fits the stored uint8")
+    return SparsePattern(n=n, m=m)
+
+
+# -- storage accounting ------------------------------------------------------------------------
+
+
+def index_bits_per_value(pattern: SparsePattern, k: int) -> int:
+    """Bits of index metadata the checkpoint stores per value of S.
+
+    N:M: the position inside the group, bit-packed by `compressor.kernels.compress_nm_indices`
+    (`nm_index_bits(M)`: 2 bits for 2:4, 4 bits for M = 8 or 16). Unstructured: the row id in k,
+    stored as uint8 when k <= 256 and int16 above.
+    """
+    if pattern.structured:
+        return nm_index_bits(pattern.m)
+    return 8 if k <= 256 else 16
+
+
+def dense_sparse_bytes(out_f: int, in_f: int, k: int, pattern: SparsePattern, value_bytes: int) -> dict[str, float]:
+    """Stored bytes of D (out, k) plus the values and index metadata of S (k, in); bias excluded."""
+    nnz = in_f * pattern.nnz_per_column(k)
+    meta = math.ceil(nnz * index_bits_per_value(pattern, k) / 8)
+    return {
+        "d_bytes": out_f * k * value_bytes,
+        "s_value_bytes": nnz * value_bytes,
+        "s_index_bytes": meta,
+        "total_bytes": out_f * k * value_bytes + nnz * value_bytes + meta,
+    }
+
+
+def solve_inner_dim(out_f: int, in_f: int, keep: float, pattern: SparsePattern, value_bytes: int) -> int:
+    """Largest k (a multiple of M for N:M) whose stored bytes are <= keep * dense bytes.
+
+    May return 0 or a k above min(out, in): the caller reports those with the layer name.
+    """
+    budget = keep * out_f * in_f * value_bytes
+    step = pattern.m if pattern.structured else 1
+    per_step = dense_sparse_bytes(out_f, in_f, step, pattern, value_bytes)["total_bytes"]
+    k = int(budget // per_step) * step + step
+    # bytes are (nearly) linear in k; walk down past rounding of the packed index bytes
+    while k > 0 and dense_sparse_bytes(out_f, in_f, k, pattern, value_bytes)["total_bytes"] > budget:
+        k -= step
+    return k
+
+
+# -- fitting -----------------------------------------------------------------------------------
+
+
+def damp_hessian(h: Tensor | None, damp: float = _DAMP) -> Tensor | None:
+    """H + damp * mean(diag H) * I in fp64 (None stays None: the plain objective)."""
+    if h is None:
+        return None
+    h = h.double()
+    return h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h), dtype=h.dtype)
+
+
+def whitened_error(w: Tensor, d: Tensor, s: Tensor, h: Tensor | None) -> float:
+    """Relative error tr(E H E^T) / tr(W H W^T) with E = W - D S (plain Frobenius if h is None)."""
+    e = w - d.to(w.dtype) @ s.to(w.dtype)
+    if h is None:
+        return float(e.square().sum() / w.square().sum().clamp_min(1e-30))
+    h = h.to(w.dtype)
+    return float(((e @ h) * e).sum() / ((w @ h) * w).sum().clamp_min(1e-30))
+
+
+def interleave_atoms(k: int, m: int) -> Tensor:
+    """Permutation putting atoms i, i + k/m, i + 2k/m, ... into one group of m.
+
+    The SVD sorts atoms by energy; with sorted order every N:M group would hold atoms of equal
+    importance and each column would lose half of its strongest atoms. Interleaving gives every
+    group one atom of each energy tier, so a column can keep all of its top tiers.
+    """
+    return torch.arange(k).reshape(m, k // m).T.reshape(-1)
+
+
+def init_dictionary(w: Tensor, k: int, h: Tensor | None, pattern: SparsePattern) -> Tensor:
+    """D0 (out, k): the top-k left singular vectors of W L (whitened) or W, scaled by sqrt(sigma)."""
+    w64 = w.double()
+    target = w64 if h is None else w64 @ _cholesky_lower(h)
+    u, sig, _ = torch.linalg.svd(target, full_matrices=False)
+    d = u[:, :k] * sig[:k].sqrt()
+    if pattern.structured:
+        d = d[:, interleave_atoms(k, pattern.m)]
+    return d
+
+
+def _cholesky_lower(h: Tensor) -> Tensor:
+    """Lower Cholesky factor of a damped H; eigen-shift fallback if it is still not PD."""
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        return factor
+    shift = (-torch.linalg.eigvalsh(h).min()).clamp_min(0) + 1e-6 * h.diagonal().mean()
+    return torch.linalg.cholesky(h + shift * torch.eye(len(h), dtype=h.dtype))
+
+
+def _apply_normal(g: Tensor, s: Tensor, h: Tensor | None) -> Tensor:
+    """The Hessian operator of f on S: G S H (G = D^T D); G S when h is None."""
+    gs = g @ s
+    return gs if h is None else gs @ h
+
+
+def refine_on_support(
+    w: Tensor, d: Tensor, s0: Tensor, mask: Tensor, h: Tensor | None, iters: int
+) -> Tensor:
+    """Minimise f over S restricted to `mask` by Jacobi-preconditioned conjugate gradient.
+
+    w (out, in), d (out, k), s0/mask (k, in), h (in, in) fp64 or None. Starts from s0 * mask.
+    """
+    g = d.T @ d
+    rhs = d.T @ w if h is None else d.T @ w @ h
+    diag = g.diagonal()[:, None] * (1.0 if h is None else h.diagonal()[None, :])
+    precond = mask / diag.clamp_min(1e-30)
+    s = s0 * mask
+    r = (rhs - _apply_normal(g, s, h)) * mask
+    z = r * precond
+    p, rz = z, (r * z).sum()
+    for _ in range(iters):
+        ap = _apply_normal(g, p, h) * mask
+        alpha = rz / (p * ap).sum().clamp_min(1e-30)
+        s = s + alpha * p
+        r = r - alpha * ap
+        z = r * precond
+        rz_new = (r * z).sum()
+        if rz_new <= 1e-24 * rhs.square().sum():
+            break
+        p, rz = z + (rz_new / rz) * p, rz_new
+    return s
+
+
+def update_dictionary(w: Tensor, s: Tensor, h: Tensor | None) -> Tensor:
+    """Least-squares D = W H S^T (S H S^T)^-1 (ridge-stabilised); plain W S^T (S S^T)^-1 if h None."""
+    sh = s if h is None else s @ h
+    gram = sh @ s.T
+    gram = gram + 1e-6 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype)
+    return torch.linalg.solve(gram, (w @ sh.T).T).T
+
+
+def sparse_code(w: Tensor, d: Tensor, h: Tensor | None, pattern: SparsePattern, cg_iters: int):
+    """One S step: support = pattern projection of the least-squares S, values refined on it."""
+    norms = d.norm(dim=0).clamp_min(1e-30)
+    d_unit = d / norms  # compare |S| in units of unit atoms, so atom scale does not bias the support
+    s_ls = torch.linalg.lstsq(d_unit, w).solution
+    mask = pattern.mask(s_ls)
+    s = refine_on_support(w, d_unit, s_ls, mask, h, cg_iters)
+    return d_unit, s, mask
+
+
+def fit_dense_sparse(
+    weight: Tensor,
+    k: int,
+    pattern: SparsePattern,
+    h: Tensor | None = None,
+    iters: int = 4,
+    cg_iters: int = 10,
+) -> tuple[Tensor, Tensor, list[float]]:
+    """Alternating dense x sparse fit of `weight` (out, in) on the whitened objective.
+
+    Returns D (out, k), S (k, in) in weight's dtype with S obeying `pattern` exactly, and the
+    relative objective after every half step (S step, D step); the best iterate is returned.
+    """
+    # fp64 for the one-off SVD; the many CG / least-squares products run in fp32 (2x faster on CPU,
+    # and the damped H keeps them well conditioned)
+    hd = damp_hessian(h)
+    d = init_dictionary(weight, k, hd, pattern).float()
+    w = weight.detach().float()
+    hd = None if hd is None else hd.float()
+    best, history = None, []
+    for _ in range(max(1, iters)):
+        d, s, mask = sparse_code(w, d, hd, pattern, cg_iters)
+        err = whitened_error(w, d, s, hd)
+        history.append(err)
+        if best is None or err < best[0]:
+            best = (err, d, s * mask)
+        d = update_dictionary(w, s * mask, hd)
+        err = whitened_error(w, d, s * mask, hd)
+        history.append(err)
+        if err < best[0]:
+            best = (err, d, s * mask)
+    _, d, s = best
+    return d.to(weight.dtype), s.to(weight.dtype), history

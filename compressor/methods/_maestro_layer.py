@@ -1,0 +1,188 @@
+"""Pure pieces of Maestro (LoD, ordered-dropout low rank): the trainable factored layer, the
+hierarchical group lasso, rank importance, progressive shrinking, the single-layer sampler and
+budgeted truncation. `maestro.py` wires them into a stage; `_maestro_train.py` runs the loop.
+
+Orientation follows `compressor.layers.LowRankLinear`: W = U V with U (out, r) and V (r, in);
+rank i is the pair (column i of U, row i of V).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ordered_factors(weight: Tensor, h: Tensor | None = None, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """Ordered factors of W (out, in) with sqrt(sigma) fused into both sides, in fp64.
+
+    h None: SVD of W, U = U_svd sqrt(S), V = sqrt(S) V_svd^T (Maestro's decompose_linear).
+    h = X X^T (in, in): SVD of W L (H = L L^T), so the ordering follows the output energy on the
+    calibration data: U = U' sqrt(S), V = sqrt(S) Q^T L^-1. Either way U V = W at full rank.
+    Returns u (out, r), v (r, in) with r = rank or min(out, in).
+    """
+    w = weight.detach().double()
+    if h is None:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        l_inv_t = None
+    else:
+        chol = _cholesky_with_fallback(h.double())
+        u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
+        l_inv_t = chol
+    r = len(s) if rank is None else rank
+    root = s[:r].sqrt()
+    v = root[:, None] * vh[:r]
+    if l_inv_t is not None:  # V <- V L^-1 via a triangular solve (never form the inverse)
+        v = torch.linalg.solve_triangular(l_inv_t, v, upper=False, left=False)
+    return u[:, :r] * root, v
+
+
+def _cholesky_with_fallback(h: Tensor) -> Tensor:
+    """Lower Cholesky of H with a relative ridge; eigen-shift if it is still not positive definite."""
+    eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
+    h = h + 1e-6 * h.diagonal().mean().clamp_min(1e-12) * eye
+    factor, info = torch.linalg.cholesky_ex(h)
+    if int(info) == 0:
+        return factor
+    shift = (-torch.linalg.eigvalsh(h).min()).clamp_min(0) + 1e-6 * h.diagonal().mean().clamp_min(1e-12)
+    return torch.linalg.cholesky(h + shift * eye)
+
+
+def tail_norms(sq_norms: Tensor) -> Tensor:
+    """Hierarchical norms ||x_{i:}||_h = sqrt(sum_{j>=i} sq_norms[j]) of per-rank squared norms (r,)."""
+    return sq_norms.flip(0).cumsum(0).flip(0).clamp_min(0).sqrt()
+
+
+def group_lasso(u: Tensor, v: Tensor) -> Tensor:
+    """Maestro's hierarchical group lasso sum_i ||v_{i:}||_h + ||u_{:i}||_h (a differentiable scalar).
+
+    u (out, r), v (r, in). Rank i's term covers every rank >= i, so the last ranks sit in the most
+    groups and are driven to zero first: this is what makes the ordering learnable.
+    """
+    return (tail_norms(v.square().sum(1)) + tail_norms(u.square().sum(0))).sum()
+
+
+def rank_importance(u: Tensor, v: Tensor) -> Tensor:
+    """importance_i = ||v_{i:}||_h * ||u_{:i}||_h (r,); non-increasing in i by construction."""
+    with torch.no_grad():
+        return tail_norms(v.square().sum(1)) * tail_norms(u.square().sum(0))
+
+
+def kept_rank(importance: Tensor, threshold: float) -> int:
+    """Progressive shrinking: the number of ranks whose importance is >= threshold.
+
+    Importance is non-increasing, so the surviving ranks are always a prefix.
+    """
+    return int((importance >= threshold).sum())
+
+
+class MaestroLinear(nn.Module):
+    """Training-time factored linear y = ((x V[:w]^T) U[:, :w]^T) + b.
+
+    `rank` is the active rank (shrinking lowers it); `width` (None = full) truncates the forward
+    pass to the first `width` active ranks, which is ordered dropout. Parameters keep their
+    initial size while training so the optimizer state stays aligned; `factors()` slices them.
+    """
+
+    def __init__(self, u: Tensor, v: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = v.shape[1], u.shape[0]
+        self.u = nn.Parameter(u.clone())
+        self.v = nn.Parameter(v.clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.rank = u.shape[1]
+        self.width: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.rank if self.width is None else min(self.width, self.rank)
+        return F.linear(F.linear(x, self.v[:w]), self.u[:, :w], self.bias)
+
+    def group_lasso(self) -> Tensor:
+        return group_lasso(self.u[:, : self.rank], self.v[: self.rank])
+
+    def importance(self) -> Tensor:
+        return rank_importance(self.u[:, : self.rank], self.v[: self.rank])
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        return self.u.detach()[:, : self.rank], self.v.detach()[: self.rank]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class SingleLayerSampler:
+    """Maestro's across-layers sampler: every (layer, width j) pair, j = 1..rank, shuffled.
+
+    Each training step takes the next pair: only that one layer is truncated, all others run at
+    full width. When the list is exhausted it is reshuffled; `rebuild` after shrinking.
+    """
+
+    def __init__(self, ranks: dict[str, int], seed: int = 0) -> None:
+        self._rng = random.Random(seed)
+        self.rebuild(ranks)
+
+    def rebuild(self, ranks: dict[str, int]) -> None:
+        self.pairs = [(name, j) for name, r in ranks.items() for j in range(1, r + 1)]
+        if not self.pairs:
+            raise ValueError("SingleLayerSampler: no layer has a positive rank")
+        self._order: Iterator[tuple[str, int]] = iter(())
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __next__(self) -> tuple[str, int]:
+        try:
+            return next(self._order)
+        except StopIteration:
+            self._rng.shuffle(self.pairs)
+            self._order = iter(list(self.pairs))
+            return next(self._order)
+
+    def __iter__(self):
+        return self
+
+
+def lowrank_params(out_f: int, in_f: int, rank: int) -> int:
+    """Stored parameters of a layer at `rank`: (m + n) r, or m n once that is no smaller."""
+    return min((out_f + in_f) * rank, out_f * in_f)
+
+
+def allocate_ranks(
+    importance: dict[str, Tensor], shapes: dict[str, tuple[int, int]], budget: float
+) -> dict[str, int]:
+    """Truncate every layer by importance order so the total stays within `budget` parameters.
+
+    importance: per-layer (r,) non-increasing tensors; shapes: (out, in). Ranks are admitted in
+    globally decreasing importance (the same rule as shrinking with a global threshold), each
+    costing out + in parameters until a layer reaches the dense size. Returns {name: rank}.
+    """
+    entries = sorted(
+        ((float(imp[i]), name, i) for name, imp in importance.items() for i in range(len(imp))),
+        key=lambda e: -e[0],
+    )
+    ranks = dict.fromkeys(importance, 0)
+    used = 0.0
+    for _, name, i in entries:
+        out_f, in_f = shapes[name]
+        if i != ranks[name]:
+            continue  # keep prefixes only (ties across positions)
+        extra = lowrank_params(out_f, in_f, i + 1) - lowrank_params(out_f, in_f, i)
+        if used + extra > budget:
+            continue
+        ranks[name] = i + 1
+        used += extra
+    return ranks
+
+
+def dense_is_smaller(out_f: int, in_f: int, rank: int) -> bool:
+    """Maestro materialisation rule: a layer goes back to dense if (m + n) r >= m n."""
+    return (out_f + in_f) * rank >= out_f * in_f
+
+
+def truncate_width(rank: int, fraction: float) -> int:
+    """Width of an ordered-dropout pass at fraction p: ceil(p * rank)."""
+    return max(1, math.ceil(fraction * rank))

@@ -1,0 +1,254 @@
+"""dsformer: dense x sparse factorization W ~ D S with an N:M-sparse S, refined by the
+Straight-Through Factorizer (Chand, Prabhu, Kumar, "DSFormer", arXiv 2312.13211; no public code).
+
+Each targeted W (out, in) becomes D (out, k) dense times S (k, in) holding exactly N of every M
+consecutive entries along k in each column (default 2:4, so S packs for 2:4 kernels), or with
+`pattern: unstructured` the top `density`*k entries of each column. Every column of W is a sparse
+combination of atoms of a small dictionary D.
+
+`rank` is a KEEP ratio in stored BYTES: bytes(D) + bytes(S values) + bytes(S index metadata) <=
+rank * bytes(dense W), values in the model dtype and, for N:M, positions bit-packed at
+nm_index_bits(M) bits (2 bits for 2:4) as the checkpoint stores them; k is the largest multiple of
+M that fits. (Equal bytes is the fair comparison with low-rank methods, whose factors carry no
+metadata.)
+
+1. Initialisation (per layer, block by block on the already-compressed model): alternate sparse
+   coding of S (support = top-N-of-M projection of the least-squares S, values refined on the
+   support) with least-squares updates of D, on the whitened objective ||(W - D S) X||_F with
+   H = X X^T from calibration windows (`init: whitened`), or on ||W - D S||_F (`init: plain`).
+2. STF (`stf_steps` > 0): train D and a dense latent S~ end to end on the LM loss (+ KL to the dense
+   teacher with `distill: true`); forward uses the projection of S~, backward is straight-through.
+3. Pack: `DenseSparseLinear` stores D and S packed (values + bit-packed positions) and runs
+   `compressor.kernels.dense_sparse_linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MethodConfig
+from ..context import Context
+from ..errors import ConfigError
+from ..evaluation import perplexity
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import linear_shape, linear_weight, replace_module, select_linears
+from ._dsformer_factor import (SparsePattern, dense_sparse_bytes, fit_dense_sparse, parse_pattern,
+                               solve_inner_dim, whitened_error)
+from ._dsformer_layer import DenseSparseLinear
+from ._dsformer_stf import DenseSparseTrainable, frozen_teacher, train_stf
+from ._prune_sequential import compress_sequentially
+
+__all__ = ["DenseSparseLinear", "DSFormerConfig", "plan_inner_dims"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DSFormerConfig(MethodConfig):
+    """Args:
+        rank: KEEP ratio in stored bytes (D + S values + S index metadata) of each targeted layer,
+            0 < rank <= 1; the inner dimension k is solved from it (a multiple of M).
+        k: explicit inner dimension for every targeted layer (overrides `rank`); a multiple of M.
+        pattern: "N:M" (N of every M consecutive entries along k in each column of S; default
+            "2:4") or "unstructured" (the `density` * k largest entries of each column).
+        density: fraction of k kept per column of S with `pattern: unstructured`.
+        init: "whitened" (fit ||(W - D S) X|| with calibration statistics) or "plain" (||W - D S||,
+            no data).
+        init_iters: alternations of sparse coding (S) and least squares (D).
+        cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
+        calibration: text source of the calibration windows (see compressor.data).
+        num_windows: calibration windows for `init: whitened`.
+        seq_len: tokens per window (calibration and STF).
+        batch_size: windows per forward pass (calibration and STF).
+        stf_steps: Straight-Through Factorizer training steps after the initialisation; 0 = none.
+        lr: AdamW learning rate of the STF (D and S~ only; everything else is frozen).
+        distill: add KL(dense teacher || student) on the logits to the STF loss (keeps a frozen
+            copy of the dense model in memory).
+        data: STF training text (its `train` split; defaults to the calibration source).
+        eval_windows: held-out windows (`eval` split of `data`) on which perplexity is measured
+            after the initialisation and after STF; 0 = skip.
+    """
+
+    rank: float = 0.6
+    k: int | None = None
+    pattern: str = "2:4"
+    density: float = 0.5
+    init: Literal["whitened", "plain"] = "whitened"
+    init_iters: int = 8
+    cg_iters: int = 25
+    calibration: str = "default"
+    num_windows: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+    stf_steps: int = 100
+    lr: float = 1e-4
+    distill: bool = False
+    data: str | None = None
+    eval_windows: int = 16
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            parsed = parse_pattern(self.pattern, self.density)
+        except ValueError as err:
+            raise ConfigError(f"dsformer: `pattern` {err}") from None
+        if not 0 < self.rank <= 1:
+            raise ConfigError(f"dsformer: `rank` is the keep ratio in bytes and must be in (0, 1], got "
+                              f"{self.rank!r}; e.g. `rank: 0.6` keeps 60 % of each layer's bytes")
+        if not 0 < self.density <= 1:
+            raise ConfigError(f"dsformer: `density` must be in (0, 1], got {self.density!r}; e.g. 0.5")
+        if self.k is not None:
+            _check_explicit_k(self.k, parsed)
+        for key in ("init_iters", "num_windows", "seq_len", "batch_size"):
+            _check_int(key, getattr(self, key), 1)
+        for key in ("cg_iters", "stf_steps", "eval_windows"):
+            _check_int(key, getattr(self, key), 0)
+        if not self.lr > 0:
+            raise ConfigError(f"dsformer: `lr` must be > 0, got {self.lr!r}; e.g. 1e-4")
+
+    @property
+    def sparse_pattern(self) -> SparsePattern:
+        return parse_pattern(self.pattern, self.density)
+
+
+def _check_int(key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"dsformer: `{key}` must be an integer >= {low}, got {value!r}")
+
+
+def _check_explicit_k(k: int, pattern: SparsePattern) -> None:
+    _check_int("k", k, 1)
+    if pattern.structured and k % pattern.m:
+        lower, upper = k // pattern.m * pattern.m, (k // pattern.m + 1) * pattern.m
+        raise ConfigError(f"dsformer: `k`={k} is not a multiple of M={pattern.m} (pattern "
+                          f"{pattern.describe()}); use k={upper}" + (f" or k={lower}" if lower else ""))
+
+
+# -- planning: k per layer, with every impossible layer reported at once -----------------------
+
+
+def plan_inner_dims(shapes: dict[str, tuple[int, int]], config: DSFormerConfig, value_bytes: int) -> dict[str, int]:
+    """k per layer from `rank` (or `k`); raises one ConfigError listing every layer that cannot fit."""
+    pattern = config.sparse_pattern
+    plan, problems = {}, []
+    for name, (out_f, in_f) in shapes.items():
+        k = config.k or solve_inner_dim(out_f, in_f, config.rank, pattern, value_bytes)
+        limit = min(out_f, in_f)
+        if config.k is None and k < (pattern.m or 1):
+            smallest = dense_sparse_bytes(out_f, in_f, pattern.m or 1, pattern, value_bytes)["total_bytes"]
+            problems.append(f"{name} ({out_f}x{in_f}): even k={pattern.m or 1} needs "
+                            f"{smallest / (out_f * in_f * value_bytes):.3f} of the dense bytes "
+                            f"(D + S values + index metadata) > `rank`={config.rank}")
+        elif k > limit:
+            problems.append(f"{name} ({out_f}x{in_f}): k={k} exceeds min(out, in)={limit}"
+                            + ("" if config.k else f" (lower `rank` to <= {_max_keep(out_f, in_f, pattern, value_bytes):.3f})"))
+        plan[name] = k
+    if problems:
+        raise ConfigError(f"dsformer: {len(problems)} layer(s) cannot be factored as asked: "
+                          f"{'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}; "
+                          "change `rank`/`k`, or add these layers to `ignore`")
+    return plan
+
+
+def _max_keep(out_f: int, in_f: int, pattern: SparsePattern, value_bytes: int) -> float:
+    step = pattern.m or 1
+    k = min(out_f, in_f) // step * step
+    return dense_sparse_bytes(out_f, in_f, k, pattern, value_bytes)["total_bytes"] / (out_f * in_f * value_bytes)
+
+
+# -- wiring -----------------------------------------------------------------------------------
+
+
+def _factor_one(name: str, module: nn.Module, h: Tensor | None, k: int, config: DSFormerConfig,
+                rows: dict[str, dict]) -> nn.Module:
+    weight = linear_weight(module).detach()
+    pattern = config.sparse_pattern
+    d, s, history = fit_dense_sparse(weight, k, pattern, h if config.init == "whitened" else None,
+                                     iters=config.init_iters, cg_iters=config.cg_iters)
+    bias = getattr(module, "bias", None)
+    out_f, in_f = weight.shape
+    sizes = dense_sparse_bytes(out_f, in_f, k, pattern, weight.element_size())
+    rows[name] = {"module": name, "shape": f"{out_f}x{in_f}", "k": k, "pattern": pattern.describe(),
+                  "params": out_f * k + in_f * pattern.nnz_per_column(k),
+                  "stored_bytes": int(sizes["total_bytes"]), "index_bytes": int(sizes["s_index_bytes"]),
+                  "keep_bytes": round(sizes["total_bytes"] / (out_f * in_f * weight.element_size()), 4),
+                  "init_error": round(history[0], 5), "fit_error": round(min(history), 5),
+                  "weight_error": round(whitened_error(weight, d, s, None), 5)}
+    if h is None and config.init == "whitened":
+        rows[name]["init"] = "plain (no calibration statistics)"
+    if config.stf_steps > 0:
+        return DenseSparseTrainable(d, s, bias, pattern)
+    return DenseSparseLinear.from_factors(d, s, pattern, bias)
+
+
+def _eval(model: nn.Module, windows: Tensor | None, batch_size: int) -> float | None:
+    return None if windows is None else round(perplexity(model, windows, batch_size=batch_size)["perplexity"], 4)
+
+
+@register("dsformer", DSFormerConfig, kind="compress")
+def apply(model: nn.Module, config: DSFormerConfig, ctx: Context) -> StageResult:
+    """Factor every targeted linear into D @ S (init), refine with STF, pack for inference."""
+    selected = select_linears(model, config.targets, config.ignore)
+    value_bytes = linear_weight(next(iter(selected.values()))).element_size()
+    plan = plan_inner_dims({n: linear_shape(m) for n, m in selected.items()}, config, value_bytes)
+    data = config.data or config.calibration
+    eval_windows = (ctx.windows(data, split="eval", seq_len=config.seq_len, num_windows=config.eval_windows)
+                    if config.eval_windows else None)
+    metrics: dict[str, Any] = {"ppl_dense": _eval(model, eval_windows, config.batch_size)}
+    teacher = frozen_teacher(model) if config.distill and config.stf_steps else None
+    rows: dict[str, dict] = {}
+    notes = _initialise(model, selected, plan, config, ctx, rows)
+    metrics["ppl_init"] = _eval(model, eval_windows, config.batch_size)
+    curves = {}
+    if config.stf_steps:
+        train = ctx.windows(data, split="train", seq_len=config.seq_len,
+                            num_windows=config.stf_steps * config.batch_size)
+        curves = train_stf(model, train, ctx, steps=config.stf_steps, lr=config.lr,
+                           batch_size=config.batch_size, teacher=teacher)
+        _pack_trained(model)
+        metrics["ppl_stf"] = _eval(model, eval_windows, config.batch_size)
+        metrics["stf_loss_first"] = round(curves["stf_loss"][0], 4)
+        metrics["stf_loss_last"] = round(curves["stf_loss"][-1], 4)
+        metrics["stf_support_moved"] = round(curves["stf_support_change"][-1], 4)
+    metrics.update(_totals(rows.values(), value_bytes))
+    return StageResult(metrics={k: v for k, v in metrics.items() if v is not None},
+                       per_module=list(rows.values()), notes=notes, curves=curves)
+
+
+def _initialise(model, selected, plan, config: DSFormerConfig, ctx: Context, rows) -> list[str]:
+    def replace(name, module, h):
+        return _factor_one(name, module, h, plan[name], config, rows)
+
+    if config.init == "plain":
+        for name, module in ctx.progress(list(selected.items()), description="dsformer init"):
+            replace_module(model, name, replace(name, module, None))
+        return []
+    windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len,
+                          num_windows=config.num_windows)
+    outside = compress_sequentially(model, selected, windows, replace, ctx, kind="gram",
+                                    batch_size=config.batch_size, description="dsformer init")
+    return [f"{len(outside)} linear(s) outside the transformer blocks were fitted on the plain "
+            f"objective (no calibration statistics): {', '.join(outside[:4])}"] if outside else []
+
+
+def _pack_trained(model: nn.Module) -> None:
+    """Swap every STF training module for its packed inference layer."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DenseSparseTrainable):
+            with torch.no_grad():
+                s = module.sparse_factor().detach()
+            replace_module(model, name, DenseSparseLinear.from_factors(module.d.detach(), s, module.pattern,
+                                                                      module.bias))
+
+
+def _totals(rows, value_bytes: int) -> dict[str, Any]:
+    rows = list(rows)
+    dense = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    return {"layers": len(rows), "params_dense": dense, "params_kept": sum(r["params"] for r in rows),
+            "dense_bytes": dense * value_bytes, "stored_bytes": stored,
+            "keep_ratio_bytes": round(stored / max(dense * value_bytes, 1), 4),
+            "mean_fit_error": round(sum(r["fit_error"] for r in rows) / max(len(rows), 1), 5)}

@@ -1,0 +1,258 @@
+"""prune: N:M (default 2:4) or unstructured pruning by magnitude or Wanda scores.
+
+Scores: `magnitude` |W_ij|; `wanda` |W_ij| * ||X_j||_2 (Sun et al., "A Simple and Effective Pruning
+Approach for LLMs", arXiv 2306.11695), with ||X_j||_2 the L2 norm of input feature j over the
+calibration tokens, gathered block by block on the already-pruned model. N:M keeps the N best
+scores of every M consecutive weights along the input dim of each row (the layout of NVIDIA's
+2:4 sparse tensor cores) and stores the result packed in an `NMSparseLinear` (values + bit-packed
+positions, forward via `compressor.kernels.nm_linear`). Unstructured pruning zeroes weights of the
+nn.Linear in place (a dense tensor holding zeros: no bytes are saved on disk).
+
+The mask functions are pure and shared: DSEE imports `magnitude_mask`, `wanda_scores`, `nm_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MethodConfig
+from ..context import Context
+from ..errors import ConfigError
+from ..kernels import compress_nm_indices, nm_linear, nm_mask, pack_nm, unpack_nm
+from ..layers import CompressedLinear, register_layer
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import linear_shape, linear_weight, select_linears
+from ._dsformer_factor import parse_pattern
+from ._prune_sequential import compress_sequentially
+
+__all__ = [
+    "NMSparseLinear", "PruneConfig", "magnitude_mask", "magnitude_scores", "nm_mask", "prune_mask",
+    "unstructured_mask", "wanda_scores",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig(MethodConfig):
+    """Args:
+        pattern: "N:M" (e.g. "2:4": N kept of every M consecutive weights along in_features of each
+            row, stored packed) or "unstructured" (the `sparsity` fraction of weights zeroed).
+        sparsity: fraction of weights removed by `unstructured`, in [0, 1). N:M removes 1 - N/M.
+        score: "magnitude" (|W|, data-free) or "wanda" (|W| * input feature norm; calibrated).
+        group: which weights compete for `unstructured`: "row" (each output row loses the same
+            fraction; Wanda's rule), "layer" (the whole matrix), or "auto" (row for wanda, layer for
+            magnitude).
+        calibration: text source of the calibration windows for `wanda` (see compressor.data).
+        num_windows: calibration windows for `wanda`.
+        seq_len: tokens per calibration window.
+        batch_size: windows per forward pass.
+    """
+
+    pattern: str = "2:4"
+    sparsity: float = 0.5
+    score: Literal["magnitude", "wanda"] = "magnitude"
+    group: Literal["auto", "row", "layer"] = "auto"
+    calibration: str = "default"
+    num_windows: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as err:
+            raise ConfigError(f"prune: `pattern` {err}") from None
+        if not 0 <= self.sparsity < 1:
+            raise ConfigError(
+                f"prune: `sparsity` is the fraction of weights removed and must be in [0, 1), got "
+                f"{self.sparsity!r}; e.g. `sparsity: 0.5`"
+            )
+        for key in ("num_windows", "seq_len", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"prune: `{key}` must be a positive integer, got {value!r}")
+
+
+# -- pure scores and masks ---------------------------------------------------------------------
+
+
+def magnitude_scores(weight: Tensor) -> Tensor:
+    """|W| (out, in)."""
+    return weight.detach().abs()
+
+
+def wanda_scores(weight: Tensor, input_norms: Tensor) -> Tensor:
+    """Wanda's |W_ij| * ||X_j||_2: weight (out, in), input_norms (in,) L2 norms -> (out, in)."""
+    return weight.detach().abs() * input_norms.to(weight.dtype)[None, :]
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = False) -> Tensor:
+    """Bool mask removing the floor(sparsity * count) lowest scores (per row or over the matrix)."""
+    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)
+    drop = int(sparsity * flat.shape[1])
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if drop > 0:
+        lowest = flat.topk(drop, dim=1, largest=False).indices
+        mask.scatter_(1, lowest, False)
+    return mask.reshape(scores.shape)
+
+
+def prune_mask(scores: Tensor, pattern: str = "2:4", sparsity: float = 0.5, per_row: bool = False) -> Tensor:
+    """Bool keep-mask (out, in): N:M along in_features, or unstructured at `sparsity`."""
+    parsed = parse_pattern(pattern)
+    if parsed.structured:
+        return nm_mask(scores, parsed.n, parsed.m)
+    return unstructured_mask(scores, sparsity, per_row)
+
+
+def magnitude_mask(weight: Tensor, sparsity: float = 0.5, pattern: str = "unstructured",
+                   per_row: bool = False) -> Tensor:
+    """Bool keep-mask of W by |W| (the data-free default DSEE prunes with)."""
+    return prune_mask(magnitude_scores(weight), pattern, sparsity, per_row)
+
+
+# -- the packed N:M layer ----------------------------------------------------------------------
+
+
+@register_layer
+class NMSparseLinear(CompressedLinear):
+    """y = x W^T + b with W (out, in) N:M-sparse along in_features, stored packed.
+
+    values (out, in/m*n) in the model dtype; indices: each value's position inside its group,
+    bit-packed (`compress_nm_indices`, 2 bits for 2:4), a uint8 buffer.
+    """
+
+    layer_type = "nm_sparse"
+
+    def __init__(self, in_features: int, out_features: int, n: int = 2, m: int = 4, bias: bool = False,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features)
+        self.n, self.m = n, m
+        slots = in_features // m * n
+        self.values = nn.Parameter(torch.zeros(out_features, slots, dtype=dtype))
+        packed = compress_nm_indices(torch.zeros(1, slots, dtype=torch.uint8), m).shape[-1]
+        self.register_buffer("indices", torch.zeros(out_features, packed, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_dense(cls, weight: Tensor, n: int, m: int, bias: Tensor | None = None) -> NMSparseLinear:
+        """Pack an (out, in) weight that already has <= n non-zeros per group of m."""
+        layer = cls(weight.shape[1], weight.shape[0], n, m, bias is not None, dtype=weight.dtype)
+        values, indices = pack_nm(weight.detach(), n, m)
+        with torch.no_grad():
+            layer.values.copy_(values)
+            layer.indices.copy_(compress_nm_indices(indices, m))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n,
+                "m": self.m, "bias": self.bias is not None}
+
+    def dense_weight(self) -> Tensor:
+        return unpack_nm(self.values, self.indices, self.n, self.m, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nm_linear(x, self.values, self.indices, self.n, self.m, self.in_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.n}:{self.m}"
+
+
+def nm_sparse_bytes(out_f: int, in_f: int, n: int, m: int, value_bytes: int) -> dict[str, int]:
+    """Stored bytes of an NMSparseLinear weight: values + bit-packed positions (bias excluded)."""
+    slots = in_f // m * n
+    packed = compress_nm_indices(torch.zeros(1, slots, dtype=torch.uint8), m).shape[-1]
+    return {"value_bytes": out_f * slots * value_bytes, "index_bytes": out_f * packed,
+            "total_bytes": out_f * (slots * value_bytes + packed)}
+
+
+# -- wiring ------------------------------------------------------------------------------------
+
+
+def _check_divisible(selected: dict[str, nn.Module], m: int) -> None:
+    bad = [f"{name} (in_features={linear_shape(mod)[1]})" for name, mod in selected.items()
+           if linear_shape(mod)[1] % m]
+    if bad:
+        raise ConfigError(
+            f"prune: `pattern` N:M needs in_features divisible by M={m}, but {len(bad)} layer(s) are not: "
+            f"{', '.join(bad[:6])}; add them to `ignore` or use `pattern: unstructured`"
+        )
+
+
+def _prune_one(name: str, module: nn.Module, stat: Tensor | None, config: PruneConfig, rows: list) -> nn.Module | None:
+    weight = linear_weight(module).detach()
+    if config.score == "wanda" and stat is not None:
+        scores = wanda_scores(weight, stat.sqrt())
+    else:
+        scores = magnitude_scores(weight)
+    per_row = config.group == "row" or (config.group == "auto" and config.score == "wanda")
+    mask = prune_mask(scores, config.pattern, config.sparsity, per_row)
+    pruned = weight * mask
+    out_f, in_f = weight.shape
+    value_bytes = weight.element_size()
+    row = {"module": name, "shape": f"{out_f}x{in_f}", "pattern": config.pattern,
+           "score": config.score if stat is not None or config.score == "magnitude" else "magnitude (no stats)",
+           "sparsity": round(1 - mask.float().mean().item(), 4),
+           "dense_bytes": out_f * in_f * value_bytes,
+           "relative_error": float((weight - pruned).norm() / weight.norm().clamp_min(1e-30))}
+    bias = getattr(module, "bias", None)
+    parsed = parse_pattern(config.pattern)
+    if parsed.structured:
+        new = NMSparseLinear.from_dense(pruned, parsed.n, parsed.m, bias)
+        sizes = nm_sparse_bytes(out_f, in_f, parsed.n, parsed.m, value_bytes)
+        row.update(params=out_f * in_f // parsed.m * parsed.n, stored_bytes=sizes["total_bytes"],
+                   index_bytes=sizes["index_bytes"])
+    else:
+        new = None
+        with torch.no_grad():
+            module.weight.mul_(mask.T if type(module).__name__ == "Conv1D" else mask)
+        row.update(params=int(mask.sum()), stored_bytes=out_f * in_f * value_bytes, index_bytes=0)
+    row["keep_bytes"] = round(row["stored_bytes"] / row["dense_bytes"], 4)
+    rows.append(row)
+    return new
+
+
+@register("prune", PruneConfig, kind="compress")
+def apply(model: nn.Module, config: PruneConfig, ctx: Context) -> StageResult:
+    """Prune every targeted linear (N:M -> NMSparseLinear; unstructured -> zeros in place)."""
+    selected = select_linears(model, config.targets, config.ignore)
+    parsed = parse_pattern(config.pattern)
+    if parsed.structured:
+        _check_divisible(selected, parsed.m)
+    rows: list[dict[str, Any]] = []
+    notes = []
+    if config.score == "wanda":
+        windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len,
+                              num_windows=config.num_windows)
+        outside = compress_sequentially(
+            model, selected, windows, lambda n, mod, st: _prune_one(n, mod, st, config, rows), ctx,
+            kind="sq_norm", batch_size=config.batch_size, description="wanda")
+        if outside:
+            notes.append(f"{len(outside)} linear(s) outside the transformer blocks were pruned by magnitude: "
+                         f"{', '.join(outside[:4])}")
+    else:
+        for name, module in ctx.progress(list(selected.items()), description="prune"):
+            new = _prune_one(name, module, None, config, rows)
+            if new is not None:
+                from ..targeting import replace_module
+
+                replace_module(model, name, new)
+    return StageResult(metrics=_summary(rows), per_module=rows, notes=notes)
+
+
+def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    dense = sum(r["dense_bytes"] for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    weights = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows)
+    kept = sum(r["params"] for r in rows)
+    return {"layers": len(rows), "sparsity": round(1 - kept / max(weights, 1), 4),
+            "params_kept": kept, "params_dense": weights, "stored_bytes": stored, "dense_bytes": dense,
+            "keep_ratio_bytes": round(stored / max(dense, 1), 4),
+            "mean_relative_error": round(sum(r["relative_error"] for r in rows) / max(len(rows), 1), 4)}

@@ -1,0 +1,158 @@
+"""SAES-SVD: CEALC (cumulative-error-aware closed form) + ACES (per-layer β search).
+
+Paper: "SAES-SVD: Self-Adaptive Suppression of Accumulated and Local Errors for SVD-based LLM
+Compression", ICLR 2026, https://arxiv.org/abs/2602.03051. METHODS.md §3.2–3.3.
+
+CEALC. X are a layer's inputs in the already-compressed model, X_f the full-precision model's
+inputs for the same tokens. The objective ‖W'X − WX‖² + α‖W'X − WX_f‖² equals (up to a constant)
+‖W'X − W(X + β(X_f − X))‖² with β = α/(1+α). With H = X Xᵀ/N + λI = L Lᵀ and
+Δ = (X_f − X)Xᵀ/N its rank-r optimum is W' = [G(β)]_r L⁻¹, G(β) = W(H + βΔ)L⁻ᵀ = W L + β W Δ L⁻ᵀ.
+β = 0 is SVD-LLM exactly (the W L term is computed the same way, so the factors are bitwise equal
+when λ matches).
+
+ACES picks β per layer to maximise the retained-energy ratio RER(β) = ‖[G(β)]_r‖²/‖G(β)‖²: with
+G = G₀ + βG_d and the top-r singular subspaces of G₀ frozen (projectors P⊥, Q⊥ onto their
+complements), tail(β) = ‖P⊥G(β)Q⊥‖² = aβ² + bβ + c and total(β) = ‖G(β)‖² = Aβ² + Bβ + C; the
+stationary points of tail/total solve (aB − bA)β² + 2(aC − cA)β + (bC − cB) = 0. The roots inside
+[beta_min, beta_max] and the two endpoints are compared and the best is kept. Freezing the
+subspace drops the cross blocks P⊥G_dQ and PG_dQ⊥, which the true rank-r approximation partly
+absorbs, so the approximation is first order in β; the caps keep β where it holds (reviewers:
+"β caps and shrinkage"; defaults from the reproduction: [0.2, 0.428571], damping 1e-5).
+
+Statistics (H and X_f Xᵀ) are streamed: every calibration batch runs through the original block
+(teacher) and the compressed model's block (student), nothing is cached across batches. Inside a
+block q, k, v, gate, up are compressed first, then o and down on the compressed first phase's
+outputs (the reproduction's order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..context import Context
+from ..errors import ConfigError
+from ..registry import register
+from ..report.records import StageResult
+from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
+from .svd_llm import cholesky_with_shift, unwhiten
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAESConfig(CalibratedLowRankConfig):
+    """SAES-SVD (see CalibratedLowRankConfig for the shared fields).
+
+    Args:
+        beta: fixed β ∈ [0, 1) for every layer, or null for the ACES per-layer search.
+        beta_min, beta_max: the interval ACES searches (the paper's exact caps are unverified;
+            0.2 and 0.428571 = α 0.75 come from the reproduction).
+        damping: absolute λ added to the diagonal of H = X Xᵀ/N before Cholesky.
+    """
+
+    beta: float | None = None
+    beta_min: float = 0.2
+    beta_max: float = 0.428571
+    damping: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.beta is not None and not 0 <= self.beta < 1:
+            raise ConfigError(f"saes-svd: `beta` must be in [0, 1) or null (ACES search), got {self.beta!r}")
+        if not 0 <= self.beta_min <= self.beta_max < 1:
+            raise ConfigError(f"saes-svd: need 0 ≤ `beta_min` ≤ `beta_max` < 1, got [{self.beta_min}, {self.beta_max}]")
+        if not self.damping >= 0:
+            raise ConfigError(f"saes-svd: `damping` must be ≥ 0, got {self.damping!r}")
+
+
+def cealc_parts(weight: Tensor, chol: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """(W (m, n), L (n, n), Δ (n, n)) -> (G₀ = W L, G_d = W Δ L⁻ᵀ), both (m, n) fp64."""
+    w = weight.double()
+    g_d = torch.linalg.solve_triangular(chol.T, w @ delta.double(), upper=True, left=False)  # Z Lᵀ = WΔ
+    return w @ chol, g_d
+
+
+def cealc_factors(g0: Tensor, g_d: Tensor, chol: Tensor, beta: float, rank: int) -> tuple[Tensor, Tensor, float]:
+    """W' = [G₀ + βG_d]_r L⁻¹ as (u (m, r), v (r, n)) plus the exact RER(β) of that G."""
+    target = g0 if beta == 0 else g0 + beta * g_d
+    u, s, vh = torch.linalg.svd(target, full_matrices=False)
+    left, right = split_singular(u, s, vh, rank)
+    return left, unwhiten(right, chol), retained_from_singular(s, rank)
+
+
+def retained_from_singular(sigma: Tensor, rank: int) -> float:
+    energy = sigma.double().square()
+    return float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
+
+
+def retained_energy_ratio(target: Tensor, rank: int) -> float:
+    """RER = ‖[G]_r‖²_F / ‖G‖²_F (exact, by SVD)."""
+    return retained_from_singular(torch.linalg.svdvals(target.double()), rank)
+
+
+def aces_coefficients(g0: Tensor, g_d: Tensor, rank: int) -> tuple[float, ...]:
+    """(a, b, c, A, B, C) of tail(β) = aβ²+bβ+c and total(β) = Aβ²+Bβ+C (G₀'s top-r subspace frozen)."""
+    u, s, vh = torch.linalg.svd(g0, full_matrices=False)
+    u_r, v_r = u[:, :rank], vh[:rank].T
+    # P⊥ G_d Q⊥ = G_d − U(UᵀG_d) − (G_d V)Vᵀ + U(UᵀG_d V)Vᵀ
+    left = u_r.T @ g_d  # (r, n)
+    d_tail = g_d - u_r @ left - (g_d @ v_r) @ v_r.T + u_r @ (left @ v_r) @ v_r.T
+    g0_tail = (u[:, rank:] * s[rank:]) @ vh[rank:]  # already inside P⊥ · Q⊥
+    a = float(d_tail.square().sum())
+    b = 2 * float((g0_tail * d_tail).sum())
+    c = float(s[rank:].square().sum())
+    return a, b, c, float(g_d.square().sum()), 2 * float((g0 * g_d).sum()), float(s.square().sum())
+
+
+def aces_beta(g0: Tensor, g_d: Tensor, rank: int, beta_min: float, beta_max: float) -> tuple[float, float]:
+    """ACES: β ∈ [beta_min, beta_max] minimising the approximate tail/total energy ratio.
+
+    Returns (β, approximate 1 − tail/total at β)."""
+    a, b, c, big_a, big_b, big_c = aces_coefficients(g0, g_d, rank)
+    candidates = [beta_min, beta_max]
+    q2, q1, q0 = a * big_b - b * big_a, 2 * (a * big_c - c * big_a), b * big_c - c * big_b
+    scale = max(abs(q2), abs(q1), abs(q0), 1e-300)
+    if abs(q2) > 1e-12 * scale:
+        disc = q1 * q1 - 4 * q2 * q0
+        if disc >= 0:
+            root = disc**0.5
+            candidates += [(-q1 + root) / (2 * q2), (-q1 - root) / (2 * q2)]
+    elif abs(q1) > 1e-12 * scale:
+        candidates.append(-q0 / q1)
+
+    def ratio(beta: float) -> float:
+        total = big_a * beta * beta + big_b * beta + big_c
+        return (a * beta * beta + b * beta + c) / total if total > 0 else 1.0
+
+    inside = [x for x in candidates if beta_min <= x <= beta_max]
+    best = min(inside, key=ratio)
+    return best, 1.0 - ratio(best)
+
+
+def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: SAESConfig):
+    h = stats.hessian()
+    chol, shift = cholesky_with_shift(h, config.damping)
+    g0, g_d = cealc_parts(weight, chol, stats.teacher_cross() - h)
+    info: dict = {}
+    if config.beta is None:
+        beta, info["rer_predicted"] = aces_beta(g0, g_d, rank, config.beta_min, config.beta_max)
+    else:
+        beta = config.beta
+    left, right, info["rer"] = cealc_factors(g0, g_d, chol, beta, rank)
+    info["beta"] = beta
+    if shift:
+        info["cholesky_shift"] = shift
+        info["notes"] = [f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"]
+    return left, right, info
+
+
+@register("saes-svd", SAESConfig, kind="compress")
+def apply(model: nn.Module, config: SAESConfig, ctx: Context) -> StageResult:
+    """CEALC factors with an ACES-chosen (or fixed) β per layer, calibrated block by block with a
+    full-precision teacher stream."""
+    result = compress_model(model, config, ctx, _factorize, stats_kind="hessian+cross")
+    betas = [row["beta"] for row in result.per_module if "beta" in row]
+    if betas:
+        result.metrics.update(beta_mean=sum(betas) / len(betas), beta_min_chosen=min(betas), beta_max_chosen=max(betas))
+    return result

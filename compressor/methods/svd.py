@@ -1,0 +1,43 @@
+"""Plain truncated SVD: W ≈ U_r Σ_r V_rᵀ, the data-free baseline of the low-rank family.
+
+Keeps the r largest singular values of W itself, so it minimises ‖W − W'‖_F but knows nothing about
+which input directions the model actually uses; the activation-aware methods (asvd, svd-llm,
+saes-svd) exist because that weight-space error is a poor proxy for the output error ‖(W − W')X‖.
+No calibration data is needed. See compressor/methods/lowrank.py for `rank` (a keep ratio).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..context import Context
+from ..registry import register
+from ..report.records import StageResult
+from .lowrank import LowRankConfig, LayerStats, compress_model, split_singular
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDConfig(LowRankConfig):
+    """Plain truncated SVD of every targeted linear (see LowRankConfig for the shared fields)."""
+
+
+def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Best rank-`rank` approximation of W (m, n) in Frobenius norm -> (u (m, r), v (r, n)), fp64.
+
+    √Σ is fused into both factors so they have comparable scales (as SVD-LLM and ASVD do).
+    """
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    return split_singular(u, s, vh, rank)
+
+
+def _factorize(name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: SVDConfig):
+    return (*svd_factors(weight, rank), {})
+
+
+@register("svd", SVDConfig, kind="compress")
+def apply(model: nn.Module, config: SVDConfig, ctx: Context) -> StageResult:
+    """Replace every targeted linear by its rank-r truncated SVD (no calibration)."""
+    return compress_model(model, config, ctx, _factorize, stats_kind=None)

@@ -1,0 +1,149 @@
+"""SVD-LLM: truncation-aware data whitening (+ optional least-squares update of U).
+
+Paper: Wang et al., "SVD-LLM: Truncation-aware Singular Value Decomposition for Large Language
+Model Compression", ICLR 2025, https://arxiv.org/abs/2403.07378 (reference code
+AIoT-MLSys-Lab/SVD-LLM). METHODS.md §3.1.
+
+With H = X Xᵀ/N = L Lᵀ (Cholesky, fp64) the SVD of W L = U Σ Vᵀ gives W' = U_r Σ_r V_rᵀ L⁻¹ and
+‖(W − W')X‖²_F / N = Σ_{i>r} σ_i², so dropping a singular value costs exactly its square: the
+truncation is optimal for the calibration output error, unlike plain SVD or ASVD. L⁻¹ is applied by
+triangular solves, never formed. If H is not positive definite (dead input channels, too few
+tokens) the diagonal is shifted by (−λ_min + 1e-6) and retried (×10 per retry); the shift is
+reported as a note.
+
+Update step: with V̂ = √Σ_r V_rᵀ L⁻¹ fixed, U is re-solved by least squares against the full-precision
+model's outputs, U = argmin ‖U V̂ X − W X_f‖² = W (X_f Xᵀ) V̂ᵀ (V̂ H V̂ᵀ)⁻¹, from statistics only.
+The reference code fits W·X on the compressed model's inputs X instead; with our sequential
+whitening (H already measured on X) that target makes the update an exact no-op, so the target is
+the teacher's output, which is what the update is for: absorbing the upstream compression error.
+`update: auto` turns it on when rank (keep) < 0.7, as the reference recommends for ratio > 0.3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from ..context import Context
+from ..errors import ConfigError, ModelError
+from ..registry import register
+from ..report.records import StageResult
+from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
+
+UPDATE_AUTO_BELOW = 0.7
+CHOLESKY_EPS = 1e-6
+CHOLESKY_RETRIES = 8
+
+
+@dataclass(frozen=True, kw_only=True)
+class SVDLLMConfig(CalibratedLowRankConfig):
+    """SVD-LLM whitening (see CalibratedLowRankConfig for the shared fields).
+
+    Args:
+        update: least-squares update of U against the full-precision outputs: `auto` (on when
+            rank < 0.7), `true` or `false` (whitening only).
+        damping: absolute ridge λ added to H's diagonal before Cholesky (0 = the paper's whitening;
+            the eigen-shift fallback still guards non-definite H).
+    """
+
+    update: Literal["auto", "true", "false"] | bool = "auto"
+    damping: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.update, bool):
+            object.__setattr__(self, "update", "true" if self.update else "false")
+        if self.update not in ("auto", "true", "false"):
+            raise ConfigError(f"svd-llm: `update` must be auto, true or false, got {self.update!r}")
+        if not self.damping >= 0:
+            raise ConfigError(f"svd-llm: `damping` must be ≥ 0, got {self.damping!r}")
+
+    def use_update(self) -> bool:
+        return self.update == "true" or (self.update == "auto" and self.rank < UPDATE_AUTO_BELOW)
+
+
+def cholesky_with_shift(hessian: Tensor, damping: float = 0.0) -> tuple[Tensor, float]:
+    """Lower L (n, n) fp64 with L Lᵀ = H + (damping + shift)·I; returns (L, shift), shift 0 if none.
+
+    A factorisation whose smallest pivot² is below 1e-12·max diag(H) is treated as failed too: it
+    would make L⁻¹ (and so V̂) explode even though Cholesky technically succeeded.
+    """
+    h = hessian.double()
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    h = h + damping * eye
+    factor, ok = _try_cholesky(h)
+    if ok:
+        return factor, 0.0
+    lam_min = torch.linalg.eigvalsh(h)[0].item()
+    shift = max(-lam_min, 0.0) + CHOLESKY_EPS
+    for _ in range(CHOLESKY_RETRIES):
+        factor, ok = _try_cholesky(h + shift * eye)
+        if ok:
+            return factor, shift
+        shift *= 10
+    raise ModelError(f"Cholesky of the calibration Hessian failed even with shift {shift:.3g}; "
+                     "use more calibration windows or add the layer to `ignore`")
+
+
+def _try_cholesky(h: Tensor) -> tuple[Tensor, bool]:
+    factor, info = torch.linalg.cholesky_ex(h)
+    if info.item() != 0 or not torch.isfinite(factor).all():
+        return factor, False
+    pivots = factor.diagonal()
+    return factor, bool((pivots.square().min() > 1e-12 * h.diagonal().max().clamp_min(1e-300)).item())
+
+
+def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of W L, truncated: (W (m, n), L (n, n), r) -> (u (m, r), v (r, n), σ (min(m, n),)).
+
+    u v = U_r Σ_r V_rᵀ L⁻¹; σ are all singular values of W L (σ_{>r}² is the dropped output error).
+    """
+    u, s, vh = torch.linalg.svd(weight.double() @ chol, full_matrices=False)
+    left, right = split_singular(u, s, vh, rank)
+    return left, unwhiten(right, chol), s
+
+
+def unwhiten(right: Tensor, chol: Tensor) -> Tensor:
+    """right L⁻¹ (r, n) by a triangular solve of Z L = right (no explicit inverse)."""
+    return torch.linalg.solve_triangular(chol, right, upper=False, left=False)
+
+
+def least_squares_left(weight: Tensor, right: Tensor, hessian: Tensor, cross: Tensor) -> Tensor:
+    """U (m, r) = argmin ‖U V̂ X − W X_f‖² = W C V̂ᵀ (V̂ H V̂ᵀ)⁻¹ with C = X_f Xᵀ/N, H = X Xᵀ/N."""
+    w, v = weight.double(), right.double()
+    gram = v @ hessian.double() @ v.T  # (r, r)
+    rhs = w @ cross.double() @ v.T  # (m, r)
+    solution, info = torch.linalg.solve_ex(gram, rhs.T)
+    if info.item() != 0 or not torch.isfinite(solution).all():
+        solution = torch.linalg.lstsq(gram, rhs.T).solution
+    return solution.T
+
+
+def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: SVDLLMConfig):
+    h = stats.hessian()
+    chol, shift = cholesky_with_shift(h, config.damping)
+    left, right, sigma = whitened_factors(weight, chol, rank)
+    info = {"dropped_energy": _dropped_fraction(sigma, rank)}
+    if shift:
+        info["cholesky_shift"] = shift
+        info["notes"] = [f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"]
+    if config.use_update():
+        left = least_squares_left(weight, right, h, stats.teacher_cross())
+        info["updated"] = True
+    return left, right, info
+
+
+def _dropped_fraction(sigma: Tensor, rank: int) -> float:
+    """Σ_{i>r} σ_i² / Σ σ_i²: the share of the whitened (output) energy the truncation drops."""
+    energy = sigma.double().square()
+    return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
+
+
+@register("svd-llm", SVDLLMConfig, kind="compress")
+def apply(model: nn.Module, config: SVDLLMConfig, ctx: Context) -> StageResult:
+    """Whitened truncated SVD of every targeted linear, calibrated block by block."""
+    stats_kind = "hessian+cross" if config.use_update() else "hessian"
+    return compress_model(model, config, ctx, _factorize, stats_kind=stats_kind)

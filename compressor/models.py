@@ -1,0 +1,330 @@
+"""Load models from every place a user names them, and save checkpoints atomically.
+
+MODEL may be: nothing (the embedded stories260K), a local HF folder, a compressor checkpoint
+(a folder with compression.json), a .gguf file or a folder holding one, or a Hugging Face id
+(online, or offline from the local HF cache). Remote code runs only with trust_remote_code=True.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ModelError, OutputError
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
+MANIFEST = "compression.json"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    causal: bool
+    manifest: dict[str, Any] | None = None
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"`dtype` must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def default_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+
+
+def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
+               load_in: str | None = None) -> LoadedModel:
+    """Load a model + tokenizer (see module docstring). Raises ModelError with the fix."""
+    name = str(source) if source not in (None, "", "default") else "default"
+    kwargs = _load_kwargs(parse_dtype(dtype), trust_remote_code, load_in)
+    with _quiet_transformers():
+        if name == "default":
+            loaded = _load_hf(DEFAULT_MODEL_DIR, {**kwargs, "trust_remote_code": False}, "default")
+        else:
+            loaded = _load_named(name, kwargs)
+    if load_in is None:
+        loaded.model.to(device)
+    loaded.model.eval()
+    return loaded
+
+
+def _load_named(name: str, kwargs: dict[str, Any]) -> LoadedModel:
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"`{name}` is a file but not a .gguf; pass a model folder, a .gguf file or a model id")
+        return _load_gguf(path.parent, path.name, kwargs, name)
+    if path.is_dir():
+        if (path / MANIFEST).is_file():
+            return load_compressed(path, kwargs)
+        if (path / "config.json").is_file():
+            return _load_hf(path, kwargs, name)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(path, ggufs[0].name, kwargs, name)
+        raise ModelError(f"folder `{name}` is not a model (no config.json, compression.json or single .gguf); "
+                         "pass a Hugging Face model folder, a .gguf file or a model id")
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf") or not HUB_ID.match(name):
+        raise ModelError(f"model path `{name}` does not exist; check the path, or pass a Hugging Face id like "
+                         "`HuggingFaceTB/SmolLM2-135M`")
+    return _load_hf(name, kwargs, name)
+
+
+def _load_kwargs(dtype: torch.dtype, trust_remote_code: bool, load_in: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in is not None:
+        kwargs["quantization_config"] = quantization_config(load_in)
+        kwargs["device_map"] = "auto"
+    return kwargs
+
+
+def quantization_config(load_in: str):
+    """bitsandbytes 4/8-bit loading for a frozen base (QLoRA-style)."""
+    from .errors import ConfigError
+
+    if load_in not in ("4bit", "8bit"):
+        raise ConfigError(f"`load_in` must be 4bit or 8bit, got {load_in!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ModelError("`--load-in` needs bitsandbytes: pip install 'compressor[quant]'") from None
+    if not torch.cuda.is_available():
+        raise ModelError(f"`--load-in {load_in}` needs a CUDA GPU for bitsandbytes quantized weights, and none is "
+                         "visible; drop `--load-in` to train in full precision on this machine")
+    if load_in == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def is_causal_config(config) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    return bool(getattr(config, "is_decoder", False)) or config.model_type in {"llama", "gpt2", "mistral", "qwen2",
+                                                                              "phi3", "gemma", "opt", "gpt_neox"}
+
+
+def _auto_class(config):
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if is_causal_config(config) else AutoModel
+
+
+def _load_hf(where: str | Path, kwargs: dict[str, Any], source: str) -> LoadedModel:
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
+        model = _auto_class(config).from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
+    except (OSError, ValueError) as err:
+        raise ModelError(_hub_hint(source, err)) from None
+    return LoadedModel(model, tokenizer, source, is_causal_config(config))
+
+
+def _hub_hint(source: str, err: Exception) -> str:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    if "trust_remote_code" in str(err):
+        return f"model `{source}` needs custom code: pass --trust-remote-code if you trust it ({first})"
+    return (f"could not load model `{source}` ({first}); check the id/path, your connection, or the local "
+            "Hugging Face cache (HF_HUB_OFFLINE=1 uses it)")
+
+
+def _load_gguf(folder: Path, filename: str, kwargs: dict[str, Any], source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
+    except ImportError as err:
+        raise ModelError(f"reading GGUF needs the gguf package ({err}); pip install 'compressor[gguf]'") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelError(f"could not read GGUF `{folder / filename}`: {str(err).splitlines()[0][:200]}") from None
+    # GGUF weights are dequantized to float on load; drop the marker so save_pretrained works.
+    _strip_quantization(model)
+    return LoadedModel(model, tokenizer, source, True)
+
+
+def _strip_quantization(model: nn.Module) -> None:
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            with contextlib.suppress(AttributeError):
+                setattr(model, attr, None)
+    with contextlib.suppress(AttributeError):
+        model.is_quantized = False
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers prints load progress bars and advisory warnings; keep the CLI output clean."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
+def nonfinite_layers(model: nn.Module) -> list[str]:
+    """Names of parameters holding NaN or Inf."""
+    return [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed checkpoints
+
+
+def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> LoadedModel:
+    """Rebuild a compressor checkpoint: same HF class, compressed layers swapped in, weights loaded."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .layers import build_layer
+    from .targeting import replace_module
+
+    kwargs = kwargs or {}
+    manifest = json.loads((folder / MANIFEST).read_text())
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
+    model = _auto_class(config).from_config(config, dtype=kwargs.get("dtype", torch.float32))
+    for name, spec in manifest.get("layers", {}).items():
+        replace_module(model, name, build_layer(spec))
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(shard))
+    if not state:
+        raise ModelError(f"checkpoint `{folder}` has no .safetensors weights")
+    result = model.load_state_dict(state, strict=False)
+    _check_missing(model, result.missing_keys, result.unexpected_keys, folder)
+    model.to(kwargs.get("dtype", torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    return LoadedModel(model, tokenizer, str(folder), is_causal_config(config), manifest)
+
+
+def _check_missing(model: nn.Module, missing: list[str], unexpected: list[str], folder: Path) -> None:
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+        missing = [k for k in missing if not k.startswith("lm_head")]
+    buffers = {n for n, _ in model.named_buffers()}
+    missing = [k for k in missing if k not in buffers]
+    if missing or unexpected:
+        raise ModelError(f"checkpoint `{folder}` does not match its compression.json "
+                         f"(missing {missing[:4]}, unexpected {unexpected[:4]}); re-create it with this version")
+
+
+def save_checkpoint(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, Any] | None = None) -> None:
+    """Write config.json + model.safetensors (+ compression.json + tokenizer) into `folder`."""
+    from .layers import layer_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _strip_quantization(model)
+    layers = layer_manifest(model)
+    with _quiet_transformers():
+        model.save_pretrained(folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    if layers or manifest:
+        payload = {"format": "compressor", "version": 1, "base_class": type(model).__name__,
+                   **(manifest or {}), "layers": layers}
+        (folder / MANIFEST).write_text(json.dumps(payload, indent=2))
+
+
+def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, manifest: dict[str, Any] | None = None) -> Path:
+    """Public API: save a (compressed) model atomically; reload with compressor.load(folder)."""
+    folder = Path(folder)
+    with staged_output(folder) as tmp:
+        save_checkpoint(model, tokenizer, tmp, manifest)
+    return folder
+
+
+def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str = "float32") -> nn.Module:
+    """Public API: load any model MODEL accepts (compressed checkpoints included); returns the model."""
+    return load_model(str(folder), device=device, dtype=dtype).model
+
+
+# ---------------------------------------------------------------------------------------------
+# Output folders: checked before work starts, written to a temporary sibling, renamed at the end
+
+
+def check_output_dir(folder: Path) -> None:
+    """Fail fast (before loading anything) when `folder` cannot be written or would clobber data."""
+    folder = Path(folder).expanduser().absolute()
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output `{folder}` exists and is a file; choose another --out")
+    if folder.is_dir() and any(folder.iterdir()) and not _is_previous_output(folder):
+        raise OutputError(f"output folder `{folder}` exists and holds other files; choose an empty or new --out")
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is None or not _can_create_in(parent):
+        raise OutputError(f"cannot write output folder `{folder}`: `{parent}` is not writable; choose another --out")
+
+
+def _can_create_in(parent: Path) -> bool:
+    """Probe by creating (and removing) a folder: os.access() says yes to root on read-only mounts."""
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".compressor-probe-", dir=parent))
+    except OSError:
+        return False
+    probe.rmdir()
+    return True
+
+
+def _is_previous_output(folder: Path) -> bool:
+    return any((folder / marker).exists() for marker in ("report.json", MANIFEST, "eval.json"))
+
+
+@contextlib.contextmanager
+def staged_output(folder: Path):
+    """Yield a temporary folder beside `folder`; on success it replaces `folder`, else vanishes."""
+    folder = Path(folder).expanduser().absolute()
+    check_output_dir(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+logging.getLogger("transformers").setLevel(logging.ERROR)

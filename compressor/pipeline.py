@@ -1,0 +1,222 @@
+"""Pipeline: one object built from a YAML recipe or CLI flags; runs stages, evaluates before and
+after, applies quality gates, and writes the report (and checkpoint) atomically."""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import evaluation
+from .config import MethodConfig
+from .context import Context
+from .errors import ConfigError, GateError, ModelError
+from .models import LoadedModel, check_output_dir, load_model, nonfinite_layers, save_checkpoint, staged_output
+from .recipe import apply_overrides, load_recipe, validate_top_level
+from .registry import get_method
+from .report import Report, StageRecord, write_report
+from .report.env import collect_env
+
+DEFAULT_EVALUATE = {"data": "default", "seq_len": 256, "num_windows": 32, "batch_size": 8}
+
+
+@dataclass
+class Stage:
+    name: str
+    config: MethodConfig
+
+    @property
+    def kind(self) -> str:
+        return get_method(self.name).kind
+
+
+@dataclass
+class Pipeline:
+    stages: list[Stage]
+    model: str | None = None
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    load_in: str | None = None
+    out: Path | None = None
+    merge: bool = False
+    evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
+    gates: dict[str, float] = field(default_factory=dict)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any]) -> Pipeline:
+        """Validate every level before any model loads; errors name the stage index."""
+        recipe = copy.deepcopy(recipe)
+        validate_top_level(recipe)
+        stages = [parse_stage(i, spec) for i, spec in enumerate(recipe["stages"])]
+        evaluate = recipe.get("evaluate", True)
+        evaluate = None if evaluate is False else {**DEFAULT_EVALUATE, **(evaluate if isinstance(evaluate, dict) else {})}
+        out = recipe.get("out")
+        return cls(stages=stages, model=recipe.get("model"), seed=recipe.get("seed", 0),
+                   device=recipe.get("device", "cpu"), dtype=recipe.get("dtype", "float32"),
+                   trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
+                   out=Path(out) if out else None, merge=recipe.get("merge", False), evaluate=evaluate,
+                   gates=recipe.get("gates") or {})
+
+    @classmethod
+    def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+        return cls.from_recipe(load_recipe(path, overrides))
+
+    @classmethod
+    def from_flags(cls, method: str, fields: dict[str, Any], overrides: list[str] | None = None,
+                   **top: Any) -> Pipeline:
+        """The CLI path: one stage from flags, then `--set` overrides, validated like a recipe."""
+        recipe = {k: v for k, v in top.items() if v is not None}
+        recipe["stages"] = [{"method": method, **{k: v for k, v in fields.items() if v is not None}}]
+        return cls.from_recipe(apply_overrides(recipe, overrides or []))
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The resolved recipe (defaults filled in), saved beside the outputs."""
+        return {
+            "model": self.model, "seed": self.seed, "device": self.device, "dtype": self.dtype,
+            "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "merge": self.merge,
+            "evaluate": self.evaluate if self.evaluate is not None else False, "gates": self.gates,
+            "stages": [{"method": s.name, **s.config.to_dict()} for s in self.stages],
+        }
+
+    # -- running ------------------------------------------------------------------------------
+    def run(self, *, quiet: bool = False, loaded: LoadedModel | None = None) -> tuple[Report, LoadedModel]:
+        """Run every stage; write outputs if `out` is set. Raises GateError after writing
+        the report when a quality gate is missed."""
+        if self.out is not None:
+            check_output_dir(self.out)  # fail before loading anything
+        torch.manual_seed(self.seed)
+        started = time.perf_counter()
+        device = torch.device(self.device)
+        loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
+                                      trust_remote_code=self.trust_remote_code, load_in=self.load_in)
+        report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
+                             "model_class": type(loaded.model).__name__})
+        if self.out is None:
+            self._run_stages(loaded, report, None, device, quiet)
+            report.run["seconds"] = time.perf_counter() - started
+            self._check_gates(report)
+            return report, loaded
+        with staged_output(self.out) as tmp:
+            self._run_stages(loaded, report, tmp, device, quiet)
+            report.run["seconds"] = time.perf_counter() - started
+            self._write(loaded, report, tmp)
+        self._check_gates(report)
+        return report, loaded
+
+    def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
+        ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.seed, out_dir=tmp,
+                      model_source=loaded.source, quiet=quiet)
+        modifies = any(s.kind != "analyze" for s in self.stages)
+        if modifies:
+            bad = nonfinite_layers(loaded.model)
+            if bad:
+                raise ModelError(f"{len(bad)} parameter(s) hold NaN/Inf: {', '.join(bad[:5])}; the checkpoint is "
+                                 "corrupt — re-export it or restore the original weights")
+        measure = modifies and self.evaluate is not None and loaded.tokenizer is not None
+        reference = self._evaluate(loaded, ctx, report, "before") if measure else None
+        for stage in self.stages:
+            report.add(self._run_stage(stage, loaded, ctx))
+        if measure:
+            self._evaluate(loaded, ctx, report, "after", reference)
+
+    def _run_stage(self, stage: Stage, loaded: LoadedModel, ctx: Context) -> StageRecord:
+        method = get_method(stage.name)
+        rss_before = _peak_rss_mb()
+        start = time.perf_counter()
+        result = method.apply(loaded.model, stage.config, ctx)
+        seconds = time.perf_counter() - start
+        metrics = {**result.metrics}
+        metrics.setdefault("peak_rss_mb", _peak_rss_mb())
+        metrics.setdefault("peak_rss_growth_mb", max(0.0, _peak_rss_mb() - rss_before))
+        return StageRecord(stage=stage.name, kind=method.kind, config=stage.config.to_dict(), metrics=metrics,
+                           per_module=result.per_module, notes=result.notes, curves=result.curves,
+                           artifacts=result.artifacts, seconds=seconds, modified_model=result.modified_model)
+
+    def _evaluate(self, loaded: LoadedModel, ctx: Context, report: Report, when: str, reference=None):
+        spec = self.evaluate
+        windows = ctx.windows(spec["data"], split="eval", seq_len=spec["seq_len"], num_windows=spec["num_windows"],
+                              text_column=spec.get("text_column"))
+        if loaded.causal:
+            result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"])
+            report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
+            return None
+        embeddings = evaluation.pooled_embeddings(loaded.model, windows, spec["batch_size"])
+        cosine = 1.0 if reference is None else evaluation.embedding_cosine(reference, embeddings)
+        report.evaluation[when] = {"embedding_cosine_to_dense": cosine, "windows": int(windows.shape[0])}
+        return embeddings
+
+    def _write(self, loaded: LoadedModel, report: Report, tmp: Path) -> None:
+        if any(r.modified_model for r in report.stages):
+            if self.merge:
+                from .layers import merge_compressed
+
+                merge_compressed(loaded.model)
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp, _manifest(self, report))
+        (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(self.to_recipe(), sort_keys=False))
+        write_report(report, tmp)
+
+    def _check_gates(self, report: Report) -> None:
+        results = evaluate_gates(self.gates, report.evaluation)
+        report.gates = results
+        missed = [g for g in results if not g["passed"]]
+        if missed and self.out is not None:
+            (Path(self.out) / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+        if missed:
+            raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
+                                      for g in missed) + " (outputs were written; loosen the gate or change the recipe)")
+
+
+def _manifest(pipeline: Pipeline, report: Report) -> dict[str, Any]:
+    last = report.stages[-1]
+    return {"method": " -> ".join(s.name for s in pipeline.stages), "stages": pipeline.to_recipe()["stages"],
+            "source_model": report.run.get("model"), "keep_ratio": last.metrics.get("keep_ratio_reached"),
+            "metrics": {r.stage: {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str))}
+                        for r in report.stages},
+            "versions": report.run.get("versions"), "merged": pipeline.merge}
+
+
+def evaluate_gates(gates: dict[str, float], evaluation_results: dict[str, Any]) -> list[dict[str, Any]]:
+    before = evaluation_results.get("before", {})
+    after = evaluation_results.get("after", {})
+    results = []
+    for gate, limit in gates.items():
+        if gate == "max_ppl":
+            value = after.get("perplexity")
+            passed = value is not None and value <= limit
+        elif gate == "max_ppl_increase":
+            value = after["perplexity"] / before["perplexity"] - 1.0 if "perplexity" in after else None
+            passed = value is not None and value <= limit
+        else:  # min_cosine
+            value = after.get("embedding_cosine_to_dense")
+            passed = value is not None and value >= limit
+        if value is None:
+            raise ConfigError(f"gate `{gate}` needs an evaluation it did not get (is `evaluate` off, or the model "
+                              "the wrong kind for this gate?)")
+        results.append({"gate": gate, "value": float(value), "limit": float(limit), "passed": bool(passed)})
+    return results
+
+
+def parse_stage(index: int, spec: Any) -> Stage:
+    where = f"stages[{index}]"
+    if not isinstance(spec, dict) or "method" not in spec:
+        raise ConfigError(f"{where}: each stage must be a mapping with a `method:` key, got {spec!r}")
+    fields = {k: v for k, v in spec.items() if k != "method"}
+    try:
+        method = get_method(str(spec["method"]))
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return Stage(method.name, method.config_cls.from_dict(fields, where=f"{where} ({method.name})"))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

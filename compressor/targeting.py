@@ -1,0 +1,107 @@
+"""Find and select linear layers by name, architecture-agnostically, and swap modules in place.
+
+Syntax (one rule for `targets` and `ignore`, in recipes and in Python): a plain name matches the
+full module name or any dotted suffix (`q_proj`, `layers.0.mlp`); `re:<regex>` full-matches the
+module name. `lm_head` and embeddings are excluded unless a target names them explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+EXCLUDED_BY_DEFAULT = ("lm_head", "embed_out", "output_projection")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, HF's GPT-2 style Conv1D, and compressor's own factored layers."""
+    from .layers import CompressedLinear
+
+    return isinstance(module, (nn.Linear, CompressedLinear)) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a linear-like module."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.shape[1], module.weight.shape[0]
+    return module.out_features, module.in_features
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """W as (out, in) for nn.Linear, Conv1D (stored transposed) and compressed layers."""
+    from .layers import CompressedLinear
+
+    if isinstance(module, CompressedLinear):
+        return module.dense_weight()
+    if type(module).__name__ == "Conv1D":
+        return module.weight.t()
+    return module.weight
+
+
+def matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _is_default_excluded(name: str) -> bool:
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf in EXCLUDED_BY_DEFAULT or "embed" in leaf
+
+
+def find_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every linear-like module by full name, `lm_head` and embeddings included."""
+    return {name: mod for name, mod in model.named_modules() if name and is_linear(mod)}
+
+
+def select_linears(
+    model: nn.Module, targets: tuple[str, ...] | list[str] = (), ignore: tuple[str, ...] | list[str] = ()
+) -> dict[str, nn.Module]:
+    """The linears a stage touches. Raises ConfigError (listing real names) when none match."""
+    for pattern in (*targets, *ignore):
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise ConfigError(f"invalid regex `{pattern}` in targets/ignore: {err}") from None
+    chosen = {}
+    for name, module in find_linears(model).items():
+        if targets:
+            if not any(matches(name, t) for t in targets):
+                continue
+        elif _is_default_excluded(name):
+            continue
+        if any(matches(name, i) for i in ignore):
+            continue
+        chosen[name] = module
+    if not chosen:
+        raise ConfigError(
+            f"`targets` {list(targets)} (ignore={list(ignore)}) matched no linear layer; "
+            f"the model has e.g. {example_names(model)}"
+        )
+    return chosen
+
+
+def example_names(model: nn.Module, limit: int = 8) -> list[str]:
+    """A few real linear names plus the distinct leaf names, for error messages."""
+    names = list(find_linears(model))
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return names[:limit] + ([f"(leaf names: {', '.join(leaves)})"] if leaves else [])
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Swap the submodule at dotted path `name` for `new`; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def layer_type(name: str) -> str:
+    """The leaf of a module name (`q_proj`), used to group layers of the same role."""
+    return name.rsplit(".", 1)[-1]

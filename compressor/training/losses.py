@@ -1,0 +1,90 @@
+"""Training losses and held-out evaluation for the three task shapes.
+
+A loss function has the signature `loss_fn(model, batch) -> Tensor` (a scalar, mean over the
+batch's predicted tokens or examples). It must not call `.backward()`: the trainer does, and MeZO
+calls the same function under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from compressor.training.data import HEAD_NAME, TaskData
+
+LossFn = Callable[[nn.Module, dict], Tensor]
+
+
+def next_token_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """Mean CE of predicting token t+1 from position t. logits (B, T, V), input_ids (B, T)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+
+
+def lm_loss(model: nn.Module, batch: dict) -> Tensor:
+    return next_token_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+
+
+def prompt_logits(model: nn.Module, batch: dict, label_token_ids: Tensor) -> Tensor:
+    """(B, C) logits of the label words at each example's last prompt token (right padding)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    last = batch["attention_mask"].sum(dim=1) - 1  # (B,)
+    return logits[torch.arange(len(last), device=logits.device), last][:, label_token_ids.to(logits.device)]
+
+
+def head_logits(model: nn.Module, batch: dict) -> Tensor:
+    """(B, C) logits of a sequence-classification model, or of the attached mean-pool head."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    head = getattr(model, HEAD_NAME, None)
+    if head is None:
+        return out.logits
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)  # (B, T, 1)
+    pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, D)
+    return head(pooled)
+
+
+def class_logits_fn(data: TaskData) -> Callable[[nn.Module, dict], Tensor]:
+    if data.label_token_ids is not None:
+        return lambda model, batch: prompt_logits(model, batch, data.label_token_ids)
+    return head_logits
+
+
+def default_loss_fn(data: TaskData) -> LossFn:
+    """The loss the task implies: next-token CE, or CE over class (label-word) logits."""
+    if data.task == "lm":
+        return lm_loss
+    logits_fn = class_logits_fn(data)
+    return lambda model, batch: F.cross_entropy(logits_fn(model, batch).float(), batch["labels"])
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TaskData, batch_size: int, device) -> dict[str, float]:
+    """Held-out metrics: lm -> eval_loss, perplexity; classification -> eval_loss, accuracy."""
+    was_training = model.training
+    model.eval()
+    total_loss, total_count, correct = 0.0, 0, 0
+    logits_fn = class_logits_fn(data) if data.task == "classification" else None
+    for batch in data.eval_batches(batch_size):
+        batch = to_device(batch, device)
+        if logits_fn is None:
+            count = batch["input_ids"][:, 1:].numel()
+            total_loss += lm_loss(model, batch).item() * count
+        else:
+            logits = logits_fn(model, batch).float()
+            count = len(batch["labels"])
+            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total_count += count
+    model.train(was_training)
+    mean = total_loss / max(total_count, 1)
+    if logits_fn is None:
+        return {"eval_loss": mean, "perplexity": math.exp(min(mean, 80.0))}
+    return {"eval_loss": mean, "accuracy": correct / max(total_count, 1)}

@@ -1,0 +1,270 @@
+"""MeZO: memory-efficient zeroth-order SGD (SPSA with the seed trick). Paper: arXiv 2305.17333.
+
+One step, for a fresh seed s and the trainable parameters in a fixed order:
+  theta += eps*z; l+ = L(theta); theta -= 2*eps*z; l- = L(theta); theta += eps*z   (restored)
+  g = (l+ - l-) / (2*eps)                                                          (a scalar)
+  theta <- theta - lr * (g*z + wd*theta)       (wd only on weight matrices: no bias, no norm)
+z ~ N(0, I) is never stored: `compressor.kernels.mezo_axpy_` regenerates it from (s, offset),
+where a tensor's offset is the number of trainable elements before it, so the whole parameter
+list reads one noise stream. Losses run under no_grad with the model in eval mode (dropout off),
+so memory is that of inference plus one chunk of noise.
+
+The run is fully described by its log `<out>/mezo_log.jsonl`: a header (method, model, parameter
+names, eps, weight decay, a checksum of the initial weights) and one line per step
+{step, seed, projected_grad, lr}. `resume` replays the log onto the initial weights, repeating
+each step's perturb/restore arithmetic so the replayed weights equal the original run's bit for
+bit. The same property lets several workers share one model: each worker computes g on its own
+batch with its own seed and broadcasts the (seed, g, lr) triple (a few bytes); every worker then
+applies all triples in the same order with `mezo_update_`, and all copies stay identical without
+ever exchanging a gradient or a weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from compressor.errors import ConfigError
+from compressor.kernels import mezo_axpy_, mezo_normal
+from compressor.registry import register
+from compressor.report.records import StageResult
+from compressor.training.checkpoint import check_identity
+from compressor.training.config import TrainConfig
+from compressor.training.run import TrainRun, checksum, decays
+from compressor.training.trainer import fit
+
+LOG_NAME = "mezo_log.jsonl"
+LOG_FORMAT = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class MezoConfig(TrainConfig):
+    """MeZO fine-tuning. All `TrainConfig` fields apply (`optimizer` is always "mezo").
+
+    Args:
+        adapter: None = perturb the full weights (or the linears named by `targets`);
+            "lora" = inject LoRA adapters into the `targets` linears and train only those.
+        lora_rank: LoRA rank r when `adapter` is "lora".
+        lora_alpha: LoRA scaling numerator (the update is alpha/r * B A).
+    """
+
+    optimizer: str = "mezo"
+    adapter: str | None = None
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.optimizer != "mezo":
+            raise ConfigError(f"mezo: `optimizer` must be 'mezo', got {self.optimizer!r}; use `backprop` for AdamW")
+        if self.adapter not in (None, "lora"):
+            raise ConfigError(f"mezo: `adapter` must be null (full weights) or 'lora', got {self.adapter!r}")
+        if self.lora_rank < 1:
+            raise ConfigError(f"mezo: `lora_rank` must be >= 1, got {self.lora_rank}")
+
+
+# -- the maths: pure functions on parameter lists ---------------------------------------------
+
+
+def param_offsets(params: list[Tensor]) -> list[int]:
+    """Start of each tensor in the shared noise stream: the running sum of the numels before it."""
+    offsets, total = [], 0
+    for param in params:
+        offsets.append(total)
+        total += param.numel()
+    return offsets
+
+
+def step_seed(base_seed: int, step: int) -> int:
+    """The fresh seed of `step`: a hash of (base seed, step), so runs and resumes agree."""
+    digest = hashlib.sha256(f"mezo:{base_seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")  # < 2**56, inside the kernel's int64 range
+
+
+@torch.no_grad()
+def perturb_(params: list[Tensor], seed: int, scale: float) -> None:
+    """In place theta_i += scale * z_i for every tensor, z regenerated from (seed, offset_i)."""
+    for param, offset in zip(params, param_offsets(params)):
+        mezo_axpy_(param.data, seed, offset, scale)
+
+
+def noise(params: list[Tensor], seed: int) -> list[Tensor]:
+    """The z tensors of `seed`, materialised (for tests and inspection only; training never does)."""
+    return [
+        mezo_normal(p.numel(), seed, offset, device=p.device).view(p.shape)
+        for p, offset in zip(params, param_offsets(params))
+    ]
+
+
+@torch.no_grad()
+def spsa_gradient(params: list[Tensor], loss_at: Callable[[], float], seed: int, eps: float) -> tuple[float, float, float]:
+    """Perturb +eps, -2eps, +eps (restoring theta) and return (g, loss_plus, loss_minus)."""
+    perturb_(params, seed, eps)
+    loss_plus = float(loss_at())
+    perturb_(params, seed, -2.0 * eps)
+    loss_minus = float(loss_at())
+    perturb_(params, seed, eps)
+    return (loss_plus - loss_minus) / (2.0 * eps), loss_plus, loss_minus
+
+
+@torch.no_grad()
+def mezo_update_(
+    params: list[Tensor], seed: int, grad: float, lr: float, weight_decay: float, decay: list[bool]
+) -> None:
+    """theta <- theta - lr * (grad * z + weight_decay * theta), decay only where `decay[i]`."""
+    for param, offset, decayed in zip(params, param_offsets(params), decay):
+        if decayed and weight_decay:
+            param.data.mul_(1.0 - lr * weight_decay)
+        mezo_axpy_(param.data, seed, offset, -lr * grad)
+
+
+@torch.no_grad()
+def replay_(
+    params: list[Tensor], records: list[dict], eps: float, weight_decay: float, decay: list[bool]
+) -> None:
+    """Re-apply logged steps; perturb/restore is repeated so rounding matches the original run."""
+    for record in records:
+        perturb_(params, record["seed"], eps)
+        perturb_(params, record["seed"], -2.0 * eps)
+        perturb_(params, record["seed"], eps)
+        mezo_update_(params, record["seed"], record["projected_grad"], record["lr"], weight_decay, decay)
+
+
+# -- the log ----------------------------------------------------------------------------------
+
+
+def log_header(run: TrainRun) -> dict:
+    return {
+        "type": "header", "format": LOG_FORMAT, "method": run.method, **run.identity,
+        "params": list(run.params), "eps": run.config.mezo_eps, "weight_decay": run.config.weight_decay,
+        "init_checksum": checksum(run.params), "seed": run.seed,
+    }  # fmt: skip
+
+
+def read_log(path: str | Path) -> tuple[dict, list[dict]]:
+    """(header, step records) of a MeZO log, given the file or the run folder holding it."""
+    path = Path(path)
+    path = path / LOG_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(
+            f"`resume`: no MeZO log at {str(path)!r}; give the output folder of a mezo run (it holds {LOG_NAME})"
+        )
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not lines or lines[0].get("type") != "header":
+        raise ConfigError(f"`resume`: {str(path)!r} is not a MeZO log (no header line)")
+    return lines[0], lines[1:]
+
+
+def _check_replayable(header: dict, run: TrainRun, where: str) -> None:
+    check_identity(header, run.method, run.identity, Path(where))
+    if header["params"] != list(run.params) or header["eps"] != run.config.mezo_eps:
+        raise ConfigError(
+            f"`resume`: {where!r} perturbed other parameters or another `mezo_eps` ({header['eps']}); "
+            "resume with the same targets, adapter and mezo_eps"
+        )
+    if abs(header["init_checksum"] - checksum(run.params)) > 1e-6 * max(1.0, abs(header["init_checksum"])):
+        raise ConfigError(
+            f"`resume`: the initial weights differ from those {where!r} started from; a MeZO log only "
+            "replays onto the exact weights it began with (same checkpoint, same adapter seed)"
+        )
+
+
+class MezoLog:
+    """Append-only JSONL log; a no-op sink when the run has no output folder."""
+
+    def __init__(self, path: Path | None, header: dict, records: list[dict]):
+        self.records = list(records)
+        self._handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = path.open("w")
+            for line in [header, *records]:
+                self._handle.write(json.dumps(line) + "\n")
+            self._handle.flush()
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()  # a killed run keeps every finished step
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+# -- the loop ---------------------------------------------------------------------------------
+
+
+def _resume(run: TrainRun, params: list[Tensor], decay: list[bool]) -> list[dict]:
+    """Replay the previous run's log onto the (initial) weights; returns the replayed records."""
+    header, records = read_log(run.config.resume)
+    _check_replayable(header, run, str(run.config.resume))
+    records = [r for r in records if r["step"] < run.config.steps]
+    replay_(params, records, run.config.mezo_eps, run.config.weight_decay, decay)
+    run.start_step = len(records)
+    return records
+
+
+def run_mezo(run: TrainRun) -> None:
+    """MeZO steps from `start_step` to `config.steps`; every step is logged before the next."""
+    config = run.config
+    params = list(run.params.values())
+    decay = [decays(n, p) for n, p in run.params.items()]
+    header = log_header(run)
+    records = _resume(run, params, decay) if config.resume else []
+    log = MezoLog(run.out_dir / LOG_NAME if run.out_dir and run.runtime.is_main else None, header, records)
+    run.model.eval()  # dropout off: both losses must see the same function
+    try:
+        with run, torch.no_grad():
+            for step in range(run.start_step, config.steps):
+                batch = run.batch(step)
+                seed = step_seed(run.seed, step)
+                grad, loss_plus, loss_minus = spsa_gradient(
+                    params, lambda: run.loss_fn(run.model, batch).item(), seed, config.mezo_eps
+                )
+                lr = run.lr_at(step)
+                mezo_update_(params, seed, grad, lr, config.weight_decay, decay)
+                log.append({"step": step, "seed": seed, "projected_grad": grad, "lr": lr,
+                            "loss_plus": loss_plus, "loss_minus": loss_minus})  # fmt: skip
+                run.record(step, 0.5 * (loss_plus + loss_minus))
+    finally:
+        log.close()
+
+
+# -- the `mezo` stage -------------------------------------------------------------------------
+
+
+def inject_lora(model: nn.Module, config: MezoConfig, seed: int) -> dict[str, nn.Parameter]:
+    """Add LoRA adapters to the targeted linears in place (peft); return the adapter parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from compressor.targeting import select_linears
+
+    names = sorted(select_linears(model, config.targets, config.ignore))
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=names, lora_dropout=0.0)
+    torch.manual_seed(seed)  # LoRA's A init: the same every run, so a MeZO log replays
+    inject_adapter_in_model(lora, model)
+    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+
+@register("mezo", MezoConfig, kind="finetune")
+def apply(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
+    """Fine-tune `model` in place with MeZO (full weights, targeted linears, or LoRA adapters)."""
+    from compressor.training.trainer import trainable_for_targets
+
+    if config.adapter == "lora":
+        params = inject_lora(model, config, config.seed if config.seed is not None else ctx.seed)
+    else:
+        params = trainable_for_targets(model, config)
+    result = fit(model, params, config, ctx, method="mezo")
+    artifacts = {"mezo_log": LOG_NAME} if getattr(ctx, "out_dir", None) else {}
+    stage = result.stage_result(metrics={"mezo_eps": config.mezo_eps, "adapter": config.adapter or "none"})
+    stage.artifacts.update(artifacts)
+    return stage

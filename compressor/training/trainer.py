@@ -1,0 +1,270 @@
+"""`fit`: the training loop every fine-tuning stage calls, and the `backprop` stage.
+
+Contract (adapter stages call this; it trains `params` of `model` in place):
+
+    from compressor.training import TrainConfig, fit
+
+    @dataclass(frozen=True, kw_only=True)
+    class LoraConfig(TrainConfig):            # inherits steps, lr, data, task, optimizer, ...
+        rank: int = 8
+
+    @register("lora", LoraConfig, kind="finetune")
+    def apply(model, config, ctx):
+        ...inject adapters...
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        result = fit(model, params, config, ctx)       # -> TrainResult
+        return result.stage_result(metrics={"rank": config.rank})
+
+* `params`: a {name: Parameter} dict or a list of the model's Parameters. Only they train:
+  every other parameter is frozen for the run and its requires_grad flag restored afterwards.
+  A classification head that the data layer adds to a bare encoder trains too.
+* `config.optimizer`: "adamw" (backprop, grad accumulation, clipping, schedule, mixed precision,
+  checkpoints every `checkpoint_every` steps, `resume`) or "mezo" (forward passes only; see
+  `compressor.training.mezo`). The same `params` work with both.
+* `loss_fn(model, batch) -> scalar Tensor` (default: next-token CE for task "lm", CE over the
+  class / label-word logits for "classification"); batches are dicts of tensors (`TaskData`).
+* `eval_fn(model) -> {metric: float}` (default: held-out perplexity or accuracy), run before and
+  after training and every `eval_every` steps.
+* Checkpoints and the MeZO log go under `ctx.out_dir`; `method` names the run in them (default:
+  the config class name without "Config", lower-cased) and a resume from another method or
+  model is refused.
+* Multi-GPU: run the same command under `accelerate launch` (see `compressor.training.runtime`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from compressor.config import MethodConfig
+from compressor.errors import ConfigError
+from compressor.registry import register
+from compressor.report.records import StageResult
+from compressor.targeting import select_linears
+from compressor.training.checkpoint import load_checkpoint, model_identity, save_checkpoint
+from compressor.training.config import TrainConfig
+from compressor.training.data import HEAD_NAME, TaskData, build_task_data
+from compressor.training.losses import default_loss_fn, evaluate
+from compressor.training.run import TrainRun, decays, lr_factor
+from compressor.training.runtime import PeakMemory, Runtime
+
+
+@dataclass
+class TrainResult:
+    """What a training run measured.
+
+    losses: training loss per optimizer step (this run's steps only when resumed).
+    evals: [{"step": k, metric: value, ...}] from `eval_every`, plus before (step start) and after.
+    peak_memory_mb: CUDA allocator peak, or peak RSS of the process, during the training loop.
+    tokens_per_s: training tokens (non-padding) consumed per second of the training loop.
+    """
+
+    losses: list[float]
+    eval_before: dict[str, float]
+    eval_after: dict[str, float]
+    evals: list[dict] = field(default_factory=list)
+    trainable_params: int = 0
+    peak_memory_mb: float = 0.0
+    tokens_per_s: float = 0.0
+    seconds: float = 0.0
+    start_step: int = 0
+    steps: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        out = {
+            "train_loss_first": self.losses[0] if self.losses else float("nan"),
+            "train_loss_last": self.losses[-1] if self.losses else float("nan"),
+            "trainable_params": self.trainable_params,
+            "peak_memory_mb": round(self.peak_memory_mb, 1),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "seconds": round(self.seconds, 2),
+            "steps": self.steps,
+        }
+        out.update({f"{k}_before": v for k, v in self.eval_before.items()})
+        out.update({f"{k}_after": v for k, v in self.eval_after.items()})
+        return out
+
+    def curves(self) -> dict[str, list]:
+        return {"loss": list(self.losses), "eval": list(self.evals)}
+
+    def stage_result(self, metrics: dict | None = None, notes: Iterable[str] = ()) -> StageResult:
+        return StageResult(metrics={**self.metrics(), **(metrics or {})}, notes=list(notes), curves=self.curves())
+
+
+def fit(
+    model: nn.Module,
+    params: list[nn.Parameter] | dict[str, nn.Parameter],
+    config: TrainConfig,
+    ctx,
+    *,
+    loss_fn: Callable[[nn.Module, dict], Tensor] | None = None,
+    eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+    data: TaskData | None = None,
+    method: str | None = None,
+) -> TrainResult:
+    """Train `params` of `model` in place with `config`; see the module docstring."""
+    named = named_params(model, params)
+    data = data if data is not None else build_task_data(config, ctx, model)
+    head = getattr(model, HEAD_NAME, None)
+    if head is not None:
+        named.update({f"{HEAD_NAME}.{n}": p for n, p in head.named_parameters()})
+    device = next(model.parameters()).device
+    runtime = Runtime(config.mixed_precision if config.optimizer == "adamw" else "no", device)
+    run = TrainRun(
+        model=model, params=named, data=data, loss_fn=loss_fn or default_loss_fn(data),
+        eval_fn=eval_fn or (lambda m: evaluate(m, data, config.batch_size, runtime.device)),
+        config=config, ctx=ctx, runtime=runtime, method=method or method_name(config),
+        seed=config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0),
+        identity=model_identity(model), memory=PeakMemory(runtime.device),
+    )  # fmt: skip
+    with trainable_only(model, named.values(), grad=config.optimizer == "adamw"):
+        before = run.eval_fn(model)
+        run.memory.reset()
+        start = time.perf_counter()
+        if config.optimizer == "mezo":
+            from compressor.training.mezo import run_mezo  # mezo's stage imports fit: import here
+
+            run_mezo(run)
+        else:
+            run_backprop(run)
+        seconds = time.perf_counter() - start
+        peak = run.memory.peak_mb()
+        after = run.eval_fn(model)
+    evals = [{"step": run.start_step, **before}, *run.evals, {"step": config.steps, **after}]
+    return TrainResult(
+        losses=run.losses, eval_before=before, eval_after=after, evals=evals,
+        trainable_params=sum(p.numel() for p in named.values()), peak_memory_mb=peak,
+        tokens_per_s=run.tokens / max(seconds, 1e-9), seconds=seconds,
+        start_step=run.start_step, steps=config.steps - run.start_step,
+    )  # fmt: skip
+
+
+def named_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
+    """Name the given parameters by the model's own names (the order is the model's)."""
+    if isinstance(params, dict):
+        wanted = {id(p) for p in params.values()}
+    else:
+        wanted = {id(p) for p in params}
+    named = {n: p for n, p in model.named_parameters() if id(p) in wanted}
+    if len(named) != len(wanted):
+        raise ConfigError(
+            f"fit: {len(wanted) - len(named)} of the {len(wanted)} given parameters are not parameters "
+            "of `model`; pass parameters taken from model.named_parameters()"
+        )
+    if not named:
+        raise ConfigError("fit: no parameters to train; pass a non-empty `params`")
+    return named
+
+
+@contextlib.contextmanager
+def trainable_only(model: nn.Module, params: Iterable[nn.Parameter], *, grad: bool):
+    """Freeze every parameter except `params` (MeZO: freeze all) and restore the flags afterwards."""
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    chosen = {id(p) for p in params}
+    for param in model.parameters():
+        param.requires_grad_(grad and id(param) in chosen)
+    try:
+        yield
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(flags.get(id(param), param.requires_grad))
+
+
+def method_name(config: MethodConfig) -> str:
+    """The registered name of the config's stage, else the class name without "Config"."""
+    return getattr(type(config), "method_name", "") or type(config).__name__.removesuffix("Config").lower()
+
+
+# -- backprop ---------------------------------------------------------------------------------
+
+
+def build_optimizer(run: TrainRun) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with decoupled weight decay on matrices only, and the warm-up + decay schedule."""
+    groups = [
+        {"params": [p for n, p in run.params.items() if decays(n, p)], "weight_decay": run.config.weight_decay},
+        {"params": [p for n, p in run.params.items() if not decays(n, p)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=run.config.learning_rate)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, run.config))
+    return optimizer, scheduler
+
+
+def run_backprop(run: TrainRun) -> None:
+    """AdamW steps from `start_step` to `config.steps`, with checkpoints and resume."""
+    config, runtime = run.config, run.runtime
+    optimizer, scheduler = build_optimizer(run)
+    if config.resume:
+        run.start_step = load_checkpoint(
+            config.resume, run.method, run.identity, run.params, optimizer, scheduler
+        )
+    model, optimizer = runtime.prepare(run.model, optimizer)
+    model.train()
+    done = run.start_step
+    with run:
+        try:
+            for step in range(run.start_step, config.steps):
+                loss = _backprop_step(run, model, optimizer, step)
+                scheduler.step()
+                done = step + 1
+                run.record(step, loss)
+                if config.checkpoint_every and done % config.checkpoint_every == 0:
+                    _checkpoint(run, done, optimizer, scheduler)
+        except KeyboardInterrupt:
+            # Keep the finished steps: the interrupted run resumes from here.
+            if config.checkpoint_every and done > run.start_step:
+                _checkpoint(run, done, optimizer, scheduler)
+            raise
+    run.model.eval()
+
+
+def _backprop_step(run: TrainRun, model: nn.Module, optimizer, step: int) -> float:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
+    accum = run.config.grad_accum
+    total = 0.0
+    for micro in range(accum):
+        batch = run.batch(step * accum + micro)
+        with run.runtime.autocast():
+            loss = run.loss_fn(model, batch) / accum
+        run.runtime.backward(loss)
+        total += loss.item()
+    run.runtime.step(optimizer, list(run.params.values()), run.config.max_grad_norm)
+    optimizer.zero_grad(set_to_none=True)
+    return run.runtime.mean_across_ranks(total)
+
+
+def _checkpoint(run: TrainRun, step: int, optimizer, scheduler) -> None:
+    if run.out_dir is None or not run.runtime.is_main:
+        return
+    meta = {"method": run.method, **run.identity}
+    save_checkpoint(run.out_dir, step, meta, run.params, optimizer, scheduler)
+
+
+# -- the `backprop` stage ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackpropConfig(TrainConfig):
+    """Full fine-tuning with AdamW. All `TrainConfig` fields apply; `targets` / `ignore` pick the
+    linears whose weights (and biases) train; empty `targets` = every parameter of the model."""
+
+
+def trainable_for_targets(model: nn.Module, config: MethodConfig) -> dict[str, nn.Parameter]:
+    """Every parameter (no `targets`), or the weights and biases of the selected linears."""
+    if not config.targets:
+        return dict(model.named_parameters())
+    modules = select_linears(model, config.targets, config.ignore)
+    return {f"{name}.{pname}": p for name, mod in modules.items() for pname, p in mod.named_parameters()}
+
+
+@register("backprop", BackpropConfig, kind="finetune")
+def apply(model: nn.Module, config: BackpropConfig, ctx) -> StageResult:
+    """Fine-tune `model` in place by backpropagation."""
+    if config.optimizer != "adamw":
+        raise ConfigError(f"backprop: `optimizer` must be 'adamw', got {config.optimizer!r}; use the `mezo` stage")
+    result = fit(model, trainable_for_targets(model, config), config, ctx, method="backprop")
+    return result.stage_result()
