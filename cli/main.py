@@ -7,7 +7,7 @@ import os
 
 import typer
 
-from . import analyze, compress, eval, generate, methods, run
+from . import analyze, compress, eval, finetune, generate, methods, run
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -15,21 +15,11 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`.")
 app.command("analyze")(analyze.analyze)
 app.command("compress")(compress.compress)
+app.command("finetune")(finetune.finetune)
 app.command("eval")(eval.eval_command)
 app.command("run")(run.run)
 app.command("methods")(methods.methods)
 app.command("generate")(generate.generate)
-
-
-def _register_finetune() -> None:
-    try:  # TEMP-INTEGRATION: cli/finetune.py lands with the training work
-        from . import finetune
-    except ImportError:
-        return
-    app.command("finetune")(finetune.finetune)
-
-
-_register_finetune()
 
 
 def main() -> None:

@@ -27,7 +27,14 @@ from torch import Tensor
 
 from . import ref
 from .errors import INSTALL_HINT, KernelUnavailable
-from .packing import compress_nm_indices, expand_nm_indices, nm_index_bits, nm_mask, pack_nm, unpack_nm
+from .packing import (
+    compress_nm_indices,
+    expand_nm_indices,
+    nm_index_bits,
+    nm_mask,
+    pack_nm,
+    unpack_nm,
+)
 from .ref import mezo_normal
 
 __all__ = [
@@ -68,7 +75,8 @@ def _interpreting() -> bool:
 
 
 def available_backends() -> list[str]:
-    """Backends that can run here: always "ref"; "triton" if it imports and CUDA or the interpreter is on."""
+    """Backends that can run here: "ref", plus "triton" if it imports and CUDA (or the CPU
+    interpreter, TRITON_INTERPRET=1) is available."""
     backends = ["ref"]
     if _triton_import_error() is None and (torch.cuda.is_available() or _interpreting()):
         backends.append("triton")
@@ -82,7 +90,9 @@ def resolve_backend(backend: str | None = None, *tensors: Tensor | None) -> str:
         backend, source = os.environ.get(ENV_VAR) or "auto", ENV_VAR
     choice = backend.strip().lower() if isinstance(backend, str) else backend
     if choice not in _CHOICES:
-        raise ValueError(f"compressor.kernels: {source} must be one of {list(_CHOICES)}, got {backend!r}")
+        raise ValueError(
+            f"compressor.kernels: {source} must be one of {list(_CHOICES)}, got {backend!r}"
+        )
     present = [t for t in tensors if isinstance(t, Tensor)]
     if choice == "auto":
         return "triton" if _auto_wants_triton(present) else "ref"
@@ -111,7 +121,8 @@ def _require_triton(source: str, tensors: list[Tensor]) -> None:
     if _needs_grad(tensors):
         raise KernelUnavailable(
             f"compressor.kernels: {source} asks for the Triton backend, but the Triton kernels are "
-            "forward-only and an input requires grad; run under torch.no_grad() or use backend='ref'"
+            "forward-only and an input requires grad; run under torch.no_grad() or use "
+            "backend='ref'"
         )
 
 
@@ -121,13 +132,13 @@ def _backend_module(backend: str | None, *tensors: Tensor | None) -> ModuleType:
     return importlib.import_module(".triton", __name__)
 
 
-# -- public ops: same arguments as ref.<op>, plus `backend` -----------------------------------------
+# -- public ops: same arguments as ref.<op>, plus `backend` ----------------------------------------
 
 
 def low_rank_linear(
     x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None = None, backend: str | None = None
 ) -> Tensor:
-    """y = (x @ v.T) @ u.T + bias; x (..., in), v (rank, in), u (out, rank). See `ref.low_rank_linear`."""
+    """y = (x @ v.T) @ u.T + bias; x (..., in), v (rank, in), u (out, rank). See `ref`."""
     return _backend_module(backend, x, u, v, bias).low_rank_linear(x, u, v, bias)
 
 
@@ -141,7 +152,7 @@ def nm_linear(
     bias: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """y = x @ W.T + bias with W (out, in_features) N:M-packed along in_features. See `ref.nm_linear`."""
+    """y = x @ W.T + bias, W (out, in_features) N:M-packed along in_features. See `ref`."""
     impl = _backend_module(backend, x, values, bias)
     return impl.nm_linear(x, values, indices, n, m, in_features, bias)
 
@@ -157,7 +168,7 @@ def dense_sparse_linear(
     bias: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """DSFormer y = (x @ S.T) @ D.T + bias; S.T (in, k) packed along k. See `ref.dense_sparse_linear`."""
+    """DSFormer y = (x @ S.T) @ D.T + bias; S.T (in, k) packed along k. See `ref`."""
     impl = _backend_module(backend, x, d, s_values, bias)
     return impl.dense_sparse_linear(x, d, s_values, s_indices, n, m, k, bias)
 
@@ -188,7 +199,7 @@ def dsee_linear(
     bias: Tensor | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """y = x @ W.T + bias + scaling * (x @ A.T) @ B.T + x @ S2.T, S2 in COO. See `ref.dsee_linear`."""
+    """y = x @ W.T + bias + scaling * (x @ A.T) @ B.T + x @ S2.T, S2 in COO. See `ref`."""
     impl = _backend_module(backend, x, weight, lora_a, lora_b, delta_values, bias)
     return impl.dsee_linear(
         x, weight, lora_a, lora_b, scaling, delta_rows, delta_cols, delta_values, bias
@@ -214,8 +225,19 @@ def dsee_nm_linear(
     """`dsee_linear` with an N:M-packed base weight. See `ref.dsee_nm_linear`."""
     impl = _backend_module(backend, x, values, lora_a, lora_b, delta_values, bias)
     return impl.dsee_nm_linear(
-        x, values, indices, n, m, in_features, lora_a, lora_b, scaling,
-        delta_rows, delta_cols, delta_values, bias,
+        x,
+        values,
+        indices,
+        n,
+        m,
+        in_features,
+        lora_a,
+        lora_b,
+        scaling,
+        delta_rows,
+        delta_cols,
+        delta_values,
+        bias,
     )
 
 

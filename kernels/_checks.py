@@ -72,7 +72,7 @@ def scaling(op: str, value: object) -> float:
 def nm_packed(
     op: str, prefix: str, values: object, indices: object, n: int, m: int, rows: int, cols: int
 ) -> None:
-    """values (rows, cols//m*n) float; indices uint8 (rows, slots) or bit-packed (rows, ceil(...))."""
+    """values (rows, cols//m*n) float; indices uint8, one per value or bit-packed."""
     check_nm(n, m, cols, op)
     slots = cols // m * n
     tensor(op, f"{prefix}values", values, ndim=2)
@@ -87,7 +87,9 @@ def nm_packed(
             f"({rows}, {packed}) (bit-packed), got {tuple(indices.shape)}"
         )
     if indices.device != values.device:
-        raise ValueError(f"{op}: `{prefix}indices` is on {indices.device}, values on {values.device}")
+        raise ValueError(
+            f"{op}: `{prefix}indices` is on {indices.device}, values on {values.device}"
+        )
 
 
 def integer(op: str, name: str, value: object, minimum: int = 0) -> int:
@@ -135,7 +137,8 @@ def low_rank_linear(x, u, v, bias_) -> tuple[int, int, int]:
     out_f, rank = u.shape
     if v.shape[0] != rank:
         raise ValueError(
-            f"{op}: `u` is (out, rank)={tuple(u.shape)} and `v` must be (rank, in) with rank={rank}, "
+            f"{op}: `u` is (out, rank)={tuple(u.shape)} and `v` must be (rank, in) with "
+            f"rank={rank}, "
             f"got {tuple(v.shape)}"
         )
     in_f = v.shape[1]
@@ -191,8 +194,9 @@ def dsee_linear(x, weight, lora_a, lora_b, scaling_, rows, cols, values, bias_):
     return dims
 
 
-def dsee_nm_linear(x, values, indices, n, m, in_features, lora_a, lora_b, scaling_, rows, cols,
-                   delta_values, bias_):
+def dsee_nm_linear(
+    x, values, indices, n, m, in_features, lora_a, lora_b, scaling_, rows, cols, delta_values, bias_
+):
     """-> (out_features, rank, scaling)."""
     op = "dsee_nm_linear"
     out_f = nm_linear(x, values, indices, n, m, in_features, bias_, op=op)

@@ -1,4 +1,4 @@
-"""Errors raised by `compressor.kernels` (kept here so the kernels import nothing from the library)."""
+"""Errors of `compressor.kernels` (here, so the kernels import nothing from the library)."""
 
 from __future__ import annotations
 

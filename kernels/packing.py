@@ -52,7 +52,7 @@ def check_nm(n: int, m: int, cols: int, where: str = "N:M") -> None:
 
 
 def nm_index_bits(m: int) -> int:
-    """Bits per position in the bit-packed layout: 1, 2, 4 or 8 (the smallest power of 2 >= log2 m)."""
+    """Bits per position in the bit-packed layout: the smallest of 1, 2, 4, 8 that is >= log2 m."""
     need = max(1, math.ceil(math.log2(m)))
     return next(bits for bits in (1, 2, 4, 8) if bits >= need)
 
@@ -128,7 +128,10 @@ def unpack_nm(values: Tensor, indices: Tensor, n: int, m: int, cols: int) -> Ten
 
 
 def compress_nm_indices(indices: Tensor, m: int) -> Tensor:
-    """Bit-pack positions: uint8 (..., slots) -> uint8 (..., ceil(slots * bits / 8)), bits = nm_index_bits(m)."""
+    """Bit-pack positions: uint8 (..., slots) -> uint8 (..., ceil(slots * bits / 8)).
+
+    bits = nm_index_bits(m); slot j sits in byte j // (8 // bits) at bit (j % (8 // bits)) * bits.
+    """
     if indices.dtype != torch.uint8:
         raise ValueError(f"compress_nm_indices: `indices` must be uint8, got {indices.dtype}")
     bits = nm_index_bits(m)
@@ -151,8 +154,9 @@ def expand_nm_indices(indices: Tensor, n: int, m: int, slots: int) -> Tensor:
     packed_len = math.ceil(slots / per_byte)
     if bits == 8 or indices.shape[-1] != packed_len:
         raise ValueError(
-            f"N:M `indices` last dim is {indices.shape[-1]}; expected {slots} (one uint8 per value) "
-            f"or {packed_len} (bit-packed by compress_nm_indices, {bits} bits each) for n={n}, m={m}"
+            f"N:M `indices` last dim is {indices.shape[-1]}; expected {slots} (one uint8 per "
+            f"value) or {packed_len} (bit-packed by compress_nm_indices, {bits} bits each) for "
+            f"n={n}, m={m}"
         )
     shifts = torch.arange(per_byte, device=indices.device, dtype=torch.int32) * bits
     unpacked = (indices.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)

@@ -116,7 +116,9 @@ def dsee_linear(
     sparse delta given as COO: delta_rows, delta_cols int64 (nnz,), delta_values (nnz,) x.dtype.
     Duplicate coordinates add up. x (..., in) -> (..., out).
     """
-    _checks.dsee_linear(x, weight, lora_a, lora_b, scaling, delta_rows, delta_cols, delta_values, bias)
+    _checks.dsee_linear(
+        x, weight, lora_a, lora_b, scaling, delta_rows, delta_cols, delta_values, bias
+    )
     y = lora_linear(x, weight, lora_a, lora_b, scaling, bias)
     return _add_sparse_delta(y, x, delta_rows, delta_cols, delta_values)
 
@@ -137,8 +139,21 @@ def dsee_nm_linear(
     bias: Tensor | None = None,
 ) -> Tensor:
     """`dsee_linear` whose base weight is N:M-packed along in_features (layout of `nm_linear`)."""
-    _checks.dsee_nm_linear(x, values, indices, n, m, in_features, lora_a, lora_b, scaling,
-                           delta_rows, delta_cols, delta_values, bias)
+    _checks.dsee_nm_linear(
+        x,
+        values,
+        indices,
+        n,
+        m,
+        in_features,
+        lora_a,
+        lora_b,
+        scaling,
+        delta_rows,
+        delta_cols,
+        delta_values,
+        bias,
+    )
     y = nm_linear(x, values, indices, n, m, in_features, bias)
     y = y + scaling * F.linear(F.linear(x, lora_a), lora_b)
     return _add_sparse_delta(y, x, delta_rows, delta_cols, delta_values)
@@ -174,7 +189,7 @@ _CHUNK_COUNTERS = 1 << 16
 
 
 def _philox4x32(counter: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Philox-4x32-10 of (counter lo, counter hi, 0, 0) keyed by seed; int64 tensors in [0, 2**32)."""
+    """Philox-4x32-10 of (counter lo, counter hi, 0, 0) keyed by seed; int64s in [0, 2**32)."""
     c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
     c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -188,7 +203,7 @@ def _philox4x32(counter: Tensor, seed: int) -> tuple[Tensor, Tensor, Tensor, Ten
 
 
 def _uint_to_uniform(bits: Tensor) -> Tensor:
-    """uint32 (held in int64) -> float32 in [0, 1), as Triton: read as int32, fold negatives with ~."""
+    """uint32 (in int64) -> float32 in [0, 1) as Triton does: read as int32, fold negatives by ~."""
     folded = torch.where(bits >= 1 << 31, _MASK32 - bits, bits)  # ~(bits - 2**32) == 2**32-1-bits
     return folded.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
 
@@ -235,8 +250,9 @@ def mezo_normal(
 def mezo_axpy_(param: Tensor, seed: int, offset: int, scale: float) -> None:
     """In place param += scale * z, z = `mezo_normal(param.numel(), seed, offset)` viewed as param.
 
-    param: contiguous float tensor (any shape). The sum is formed in fp32 (param + float32(scale) * z)
-    and rounded once to param.dtype. Give each tensor of a model its own `offset` (the running sum of
+    param: contiguous float tensor (any shape). The sum is formed in fp32
+    (param + float32(scale) * z) and rounded once to param.dtype. Give each tensor of a model its
+    own `offset` (the running sum of
     the numels before it) so the whole model draws one stream. Because z depends only on
     (seed, offset), the MeZO step "+eps, -2eps, +eps" with one seed returns the weights to their
     original values up to rounding (exactly in fp32 for most entries, within 1-2 ulp otherwise).

@@ -1,2 +1,3 @@
 """compressor.adapters — explicit imports register each method."""
-from . import nola  # noqa: F401
+
+from . import dsee, kappatune, lora, nola, welore_tune  # noqa: F401

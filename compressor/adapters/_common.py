@@ -1,5 +1,5 @@
-"""Helpers shared by the adapter stages: default learning rates, per-layer seeds, quantized bases,
-adapter files, and the trainable-parameter report every adapter returns."""
+"""Helpers shared by the adapter stages: targets, default learning rates, per-layer seeds,
+quantized bases, adapter files, and the StageResult every adapter returns."""
 
 from __future__ import annotations
 
@@ -13,10 +13,68 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..targeting import linear_weight
+from ..layers import CompressedLinear
+from ..report.records import StageResult
+from ..targeting import linear_weight, select_linears
 from ..training.config import TrainConfig
+from ..training.data import HEAD_NAME
 
 ADAPTER_DIR = "adapter"
+
+
+# -- targets -----------------------------------------------------------------------------------
+
+
+def adapter_targets(model: nn.Module, targets=(), ignore=()) -> dict[str, nn.Module]:
+    """`select_linears` minus the classification head the trainer adds to bare encoders: the
+    trainer trains that head in full, so an adapter on it (or pruning it) is never wanted."""
+    return select_linears(model, targets, (*ignore, HEAD_NAME))
+
+
+def refuse_compressed(method: str, modules: dict[str, nn.Module]) -> None:
+    """ConfigError when a target is already a compressed layer (adapters wrap plain linears)."""
+    compressed = [n for n, m in modules.items() if isinstance(m, CompressedLinear)]
+    if compressed:
+        kind = type(modules[compressed[0]]).__name__
+        raise ConfigError(
+            f"{method}: target `{compressed[0]}` is already a compressed {kind} "
+            f"({len(compressed)} such layer(s)); this stage wraps plain linears: add them to "
+            "`ignore`, or tune compressed factors with `welore-tune` or `backprop`"
+        )
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for bitsandbytes Linear4bit / Linear8bitLt (a base loaded with `load_in`)."""
+    weight = getattr(module, "weight", None)
+    return hasattr(weight, "quant_state") or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
+def refuse_quantized(method: str, modules: dict[str, nn.Module], why: str) -> None:
+    """ConfigError naming the quantized layers when a method needs a full-precision base."""
+    quantized = [n for n, m in modules.items() if is_quantized(m)]
+    if quantized:
+        raise ConfigError(
+            f"{method}: {len(quantized)} target layer(s) are bitsandbytes-quantized "
+            f"(e.g. {quantized[0]}), but {why}; drop `load_in` from the recipe"
+        )
+
+
+def base_weight(module: nn.Module) -> Tensor:
+    """W (out, in) of a base linear as float, dequantizing bitsandbytes weights."""
+    weight = getattr(module, "weight", None)
+    state = getattr(module, "state", None)
+    if hasattr(weight, "quant_state"):
+        import bitsandbytes as bnb
+
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    if getattr(state, "CB", None) is not None and getattr(state, "SCB", None) is not None:
+        import bitsandbytes as bnb
+
+        return bnb.functional.int8_vectorwise_dequant(state.CB, state.SCB).float()
+    return linear_weight(module).detach().float()
+
+
+# -- training settings -------------------------------------------------------------------------
 
 
 def with_default_lr(config: TrainConfig, *, adamw: float, mezo: float) -> TrainConfig:
@@ -30,50 +88,16 @@ def with_default_lr(config: TrainConfig, *, adamw: float, mezo: float) -> TrainC
     return config.replace(lr=adamw if config.optimizer == "adamw" else mezo)
 
 
+def run_seed(config: TrainConfig, ctx) -> int:
+    return config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0)
+
+
 def layer_seed(base_seed: int, name: str) -> int:
     """A 31-bit seed per layer, stable across runs and machines (crc32 of the module name)."""
     return (zlib.crc32(name.encode()) + 1_000_003 * int(base_seed)) % (2**31)
 
 
-def run_seed(config: TrainConfig, ctx) -> int:
-    return config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0)
-
-
-# -- quantized (bitsandbytes) bases ------------------------------------------------------------
-
-
-def is_quantized(module: nn.Module) -> bool:
-    """True for bitsandbytes Linear4bit / Linear8bitLt (a base loaded with `load_in`)."""
-    weight = getattr(module, "weight", None)
-    return hasattr(weight, "quant_state") or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
-def base_weight(module: nn.Module) -> Tensor:
-    """W (out, in) of a base linear as float, dequantizing bitsandbytes weights."""
-    weight = getattr(module, "weight", None)
-    if hasattr(weight, "quant_state"):
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    state = getattr(module, "state", None)
-    if getattr(state, "CB", None) is not None and getattr(state, "SCB", None) is not None:
-        import bitsandbytes as bnb
-
-        return bnb.functional.int8_vectorwise_dequant(state.CB, state.SCB).float()
-    return linear_weight(module).detach().float()
-
-
-def refuse_quantized(method: str, modules: dict[str, nn.Module], why: str) -> None:
-    """ConfigError naming the quantized layers when a method needs a full-precision base."""
-    quantized = [n for n, m in modules.items() if is_quantized(m)]
-    if quantized:
-        raise ConfigError(
-            f"{method}: {len(quantized)} target layer(s) are bitsandbytes-quantized (e.g. {quantized[0]}), "
-            f"but {why}; drop `load_in` from the recipe"
-        )
-
-
-# -- files and reports -------------------------------------------------------------------------
+# -- files and results -------------------------------------------------------------------------
 
 
 def adapter_folder(ctx) -> Path | None:
@@ -82,36 +106,71 @@ def adapter_folder(ctx) -> Path | None:
     return Path(out) / ADAPTER_DIR if out is not None else None
 
 
-def write_adapter(folder: Path, tensors: dict[str, Tensor], config: dict[str, Any], filename: str) -> dict[str, str]:
+def write_adapter(
+    folder: Path, tensors: dict[str, Tensor], config: dict[str, Any], filename: str
+) -> dict[str, str]:
     """safetensors of `tensors` + adapter_config.json; returns the StageResult artifacts."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(folder / filename))
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    save_file(cpu, str(folder / filename))
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    return {"adapter": str(folder / filename), "adapter_config": str(folder / "adapter_config.json")}
+    return {"adapter": str(folder / filename),
+            "adapter_config": str(folder / "adapter_config.json")}
+
+
+def frozen_zeros(*shape: int, dtype=None, device=None) -> nn.Parameter:
+    """A frozen parameter of zeros: the base weight or bias slot of an adapter layer."""
+    return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
 def count_params(params: dict[str, nn.Parameter]) -> int:
     return sum(p.numel() for p in params.values())
 
 
-def model_params(model: nn.Module) -> int:
-    """Distinct parameters of the model (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+def param_metrics(model: nn.Module, method_params: int) -> dict[str, Any]:
+    """`method_params`: what the method adds or unfreezes. The trainer's own `trainable_params`
+    also counts a classification head it trains alongside (bare encoders only)."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # tied once
+    return {
+        "method_params": method_params,
+        "total_params": total,
+        "method_fraction": method_params / max(total, 1),
+    }
 
 
-def param_metrics(model: nn.Module, trainable: int) -> dict[str, Any]:
-    total = model_params(model)
-    return {"trainable_params": trainable, "total_params": total,
-            "trainable_fraction": trainable / max(total, 1)}
+def plottable_curves(curves: dict[str, list]) -> dict[str, list[float]]:
+    """Numeric series only: the trainer's `eval` list of {step, metric...} dicts becomes one
+    `eval_<metric>` series per metric (the report plots every curve as numbers)."""
+    flat: dict[str, list[float]] = {}
+    for name, values in curves.items():
+        if values and isinstance(values[0], dict):
+            for key in values[0]:
+                if key != "step":
+                    flat[f"{name}_{key}"] = [float(v[key]) for v in values if key in v]
+        else:
+            flat[name] = [float(v) for v in values]
+    return flat
 
 
-@torch.no_grad()
-def max_output_change(model: nn.Module, before: Tensor, input_ids: Tensor) -> float:
-    """max |logits_now - logits_before| on `input_ids` (used to report merge exactness)."""
-    return float((_logits(model, input_ids) - before).abs().max())
+def with_layer_type(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Add the layer role (`q_proj`, ...) that the report's per-layer plots colour by."""
+    return [{**row, "type": row["module"].rsplit(".", 1)[-1]} for row in rows]
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
-    out = model(input_ids=input_ids)
-    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+def finish(
+    train,
+    *,
+    metrics: dict[str, Any] | None = None,
+    per_module: list[dict[str, Any]] = (),
+    artifacts: dict[str, str] | None = None,
+    notes: list[str] = (),
+    curves: dict | None = None,
+) -> StageResult:
+    """The StageResult of an adapter stage: the training run's metrics and curves plus its own."""
+    return StageResult(
+        metrics={**train.metrics(), **(metrics or {})},
+        per_module=with_layer_type(list(per_module)),
+        notes=list(notes),
+        curves=plottable_curves(train.curves() if curves is None else curves),
+        artifacts=dict(artifacts or {}),
+    )

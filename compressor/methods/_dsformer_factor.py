@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from compressor.kernels import nm_index_bits, nm_mask
+from ..kernels import nm_index_bits, nm_mask
 
 _DAMP = 1e-2  # relative ridge on H (fraction of its mean diagonal), as GPTQ-style solvers use
 
@@ -105,7 +105,9 @@ def index_bits_per_value(pattern: SparsePattern, k: int) -> int:
     return 8 if k <= 256 else 16
 
 
-def dense_sparse_bytes(out_f: int, in_f: int, k: int, pattern: SparsePattern, value_bytes: int) -> dict[str, float]:
+def dense_sparse_bytes(
+    out_f: int, in_f: int, k: int, pattern: SparsePattern, value_bytes: int
+) -> dict[str, float]:
     """Stored bytes of D (out, k) plus the values and index metadata of S (k, in); bias excluded."""
     nnz = in_f * pattern.nnz_per_column(k)
     meta = math.ceil(nnz * index_bits_per_value(pattern, k) / 8)
@@ -117,7 +119,9 @@ def dense_sparse_bytes(out_f: int, in_f: int, k: int, pattern: SparsePattern, va
     }
 
 
-def solve_inner_dim(out_f: int, in_f: int, keep: float, pattern: SparsePattern, value_bytes: int) -> int:
+def solve_inner_dim(
+    out_f: int, in_f: int, keep: float, pattern: SparsePattern, value_bytes: int
+) -> int:
     """Largest k (a multiple of M for N:M) whose stored bytes are <= keep * dense bytes.
 
     May return 0 or a k above min(out, in): the caller reports those with the layer name.
@@ -127,7 +131,9 @@ def solve_inner_dim(out_f: int, in_f: int, keep: float, pattern: SparsePattern, 
     per_step = dense_sparse_bytes(out_f, in_f, step, pattern, value_bytes)["total_bytes"]
     k = int(budget // per_step) * step + step
     # bytes are (nearly) linear in k; walk down past rounding of the packed index bytes
-    while k > 0 and dense_sparse_bytes(out_f, in_f, k, pattern, value_bytes)["total_bytes"] > budget:
+    while (
+        k > 0 and dense_sparse_bytes(out_f, in_f, k, pattern, value_bytes)["total_bytes"] > budget
+    ):
         k -= step
     return k
 
@@ -220,14 +226,18 @@ def update_dictionary(w: Tensor, s: Tensor, h: Tensor | None) -> Tensor:
     """Least-squares D = W H S^T (S H S^T)^-1 (ridge-stabilised); plain W S^T (S S^T)^-1 if h None."""
     sh = s if h is None else s @ h
     gram = sh @ s.T
-    gram = gram + 1e-6 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(gram), dtype=gram.dtype)
+    gram = gram + 1e-6 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(
+        len(gram), dtype=gram.dtype
+    )
     return torch.linalg.solve(gram, (w @ sh.T).T).T
 
 
 def sparse_code(w: Tensor, d: Tensor, h: Tensor | None, pattern: SparsePattern, cg_iters: int):
     """One S step: support = pattern projection of the least-squares S, values refined on it."""
     norms = d.norm(dim=0).clamp_min(1e-30)
-    d_unit = d / norms  # compare |S| in units of unit atoms, so atom scale does not bias the support
+    d_unit = (
+        d / norms
+    )  # compare |S| in units of unit atoms, so atom scale does not bias the support
     s_ls = torch.linalg.lstsq(d_unit, w).solution
     mask = pattern.mask(s_ls)
     s = refine_on_support(w, d_unit, s_ls, mask, h, cg_iters)
@@ -247,12 +257,12 @@ def fit_dense_sparse(
     Returns D (out, k), S (k, in) in weight's dtype with S obeying `pattern` exactly, and the
     relative objective after every half step (S step, D step); the best iterate is returned.
     """
-    # fp64 for the one-off SVD; the many CG / least-squares products run in fp32 (2x faster on CPU,
-    # and the damped H keeps them well conditioned)
+    # fp64 throughout: in fp32, rounding noise (which differs between BLAS code paths) flips
+    # near-tied N:M choices, and the flips compound through the sequential calibration, so runs
+    # would not be reproducible.
     hd = damp_hessian(h)
-    d = init_dictionary(weight, k, hd, pattern).float()
-    w = weight.detach().float()
-    hd = None if hd is None else hd.float()
+    d = init_dictionary(weight, k, hd, pattern)
+    w = weight.detach().double()
     best, history = None, []
     for _ in range(max(1, iters)):
         d, s, mask = sparse_code(w, d, hd, pattern, cg_iters)

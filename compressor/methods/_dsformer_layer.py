@@ -26,8 +26,17 @@ class DenseSparseLinear(CompressedLinear):
 
     layer_type = "dense_sparse"
 
-    def __init__(self, in_features: int, out_features: int, k: int, n: int = 2, m: int = 4,
-                 nnz: int = 0, bias: bool = False, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        k: int,
+        n: int = 2,
+        m: int = 4,
+        nnz: int = 0,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features)
         self.k, self.n, self.m, self.nnz = k, n, m, nnz
         self.d = nn.Parameter(torch.zeros(out_features, k, dtype=dtype))
@@ -43,7 +52,9 @@ class DenseSparseLinear(CompressedLinear):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_factors(cls, d: Tensor, s: Tensor, pattern: SparsePattern, bias: Tensor | None = None) -> DenseSparseLinear:
+    def from_factors(
+        cls, d: Tensor, s: Tensor, pattern: SparsePattern, bias: Tensor | None = None
+    ) -> DenseSparseLinear:
         """Pack D (out, k) and S (k, in), S already obeying `pattern` (zeros outside the support)."""
         k, in_f = s.shape
         nnz = 0 if pattern.structured else pattern.nnz_per_column(k)
@@ -69,19 +80,30 @@ class DenseSparseLinear(CompressedLinear):
     def _sparse_t(self) -> Tensor:
         if self.m:
             return unpack_nm(self.s_values, self.s_indices, self.n, self.m, self.k)
-        dense = torch.zeros(self.in_features, self.k, dtype=self.s_values.dtype, device=self.s_values.device)
+        dense = torch.zeros(
+            self.in_features, self.k, dtype=self.s_values.dtype, device=self.s_values.device
+        )
         return dense.scatter(1, self.s_indices.long(), self.s_values)
 
     def init_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "k": self.k,
-                "n": self.n, "m": self.m, "nnz": self.nnz, "bias": self.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "k": self.k,
+            "n": self.n,
+            "m": self.m,
+            "nnz": self.nnz,
+            "bias": self.bias is not None,
+        }
 
     def dense_weight(self) -> Tensor:
         return self.d @ self.sparse_factor()
 
     def forward(self, x: Tensor) -> Tensor:
         if self.m:
-            return dense_sparse_linear(x, self.d, self.s_values, self.s_indices, self.n, self.m, self.k, self.bias)
+            return dense_sparse_linear(
+                x, self.d, self.s_values, self.s_indices, self.n, self.m, self.k, self.bias
+            )
         return F.linear(x @ self._sparse_t(), self.d, self.bias)
 
     def extra_repr(self) -> str:

@@ -41,7 +41,9 @@ class DenseSparseTrainable(nn.Module):
         self.pattern = pattern
         self.d = nn.Parameter(d.detach().clone())
         self.s_latent = nn.Parameter(s.detach().clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
 
     def sparse_factor(self) -> Tensor:
         return straight_through_project(self.s_latent, self.d, self.pattern)
@@ -54,15 +56,20 @@ class DenseSparseTrainable(nn.Module):
 
 
 def _lm_loss(logits: Tensor, batch: Tensor) -> Tensor:
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
+    )
 
 
 def _distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """KL(teacher || student) per token on the next-token distributions."""
     vocab = student.shape[-1]
-    return F.kl_div(F.log_softmax(student.reshape(-1, vocab).float(), -1),
-                    F.log_softmax(teacher.reshape(-1, vocab).float(), -1), log_target=True,
-                    reduction="batchmean")
+    return F.kl_div(
+        F.log_softmax(student.reshape(-1, vocab).float(), -1),
+        F.log_softmax(teacher.reshape(-1, vocab).float(), -1),
+        log_target=True,
+        reduction="batchmean",
+    )
 
 
 def train_stf(
@@ -107,7 +114,7 @@ def train_stf(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            curves["stf_loss"].append(float(loss))
+            curves["stf_loss"].append(loss.item())
             curves["stf_support_change"].append(_support_change(layers, start_support, total))
     finally:
         model.eval()

@@ -8,7 +8,6 @@ rank i is the pair (column i of U, row i of V).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 
@@ -17,7 +16,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def ordered_factors(weight: Tensor, h: Tensor | None = None, rank: int | None = None) -> tuple[Tensor, Tensor]:
+def ordered_factors(
+    weight: Tensor, h: Tensor | None = None, rank: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Ordered factors of W (out, in) with sqrt(sigma) fused into both sides, in fp64.
 
     h None: SVD of W, U = U_svd sqrt(S), V = sqrt(S) V_svd^T (Maestro's decompose_linear).
@@ -48,13 +49,18 @@ def _cholesky_with_fallback(h: Tensor) -> Tensor:
     factor, info = torch.linalg.cholesky_ex(h)
     if int(info) == 0:
         return factor
-    shift = (-torch.linalg.eigvalsh(h).min()).clamp_min(0) + 1e-6 * h.diagonal().mean().clamp_min(1e-12)
+    shift = (-torch.linalg.eigvalsh(h).min()).clamp_min(0) + 1e-6 * h.diagonal().mean().clamp_min(
+        1e-12
+    )
     return torch.linalg.cholesky(h + shift * eye)
 
 
 def tail_norms(sq_norms: Tensor) -> Tensor:
-    """Hierarchical norms ||x_{i:}||_h = sqrt(sum_{j>=i} sq_norms[j]) of per-rank squared norms (r,)."""
-    return sq_norms.flip(0).cumsum(0).flip(0).clamp_min(0).sqrt()
+    """Hierarchical norms ||x_{i:}||_h = sqrt(sum_{j>=i} sq_norms[j]) of per-rank squared norms (r,).
+
+    A tiny epsilon keeps the gradient of sqrt finite once a tail reaches exactly zero.
+    """
+    return (sq_norms.flip(0).cumsum(0).flip(0).clamp_min(0) + 1e-20).sqrt()
 
 
 def group_lasso(u: Tensor, v: Tensor) -> Tensor:
@@ -93,7 +99,9 @@ class MaestroLinear(nn.Module):
         self.in_features, self.out_features = v.shape[1], u.shape[0]
         self.u = nn.Parameter(u.clone())
         self.v = nn.Parameter(v.clone())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        )
         self.rank = u.shape[1]
         self.width: int | None = None
 
@@ -101,11 +109,13 @@ class MaestroLinear(nn.Module):
         w = self.rank if self.width is None else min(self.width, self.rank)
         return F.linear(F.linear(x, self.v[:w]), self.u[:, :w], self.bias)
 
+    # Like the reference code, the penalty and the importance span every rank, cut ones included:
+    # cut ranks keep shrinking, and shrinking twice with one threshold cuts nothing more.
     def group_lasso(self) -> Tensor:
-        return group_lasso(self.u[:, : self.rank], self.v[: self.rank])
+        return group_lasso(self.u, self.v)
 
     def importance(self) -> Tensor:
-        return rank_importance(self.u[:, : self.rank], self.v[: self.rank])
+        return rank_importance(self.u, self.v)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.u.detach()[:, : self.rank], self.v.detach()[: self.rank]
@@ -154,22 +164,30 @@ def lowrank_params(out_f: int, in_f: int, rank: int) -> int:
 def allocate_ranks(
     importance: dict[str, Tensor], shapes: dict[str, tuple[int, int]], budget: float
 ) -> dict[str, int]:
-    """Truncate every layer by importance order so the total stays within `budget` parameters.
+    """Truncate every layer in importance order so the total stays within `budget` parameters.
 
-    importance: per-layer (r,) non-increasing tensors; shapes: (out, in). Ranks are admitted in
-    globally decreasing importance (the same rule as shrinking with a global threshold), each
-    costing out + in parameters until a layer reaches the dense size. Returns {name: rank}.
+    importance: per-layer (r,) non-increasing tensors; shapes: (out, in). Every layer keeps its
+    first rank; further ranks are admitted in globally decreasing RELATIVE importance
+    importance_i / importance_0 (the fraction of the layer's hierarchical mass still ahead of rank
+    i), each costing out + in parameters until the layer reaches its dense size. Raw importance is
+    not comparable across layers of different scale unless long group-lasso training has
+    equalised them (layers would be emptied whole); the relative form is scale free, like
+    WeLore's normalised spectra. Returns {name: rank >= 1}.
     """
+    ranks = dict.fromkeys(importance, 1)
+    used = sum(lowrank_params(*shapes[name], 1) for name in importance)
     entries = sorted(
-        ((float(imp[i]), name, i) for name, imp in importance.items() for i in range(len(imp))),
+        (
+            (float(imp[i] / imp[0].clamp_min(1e-30)), name, i)
+            for name, imp in importance.items()
+            for i in range(1, len(imp))
+        ),
         key=lambda e: -e[0],
     )
-    ranks = dict.fromkeys(importance, 0)
-    used = 0.0
     for _, name, i in entries:
-        out_f, in_f = shapes[name]
         if i != ranks[name]:
-            continue  # keep prefixes only (ties across positions)
+            continue  # prefixes only: a later rank never jumps an earlier one that did not fit
+        out_f, in_f = shapes[name]
         extra = lowrank_params(out_f, in_f, i + 1) - lowrank_params(out_f, in_f, i)
         if used + extra > budget:
             continue
@@ -181,8 +199,3 @@ def allocate_ranks(
 def dense_is_smaller(out_f: int, in_f: int, rank: int) -> bool:
     """Maestro materialisation rule: a layer goes back to dense if (m + n) r >= m n."""
     return (out_f + in_f) * rank >= out_f * in_f
-
-
-def truncate_width(rank: int, fraction: float) -> int:
-    """Width of an ordered-dropout pass at fraction p: ceil(p * rank)."""
-    return max(1, math.ceil(fraction * rank))

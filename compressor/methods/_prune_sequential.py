@@ -15,7 +15,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..calibration import block_linears, capture_block_inputs, capture_linear_inputs, run_block, transformer_blocks
+from ..calibration import (
+    block_linears,
+    capture_block_inputs,
+    capture_linear_inputs,
+    run_block,
+    transformer_blocks,
+)
 from ..context import Context
 from ..targeting import matches, replace_module
 from .lowrank import DEFAULT_SECOND_PHASE
@@ -44,7 +50,9 @@ def input_statistics(
     return {name: total / max(tokens[name], 1) for name, total in sums.items()}
 
 
-def _phases(linears: dict[str, nn.Module], second_phase: tuple[str, ...]) -> list[dict[str, nn.Module]]:
+def _phases(
+    linears: dict[str, nn.Module], second_phase: tuple[str, ...]
+) -> list[dict[str, nn.Module]]:
     late = {n: m for n, m in linears.items() if any(matches(n, p) for p in second_phase)}
     early = {n: m for n, m in linears.items() if n not in late}
     return [phase for phase in (early, late) if phase]

@@ -42,7 +42,9 @@ class ASVDConfig(CalibratedLowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.alpha <= 2:
-            raise ConfigError(f"asvd: `alpha` must be in [0, 2], got {self.alpha!r}; the paper uses 0.5")
+            raise ConfigError(
+                f"asvd: `alpha` must be in [0, 2], got {self.alpha!r}; the paper uses 0.5"
+            )
 
 
 def activation_scales(abs_mean: Tensor, alpha: float = 0.5) -> tuple[Tensor, int]:
@@ -67,7 +69,9 @@ def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: 
     scales, fixed = activation_scales(stats.abs_mean(), config.alpha)
     info: dict = {"scales_floored": fixed}
     if fixed:
-        info["notes"] = [f"{name}: {fixed} input channels had zero/NaN activation scale; floored to keep S⁻¹ finite"]
+        info["notes"] = [
+            f"{name}: {fixed} input channels had zero/NaN activation scale; floored to keep S⁻¹ finite"
+        ]
     return (*asvd_factors(weight, scales, rank), info)
 
 

@@ -36,40 +36,46 @@ from ..errors import ConfigError
 from ..evaluation import perplexity
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import linear_shape, linear_weight, replace_module, select_linears
-from ._dsformer_factor import (SparsePattern, dense_sparse_bytes, fit_dense_sparse, parse_pattern,
-                               solve_inner_dim, whitened_error)
+from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
+from ._dsformer_factor import (
+    SparsePattern,
+    dense_sparse_bytes,
+    fit_dense_sparse,
+    parse_pattern,
+    solve_inner_dim,
+    whitened_error,
+)
 from ._dsformer_layer import DenseSparseLinear
 from ._dsformer_stf import DenseSparseTrainable, frozen_teacher, train_stf
 from ._prune_sequential import compress_sequentially
 
-__all__ = ["DenseSparseLinear", "DSFormerConfig", "plan_inner_dims"]
+__all__ = ["DSFormerConfig", "DenseSparseLinear", "plan_inner_dims"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class DSFormerConfig(MethodConfig):
     """Args:
-        rank: KEEP ratio in stored bytes (D + S values + S index metadata) of each targeted layer,
-            0 < rank <= 1; the inner dimension k is solved from it (a multiple of M).
-        k: explicit inner dimension for every targeted layer (overrides `rank`); a multiple of M.
-        pattern: "N:M" (N of every M consecutive entries along k in each column of S; default
-            "2:4") or "unstructured" (the `density` * k largest entries of each column).
-        density: fraction of k kept per column of S with `pattern: unstructured`.
-        init: "whitened" (fit ||(W - D S) X|| with calibration statistics) or "plain" (||W - D S||,
-            no data).
-        init_iters: alternations of sparse coding (S) and least squares (D).
-        cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
-        calibration: text source of the calibration windows (see compressor.data).
-        num_windows: calibration windows for `init: whitened`.
-        seq_len: tokens per window (calibration and STF).
-        batch_size: windows per forward pass (calibration and STF).
-        stf_steps: Straight-Through Factorizer training steps after the initialisation; 0 = none.
-        lr: AdamW learning rate of the STF (D and S~ only; everything else is frozen).
-        distill: add KL(dense teacher || student) on the logits to the STF loss (keeps a frozen
-            copy of the dense model in memory).
-        data: STF training text (its `train` split; defaults to the calibration source).
-        eval_windows: held-out windows (`eval` split of `data`) on which perplexity is measured
-            after the initialisation and after STF; 0 = skip.
+    rank: KEEP ratio in stored bytes (D + S values + S index metadata) of each targeted layer,
+        0 < rank <= 1; the inner dimension k is solved from it (a multiple of M).
+    k: explicit inner dimension for every targeted layer (overrides `rank`); a multiple of M.
+    pattern: "N:M" (N of every M consecutive entries along k in each column of S; default
+        "2:4") or "unstructured" (the `density` * k largest entries of each column).
+    density: fraction of k kept per column of S with `pattern: unstructured`.
+    init: "whitened" (fit ||(W - D S) X|| with calibration statistics) or "plain" (||W - D S||,
+        no data).
+    init_iters: alternations of sparse coding (S) and least squares (D).
+    cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
+    calibration: text source of the calibration windows (see compressor.data).
+    num_windows: calibration windows for `init: whitened`.
+    seq_len: tokens per window (calibration and STF).
+    batch_size: windows per forward pass (calibration and STF).
+    stf_steps: Straight-Through Factorizer training steps after the initialisation; 0 = none.
+    lr: AdamW learning rate of the STF (D and S~ only; everything else is frozen).
+    distill: add KL(dense teacher || student) on the logits to the STF loss (keeps a frozen
+        copy of the dense model in memory).
+    data: STF training text (its `train` split; defaults to the calibration source).
+    eval_windows: held-out windows (`eval` split of `data`) on which perplexity is measured
+        after the initialisation and after STF; 0 = skip.
     """
 
     rank: float = 0.6
@@ -96,10 +102,14 @@ class DSFormerConfig(MethodConfig):
         except ValueError as err:
             raise ConfigError(f"dsformer: `pattern` {err}") from None
         if not 0 < self.rank <= 1:
-            raise ConfigError(f"dsformer: `rank` is the keep ratio in bytes and must be in (0, 1], got "
-                              f"{self.rank!r}; e.g. `rank: 0.6` keeps 60 % of each layer's bytes")
+            raise ConfigError(
+                f"dsformer: `rank` is the keep ratio in bytes and must be in (0, 1], got "
+                f"{self.rank!r}; e.g. `rank: 0.6` keeps 60 % of each layer's bytes"
+            )
         if not 0 < self.density <= 1:
-            raise ConfigError(f"dsformer: `density` must be in (0, 1], got {self.density!r}; e.g. 0.5")
+            raise ConfigError(
+                f"dsformer: `density` must be in (0, 1], got {self.density!r}; e.g. 0.5"
+            )
         if self.k is not None:
             _check_explicit_k(self.k, parsed)
         for key in ("init_iters", "num_windows", "seq_len", "batch_size"):
@@ -123,14 +133,18 @@ def _check_explicit_k(k: int, pattern: SparsePattern) -> None:
     _check_int("k", k, 1)
     if pattern.structured and k % pattern.m:
         lower, upper = k // pattern.m * pattern.m, (k // pattern.m + 1) * pattern.m
-        raise ConfigError(f"dsformer: `k`={k} is not a multiple of M={pattern.m} (pattern "
-                          f"{pattern.describe()}); use k={upper}" + (f" or k={lower}" if lower else ""))
+        raise ConfigError(
+            f"dsformer: `k`={k} is not a multiple of M={pattern.m} (pattern "
+            f"{pattern.describe()}); use k={upper}" + (f" or k={lower}" if lower else "")
+        )
 
 
 # -- planning: k per layer, with every impossible layer reported at once -----------------------
 
 
-def plan_inner_dims(shapes: dict[str, tuple[int, int]], config: DSFormerConfig, value_bytes: int) -> dict[str, int]:
+def plan_inner_dims(
+    shapes: dict[str, tuple[int, int]], config: DSFormerConfig, value_bytes: int
+) -> dict[str, int]:
     """k per layer from `rank` (or `k`); raises one ConfigError listing every layer that cannot fit."""
     pattern = config.sparse_pattern
     plan, problems = {}, []
@@ -138,45 +152,79 @@ def plan_inner_dims(shapes: dict[str, tuple[int, int]], config: DSFormerConfig, 
         k = config.k or solve_inner_dim(out_f, in_f, config.rank, pattern, value_bytes)
         limit = min(out_f, in_f)
         if config.k is None and k < (pattern.m or 1):
-            smallest = dense_sparse_bytes(out_f, in_f, pattern.m or 1, pattern, value_bytes)["total_bytes"]
-            problems.append(f"{name} ({out_f}x{in_f}): even k={pattern.m or 1} needs "
-                            f"{smallest / (out_f * in_f * value_bytes):.3f} of the dense bytes "
-                            f"(D + S values + index metadata) > `rank`={config.rank}")
+            smallest = dense_sparse_bytes(out_f, in_f, pattern.m or 1, pattern, value_bytes)[
+                "total_bytes"
+            ]
+            problems.append(
+                f"{name} ({out_f}x{in_f}): even k={pattern.m or 1} needs "
+                f"{smallest / (out_f * in_f * value_bytes):.3f} of the dense bytes "
+                f"(D + S values + index metadata) > `rank`={config.rank}"
+            )
         elif k > limit:
-            problems.append(f"{name} ({out_f}x{in_f}): k={k} exceeds min(out, in)={limit}"
-                            + ("" if config.k else f" (lower `rank` to <= {_max_keep(out_f, in_f, pattern, value_bytes):.3f})"))
+            problems.append(
+                f"{name} ({out_f}x{in_f}): k={k} exceeds min(out, in)={limit}"
+                + (
+                    ""
+                    if config.k
+                    else f" (lower `rank` to <= {_max_keep(out_f, in_f, pattern, value_bytes):.3f})"
+                )
+            )
         plan[name] = k
     if problems:
-        raise ConfigError(f"dsformer: {len(problems)} layer(s) cannot be factored as asked: "
-                          f"{'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}; "
-                          "change `rank`/`k`, or add these layers to `ignore`")
+        raise ConfigError(
+            f"dsformer: {len(problems)} layer(s) cannot be factored as asked: "
+            f"{'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}; "
+            "change `rank`/`k`, or add these layers to `ignore`"
+        )
     return plan
 
 
 def _max_keep(out_f: int, in_f: int, pattern: SparsePattern, value_bytes: int) -> float:
     step = pattern.m or 1
     k = min(out_f, in_f) // step * step
-    return dense_sparse_bytes(out_f, in_f, k, pattern, value_bytes)["total_bytes"] / (out_f * in_f * value_bytes)
+    return dense_sparse_bytes(out_f, in_f, k, pattern, value_bytes)["total_bytes"] / (
+        out_f * in_f * value_bytes
+    )
 
 
 # -- wiring -----------------------------------------------------------------------------------
 
 
-def _factor_one(name: str, module: nn.Module, h: Tensor | None, k: int, config: DSFormerConfig,
-                rows: dict[str, dict]) -> nn.Module:
+def _factor_one(
+    name: str,
+    module: nn.Module,
+    h: Tensor | None,
+    k: int,
+    config: DSFormerConfig,
+    rows: dict[str, dict],
+) -> nn.Module:
     weight = linear_weight(module).detach()
     pattern = config.sparse_pattern
-    d, s, history = fit_dense_sparse(weight, k, pattern, h if config.init == "whitened" else None,
-                                     iters=config.init_iters, cg_iters=config.cg_iters)
+    d, s, history = fit_dense_sparse(
+        weight,
+        k,
+        pattern,
+        h if config.init == "whitened" else None,
+        iters=config.init_iters,
+        cg_iters=config.cg_iters,
+    )
     bias = getattr(module, "bias", None)
     out_f, in_f = weight.shape
     sizes = dense_sparse_bytes(out_f, in_f, k, pattern, weight.element_size())
-    rows[name] = {"module": name, "shape": f"{out_f}x{in_f}", "k": k, "pattern": pattern.describe(),
-                  "params": out_f * k + in_f * pattern.nnz_per_column(k),
-                  "stored_bytes": int(sizes["total_bytes"]), "index_bytes": int(sizes["s_index_bytes"]),
-                  "keep_bytes": round(sizes["total_bytes"] / (out_f * in_f * weight.element_size()), 4),
-                  "init_error": round(history[0], 5), "fit_error": round(min(history), 5),
-                  "weight_error": round(whitened_error(weight, d, s, None), 5)}
+    rows[name] = {
+        "module": name,
+        "type": layer_type(name),
+        "shape": f"{out_f}x{in_f}",
+        "k": k,
+        "pattern": pattern.describe(),
+        "params": out_f * k + in_f * pattern.nnz_per_column(k),
+        "stored_bytes": int(sizes["total_bytes"]),
+        "index_bytes": int(sizes["s_index_bytes"]),
+        "keep_bytes": round(sizes["total_bytes"] / (out_f * in_f * weight.element_size()), 4),
+        "init_error": round(history[0], 5),
+        "fit_error": round(min(history), 5),
+        "weight_error": round(whitened_error(weight, d, s, None), 5),
+    }
     if h is None and config.init == "whitened":
         rows[name]["init"] = "plain (no calibration statistics)"
     if config.stf_steps > 0:
@@ -185,7 +233,11 @@ def _factor_one(name: str, module: nn.Module, h: Tensor | None, k: int, config: 
 
 
 def _eval(model: nn.Module, windows: Tensor | None, batch_size: int) -> float | None:
-    return None if windows is None else round(perplexity(model, windows, batch_size=batch_size)["perplexity"], 4)
+    return (
+        None
+        if windows is None
+        else round(perplexity(model, windows, batch_size=batch_size)["perplexity"], 4)
+    )
 
 
 @register("dsformer", DSFormerConfig, kind="compress")
@@ -195,27 +247,55 @@ def apply(model: nn.Module, config: DSFormerConfig, ctx: Context) -> StageResult
     value_bytes = linear_weight(next(iter(selected.values()))).element_size()
     plan = plan_inner_dims({n: linear_shape(m) for n, m in selected.items()}, config, value_bytes)
     data = config.data or config.calibration
-    eval_windows = (ctx.windows(data, split="eval", seq_len=config.seq_len, num_windows=config.eval_windows)
-                    if config.eval_windows else None)
+    eval_windows = None
+    if config.eval_windows:
+        eval_windows = ctx.windows(
+            data, split="eval", seq_len=config.seq_len, num_windows=config.eval_windows
+        )
     metrics: dict[str, Any] = {"ppl_dense": _eval(model, eval_windows, config.batch_size)}
     teacher = frozen_teacher(model) if config.distill and config.stf_steps else None
     rows: dict[str, dict] = {}
     notes = _initialise(model, selected, plan, config, ctx, rows)
+    if config.k is None and config.sparse_pattern.structured:
+        notes.append(
+            f"k solved per layer from `rank`={config.rank} as the largest multiple of "
+            f"M={config.sparse_pattern.m} whose bytes fit (rounded down; see the per-module `k`)"
+        )
     metrics["ppl_init"] = _eval(model, eval_windows, config.batch_size)
-    curves = {}
+    curves = _stf(model, config, ctx, data, teacher, metrics) if config.stf_steps else {}
     if config.stf_steps:
-        train = ctx.windows(data, split="train", seq_len=config.seq_len,
-                            num_windows=config.stf_steps * config.batch_size)
-        curves = train_stf(model, train, ctx, steps=config.stf_steps, lr=config.lr,
-                           batch_size=config.batch_size, teacher=teacher)
-        _pack_trained(model)
         metrics["ppl_stf"] = _eval(model, eval_windows, config.batch_size)
-        metrics["stf_loss_first"] = round(curves["stf_loss"][0], 4)
-        metrics["stf_loss_last"] = round(curves["stf_loss"][-1], 4)
-        metrics["stf_support_moved"] = round(curves["stf_support_change"][-1], 4)
     metrics.update(_totals(rows.values(), value_bytes))
-    return StageResult(metrics={k: v for k, v in metrics.items() if v is not None},
-                       per_module=list(rows.values()), notes=notes, curves=curves)
+    return StageResult(
+        metrics={k: v for k, v in metrics.items() if v is not None},
+        per_module=list(rows.values()),
+        notes=notes,
+        curves=curves,
+    )
+
+
+def _stf(model, config: DSFormerConfig, ctx: Context, data: str, teacher, metrics: dict) -> dict:
+    """Straight-Through Factorizer on the `train` split, then pack every trained layer."""
+    windows = ctx.windows(
+        data,
+        split="train",
+        seq_len=config.seq_len,
+        num_windows=config.stf_steps * config.batch_size,
+    )
+    curves = train_stf(
+        model,
+        windows,
+        ctx,
+        steps=config.stf_steps,
+        lr=config.lr,
+        batch_size=config.batch_size,
+        teacher=teacher,
+    )
+    _pack_trained(model)
+    metrics["stf_loss_first"] = round(curves["stf_loss"][0], 4)
+    metrics["stf_loss_last"] = round(curves["stf_loss"][-1], 4)
+    metrics["stf_support_moved"] = round(curves["stf_support_change"][-1], 4)
+    return curves
 
 
 def _initialise(model, selected, plan, config: DSFormerConfig, ctx: Context, rows) -> list[str]:
@@ -226,12 +306,27 @@ def _initialise(model, selected, plan, config: DSFormerConfig, ctx: Context, row
         for name, module in ctx.progress(list(selected.items()), description="dsformer init"):
             replace_module(model, name, replace(name, module, None))
         return []
-    windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len,
-                          num_windows=config.num_windows)
-    outside = compress_sequentially(model, selected, windows, replace, ctx, kind="gram",
-                                    batch_size=config.batch_size, description="dsformer init")
-    return [f"{len(outside)} linear(s) outside the transformer blocks were fitted on the plain "
-            f"objective (no calibration statistics): {', '.join(outside[:4])}"] if outside else []
+    windows = ctx.windows(
+        config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows
+    )
+    outside = compress_sequentially(
+        model,
+        selected,
+        windows,
+        replace,
+        ctx,
+        kind="gram",
+        batch_size=config.batch_size,
+        description="dsformer init",
+    )
+    if not outside:
+        return []
+    return [
+        (
+            f"{len(outside)} linear(s) outside the transformer blocks were fitted on the plain "
+            f"objective (no calibration statistics): {', '.join(outside[:4])}"
+        )
+    ]
 
 
 def _pack_trained(model: nn.Module) -> None:
@@ -240,15 +335,23 @@ def _pack_trained(model: nn.Module) -> None:
         if isinstance(module, DenseSparseTrainable):
             with torch.no_grad():
                 s = module.sparse_factor().detach()
-            replace_module(model, name, DenseSparseLinear.from_factors(module.d.detach(), s, module.pattern,
-                                                                      module.bias))
+            replace_module(
+                model,
+                name,
+                DenseSparseLinear.from_factors(module.d.detach(), s, module.pattern, module.bias),
+            )
 
 
 def _totals(rows, value_bytes: int) -> dict[str, Any]:
     rows = list(rows)
     dense = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows)
     stored = sum(r["stored_bytes"] for r in rows)
-    return {"layers": len(rows), "params_dense": dense, "params_kept": sum(r["params"] for r in rows),
-            "dense_bytes": dense * value_bytes, "stored_bytes": stored,
-            "keep_ratio_bytes": round(stored / max(dense * value_bytes, 1), 4),
-            "mean_fit_error": round(sum(r["fit_error"] for r in rows) / max(len(rows), 1), 5)}
+    return {
+        "layers": len(rows),
+        "params_dense": dense,
+        "params_kept": sum(r["params"] for r in rows),
+        "dense_bytes": dense * value_bytes,
+        "stored_bytes": stored,
+        "keep_ratio_bytes": round(stored / max(dense * value_bytes, 1), 4),
+        "mean_fit_error": round(sum(r["fit_error"] for r in rows) / max(len(rows), 1), 5),
+    }

@@ -26,30 +26,36 @@ from ..kernels import compress_nm_indices, nm_linear, nm_mask, pack_nm, unpack_n
 from ..layers import CompressedLinear, register_layer
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import linear_shape, linear_weight, select_linears
+from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
 from ._dsformer_factor import parse_pattern
 from ._prune_sequential import compress_sequentially
 
 __all__ = [
-    "NMSparseLinear", "PruneConfig", "magnitude_mask", "magnitude_scores", "nm_mask", "prune_mask",
-    "unstructured_mask", "wanda_scores",
+    "NMSparseLinear",
+    "PruneConfig",
+    "magnitude_mask",
+    "magnitude_scores",
+    "nm_mask",
+    "prune_mask",
+    "unstructured_mask",
+    "wanda_scores",
 ]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PruneConfig(MethodConfig):
     """Args:
-        pattern: "N:M" (e.g. "2:4": N kept of every M consecutive weights along in_features of each
-            row, stored packed) or "unstructured" (the `sparsity` fraction of weights zeroed).
-        sparsity: fraction of weights removed by `unstructured`, in [0, 1). N:M removes 1 - N/M.
-        score: "magnitude" (|W|, data-free) or "wanda" (|W| * input feature norm; calibrated).
-        group: which weights compete for `unstructured`: "row" (each output row loses the same
-            fraction; Wanda's rule), "layer" (the whole matrix), or "auto" (row for wanda, layer for
-            magnitude).
-        calibration: text source of the calibration windows for `wanda` (see compressor.data).
-        num_windows: calibration windows for `wanda`.
-        seq_len: tokens per calibration window.
-        batch_size: windows per forward pass.
+    pattern: "N:M" (e.g. "2:4": N kept of every M consecutive weights along in_features of each
+        row, stored packed) or "unstructured" (the `sparsity` fraction of weights zeroed).
+    sparsity: fraction of weights removed by `unstructured`, in [0, 1). N:M removes 1 - N/M.
+    score: "magnitude" (|W|, data-free) or "wanda" (|W| * input feature norm; calibrated).
+    group: which weights compete for `unstructured`: "row" (each output row loses the same
+        fraction; Wanda's rule), "layer" (the whole matrix), or "auto" (row for wanda, layer for
+        magnitude).
+    calibration: text source of the calibration windows for `wanda` (see compressor.data).
+    num_windows: calibration windows for `wanda`.
+    seq_len: tokens per calibration window.
+    batch_size: windows per forward pass.
     """
 
     pattern: str = "2:4"
@@ -102,7 +108,9 @@ def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = False) ->
     return mask.reshape(scores.shape)
 
 
-def prune_mask(scores: Tensor, pattern: str = "2:4", sparsity: float = 0.5, per_row: bool = False) -> Tensor:
+def prune_mask(
+    scores: Tensor, pattern: str = "2:4", sparsity: float = 0.5, per_row: bool = False
+) -> Tensor:
     """Bool keep-mask (out, in): N:M along in_features, or unstructured at `sparsity`."""
     parsed = parse_pattern(pattern)
     if parsed.structured:
@@ -110,8 +118,9 @@ def prune_mask(scores: Tensor, pattern: str = "2:4", sparsity: float = 0.5, per_
     return unstructured_mask(scores, sparsity, per_row)
 
 
-def magnitude_mask(weight: Tensor, sparsity: float = 0.5, pattern: str = "unstructured",
-                   per_row: bool = False) -> Tensor:
+def magnitude_mask(
+    weight: Tensor, sparsity: float = 0.5, pattern: str = "unstructured", per_row: bool = False
+) -> Tensor:
     """Bool keep-mask of W by |W| (the data-free default DSEE prunes with)."""
     return prune_mask(magnitude_scores(weight), pattern, sparsity, per_row)
 
@@ -129,8 +138,15 @@ class NMSparseLinear(CompressedLinear):
 
     layer_type = "nm_sparse"
 
-    def __init__(self, in_features: int, out_features: int, n: int = 2, m: int = 4, bias: bool = False,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        n: int = 2,
+        m: int = 4,
+        bias: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features)
         self.n, self.m = n, m
         slots = in_features // m * n
@@ -140,7 +156,9 @@ class NMSparseLinear(CompressedLinear):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
 
     @classmethod
-    def from_dense(cls, weight: Tensor, n: int, m: int, bias: Tensor | None = None) -> NMSparseLinear:
+    def from_dense(
+        cls, weight: Tensor, n: int, m: int, bias: Tensor | None = None
+    ) -> NMSparseLinear:
         """Pack an (out, in) weight that already has <= n non-zeros per group of m."""
         layer = cls(weight.shape[1], weight.shape[0], n, m, bias is not None, dtype=weight.dtype)
         values, indices = pack_nm(weight.detach(), n, m)
@@ -152,8 +170,13 @@ class NMSparseLinear(CompressedLinear):
         return layer
 
     def init_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n,
-                "m": self.m, "bias": self.bias is not None}
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "n": self.n,
+            "m": self.m,
+            "bias": self.bias is not None,
+        }
 
     def dense_weight(self) -> Tensor:
         return unpack_nm(self.values, self.indices, self.n, self.m, self.in_features)
@@ -169,54 +192,84 @@ def nm_sparse_bytes(out_f: int, in_f: int, n: int, m: int, value_bytes: int) -> 
     """Stored bytes of an NMSparseLinear weight: values + bit-packed positions (bias excluded)."""
     slots = in_f // m * n
     packed = compress_nm_indices(torch.zeros(1, slots, dtype=torch.uint8), m).shape[-1]
-    return {"value_bytes": out_f * slots * value_bytes, "index_bytes": out_f * packed,
-            "total_bytes": out_f * (slots * value_bytes + packed)}
+    return {
+        "value_bytes": out_f * slots * value_bytes,
+        "index_bytes": out_f * packed,
+        "total_bytes": out_f * (slots * value_bytes + packed),
+    }
 
 
 # -- wiring ------------------------------------------------------------------------------------
 
 
-def _check_divisible(selected: dict[str, nn.Module], m: int) -> None:
-    bad = [f"{name} (in_features={linear_shape(mod)[1]})" for name, mod in selected.items()
-           if linear_shape(mod)[1] % m]
+def _check_divisible(selected: dict[str, nn.Module], pattern: str, m: int) -> None:
+    bad = [
+        f"{name} (in_features={linear_shape(mod)[1]})"
+        for name, mod in selected.items()
+        if linear_shape(mod)[1] % m
+    ]
     if bad:
         raise ConfigError(
-            f"prune: `pattern` N:M needs in_features divisible by M={m}, but {len(bad)} layer(s) are not: "
+            f"prune: `pattern`={pattern!r} needs in_features divisible by M={m}, but {len(bad)} layer(s) are not: "
             f"{', '.join(bad[:6])}; add them to `ignore` or use `pattern: unstructured`"
         )
 
 
-def _prune_one(name: str, module: nn.Module, stat: Tensor | None, config: PruneConfig, rows: list) -> nn.Module | None:
+def _prune_one(
+    name: str, module: nn.Module, stat: Tensor | None, config: PruneConfig, rows: list
+) -> nn.Module | None:
+    """Prune one linear; returns its replacement (None = pruned in place). Appends its report row."""
     weight = linear_weight(module).detach()
-    if config.score == "wanda" and stat is not None:
-        scores = wanda_scores(weight, stat.sqrt())
-    else:
-        scores = magnitude_scores(weight)
+    scores = wanda_scores(weight, stat.sqrt()) if stat is not None else magnitude_scores(weight)
     per_row = config.group == "row" or (config.group == "auto" and config.score == "wanda")
     mask = prune_mask(scores, config.pattern, config.sparsity, per_row)
     pruned = weight * mask
+    parsed = parse_pattern(config.pattern)
+    new = _pruned_module(module, pruned, mask, parsed)
     out_f, in_f = weight.shape
     value_bytes = weight.element_size()
-    row = {"module": name, "shape": f"{out_f}x{in_f}", "pattern": config.pattern,
-           "score": config.score if stat is not None or config.score == "magnitude" else "magnitude (no stats)",
-           "sparsity": round(1 - mask.float().mean().item(), 4),
-           "dense_bytes": out_f * in_f * value_bytes,
-           "relative_error": float((weight - pruned).norm() / weight.norm().clamp_min(1e-30))}
-    bias = getattr(module, "bias", None)
-    parsed = parse_pattern(config.pattern)
     if parsed.structured:
-        new = NMSparseLinear.from_dense(pruned, parsed.n, parsed.m, bias)
         sizes = nm_sparse_bytes(out_f, in_f, parsed.n, parsed.m, value_bytes)
-        row.update(params=out_f * in_f // parsed.m * parsed.n, stored_bytes=sizes["total_bytes"],
-                   index_bytes=sizes["index_bytes"])
-    else:
-        new = None
-        with torch.no_grad():
-            module.weight.mul_(mask.T if type(module).__name__ == "Conv1D" else mask)
-        row.update(params=int(mask.sum()), stored_bytes=out_f * in_f * value_bytes, index_bytes=0)
-    row["keep_bytes"] = round(row["stored_bytes"] / row["dense_bytes"], 4)
-    rows.append(row)
+        params, stored, index = (
+            out_f * in_f // parsed.m * parsed.n,
+            sizes["total_bytes"],
+            sizes["index_bytes"],
+        )
+    else:  # zeros stored densely: no bytes saved
+        params, stored, index = int(mask.sum()), out_f * in_f * value_bytes, 0
+    rows.append(
+        {
+            "module": name,
+            "type": layer_type(name),
+            "shape": f"{out_f}x{in_f}",
+            "pattern": config.pattern,
+            "score": "wanda" if stat is not None else "magnitude",
+            "sparsity": round(1 - mask.float().mean().item(), 4),
+            "params": params,
+            "dense_bytes": out_f * in_f * value_bytes,
+            "stored_bytes": stored,
+            "index_bytes": index,
+            "keep_bytes": round(stored / (out_f * in_f * value_bytes), 4),
+            "relative_error": float((weight - pruned).norm() / weight.norm().clamp_min(1e-30)),
+        }
+    )
     return new
+
+
+def _pruned_module(module: nn.Module, pruned: Tensor, mask: Tensor, parsed) -> nn.Module | None:
+    bias = getattr(module, "bias", None)
+    if parsed.structured:
+        return NMSparseLinear.from_dense(pruned, parsed.n, parsed.m, bias)
+    if isinstance(module, CompressedLinear):  # e.g. a factored layer: keep its pruned dense product
+        new = nn.Linear(pruned.shape[1], pruned.shape[0], bias=bias is not None, dtype=pruned.dtype)
+        with torch.no_grad():
+            new.weight.copy_(pruned)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
+    with torch.no_grad():  # nn.Linear / Conv1D: zero in place (Conv1D stores W transposed)
+        module.weight.mul_(mask.T if type(module).__name__ == "Conv1D" else mask)
+    return None
 
 
 @register("prune", PruneConfig, kind="compress")
@@ -225,24 +278,35 @@ def apply(model: nn.Module, config: PruneConfig, ctx: Context) -> StageResult:
     selected = select_linears(model, config.targets, config.ignore)
     parsed = parse_pattern(config.pattern)
     if parsed.structured:
-        _check_divisible(selected, parsed.m)
+        _check_divisible(selected, config.pattern, parsed.m)
     rows: list[dict[str, Any]] = []
     notes = []
     if config.score == "wanda":
-        windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len,
-                              num_windows=config.num_windows)
+        windows = ctx.windows(
+            config.calibration,
+            split="calib",
+            seq_len=config.seq_len,
+            num_windows=config.num_windows,
+        )
         outside = compress_sequentially(
-            model, selected, windows, lambda n, mod, st: _prune_one(n, mod, st, config, rows), ctx,
-            kind="sq_norm", batch_size=config.batch_size, description="wanda")
+            model,
+            selected,
+            windows,
+            lambda n, mod, st: _prune_one(n, mod, st, config, rows),
+            ctx,
+            kind="sq_norm",
+            batch_size=config.batch_size,
+            description="wanda",
+        )
         if outside:
-            notes.append(f"{len(outside)} linear(s) outside the transformer blocks were pruned by magnitude: "
-                         f"{', '.join(outside[:4])}")
+            notes.append(
+                f"{len(outside)} linear(s) outside the transformer blocks were pruned by magnitude: "
+                f"{', '.join(outside[:4])}"
+            )
     else:
         for name, module in ctx.progress(list(selected.items()), description="prune"):
             new = _prune_one(name, module, None, config, rows)
             if new is not None:
-                from ..targeting import replace_module
-
                 replace_module(model, name, new)
     return StageResult(metrics=_summary(rows), per_module=rows, notes=notes)
 
@@ -252,7 +316,13 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     stored = sum(r["stored_bytes"] for r in rows)
     weights = sum(int(r["shape"].split("x")[0]) * int(r["shape"].split("x")[1]) for r in rows)
     kept = sum(r["params"] for r in rows)
-    return {"layers": len(rows), "sparsity": round(1 - kept / max(weights, 1), 4),
-            "params_kept": kept, "params_dense": weights, "stored_bytes": stored, "dense_bytes": dense,
-            "keep_ratio_bytes": round(stored / max(dense, 1), 4),
-            "mean_relative_error": round(sum(r["relative_error"] for r in rows) / max(len(rows), 1), 4)}
+    return {
+        "layers": len(rows),
+        "sparsity": round(1 - kept / max(weights, 1), 4),
+        "params_kept": kept,
+        "params_dense": weights,
+        "stored_bytes": stored,
+        "dense_bytes": dense,
+        "keep_ratio_bytes": round(stored / max(dense, 1), 4),
+        "mean_relative_error": round(sum(r["relative_error"] for r in rows) / max(len(rows), 1), 4),
+    }

@@ -59,9 +59,13 @@ class SAESConfig(CalibratedLowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.beta is not None and not 0 <= self.beta < 1:
-            raise ConfigError(f"saes-svd: `beta` must be in [0, 1) or null (ACES search), got {self.beta!r}")
+            raise ConfigError(
+                f"saes-svd: `beta` must be in [0, 1) or null (ACES search), got {self.beta!r}"
+            )
         if not 0 <= self.beta_min <= self.beta_max < 1:
-            raise ConfigError(f"saes-svd: need 0 ≤ `beta_min` ≤ `beta_max` < 1, got [{self.beta_min}, {self.beta_max}]")
+            raise ConfigError(
+                f"saes-svd: need 0 ≤ `beta_min` ≤ `beta_max` < 1, got [{self.beta_min}, {self.beta_max}]"
+            )
         if not self.damping >= 0:
             raise ConfigError(f"saes-svd: `damping` must be ≥ 0, got {self.damping!r}")
 
@@ -69,11 +73,15 @@ class SAESConfig(CalibratedLowRankConfig):
 def cealc_parts(weight: Tensor, chol: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     """(W (m, n), L (n, n), Δ (n, n)) -> (G₀ = W L, G_d = W Δ L⁻ᵀ), both (m, n) fp64."""
     w = weight.double()
-    g_d = torch.linalg.solve_triangular(chol.T, w @ delta.double(), upper=True, left=False)  # Z Lᵀ = WΔ
+    g_d = torch.linalg.solve_triangular(
+        chol.T, w @ delta.double(), upper=True, left=False
+    )  # Z Lᵀ = WΔ
     return w @ chol, g_d
 
 
-def cealc_factors(g0: Tensor, g_d: Tensor, chol: Tensor, beta: float, rank: int) -> tuple[Tensor, Tensor, float]:
+def cealc_factors(
+    g0: Tensor, g_d: Tensor, chol: Tensor, beta: float, rank: int
+) -> tuple[Tensor, Tensor, float]:
     """W' = [G₀ + βG_d]_r L⁻¹ as (u (m, r), v (r, n)) plus the exact RER(β) of that G."""
     target = g0 if beta == 0 else g0 + beta * g_d
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
@@ -105,7 +113,9 @@ def aces_coefficients(g0: Tensor, g_d: Tensor, rank: int) -> tuple[float, ...]:
     return a, b, c, float(g_d.square().sum()), 2 * float((g0 * g_d).sum()), float(s.square().sum())
 
 
-def aces_beta(g0: Tensor, g_d: Tensor, rank: int, beta_min: float, beta_max: float) -> tuple[float, float]:
+def aces_beta(
+    g0: Tensor, g_d: Tensor, rank: int, beta_min: float, beta_max: float
+) -> tuple[float, float]:
     """ACES: β ∈ [beta_min, beta_max] minimising the approximate tail/total energy ratio.
 
     Returns (β, approximate 1 − tail/total at β)."""
@@ -143,7 +153,9 @@ def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: 
     info["beta"] = beta
     if shift:
         info["cholesky_shift"] = shift
-        info["notes"] = [f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"]
+        info["notes"] = [
+            f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"
+        ]
     return left, right, info
 
 
@@ -154,5 +166,9 @@ def apply(model: nn.Module, config: SAESConfig, ctx: Context) -> StageResult:
     result = compress_model(model, config, ctx, _factorize, stats_kind="hessian+cross")
     betas = [row["beta"] for row in result.per_module if "beta" in row]
     if betas:
-        result.metrics.update(beta_mean=sum(betas) / len(betas), beta_min_chosen=min(betas), beta_max_chosen=max(betas))
+        result.metrics.update(
+            beta_mean=sum(betas) / len(betas),
+            beta_min_chosen=min(betas),
+            beta_max_chosen=max(betas),
+        )
     return result

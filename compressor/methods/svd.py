@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import LowRankConfig, LayerStats, compress_model, split_singular
+from .lowrank import LayerStats, LowRankConfig, compress_model, split_singular
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,10 @@ The reference code fits W·X on the compressed model's inputs X instead; with ou
 whitening (H already measured on X) that target makes the update an exact no-op, so the target is
 the teacher's output, which is what the update is for: absorbing the upstream compression error.
 `update: auto` turns it on when rank (keep) < 0.7, as the reference recommends for ratio > 0.3.
+Measured on stories260K (reports/quality_q2.md) the teacher-target update helps at keep 0.8
+(perplexity 35.6 -> 30.4) but hurts below it (0.6: 85.7 -> 100.6; 0.4: 154 -> 292): fitting U to
+the full-precision outputs is CEALC with β = 1 on U alone, and ACES caps β at 0.43 for the same
+reason — prefer saes-svd, or `update: false`, at low keep ratios.
 """
 
 from __future__ import annotations
@@ -84,8 +88,10 @@ def cholesky_with_shift(hessian: Tensor, damping: float = 0.0) -> tuple[Tensor, 
         if ok:
             return factor, shift
         shift *= 10
-    raise ModelError(f"Cholesky of the calibration Hessian failed even with shift {shift:.3g}; "
-                     "use more calibration windows or add the layer to `ignore`")
+    raise ModelError(
+        f"Cholesky of the calibration Hessian failed even with shift {shift:.3g}; "
+        "use more calibration windows or add the layer to `ignore`"
+    )
 
 
 def _try_cholesky(h: Tensor) -> tuple[Tensor, bool]:
@@ -93,7 +99,9 @@ def _try_cholesky(h: Tensor) -> tuple[Tensor, bool]:
     if info.item() != 0 or not torch.isfinite(factor).all():
         return factor, False
     pivots = factor.diagonal()
-    return factor, bool((pivots.square().min() > 1e-12 * h.diagonal().max().clamp_min(1e-300)).item())
+    return factor, bool(
+        (pivots.square().min() > 1e-12 * h.diagonal().max().clamp_min(1e-300)).item()
+    )
 
 
 def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -129,7 +137,9 @@ def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: 
     info = {"dropped_energy": _dropped_fraction(sigma, rank)}
     if shift:
         info["cholesky_shift"] = shift
-        info["notes"] = [f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"]
+        info["notes"] = [
+            f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"
+        ]
     if config.use_update():
         left = least_squares_left(weight, right, h, stats.teacher_cross())
         info["updated"] = True

@@ -47,11 +47,15 @@ class WeLoreConfig(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.allocation != "welore":
-            raise ConfigError(f"welore: `allocation` must be `welore`, got {self.allocation!r}; "
-                              "for uniform ranks use the `svd` method")
+            raise ConfigError(
+                f"welore: `allocation` must be `welore`, got {self.allocation!r}; "
+                "for uniform ranks use the `svd` method"
+            )
 
 
-def layer_plan_at(name: str, shape: tuple[int, int], normalised: Tensor, tau: float, min_ratio: float) -> LayerPlan:
+def layer_plan_at(
+    name: str, shape: tuple[int, int], normalised: Tensor, tau: float, min_ratio: float
+) -> LayerPlan:
     """One matrix at threshold τ: factored at min(m, n) − p if it is an LRC that saves parameters."""
     m, n = shape
     full = min(m, n)
@@ -59,12 +63,17 @@ def layer_plan_at(name: str, shape: tuple[int, int], normalised: Tensor, tau: fl
     rank = max(full - removed, 1)
     if is_low_rank_component(removed, full, min_ratio) and factoring_saves(m, n, rank):
         return LayerPlan(name, m, n, rank)
-    reason = "N-LRC (too little rank removed): dense" if removed / full <= min_ratio else "saves nothing: dense"
+    reason = (
+        "N-LRC (too little rank removed): dense"
+        if removed / full <= min_ratio
+        else "saves nothing: dense"
+    )
     return LayerPlan(name, m, n, None, reason)
 
 
-def welore_allocation(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int]], keep: float,
-                      min_ratio: float) -> tuple[dict[str, LayerPlan], float]:
+def welore_allocation(
+    spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int]], keep: float, min_ratio: float
+) -> tuple[dict[str, LayerPlan], float]:
     """({name: σ (k,) descending}, {name: (m, n)}, keep, min_ratio) -> (plans, τ).
 
     The smallest τ whose kept parameters are ≤ keep · Σ m·n (τ = 0 keeps everything dense)."""
@@ -92,14 +101,18 @@ def welore_allocation(spectra: dict[str, Tensor], shapes: dict[str, tuple[int, i
     return plans_at(taus[high]), taus[high]
 
 
-def welore_plan(weights: dict[str, Tensor], keep: float, min_ratio: float) -> tuple[dict[str, LayerPlan], float]:
+def welore_plan(
+    weights: dict[str, Tensor], keep: float, min_ratio: float
+) -> tuple[dict[str, LayerPlan], float]:
     """WeLore allocation from the weights themselves: {name: W (m, n)} -> (plans, τ)."""
     spectra = {name: singular_values(w) for name, w in weights.items()}
     shapes = {name: (w.shape[0], w.shape[1]) for name, w in weights.items()}
     return welore_allocation(spectra, shapes, keep, min_ratio)
 
 
-def _factorize(name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: WeLoreConfig):
+def _factorize(
+    name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: WeLoreConfig
+):
     return (*svd_factors(weight, rank), {})
 
 
@@ -107,6 +120,5 @@ def _factorize(name: str, weight: Tensor, stats: LayerStats | None, rank: int, c
 def apply(model: nn.Module, config: WeLoreConfig, ctx: Context) -> StageResult:
     """Factor WeLore's low-rank components (truncated SVD at their tail-derived ranks); N-LRCs stay dense."""
     result = compress_model(model, config, ctx, _factorize, stats_kind=None)
-    removed = [row for row in result.per_module if row["rank"] != "dense"]
-    result.metrics["lrc_layers"] = len(removed)
+    result.metrics["lrc_layers"] = sum(1 for row in result.per_module if row["factored"])
     return result

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from compressor.errors import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger("compressor")
 _PREFIX = "step-"
 
 
@@ -30,7 +33,10 @@ def model_identity(model: nn.Module) -> dict[str, str]:
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
         digest.update(f"{name}:{tuple(param.shape)};".encode())
-    return {"model_id": Path(name_or_path).name or name_or_path, "fingerprint": digest.hexdigest()[:16]}
+    return {
+        "model_id": Path(name_or_path).name or name_or_path,
+        "fingerprint": digest.hexdigest()[:16],
+    }
 
 
 def check_identity(meta: dict, method: str, identity: dict, where: Path) -> None:
@@ -58,7 +64,9 @@ def save_checkpoint(
     save_file(tensors, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "params": sorted(params)}, indent=1))
+    (tmp / "meta.json").write_text(
+        json.dumps({**meta, "step": step, "params": sorted(params)}, indent=1)
+    )
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -84,7 +92,12 @@ def latest_checkpoint(resume: str | Path) -> Path:
 
 
 def load_checkpoint(
-    resume: str | Path, method: str, identity: dict, params: dict[str, nn.Parameter], optimizer, scheduler
+    resume: str | Path,
+    method: str,
+    identity: dict,
+    params: dict[str, nn.Parameter],
+    optimizer,
+    scheduler,
 ) -> int:
     """Load the newest checkpoint under `resume` into params/optimizer/scheduler; return its step."""
     folder = latest_checkpoint(resume)
@@ -103,3 +116,32 @@ def load_checkpoint(
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
     return int(meta["step"])
+
+
+# The pipeline stages outputs in `<parent>/.<name>.tmp-XXXX` and deletes that folder when a run
+# fails, so an interrupted run would lose its checkpoints. Move them to `<parent>/<name>.partial`.
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-[^/]+$")
+PROGRESS_FILES = (CHECKPOINT_DIR, "mezo_log.jsonl")
+
+
+def preserve_progress(out_dir: Path | None) -> Path | None:
+    """Move checkpoints and the MeZO log out of a staging folder that is about to vanish.
+
+    Returns the folder to pass as `resume`, or None when there was nothing to move.
+    """
+    if out_dir is None:
+        return None
+    out_dir = Path(out_dir)
+    match = _STAGING.match(out_dir.name)
+    present = [out_dir / name for name in PROGRESS_FILES if (out_dir / name).exists()]
+    if match is None or not present:
+        return out_dir if present else None  # not staged: the files stay where they are
+    target = out_dir.parent / f"{match['name']}.partial"
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in present:
+        shutil.move(str(path), str(target / path.name))
+    log.warning(
+        "training stopped early; its progress is in %s (pass it as `resume` to continue)", target
+    )
+    return target

@@ -47,8 +47,7 @@ class TrainConfig(MethodConfig):
         must have a classification head (or one is added on top of a bare encoder).
     prompt: prompt template for `label_words`; "{text}" is replaced by the example's text.
     k_shot: training examples drawn per label (seeded); None = every training row.
-    num_train: cap on training examples (classification) or windows (lm); None = lm: enough
-        windows for `steps` without repeats (capped by the text), classification: every row.
+    num_train: cap on training examples (classification) or windows (lm); None = all of them.
     num_eval: held-out examples (classification) or windows (lm) used for evaluation.
     eval_every: evaluate on the held-out data every N steps (curves["eval"]); 0 = only before
         and after training.
@@ -103,9 +102,13 @@ class TrainConfig(MethodConfig):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"`lr` must be > 0, got {self.lr}; e.g. lr=1e-4 (adamw) or 1e-6 (mezo)")
+            raise ConfigError(
+                f"`lr` must be > 0, got {self.lr}; e.g. lr=1e-4 (adamw) or 1e-6 (mezo)"
+            )
         if not self.mezo_eps > 0:
-            raise ConfigError(f"`mezo_eps` must be > 0, got {self.mezo_eps}; the MeZO default is 1e-3")
+            raise ConfigError(
+                f"`mezo_eps` must be > 0, got {self.mezo_eps}; the MeZO default is 1e-3"
+            )
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError(
                 f"`weight_decay` and `max_grad_norm` must be >= 0, got {self.weight_decay} and "
@@ -126,7 +129,9 @@ class TrainConfig(MethodConfig):
                     'e.g. "{text} It was"'
                 )
             # Labels are compared as strings: files store "0"/"1" whatever YAML parsed.
-            object.__setattr__(self, "label_words", {str(k): str(v) for k, v in self.label_words.items()})
+            object.__setattr__(
+                self, "label_words", {str(k): str(v) for k, v in self.label_words.items()}
+            )
 
     @property
     def learning_rate(self) -> float:

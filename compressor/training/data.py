@@ -81,7 +81,9 @@ class TaskData:
 
 def build_task_data(config: TrainConfig, ctx, model: nn.Module | None = None) -> TaskData:
     """Load and tokenise `config.data` / `config.eval_data` for `config.task`."""
-    data = _lm_data(config, ctx) if config.task == "lm" else _classification_data(config, ctx, model)
+    data = (
+        _lm_data(config, ctx) if config.task == "lm" else _classification_data(config, ctx, model)
+    )
     if data.num_train < config.batch_size:
         raise DataError(
             f"`data` {config.data!r} gave {data.num_train} training "
@@ -90,15 +92,23 @@ def build_task_data(config: TrainConfig, ctx, model: nn.Module | None = None) ->
             f"{' or `seq_len`' if config.task == 'lm' else ' or `num_eval`'} or give more data"
         )
     if data.num_eval == 0:
-        raise DataError(f"`eval_data` {config.eval_data or config.data!r} gave no evaluation examples")
+        raise DataError(
+            f"`eval_data` {config.eval_data or config.data!r} gave no evaluation examples"
+        )
     return data
 
 
 def _lm_data(config: TrainConfig, ctx) -> TaskData:
-    wanted = config.num_train or config.steps * config.batch_size * config.grad_accum
-    train = ctx.windows(config.data, split="train", seq_len=config.seq_len, num_windows=wanted)
+    # Every window (or a seeded `num_train` subset), never a count derived from `steps`: a run
+    # cut short and resumed must see the same data as one that ran straight through.
+    train = ctx.windows(
+        config.data, split="train", seq_len=config.seq_len, num_windows=config.num_train
+    )
     held_out = ctx.windows(
-        config.eval_data or config.data, split="eval", seq_len=config.seq_len, num_windows=config.num_eval
+        config.eval_data or config.data,
+        split="eval",
+        seq_len=config.seq_len,
+        num_windows=config.num_eval,
     )
     return TaskData(task="lm", train={"input_ids": train}, eval={"input_ids": held_out})
 
@@ -115,7 +125,9 @@ def read_labelled_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]
             f"{', '.join(LABELLED_SUFFIXES)}, got {path.suffix!r}"
         )
     if not path.is_file():
-        raise DataError(f"`data` {str(path)!r} does not exist; give a labelled .tsv/.csv/.jsonl file")
+        raise DataError(
+            f"`data` {str(path)!r} does not exist; give a labelled .tsv/.csv/.jsonl file"
+        )
     with path.open(newline="", encoding="utf-8") as handle:
         if path.suffix == ".jsonl":
             rows = [json.loads(line) for line in handle if line.strip()]
@@ -123,7 +135,9 @@ def read_labelled_rows(path: str | Path) -> tuple[list[str], list[dict[str, str]
         else:
             # GLUE .tsv files contain bare quotes inside sentences: no quoting for tabs.
             quoting = csv.QUOTE_NONE if path.suffix == ".tsv" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(handle, delimiter="\t" if path.suffix == ".tsv" else ",", quoting=quoting)
+            reader = csv.DictReader(
+                handle, delimiter="\t" if path.suffix == ".tsv" else ",", quoting=quoting
+            )
             rows, columns = list(reader), list(reader.fieldnames or [])
     return columns, [{k: str(v) for k, v in row.items() if k is not None} for row in rows]
 
@@ -180,13 +194,21 @@ def _classification_data(config: TrainConfig, ctx, model: nn.Module | None) -> T
     tokenizer = ctx.tokenizer
     label_ids = None
     if config.label_words is not None:
-        label_ids = label_token_ids(tokenizer, config.prompt, [config.label_words[lab] for lab in labels])
-        prompts = [[config.prompt.replace("{text}", t) for t, _ in rows] for rows in (train_rows, eval_rows)]
+        label_ids = label_token_ids(
+            tokenizer, config.prompt, [config.label_words[lab] for lab in labels]
+        )
+        prompts = [
+            [config.prompt.replace("{text}", t) for t, _ in rows]
+            for rows in (train_rows, eval_rows)
+        ]
         train, held_out = (_encode(tokenizer, p, config.seq_len, keep_end=True) for p in prompts)
     else:
         if model is not None:
             attach_classification_head(model, len(labels))
-        train, held_out = (_encode(tokenizer, [t for t, _ in rows], config.seq_len) for rows in (train_rows, eval_rows))
+        train, held_out = (
+            _encode(tokenizer, [t for t, _ in rows], config.seq_len)
+            for rows in (train_rows, eval_rows)
+        )
     train["labels"] = torch.tensor([index[lab] for _, lab in train_rows], dtype=torch.long)
     held_out["labels"] = torch.tensor([index[lab] for _, lab in eval_rows], dtype=torch.long)
     return TaskData("classification", train, held_out, tuple(labels), label_ids)
@@ -228,7 +250,10 @@ def _encode(tokenizer, texts: list[str], seq_len: int, keep_end: bool = False) -
     """Right-padded (N, T) ids + mask; `keep_end` truncates from the left (the prompt's end matters)."""
     encoded = [tokenizer(t)["input_ids"] for t in texts]
     if keep_end:  # keep the first (BOS) token and the end of the prompt
-        encoded = [ids if len(ids) <= seq_len else ids[:1] + ids[len(ids) - seq_len + 1 :] for ids in encoded]
+        encoded = [
+            ids if len(ids) <= seq_len else ids[:1] + ids[len(ids) - seq_len + 1 :]
+            for ids in encoded
+        ]
     else:
         encoded = [ids[:seq_len] for ids in encoded]
     width = max(len(ids) for ids in encoded) if encoded else 1

@@ -25,14 +25,54 @@ def next_token_loss(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 
 def lm_loss(model: nn.Module, batch: dict) -> Tensor:
-    return next_token_loss(model(input_ids=batch["input_ids"]).logits, batch["input_ids"])
+    """Next-token CE of a causal LM; without autograd (MeZO, evaluation) the logits are formed
+    a chunk at a time, so memory stays that of the hidden states rather than (B, T, vocab)."""
+    input_ids = batch["input_ids"]
+    if torch.is_grad_enabled() or not can_chunk_logits(model):
+        return next_token_loss(model(input_ids=input_ids).logits, input_ids)
+    return chunked_next_token_loss(model, input_ids)
+
+
+# Logit elements per head call in the chunked loss: 2**24 fp32 = 64 MiB whatever the vocabulary.
+CHUNK_LOGITS = 1 << 24
+
+
+def can_chunk_logits(model: nn.Module) -> bool:
+    """True when logits = lm_head(decoder output) exactly: a plain linear head, no soft-capping
+    or logit scaling applied after it (those models take the full-logits path)."""
+    config = getattr(model, "config", None)
+    if not hasattr(model, "get_decoder") or not hasattr(model, "get_output_embeddings"):
+        return False
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return False
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) and isinstance(
+        model.get_output_embeddings(), nn.Linear
+    )
+
+
+def chunked_next_token_loss(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """`next_token_loss` computed from the decoder's hidden states, the head applied chunk by chunk."""
+    hidden = model.get_decoder()(
+        input_ids=input_ids, use_cache=False
+    ).last_hidden_state  # (B, T, D)
+    head = model.get_output_embeddings()
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (B*(T-1), D)
+    targets = input_ids[:, 1:].reshape(-1).to(states.device)
+    step = max(1, CHUNK_LOGITS // head.out_features)
+    total = states.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(targets), step):
+        logits = head(states[start : start + step]).float()
+        total = total + F.cross_entropy(logits, targets[start : start + step], reduction="sum")
+    return total / len(targets)
 
 
 def prompt_logits(model: nn.Module, batch: dict, label_token_ids: Tensor) -> Tensor:
     """(B, C) logits of the label words at each example's last prompt token (right padding)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     last = batch["attention_mask"].sum(dim=1) - 1  # (B,)
-    return logits[torch.arange(len(last), device=logits.device), last][:, label_token_ids.to(logits.device)]
+    return logits[torch.arange(len(last), device=logits.device), last][
+        :, label_token_ids.to(logits.device)
+    ]
 
 
 def head_logits(model: nn.Module, batch: dict) -> Tensor:

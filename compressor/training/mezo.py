@@ -16,7 +16,9 @@ each step's perturb/restore arithmetic so the replayed weights equal the origina
 bit. The same property lets several workers share one model: each worker computes g on its own
 batch with its own seed and broadcasts the (seed, g, lr) triple (a few bytes); every worker then
 applies all triples in the same order with `mezo_update_`, and all copies stay identical without
-ever exchanging a gradient or a weight.
+ever exchanging a gradient or a weight. Under `accelerate launch` / `torchrun` this trainer does
+the synchronous form: every rank perturbs with the step's seed, computes g on its own shard of
+the data, and the ranks average g (one scalar all-reduce) before the identical update.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from compressor.report.records import StageResult
 from compressor.training.checkpoint import check_identity
 from compressor.training.config import TrainConfig
 from compressor.training.run import TrainRun, checksum, decays
-from compressor.training.trainer import fit
+from compressor.training.trainer import fit, trainable_for_targets
 
 LOG_NAME = "mezo_log.jsonl"
 LOG_FORMAT = 1
+DEFAULT_LORA_LR = 5e-5  # MeZO paper, LoRA mode (with mezo_eps 1e-2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +52,8 @@ class MezoConfig(TrainConfig):
 
     Args:
         adapter: None = perturb the full weights (or the linears named by `targets`);
-            "lora" = inject LoRA adapters into the `targets` linears and train only those.
+            "lora" = inject LoRA adapters into the `targets` linears (as the `lora` stage does)
+            and train only those; `lr` then defaults to 5e-5 and the paper uses mezo_eps 1e-2.
         lora_rank: LoRA rank r when `adapter` is "lora".
         lora_alpha: LoRA scaling numerator (the update is alpha/r * B A).
     """
@@ -62,9 +66,13 @@ class MezoConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.optimizer != "mezo":
-            raise ConfigError(f"mezo: `optimizer` must be 'mezo', got {self.optimizer!r}; use `backprop` for AdamW")
+            raise ConfigError(
+                f"mezo: `optimizer` must be 'mezo', got {self.optimizer!r}; use `backprop` for AdamW"
+            )
         if self.adapter not in (None, "lora"):
-            raise ConfigError(f"mezo: `adapter` must be null (full weights) or 'lora', got {self.adapter!r}")
+            raise ConfigError(
+                f"mezo: `adapter` must be null (full weights) or 'lora', got {self.adapter!r}"
+            )
         if self.lora_rank < 1:
             raise ConfigError(f"mezo: `lora_rank` must be >= 1, got {self.lora_rank}")
 
@@ -97,13 +105,15 @@ def perturb_(params: list[Tensor], seed: int, scale: float) -> None:
 def noise(params: list[Tensor], seed: int) -> list[Tensor]:
     """The z tensors of `seed`, materialised (for tests and inspection only; training never does)."""
     return [
-        mezo_normal(p.numel(), seed, offset, device=p.device).view(p.shape)
+        mezo_normal(p.numel(), seed, offset, dtype=p.dtype, device=p.device).view(p.shape)
         for p, offset in zip(params, param_offsets(params))
     ]
 
 
 @torch.no_grad()
-def spsa_gradient(params: list[Tensor], loss_at: Callable[[], float], seed: int, eps: float) -> tuple[float, float, float]:
+def spsa_gradient(
+    params: list[Tensor], loss_at: Callable[[], float], seed: int, eps: float
+) -> tuple[float, float, float]:
     """Perturb +eps, -2eps, +eps (restoring theta) and return (g, loss_plus, loss_minus)."""
     perturb_(params, seed, eps)
     loss_plus = float(loss_at())
@@ -133,7 +143,9 @@ def replay_(
         perturb_(params, record["seed"], eps)
         perturb_(params, record["seed"], -2.0 * eps)
         perturb_(params, record["seed"], eps)
-        mezo_update_(params, record["seed"], record["projected_grad"], record["lr"], weight_decay, decay)
+        mezo_update_(
+            params, record["seed"], record["projected_grad"], record["lr"], weight_decay, decay
+        )
 
 
 # -- the log ----------------------------------------------------------------------------------
@@ -168,7 +180,9 @@ def _check_replayable(header: dict, run: TrainRun, where: str) -> None:
             f"`resume`: {where!r} perturbed other parameters or another `mezo_eps` ({header['eps']}); "
             "resume with the same targets, adapter and mezo_eps"
         )
-    if abs(header["init_checksum"] - checksum(run.params)) > 1e-6 * max(1.0, abs(header["init_checksum"])):
+    if abs(header["init_checksum"] - checksum(run.params)) > 1e-6 * max(
+        1.0, abs(header["init_checksum"])
+    ):
         raise ConfigError(
             f"`resume`: the initial weights differ from those {where!r} started from; a MeZO log only "
             "replays onto the exact weights it began with (same checkpoint, same adapter seed)"
@@ -219,7 +233,9 @@ def run_mezo(run: TrainRun) -> None:
     decay = [decays(n, p) for n, p in run.params.items()]
     header = log_header(run)
     records = _resume(run, params, decay) if config.resume else []
-    log = MezoLog(run.out_dir / LOG_NAME if run.out_dir and run.runtime.is_main else None, header, records)
+    log = MezoLog(
+        run.out_dir / LOG_NAME if run.out_dir and run.runtime.is_main else None, header, records
+    )
     run.model.eval()  # dropout off: both losses must see the same function
     try:
         with run, torch.no_grad():
@@ -227,8 +243,10 @@ def run_mezo(run: TrainRun) -> None:
                 batch = run.batch(step)
                 seed = step_seed(run.seed, step)
                 grad, loss_plus, loss_minus = spsa_gradient(
-                    params, lambda: run.loss_fn(run.model, batch).item(), seed, config.mezo_eps
+                    params, lambda b=batch: run.loss_fn(run.model, b).item(), seed, config.mezo_eps
                 )
+                # Distributed: same seed on every rank, own data shard; one scalar all-reduce.
+                grad = run.runtime.mean_across_ranks(grad)
                 lr = run.lr_at(step)
                 mezo_update_(params, seed, grad, lr, config.weight_decay, decay)
                 log.append({"step": step, "seed": seed, "projected_grad": grad, "lr": lr,
@@ -241,30 +259,32 @@ def run_mezo(run: TrainRun) -> None:
 # -- the `mezo` stage -------------------------------------------------------------------------
 
 
-def inject_lora(model: nn.Module, config: MezoConfig, seed: int) -> dict[str, nn.Parameter]:
-    """Add LoRA adapters to the targeted linears in place (peft); return the adapter parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+def _train_lora(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
+    """MeZO on LoRA adapters via the `lora` stage's own injection, so the result saves and reloads
+    exactly like a `lora` run (peft adapter folder + LoraLinear layers)."""
+    from compressor.adapters.lora import train_lora
     from compressor.targeting import select_linears
 
-    names = sorted(select_linears(model, config.targets, config.ignore))
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=names, lora_dropout=0.0)
-    torch.manual_seed(seed)  # LoRA's A init: the same every run, so a MeZO log replays
-    inject_adapter_in_model(lora, model)
-    return {n: p for n, p in model.named_parameters() if "lora_" in n}
+    names = list(select_linears(model, config.targets, config.ignore))
+    # LoRA's random A must be the same in a run and in its resume, or the log cannot replay.
+    torch.manual_seed(config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0))
+    config = config if config.lr is not None else config.replace(lr=DEFAULT_LORA_LR)
+    return train_lora(
+        model, names, config, ctx, rank=config.lora_rank, alpha=config.lora_alpha, dropout=0.0,
+        merge=False, method="mezo",
+    )  # fmt: skip
 
 
 @register("mezo", MezoConfig, kind="finetune")
 def apply(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
     """Fine-tune `model` in place with MeZO (full weights, targeted linears, or LoRA adapters)."""
-    from compressor.training.trainer import trainable_for_targets
-
     if config.adapter == "lora":
-        params = inject_lora(model, config, config.seed if config.seed is not None else ctx.seed)
+        stage = _train_lora(model, config, ctx)
     else:
-        params = trainable_for_targets(model, config)
-    result = fit(model, params, config, ctx, method="mezo")
-    artifacts = {"mezo_log": LOG_NAME} if getattr(ctx, "out_dir", None) else {}
-    stage = result.stage_result(metrics={"mezo_eps": config.mezo_eps, "adapter": config.adapter or "none"})
-    stage.artifacts.update(artifacts)
+        stage = fit(
+            model, trainable_for_targets(model, config), config, ctx, method="mezo"
+        ).stage_result()
+    stage.metrics.update({"mezo_eps": config.mezo_eps, "adapter": config.adapter or "none"})
+    if getattr(ctx, "out_dir", None) is not None:
+        stage.artifacts["mezo_log"] = LOG_NAME
     return stage

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from compressor.training.config import TrainConfig
 from compressor.training.data import TaskData
@@ -73,11 +74,17 @@ class TrainRun:
         """Log the loss of finished `step` (0-based); evaluate every `eval_every` steps."""
         self.losses.append(loss)
         done = step + 1
-        if self.config.eval_every and done % self.config.eval_every == 0 and done < self.config.steps:
+        if (
+            self.config.eval_every
+            and done % self.config.eval_every == 0
+            and done < self.config.steps
+        ):
             was_training = self.model.training
             self.evals.append({"step": done, **self.eval_fn(self.model)})
             self.model.train(was_training)  # eval functions may leave the model in eval mode
-        if self._progress is not None and (done % self.config.log_every == 0 or done == self.config.steps):
+        if self._progress is not None and (
+            done % self.config.log_every == 0 or done == self.config.steps
+        ):
             elapsed = max(time.perf_counter() - self._t0, 1e-9)
             self._progress.update(
                 self._task,
@@ -87,7 +94,7 @@ class TrainRun:
                 mem=f"{self.memory.peak_mb():,.0f} MB",
             )
 
-    def __enter__(self) -> TrainRun:
+    def __enter__(self) -> Self:
         self._t0 = time.perf_counter()
         if not self.runtime.is_main or getattr(self.ctx, "quiet", False):
             return self
@@ -97,11 +104,17 @@ class TrainRun:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  {task.fields[speed]}  peak {task.fields[mem]}"),
             TimeRemainingColumn(),
+            console=getattr(self.ctx, "console", None),
             transient=True,
         )
         self._progress.start()
         self._task = self._progress.add_task(
-            self.method, total=self.config.steps, completed=self.start_step, loss="-", speed="-", mem="-"
+            self.method,
+            total=self.config.steps,
+            completed=self.start_step,
+            loss="-",
+            speed="-",
+            mem="-",
         )
         return self
 

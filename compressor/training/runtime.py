@@ -41,10 +41,14 @@ class Runtime:
         if launched_distributed():
             from accelerate import Accelerator  # imported only when actually launched
 
-            self.accelerator = Accelerator(mixed_precision=mixed_precision)
+            # cpu=True is what makes accelerate use gloo (MULTI_CPU) on a machine without GPUs.
+            on_cpu = torch.device(device).type == "cpu" or not torch.cuda.is_available()
+            self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=on_cpu)
             device = self.accelerator.device
         self.device = torch.device(device)
-        fp16_cuda = mixed_precision == "fp16" and self.device.type == "cuda" and self.accelerator is None
+        fp16_cuda = (
+            mixed_precision == "fp16" and self.device.type == "cuda" and self.accelerator is None
+        )
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
 
     @property
@@ -81,7 +85,9 @@ class Runtime:
         else:
             loss.backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float) -> None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_norm: float
+    ) -> None:
         """Unscale (fp16), clip the global gradient norm, then step."""
         if self.scaler is not None:
             self.scaler.unscale_(optimizer)
@@ -120,16 +126,14 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
             return
-        with contextlib.suppress(OSError):
-            with open("/proc/self/clear_refs", "w") as handle:
-                handle.write("5")
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
 
     def peak_mb(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**20
-        with contextlib.suppress(OSError):
-            with open("/proc/self/status") as handle:
-                for line in handle:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
+        with contextlib.suppress(OSError), open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -50,9 +50,13 @@ class SortedConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         if self.task != "lm":
-            raise ConfigError(f"sorted: `task` must be 'lm' (next-token loss at every exit), got {self.task!r}")
+            raise ConfigError(
+                f"sorted: `task` must be 'lm' (next-token loss at every exit), got {self.task!r}"
+            )
         if self.exit_weighting not in WEIGHTINGS:
-            raise ConfigError(f"sorted: `exit_weighting` must be 'sum' or 'mean', got {self.exit_weighting!r}")
+            raise ConfigError(
+                f"sorted: `exit_weighting` must be 'sum' or 'mean', got {self.exit_weighting!r}"
+            )
         if any(not isinstance(n, int) or n < 1 for n in self.exits):
             raise ConfigError(f"sorted: `exits` must be layer counts >= 1, got {list(self.exits)}")
 
@@ -67,7 +71,9 @@ def resolve_exits(model: nn.Module, exits: tuple[int, ...]) -> list[int]:
     total = num_layers(model)
     chosen = sorted(set(exits) | {total}) if exits else default_exits(total)
     if chosen[-1] > total:
-        raise ConfigError(f"sorted: `exits` {list(exits)} exceed the model's {total} layers; use values in 1..{total}")
+        raise ConfigError(
+            f"sorted: `exits` {list(exits)} exceed the model's {total} layers; use values in 1..{total}"
+        )
     return chosen
 
 
@@ -104,10 +110,14 @@ def truncated(model: nn.Module, n: int):
         setattr(parent, attr, full)
 
 
-def per_exit_perplexity(model: nn.Module, windows: Tensor, exits: list[int], batch_size: int) -> dict[str, float]:
+def per_exit_perplexity(
+    model: nn.Module, windows: Tensor, exits: list[int], batch_size: int
+) -> dict[str, float]:
     """{"perplexity_exit<n>": ...} on held-out windows (N, T) for every exit."""
     return {
-        f"perplexity_exit{n}": perplexity(model, windows, batch_size=batch_size, exit_layer=n)["perplexity"]
+        f"perplexity_exit{n}": perplexity(model, windows, batch_size=batch_size, exit_layer=n)[
+            "perplexity"
+        ]
         for n in exits
     }
 

@@ -1,4 +1,4 @@
-"""`fit`: the training loop every fine-tuning stage calls, and the `backprop` stage.
+"""Backprop fine-tuning (the `backprop` stage) and `fit`, the loop every fine-tuning stage calls.
 
 Contract (adapter stages call this; it trains `params` of `model` in place):
 
@@ -46,7 +46,12 @@ from compressor.errors import ConfigError
 from compressor.registry import register
 from compressor.report.records import StageResult
 from compressor.targeting import select_linears
-from compressor.training.checkpoint import load_checkpoint, model_identity, save_checkpoint
+from compressor.training.checkpoint import (
+    load_checkpoint,
+    model_identity,
+    preserve_progress,
+    save_checkpoint,
+)
 from compressor.training.config import TrainConfig
 from compressor.training.data import HEAD_NAME, TaskData, build_task_data
 from compressor.training.losses import default_loss_fn, evaluate
@@ -89,11 +94,30 @@ class TrainResult:
         out.update({f"{k}_after": v for k, v in self.eval_after.items()})
         return out
 
-    def curves(self) -> dict[str, list]:
-        return {"loss": list(self.losses), "eval": list(self.evals)}
+    def curves(self) -> dict[str, list[float]]:
+        """{"loss": one value per step, "eval_<metric>": the latest evaluation at each step}.
+
+        Evaluations are held constant between the steps they ran at (`eval_steps`), so every
+        curve shares the loss curve's x axis (steps of this run) and plots as a staircase.
+        """
+        curves = {"loss": [float(v) for v in self.losses]}
+        at = {e["step"] - self.start_step: e for e in self.evals}
+        for key in self.eval_after:
+            name = key if key.startswith("eval_") else f"eval_{key}"
+            values, current = [], float(self.eval_before[key])
+            for index in range(self.steps + 1):
+                current = float(at[index][key]) if index in at else current
+                values.append(current)
+            curves[name] = values
+        return curves
+
+    def eval_steps(self) -> str:
+        return ",".join(str(e["step"]) for e in self.evals)
 
     def stage_result(self, metrics: dict | None = None, notes: Iterable[str] = ()) -> StageResult:
-        return StageResult(metrics={**self.metrics(), **(metrics or {})}, notes=list(notes), curves=self.curves())
+        """A StageResult with `metrics()` (plus extra `metrics`), the curves and `notes`."""
+        merged = {**self.metrics(), "eval_steps": self.eval_steps(), **(metrics or {})}
+        return StageResult(metrics=merged, notes=list(notes), curves=self.curves())
 
 
 def fit(
@@ -108,40 +132,54 @@ def fit(
     method: str | None = None,
 ) -> TrainResult:
     """Train `params` of `model` in place with `config`; see the module docstring."""
-    named = named_params(model, params)
-    data = data if data is not None else build_task_data(config, ctx, model)
-    head = getattr(model, HEAD_NAME, None)
-    if head is not None:
-        named.update({f"{HEAD_NAME}.{n}": p for n, p in head.named_parameters()})
-    device = next(model.parameters()).device
-    runtime = Runtime(config.mixed_precision if config.optimizer == "adamw" else "no", device)
-    run = TrainRun(
-        model=model, params=named, data=data, loss_fn=loss_fn or default_loss_fn(data),
-        eval_fn=eval_fn or (lambda m: evaluate(m, data, config.batch_size, runtime.device)),
-        config=config, ctx=ctx, runtime=runtime, method=method or method_name(config),
-        seed=config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0),
-        identity=model_identity(model), memory=PeakMemory(runtime.device),
-    )  # fmt: skip
-    with trainable_only(model, named.values(), grad=config.optimizer == "adamw"):
+    run = _prepare_run(model, params, config, ctx, loss_fn, eval_fn, data, method)
+    with trainable_only(model, run.params.values(), grad=config.optimizer == "adamw"):
         before = run.eval_fn(model)
         run.memory.reset()
         start = time.perf_counter()
-        if config.optimizer == "mezo":
-            from compressor.training.mezo import run_mezo  # mezo's stage imports fit: import here
-
-            run_mezo(run)
-        else:
-            run_backprop(run)
+        _train(run)
         seconds = time.perf_counter() - start
         peak = run.memory.peak_mb()
         after = run.eval_fn(model)
     evals = [{"step": run.start_step, **before}, *run.evals, {"step": config.steps, **after}]
     return TrainResult(
         losses=run.losses, eval_before=before, eval_after=after, evals=evals,
-        trainable_params=sum(p.numel() for p in named.values()), peak_memory_mb=peak,
+        trainable_params=sum(p.numel() for p in run.params.values()), peak_memory_mb=peak,
         tokens_per_s=run.tokens / max(seconds, 1e-9), seconds=seconds,
         start_step=run.start_step, steps=config.steps - run.start_step,
     )  # fmt: skip
+
+
+def _prepare_run(model, params, config, ctx, loss_fn, eval_fn, data, method) -> TrainRun:
+    """Resolve the defaults of `fit`: data, a head's parameters, loss, evaluation, runtime, seed."""
+    named = named_params(model, params)
+    data = data if data is not None else build_task_data(config, ctx, model)
+    head = getattr(model, HEAD_NAME, None)
+    if head is not None:  # a head the data layer added to a bare encoder trains too
+        named.update({f"{HEAD_NAME}.{n}": p for n, p in head.named_parameters()})
+    device = next(model.parameters()).device
+    runtime = Runtime(config.mixed_precision if config.optimizer == "adamw" else "no", device)
+    return TrainRun(
+        model=model, params=named, data=data, loss_fn=loss_fn or default_loss_fn(data),
+        eval_fn=eval_fn or (lambda m: evaluate(m, data, config.batch_size, runtime.device)),
+        config=config, ctx=ctx, runtime=runtime, method=method or method_name(config),
+        seed=config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0),
+        identity=model_identity(model), memory=PeakMemory(runtime.device),
+    )  # fmt: skip
+
+
+def _train(run: TrainRun) -> None:
+    """Dispatch to the optimizer's loop; if it stops early, keep its checkpoints / log."""
+    try:
+        if run.config.optimizer == "mezo":
+            from compressor.training.mezo import run_mezo  # mezo.py imports fit: import late
+
+            run_mezo(run)
+        else:
+            run_backprop(run)
+    except BaseException:
+        preserve_progress(run.out_dir)
+        raise
 
 
 def named_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
@@ -158,6 +196,12 @@ def named_params(model: nn.Module, params) -> dict[str, nn.Parameter]:
         )
     if not named:
         raise ConfigError("fit: no parameters to train; pass a non-empty `params`")
+    frozen = [f"{n} ({p.dtype})" for n, p in named.items() if not p.dtype.is_floating_point]
+    if frozen:
+        raise ConfigError(
+            f"fit: {len(frozen)} parameter(s) are quantized and cannot train, e.g. {frozen[0]}; "
+            "on a 4/8-bit base train adapters instead (`lora`, or `mezo` with adapter: lora)"
+        )
     return named
 
 
@@ -177,20 +221,30 @@ def trainable_only(model: nn.Module, params: Iterable[nn.Parameter], *, grad: bo
 
 def method_name(config: MethodConfig) -> str:
     """The registered name of the config's stage, else the class name without "Config"."""
-    return getattr(type(config), "method_name", "") or type(config).__name__.removesuffix("Config").lower()
+    return (
+        getattr(type(config), "method_name", "")
+        or type(config).__name__.removesuffix("Config").lower()
+    )
 
 
 # -- backprop ---------------------------------------------------------------------------------
 
 
-def build_optimizer(run: TrainRun) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(
+    run: TrainRun,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW with decoupled weight decay on matrices only, and the warm-up + decay schedule."""
     groups = [
-        {"params": [p for n, p in run.params.items() if decays(n, p)], "weight_decay": run.config.weight_decay},
+        {
+            "params": [p for n, p in run.params.items() if decays(n, p)],
+            "weight_decay": run.config.weight_decay,
+        },
         {"params": [p for n, p in run.params.items() if not decays(n, p)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=run.config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, run.config))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, run.config)
+    )
     return optimizer, scheduler
 
 
@@ -258,13 +312,17 @@ def trainable_for_targets(model: nn.Module, config: MethodConfig) -> dict[str, n
     if not config.targets:
         return dict(model.named_parameters())
     modules = select_linears(model, config.targets, config.ignore)
-    return {f"{name}.{pname}": p for name, mod in modules.items() for pname, p in mod.named_parameters()}
+    return {
+        f"{name}.{pname}": p for name, mod in modules.items() for pname, p in mod.named_parameters()
+    }
 
 
 @register("backprop", BackpropConfig, kind="finetune")
 def apply(model: nn.Module, config: BackpropConfig, ctx) -> StageResult:
     """Fine-tune `model` in place by backpropagation."""
     if config.optimizer != "adamw":
-        raise ConfigError(f"backprop: `optimizer` must be 'adamw', got {config.optimizer!r}; use the `mezo` stage")
+        raise ConfigError(
+            f"backprop: `optimizer` must be 'adamw', got {config.optimizer!r}; use the `mezo` stage"
+        )
     result = fit(model, trainable_for_targets(model, config), config, ctx, method="backprop")
     return result.stage_result()

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..errors import KernelUnavailable
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Pretend SM count under the CPU interpreter: small, so tiny test shapes still take the split-K path.
+# Pretend SM count under the CPU interpreter: small, so tiny test shapes also reach split-K.
 INTERPRETER_SMS = 4
 
 
@@ -22,7 +22,7 @@ def interpreting() -> bool:
 
 
 def check_runnable(op: str, x: Tensor) -> None:
-    """The Triton backend needs CUDA tensors (CPU tensors only under the interpreter) and a 16/32-bit dtype."""
+    """Raise unless x is fp32/fp16/bf16 and on CUDA (or on CPU under the interpreter)."""
     if x.dtype not in TRITON_DTYPES:
         raise ValueError(
             f"{op}: the Triton kernels support float32/float16/bfloat16, got `x` {x.dtype}; "
@@ -31,12 +31,12 @@ def check_runnable(op: str, x: Tensor) -> None:
     if x.is_cuda or (x.device.type == "cpu" and interpreting()):
         return
     raise KernelUnavailable(
-        f"{op}: the Triton backend runs on CUDA tensors, got `x` on {x.device} (CPU tensors run only "
-        "under TRITON_INTERPRET=1, for tests); use backend='ref'"
+        f"{op}: the Triton backend runs on CUDA tensors, got `x` on {x.device} (CPU tensors "
+        "run only under TRITON_INTERPRET=1, for tests); use backend='ref'"
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -54,13 +54,21 @@ def configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use exact fp32 products (like F.linear without TF32); 16-bit ones are exact anyway."""
+    """fp32 inputs get exact fp32 products (as F.linear without TF32); 16-bit ones are exact."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def upcast_dot(dtype: torch.dtype) -> bool:
-    """The 3.9 interpreter multiplies bf16 tiles as raw uint16; do bf16 dots in fp32 there (exact)."""
+    """True where bf16 maths must run in fp32: the Triton 3.9 interpreter does bf16 arithmetic on
+    the raw uint16 bits and truncates fp32 -> bf16 casts. Products of bf16 values are exact in
+    fp32, so dots agree with the GPU; only the GPU's rounding of intermediates to bf16 is
+    skipped."""
     return interpreting() and dtype == torch.bfloat16
+
+
+def host_rounding(dtype: torch.dtype) -> bool:
+    """Whether a bf16 output must be written as fp32 and rounded by torch (interpreter only)."""
+    return upcast_dot(dtype)
 
 
 def as_rows(x: Tensor) -> Tensor:

@@ -4,7 +4,10 @@
 
 * W is dense (N, K), or N:M-packed along K (`nm_linear`: W's rows are packed), or N:M-packed
   along N (DSFormer's S: the stored matrix is W.T (K, N), packed along N). Packed tiles are
-  expanded in registers from values + indices (`_nm_gather`), so only packed bytes leave DRAM.
+  expanded in registers, so only packed bytes leave DRAM: `_nm_tile` reads values and
+  (bit-packed) indices with contiguous loads and expands whole groups with a compare/select
+  (power-of-two n:m such as 2:4); `_nm_gather` handles any other n:m by looking up, for each
+  dense entry, the n slots of its group (more load instructions, all L1 hits).
 * The LoRA term takes t = x @ A.T (M, R) precomputed by a first light launch of this same kernel;
   fusing A into the main loop would redo x @ A.T for every output block (r / BLOCK_N extra FLOPs,
   6-12 %), while the separate launch costs one more read of x (~4 % at batch 4096, ~1 launch at
@@ -34,7 +37,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..packing import nm_index_bits
-from ._common import configs, dot_precision, interpreting, sm_count, upcast_dot
+from ._common import configs, dot_precision, host_rounding, interpreting, sm_count, upcast_dot
 
 SKINNY_ROWS = 16
 NARROW_COLS = 64
@@ -57,7 +60,7 @@ class PackedNM:
         return 8 if self.indices.shape[-1] == self.values.shape[-1] else nm_index_bits(self.m)
 
 
-# -- device code -------------------------------------------------------------------------------------
+# -- device code -----------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -67,6 +70,16 @@ def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def _operand(a, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """a rounded to the dot's input dtype (left in fp32 under UPCAST, see _common.upcast_dot)."""
+    if UPCAST:
+        out = a
+    else:
+        out = a.to(dtype)
     return out
 
 
@@ -84,8 +97,18 @@ def _nm_index(idx_ptr, prow, slot, mask, stride_i, INDEX_BITS: tl.constexpr):
 
 
 @triton.jit
-def _nm_gather(val_ptr, idx_ptr, prow, pcol, mask, stride_v, stride_i,
-               NM_N: tl.constexpr, NM_M: tl.constexpr, INDEX_BITS: tl.constexpr):
+def _nm_gather(
+    val_ptr,
+    idx_ptr,
+    prow,
+    pcol,
+    mask,
+    stride_v,
+    stride_i,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+    INDEX_BITS: tl.constexpr,
+):
     """Dense entries P[prow, pcol] of a matrix packed N:M along its columns (prow/pcol broadcast).
 
     For every output entry, look at the n slots of its group and select the one whose stored
@@ -107,44 +130,175 @@ def _nm_gather(val_ptr, idx_ptr, prow, pcol, mask, stride_v, stride_i,
 
 
 @triton.jit
-def _load_wt(w_ptr, idx_ptr, offs_k, offs_n, K, N, stride_wa, stride_wb, stride_i,
-             W_FORMAT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr,
-             INDEX_BITS: tl.constexpr):
-    """Tile of W.T: (BLOCK_K, BLOCK_N), zero outside (K, N)."""
+def _nm_positions(
+    idx_ptr, rows, row_ok, slot0, n_slots, stride_i, S: tl.constexpr, INDEX_BITS: tl.constexpr
+):
+    """Positions (ROWS, S) int32 of packed slots slot0 .. slot0+S-1 from contiguous index loads.
+
+    Bit-packed bytes are loaded once and fanned out with shifts (slot0 is a multiple of S, and S
+    of the indices per byte, so the tile starts on a byte boundary).
+    """
+    if INDEX_BITS == 8:
+        slots = slot0 + tl.arange(0, S)
+        live = row_ok[:, None] & (slots[None, :] < n_slots)
+        pos = tl.load(idx_ptr + rows[:, None] * stride_i + slots[None, :], mask=live, other=0)
+        pos = pos.to(tl.int32)
+    else:
+        PER_BYTE: tl.constexpr = 8 // INDEX_BITS
+        byte_idx = slot0 // PER_BYTE + tl.arange(0, S // PER_BYTE)
+        live = row_ok[:, None] & (byte_idx[None, :] * PER_BYTE < n_slots)
+        packed = tl.load(idx_ptr + rows[:, None] * stride_i + byte_idx[None, :], mask=live, other=0)
+        shifts = tl.arange(0, PER_BYTE) * INDEX_BITS
+        fanned = (packed.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & (
+            (1 << INDEX_BITS) - 1
+        )
+        pos = tl.reshape(fanned, (packed.shape[0], S))
+    return pos
+
+
+@triton.jit
+def _nm_tile(
+    val_ptr,
+    idx_ptr,
+    rows,
+    col0,
+    n_rows,
+    n_slots,
+    stride_v,
+    stride_i,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+    INDEX_BITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Dense (ROWS, COLS) tile, columns col0.., of a matrix packed N:M along its columns.
+
+    For power-of-two n, m (`nm_fast_path`): values and indices are read with contiguous loads
+    (the packed bytes once), then each group's m positions are compared with its n stored
+    positions in registers: (ROWS, G, n, 1) vs (m,) -> select -> sum over n (a single term is
+    non-zero, so the fp32 sum is exact) -> (ROWS, G * m).
+    """
+    G: tl.constexpr = COLS // NM_M
+    S: tl.constexpr = G * NM_N
+    slot0 = (col0 // NM_M) * NM_N
+    slots = slot0 + tl.arange(0, S)
+    row_ok = rows < n_rows
+    live = row_ok[:, None] & (slots[None, :] < n_slots)
+    vals = tl.load(val_ptr + rows[:, None] * stride_v + slots[None, :], mask=live, other=0.0)
+    pos = _nm_positions(idx_ptr, rows, row_ok, slot0, n_slots, stride_i, S, INDEX_BITS)
+    hit = tl.reshape(pos, (ROWS, G, NM_N, 1)) == tl.arange(0, NM_M)[None, None, None, :]
+    picked = tl.where(hit, tl.reshape(vals.to(tl.float32), (ROWS, G, NM_N, 1)), 0.0)
+    dense = tl.reshape(tl.sum(picked, axis=2), (ROWS, COLS))
+    return _operand(dense, vals.dtype, UPCAST)
+
+
+@triton.jit
+def _load_wt(
+    w_ptr,
+    idx_ptr,
+    k0,
+    n0,
+    K,
+    N,
+    stride_wa,
+    stride_wb,
+    stride_i,
+    W_FORMAT: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+    INDEX_BITS: tl.constexpr,
+    NM_FAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Tile of W.T at (k0, n0): (BLOCK_K, BLOCK_N), zero outside (K, N).
+
+    When packed, K (along K) or N (along N) is a multiple of m and tiles start on group bounds.
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
     mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
     if W_FORMAT == 0:  # dense W (N, K)
-        wt = tl.load(w_ptr + offs_n[None, :] * stride_wa + offs_k[:, None] * stride_wb,
-                     mask=mask, other=0.0)
+        wt = tl.load(
+            w_ptr + offs_n[None, :] * stride_wa + offs_k[:, None] * stride_wb, mask=mask, other=0.0
+        )
     elif W_FORMAT == 1:  # W (N, K) packed along K: packed rows are n, packed columns k
-        wt = _nm_gather(w_ptr, idx_ptr, offs_n[None, :], offs_k[:, None], mask, stride_wa,
-                        stride_i, NM_N, NM_M, INDEX_BITS)
+        if NM_FAST:
+            w = _nm_tile(w_ptr, idx_ptr, offs_n, k0, N, K // NM_M * NM_N, stride_wa, stride_i,
+                         BLOCK_N, BLOCK_K, NM_N, NM_M, INDEX_BITS, UPCAST)  # fmt: skip
+            wt = tl.trans(w)
+        else:
+            wt = _nm_gather(w_ptr, idx_ptr, offs_n[None, :], offs_k[:, None], mask, stride_wa,
+                            stride_i, NM_N, NM_M, INDEX_BITS)  # fmt: skip
     else:  # W.T (K, N) packed along N
-        wt = _nm_gather(w_ptr, idx_ptr, offs_k[:, None], offs_n[None, :], mask, stride_wa,
-                        stride_i, NM_N, NM_M, INDEX_BITS)
+        if NM_FAST:
+            wt = _nm_tile(w_ptr, idx_ptr, offs_k, n0, K, N // NM_M * NM_N, stride_wa, stride_i,
+                          BLOCK_K, BLOCK_N, NM_N, NM_M, INDEX_BITS, UPCAST)  # fmt: skip
+        else:
+            wt = _nm_gather(w_ptr, idx_ptr, offs_k[:, None], offs_n[None, :], mask, stride_wa,
+                            stride_i, NM_N, NM_M, INDEX_BITS)  # fmt: skip
     return wt
 
 
 @triton.jit
-def _lora_term(t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm, stride_tr, stride_bn, stride_br,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-               PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """t[offs_m] @ B[offs_n].T, (BLOCK_M, BLOCK_N) fp32; t is rounded to B's dtype like the reference."""
+def _lora_term(
+    t_ptr,
+    b_ptr,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    R,
+    stride_tm,
+    stride_tr,
+    stride_bn,
+    stride_br,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """t[offs_m] @ B[offs_n].T, (BLOCK_M, BLOCK_N) fp32; t rounded to B's dtype as in the ref."""
     out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                    mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)
-        bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
-                     mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
-        out += _mma(t.to(bt.dtype), bt, PRECISION, UPCAST)
+        t = tl.load(
+            t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+            mask=(offs_m[:, None] < M) & (offs_r[None, :] < R),
+            other=0.0,
+        )
+        bt = tl.load(
+            b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None] * stride_br,
+            mask=(offs_r[:, None] < R) & (offs_n[None, :] < N),
+            other=0.0,
+        )
+        out += _mma(_operand(t, bt.dtype, UPCAST), bt, PRECISION, UPCAST)
     return out
 
 
 @triton.jit
-def _delta_term(x_ptr, rows_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, K, NNZ,
-                stride_xm, stride_xk,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _delta_term(
+    x_ptr,
+    rows_ptr,
+    cols_ptr,
+    vals_ptr,
+    offs_m,
+    offs_n,
+    M,
+    K,
+    NNZ,
+    stride_xm,
+    stride_xk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """(x @ S2.T)[offs_m, offs_n] for S2 in COO; entries outside the matrix contribute nothing."""
     out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for e0 in range(0, NNZ, BLOCK_E):
@@ -154,28 +308,71 @@ def _delta_term(x_ptr, rows_ptr, cols_ptr, vals_ptr, offs_m, offs_n, M, K, NNZ,
         cols = tl.load(cols_ptr + offs_e, mask=live, other=0)
         vals = tl.load(vals_ptr + offs_e, mask=live, other=0.0)
         usable = live & (cols >= 0) & (cols < K)
-        xg = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & usable[None, :], other=0.0)  # (BLOCK_M, BLOCK_E)
-        contrib = (xg.to(tl.float32) * vals.to(tl.float32)[None, :]).to(vals.dtype)
-        # bool -> fp32 -> dtype: the 3.9 interpreter casts bool straight to bf16 as raw bits
-        onehot = (rows[:, None] == offs_n[None, :]).to(tl.float32).to(vals.dtype)  # (BLOCK_E, BLOCK_N)
-        out += _mma(contrib, onehot, PRECISION, UPCAST)
+        xg = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & usable[None, :],
+            other=0.0,
+        )  # (BLOCK_M, BLOCK_E)
+        contrib = _operand(xg.to(tl.float32) * vals.to(tl.float32)[None, :], vals.dtype, UPCAST)
+        onehot = (rows[:, None] == offs_n[None, :]).to(tl.float32)  # (BLOCK_E, BLOCK_N)
+        out += _mma(contrib, _operand(onehot, vals.dtype, UPCAST), PRECISION, UPCAST)
     return out
 
 
 @triton.jit
 def _fused_linear_kernel(
-    x_ptr, w_ptr, idx_ptr, bias_ptr, t_ptr, b_ptr, rows_ptr, cols_ptr, dvals_ptr, y_ptr,
-    M, N, K, R, NNZ, M_KEY,
-    stride_xm, stride_xk, stride_wa, stride_wb, stride_i,
-    stride_tm, stride_tr, stride_bn, stride_br, stride_ym, stride_yn,
+    x_ptr,
+    w_ptr,
+    idx_ptr,
+    bias_ptr,
+    t_ptr,
+    b_ptr,
+    rows_ptr,
+    cols_ptr,
+    dvals_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    NNZ,
+    M_KEY,
+    stride_xm,
+    stride_xk,
+    stride_wa,
+    stride_wb,
+    stride_i,
+    stride_tm,
+    stride_tr,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
     scaling,
-    W_FORMAT: tl.constexpr, NM_N: tl.constexpr, NM_M: tl.constexpr, INDEX_BITS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DELTA: tl.constexpr,
-    SPLIT_K: tl.constexpr, ATOMIC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    W_FORMAT: tl.constexpr,
+    NM_N: tl.constexpr,
+    NM_M: tl.constexpr,
+    INDEX_BITS: tl.constexpr,
+    NM_FAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    HAS_DELTA: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
+    """One (BLOCK_M, BLOCK_N) tile of y over one K split; see the module docstring.
+
+    Grid: (output tiles, SPLIT_K). With ATOMIC the tile is added into an fp32 y (split-K
+    partial sums); otherwise it is stored in y's dtype. M_KEY only feeds the autotune key.
+    """
     # -- which output tile: grouped ordering so neighbouring programs share x rows in L2 --
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -198,21 +395,56 @@ def _fused_linear_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end), other=0.0)
-        wt = _load_wt(w_ptr, idx_ptr, offs_k, offs_n, k_end, N, stride_wa, stride_wb, stride_i,
-                      W_FORMAT, NM_N, NM_M, INDEX_BITS)
-        acc += _mma(xt.to(wt.dtype), wt, PRECISION, UPCAST)
+        xt = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_end),
+            other=0.0,
+        )
+        wt = _load_wt(w_ptr, idx_ptr, k0, pid_n * BLOCK_N, k_end, N, stride_wa, stride_wb,
+                      stride_i, W_FORMAT, NM_N, NM_M, INDEX_BITS, NM_FAST, BLOCK_K, BLOCK_N,
+                      UPCAST)  # fmt: skip
+        acc += _mma(_operand(xt, wt.dtype, UPCAST), wt, PRECISION, UPCAST)
 
     # -- epilogue terms, added once (by the first K split) --
     if pid_k == 0:
         if HAS_LORA:
-            acc += scaling * _lora_term(t_ptr, b_ptr, offs_m, offs_n, M, N, R, stride_tm,
-                                        stride_tr, stride_bn, stride_br, BLOCK_M, BLOCK_N,
-                                        BLOCK_R, PRECISION, UPCAST)
+            acc += scaling * _lora_term(
+                t_ptr,
+                b_ptr,
+                offs_m,
+                offs_n,
+                M,
+                N,
+                R,
+                stride_tm,
+                stride_tr,
+                stride_bn,
+                stride_br,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_R,
+                PRECISION,
+                UPCAST,
+            )
         if HAS_DELTA:
-            acc += _delta_term(x_ptr, rows_ptr, cols_ptr, dvals_ptr, offs_m, offs_n, M, K, NNZ,
-                               stride_xm, stride_xk, BLOCK_M, BLOCK_N, BLOCK_E, PRECISION, UPCAST)
+            acc += _delta_term(
+                x_ptr,
+                rows_ptr,
+                cols_ptr,
+                dvals_ptr,
+                offs_m,
+                offs_n,
+                M,
+                K,
+                NNZ,
+                stride_xm,
+                stride_xk,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_E,
+                PRECISION,
+                UPCAST,
+            )
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
 
@@ -224,7 +456,7 @@ def _fused_linear_kernel(
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-# -- autotuned launch shapes ---------------------------------------------------------------------------
+# -- autotuned launch shapes -----------------------------------------------------------------------
 
 _KEY = ["M_KEY", "N", "K", "W_FORMAT", "HAS_LORA", "HAS_DELTA"]
 
@@ -245,16 +477,21 @@ _PLANNED = configs(
 # Prefill/training: compute-bound tl.dot tiles (Hopper-friendly shapes).
 _TILED = configs(
     gpu=[
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                      num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8,
-                      num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                      num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                      num_stages=4),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4,
-                      num_stages=4),
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+        ),
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4
+        ),
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+        ),
+        triton.Config(
+            {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+        ),
+        triton.Config(
+            {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4
+        ),
     ],
     interpreted=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
 )
@@ -262,6 +499,19 @@ _TILED = configs(
 # reset_to_zero: benchmarking a config must not leave partial sums in an atomic output buffer.
 _planned_kernel = triton.autotune(_PLANNED, key=_KEY, reset_to_zero=["y_ptr"])(_fused_linear_kernel)
 _tiled_kernel = triton.autotune(_TILED, key=_KEY, reset_to_zero=["y_ptr"])(_fused_linear_kernel)
+
+
+def nm_fast_path(n: int, m: int, index_bits: int) -> bool:
+    """Whether packed tiles can use `_nm_tile` (contiguous loads) rather than `_nm_gather`.
+
+    Needs power-of-two n and m, and every tile (all tile sizes are powers of two >= 16) to hold
+    whole groups and whole index bytes.
+    """
+    pow2 = n & (n - 1) == 0 and m & (m - 1) == 0
+    smallest_tile = 16
+    slots = smallest_tile // m * n
+    whole_bytes = index_bits == 8 or slots % (8 // index_bits) == 0
+    return pow2 and smallest_tile % m == 0 and slots > 0 and whole_bytes
 
 
 def plan(rows: int, n_out: int, k: int, sms: int, min_k_per_split: int) -> tuple[int, int, int]:
@@ -273,14 +523,19 @@ def plan(rows: int, n_out: int, k: int, sms: int, min_k_per_split: int) -> tuple
     split keeps at least `min_k_per_split` of K) and partial sums meet in an fp32 buffer.
     """
     if rows <= SKINNY_ROWS:
-        block_m, block_n = SKINNY_ROWS, next(
-            (bn for bn in (64, 32, 16) if triton.cdiv(n_out, bn) >= sms), 16)
+        block_m, block_n = (
+            SKINNY_ROWS,
+            next((bn for bn in (64, 32, 16) if triton.cdiv(n_out, bn) >= sms), 16),
+        )
     else:
         block_n = max(16, triton.next_power_of_2(n_out))
         block_m = next((bm for bm in (128, 64, 32) if triton.cdiv(rows, bm) >= sms), 32)
     tiles = triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n)
-    split = 1 if tiles >= sms else min(triton.cdiv(sms, tiles), max(1, k // min_k_per_split),
-                                       _MAX_SPLIT_K)
+    split = (
+        1
+        if tiles >= sms
+        else min(triton.cdiv(sms, tiles), max(1, k // min_k_per_split), _MAX_SPLIT_K)
+    )
     return block_m, block_n, split
 
 
@@ -306,12 +561,26 @@ def fused_linear(
     args = _kernel_args(x, weight, n_out, bias, lora, delta, compute)
     if rows <= SKINNY_ROWS or n_out <= NARROW_COLS:
         return _launch_planned(x, args, n_out, out_dtype)
-    y = torch.empty(rows, n_out, dtype=out_dtype, device=x.device)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]), 1)
-    _tiled_kernel[grid](*args["pointers"], y, *args["sizes"], triton.next_power_of_2(rows),
-                        *args["strides"], y.stride(0), y.stride(1), args["scaling"],
-                        SPLIT_K=1, ATOMIC=False, **args["flags"])
-    return y
+    store_dtype = torch.float32 if host_rounding(out_dtype) else out_dtype
+    y = torch.empty(rows, n_out, dtype=store_dtype, device=x.device)
+
+    def grid(meta):
+        return triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]), 1
+
+    _tiled_kernel[grid](
+        *args["pointers"],
+        y,
+        *args["sizes"],
+        triton.next_power_of_2(rows),
+        *args["strides"],
+        y.stride(0),
+        y.stride(1),
+        args["scaling"],
+        SPLIT_K=1,
+        ATOMIC=False,
+        **args["flags"],
+    )
+    return y.to(out_dtype)
 
 
 def _launch_planned(x: Tensor, args: dict, n_out: int, out_dtype: torch.dtype) -> Tensor:
@@ -319,14 +588,31 @@ def _launch_planned(x: Tensor, args: dict, n_out: int, out_dtype: torch.dtype) -
     min_k = 32 if interpreting() else 256
     block_m, block_n, split = plan(rows, n_out, k, sm_count(x.device), min_k)
     atomic = split > 1
-    y = torch.zeros(rows, n_out, dtype=torch.float32, device=x.device) if atomic else \
-        torch.empty(rows, n_out, dtype=out_dtype, device=x.device)
+    store_dtype = torch.float32 if atomic or host_rounding(out_dtype) else out_dtype
+    y = (
+        torch.zeros(rows, n_out, dtype=store_dtype, device=x.device)
+        if atomic
+        else torch.empty(rows, n_out, dtype=store_dtype, device=x.device)
+    )
     grid = (triton.cdiv(rows, block_m) * triton.cdiv(n_out, block_n), split)
     m_key = rows if rows <= SKINNY_ROWS else triton.next_power_of_2(rows)
-    _planned_kernel[grid](*args["pointers"], y, *args["sizes"], m_key, *args["strides"],
-                          y.stride(0), y.stride(1), args["scaling"], SPLIT_K=split, ATOMIC=atomic,
-                          BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=1, **args["flags"])
-    return y.to(out_dtype) if y.dtype != out_dtype else y
+    _planned_kernel[grid](
+        *args["pointers"],
+        y,
+        *args["sizes"],
+        m_key,
+        *args["strides"],
+        y.stride(0),
+        y.stride(1),
+        args["scaling"],
+        SPLIT_K=split,
+        ATOMIC=atomic,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        GROUP_M=1,
+        **args["flags"],
+    )
+    return y.to(out_dtype)
 
 
 def _kernel_args(x, weight, n_out, bias, lora, delta, compute: torch.dtype) -> dict:
@@ -334,20 +620,31 @@ def _kernel_args(x, weight, n_out, bias, lora, delta, compute: torch.dtype) -> d
     if isinstance(weight, PackedNM):
         w, idx = weight.values.contiguous(), weight.indices.contiguous()
         w_strides = (w.stride(0), 1, idx.stride(0))
-        nm = dict(W_FORMAT=1 if weight.along_k else 2, NM_N=weight.n, NM_M=weight.m,
-                  INDEX_BITS=weight.index_bits)
+        nm = dict(
+            W_FORMAT=1 if weight.along_k else 2,
+            NM_N=weight.n,
+            NM_M=weight.m,
+            INDEX_BITS=weight.index_bits,
+            NM_FAST=nm_fast_path(weight.n, weight.m, weight.index_bits),
+        )
     else:
         w, idx = weight, None
         w_strides = (w.stride(0), w.stride(1), 0)
-        nm = dict(W_FORMAT=0, NM_N=1, NM_M=2, INDEX_BITS=8)
+        nm = dict(W_FORMAT=0, NM_N=1, NM_M=2, INDEX_BITS=8, NM_FAST=False)
     t, b, scaling = lora if lora is not None else (None, None, 0.0)
     d_rows, d_cols, d_vals = (c.contiguous() for c in delta) if delta is not None else (None,) * 3
     rank = t.shape[1] if t is not None else 0
     nnz = d_rows.numel() if d_rows is not None else 0
-    flags = dict(nm, HAS_BIAS=bias is not None, HAS_LORA=lora is not None,
-                 HAS_DELTA=delta is not None, PRECISION=dot_precision(compute),
-                 UPCAST=upcast_dot(compute), BLOCK_R=max(16, min(64, triton.next_power_of_2(rank))),
-                 BLOCK_E=max(16, min(64, triton.next_power_of_2(nnz))))
+    flags = dict(
+        nm,
+        HAS_BIAS=bias is not None,
+        HAS_LORA=lora is not None,
+        HAS_DELTA=delta is not None,
+        PRECISION=dot_precision(compute),
+        UPCAST=upcast_dot(compute),
+        BLOCK_R=max(16, min(64, triton.next_power_of_2(rank))),
+        BLOCK_E=max(16, min(64, triton.next_power_of_2(nnz))),
+    )
     t_strides = (t.stride(0), t.stride(1)) if t is not None else (0, 0)
     b_strides = (b.stride(0), b.stride(1)) if b is not None else (0, 0)
     return {

@@ -53,8 +53,19 @@ def dsee_nm_linear(
 ) -> Tensor:
     """Same contract as `compressor.kernels.ref.dsee_nm_linear`."""
     out_f, _r, scaling = _checks.dsee_nm_linear(
-        x, values, indices, n, m, in_features, lora_a, lora_b, scaling,
-        delta_rows, delta_cols, delta_values, bias,
+        x,
+        values,
+        indices,
+        n,
+        m,
+        in_features,
+        lora_a,
+        lora_b,
+        scaling,
+        delta_rows,
+        delta_cols,
+        delta_values,
+        bias,
     )
     check_runnable("dsee_nm_linear", x)
     weight = PackedNM(values, indices, n, m, along_k=True)

@@ -13,7 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks
-from ._common import check_runnable, interpreting
+from ._common import check_runnable, host_rounding, interpreting
 
 
 @triton.jit
@@ -39,5 +39,11 @@ def mezo_axpy_(param: Tensor, seed: int, offset: int, scale: float) -> None:
     block_q = 256 if interpreting() else 1024
     counters = (offset + numel - 1) // 4 - offset // 4 + 1
     grid = (triton.cdiv(counters, block_q),)
-    _mezo_axpy_kernel[grid](param, numel, seed, offset, scale, BLOCK_Q=block_q,
-                            num_warps=8 if block_q >= 1024 else 4)
+    # The interpreter cannot round fp32 -> bf16 (see _common.upcast_dot): update an fp32 copy and
+    # let torch round it; the maths (one rounding of p + scale * z) is unchanged.
+    target = param.float() if host_rounding(param.dtype) else param
+    _mezo_axpy_kernel[grid](
+        target, numel, seed, offset, scale, BLOCK_Q=block_q, num_warps=8 if block_q >= 1024 else 4
+    )
+    if target is not param:
+        param.copy_(target)

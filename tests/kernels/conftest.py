@@ -14,9 +14,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Max |y - exact| / max |exact| against an fp64 computation of the same maths. 16-bit kernels and
-# references round inputs' products' intermediates (t = x @ V.T, the LoRA product) to the dtype.
-TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-12}
+# Max |y - exact| / max |exact| against fp64 maths on the same (already rounded) inputs. The
+# output's own rounding is up to u = 2**-8 (bf16) / 2**-11 (fp16) / 2**-24 (fp32), and 16-bit
+# paths also round intermediates such as t = x @ V.T to the dtype: measured worst cases are about
+# 2u; the tolerances leave 3-6x headroom (fp32 ~40x: accumulation order varies by launch plan).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2, torch.float64: 1e-12}
 
 
 def relative_max_error(y: torch.Tensor, exact: torch.Tensor) -> float:

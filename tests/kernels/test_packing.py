@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from compressor.kernels import (
     compress_nm_indices,
     expand_nm_indices,
@@ -78,7 +77,12 @@ def test_two_four_indices_take_two_bits_each():
         (torch.ones(2, 6), 2, 4, "not a multiple of `m`=4"),
         (torch.ones(2, 8), 4, 4, "need 1 <= `n` < `m`"),
         (torch.ones(2, 8), 0, 4, "need 1 <= `n` < `m`"),
-        (torch.tensor([[1.0, 0, 0, 0, 1, 1, 1, 0]]), 2, 4, r"group 1 \(entries 4..7\) of row 0 has 3"),
+        (
+            torch.tensor([[1.0, 0, 0, 0, 1, 1, 1, 0]]),
+            2,
+            4,
+            r"group 1 \(entries 4..7\) of row 0 has 3",
+        ),
     ],
 )
 def test_pack_rejects_bad_input(dense, n, m, message):

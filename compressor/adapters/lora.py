@@ -1,0 +1,200 @@
+"""LoRA through Hugging Face peft (Hu et al., arXiv 2106.09685): y = W₀x + (α/r)·B A x with
+A (r, in) Kaiming-uniform and B (out, r) zero, so the model is unchanged at step 0.
+
+peft injects and trains the adapter; the stage then writes it in peft's own format
+(`<out>/adapter/adapter_model.safetensors` + `adapter_config.json`, loadable with
+`peft.PeftModel.from_pretrained(base, folder)`). Afterwards the model holds either plain merged
+nn.Linear layers (`merge: true`, peft's merge_and_unload) or `LoraLinear` layers: a compressor
+layer (forward = `compressor.kernels.lora_linear`) that `compressor.load` restores and the
+pipeline's `merge` folds. A base loaded in 4/8 bit (`load_in`) keeps peft's layers instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from torch import Tensor, nn
+
+from .. import kernels
+from ..context import Context
+from ..errors import ConfigError
+from ..layers import CompressedLinear, register_layer
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import linear_weight, replace_module
+from ..training import TrainConfig, fit
+from ._common import (
+    adapter_folder,
+    adapter_targets,
+    count_params,
+    finish,
+    frozen_zeros,
+    is_quantized,
+    param_metrics,
+    refuse_compressed,
+    with_default_lr,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig(TrainConfig):
+    """Args (plus every `TrainConfig` field; `targets` default to every attention and MLP linear):
+    rank: r (METHODS default 8).
+    alpha: lora_alpha; the update is scaled by alpha / rank (default 16; peft's own is 8).
+    dropout: dropout on the adapter's input during training (0.05).
+    merge: after training, fold B A into the weights (plain nn.Linear, outputs unchanged).
+    lr: None = 2e-4 with adamw (the QLoRA/KappaTune-peft rate), 5e-5 with mezo (MeZO-LoRA).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    merge: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_lora_fields("lora", self.rank, self.alpha, self.dropout)
+
+
+def check_lora_fields(method: str, rank: int, alpha: float, dropout: float,
+                      prefix: str = "") -> None:
+    """ConfigError for a bad LoRA rank / alpha / dropout (`prefix` names kappatune's fields)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"{method}: `{prefix}rank` must be an integer >= 1, got {rank!r}; e.g. 8")
+    if not alpha > 0:
+        raise ConfigError(f"{method}: `{prefix}alpha` must be > 0, got {alpha}; the update is "
+                          "scaled by alpha / rank")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{method}: `{prefix}dropout` must be in [0, 1), got {dropout}")
+
+
+# -- the inference layer -----------------------------------------------------------------------
+
+
+@register_layer
+class LoraLinear(CompressedLinear):
+    """y = x Wᵀ + b + scaling · (x Aᵀ) Bᵀ, W frozen, A (r, in), B (out, r): the form a trained
+    peft LoRA is kept in, so checkpoints reload with `compressor.load` and merge with `--merge`."""
+
+    layer_type = "lora"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float,
+                 bias: bool = False, dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__(in_features, out_features)
+        self.rank, self.scaling = rank, float(scaling)
+        kw = {"dtype": dtype, "device": device}
+        self.weight = frozen_zeros(out_features, in_features, **kw)
+        self.bias = frozen_zeros(out_features, **kw) if bias else None
+        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, **kw))
+        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))
+
+    @classmethod
+    def from_peft(cls, layer: nn.Module, adapter: str = "default") -> LoraLinear:
+        """Copy a peft lora.Linear (base nn.Linear or Conv1D) into a LoraLinear."""
+        base = layer.get_base_layer()
+        weight = linear_weight(base).detach()
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        new = cls(weight.shape[1], weight.shape[0], a.shape[0], layer.scaling[adapter],
+                  base.bias is not None, weight.dtype, weight.device)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            new.lora_a.copy_(a)
+            new.lora_b.copy_(b)
+            if base.bias is not None:
+                new.bias.copy_(base.bias)
+        return new
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "rank": self.rank, "scaling": self.scaling, "bias": self.bias is not None}
+
+    def dense_weight(self) -> Tensor:
+        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scaling,
+                                   self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+# -- wiring (shared with kappatune's LoRA mode and MeZO's adapter mode) ------------------------
+
+
+def inject_lora(model: nn.Module, names: list[str], *, rank: int, alpha: float,
+                dropout: float) -> peft.PeftModel:
+    """peft LoRA on exactly the modules `names` (full names), in place; returns the PeftModel."""
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                             target_modules=list(names), bias="none")
+    return peft.get_peft_model(model, config)
+
+
+def lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+
+
+def peft_layers(model: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def save_peft_adapter(peft_model: peft.PeftModel, folder: Path) -> dict[str, str]:
+    """peft's own format: adapter_model.safetensors + adapter_config.json (+ its README)."""
+    peft_model.save_pretrained(str(folder))
+    return {"adapter": str(folder / "adapter_model.safetensors"),
+            "adapter_config": str(folder / "adapter_config.json")}
+
+
+def finish_peft(model: nn.Module, peft_model: peft.PeftModel, merge: bool) -> str:
+    """Leave `model` merged (plain Linear), as LoraLinear layers, or (quantized base) as peft's."""
+    layers = peft_layers(model)
+    if merge:
+        peft_model.merge_and_unload()
+        return "merged"
+    if any(is_quantized(m.get_base_layer()) for m in layers.values()):
+        return "peft"
+    for name, layer in layers.items():
+        replace_module(model, name, LoraLinear.from_peft(layer))
+    if hasattr(model, "peft_config"):
+        del model.peft_config  # peft's marker; the model no longer holds peft layers
+    return "lora_linear"
+
+
+def train_lora(model: nn.Module, names: list[str], config: TrainConfig, ctx: Context, *, rank: int,
+               alpha: float, dropout: float, merge: bool, method: str,
+               **fit_kwargs: Any) -> StageResult:  # fmt: skip
+    """Inject, fit, save in peft format, then merge or convert: the shared LoRA stage body.
+
+    `fit_kwargs` (loss_fn, eval_fn, data) go to `compressor.training.fit` unchanged.
+    """
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    peft_model = inject_lora(model, names, rank=rank, alpha=alpha, dropout=dropout)
+    params = lora_params(model)
+    result = fit(model, params, config, ctx, method=method, **fit_kwargs)
+    folder = adapter_folder(ctx)
+    artifacts = save_peft_adapter(peft_model, folder) if folder is not None else {}
+    rows = [{"module": n, "rank": rank,
+             "trainable": sum(p.numel() for k, p in m.named_parameters() if "lora_" in k)}
+            for n, m in peft_layers(model).items()]  # fmt: skip
+    form = finish_peft(model, peft_model, merge)
+    for param in model.parameters():  # peft froze the whole base: give later stages the flags back
+        param.requires_grad_(flags.get(id(param), param.requires_grad))
+    metrics = {**param_metrics(model, count_params(params)), "adapted_layers": len(rows),
+               "rank": rank, "alpha": alpha, "model_form": form, "merged": merge}
+    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts)
+
+
+@register("lora", LoraConfig, kind="finetune")
+def apply(model: nn.Module, config: LoraConfig, ctx: Context) -> StageResult:
+    """LoRA on the target linears via peft; the module docstring says what the model holds after."""
+    config = with_default_lr(config, adamw=2e-4, mezo=5e-5)
+    modules = adapter_targets(model, config.targets, config.ignore)
+    refuse_compressed("lora", modules)
+    return train_lora(model, list(modules), config, ctx, rank=config.rank, alpha=config.alpha,
+                      dropout=config.dropout, merge=config.merge, method="lora")

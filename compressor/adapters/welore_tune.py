@@ -1,0 +1,88 @@
+"""WeLore LRC tuning (Jaiswal et al., arXiv 2407.11239): after WeLore compression, train only the
+low-rank components' factors U', V' (`LowRankLinear.u`, `.v`). The dense N-LRCs, embeddings and
+lm_head stay frozen. The paper's continual fine-tuning uses AdamW lr 5e-5 with a cosine schedule;
+downstream tuning 1e-4. Any compressed model whose layers include LowRankLinear qualifies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..context import Context
+from ..errors import ConfigError
+from ..layers import LowRankLinear
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import matches
+from ..training import TrainConfig, fit
+from ._common import count_params, finish, param_metrics, with_default_lr
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeLoreTuneConfig(TrainConfig):
+    """Args (plus every `TrainConfig` field):
+    targets: restrict training to these low-rank layers (same syntax); empty = every one.
+    ignore: low-rank layers to keep frozen.
+    train_bias: also train the low-rank layers' biases.
+    schedule: "cosine" by default (WeLore's continual fine-tuning).
+    lr: None = 5e-5 with adamw (WeLore), 1e-6 with mezo.
+    """
+
+    schedule: str = "cosine"
+    train_bias: bool = False
+
+
+def low_rank_components(model: nn.Module, targets=(), ignore=()) -> dict[str, LowRankLinear]:
+    """The LowRankLinear layers (WeLore's LRCs) selected by targets/ignore."""
+    found = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    if not found:
+        raise ConfigError(
+            "welore-tune: the model has no low-rank (LowRankLinear) layers to tune; run "
+            "`compressor compress --method welore MODEL --out DIR` first and pass DIR as the model"
+        )
+    chosen = {
+        n: m
+        for n, m in found.items()
+        if (not targets or any(matches(n, t) for t in targets))
+        and not any(matches(n, i) for i in ignore)
+    }
+    if not chosen:
+        raise ConfigError(
+            f"welore-tune: `targets` {list(targets)} (ignore={list(ignore)}) matched none of the "
+            f"{len(found)} low-rank layers, e.g. {list(found)[:4]}"
+        )
+    return chosen
+
+
+def lrc_params(layers: dict[str, LowRankLinear], train_bias: bool) -> dict[str, nn.Parameter]:
+    params = {}
+    for name, layer in layers.items():
+        params[f"{name}.u"], params[f"{name}.v"] = layer.u, layer.v
+        if train_bias and layer.bias is not None:
+            params[f"{name}.bias"] = layer.bias
+    return params
+
+
+@register("welore-tune", WeLoreTuneConfig, kind="finetune")
+def apply(model: nn.Module, config: WeLoreTuneConfig, ctx: Context) -> StageResult:
+    """Fine-tune only the LRC factors of a WeLore-compressed model."""
+    config = with_default_lr(config, adamw=5e-5, mezo=1e-6)
+    layers = low_rank_components(model, config.targets, config.ignore)
+    params = lrc_params(layers, config.train_bias)
+    result = fit(model, params, config, ctx, method="welore-tune")
+    rows = [
+        {
+            "module": n,
+            "rank": m.rank,
+            "shape": [m.out_features, m.in_features],
+            "trainable": m.u.numel() + m.v.numel(),
+        }
+        for n, m in layers.items()
+    ]
+    return finish(
+        result,
+        metrics={**param_metrics(model, count_params(params)), "lrc_layers": len(layers)},
+        per_module=rows,
+    )
