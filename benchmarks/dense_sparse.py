@@ -38,6 +38,7 @@ import torch
 
 from compressor.context import Context
 from compressor.evaluation import perplexity
+from compressor.methods._dsformer_stf import frozen_teacher
 from compressor.models import load_model
 from compressor.registry import get_method
 from compressor.report.env import collect_env
@@ -61,8 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.6,
         help="keep ratio (bytes for dsformer, params for maestro)",
     )
-    p.add_argument("--keeps", default="0.75,0.6,0.45", help="minilm: comma-separated keep ratios "
-                   "(dsformer 2:4 cannot exceed 0.78 on MiniLM's 384x1536 layers: k <= min(out, in))")
+    p.add_argument(
+        "--keeps",
+        default="0.75,0.6,0.45",
+        help="minilm: comma-separated keep ratios "
+        "(dsformer 2:4 cannot exceed 0.78 on MiniLM's 384x1536 layers: k <= min(out, in))",
+    )
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument(
         "--seq-len", type=int, default=256, help="tokens per window (calibration, training, eval)"
@@ -72,7 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=2, help="windows per step (calibration and training)"
     )
     p.add_argument("--stf-steps", type=int, default=30)
-    p.add_argument("--stf-lr", type=float, default=1e-3)
+    p.add_argument(
+        "--stf-lr", default="1e-4", help="comma-separated STF learning rates (one run each)"
+    )
+    p.add_argument("--distill", action="store_true", help="STF with KL to the dense teacher")
     p.add_argument(
         "--init-iters", type=int, default=4, help="dsformer alternations (S, D) at initialisation"
     )
@@ -186,66 +194,90 @@ def part_ds(args, part: str = "ds") -> dict:
     eval_windows = ctx.windows(
         source, split="eval", seq_len=args.seq_len, num_windows=args.eval_windows
     )
+    lrs = [float(x) for x in args.stf_lr.split(",")]
     result = new_result(part, args, info, eval_windows)
     result.update(
-        keep=args.keep, stf_steps=args.stf_steps, stf_lr=args.stf_lr, init_iters=args.init_iters
+        keep=args.keep,
+        stf_steps=args.stf_steps,
+        stf_lr=lrs,
+        init_iters=args.init_iters,
+        distill=args.distill,
     )
     out = Path(args.out)
-    started = time.perf_counter()
     result["dense_ppl"] = ppl(loaded.model, eval_windows)
-    log(f"{part}: dense ppl {result['dense_ppl']:.3f} ({time.perf_counter() - started:.0f}s)")
+    log(f"{part}: dense ppl {result['dense_ppl']:.3f}")
     base = common_fields(args, source)
     model = copy.deepcopy(loaded.model)
     stage, seconds = run_stage(
         model, "svd-llm", {**base, "rank": args.keep, "update": "false"}, ctx
     )
+    reached = stage.metrics.get("keep_ratio_reached")
     add_row(
         result,
         "svd-llm (whitening, no training)",
         ppl(model, eval_windows),
         seconds,
-        bytes_keep=stage.metrics.get("keep_ratio_reached"),
-        params_keep=stage.metrics.get("keep_ratio_reached"),
+        reached,
+        reached,
     )
     write_report(out, part, result, render_ds(result))
     del model
-    model = copy.deepcopy(loaded.model)
+    # one initialisation, then each STF learning rate continues from a copy of it
+    initialised = copy.deepcopy(loaded.model)
     fields = {
         **base,
         "rank": args.keep,
-        "stf_steps": args.stf_steps,
-        "lr": args.stf_lr,
+        "stf_steps": 0,
         "init_iters": args.init_iters,
-        "eval_windows": args.eval_windows,
-        "data": source,
+        "eval_windows": 0,
     }
-    stage, seconds = run_stage(model, "dsformer", fields, ctx)
+    stage, seconds = run_stage(initialised, "dsformer", fields, ctx)
     m = stage.metrics
-    ratio = m["params_kept"] / m["params_dense"]
+    ratios = (m["keep_ratio_bytes"], m["params_kept"] / m["params_dense"])
     add_row(
         result,
         "dsformer 2:4, whitened init (no training)",
-        m["ppl_init"],
-        None,
-        m["keep_ratio_bytes"],
-        ratio,
-    )
-    add_row(
-        result,
-        f"dsformer 2:4, init + STF {args.stf_steps} steps",
-        m.get("ppl_stf", m["ppl_init"]),
+        ppl(initialised, eval_windows),
         seconds,
-        m["keep_ratio_bytes"],
-        ratio,
+        *ratios,
     )
-    result["dsformer_metrics"] = m
-    result["dsformer_curves"] = stage.curves
-    result["dsformer_layers"] = stage.per_module
-    check = ppl(model, eval_windows)  # the packed DenseSparseLinear model, re-measured here
-    result["dsformer_packed_ppl"] = check
-    log(f"{part}: dsformer packed model ppl {check:.3f}")
+    result.update(dsformer_metrics=m, dsformer_layers=stage.per_module, dsformer_curves={})
     write_report(out, part, result, render_ds(result))
+    teacher = frozen_teacher(loaded.model) if args.distill else None
+    for lr in lrs:
+        model = copy.deepcopy(initialised)
+        curves, seconds = run_stf(model, ctx, source, args, lr, teacher)
+        label = f"dsformer 2:4, init + STF {args.stf_steps} steps, lr {lr:g}" + (
+            " + KD" if args.distill else ""
+        )
+        add_row(result, label, ppl(model, eval_windows), seconds, *ratios)
+        result["dsformer_curves"][str(lr)] = curves
+        write_report(out, part, result, render_ds(result))
+        del model
     return result
+
+
+def run_stf(model, ctx: Context, source: str, args, lr: float, teacher) -> tuple[dict, float]:
+    """More Straight-Through Factorizer steps on a packed dsformer model, then pack it again."""
+    from compressor.methods._dsformer_stf import train_stf
+    from compressor.methods.dsformer import pack_trained, unpack_for_training
+
+    started = time.perf_counter()
+    unpack_for_training(model)
+    windows = ctx.windows(
+        source, split="train", seq_len=args.seq_len, num_windows=args.stf_steps * args.batch_size
+    )
+    curves = train_stf(
+        model,
+        windows,
+        ctx,
+        steps=args.stf_steps,
+        lr=lr,
+        batch_size=args.batch_size,
+        teacher=teacher,
+    )
+    pack_trained(model)
+    return curves, time.perf_counter() - started
 
 
 def add_row(
@@ -289,6 +321,18 @@ def render_ds(result: dict) -> str:
         seconds = "" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(
             f"| {r['label']} | {r['ppl']:.3f} | {fmt(r['keep_bytes'])} | {fmt(r['keep_params'])} | {seconds} |"
+        )
+    lines += [
+        "",
+        "Every STF row continues from the same initialised model; its seconds are the STF alone.",
+        "",
+    ]
+    for lr, curves in result.get("dsformer_curves", {}).items():
+        loss = curves["stf_loss"]
+        lines.append(
+            f"- STF lr {lr}: training loss {loss[0]:.3f} (first step) -> {loss[-1]:.3f} (last), mean of "
+            f"the last 5 {sum(loss[-5:]) / len(loss[-5:]):.3f}; support moved "
+            f"{curves['stf_support_change'][-1]:.4f} of S's entries"
         )
     return "\n".join(lines) + "\n"
 

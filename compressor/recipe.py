@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 from .config import did_you_mean
@@ -25,6 +27,7 @@ TOP_LEVEL_KEYS = {
 }
 EVALUATE_KEYS = {"data": str, "seq_len": int, "num_windows": int, "batch_size": int, "text_column": str}
 GATE_KEYS = ("max_ppl", "max_ppl_increase", "min_cosine")
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -50,6 +53,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        value = float(value)  # YAML 1.1 reads `1e-2` (no dot) as a string
     return key.strip().split("."), value
 
 

@@ -33,6 +33,8 @@ def test_overrides():
     assert recipe["seed"] == 3 and recipe["stages"][0]["top_p"] == 0.5
     apply_overrides(recipe, ["stages.0.top_p=0.25"])
     assert recipe["stages"][0]["top_p"] == 0.25
+    apply_overrides(recipe, ["stages.0.top_p=2e-1"])  # YAML 1.1 alone would give the string '2e-1'
+    assert recipe["stages"][0]["top_p"] == 0.2
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides(recipe, ["seed"])
 

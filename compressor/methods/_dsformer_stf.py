@@ -130,7 +130,10 @@ def train_stf(
 @torch.no_grad()
 def _support_change(layers: list[DenseSparseTrainable], start: list[Tensor], total: int) -> float:
     """Fraction of the initial support that is no longer in the support (support movement)."""
-    moved = sum(int((s0 & (layer.sparse_factor() == 0)).sum()) for layer, s0 in zip(layers, start))
+    moved = sum(
+        int((s0 & (layer.sparse_factor() == 0)).sum())
+        for layer, s0 in zip(layers, start, strict=True)
+    )
     return moved / max(total, 1)
 
 

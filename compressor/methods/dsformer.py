@@ -49,7 +49,13 @@ from ._dsformer_layer import DenseSparseLinear
 from ._dsformer_stf import DenseSparseTrainable, frozen_teacher, train_stf
 from ._prune_sequential import compress_sequentially
 
-__all__ = ["DSFormerConfig", "DenseSparseLinear", "plan_inner_dims"]
+__all__ = [
+    "DSFormerConfig",
+    "DenseSparseLinear",
+    "pack_trained",
+    "plan_inner_dims",
+    "unpack_for_training",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,8 +89,8 @@ class DSFormerConfig(MethodConfig):
     pattern: str = "2:4"
     density: float = 0.5
     init: Literal["whitened", "plain"] = "whitened"
-    init_iters: int = 8
-    cg_iters: int = 25
+    init_iters: int = 4
+    cg_iters: int = 10
     calibration: str = "default"
     num_windows: int = 64
     seq_len: int = 256
@@ -291,7 +297,7 @@ def _stf(model, config: DSFormerConfig, ctx: Context, data: str, teacher, metric
         batch_size=config.batch_size,
         teacher=teacher,
     )
-    _pack_trained(model)
+    pack_trained(model)
     metrics["stf_loss_first"] = round(curves["stf_loss"][0], 4)
     metrics["stf_loss_last"] = round(curves["stf_loss"][-1], 4)
     metrics["stf_support_moved"] = round(curves["stf_support_change"][-1], 4)
@@ -329,17 +335,32 @@ def _initialise(model, selected, plan, config: DSFormerConfig, ctx: Context, row
     ]
 
 
-def _pack_trained(model: nn.Module) -> None:
-    """Swap every STF training module for its packed inference layer."""
+def pack_trained(model: nn.Module) -> int:
+    """Swap every STF training module for its packed DenseSparseLinear; returns how many."""
+    count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, DenseSparseTrainable):
             with torch.no_grad():
                 s = module.sparse_factor().detach()
-            replace_module(
-                model,
-                name,
-                DenseSparseLinear.from_factors(module.d.detach(), s, module.pattern, module.bias),
+            packed = DenseSparseLinear.from_factors(
+                module.d.detach(), s, module.pattern, module.bias
             )
+            replace_module(model, name, packed)
+            count += 1
+    return count
+
+
+def unpack_for_training(model: nn.Module) -> int:
+    """Swap every N:M DenseSparseLinear for a trainable module (to run more STF on a packed model)."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, DenseSparseLinear) and module.m:
+            pattern = SparsePattern(module.n, module.m)
+            with torch.no_grad():
+                layer = DenseSparseTrainable(module.d, module.sparse_factor(), module.bias, pattern)
+            replace_module(model, name, layer)
+            count += 1
+    return count
 
 
 def _totals(rows, value_bytes: int) -> dict[str, Any]:

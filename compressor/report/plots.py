@@ -64,7 +64,8 @@ def plot_curves(record: StageRecord, index: int, folder: Path) -> str:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, values in record.curves.items():
-        ax.plot(range(len(values)), values, label=name)
+        if values and all(isinstance(v, (int, float)) for v in values):
+            ax.plot(range(len(values)), values, label=name)
     ax.set_xlabel("step")
     ax.legend()
     ax.set_title(record.stage)

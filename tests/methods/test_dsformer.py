@@ -238,12 +238,19 @@ def test_distillation_adds_the_kl_to_the_dense_teacher():
     for distill in (False, True):
         model = tiny_llama()
         config = dsformer.DSFormerConfig(
-            rank=0.6, init="plain", stf_steps=1, seq_len=32, batch_size=2, eval_windows=0,
+            rank=0.6,
+            init="plain",
+            stf_steps=1,
+            seq_len=32,
+            batch_size=2,
+            eval_windows=0,
             distill=distill,
         )
         result = dsformer.apply(model, config, Context.for_model(model, quiet=True))
         losses[distill] = result.metrics["stf_loss_first"]
-    assert losses[True] > losses[False] + 1e-4  # same factors and batch: CE + KL(teacher || student)
+    assert (
+        losses[True] > losses[False] + 1e-4
+    )  # same factors and batch: CE + KL(teacher || student)
 
 
 def test_unstructured_row_ids_widen_to_int16_beyond_256_atoms():
@@ -256,3 +263,16 @@ def test_unstructured_row_ids_widen_to_int16_beyond_256_atoms():
     assert layer.s_indices.dtype == torch.int16 and layer.nnz == 3
     torch.testing.assert_close(layer.sparse_factor(), s)
     assert dense_sparse_bytes(6, 5, 300, pattern, 4)["s_index_bytes"] == 5 * 3 * 2
+
+
+def test_a_packed_model_can_be_unpacked_for_more_stf_and_repacked_exactly():
+    model = tiny_llama()
+    config = dsformer.DSFormerConfig(init="plain", stf_steps=0, eval_windows=0)
+    dsformer.apply(model, config, Context.for_model(model, quiet=True))
+    ids = example_input_ids()
+    expected = model(input_ids=ids).logits
+    assert dsformer.unpack_for_training(model) == 14
+    assert isinstance(model.model.layers[0].mlp.up_proj, DenseSparseTrainable)
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    assert dsformer.pack_trained(model) == 14
+    torch.testing.assert_close(model(input_ids=ids).logits, expected)

@@ -34,15 +34,6 @@ STORIES = [(64, 64), (32, 64), (32, 64), (64, 64), (172, 64), (172, 64), (64, 17
 SMOLLM2 = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two OpenMP threads on a shared, oversubscribed CPU run these small matmuls ~20x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def layer_data(seed: int = 0, m: int = 48, n: int = 32, tokens: int = 4000, drift: float = 0.3):
     """W (m, n); anisotropic inputs X (n, N) with a decaying covariance spectrum (as real activations
     have); the 'teacher' inputs X_f = X + a structured drift + noise. All fp64."""

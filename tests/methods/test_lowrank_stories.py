@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import math
 
-import pytest
-import torch
-
 from compressor.context import Context
 from compressor.evaluation import perplexity
 from compressor.methods.saes_svd import SAESConfig
 from compressor.methods.svd import SVDConfig
 from compressor.models import load_model
 from compressor.registry import apply_
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_saes_svd_beats_plain_svd_on_held_out_tinystories():

@@ -230,10 +230,9 @@ def test_train_save_reload_and_truncate_from_trained(tmp_path):
 
 
 def test_cli_train_then_truncate_a_dense_materialised_run_keeps_its_trained_order(tmp_path):
+    from compressor.cli.main import app
     from safetensors.torch import load_file
     from typer.testing import CliRunner
-
-    from compressor.cli.main import app
 
     common = ["--set", "eval_windows=2", "--set", "seq_len=32", "--eval-windows", "2", "-q"]
     run = tmp_path / "run"
