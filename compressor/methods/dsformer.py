@@ -1,5 +1,6 @@
-"""dsformer: dense x sparse factorization W ~ D S with an N:M-sparse S, refined by the
-Straight-Through Factorizer (Chand, Prabhu, Kumar, "DSFormer", arXiv 2312.13211; no public code).
+"""dsformer: dense x sparse factorization W ~ D S (N:M-sparse S), refined by straight-through training.
+
+Chand, Prabhu, Kumar, "DSFormer", arXiv 2312.13211 (no public code).
 
 Each targeted W (out, in) becomes D (out, k) dense times S (k, in) holding exactly N of every M
 consecutive entries along k in each column (default 2:4, so S packs for 2:4 kernels), or with

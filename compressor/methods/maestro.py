@@ -1,6 +1,7 @@
-"""maestro: trainable low-rank factorization with ordered dropout (Horvath et al., "Maestro:
-Uncovering Low-Rank Structures via Trainable Decomposition", ICML 2024, arXiv 2308.14929;
-reference code SamuelHorvath/Maestro-LoD).
+"""maestro: trainable low-rank factors with ordered dropout; learned ranks, truncatable to any budget.
+
+Horvath et al., "Maestro: Uncovering Low-Rank Structures via Trainable Decomposition", ICML 2024,
+arXiv 2308.14929; reference code SamuelHorvath/Maestro-LoD.
 
 Each targeted W (out, in) becomes U V, initialised from the SVD (`init: svd`, U = U_svd sqrt(S),
 V = sqrt(S) V_svd^T) or from the whitened SVD of W L with H = X X^T = L L^T (`init: whitened`), at
