@@ -46,6 +46,7 @@ from compressor.report.env import collect_env
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = "/work/shared/data"
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
+TAG = ""  # set from --tag
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default="", help="comma-separated targets (default: every linear)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(REPORTS))
+    p.add_argument("--tag", default="", help="suffix of the report names (dense_sparse_<part>_<tag>.*)")
     return p.parse_args(argv)
 
 
@@ -104,6 +106,7 @@ def log(message: str) -> None:
 
 def write_report(out: Path, name: str, result: dict, markdown: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    name = f"{name}_{TAG}" if TAG else name
     (out / f"dense_sparse_{name}.json").write_text(json.dumps(result, indent=2, default=str))
     (out / f"dense_sparse_{name}.md").write_text(markdown)
 
@@ -534,6 +537,8 @@ def fmt(value) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    global TAG
+    TAG = args.tag
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.part == "ds":
