@@ -43,7 +43,8 @@ def compress(
     method: Annotated[str, typer.Option("--method", "-m", help="svd, asvd, svd-llm, saes-svd, welore, dsformer, "
                                                                "maestro, prune (see `compressor methods`)")] = "saes-svd",
     rank: Annotated[float | None, typer.Option(help="KEEP ratio: parameters kept / dense parameters of the "
-                                                    "targeted linears, 0 < R ≤ 1")] = None,
+                                                    "targeted linears, 0 < R ≤ 1 (dsformer: stored bytes kept, "
+                                                    "sparse index metadata included)")] = None,
     allocation: Annotated[str | None, typer.Option(help="uniform or welore (non-uniform ranks)")] = None,
     calib: Annotated[str | None, typer.Option(help="calibration text: default, a file, or a datasets name")] = None,
     calib_windows: Annotated[int | None, typer.Option(help="calibration windows")] = None,
@@ -51,6 +52,11 @@ def compress(
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="names / re:regex to exclude")] = None,
     from_trained: Annotated[str | None, typer.Option(help="maestro: truncate a trained run without retraining")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="write a plain dense checkpoint")] = False,
+    max_memory: Annotated[str | None, typer.Option(
+        help="offload with accelerate (model bigger than the device): per-device budget, e.g. "
+             "'0=20GiB,cpu=60GiB'; the rest goes to --offload-folder")] = None,
+    offload_folder: Annotated[str | None, typer.Option(
+        help="folder for offloaded weights that fit in no --max-memory budget (low-rank methods)")] = None,
     out: OutOpt = None,
     eval_windows: Annotated[int, typer.Option(help="held-out windows for before/after quality")] = 32,
     device: DeviceOpt = "cpu",
@@ -69,6 +75,7 @@ def compress(
     out = out or f"compressed-{method}"
     pipeline = Pipeline.from_flags(method, stage_fields(method, flags), set_, model=model, device=device, seed=seed,
                                    out=str(out), merge=merge, trust_remote_code=trust_remote_code,
+                                   max_memory=max_memory, offload_folder=offload_folder,
                                    evaluate={"num_windows": eval_windows})
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, DataError
+from .offload import input_device
 from .targeting import find_linears, is_linear
 
 
@@ -68,7 +69,7 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     if windows.numel() == 0 or windows.shape[0] == 0:
         raise DataError("calibration set is empty; pass more text or more windows")
     first = transformer_blocks(model)[0][1]
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = torch.device(device) if device is not None else input_device(model)
     captured = BlockInputs(hidden=[])
 
     def hook(_module, args, kwargs):

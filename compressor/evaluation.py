@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .offload import input_device
 
 
 def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -46,7 +47,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, 
                progress: Callable[[Iterable, str], Iterable] | None = None) -> dict[str, float]:
     """Token-level perplexity over non-overlapping windows (N, T): exp(mean NLL of next tokens)."""
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     total_nll, total_tokens = 0.0, 0
     starts = range(0, windows.shape[0], batch_size)
     for start in (progress(starts, "perplexity") if progress else starts):
@@ -63,7 +64,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, *, batch_size: int = 8, 
 def pooled_embeddings(model: nn.Module, windows: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean-pooled, L2-normalised last hidden states (N, d) — sentence-transformers' pooling."""
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     chunks = []
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size].to(device)

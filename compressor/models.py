@@ -58,16 +58,29 @@ def default_tokenizer():
 
 def load_model(source: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
                dtype: str | torch.dtype = "float32", trust_remote_code: bool = False,
-               load_in: str | None = None) -> LoadedModel:
-    """Load a model + tokenizer (see module docstring). Raises ModelError with the fix."""
+               load_in: str | None = None, max_memory: str | dict | None = None,
+               offload_folder: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a model + tokenizer (see module docstring). Raises ModelError with the fix.
+
+    `max_memory` ("0=20GiB,cpu=60GiB") and/or `offload_folder` load with accelerate's
+    device_map="auto": what does not fit stays offloaded to CPU RAM or disk (compressor.offload)."""
+    from .offload import offload_kwargs
+
     name = str(source) if source not in (None, "", "default") else "default"
     kwargs = _load_kwargs(parse_dtype(dtype), trust_remote_code, load_in)
+    dispatch = offload_kwargs(max_memory, offload_folder)
+    if dispatch and load_in is not None:
+        from .errors import ConfigError
+
+        raise ConfigError("`load_in` already places the model with device_map=auto; drop `max_memory`/"
+                          "`offload_folder`, or drop `load_in`")
+    kwargs.update(dispatch)
     with _quiet_transformers():
         if name == "default":
             loaded = _load_hf(DEFAULT_MODEL_DIR, {**kwargs, "trust_remote_code": False}, "default")
         else:
             loaded = _load_named(name, kwargs)
-    if load_in is None:
+    if load_in is None and not dispatch:
         loaded.model.to(device)
     loaded.model.eval()
     return loaded
@@ -202,7 +215,9 @@ def _quiet_transformers():
 
 def nonfinite_layers(model: nn.Module) -> list[str]:
     """Names of parameters holding NaN or Inf."""
-    return [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    from .offload import nonfinite_tensors
+
+    return nonfinite_tensors(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,13 +233,19 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
     from .targeting import replace_module
 
     kwargs = kwargs or {}
+    if "device_map" in kwargs:
+        from .errors import ConfigError
+
+        raise ConfigError(f"`{folder}` is a compressor checkpoint, which loads whole: drop `max_memory`/"
+                          "`offload_folder` (offloaded loading reads Hugging Face folders, ids and GGUF)")
     manifest = json.loads((folder / MANIFEST).read_text())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
     model = _auto_class(config).from_config(config, dtype=kwargs.get("dtype", torch.float32))
     for name, spec in manifest.get("layers", {}).items():
         replace_module(model, name, build_layer(spec))
     state = {}
-    for shard in sorted(folder.glob("*.safetensors")):
+    # Only the model's own shards: users sometimes drop other .safetensors files beside them.
+    for shard in sorted(folder.glob("model*.safetensors")):
         state.update(load_file(shard))
     if not state:
         raise ModelError(f"checkpoint `{folder}` has no .safetensors weights")

@@ -18,6 +18,7 @@ from . import evaluation
 from .config import MethodConfig
 from .context import Context
 from .errors import ConfigError, GateError, ModelError
+from .offload import check_offload_ready, gather_to_cpu
 from .models import LoadedModel, check_output_dir, load_model, nonfinite_layers, save_checkpoint, staged_output
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
@@ -46,6 +47,8 @@ class Pipeline:
     dtype: str = "float32"
     trust_remote_code: bool = False
     load_in: str | None = None
+    max_memory: str | dict | None = None
+    offload_folder: str | None = None
     out: Path | None = None
     merge: bool = False
     evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
@@ -64,6 +67,7 @@ class Pipeline:
         return cls(stages=stages, model=recipe.get("model"), seed=recipe.get("seed", 0),
                    device=recipe.get("device", "cpu"), dtype=recipe.get("dtype", "float32"),
                    trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
+                   max_memory=recipe.get("max_memory"), offload_folder=recipe.get("offload_folder"),
                    out=Path(out) if out else None, merge=recipe.get("merge", False), evaluate=evaluate,
                    gates=recipe.get("gates") or {})
 
@@ -83,7 +87,8 @@ class Pipeline:
         """The resolved recipe (defaults filled in), saved beside the outputs."""
         return {
             "model": self.model, "seed": self.seed, "device": self.device, "dtype": self.dtype,
-            "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "merge": self.merge,
+            "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "max_memory": self.max_memory,
+            "offload_folder": self.offload_folder, "merge": self.merge,
             "evaluate": self.evaluate if self.evaluate is not None else False, "gates": self.gates,
             "stages": [{"method": s.name, **s.config.to_dict()} for s in self.stages],
         }
@@ -94,11 +99,14 @@ class Pipeline:
         the report when a quality gate is missed."""
         if self.out is not None:
             check_output_dir(self.out)  # fail before loading anything
+        if self.max_memory is not None or self.offload_folder is not None:
+            check_offload_ready([s.name for s in self.stages])
         torch.manual_seed(self.seed)
         started = time.perf_counter()
         device = torch.device(self.device)
         loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
-                                      trust_remote_code=self.trust_remote_code, load_in=self.load_in)
+                                      trust_remote_code=self.trust_remote_code, load_in=self.load_in,
+                                      max_memory=self.max_memory, offload_folder=self.offload_folder)
         report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
                              "model_class": type(loaded.model).__name__})
         if self.out is None:
@@ -157,6 +165,7 @@ class Pipeline:
 
     def _write(self, loaded: LoadedModel, report: Report, tmp: Path) -> None:
         if any(r.modified_model for r in report.stages):
+            gather_to_cpu(loaded.model)  # an offloaded model is written from CPU, whole
             if self.merge:
                 from .layers import merge_compressed
 

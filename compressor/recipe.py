@@ -19,6 +19,8 @@ TOP_LEVEL_KEYS = {
     "dtype": "float32, bfloat16 or float16",
     "trust_remote_code": "run a Hub model's custom code (off by default)",
     "load_in": "4bit or 8bit bitsandbytes loading of the frozen base",
+    "max_memory": "accelerate offload: per-device budget, e.g. `0=20GiB,cpu=60GiB` (low-rank methods)",
+    "offload_folder": "accelerate offload: folder for the weights that fit nowhere else (disk)",
     "out": "output folder",
     "merge": "write dense nn.Linear weights instead of factored layers",
     "evaluate": "{data, seq_len, num_windows, batch_size} or false",
@@ -115,3 +117,9 @@ def validate_top_level(recipe: dict[str, Any]) -> None:
     for key, kind in (("seed", int), ("merge", bool), ("trust_remote_code", bool)):
         if key in recipe and (not isinstance(recipe[key], kind) or (kind is int and isinstance(recipe[key], bool))):
             raise ConfigError(f"recipe: `{key}` must be {kind.__name__}, got {recipe[key]!r}")
+    if recipe.get("offload_folder") is not None and not isinstance(recipe["offload_folder"], str):
+        raise ConfigError(f"recipe: `offload_folder` must be a folder path, got {recipe['offload_folder']!r}")
+    if recipe.get("max_memory") is not None:
+        from .offload import parse_max_memory
+
+        parse_max_memory(recipe["max_memory"])  # raises with the expected format

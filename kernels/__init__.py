@@ -10,8 +10,11 @@ functions here add `backend=` and dispatch:
    recorded through the inputs (the kernels have no backward); the reference otherwise.
 
 Triton is imported only when the Triton backend is chosen, so `import compressor.kernels` works
-without it. Asking for Triton when it cannot be imported raises `KernelUnavailable`. On CPU tensors
-the Triton backend runs only under TRITON_INTERPRET=1 (how the tests exercise the kernels).
+without it. Asking for Triton when it cannot be imported raises `KernelUnavailable`. Asking for it
+while an input requires grad raises too when the `backend` argument asked; when COMPRESSOR_KERNELS
+asked, that call uses the reference instead (warned once), so training still runs under the
+variable set for inference. On CPU tensors the Triton backend runs only under TRITON_INTERPRET=1
+(how the tests exercise the kernels).
 
 N:M helpers (`pack_nm`, `unpack_nm`, `nm_mask`, ...) are plain torch and take no backend.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
 
 import torch
@@ -59,6 +63,8 @@ __all__ = [
 
 ENV_VAR = "COMPRESSOR_KERNELS"
 _CHOICES = ("ref", "triton", "auto")
+# Set after the first env-var autograd fallback: every training step would repeat the warning.
+_warned_env_autograd = False
 
 
 def _triton_import_error() -> Exception | None:
@@ -97,7 +103,9 @@ def resolve_backend(backend: str | None = None, *tensors: Tensor | None) -> str:
     if choice == "auto":
         return "triton" if _auto_wants_triton(present) else "ref"
     if choice == "triton":
-        _require_triton(source, present)
+        _require_triton(source)
+        if _needs_grad(present):
+            return _autograd_fallback(source)
     return choice
 
 
@@ -110,7 +118,7 @@ def _auto_wants_triton(tensors: list[Tensor]) -> bool:
     return on_cuda and not _needs_grad(tensors) and _triton_import_error() is None
 
 
-def _require_triton(source: str, tensors: list[Tensor]) -> None:
+def _require_triton(source: str) -> None:
     error = _triton_import_error()
     if error is not None:
         raise KernelUnavailable(
@@ -118,12 +126,27 @@ def _require_triton(source: str, tensors: list[Tensor]) -> None:
             f"imported ({type(error).__name__}: {error}); install it with `{INSTALL_HINT}` or use "
             f"backend='ref'"
         )
-    if _needs_grad(tensors):
+
+
+def _autograd_fallback(source: str) -> str:
+    """Triton was asked for but an input requires grad. An explicit argument is a request for
+    this call, so it fails loudly; the environment variable is a global preference that also
+    covers training code, so that call falls back to the differentiable reference."""
+    global _warned_env_autograd
+    if source != ENV_VAR:
         raise KernelUnavailable(
             f"compressor.kernels: {source} asks for the Triton backend, but the Triton kernels are "
             "forward-only and an input requires grad; run under torch.no_grad() or use "
             "backend='ref'"
         )
+    if not _warned_env_autograd:
+        _warned_env_autograd = True
+        warnings.warn(
+            f"compressor.kernels: {ENV_VAR}=triton, but the Triton kernels are forward-only; the "
+            "pure-torch reference is used for calls whose inputs require grad (autograd)",
+            stacklevel=5,  # past resolve_backend and _backend_module: the public op's caller
+        )
+    return "ref"
 
 
 def _backend_module(backend: str | None, *tensors: Tensor | None) -> ModuleType:

@@ -4,7 +4,7 @@ peak-memory meter. The maths that consumes the statistics lives in the method mo
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import os
 import resource
 import sys
@@ -27,6 +27,7 @@ from ..calibration import (
 from ..context import Context
 from ..data import MIN_CALIBRATION_WINDOWS
 from ..errors import DataError, ModelError
+from ..offload import is_dispatched, standalone_copy
 from ..targeting import matches
 
 
@@ -100,12 +101,14 @@ def compress_sequential(run, stats_kind: str) -> None:
     """The block loop of a lowrank._Run: collect statistics phase by phase, `run.compress` each
     linear, propagate the compressed block's outputs (and the teacher's) to the next block.
 
-    Blocks are moved one at a time to `ctx.device` (the model itself may stay on the CPU)."""
+    Blocks are moved one at a time to `ctx.device` (the model itself may stay on the CPU); on a
+    model dispatched by accelerate (CPU/disk offload) the hooks place each block instead."""
     config, model, device = run.config, run.model, run.ctx.device
     windows = calibration_windows(config, run.ctx, run.notes)
     blocks = transformer_blocks(model)
     _keep_out_of_block_dense(run, blocks)
-    home = _model_device(model)
+    dispatched = is_dispatched(model)
+    home = device if dispatched else _model_device(model)
     student = inputs_to(capture_block_inputs(model, windows, config.batch_size, home), device)
     teacher = student if stats_kind == "hessian+cross" else None
     run.metrics.update(
@@ -115,30 +118,42 @@ def compress_sequential(run, stats_kind: str) -> None:
     )
     stats_bytes = 0
     for block_name, block in run.ctx.progress(blocks, f"{config.method_name}: blocks"):
-        block.to(device)
-        factored = {
-            n: m
-            for n, m in block_linears(block, block_name, run.plans).items()
-            if run.plans[n].rank
-        }
-        original = copy.deepcopy(block) if teacher is not None and factored else None
-        phases = split_phases(factored, config.second_phase)
-        teacher_next: list[Tensor] | None = [] if original is not None else None
-        for i, phase in enumerate(phases):
-            keep = teacher_next if i == len(phases) - 1 else None
-            stats = collect_stats(
-                block, block_name, phase, student, stats_kind, original, teacher, keep
-            )
-            unique = {id(s): s for s in stats.values()}.values()
-            stats_bytes = max(stats_bytes, sum(s.nbytes() for s in unique))
-            for name in phase:
-                run.compress(name, stats[name])
-        next_student = run_block(block, student)
-        if teacher is not None:
-            teacher = _next_teacher(block, teacher, student, next_student, teacher_next)
-        student = next_student
-        block.to(home)
+        with _on_device(block, device, home, dispatched):
+            factored = {
+                n: m
+                for n, m in block_linears(block, block_name, run.plans).items()
+                if run.plans[n].rank
+            }
+            original = standalone_copy(block) if teacher is not None and factored else None
+            phases = split_phases(factored, config.second_phase)
+            teacher_next: list[Tensor] | None = [] if original is not None else None
+            for i, phase in enumerate(phases):
+                keep = teacher_next if i == len(phases) - 1 else None
+                stats = collect_stats(
+                    block, block_name, phase, student, stats_kind, original, teacher, keep
+                )
+                unique = {id(s): s for s in stats.values()}.values()
+                stats_bytes = max(stats_bytes, sum(s.nbytes() for s in unique))
+                for name in phase:
+                    run.compress(name, stats[name])
+            next_student = run_block(block, student)
+            if teacher is not None:
+                teacher = _next_teacher(block, teacher, student, next_student, teacher_next)
+            student = next_student
     run.metrics["stats_memory_mb"] = stats_bytes / 2**20
+
+
+@contextlib.contextmanager
+def _on_device(block: nn.Module, device, home, dispatched: bool):
+    """`block` on the calibration device for the duration (accelerate's hooks do it when dispatched)."""
+    if dispatched:
+        yield block
+        return
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
 
 
 def _next_teacher(block, teacher, student, next_student, teacher_next) -> BlockInputs:

@@ -32,6 +32,7 @@ from ..config import MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError
 from ..layers import CompressedLinear, LowRankLinear
+from ..offload import MaterializedWeights, materialized, place_like
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
 from ._lowrank_calibration import (  # noqa: F401  (re-exported for the method modules and tests)
@@ -236,18 +237,18 @@ class _Run:
         """Factor `name` at its planned rank and swap a LowRankLinear in (weights keep their dtype)."""
         plan = self.plans[name]
         module = self.model.get_submodule(name)
-        weight = linear_weight(module).detach()
+        with materialized(module):  # offloaded weights are meta at rest
+            weight = linear_weight(module).detach()
+            bias = getattr(module, "bias", None)
+            bias = None if bias is None else bias.detach()
         if stats is not None:
             stats = stats.to(self.ctx.device)
         left, right, info = self.factorize(
             name, weight.to(self.ctx.device), stats, plan.rank, self.config
         )
         check_finite(name, left, right)
-        bias = getattr(module, "bias", None)
-        layer = LowRankLinear.from_factors(
-            left.to(weight), right.to(weight), None if bias is None else bias.detach()
-        )
-        replace_module(self.model, name, layer)
+        layer = LowRankLinear.from_factors(left.to(weight), right.to(weight), bias)
+        replace_module(self.model, name, place_like(layer, module))
         self.notes.extend(info.pop("notes", []))
         self.rows[name].update({k: _scalar(v) for k, v in info.items()})
         self.rows[name]["status"] = "factored"
@@ -311,7 +312,7 @@ def plan_ranks(
         from .welore import welore_plan  # welore.py builds on this module, so import it lazily
 
         plans, tau = welore_plan(
-            {n: linear_weight(selected[n]) for n in shapes}, config.rank, config.min_ratio
+            MaterializedWeights({n: selected[n] for n in shapes}), config.rank, config.min_ratio
         )
         notes.append(f"WeLore allocation: global tau {tau:.4f}")
     else:

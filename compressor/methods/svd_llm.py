@@ -16,11 +16,12 @@ model's outputs, U = argmin ‖U V̂ X − W X_f‖² = W (X_f Xᵀ) V̂ᵀ (V̂
 The reference code fits W·X on the compressed model's inputs X instead; with our sequential
 whitening (H already measured on X) that target makes the update an exact no-op, so the target is
 the teacher's output, which is what the update is for: absorbing the upstream compression error.
-`update: auto` turns it on when rank (keep) < 0.7, as the reference recommends for ratio > 0.3.
-Measured on stories260K (reports/quality_q2.md) the teacher-target update helps at keep 0.8
-(perplexity 35.6 -> 30.4) but hurts below it (0.6: 85.7 -> 100.6; 0.4: 154 -> 292): fitting U to
-the full-precision outputs is CEALC with β = 1 on U alone, and ACES caps β at 0.43 for the same
-reason — prefer saes-svd, or `update: false`, at low keep ratios.
+`update: auto` turns it on when rank (keep) < 0.7, as the reference recommends for ratio > 0.3;
+the default is `false` because, measured, this teacher-target update hurts more than it helps:
+stories260K (reports/quality_q2.md) 35.6 -> 30.4 at keep 0.8 but 85.7 -> 100.6 at 0.6 and
+154 -> 292 at 0.4; SmolLM2-135M (reports/quality_q1.md) 88.5 -> 204.1 at 0.8 and 192.0 -> 480.2
+at 0.6. Fitting U to the full-precision outputs is CEALC with β = 1 on U alone, and ACES caps β
+at 0.43 for the same reason: saes-svd is the way to use the teacher's outputs.
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ class SVDLLMConfig(CalibratedLowRankConfig):
     """SVD-LLM whitening (see CalibratedLowRankConfig for the shared fields).
 
     Args:
-        update: least-squares update of U against the full-precision outputs: `auto` (on when
-            rank < 0.7), `true` or `false` (whitening only).
+        update: least-squares update of U against the full-precision outputs: `false` (default,
+            whitening only; the update measured worse, see the module docstring), `true`, or
+            `auto` (on when rank < 0.7, the reference code's rule).
         damping: absolute ridge λ added to H's diagonal before Cholesky (0 = the paper's whitening;
             the eigen-shift fallback still guards non-definite H).
     """
 
-    update: Literal["auto", "true", "false"] | bool = "auto"
+    update: Literal["auto", "true", "false"] | bool = "false"
     damping: float = 0.0
 
     def __post_init__(self) -> None:

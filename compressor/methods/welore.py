@@ -20,6 +20,8 @@ low-rank method uses the same allocation with `allocation: welore`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from dataclasses import dataclass
 
 import torch
@@ -102,11 +104,12 @@ def welore_allocation(
 
 
 def welore_plan(
-    weights: dict[str, Tensor], keep: float, min_ratio: float
+    weights: Mapping[str, Tensor], keep: float, min_ratio: float
 ) -> tuple[dict[str, LayerPlan], float]:
     """WeLore allocation from the weights themselves: {name: W (m, n)} -> (plans, τ)."""
-    spectra = {name: singular_values(w) for name, w in weights.items()}
-    shapes = {name: (w.shape[0], w.shape[1]) for name, w in weights.items()}
+    spectra, shapes = {}, {}
+    for name, w in weights.items():  # one pass: `weights` may read each matrix from offload
+        spectra[name], shapes[name] = singular_values(w), (w.shape[0], w.shape[1])
     return welore_allocation(spectra, shapes, keep, min_ratio)
 
 

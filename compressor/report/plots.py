@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ..targeting import layer_type
 from .records import Report, StageRecord
 
 
@@ -24,12 +25,20 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _row_type(row: dict) -> str:
+    """The row's layer type; rows from some methods (dsformer, maestro, prune) carry only the
+    module name, so the type is derived from it, and "other" groups rows with neither."""
+    if "type" in row:
+        return row["type"]
+    return layer_type(row["module"]) if row.get("module") else "other"
+
+
 def plot_spectra(record: StageRecord, folder: Path) -> str:
     """Normalised spectra σ_i/σ_max on a log scale, one panel per layer type."""
     plt = _pyplot()
     groups: dict[str, list[dict]] = defaultdict(list)
     for row in record.per_module:
-        groups[row["type"]].append(row)
+        groups[_row_type(row)].append(row)
     cols = min(4, len(groups))
     rows = (len(groups) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
@@ -51,7 +60,9 @@ def plot_per_layer(record: StageRecord, folder: Path, key: str, ylabel: str, fil
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(6, len(record.per_module) * 0.06), 3.5))
     values = [row[key] for row in record.per_module]
-    colors = [f"C{sorted({r['type'] for r in record.per_module}).index(r['type']) % 10}" for r in record.per_module]
+    types = [_row_type(row) for row in record.per_module]
+    order = sorted(set(types))
+    colors = [f"C{order.index(kind) % 10}" for kind in types]
     ax.bar(range(len(values)), values, color=colors)
     if log:
         ax.set_yscale("log")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import compressor.kernels as kernels
 import pytest
@@ -113,3 +114,57 @@ def test_import_works_without_triton_and_does_not_load_it():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[[4.0, 4.0]]"
+
+
+@pytest.fixture
+def env_triton(monkeypatch):
+    """COMPRESSOR_KERNELS=triton, with the one-time autograd warning not yet given."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("COMPRESSOR_KERNELS", "triton")
+    monkeypatch.setattr(kernels, "_warned_env_autograd", False, raising=False)
+
+
+def _low_rank_with_grad(backend=None):
+    """low_rank_linear output and the gradient of its sum w.r.t. a trainable u."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, generator=gen)
+    v = torch.randn(2, 5, generator=gen)
+    u = torch.randn(4, 2, generator=gen).requires_grad_()
+    y = kernels.low_rank_linear(x, u, v, backend=backend)
+    y.sum().backward()
+    return y.detach(), u.grad
+
+
+def test_env_triton_with_autograd_falls_back_to_the_reference_and_warns_once(env_triton):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # so a second warning would be recorded, not suppressed
+        y, grad = _low_rank_with_grad()
+        _low_rank_with_grad()
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1
+    assert "COMPRESSOR_KERNELS=triton" in messages[0]
+    assert "forward-only" in messages[0] and "reference is used" in messages[0]
+    y_ref, grad_ref = _low_rank_with_grad(backend="ref")
+    assert grad is not None
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=0)
+    # d(sum y)/du = sum over rows of (x @ v.T): check against the maths, not only the reference.
+    gen = torch.Generator().manual_seed(7)
+    x, v = torch.randn(3, 5, generator=gen), torch.randn(2, 5, generator=gen)
+    torch.testing.assert_close(grad, (x @ v.T).sum(0).expand(4, 2))
+
+
+def test_env_triton_falls_back_only_while_grad_is_recorded(env_triton):
+    weight = torch.zeros(3, 2, requires_grad=True)
+    with pytest.warns(UserWarning, match="forward-only"):
+        assert resolve_backend(None, CPU, weight) == "ref"
+    with torch.no_grad():
+        assert resolve_backend(None, CPU, weight) == "triton"
+    assert resolve_backend(None, CPU) == "triton"
+
+
+def test_explicit_triton_with_autograd_still_raises_under_env_triton(env_triton):
+    with pytest.raises(
+        KernelUnavailable, match="`backend` asks for the Triton backend.*forward-only"
+    ):
+        _low_rank_with_grad(backend="triton")

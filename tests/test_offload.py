@@ -1,0 +1,120 @@
+"""Compressing a model dispatched by accelerate with its weights offloaded to disk.
+
+A `max_memory` far below the model's size makes accelerate put every weight on disk (meta
+tensors + loading hooks), which is what a model bigger than the machine looks like. The block
+loop must then give exactly the checkpoint it gives on the ordinary in-memory model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from compressor.cli.main import app
+from compressor.errors import ConfigError, ModelError
+from compressor.models import default_tokenizer, load_model
+from compressor.offload import (
+    has_offloaded_weights,
+    is_dispatched,
+    parse_max_memory,
+    standalone_copy,
+)
+from compressor.pipeline import Pipeline
+from compressor.testing.tiny import example_input_ids, tiny_llama
+
+ALL_ON_DISK = "cpu=20KB"  # the tiny model is ~300 KB: nothing fits, everything is offloaded
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(layers=3).save_pretrained(folder)
+    default_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _compress(folder, out, stage, **offload):
+    recipe = {"model": str(folder), "out": str(out), "evaluate": {"num_windows": 4},
+              "stages": [stage], **offload}
+    report, loaded = Pipeline.from_recipe(recipe).run(quiet=True)
+    return report, loaded
+
+
+def test_load_with_tiny_budget_offloads_every_block_to_disk(tiny_dir, tmp_path):
+    loaded = load_model(tiny_dir, max_memory=ALL_ON_DISK, offload_folder=tmp_path / "off")
+    model = loaded.model
+    q_proj = model.model.layers[1].self_attn.q_proj
+    assert is_dispatched(model)
+    assert q_proj.weight.device.type == "meta" and has_offloaded_weights(q_proj)
+    reference = tiny_llama(layers=3)
+    ids = example_input_ids()
+    torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stage", [
+    {"method": "saes-svd", "rank": 0.5, "num_windows": 8, "seq_len": 32},  # teacher stream copy
+    {"method": "svd-llm", "rank": 0.5, "num_windows": 8, "seq_len": 32, "allocation": "welore"},
+    {"method": "svd", "rank": 0.4},
+])
+def test_offloaded_compression_equals_in_memory_compression(tiny_dir, tmp_path, stage):
+    plain_report, _ = _compress(tiny_dir, tmp_path / "plain", stage)
+    disk_report, disk = _compress(tiny_dir, tmp_path / "disk", stage, max_memory=ALL_ON_DISK,
+                                  offload_folder=str(tmp_path / "off"))
+    assert not is_dispatched(disk.model)  # gathered back to CPU for writing
+    plain_rows = {r["module"]: r["rank"] for r in plain_report.stages[0].per_module}
+    assert {r["module"]: r["rank"] for r in disk_report.stages[0].per_module} == plain_rows
+    assert disk_report.evaluation["after"]["perplexity"] == pytest.approx(
+        plain_report.evaluation["after"]["perplexity"], rel=1e-6)
+    ids = example_input_ids()
+    plain_logits = load_model(tmp_path / "plain").model(ids).logits
+    disk_logits = load_model(tmp_path / "disk").model(ids).logits
+    torch.testing.assert_close(disk_logits, plain_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_standalone_copy_is_hook_free_and_leaves_the_original_offloaded(tiny_dir, tmp_path):
+    model = load_model(tiny_dir, max_memory=ALL_ON_DISK, offload_folder=tmp_path / "off").model
+    block = model.model.layers[0]
+    copy = standalone_copy(block)
+    assert not any(hasattr(m, "_hf_hook") for m in copy.modules())
+    assert all(p.device.type == "cpu" for p in copy.parameters())
+    assert block.self_attn.q_proj.weight.device.type == "meta"  # still offloaded
+    reference = tiny_llama(layers=3).model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(copy.self_attn.q_proj.weight, reference, rtol=0, atol=0)
+
+
+def test_nan_in_an_offloaded_weight_is_still_found(tmp_path):
+    model = tiny_llama(layers=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "nan")
+    default_tokenizer().save_pretrained(tmp_path / "nan")
+    with pytest.raises(ModelError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+        _compress(tmp_path / "nan", tmp_path / "out", {"method": "svd", "rank": 0.5},
+                  max_memory=ALL_ON_DISK, offload_folder=str(tmp_path / "off"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_offload_with_a_method_that_reads_weights_directly_is_refused_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match="dsformer"):
+        _compress(tmp_path / "does-not-exist", tmp_path / "out", {"method": "dsformer", "rank": 0.6},
+                  offload_folder=str(tmp_path / "off"))
+
+
+def test_max_memory_parsing():
+    assert parse_max_memory("0=20GiB, cpu=60GiB") == {0: "20GiB", "cpu": "60GiB"}
+    assert parse_max_memory("cuda:1=10GiB") == {1: "10GiB"}
+    for bad in ("20GiB", "gpu=1GiB", ""):
+        with pytest.raises(ConfigError, match="max_memory"):
+            parse_max_memory(bad)
+
+
+def test_cli_compress_with_offload_flags(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, [
+        "compress", str(tiny_dir), "--method", "svd-llm", "--rank", "0.5", "--calib-windows", "8",
+        "--max-memory", ALL_ON_DISK, "--offload-folder", str(tmp_path / "off"), "--out", str(out),
+        "--eval-windows", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").is_file() and (out / "compression.json").is_file()
+    reloaded = load_model(out).model
+    assert reloaded(example_input_ids()).logits.isfinite().all()
