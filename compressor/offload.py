@@ -85,11 +85,17 @@ def place_like(new: nn.Module, old: nn.Module) -> nn.Module:
     when `old` was offloaded and runs on an accelerator, else on `old`'s execution device."""
     device = execution_device(old)
     if has_offloaded_weights(old) and device.type != "cpu":
-        from accelerate import cpu_offload
-
-        new.to("cpu")
-        return cpu_offload(new, execution_device=device)
+        return offload_to_cpu(new, device)
     return new.to(device)
+
+
+def offload_to_cpu(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Keep `module`'s weights in CPU RAM (meta on the module) and load them onto `device` for
+    each forward: the same single hook accelerate puts on an offloaded leaf module."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    module.to("cpu")
+    return add_hook_to_module(module, AlignDevicesHook(execution_device=device, offload=True, place_submodules=True))
 
 
 def offload_kwargs(max_memory: str | dict | None, offload_folder: str | None) -> dict:

@@ -3,9 +3,12 @@ after, applies quality gates, and writes the report (and checkpoint) atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import resource
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,10 +112,13 @@ class Pipeline:
                                       max_memory=self.max_memory, offload_folder=self.offload_folder)
         report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
                              "model_class": type(loaded.model).__name__})
-        if self.out is None:
-            self._run_stages(loaded, report, None, device, quiet)
+        if self.out is None or secondary_rank():
+            # Under torchrun / accelerate launch only rank 0 writes `out`; the other ranks stage
+            # into a scratch folder (training checkpoints need one) that is deleted afterwards.
+            with scratch_dir(self.out is not None) as tmp:
+                self._run_stages(loaded, report, tmp, device, quiet)
             report.run["seconds"] = time.perf_counter() - started
-            self._check_gates(report)
+            self._check_gates(report, write=False)
             return report, loaded
         with staged_output(self.out) as tmp:
             self._run_stages(loaded, report, tmp, device, quiet)
@@ -174,15 +180,30 @@ class Pipeline:
         (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(self.to_recipe(), sort_keys=False))
         write_report(report, tmp)
 
-    def _check_gates(self, report: Report) -> None:
+    def _check_gates(self, report: Report, write: bool = True) -> None:
         results = evaluate_gates(self.gates, report.evaluation)
         report.gates = results
         missed = [g for g in results if not g["passed"]]
-        if missed and self.out is not None:
+        if missed and write and self.out is not None:
             (Path(self.out) / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
         if missed:
             raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
                                       for g in missed) + " (outputs were written; loosen the gate or change the recipe)")
+
+
+def secondary_rank() -> bool:
+    """True in every process but rank 0 of a torchrun / accelerate launch job (both set RANK)."""
+    return int(os.environ.get("RANK", "0") or 0) > 0
+
+
+@contextlib.contextmanager
+def scratch_dir(needed: bool):
+    """A temporary folder deleted on exit when `needed`, else None."""
+    if not needed:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="compressor-rank-") as tmp:
+        yield Path(tmp)
 
 
 def _manifest(pipeline: Pipeline, report: Report) -> dict[str, Any]:

@@ -118,3 +118,21 @@ def test_cli_compress_with_offload_flags(tiny_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "compression.json").is_file()
     reloaded = load_model(out).model
     assert reloaded(example_input_ids()).logits.isfinite().all()
+
+
+def test_a_layer_offloaded_like_its_source_loads_on_forward_and_gathers_back():
+    """The GPU path of `place_like` (factors of an offloaded layer stay in CPU RAM), exercised
+    with the CPU as the execution device."""
+    from compressor.layers import LowRankLinear
+    from compressor.offload import gather_to_cpu, offload_to_cpu
+
+    layer = LowRankLinear.from_factors(torch.randn(6, 2), torch.randn(2, 5), torch.randn(6))
+    x = torch.randn(3, 5)
+    expected = layer(x)
+    holder = torch.nn.Sequential(offload_to_cpu(layer, "cpu"))
+    assert has_offloaded_weights(layer) and all(p.device.type == "meta" for p in layer.parameters())
+    torch.testing.assert_close(holder(x), expected, rtol=0, atol=0)
+    assert all(p.device.type == "meta" for p in layer.parameters())  # dropped again after forward
+    gather_to_cpu(holder)
+    assert not is_dispatched(holder) and all(p.device.type == "cpu" for p in layer.parameters())
+    torch.testing.assert_close(holder(x), expected, rtol=0, atol=0)

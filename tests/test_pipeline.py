@@ -95,3 +95,14 @@ def test_failed_run_leaves_nothing(tmp_path, stories):
 
 def test_gate_error_type():
     assert GateError("x").exit_code == 3
+
+
+@pytest.mark.parametrize("rank, writes", [("0", True), ("1", False)])
+def test_only_rank_zero_writes_outputs_under_a_launcher(tmp_path, monkeypatch, rank, writes):
+    monkeypatch.setenv("RANK", rank)
+    out = tmp_path / "o"
+    recipe = {"out": str(out), "evaluate": False, "stages": [{"method": "svd", "rank": 0.8}]}
+    report, _ = Pipeline.from_recipe(recipe).run(quiet=True)
+    assert report.stages[0].metrics["layers_factored"] > 0  # every rank does the work
+    assert out.exists() is writes
+    assert list(tmp_path.iterdir()) == ([out] if writes else [])  # no staging leftovers
