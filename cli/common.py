@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, ConfigError
 
 # Piped output (CI logs, files) gets wide tables instead of 80-column wrapping of module names.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -82,3 +82,25 @@ def print_evaluation(evaluation: dict[str, dict[str, Any]]) -> None:
 
 def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
+
+
+def stage_fields(method: str, flags: dict[str, object],
+                 aliases: dict[str, tuple[str, ...]] | None = None) -> dict[str, object]:
+    """Map CLI flags onto the method's config fields; a flag the method lacks is an error.
+
+    `aliases` maps a flag to the field names it may fill, first match wins (e.g. `--calib` fills
+    `calibration` or `calib_data`); other flags fill the field of the same name."""
+    from compressor.registry import get_method
+
+    fields = get_method(method).config_cls.field_names()
+    chosen = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        candidates = (aliases or {}).get(flag, (flag.replace("-", "_"),))
+        key = next((f for f in candidates if f in fields), None)
+        if key is None:
+            raise ConfigError(f"`--{flag}` does not apply to method `{method}` (its fields: {', '.join(fields)}); "
+                              "use --set key=value for method-specific fields")
+        chosen[key] = value
+    return chosen

@@ -10,9 +10,20 @@ from compressor.errors import ConfigError
 from compressor.pipeline import Pipeline
 from compressor.registry import get_method, method_names
 
-from .common import DeviceOpt, ModelArg, OutOpt, QuietOpt, SeedOpt, SetOpt, TrustOpt, console, handle_errors
-from .common import print_evaluation, print_metrics
-
+from .common import (
+    DeviceOpt,
+    ModelArg,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    SetOpt,
+    TrustOpt,
+    console,
+    handle_errors,
+    print_evaluation,
+    print_metrics,
+    stage_fields,
+)
 
 # CLI flag -> the config field names it may fill, first match wins.
 FLAG_FIELDS = {
@@ -20,21 +31,6 @@ FLAG_FIELDS = {
     "calib-windows": ("num_windows", "calib_windows"), "targets": ("targets",), "ignore": ("ignore",),
     "from-trained": ("from_trained",),
 }
-
-
-def stage_fields(method: str, flags: dict[str, object]) -> dict[str, object]:
-    """Map CLI flags onto the method's config fields; a flag the method lacks is an error."""
-    fields = get_method(method).config_cls.field_names()
-    chosen = {}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        key = next((f for f in FLAG_FIELDS.get(flag, (flag.replace("-", "_"),)) if f in fields), None)
-        if key is None:
-            raise ConfigError(f"`--{flag}` does not apply to method `{method}` (its fields: {', '.join(fields)}); "
-                              "use --set key=value for method-specific fields")
-        chosen[key] = value
-    return chosen
 
 
 @handle_errors
@@ -73,7 +69,7 @@ def compress(
     flags = {"rank": rank, "allocation": allocation, "calib": calib, "calib-windows": calib_windows,
              "targets": targets or None, "ignore": ignore or None, "from-trained": from_trained}
     out = out or f"compressed-{method}"
-    pipeline = Pipeline.from_flags(method, stage_fields(method, flags), set_, model=model, device=device, seed=seed,
+    pipeline = Pipeline.from_flags(method, stage_fields(method, flags, FLAG_FIELDS), set_, model=model, device=device, seed=seed,
                                    out=str(out), merge=merge, trust_remote_code=trust_remote_code,
                                    max_memory=max_memory, offload_folder=offload_folder,
                                    evaluate={"num_windows": eval_windows})

@@ -26,26 +26,10 @@ from .common import (
     handle_errors,
     print_evaluation,
     print_metrics,
+    stage_fields,
 )
 
 LOAD_IN = ("4bit", "8bit")
-
-
-def stage_fields(method: str, flags: dict[str, object]) -> dict[str, object]:
-    """Map flags onto the method's config fields; a flag the method lacks is an error."""
-    fields = get_method(method).config_cls.field_names()
-    chosen = {}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        key = flag.replace("-", "_")
-        if key not in fields:
-            raise ConfigError(
-                f"`--{flag}` does not apply to method `{method}` (its fields: {', '.join(fields)}); "
-                "use --set key=value for method-specific fields"
-            )
-        chosen[key] = value
-    return chosen
 
 
 def check_method(method: str) -> None:

@@ -21,8 +21,15 @@ from . import evaluation
 from .config import MethodConfig
 from .context import Context
 from .errors import ConfigError, GateError, ModelError
+from .models import (
+    LoadedModel,
+    check_output_dir,
+    load_model,
+    nonfinite_layers,
+    save_checkpoint,
+    staged_output,
+)
 from .offload import check_offload_ready, gather_to_cpu
-from .models import LoadedModel, check_output_dir, load_model, nonfinite_layers, save_checkpoint, staged_output
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report

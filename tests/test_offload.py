@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compressor.cli.main import app
 from typer.testing import CliRunner
 
-from compressor.cli.main import app
 from compressor.errors import ConfigError, ModelError
 from compressor.models import default_tokenizer, load_model
 from compressor.offload import (
