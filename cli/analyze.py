@@ -9,7 +9,19 @@ from rich.table import Table
 
 from compressor.pipeline import Pipeline
 
-from .common import DeviceOpt, ModelArg, OutOpt, QuietOpt, SeedOpt, SetOpt, TrustOpt, console, handle_errors
+from .common import (
+    DeviceOpt,
+    MaxMemoryOpt,
+    ModelArg,
+    OffloadFolderOpt,
+    OutOpt,
+    QuietOpt,
+    SeedOpt,
+    SetOpt,
+    TrustOpt,
+    console,
+    handle_errors,
+)
 
 
 @handle_errors
@@ -21,6 +33,8 @@ def analyze(
     top_p: Annotated[float, typer.Option(help="KappaTune: fraction of lowest-κ tensors selected")] = 0.2,
     reduction: Annotated[float, typer.Option(help="WeLore: total rank reduction targeted")] = 0.5,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute cached spectra")] = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     device: DeviceOpt = "cpu",
     seed: SeedOpt = 0,
     set_: SetOpt = None,
@@ -32,7 +46,8 @@ def analyze(
     fields = {"targets": targets or None, "ignore": ignore or None, "top_p": top_p,
               "welore_reduction": reduction, "use_cache": not no_cache}
     pipeline = Pipeline.from_flags("analyze", fields, set_, model=model, device=device, seed=seed,
-                                   out=str(out) if out else None, trust_remote_code=trust_remote_code)
+                                   out=str(out) if out else None, trust_remote_code=trust_remote_code,
+                                   max_memory=max_memory, offload_folder=offload_folder)
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]
     print_layer_table(record.per_module)

@@ -25,6 +25,11 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")]
 SeedOpt = Annotated[int, typer.Option(help="seed for data sampling and training")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a Hub model's custom code")]
+MaxMemoryOpt = Annotated[str | None, typer.Option(
+    help="offload with accelerate (model bigger than the device): per-device budget, e.g. "
+         "'0=20GiB,cpu=60GiB'; the rest goes to --offload-folder")]
+OffloadFolderOpt = Annotated[str | None, typer.Option(
+    help="folder for offloaded weights that fit in no --max-memory budget")]
 
 
 def fail(message: str, code: int = 1) -> None:

@@ -12,7 +12,9 @@ from compressor.registry import get_method, method_names
 
 from .common import (
     DeviceOpt,
+    MaxMemoryOpt,
     ModelArg,
+    OffloadFolderOpt,
     OutOpt,
     QuietOpt,
     SeedOpt,
@@ -48,11 +50,8 @@ def compress(
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="names / re:regex to exclude")] = None,
     from_trained: Annotated[str | None, typer.Option(help="maestro: truncate a trained run without retraining")] = None,
     merge: Annotated[bool, typer.Option("--merge", help="write a plain dense checkpoint")] = False,
-    max_memory: Annotated[str | None, typer.Option(
-        help="offload with accelerate (model bigger than the device): per-device budget, e.g. "
-             "'0=20GiB,cpu=60GiB'; the rest goes to --offload-folder")] = None,
-    offload_folder: Annotated[str | None, typer.Option(
-        help="folder for offloaded weights that fit in no --max-memory budget (low-rank methods)")] = None,
+    max_memory: MaxMemoryOpt = None,
+    offload_folder: OffloadFolderOpt = None,
     out: OutOpt = None,
     eval_windows: Annotated[int, typer.Option(help="held-out windows for before/after quality")] = 32,
     device: DeviceOpt = "cpu",

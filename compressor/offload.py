@@ -207,8 +207,9 @@ def materialized_own(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
-# Stages whose every weight access goes through this module (the low-rank family's block loop).
-OFFLOAD_READY = ("svd", "asvd", "svd-llm", "saes-svd", "welore")
+# Stages whose every weight access goes through this module (the low-rank family's block loop,
+# the analysis sweep).
+OFFLOAD_READY = ("analyze", "svd", "asvd", "svd-llm", "saes-svd", "welore")
 
 
 def check_offload_ready(methods: list[str]) -> None:

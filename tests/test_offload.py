@@ -136,3 +136,12 @@ def test_a_layer_offloaded_like_its_source_loads_on_forward_and_gathers_back():
     gather_to_cpu(holder)
     assert not is_dispatched(holder) and all(p.device.type == "cpu" for p in layer.parameters())
     torch.testing.assert_close(holder(x), expected, rtol=0, atol=0)
+
+
+def test_analyze_reads_offloaded_weights_like_in_memory_ones(tiny_dir, tmp_path):
+    stage = {"method": "analyze", "use_cache": False}
+    plain, _ = _compress(tiny_dir, tmp_path / "a", stage)
+    disk, _ = _compress(tiny_dir, tmp_path / "b", stage, max_memory=ALL_ON_DISK, offload_folder=str(tmp_path / "off"))
+    kappa = {r["module"]: r["kappa"] for r in plain.stages[0].per_module}
+    assert len(kappa) == 21  # 3 blocks x 7 linears
+    assert {r["module"]: r["kappa"] for r in disk.stages[0].per_module} == kappa

@@ -4,6 +4,7 @@ stable rank, WeLore's normalised tail, the ranks WeLore would remove and its LRC
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,9 +13,10 @@ from torch import nn
 from ..config import MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError
+from ..offload import MaterializedWeights
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import layer_type, linear_weight, select_linears
+from ..targeting import layer_type, linear_shape, select_linears
 from . import cache, spectra
 
 
@@ -51,13 +53,14 @@ def layer_spectra(model: nn.Module, targets=(), ignore=(), *, ctx: Context | Non
                   max_dim: int = 16384) -> tuple[dict[str, torch.Tensor], int]:
     """σ (descending, fp32, CPU) for each selected linear; returns (spectra, cache hits)."""
     modules = select_linears(model, targets, ignore)
-    check_finite(modules)
+    weights = MaterializedWeights(modules)  # reads accelerate-offloaded weights one at a time
+    check_finite(weights)
     device = ctx.device if ctx is not None else torch.device("cpu")
     result, hits = {}, 0
-    items = list(modules.items())
-    iterator = ctx.progress(items, "SVD sweep") if ctx is not None else items
-    for name, module in iterator:
-        weight = linear_weight(module).detach()
+    names = list(modules)
+    iterator = ctx.progress(names, "SVD sweep") if ctx is not None else names
+    for name in iterator:
+        weight = weights[name]
         if max(weight.shape) > max_dim:
             continue
         key = cache.weight_key(weight) if use_cache else None
@@ -72,8 +75,8 @@ def layer_spectra(model: nn.Module, targets=(), ignore=(), *, ctx: Context | Non
     return result, hits
 
 
-def check_finite(modules: dict[str, nn.Module]) -> None:
-    bad = [n for n, m in modules.items() if not torch.isfinite(linear_weight(m)).all()]
+def check_finite(weights: Mapping[str, torch.Tensor]) -> None:
+    bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
     if bad:
         shown = ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
         raise ModelError(f"{len(bad)} layer(s) hold NaN/Inf weights: {shown}; the checkpoint is corrupt — "
@@ -102,7 +105,7 @@ def apply(model: nn.Module, config: AnalyzeConfig, ctx: Context) -> StageResult:
     svd_seconds = time.perf_counter() - start
     tau = spectra.welore_tau(list(sigmas.values()), config.welore_reduction)
     modules = select_linears(model, config.targets, config.ignore)
-    rows = [layer_record(n, tuple(linear_weight(modules[n]).shape), s, config, tau) for n, s in sigmas.items()]
+    rows = [layer_record(n, tuple(linear_shape(modules[n])), s, config, tau) for n, s in sigmas.items()]
     kappas = {r["module"]: r["kappa"] for r in rows}
     selected = set(spectra.kappatune_select(kappas, top_p=config.top_p))
     for row in rows:
