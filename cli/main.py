@@ -7,7 +7,11 @@ import os
 
 import typer
 
-from . import analyze, compress, eval, finetune, generate, methods, run
+# bitsandbytes (imported by peft when installed) warns on CPU that Hugging Face's optional
+# `kernels` package is missing; it changes nothing for us, so keep it off the CLI's output.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from . import analyze, compress, eval, finetune, generate, methods, run  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
