@@ -56,12 +56,9 @@ def execution_device(module: nn.Module, default: torch.device | str = "cpu") -> 
 def materialized(module: nn.Module) -> Iterator[nn.Module]:
     """While active, every offloaded parameter in `module` (recursively) holds its real value on
     its execution device; on exit they are offloaded again."""
-    from accelerate.utils import align_module_device
-
     with contextlib.ExitStack() as stack:
         for sub in module.modules():
-            if has_offloaded_weights(sub):
-                stack.enter_context(align_module_device(sub))
+            stack.enter_context(materialized_own(sub))
         yield module
 
 
