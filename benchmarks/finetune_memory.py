@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from compressor.memory import proc_status_mb
+
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 MODES = ("forward", "inference", "mezo", "backprop")
@@ -48,14 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
 def worker(args) -> dict:
     """Runs in the subprocess: load, baseline, reset the high-water mark, work, peak."""
     import torch
@@ -69,7 +63,7 @@ def worker(args) -> dict:
     model = loaded.model.eval()
     params = [p for p in model.parameters()]
     batch = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq))}
-    baseline = rss_mb("VmRSS")
+    baseline = proc_status_mb("VmRSS", required=True)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")
     started = time.perf_counter()
@@ -95,7 +89,7 @@ def worker(args) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss = loss.item()
     seconds = time.perf_counter() - started
-    peak = rss_mb("VmHWM")
+    peak = proc_status_mb("VmHWM", required=True)
     n_params = sum(p.numel() for p in params)
     return {"mode": args.worker, "baseline_mb": baseline, "peak_mb": peak, "growth_mb": peak - baseline,
             "seconds": seconds, "loss": loss, "params": n_params}  # fmt: skip

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from compressor.memory import PeakMemory, proc_status_mb
+
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = "/work/shared/data"
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -50,39 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
-class AnonPeak:
-    """Peak anonymous resident memory (RssAnon: heap, not file pages the kernel can drop),
-    sampled every 5 ms by a thread; the kernel keeps no high-water mark for it."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.peak = rss_mb("RssAnon")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_mb("RssAnon"))
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb("RssAnon"))
-
-
 def worker(args) -> dict:
     """In the subprocess: compress the HF folder in `workdir`, write the checkpoint, measure."""
     import torch
@@ -92,7 +61,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work = Path(args.workdir)
-    baseline = rss_mb("VmRSS")
+    baseline = proc_status_mb("VmRSS", required=True)
     offload = {"max_memory": f"cpu={args.budget}", "offload_folder": str(work / "offload")} \
         if args.worker == "offload" else {}
     recipe = {
@@ -103,21 +72,22 @@ def worker(args) -> dict:
                     "num_windows": args.calib_windows, "seq_len": args.calib_seq, "batch_size": 4}],
         **offload,
     }
-    anon_baseline = rss_mb("RssAnon")
+    anon_baseline = proc_status_mb("RssAnon", required=True)
     started = time.perf_counter()
-    with AnonPeak() as anon:
+    # Heap = RssAnon (not file pages the kernel can drop); PeakMemory samples it every 5 ms.
+    with PeakMemory("cpu", reader=lambda: proc_status_mb("RssAnon", required=True) * 2**20) as anon:
         pipeline = Pipeline.from_recipe(recipe)
         loaded = load_model(pipeline.model, max_memory=pipeline.max_memory, offload_folder=pipeline.offload_folder)
         placement = _placement(loaded.model)  # read now: writing gathers the model back to the CPU
-        load_mb = rss_mb("RssAnon") - anon_baseline
+        load_mb = proc_status_mb("RssAnon", required=True) - anon_baseline
         report, loaded = pipeline.run(quiet=True, loaded=loaded)
     seconds = time.perf_counter() - started
     stage = report.stages[0]
     return {
-        "mode": args.worker, "baseline_mb": baseline, "peak_mb": rss_mb("VmHWM"), "after_load_mb": load_mb,
-        "anon_peak_mb": anon.peak - anon_baseline,
+        "mode": args.worker, "baseline_mb": baseline, "peak_mb": proc_status_mb("VmHWM", required=True), "after_load_mb": load_mb,
+        "anon_peak_mb": anon.peak_mb,
         "compress_peak_mb": stage.metrics["peak_memory_mb"],
-        "growth_mb": rss_mb("VmHWM") - baseline, "seconds": seconds,
+        "growth_mb": proc_status_mb("VmHWM", required=True) - baseline, "seconds": seconds,
         "compress_seconds": stage.metrics["seconds"], "keep_reached": stage.metrics["keep_ratio_reached"],
         "ppl_before": report.evaluation["before"]["perplexity"],
         "ppl_after": report.evaluation["after"]["perplexity"], "placement": placement,

@@ -124,16 +124,3 @@ def block_linears(block: nn.Module, block_name: str, selected: dict[str, nn.Modu
     """The selected linears inside one block, keyed by their full model names."""
     inside = {f"{block_name}.{n}": m for n, m in find_linears(block).items()}
     return {n: m for n, m in inside.items() if n in selected}
-
-
-def accumulate_gram(linears: dict[str, nn.Module], block: nn.Module, inputs: BlockInputs) -> dict[str, torch.Tensor]:
-    """H = Σ x xᵀ (in, in) in fp32 for each hooked linear over one pass of `block` on `inputs`."""
-    grams: dict[str, torch.Tensor] = {}
-
-    def add(name: str, x: torch.Tensor) -> None:
-        gram = x.t() @ x
-        grams[name] = grams[name] + gram if name in grams else gram
-
-    with capture_linear_inputs(linears, add):
-        run_block(block, inputs)
-    return grams

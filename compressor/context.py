@@ -44,11 +44,9 @@ class Context:
             from .models import default_tokenizer
 
             tokenizer = default_tokenizer()
-        try:
-            device = next(model.parameters()).device
-        except StopIteration:
-            device = torch.device("cpu")
-        return cls(tokenizer=tokenizer, device=device, **kwargs)
+        from .offload import execution_device
+
+        return cls(tokenizer=tokenizer, device=execution_device(model), **kwargs)
 
     def windows(
         self,

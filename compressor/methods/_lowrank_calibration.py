@@ -5,13 +5,8 @@ peak-memory meter. The maths that consumes the statistics lives in the method mo
 from __future__ import annotations
 
 import contextlib
-import os
-import resource
-import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Self
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +22,7 @@ from ..calibration import (
 from ..context import Context
 from ..data import MIN_CALIBRATION_WINDOWS
 from ..errors import DataError, ModelError
-from ..offload import is_dispatched, standalone_copy
+from ..offload import execution_device, is_dispatched, standalone_copy
 from ..targeting import matches
 
 
@@ -108,7 +103,7 @@ def compress_sequential(run, stats_kind: str) -> None:
     blocks = transformer_blocks(model)
     _keep_out_of_block_dense(run, blocks)
     dispatched = is_dispatched(model)
-    home = device if dispatched else _model_device(model)
+    home = device if dispatched else execution_device(model)
     student = inputs_to(capture_block_inputs(model, windows, config.batch_size, home), device)
     teacher = student if stats_kind == "hessian+cross" else None
     run.metrics.update(
@@ -175,13 +170,6 @@ def _keep_out_of_block_dense(run, blocks: list[tuple[str, nn.Module]]) -> None:
                 "outside the transformer blocks (no calibration inputs): dense",
                 f"{name} is outside the transformer blocks and was kept dense; add it to `ignore`",
             )
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _inputs_bytes(inputs: BlockInputs) -> int:
@@ -305,48 +293,3 @@ def inputs_to(inputs: BlockInputs, device: torch.device) -> BlockInputs:
         [move(a) for a in inputs.args],
         [{k: move(v) for k, v in kw.items()} for kw in inputs.kwargs],
     )
-
-
-class PeakMemory:
-    """Peak memory above the starting point while the block runs, in MiB.
-
-    CUDA: torch's allocator peak. CPU: the process RSS sampled every 5 ms by a thread (torch
-    allocations bypass tracemalloc, and ru_maxrss cannot go down to show a stage's own peak).
-    """
-
-    def __init__(self, device: torch.device | str, interval: float = 0.005) -> None:
-        self.device, self.interval, self.peak_mb = torch.device(device), interval, 0.0
-        self._stop = threading.Event()
-
-    def __enter__(self) -> Self:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._start = torch.cuda.memory_allocated(self.device)
-        else:
-            self._start = self._peak = _rss_bytes()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._peak = max(self._peak, _rss_bytes())
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._peak, _rss_bytes())
-        self.peak_mb = max(peak - self._start, 0) / 2**20
-
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS) is the best available
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (
-            1 if sys.platform == "darwin" else 1024
-        )

@@ -23,8 +23,8 @@ from ..calibration import (
     transformer_blocks,
 )
 from ..context import Context
-from ..targeting import matches, replace_module
-from .lowrank import DEFAULT_SECOND_PHASE
+from ..targeting import replace_module
+from .lowrank import DEFAULT_SECOND_PHASE, split_phases
 
 # replace(name, module, stat) -> the new module (installed by the driver), or None to keep it.
 Replace = Callable[[str, nn.Module, Tensor | None], nn.Module | None]
@@ -50,14 +50,6 @@ def input_statistics(
     return {name: total / max(tokens[name], 1) for name, total in sums.items()}
 
 
-def _phases(
-    linears: dict[str, nn.Module], second_phase: tuple[str, ...]
-) -> list[dict[str, nn.Module]]:
-    late = {n: m for n, m in linears.items() if any(matches(n, p) for p in second_phase)}
-    early = {n: m for n, m in linears.items() if n not in late}
-    return [phase for phase in (early, late) if phase]
-
-
 @torch.no_grad()
 def compress_sequentially(
     model: nn.Module,
@@ -80,7 +72,7 @@ def compress_sequentially(
     inputs = capture_block_inputs(model, windows, batch_size=batch_size)
     done: set[str] = set()
     for block_name, block in ctx.progress(blocks, description=description):
-        for phase in _phases(block_linears(block, block_name, selected), second_phase):
+        for phase in split_phases(block_linears(block, block_name, selected), second_phase):
             stats = input_statistics(phase, block, inputs, kind)
             for name, module in phase.items():
                 _install(model, name, replace(name, module, stats.get(name)))

@@ -32,12 +32,12 @@ from ..config import MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError
 from ..layers import CompressedLinear, LowRankLinear
+from ..memory import PeakMemory
 from ..offload import MaterializedWeights, materialized, place_like
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
 from ._lowrank_calibration import (  # noqa: F401  (re-exported for the method modules and tests)
     LayerStats,
-    PeakMemory,
     compress_sequential,
     split_phases,
 )

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 
 import torch
 from torch import nn
+
+from compressor.memory import max_rss_mb, proc_status_mb
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -132,8 +133,5 @@ class PeakMemory:
     def peak_mb(self) -> float:
         if self.cuda:
             return torch.cuda.max_memory_allocated() / 2**20
-        with contextlib.suppress(OSError), open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = proc_status_mb("VmHWM")
+        return peak if peak is not None else max_rss_mb()

@@ -4,20 +4,10 @@ short training budget that still moves held-out perplexity."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from compressor.context import Context
 from compressor.models import load_model
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared CPU, OpenMP workers spinning for a 64-wide matmul made
-    these tests ~8x slower at 2 threads than at 1."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

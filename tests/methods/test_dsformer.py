@@ -27,14 +27,6 @@ from compressor.methods._dsformer_stf import DenseSparseTrainable
 from compressor.testing.tiny import example_input_ids, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: on a shared, busy CPU a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 P24 = SparsePattern(2, 4)
 

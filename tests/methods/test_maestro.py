@@ -28,14 +28,6 @@ from compressor.methods.svd import svd_factors
 from compressor.testing.tiny import example_input_ids, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: on a shared, busy CPU a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def test_full_width_reproduces_the_svd_factorisation():
     weight, x = torch.randn(24, 16, dtype=torch.float64), torch.randn(5, 16, dtype=torch.float64)

@@ -20,14 +20,6 @@ from compressor.methods import prune
 from compressor.testing.tiny import example_input_ids, tiny_gpt2, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: on a shared, busy CPU a second intra-op thread only adds synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8)])
 def test_nm_masks_have_exactly_n_per_group_and_keep_the_largest(n, m):

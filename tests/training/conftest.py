@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from compressor.context import Context
 
@@ -43,12 +42,3 @@ def sentiment_tsv(tmp_path_factory):
 def ctx(tokenizer):
     return Context(tokenizer=tokenizer, quiet=True)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, loaded 2-core machine two threads run these tiny models
-    tens of times slower (each op waits for the second thread to be scheduled)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
