@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import data
+from .offload import execution_device
 
 T = TypeVar("T")
 log = logging.getLogger("compressor")
@@ -44,8 +45,6 @@ class Context:
             from .models import default_tokenizer
 
             tokenizer = default_tokenizer()
-        from .offload import execution_device
-
         return cls(tokenizer=tokenizer, device=execution_device(model), **kwargs)
 
     def windows(

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ModelError, OutputError
+from .errors import ConfigError, ModelError, OutputError
+from .offload import offload_kwargs
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
 MANIFEST = "compression.json"
@@ -44,8 +45,6 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        from .errors import ConfigError
-
         raise ConfigError(f"`dtype` must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
@@ -64,14 +63,10 @@ def load_model(source: str | os.PathLike | None = None, *, device: str | torch.d
 
     `max_memory` ("0=20GiB,cpu=60GiB") and/or `offload_folder` load with accelerate's
     device_map="auto": what does not fit stays offloaded to CPU RAM or disk (compressor.offload)."""
-    from .offload import offload_kwargs
-
     name = str(source) if source not in (None, "", "default") else "default"
     kwargs = _load_kwargs(parse_dtype(dtype), trust_remote_code, load_in)
     dispatch = offload_kwargs(max_memory, offload_folder)
     if dispatch and load_in is not None:
-        from .errors import ConfigError
-
         raise ConfigError("`load_in` already places the model with device_map=auto; drop `max_memory`/"
                           "`offload_folder`, or drop `load_in`")
     kwargs.update(dispatch)
@@ -118,8 +113,6 @@ def _load_kwargs(dtype: torch.dtype, trust_remote_code: bool, load_in: str | Non
 
 def quantization_config(load_in: str):
     """bitsandbytes 4/8-bit loading for a frozen base (QLoRA-style)."""
-    from .errors import ConfigError
-
     if load_in not in ("4bit", "8bit"):
         raise ConfigError(f"`load_in` must be 4bit or 8bit, got {load_in!r}")
     try:
@@ -213,13 +206,6 @@ def _quiet_transformers():
         hf_logging.enable_progress_bar()
 
 
-def nonfinite_layers(model: nn.Module) -> list[str]:
-    """Names of parameters holding NaN or Inf."""
-    from .offload import nonfinite_tensors
-
-    return nonfinite_tensors(model)
-
-
 # ---------------------------------------------------------------------------------------------
 # Compressed checkpoints
 
@@ -234,8 +220,6 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
 
     kwargs = kwargs or {}
     if "device_map" in kwargs:
-        from .errors import ConfigError
-
         raise ConfigError(f"`{folder}` is a compressor checkpoint, which loads whole: drop `max_memory`/"
                           "`offload_folder` (offloaded loading reads Hugging Face folders, ids and GGUF)")
     manifest = json.loads((folder / MANIFEST).read_text())

@@ -25,11 +25,10 @@ from .models import (
     LoadedModel,
     check_output_dir,
     load_model,
-    nonfinite_layers,
     save_checkpoint,
     staged_output,
 )
-from .offload import check_offload_ready, gather_to_cpu
+from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report
@@ -139,7 +138,7 @@ class Pipeline:
                       model_source=loaded.source, quiet=quiet)
         modifies = any(s.kind != "analyze" for s in self.stages)
         if modifies:
-            bad = nonfinite_layers(loaded.model)
+            bad = nonfinite_tensors(loaded.model)
             if bad:
                 raise ModelError(f"{len(bad)} parameter(s) hold NaN/Inf: {', '.join(bad[:5])}; the checkpoint is "
                                  "corrupt — re-export it or restore the original weights")

@@ -11,6 +11,7 @@ import yaml
 
 from .config import did_you_mean
 from .errors import ConfigError
+from .offload import parse_max_memory
 
 TOP_LEVEL_KEYS = {
     "model": "model id, folder or .gguf (default: the embedded stories260K)",
@@ -120,6 +121,4 @@ def validate_top_level(recipe: dict[str, Any]) -> None:
     if recipe.get("offload_folder") is not None and not isinstance(recipe["offload_folder"], str):
         raise ConfigError(f"recipe: `offload_folder` must be a folder path, got {recipe['offload_folder']!r}")
     if recipe.get("max_memory") is not None:
-        from .offload import parse_max_memory
-
         parse_max_memory(recipe["max_memory"])  # raises with the expected format
