@@ -15,6 +15,7 @@ from .common import (
     ModelArg,
     OffloadFolderOpt,
     OutOpt,
+    OverwriteOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -28,6 +29,7 @@ from .common import (
 def analyze(
     model: ModelArg = None,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     targets: Annotated[list[str] | None, typer.Option("--targets", help="names / re:regex to include")] = None,
     ignore: Annotated[list[str] | None, typer.Option("--ignore", help="names / re:regex to exclude")] = None,
     top_p: Annotated[float, typer.Option(help="KappaTune: fraction of lowest-κ tensors selected")] = 0.2,
@@ -46,7 +48,7 @@ def analyze(
     fields = {"targets": targets or None, "ignore": ignore or None, "top_p": top_p,
               "welore_reduction": reduction, "use_cache": not no_cache}
     pipeline = Pipeline.from_flags("analyze", fields, set_, model=model, device=device, seed=seed,
-                                   out=str(out) if out else None, trust_remote_code=trust_remote_code,
+                                   out=str(out) if out else None, overwrite=overwrite, trust_remote_code=trust_remote_code,
                                    max_memory=max_memory, offload_folder=offload_folder)
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]

@@ -20,6 +20,8 @@ err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 ModelArg = Annotated[str | None, typer.Argument(help="HF id, local folder, .gguf file or compressor checkpoint "
                                                      "(default: the embedded stories260K)", show_default=False)]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (written atomically)")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace --out when it holds an earlier result of "
+                                                                "this tool (other folders are never touched)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a field: key=value (repeatable)")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")]
 SeedOpt = Annotated[int, typer.Option(help="seed for data sampling and training")]

@@ -16,6 +16,7 @@ from .common import (
     ModelArg,
     OffloadFolderOpt,
     OutOpt,
+    OverwriteOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -53,6 +54,7 @@ def compress(
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     eval_windows: Annotated[int, typer.Option(help="held-out windows for before/after quality")] = 32,
     device: DeviceOpt = "cpu",
     seed: SeedOpt = 0,
@@ -69,7 +71,7 @@ def compress(
              "targets": targets or None, "ignore": ignore or None, "from-trained": from_trained}
     out = out or f"compressed-{method}"
     pipeline = Pipeline.from_flags(method, stage_fields(method, flags, FLAG_FIELDS), set_, model=model, device=device, seed=seed,
-                                   out=str(out), merge=merge, trust_remote_code=trust_remote_code,
+                                   out=str(out), overwrite=overwrite, merge=merge, trust_remote_code=trust_remote_code,
                                    max_memory=max_memory, offload_folder=offload_folder,
                                    evaluate={"num_windows": eval_windows})
     report, _ = pipeline.run(quiet=quiet)

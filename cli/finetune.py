@@ -18,6 +18,7 @@ from .common import (
     DeviceOpt,
     ModelArg,
     OutOpt,
+    OverwriteOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
@@ -81,6 +82,7 @@ def finetune(
         bool, typer.Option("--merge", help="write plain dense weights (adapters merged)")
     ] = False,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     eval_windows: Annotated[
         int, typer.Option(help="held-out windows of general text for before/after")
     ] = 32,
@@ -100,7 +102,7 @@ def finetune(
              "seq-len": seq_len, "targets": targets or None, "resume": resume}  # fmt: skip
     out = out or f"finetuned-{method}"
     pipeline = Pipeline.from_flags(
-        method, stage_fields(method, flags), set_, model=model, device=device, seed=seed, out=str(out),
+        method, stage_fields(method, flags), set_, model=model, device=device, seed=seed, out=str(out), overwrite=overwrite,
         load_in=load_in, merge=merge, trust_remote_code=trust_remote_code, evaluate={"num_windows": eval_windows},
     )  # fmt: skip
     report, _ = pipeline.run(quiet=quiet)

@@ -9,13 +9,14 @@ import typer
 
 from compressor.pipeline import Pipeline
 
-from .common import OutOpt, QuietOpt, SetOpt, console, handle_errors, print_evaluation, print_metrics
+from .common import OutOpt, OverwriteOpt, QuietOpt, SetOpt, console, handle_errors, print_evaluation, print_metrics
 
 
 @handle_errors
 def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/)")],
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="validate the recipe and print it resolved")] = False,
     quiet: QuietOpt = False,
@@ -24,6 +25,8 @@ def run(
     overrides = list(set_ or [])
     if out is not None:
         overrides.append(f"out={out}")
+    if overwrite:
+        overrides.append("overwrite=true")
     pipeline = Pipeline.from_file(recipe, overrides)
     if dry_run:
         import yaml

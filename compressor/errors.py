@@ -24,7 +24,9 @@ class DataError(CompressorError):
 
 
 class OutputError(CompressorError):
-    """The output folder cannot be written."""
+    """The output folder cannot be written, or may not be (it holds data this tool did not write)."""
+
+    exit_code = 2
 
 
 class GateError(CompressorError):

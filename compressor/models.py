@@ -12,8 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError, OutputError
+from .errors import ConfigError, ModelError
 from .offload import offload_kwargs
+from .outdir import staged_output
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
 MANIFEST = "compression.json"
@@ -268,10 +267,13 @@ def save_checkpoint(model: nn.Module, tokenizer, folder: Path, manifest: dict[st
         (folder / MANIFEST).write_text(json.dumps(payload, indent=2))
 
 
-def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, manifest: dict[str, Any] | None = None) -> Path:
-    """Public API: save a (compressed) model atomically; reload with compressor.load(folder)."""
+def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, manifest: dict[str, Any] | None = None,
+         *, overwrite: bool = False) -> Path:
+    """Public API: save a (compressed) model atomically; reload with compressor.load(folder).
+    `folder` follows the output-folder contract of compressor.outdir (`overwrite` replaces a
+    folder this function or the CLI wrote before)."""
     folder = Path(folder)
-    with staged_output(folder) as tmp:
+    with staged_output(folder, overwrite=overwrite, command="save") as tmp:
         save_checkpoint(model, tokenizer, tmp, manifest)
     return folder
 
@@ -279,57 +281,6 @@ def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, manifest: 
 def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype: str = "float32") -> nn.Module:
     """Public API: load any model MODEL accepts (compressed checkpoints included); returns the model."""
     return load_model(str(folder), device=device, dtype=dtype).model
-
-
-# ---------------------------------------------------------------------------------------------
-# Output folders: checked before work starts, written to a temporary sibling, renamed at the end
-
-
-def check_output_dir(folder: Path) -> None:
-    """Fail fast (before loading anything) when `folder` cannot be written or would clobber data."""
-    folder = Path(folder).expanduser().absolute()
-    if folder.exists() and not folder.is_dir():
-        raise OutputError(f"output `{folder}` exists and is a file; choose another --out")
-    if folder.is_dir() and any(folder.iterdir()) and not _is_previous_output(folder):
-        raise OutputError(f"output folder `{folder}` exists and holds other files; choose an empty or new --out")
-    parent = next((p for p in folder.parents if p.exists()), None)
-    if parent is None or not _can_create_in(parent):
-        raise OutputError(f"cannot write output folder `{folder}`: `{parent}` is not writable; choose another --out")
-
-
-def _can_create_in(parent: Path) -> bool:
-    """Probe by creating (and removing) a folder: os.access() says yes to root on read-only mounts."""
-    try:
-        probe = Path(tempfile.mkdtemp(prefix=".compressor-probe-", dir=parent))
-    except OSError:
-        return False
-    probe.rmdir()
-    return True
-
-
-def _is_previous_output(folder: Path) -> bool:
-    return any((folder / marker).exists() for marker in ("report.json", MANIFEST, "eval.json"))
-
-
-@contextlib.contextmanager
-def staged_output(folder: Path):
-    """Yield a temporary folder beside `folder`; on success it replaces `folder`, else vanishes."""
-    folder = Path(folder).expanduser().absolute()
-    check_output_dir(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        yield tmp
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            folder.rename(old)
-            tmp.rename(folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 logging.getLogger("transformers").setLevel(logging.ERROR)

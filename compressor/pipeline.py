@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import os
 import resource
 import tempfile
@@ -21,14 +22,9 @@ from . import evaluation
 from .config import MethodConfig
 from .context import Context
 from .errors import ConfigError, GateError, ModelError
-from .models import (
-    LoadedModel,
-    check_output_dir,
-    load_model,
-    save_checkpoint,
-    staged_output,
-)
+from .models import LoadedModel, load_model, save_checkpoint
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors
+from .outdir import claim_output, resolved
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report
@@ -59,6 +55,7 @@ class Pipeline:
     max_memory: str | dict | None = None
     offload_folder: str | None = None
     out: Path | None = None
+    overwrite: bool = False
     merge: bool = False
     evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
     gates: dict[str, float] = field(default_factory=dict)
@@ -77,7 +74,7 @@ class Pipeline:
                    device=recipe.get("device", "cpu"), dtype=recipe.get("dtype", "float32"),
                    trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
                    max_memory=recipe.get("max_memory"), offload_folder=recipe.get("offload_folder"),
-                   out=Path(out) if out else None, merge=recipe.get("merge", False), evaluate=evaluate,
+                   out=Path(out) if out else None, overwrite=recipe.get("overwrite", False), merge=recipe.get("merge", False), evaluate=evaluate,
                    gates=recipe.get("gates") or {})
 
     @classmethod
@@ -106,32 +103,43 @@ class Pipeline:
     def run(self, *, quiet: bool = False, loaded: LoadedModel | None = None) -> tuple[Report, LoadedModel]:
         """Run every stage; write outputs if `out` is set. Raises GateError after writing
         the report when a quality gate is missed."""
-        if self.out is not None:
-            check_output_dir(self.out)  # fail before loading anything
         if self.max_memory is not None or self.offload_folder is not None:
             check_offload_ready([s.name for s in self.stages])
-        torch.manual_seed(self.seed)
-        started = time.perf_counter()
-        device = torch.device(self.device)
-        loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
-                                      trust_remote_code=self.trust_remote_code, load_in=self.load_in,
-                                      max_memory=self.max_memory, offload_folder=self.offload_folder)
-        report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
-                             "model_class": type(loaded.model).__name__})
-        if self.out is None or secondary_rank():
-            # Under torchrun / accelerate launch only rank 0 writes `out`; the other ranks stage
-            # into a scratch folder (training checkpoints need one) that is deleted afterwards.
-            with scratch_dir(self.out is not None) as tmp:
+        with self._claim() as claim:  # checks and locks `out` before anything loads
+            torch.manual_seed(self.seed)
+            started = time.perf_counter()
+            device = torch.device(self.device)
+            loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
+                                          trust_remote_code=self.trust_remote_code, load_in=self.load_in,
+                                          max_memory=self.max_memory, offload_folder=self.offload_folder)
+            report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
+                                 "model_class": type(loaded.model).__name__})
+            if claim is None:
+                # Under torchrun / accelerate launch only rank 0 writes `out`; the other ranks stage
+                # into a scratch folder (training checkpoints need one) that is deleted afterwards.
+                with scratch_dir(self.out is not None) as tmp:
+                    self._run_stages(loaded, report, tmp, device, quiet)
+                report.run["seconds"] = time.perf_counter() - started
+                self._check_gates(report, write=False)
+                return report, loaded
+            with claim.stage() as tmp:
                 self._run_stages(loaded, report, tmp, device, quiet)
-            report.run["seconds"] = time.perf_counter() - started
-            self._check_gates(report, write=False)
-            return report, loaded
-        with staged_output(self.out) as tmp:
-            self._run_stages(loaded, report, tmp, device, quiet)
-            report.run["seconds"] = time.perf_counter() - started
-            self._write(loaded, report, tmp)
+                report.run["seconds"] = time.perf_counter() - started
+                self._write(loaded, report, tmp)
+                claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
+                              problems=result_problems(loaded, report))
         self._check_gates(report)
         return report, loaded
+
+    def _claim(self):
+        if self.out is None or secondary_rank():
+            return contextlib.nullcontext()
+        fields = [s.config.to_dict() for s in self.stages]
+        resumes = [f["resume"] for f in fields if f.get("resume")]
+        # Resuming a run into its own output folder replaces it: that is what was asked for.
+        overwrite = self.overwrite or any(resolved(r) == resolved(self.out) for r in resumes)
+        inputs = [self.model, *(v for f in fields for k, v in f.items() if isinstance(v, str) and k != "resume")]
+        return claim_output(self.out, overwrite=overwrite, inputs=inputs)
 
     def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
         ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.seed, out_dir=tmp,
@@ -195,6 +203,23 @@ class Pipeline:
         if missed:
             raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
                                       for g in missed) + " (outputs were written; loosen the gate or change the recipe)")
+
+
+def result_problems(loaded: LoadedModel, report: Report) -> list[str]:
+    """Why a finished run's result must not be published: non-finite weights, losses or quality."""
+    problems = []
+    for record in report.stages:
+        for key, value in record.metrics.items():
+            if "loss" in key and isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"stage `{record.stage}` {key} is {value}")
+    for key, value in report.evaluation.get("after", {}).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key} after the run is {value}")
+    if any(r.modified_model for r in report.stages):
+        bad = nonfinite_tensors(loaded.model)
+        if bad:
+            problems.append(f"{len(bad)} weight tensor(s) hold NaN/Inf (e.g. {bad[0]})")
+    return problems
 
 
 def secondary_rank() -> bool:

@@ -23,6 +23,7 @@ TOP_LEVEL_KEYS = {
     "max_memory": "accelerate offload: per-device budget, e.g. `0=20GiB,cpu=60GiB` (low-rank methods)",
     "offload_folder": "accelerate offload: folder for the weights that fit nowhere else (disk)",
     "out": "output folder",
+    "overwrite": "replace `out` when it holds an earlier result of this tool (other folders are refused)",
     "merge": "write dense nn.Linear weights instead of factored layers",
     "evaluate": "{data, seq_len, num_windows, batch_size} or false",
     "gates": "{max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed",
@@ -115,7 +116,7 @@ def validate_top_level(recipe: dict[str, Any]) -> None:
             raise ConfigError(f"recipe: unknown gate `{key}`{did_you_mean(key, GATE_KEYS)} (valid: {', '.join(GATE_KEYS)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"recipe: gate `{key}` must be a number, got {value!r}")
-    for key, kind in (("seed", int), ("merge", bool), ("trust_remote_code", bool)):
+    for key, kind in (("seed", int), ("merge", bool), ("trust_remote_code", bool), ("overwrite", bool)):
         if key in recipe and (not isinstance(recipe[key], kind) or (kind is int and isinstance(recipe[key], bool))):
             raise ConfigError(f"recipe: `{key}` must be {kind.__name__}, got {recipe[key]!r}")
     if recipe.get("offload_folder") is not None and not isinstance(recipe["offload_folder"], str):

@@ -136,11 +136,16 @@ def preserve_progress(out_dir: Path | None) -> Path | None:
     present = [out_dir / name for name in PROGRESS_FILES if (out_dir / name).exists()]
     if match is None or not present:
         return out_dir if present else None  # not staged: the files stay where they are
+    from compressor.outdir import read_marker, write_marker
+
     target = out_dir.parent / f"{match['name']}.partial"
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(parents=True)
+    if target.exists() and read_marker(target) is not None:
+        shutil.rmtree(target, ignore_errors=True)  # an older interruption's progress, ours
+    target.mkdir(parents=True, exist_ok=True)
     for path in present:
+        shutil.rmtree(target / path.name, ignore_errors=True)
         shutil.move(str(path), str(target / path.name))
+    write_marker(target, "training progress (resume from it)")
     log.warning(
         "training stopped early; its progress is in %s (pass it as `resume` to continue)", target
     )

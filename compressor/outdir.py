@@ -1,0 +1,300 @@
+"""The output-folder contract, in one place.
+
+`--out` may be a new path, an empty folder, or a folder this tool wrote before (it holds the
+marker `.compressor-output.json`, listing every file written) when `overwrite` is set. Anything
+else is refused before any work starts: a file, a folder holding other files, the input model's
+folder or a folder containing it, the current folder or one of its parents.
+
+Outputs are written into a staging folder beside `--out` (`.NAME.tmp-PID-XXXX`) and renamed into
+place only when the run succeeded and its result was checked (see `OutputClaim.publish`); a result
+that failed its checks is kept aside as `NAME.failed/`. A lock file (`.NAME.lock`, flock) makes a
+second concurrent run into the same `--out` fail at once. Files and folders get the umask's modes.
+Never is a file deleted that the tool did not write: an old output is replaced file by file from
+its marker's list, and anything else found in it is carried over into the new output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import ModelError, OutputError
+
+MARKER = ".compressor-output.json"
+log = logging.getLogger("compressor")
+
+
+def resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def local_inputs(names: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """The inputs (model, resume folder, data file) that are paths on this machine, resolved."""
+    paths = []
+    for name in names:
+        if name in (None, "", "default"):
+            continue
+        path = Path(str(name)).expanduser()
+        if path.exists():
+            paths.append(path.resolve())
+    return paths
+
+
+def read_marker(folder: Path) -> dict | None:
+    """The marker of a folder this tool wrote, or None."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("files"), list) else None
+
+
+def foreign_files(folder: Path, marker: dict) -> list[str]:
+    """Files (relative names) under `folder` that the marker does not list: not ours to delete."""
+    ours = set(marker["files"]) | {MARKER}
+    return sorted(rel for rel in _relative_files(folder) if rel not in ours)
+
+
+def _relative_files(folder: Path) -> list[str]:
+    return [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()]
+
+
+def check_output_dir(folder: str | os.PathLike, *, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse (OutputError, one line) an `--out` the contract above does not allow; returns it resolved."""
+    folder = resolved(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output `{folder}` exists and is a file; choose another --out")
+    cwd = Path.cwd().resolve()
+    if folder == cwd or folder in cwd.parents:
+        raise OutputError(f"output `{folder}` is the current folder or a parent of it; pass a new folder name "
+                          "such as --out results/run1")
+    for source in local_inputs(inputs):
+        if folder == source or folder in source.parents:
+            raise OutputError(f"output `{folder}` holds the input `{source}`; writing there would destroy it; "
+                              "choose another --out")
+    if folder.is_dir() and any(folder.iterdir()):
+        _check_previous_output(folder, overwrite)
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is None or not _can_create_in(parent):
+        raise OutputError(f"cannot write output folder `{folder}`: `{parent}` is not writable; choose another --out")
+    return folder
+
+
+def _check_previous_output(folder: Path, overwrite: bool) -> None:
+    marker = read_marker(folder)
+    if marker is None:
+        raise OutputError(f"output folder `{folder}` holds files this tool did not write; choose an empty or "
+                          "new --out")
+    if not overwrite:
+        raise OutputError(f"output folder `{folder}` holds a previous result; pass --overwrite to replace it, or "
+                          "choose another --out")
+    others = foreign_files(folder, marker)
+    if others:
+        raise OutputError(f"output folder `{folder}` also holds files this tool did not write (e.g. `{others[0]}`); "
+                          "move them away or choose another --out")
+
+
+def _can_create_in(parent: Path) -> bool:
+    """Probe by creating (and removing) a folder: os.access() says yes to root on read-only mounts."""
+    try:
+        probe = Path(tempfile.mkdtemp(prefix=".compressor-probe-", dir=parent))
+    except OSError:
+        return False
+    probe.rmdir()
+    return True
+
+
+def umask_mode(base: int = 0o777) -> int:
+    """`base` with the process umask applied (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def staging_name(folder: Path) -> str:
+    return f".{folder.name}.tmp-"
+
+
+def sibling(folder: Path, suffix: str) -> Path:
+    return folder.with_name(folder.name + suffix)
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path) -> Iterator[Path]:
+    """Hold `.NAME.lock` beside `folder`; a second holder fails at once (OutputError)."""
+    folder.parent.mkdir(parents=True, exist_ok=True, mode=umask_mode())
+    path = folder.with_name(f".{folder.name}.lock")
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"another compressor run is writing `{folder}` (lock `{path}`); wait for it to "
+                              "finish or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield path
+    finally:
+        with contextlib.suppress(OSError):
+            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+                path.unlink()
+        handle.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Claim, stage, publish
+
+
+class OutputClaim:
+    """A checked and locked `--out`: `stage()` yields the staging folder, `publish()` moves it in."""
+
+    def __init__(self, folder: Path, overwrite: bool):
+        self.folder, self.overwrite = folder, overwrite
+
+    @contextlib.contextmanager
+    def stage(self) -> Iterator[Path]:
+        """A fresh staging folder beside `--out`; removed on any failure (named if it cannot be)."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"{staging_name(self.folder)}{os.getpid()}-", dir=self.folder.parent))
+        tmp.chmod(umask_mode())  # mkdtemp makes 0700 whatever the umask
+        try:
+            yield tmp
+        except BaseException as err:
+            remove_staging(tmp, err)
+            raise
+
+    def publish(self, tmp: Path, *, command: str = "", problems: Iterable[str] = ()) -> Path:
+        """Write the marker into `tmp` and make it `--out`: renamed into place, replacing (only) the
+        files a previous output's marker lists; other files found there are carried over.
+
+        With `problems` (why the result is unusable: non-finite weights, loss or metric) the result
+        goes to `NAME.failed/` instead and ModelError says why and where."""
+        problems = list(problems)
+        if problems:
+            where = self.set_aside(tmp, "; ".join(problems), command=command)
+            raise ModelError(f"the result is not usable: {'; '.join(problems)}; nothing was written to "
+                             f"`{self.folder}` (kept for inspection in `{where}`); lower `lr`, check the data, "
+                             "or use a milder setting")
+        write_marker(tmp, command)
+        folder = self.folder
+        if folder.is_dir() and any(folder.iterdir()):
+            _check_previous_output_again(folder)
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+            old.rmdir()
+            folder.rename(old)
+            tmp.rename(folder)
+            _carry_over_and_remove(old, folder)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                folder.rmdir()  # an empty folder
+            tmp.rename(folder)
+        _remove_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
+        return folder
+
+    def set_aside(self, tmp: Path, reason: str, *, command: str = "") -> Path:
+        """Keep a result that failed its checks as `NAME.failed/` (never in place of `--out`)."""
+        write_marker(tmp, command, failed=reason)
+        target = sibling(self.folder, ".failed")
+        if target.exists() and read_marker(target) is None:
+            target = Path(tempfile.mkdtemp(prefix=f"{self.folder.name}.failed-", dir=self.folder.parent))
+            target.rmdir()
+        _remove_ours(target)
+        tmp.rename(target)
+        return target
+
+
+@contextlib.contextmanager
+def claim_output(folder: str | os.PathLike, *, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[OutputClaim]:
+    """Check `--out` against the contract and lock it for the duration (before any model loads)."""
+    path = check_output_dir(folder, overwrite=overwrite, inputs=inputs)
+    with output_lock(path):
+        path = check_output_dir(path, overwrite=overwrite, inputs=inputs)  # the lock may have waited on a writer
+        salvage_stale_staging(path)
+        yield OutputClaim(path, overwrite)
+
+
+@contextlib.contextmanager
+def staged_output(folder: str | os.PathLike, *, overwrite: bool = False,
+                  inputs: Iterable[str | os.PathLike | None] = (), command: str = "") -> Iterator[Path]:
+    """Claim, stage and publish in one: yield a staging folder that becomes `folder` on success."""
+    with claim_output(folder, overwrite=overwrite, inputs=inputs) as claim, claim.stage() as tmp:
+        yield tmp
+        claim.publish(tmp, command=command)
+
+
+def write_marker(folder: Path, command: str, failed: str | None = None) -> None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        __version__ = version("compressor")
+    except PackageNotFoundError:
+        __version__ = "unknown"
+    files = sorted(_relative_files(folder))
+    marker = {"tool": "compressor", "version": __version__, "command": command, "files": files}
+    if failed:
+        marker["failed"] = failed
+    (folder / MARKER).write_text(json.dumps(marker, indent=1))
+
+
+def _check_previous_output_again(folder: Path) -> None:
+    """Right before replacing: the folder must still be ours (a user may have dropped files in)."""
+    if read_marker(folder) is None:
+        raise OutputError(f"output folder `{folder}` changed during the run and no longer holds only this "
+                          "tool's files; nothing was replaced; choose another --out")
+
+
+def _carry_over_and_remove(old: Path, new: Path) -> None:
+    """Move files of `old` its marker does not list into `new`, then delete `old` (ours only)."""
+    marker = read_marker(old) or {"files": []}
+    for rel in foreign_files(old, marker):
+        target = new / rel
+        if target.exists():
+            target = sibling(target, ".user")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(old / rel), str(target))
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_ours(folder: Path) -> None:
+    """Delete `folder` only if this tool wrote it (it holds the marker and nothing else)."""
+    marker = read_marker(folder) if folder.is_dir() else None
+    if marker is not None and not foreign_files(folder, marker):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_staging(tmp: Path, err: BaseException | None = None) -> None:
+    """Delete a staging folder; when that fails, say where it is so the user can."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():
+        message = f"could not remove the staging folder `{tmp}`; delete it by hand"
+        if isinstance(err, OutputError):
+            err.args = (f"{err.args[0]} ({message})",)
+        log.warning(message)
+
+
+def salvage_stale_staging(folder: Path) -> None:
+    """Staging folders of a killed run (the lock is ours, so none is in use): move their training
+    progress to `NAME.partial` (resumable), then delete them."""
+    from .training.checkpoint import preserve_progress
+
+    for stale in folder.parent.glob(f"{staging_name(folder)}*"):
+        if stale.is_dir():
+            preserve_progress(stale)
+            remove_staging(stale)
+    for old in folder.parent.glob(f".{folder.name}.old-*"):
+        if old.is_dir() and read_marker(old) is not None:
+            _carry_over_and_remove(old, folder) if folder.is_dir() else old.rename(folder)
