@@ -185,7 +185,8 @@ class OutputClaim:
         problems = list(problems)
         if problems:
             where = self.set_aside(tmp, "; ".join(problems), command=command)
-            raise ModelError(f"the result is not usable: {'; '.join(problems)}; nothing was written to "
+            more = f" (+{len(problems) - 2} more)" if len(problems) > 2 else ""
+            raise ModelError(f"the result is not usable: {'; '.join(problems[:2])}{more}; nothing was written to "
                              f"`{self.folder}` (kept for inspection in `{where}`); lower `lr`, check the data, "
                              "or use a milder setting")
         write_marker(tmp, command)

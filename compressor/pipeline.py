@@ -210,7 +210,8 @@ def result_problems(loaded: LoadedModel, report: Report) -> list[str]:
     problems = []
     for record in report.stages:
         for key, value in record.metrics.items():
-            if "loss" in key and isinstance(value, float) and not math.isfinite(value):
+            judged = ("loss" in key or key.endswith("_after")) and not key.endswith("_before")
+            if judged and isinstance(value, float) and not math.isfinite(value):
                 problems.append(f"stage `{record.stage}` {key} is {value}")
     for key, value in report.evaluation.get("after", {}).items():
         if isinstance(value, float) and not math.isfinite(value):

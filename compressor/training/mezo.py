@@ -252,6 +252,8 @@ def run_mezo(run: TrainRun) -> None:
                 log.append({"step": step, "seed": seed, "projected_grad": grad, "lr": lr,
                             "loss_plus": loss_plus, "loss_minus": loss_minus})  # fmt: skip
                 run.record(step, 0.5 * (loss_plus + loss_minus))
+                if run.diverged_at is not None:
+                    break  # the pipeline refuses to publish a diverged result
     finally:
         log.close()
 

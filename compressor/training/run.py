@@ -51,6 +51,7 @@ class TrainRun:
     evals: list[dict] = field(default_factory=list)
     tokens: int = 0
     start_step: int = 0
+    diverged_at: int | None = None
     _progress: Progress | None = None
     _task: int | None = None
     _t0: float = field(default_factory=time.perf_counter)
@@ -71,9 +72,13 @@ class TrainRun:
         return to_device(batch, self.runtime.device)
 
     def record(self, step: int, loss: float) -> None:
-        """Log the loss of finished `step` (0-based); evaluate every `eval_every` steps."""
+        """Log the loss of finished `step` (0-based); evaluate every `eval_every` steps.
+        A non-finite loss marks the run diverged: the loops stop there (see `diverged_at`)."""
         self.losses.append(loss)
         done = step + 1
+        if not math.isfinite(loss):
+            self.diverged_at = done
+            return
         if (
             self.config.eval_every
             and done % self.config.eval_every == 0

@@ -82,8 +82,9 @@ class TrainResult:
 
     def metrics(self) -> dict[str, float]:
         out = {
-            "train_loss_first": self.losses[0] if self.losses else float("nan"),
-            "train_loss_last": self.losses[-1] if self.losses else float("nan"),
+            # None (not NaN) when a resumed run had no step left: NaN means "diverged" downstream.
+            "train_loss_first": self.losses[0] if self.losses else None,
+            "train_loss_last": self.losses[-1] if self.losses else None,
             "trainable_params": self.trainable_params,
             "peak_memory_mb": round(self.peak_memory_mb, 1),
             "tokens_per_s": round(self.tokens_per_s, 1),
@@ -141,12 +142,12 @@ def fit(
         seconds = time.perf_counter() - start
         peak = run.memory.peak_mb()
         after = run.eval_fn(model)
-    evals = [{"step": run.start_step, **before}, *run.evals, {"step": config.steps, **after}]
+    evals = [{"step": run.start_step, **before}, *run.evals, {"step": run.start_step + len(run.losses), **after}]
     return TrainResult(
         losses=run.losses, eval_before=before, eval_after=after, evals=evals,
         trainable_params=sum(p.numel() for p in run.params.values()), peak_memory_mb=peak,
         tokens_per_s=run.tokens / max(seconds, 1e-9), seconds=seconds,
-        start_step=run.start_step, steps=config.steps - run.start_step,
+        start_step=run.start_step, steps=len(run.losses),
     )  # fmt: skip
 
 
@@ -266,11 +267,13 @@ def run_backprop(run: TrainRun) -> None:
                 scheduler.step()
                 done = step + 1
                 run.record(step, loss)
+                if run.diverged_at is not None:
+                    break  # the pipeline refuses to publish a diverged result; no use going on
                 if config.checkpoint_every and done % config.checkpoint_every == 0:
                     _checkpoint(run, done, optimizer, scheduler)
         except KeyboardInterrupt:
             # Keep the finished steps: the interrupted run resumes from here.
-            if config.checkpoint_every and done > run.start_step:
+            if config.checkpoint_every and done > run.start_step and run.diverged_at is None:
                 _checkpoint(run, done, optimizer, scheduler)
             raise
     run.model.eval()
