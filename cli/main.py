@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import typer
 
@@ -28,7 +29,14 @@ app.command("generate")(generate.generate)
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # `kill` / a job scheduler's SIGTERM stops a run exactly like Ctrl-C: training checkpoints
+    # are kept, staging folders removed, and the command exits 130 with one line.
+    signal.signal(signal.SIGTERM, _interrupt)
     app()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ class OutputClaim:
             with contextlib.suppress(FileNotFoundError):
                 folder.rmdir()  # an empty folder
             tmp.rename(folder)
-        _remove_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
+        remove_if_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
         return folder
 
     def set_aside(self, tmp: Path, reason: str, *, command: str = "") -> Path:
@@ -212,7 +212,7 @@ class OutputClaim:
         if target.exists() and read_marker(target) is None:
             target = Path(tempfile.mkdtemp(prefix=f"{self.folder.name}.failed-", dir=self.folder.parent))
             target.rmdir()
-        _remove_ours(target)
+        remove_if_ours(target)
         tmp.rename(target)
         return target
 
@@ -270,7 +270,7 @@ def _carry_over_and_remove(old: Path, new: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_ours(folder: Path) -> None:
+def remove_if_ours(folder: Path) -> None:
     """Delete `folder` only if this tool wrote it (it holds the marker and nothing else)."""
     marker = read_marker(folder) if folder.is_dir() else None
     if marker is not None and not foreign_files(folder, marker):

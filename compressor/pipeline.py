@@ -24,7 +24,7 @@ from .context import Context
 from .errors import ConfigError, GateError, ModelError
 from .models import LoadedModel, load_model, save_checkpoint
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors
-from .outdir import claim_output, resolved
+from .outdir import claim_output, remove_if_ours, resolved
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report
@@ -128,6 +128,9 @@ class Pipeline:
                 self._write(loaded, report, tmp)
                 claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
                               problems=result_problems(loaded, report))
+            for resume in self._resumes():  # its checkpoints were copied into `out`
+                if resume.name.endswith(".partial"):
+                    remove_if_ours(resume)
         self._check_gates(report)
         return report, loaded
 
@@ -135,9 +138,8 @@ class Pipeline:
         if self.out is None or secondary_rank():
             return contextlib.nullcontext()
         fields = [s.config.to_dict() for s in self.stages]
-        resumes = [f["resume"] for f in fields if f.get("resume")]
         # Resuming a run into its own output folder replaces it: that is what was asked for.
-        overwrite = self.overwrite or any(resolved(r) == resolved(self.out) for r in resumes)
+        overwrite = self.overwrite or resolved(self.out) in self._resumes()
         inputs = [self.model, *(v for f in fields for k, v in f.items() if isinstance(v, str) and k != "resume")]
         return claim_output(self.out, overwrite=overwrite, inputs=inputs)
 
@@ -193,6 +195,9 @@ class Pipeline:
             save_checkpoint(loaded.model, loaded.tokenizer, tmp, _manifest(self, report))
         (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(self.to_recipe(), sort_keys=False))
         write_report(report, tmp)
+
+    def _resumes(self) -> list[Path]:
+        return [resolved(r) for s in self.stages if (r := getattr(s.config, "resume", None))]
 
     def _check_gates(self, report: Report, write: bool = True) -> None:
         results = evaluate_gates(self.gates, report.evaluation)

@@ -2,8 +2,11 @@
 
 Each holds `trainable.safetensors` (the trained parameters only), `optimizer.pt` and
 `scheduler.pt` (state dicts: plain tensors and numbers, read back with weights_only=True) and
-`meta.json` {method, model_id, fingerprint, step, params}. A checkpoint is refused when its
-method, model or parameter set differs from the run that resumes it.
+`meta.json` {method, model_id, fingerprint, base_hash, config, step, params}. Resuming is exact
+or refused: the checkpoint must come from the same method, architecture (`fingerprint`) and base
+weights (`base_hash`, a content hash, not the folder name), every config field that shapes the
+trajectory (lr, seed, data, batch, ...; see `check_trajectory`) must match, and `steps` may only
+grow (and only on a constant schedule, whose past does not depend on `steps`).
 """
 
 from __future__ import annotations
@@ -39,10 +42,21 @@ def model_identity(model: nn.Module) -> dict[str, str]:
     }
 
 
+@torch.no_grad()
+def weights_hash(model: nn.Module) -> str:
+    """A content hash of every parameter (name, dtype, shape and bytes); meta tensors by shape only."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)};".encode())
+        if param.device.type != "meta":
+            digest.update(param.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
 def check_identity(meta: dict, method: str, identity: dict, where: Path) -> None:
     """Raise ConfigError unless `meta` (from a checkpoint or log) matches this run."""
     ours = {"method": method, **identity}
-    for key in ("method", "model_id", "fingerprint"):
+    for key in ("method", "fingerprint"):
         if meta.get(key) != ours[key]:
             raise ConfigError(
                 f"`resume`: {str(where)!r} was written by method `{meta.get('method')}` on model "
@@ -50,6 +64,41 @@ def check_identity(meta: dict, method: str, identity: dict, where: Path) -> None
                 f"`{method}` on model `{identity['model_id']}` (fingerprint {identity['fingerprint']}); "
                 "point `resume` at a run of the same method and model, or drop `resume`"
             )
+    if meta.get("base_hash") and identity.get("base_hash") and meta["base_hash"] != identity["base_hash"]:
+        raise ConfigError(
+            f"`resume`: `model`: {str(where)!r} trained from other base weights (content hash "
+            f"{meta['base_hash']}, this run's {identity['base_hash']}); resume on the same model "
+            "(and the same adapter seed), or drop `resume`"
+        )
+
+
+# Fields that do not change the weights a run reaches; all other config fields must match.
+NOT_TRAJECTORY = ("steps", "resume", "eval_every", "eval_data", "num_eval", "checkpoint_every", "log_every")
+
+
+def check_trajectory(saved: dict | None, ours: dict, where: Path, step: int) -> None:
+    """ConfigError naming the first field that would make a resumed run differ from an
+    uninterrupted one: a trajectory field that changed, `steps` below the checkpoint's step, or
+    `steps` changed under a schedule that depends on it."""
+    if step > ours["steps"]:
+        raise ConfigError(
+            f"`resume`: `steps` is {ours['steps']} but {str(where)!r} is already at step {step}; "
+            f"`steps` may only grow: pass --steps {step} or more"
+        )
+    if saved is None:  # a checkpoint written before configs were recorded
+        return
+    ours = json.loads(json.dumps(ours, default=str))
+    for key in sorted(set(saved) | set(ours)):
+        if key not in NOT_TRAJECTORY and saved.get(key) != ours.get(key):
+            raise ConfigError(
+                f"`resume`: `{key}` is {ours.get(key)!r} but {str(where)!r} was trained with "
+                f"{saved.get(key)!r}; resume with the same `{key}` (or drop `resume` to start over)"
+            )
+    if saved["steps"] != ours["steps"] and ours.get("schedule", "constant") != "constant":
+        raise ConfigError(
+            f"`resume`: `steps` changed ({saved['steps']} -> {ours['steps']}) but the `{ours['schedule']}` "
+            "schedule depends on it; resume with the same `steps`, or use schedule: constant"
+        )
 
 
 def save_checkpoint(
@@ -72,11 +121,22 @@ def save_checkpoint(
     return final
 
 
+def progress_folder(resume: str | Path, wanted: str) -> Path:
+    """`resume`, or its `.partial` sibling (an interrupted run's progress) when only that holds
+    `wanted` (a checkpoints folder or a MeZO log)."""
+    path = Path(resume)
+    partial = path.with_name(path.name + ".partial")
+    if not (path / wanted).exists() and (partial / wanted).exists():
+        return partial
+    return path
+
+
 def latest_checkpoint(resume: str | Path) -> Path:
     """The newest step-<k> folder under `resume` (a run folder, its checkpoints folder, or a step)."""
     path = Path(resume)
     if (path / "meta.json").is_file():
         return path
+    path = progress_folder(path, CHECKPOINT_DIR)
     root = path / CHECKPOINT_DIR if (path / CHECKPOINT_DIR).is_dir() else path
     steps = sorted(
         (int(p.name[len(_PREFIX) :]), p)
@@ -93,16 +153,20 @@ def latest_checkpoint(resume: str | Path) -> Path:
 
 def load_checkpoint(
     resume: str | Path,
-    method: str,
-    identity: dict,
+    meta_now: dict,
     params: dict[str, nn.Parameter],
     optimizer,
     scheduler,
+    out_dir: Path | None = None,
 ) -> int:
-    """Load the newest checkpoint under `resume` into params/optimizer/scheduler; return its step."""
+    """Load the newest checkpoint under `resume` into params/optimizer/scheduler; return its step.
+
+    `meta_now` is this run's {method, **identity, config}. The checkpoint is copied into
+    `out_dir/checkpoints` so the new output can be resumed from again."""
     folder = latest_checkpoint(resume)
     meta = json.loads((folder / "meta.json").read_text())
-    check_identity(meta, method, identity, folder)
+    check_identity(meta, meta_now["method"], meta_now, folder)
+    check_trajectory(meta.get("config"), meta_now["config"], folder, int(meta["step"]))
     if sorted(meta["params"]) != sorted(params):
         missing = sorted(set(meta["params"]) ^ set(params))[:5]
         raise ConfigError(
@@ -115,6 +179,8 @@ def load_checkpoint(
             param.copy_(tensors[name].to(param.device, param.dtype))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR / folder.name).resolve() != folder.resolve():
+        shutil.copytree(folder, Path(out_dir) / CHECKPOINT_DIR / folder.name, dirs_exist_ok=True)
     return int(meta["step"])
 
 
@@ -146,7 +212,5 @@ def preserve_progress(out_dir: Path | None) -> Path | None:
         shutil.rmtree(target / path.name, ignore_errors=True)
         shutil.move(str(path), str(target / path.name))
     write_marker(target, "training progress (resume from it)")
-    log.warning(
-        "training stopped early; its progress is in %s (pass it as `resume` to continue)", target
-    )
+    log.info("training stopped early; its progress is in %s (pass it as `resume` to continue)", target)
     return target

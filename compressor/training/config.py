@@ -103,7 +103,7 @@ class TrainConfig(MethodConfig):
                 _check_positive_int(name, getattr(self, name))
         if self.lr is not None and not 0 < self.lr < float("inf"):
             raise ConfigError(
-                f"`lr` must be a finite number > 0, got {self.lr}; e.g. lr=1e-4 (adamw) or 1e-6 (mezo)"
+                f"`lr` must be > 0 and finite, got {self.lr}; e.g. lr=1e-4 (adamw) or 1e-6 (mezo)"
             )
         if not self.mezo_eps > 0:
             raise ConfigError(

@@ -36,7 +36,7 @@ from compressor.errors import ConfigError
 from compressor.kernels import mezo_axpy_, mezo_normal
 from compressor.registry import register
 from compressor.report.records import StageResult
-from compressor.training.checkpoint import check_identity
+from compressor.training.checkpoint import check_identity, check_trajectory, progress_folder
 from compressor.training.config import TrainConfig
 from compressor.training.run import TrainRun, checksum, decays
 from compressor.training.trainer import fit, trainable_for_targets
@@ -155,14 +155,14 @@ def log_header(run: TrainRun) -> dict:
     return {
         "type": "header", "format": LOG_FORMAT, "method": run.method, **run.identity,
         "params": list(run.params), "eps": run.config.mezo_eps, "weight_decay": run.config.weight_decay,
-        "init_checksum": checksum(run.params), "seed": run.seed,
+        "init_checksum": checksum(run.params), "seed": run.seed, "config": run.meta()["config"],
     }  # fmt: skip
 
 
 def read_log(path: str | Path) -> tuple[dict, list[dict]]:
     """(header, step records) of a MeZO log, given the file or the run folder holding it."""
     path = Path(path)
-    path = path / LOG_NAME if path.is_dir() else path
+    path = progress_folder(path, LOG_NAME) / LOG_NAME if path.is_dir() or not path.exists() else path
     if not path.is_file():
         raise ConfigError(
             f"`resume`: no MeZO log at {str(path)!r}; give the output folder of a mezo run (it holds {LOG_NAME})"
@@ -173,8 +173,9 @@ def read_log(path: str | Path) -> tuple[dict, list[dict]]:
     return lines[0], lines[1:]
 
 
-def _check_replayable(header: dict, run: TrainRun, where: str) -> None:
+def _check_replayable(header: dict, records: list[dict], run: TrainRun, where: str) -> None:
     check_identity(header, run.method, run.identity, Path(where))
+    check_trajectory(header.get("config"), run.meta()["config"], Path(where), len(records))
     if header["params"] != list(run.params) or header["eps"] != run.config.mezo_eps:
         raise ConfigError(
             f"`resume`: {where!r} perturbed other parameters or another `mezo_eps` ({header['eps']}); "
@@ -219,7 +220,7 @@ class MezoLog:
 def _resume(run: TrainRun, params: list[Tensor], decay: list[bool]) -> list[dict]:
     """Replay the previous run's log onto the (initial) weights; returns the replayed records."""
     header, records = read_log(run.config.resume)
-    _check_replayable(header, run, str(run.config.resume))
+    _check_replayable(header, records, run, str(run.config.resume))
     records = [r for r in records if r["step"] < run.config.steps]
     replay_(params, records, run.config.mezo_eps, run.config.weight_decay, decay)
     run.start_step = len(records)

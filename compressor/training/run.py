@@ -61,6 +61,11 @@ class TrainRun:
         out = getattr(self.ctx, "out_dir", None)
         return Path(out) if out is not None else None
 
+    def meta(self) -> dict:
+        """What a checkpoint or log records to judge a resume: method, identity, resolved config."""
+        config = {**self.config.to_dict(), "lr": self.config.learning_rate, "seed": self.seed}
+        return {"method": self.method, **self.identity, "config": config}
+
     def lr_at(self, step: int) -> float:
         return self.config.learning_rate * lr_factor(step, self.config)
 

@@ -51,6 +51,7 @@ from compressor.training.checkpoint import (
     model_identity,
     preserve_progress,
     save_checkpoint,
+    weights_hash,
 )
 from compressor.training.config import TrainConfig
 from compressor.training.data import HEAD_NAME, TaskData, build_task_data
@@ -165,8 +166,17 @@ def _prepare_run(model, params, config, ctx, loss_fn, eval_fn, data, method) -> 
         eval_fn=eval_fn or (lambda m: evaluate(m, data, config.batch_size, runtime.device)),
         config=config, ctx=ctx, runtime=runtime, method=method or method_name(config),
         seed=config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0),
-        identity=model_identity(model), memory=PeakMemory(runtime.device),
+        identity=run_identity(model, config, ctx), memory=PeakMemory(runtime.device),
     )  # fmt: skip
+
+
+def run_identity(model: nn.Module, config: TrainConfig, ctx) -> dict:
+    """Architecture fingerprint, plus the base weights' content hash when the run can be resumed
+    or resumes (hashing reads every weight once, so runs that save nothing skip it)."""
+    identity = model_identity(model)
+    if config.resume or getattr(ctx, "out_dir", None) is not None:
+        identity["base_hash"] = weights_hash(model)
+    return identity
 
 
 def _train(run: TrainRun) -> None:
@@ -178,8 +188,10 @@ def _train(run: TrainRun) -> None:
             run_mezo(run)
         else:
             run_backprop(run)
-    except BaseException:
-        preserve_progress(run.out_dir)
+    except BaseException as err:
+        kept = preserve_progress(run.out_dir)
+        if kept is not None:  # the CLI's one-line error says where the progress went
+            err.add_note(f"training progress kept in `{kept}`: rerun the same command with `--resume {kept}`")
         raise
 
 
@@ -255,8 +267,9 @@ def run_backprop(run: TrainRun) -> None:
     optimizer, scheduler = build_optimizer(run)
     if config.resume:
         run.start_step = load_checkpoint(
-            config.resume, run.method, run.identity, run.params, optimizer, scheduler
-        )
+            config.resume, run.meta(), run.params, optimizer, scheduler,
+            run.out_dir if run.runtime.is_main else None,
+        )  # fmt: skip
     model, optimizer = runtime.prepare(run.model, optimizer)
     model.train()
     done = run.start_step
@@ -297,8 +310,7 @@ def _backprop_step(run: TrainRun, model: nn.Module, optimizer, step: int) -> flo
 def _checkpoint(run: TrainRun, step: int, optimizer, scheduler) -> None:
     if run.out_dir is None or not run.runtime.is_main:
         return
-    meta = {"method": run.method, **run.identity}
-    save_checkpoint(run.out_dir, step, meta, run.params, optimizer, scheduler)
+    save_checkpoint(run.out_dir, step, run.meta(), run.params, optimizer, scheduler)
 
 
 # -- the `backprop` stage ---------------------------------------------------------------------
