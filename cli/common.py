@@ -7,11 +7,14 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from compressor.errors import CompressorError, ConfigError
+from compressor.errors import ConfigError
+
+from .failures import debug_enabled, explain, unexpected
 
 # Piped output (CI logs, files) gets wide tables instead of 80-column wrapping of module names.
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -41,28 +44,31 @@ def fail(message: str, code: int = 1) -> None:
 
 
 def handle_errors(fn):
-    """Map library errors to one-line messages and exit codes (2 = bad config, 3 = gate missed)."""
+    """Every failure as one line on stderr (cli/failures.py): known classes exit with their code
+    (2 = bad input, 3 = gate missed, 130 = interrupted), unexpected ones exit 1 and point to
+    `--debug`, which shows the traceback instead."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
         try:
             return fn(*args, **kwargs)
-        except CompressorError as err:
-            fail(str(err), err.exit_code)
-        except PermissionError as err:
-            fail(f"permission denied: {err.filename or err}; choose a writable --out", 1)
-        except KeyboardInterrupt:
-            fail("interrupted; no output was written (outputs are staged and renamed only on success)", 130)
-        except torch_oom() as err:
-            fail(f"out of memory ({str(err).splitlines()[0][:120]}); use a smaller batch or --device cpu", 1)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException, SystemExit):
+            raise
+        except BaseException as err:
+            report_failure(err)
 
     return wrapper
 
 
-def torch_oom():
-    import torch
-
-    return getattr(torch, "OutOfMemoryError", MemoryError)
+def report_failure(err: BaseException) -> None:
+    """Print `err` as one line and exit (re-raise under --debug)."""
+    if debug_enabled():
+        raise err
+    known = explain(err)
+    if known is None:
+        fail(unexpected(err), 1)
+    code, message = known
+    fail(message, code)
 
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:

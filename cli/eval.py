@@ -11,7 +11,7 @@ from typing import Annotated
 import torch
 import typer
 
-from compressor import evaluation
+from compressor import evaluation, preflight
 from compressor.context import Context
 from compressor.errors import ConfigError, ModelError
 from compressor.models import load_model
@@ -41,9 +41,12 @@ def eval_command(
     """Perplexity of a causal LM on held-out text (non-overlapping windows)."""
     if split not in ("eval", "train", "all"):
         raise ConfigError(f"`--split` must be eval, train or all, got {split!r}")
+    preflight.check_flags(device, {"--batch-size": batch_size, "--seq-len": seq_len, "--num-windows": num_windows,
+                                   "--exit-layer": exit_layer}, seq_len=seq_len, model=model)
     # --out is checked and locked before the model loads: a bad folder fails at once.
     with claim_output(out, overwrite=overwrite, inputs=[model, data]) if out else contextlib.nullcontext() as claim:
         loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+        preflight.check_seq_lens([("--seq-len", seq_len)], preflight.context_of(loaded.model.config))
         if not loaded.causal:
             raise ConfigError("`compressor eval` measures perplexity and needs a causal LM; for encoders use a recipe "
                               "with `evaluate:` (embedding cosine) or benchmarks/quality.py")

@@ -7,6 +7,7 @@ from typing import Annotated
 import torch
 import typer
 
+from compressor import preflight
 from compressor.errors import ConfigError
 from compressor.models import load_model
 
@@ -24,6 +25,9 @@ def generate(
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Continue a prompt (compressed layers run through compressor.kernels; Triton on CUDA)."""
+    preflight.check_flags(device, {"--max-new-tokens": max_new_tokens}, minimum=0)
+    if not temperature >= 0:
+        raise ConfigError(f"`--temperature` must be >= 0 (0 = greedy), got {temperature}")
     loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
     if not loaded.causal:
         raise ConfigError("`generate` needs a causal LM")

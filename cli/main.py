@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
+import click
 import typer
 
 # bitsandbytes (imported by peft when installed) warns on CPU that Hugging Face's optional
@@ -13,11 +15,14 @@ import typer
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from . import analyze, compress, eval, finetune, generate, methods, run  # noqa: E402
+from .common import report_failure  # noqa: E402
+from .failures import DEBUG_ENV  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`.")
+                  help="Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`. "
+                       "Add --debug anywhere to see the traceback of a failure.")
 app.command("analyze")(analyze.analyze)
 app.command("compress")(compress.compress)
 app.command("finetune")(finetune.finetune)
@@ -32,7 +37,18 @@ def main() -> None:
     # `kill` / a job scheduler's SIGTERM stops a run exactly like Ctrl-C: training checkpoints
     # are kept, staging folders removed, and the command exits 130 with one line.
     signal.signal(signal.SIGTERM, _interrupt)
-    app()
+    if "--debug" in sys.argv[1:]:  # global: anywhere on the line; shows tracebacks
+        sys.argv.remove("--debug")
+        os.environ[DEBUG_ENV] = "1"
+    try:
+        app()
+    except (SystemExit, click.exceptions.ClickException):
+        raise
+    except BaseException as err:  # what escaped a command's own handler (e.g. during imports)
+        try:
+            report_failure(err)
+        except click.exceptions.Exit as done:
+            sys.exit(done.exit_code)
 
 
 def _interrupt(signum, frame) -> None:

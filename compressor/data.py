@@ -33,7 +33,14 @@ def load_texts(source: str = "default", text_column: str | None = None) -> list[
         return _read_txt(DEFAULT_TEXT)
     path = Path(source).expanduser()
     if path.is_file():
-        return _read_file(path, text_column)
+        try:
+            return _read_file(path, text_column)
+        except UnicodeDecodeError as err:
+            raise DataError(f"data file `{path}` is not UTF-8 text ({err.reason} at byte {err.start}); pass UTF-8 "
+                            ".txt/.jsonl/.csv/.tsv (parquet and other binary formats are not read)") from None
+        except json.JSONDecodeError as err:
+            raise DataError(f"data file `{path}` has a line that is not valid JSON ({err.msg}); each .jsonl line "
+                            "must be one JSON object") from None
     if path.suffix in TEXT_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
         raise DataError(f"data file `{source}` does not exist; pass an existing .txt/.jsonl/.csv/.tsv file or `default`")
     return _read_hf_dataset(str(source), text_column)

@@ -22,6 +22,8 @@ class ModelError(CompressorError):
 class DataError(CompressorError):
     """Text or labelled data cannot be read or is too small."""
 
+    exit_code = 2
+
 
 class OutputError(CompressorError):
     """The output folder cannot be written, or may not be (it holds data this tool did not write)."""

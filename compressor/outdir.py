@@ -138,11 +138,12 @@ def output_lock(folder: Path) -> Iterator[Path]:
     path = folder.with_name(f".{folder.name}.lock")
     handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
     try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OutputError(f"another compressor run is writing `{folder}` (lock `{path}`); wait for it to "
-                              "finish or choose another --out") from None
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise OutputError(f"another compressor run is writing `{folder}` (lock `{path}`); wait for it to "
+                          "finish or choose another --out") from None
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

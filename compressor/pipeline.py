@@ -23,8 +23,9 @@ from .config import MethodConfig
 from .context import Context
 from .errors import ConfigError, GateError, ModelError
 from .models import LoadedModel, load_model, save_checkpoint
-from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors
+from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors, parse_max_memory
 from .outdir import claim_output, remove_if_ours, resolved
+from .preflight import check_device, check_max_memory, check_seq_lens, context_of, model_context
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report
@@ -103,8 +104,7 @@ class Pipeline:
     def run(self, *, quiet: bool = False, loaded: LoadedModel | None = None) -> tuple[Report, LoadedModel]:
         """Run every stage; write outputs if `out` is set. Raises GateError after writing
         the report when a quality gate is missed."""
-        if self.max_memory is not None or self.offload_folder is not None:
-            check_offload_ready([s.name for s in self.stages])
+        self._preflight()
         with self._claim() as claim:  # checks and locks `out` before anything loads
             torch.manual_seed(self.seed)
             started = time.perf_counter()
@@ -112,6 +112,7 @@ class Pipeline:
             loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
                                           trust_remote_code=self.trust_remote_code, load_in=self.load_in,
                                           max_memory=self.max_memory, offload_folder=self.offload_folder)
+            check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
             report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
                                  "model_class": type(loaded.model).__name__})
             if claim is None:
@@ -133,6 +134,20 @@ class Pipeline:
                     remove_if_ours(resume)
         self._check_gates(report)
         return report, loaded
+
+    def _preflight(self) -> None:
+        """What can be refused before the model loads: device, offload budget, window lengths."""
+        check_device(self.device)
+        if self.max_memory is not None:
+            check_max_memory(parse_max_memory(self.max_memory))
+        if self.max_memory is not None or self.offload_folder is not None:
+            check_offload_ready([s.name for s in self.stages])
+        check_seq_lens(self._seq_lens(), model_context(self.model))
+
+    def _seq_lens(self) -> list[tuple[str, int]]:
+        lens = [("evaluate.seq_len", self.evaluate["seq_len"])] if self.evaluate else []
+        return lens + [(f"stages[{i}].{key}", value) for i, s in enumerate(self.stages)
+                       for key, value in s.config.to_dict().items() if key == "seq_len" or key.endswith("_seq_len")]
 
     def _claim(self):
         if self.out is None or secondary_rank():

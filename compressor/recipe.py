@@ -12,6 +12,7 @@ import yaml
 from .config import did_you_mean
 from .errors import ConfigError
 from .offload import parse_max_memory
+from .preflight import check_int
 
 TOP_LEVEL_KEYS = {
     "model": "model id, folder or .gguf (default: the embedded stories260K)",
@@ -34,12 +35,80 @@ GATE_KEYS = ("max_ppl", "max_ppl_increase", "min_cosine")
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
+# A recipe is a few dozen lines: these bounds stop a small hostile file (a YAML "billion laughs"
+# of nested aliases, a 10k-deep nesting) before it is expanded or walked recursively.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+INT64 = 2**63
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load after a streaming pass that bounds depth and the alias-expanded size."""
+    _check_shape(text, where)
+    value = yaml.safe_load(text)
+    _check_ints(value, where)
+    return value
+
+
+def _check_shape(text: str, where: str) -> None:
+    """Walk the parser's events (no recursion, nothing built): depth and expanded node count,
+    where an alias counts as the whole subtree its anchor names."""
+    sizes: dict[str, int] = {}
+    stack: list[list] = []  # [anchor, nodes so far] per open collection
+    total = 0
+
+    def add(count: int) -> None:
+        nonlocal total
+        total += count
+        if stack:
+            stack[-1][1] += count
+        if total > MAX_NODES:
+            raise ConfigError(f"{where} expands to more than {MAX_NODES} values (YAML aliases?); a recipe is "
+                              "a short list of stages: write it out plainly")
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            add(sizes.get(event.anchor, 1))
+        elif isinstance(event, yaml.ScalarEvent):
+            add(1)
+            if event.anchor:
+                sizes[event.anchor] = 1
+        elif isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            stack.append([event.anchor, 1])
+            if len(stack) > MAX_DEPTH:
+                raise ConfigError(f"{where} is nested more than {MAX_DEPTH} levels deep; a recipe needs a few")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            anchor, size = stack.pop()
+            if anchor:
+                sizes[anchor] = size
+            add(size)
+
+
+def _check_ints(value: Any, where: str) -> None:
+    """Integers must fit in 64 bits (torch and numpy overflow on larger ones)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and not -INT64 <= item < INT64:
+            raise ConfigError(f"{where}: the integer {item} is out of range (at most {INT64 - 1}); use a "
+                              "realistic value")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe `{path}` does not exist; pass a YAML file (see recipes/)")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise ConfigError(f"recipe `{path}` is larger than {MAX_RECIPE_BYTES >> 20} MiB; a recipe is a short YAML file")
     try:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = safe_yaml(path.read_text(encoding="utf-8"), f"recipe `{path}`")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe `{path}` is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -54,7 +123,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"`--set {text}` must look like key=value (e.g. stages.0.rank=0.4)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = safe_yaml(raw, f"`--set {text[:60]}`") if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if isinstance(value, str) and _FLOAT.match(value.strip()):
@@ -68,6 +137,9 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
         path, value = parse_override(text)
         if path[0] not in TOP_LEVEL_KEYS and len(recipe.get("stages", [])) == 1:
             path = ["stages", "0", *path]  # single-stage runs: `--set rank=0.4` means the stage
+        if path[-1] == "method" and len(path) == 3 and path[0] == "stages":
+            raise ConfigError(f"`--set {text}`: a stage's method cannot be overridden (its other fields and the "
+                              "report belong to it); use --method, or edit the recipe")
         _set_path(recipe, path, value, text)
     return recipe
 
@@ -108,6 +180,8 @@ def validate_top_level(recipe: dict[str, Any]) -> None:
             raise ConfigError(f"recipe: unknown key `evaluate.{key}`{did_you_mean(key, EVALUATE_KEYS)}")
         if not isinstance(value, EVALUATE_KEYS[key]) or isinstance(value, bool):
             raise ConfigError(f"recipe: `evaluate.{key}` must be {EVALUATE_KEYS[key].__name__}, got {value!r}")
+        if EVALUATE_KEYS[key] is int:
+            check_int(f"evaluate.{key}", value, 1)
     gates = recipe.get("gates") or {}
     if not isinstance(gates, dict):
         raise ConfigError(f"recipe: `gates` must be a mapping, got {gates!r}")

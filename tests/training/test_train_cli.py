@@ -107,5 +107,5 @@ def test_finetune_errors_are_one_line_with_exit_codes(tmp_path, sentiment_tsv):
         "--out",
         str(tmp_path / "d"),
     )
-    assert result.exit_code == 1 and "columns found: sentence, label" in result.output
+    assert result.exit_code == 2 and "columns found: sentence, label" in result.output
     assert "Traceback" not in result.output
