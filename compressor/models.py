@@ -136,8 +136,15 @@ def is_causal_config(config) -> bool:
 
 
 def _auto_class(config):
+    """The class the checkpoint was saved from (e.g. BartForConditionalGeneration, not BartModel)
+    when transformers has it, else the causal-LM or bare auto class."""
+    import transformers
     from transformers import AutoModel, AutoModelForCausalLM
 
+    archs = getattr(config, "architectures", None) or []
+    named = getattr(transformers, archs[0], None) if archs else None
+    if named is not None and getattr(named, "config_class", None) is type(config):
+        return named
     return AutoModelForCausalLM if is_causal_config(config) else AutoModel
 
 
@@ -223,7 +230,9 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
                           "`offload_folder` (offloaded loading reads Hugging Face folders, ids and GGUF)")
     manifest = json.loads((folder / MANIFEST).read_text())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
-    model = _auto_class(config).from_config(config, dtype=kwargs.get("dtype", torch.float32))
+    cls = _auto_class(config)
+    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # auto class or concrete one
+    model = build(config, dtype=kwargs.get("dtype", torch.float32))
     for name, spec in manifest.get("layers", {}).items():
         replace_module(model, name, build_layer(spec))
     state = {}
@@ -240,11 +249,14 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
 
 
 def _check_missing(model: nn.Module, missing: list[str], unexpected: list[str], folder: Path) -> None:
-    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+    if hasattr(model, "tie_weights"):
         model.tie_weights()
-        missing = [k for k in missing if not k.startswith("lm_head")]
+    # Tied weights (lm_head, GPT-NeoX's embed_out, BART/T5 encoder/decoder embeddings) are stored
+    # once: a missing name is fine when its tensor is one that was loaded under another name.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for n, p in params.items() if n not in set(missing)}
     buffers = {n for n, _ in model.named_buffers()}
-    missing = [k for k in missing if k not in buffers]
+    missing = [k for k in missing if k not in buffers and not (k in params and id(params[k]) in loaded)]
     if missing or unexpected:
         raise ModelError(f"checkpoint `{folder}` does not match its compression.json "
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]}); re-create it with this version")

@@ -25,7 +25,14 @@ from .errors import ConfigError, GateError, ModelError
 from .models import LoadedModel, load_model, save_checkpoint
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors, parse_max_memory
 from .outdir import claim_output, remove_if_ours, resolved
-from .preflight import check_device, check_max_memory, check_seq_lens, context_of, model_context
+from .preflight import (
+    check_device,
+    check_max_memory,
+    check_seq_lens,
+    check_supported,
+    context_of,
+    model_context,
+)
 from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report
@@ -113,6 +120,7 @@ class Pipeline:
                                           trust_remote_code=self.trust_remote_code, load_in=self.load_in,
                                           max_memory=self.max_memory, offload_folder=self.offload_folder)
             check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
+            check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
             report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
                                  "model_class": type(loaded.model).__name__})
             if claim is None:

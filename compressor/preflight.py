@@ -99,3 +99,36 @@ def check_flags(device: str, ints: dict[str, int | None], *, minimum: int = 1, s
         check_int(name, value, minimum)
     if seq_len is not None:
         check_seq_lens([("--seq-len", seq_len)], model_context(model))
+
+
+def check_supported(stages, model, causal: bool, evaluate: bool) -> None:
+    """Refuse, before any work, what this architecture cannot do: evaluating or calibrating an
+    encoder-decoder (its blocks need decoder inputs), or next-token fine-tuning of a non-causal model."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None) or type(model).__name__
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if encoder_decoder and evaluate:
+        raise ConfigError(f"evaluating encoder-decoder models (`{kind}`) is not supported; turn evaluation off "
+                          "with `--set evaluate=false` (recipe: `evaluate: false`)")
+    for index, stage in enumerate(stages):
+        fields = stage.config.to_dict()
+        where = f"stages[{index}] ({stage.name})"
+        if encoder_decoder and ("calibration" in fields or "calib_data" in fields):
+            raise ConfigError(f"{where}: calibrated methods do not support encoder-decoder models (`{kind}`) yet; "
+                              "use the data-free `svd`, or `analyze`")
+        if kind in ("t5", "mt5", "umt5") and stage.kind == "compress" and _targets_t5_wo(model, fields):
+            raise ConfigError(f"{where}: T5's feed-forward reads `wo.weight` directly, which a compressed layer does "
+                              "not have; add `--ignore wo` (recipe: `ignore: [wo]`)")
+        if fields.get("task") == "lm" and not causal:
+            raise ConfigError(f"{where}: `task: lm` (next-token loss) needs a causal LM, and `{kind}` is not one; "
+                              "use `--set task=classification` with labelled data")
+
+
+def _targets_t5_wo(model, fields: dict) -> bool:
+    from .targeting import select_linears
+
+    try:
+        chosen = select_linears(model, tuple(fields.get("targets") or ()), tuple(fields.get("ignore") or ()))
+    except ConfigError:
+        return False  # the stage reports its own targeting error
+    return any(name.rsplit(".", 1)[-1] == "wo" for name in chosen)
