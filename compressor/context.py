@@ -19,6 +19,13 @@ T = TypeVar("T")
 log = logging.getLogger("compressor")
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` = the first CUDA device when one is available, else the CPU; other names as torch reads them."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @dataclass
 class Context:
     """Shared services for one pipeline run.
@@ -27,6 +34,7 @@ class Context:
     device: where heavy maths runs. seed: the run's seed. out_dir: a staging folder the stage may
     write artifacts into (renamed into place when the whole run succeeds); None = nothing is saved.
     model_source: how the model was named (id, folder, file). quiet: no progress bars.
+    text_column: the column read from tabular text sources when a stage names none.
     """
 
     tokenizer: Any = None
@@ -35,6 +43,7 @@ class Context:
     out_dir: Path | None = None
     model_source: str = "default"
     quiet: bool = False
+    text_column: str | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True))
     notes: list[str] = field(default_factory=list)
 
@@ -59,7 +68,7 @@ class Context:
         """Token windows (N, seq_len), LongTensor on CPU; see compressor.data.windows_for."""
         return data.windows_for(
             self.tokenizer, source, split=split, seq_len=seq_len, num_windows=num_windows,
-            seed=self.seed, text_column=text_column,
+            seed=self.seed, text_column=text_column or self.text_column,
         )
 
     def progress(self, iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:

@@ -19,7 +19,7 @@ import yaml
 
 from . import evaluation
 from .config import MethodConfig
-from .context import Context
+from .context import Context, resolve_device
 from .errors import ConfigError, GateError, ModelError
 from .models import (
     LoadedModel,
@@ -34,7 +34,7 @@ from .registry import get_method
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 
-DEFAULT_EVALUATE = {"data": "default", "seq_len": 256, "num_windows": 32, "batch_size": 8}
+DEFAULT_EVALUATE = evaluation.PROTOCOL
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Pipeline:
     stages: list[Stage]
     model: str | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "float32"
     trust_remote_code: bool = False
     load_in: str | None = None
@@ -60,6 +60,7 @@ class Pipeline:
     offload_folder: str | None = None
     out: Path | None = None
     merge: bool = False
+    text_column: str | None = None
     evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
     gates: dict[str, float] = field(default_factory=dict)
 
@@ -74,10 +75,11 @@ class Pipeline:
         evaluate = None if evaluate is False else {**DEFAULT_EVALUATE, **(evaluate if isinstance(evaluate, dict) else {})}
         out = recipe.get("out")
         return cls(stages=stages, model=recipe.get("model"), seed=recipe.get("seed", 0),
-                   device=recipe.get("device", "cpu"), dtype=recipe.get("dtype", "float32"),
+                   device=recipe.get("device", "auto"), dtype=recipe.get("dtype", "float32"),
                    trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
                    max_memory=recipe.get("max_memory"), offload_folder=recipe.get("offload_folder"),
                    out=Path(out) if out else None, merge=recipe.get("merge", False), evaluate=evaluate,
+                   text_column=recipe.get("text_column"),
                    gates=recipe.get("gates") or {})
 
     @classmethod
@@ -97,7 +99,7 @@ class Pipeline:
         return {
             "model": self.model, "seed": self.seed, "device": self.device, "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "max_memory": self.max_memory,
-            "offload_folder": self.offload_folder, "merge": self.merge,
+            "offload_folder": self.offload_folder, "merge": self.merge, "text_column": self.text_column,
             "evaluate": self.evaluate if self.evaluate is not None else False, "gates": self.gates,
             "stages": [{"method": s.name, **s.config.to_dict()} for s in self.stages],
         }
@@ -112,7 +114,7 @@ class Pipeline:
             check_offload_ready([s.name for s in self.stages])
         torch.manual_seed(self.seed)
         started = time.perf_counter()
-        device = torch.device(self.device)
+        device = resolve_device(self.device)
         loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
                                       trust_remote_code=self.trust_remote_code, load_in=self.load_in,
                                       max_memory=self.max_memory, offload_folder=self.offload_folder)
@@ -135,7 +137,7 @@ class Pipeline:
 
     def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
         ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.seed, out_dir=tmp,
-                      model_source=loaded.source, quiet=quiet)
+                      model_source=loaded.source, quiet=quiet, text_column=self.text_column)
         modifies = any(s.kind != "analyze" for s in self.stages)
         if modifies:
             bad = nonfinite_tensors(loaded.model)
@@ -164,8 +166,9 @@ class Pipeline:
 
     def _evaluate(self, loaded: LoadedModel, ctx: Context, report: Report, when: str, reference=None):
         spec = self.evaluate
-        windows = ctx.windows(spec["data"], split="eval", seq_len=spec["seq_len"], num_windows=spec["num_windows"],
-                              text_column=spec.get("text_column"))
+        windows = evaluation.heldout_windows(ctx.tokenizer, spec["data"], seq_len=spec["seq_len"],
+                                             num_windows=spec["num_windows"],
+                                             text_column=spec.get("text_column") or self.text_column)
         if loaded.causal:
             result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"])
             report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
