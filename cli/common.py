@@ -12,13 +12,31 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from compressor.errors import CompressorError, ConfigError
 
+
+
+class LazyConsole:
+    """A rich Console made on first use: importing rich.console costs more than typer's own
+    `--help`, and help or `--version` never print through it."""
+
+    def __init__(self, stderr: bool, piped_width: int):
+        self._settings = {"stderr": stderr, "width": None if (sys.stderr if stderr else sys.stdout).isatty()
+                          else piped_width}
+        self._console = None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._settings)
+        return getattr(self._console, name)
+
+
 # Piped output (CI logs, files) gets wide tables instead of 80-column wrapping of module names.
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+console = LazyConsole(stderr=False, piped_width=200)
+err_console = LazyConsole(stderr=True, piped_width=400)
 
 DATA_HELP = ("`default` (the embedded TinyStories excerpt), a .txt/.jsonl/.json/.csv/.tsv/.parquet file, or a "
              "Hugging Face datasets name `name[:config[:split]]` (e.g. `wikitext:wikitext-2-raw-v1:test`)")
