@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import resource
 import tempfile
@@ -126,11 +125,12 @@ class Pipeline:
             with scratch_dir(self.out is not None) as tmp:
                 self._run_stages(loaded, report, tmp, device, quiet)
             report.run["seconds"] = time.perf_counter() - started
-            self._check_gates(report, write=False)
+            self._check_gates(report)
             return report, loaded
         with staged_output(self.out) as tmp:
             self._run_stages(loaded, report, tmp, device, quiet)
             report.run["seconds"] = time.perf_counter() - started
+            report.gates = evaluate_gates(self.gates, report.evaluation)  # judged now so report.md shows them
             self._write(loaded, report, tmp)
         self._check_gates(report)
         return report, loaded
@@ -189,12 +189,9 @@ class Pipeline:
         (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(self.to_recipe(), sort_keys=False))
         write_report(report, tmp)
 
-    def _check_gates(self, report: Report, write: bool = True) -> None:
-        results = evaluate_gates(self.gates, report.evaluation)
-        report.gates = results
-        missed = [g for g in results if not g["passed"]]
-        if missed and write and self.out is not None:
-            (Path(self.out) / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+    def _check_gates(self, report: Report) -> None:
+        report.gates = evaluate_gates(self.gates, report.evaluation)
+        missed = [g for g in report.gates if not g["passed"]]
         if missed:
             raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
                                       for g in missed) + " (outputs were written; loosen the gate or change the recipe)")
