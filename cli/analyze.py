@@ -26,10 +26,10 @@ def analyze(
     model: ModelArg = None,
     out: OutOpt = None,
     targets: Annotated[list[str] | None, typer.Option(
-        "--targets", show_default=False, help="names / re:regex to include, repeatable [default: every linear but "
+        "--targets", show_default=False, metavar="NAME", help="names / re:regex to include, repeatable [default: every linear but "
                                               "lm_head and embeddings]")] = None,
     ignore: Annotated[list[str] | None, typer.Option(
-        "--ignore", show_default=False, help="names / re:regex to exclude, repeatable [default: none]")] = None,
+        "--ignore", show_default=False, metavar="NAME", help="names / re:regex to exclude, repeatable [default: none]")] = None,
     top_p: Annotated[float, typer.Option(help="KappaTune: fraction of lowest-κ tensors selected")] = 0.2,
     reduction: Annotated[float, typer.Option(help="WeLore: total rank reduction targeted")] = 0.5,
     no_cache: Annotated[bool, typer.Option("--no-cache", show_default=False,

@@ -46,7 +46,7 @@ ModelArg = Annotated[str | None, typer.Argument(help="HF id, local folder, .gguf
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (written atomically; nothing is "
                                                                   "written without it)", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option(
-    "--set", show_default=False,
+    "--set", show_default=False, metavar="KEY=VALUE",
     help="override any recipe or stage field, repeatable: `--set dtype=bfloat16` (top level), "
          "`--set stages.0.rank=0.4` or `--set rank=0.4` (the stage's field; see `compressor methods NAME`)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:0, ...")]

@@ -54,10 +54,10 @@ def compress(
     calib_windows: Annotated[int | None, typer.Option(
         show_default=False, help=f"calibration windows {METHOD_DEFAULT}")] = None,
     targets: Annotated[list[str] | None, typer.Option(
-        "--targets", show_default=False, help="names / re:regex to include, repeatable [default: every linear but "
+        "--targets", show_default=False, metavar="NAME", help="names / re:regex to include, repeatable [default: every linear but "
                                               "lm_head and embeddings]")] = None,
     ignore: Annotated[list[str] | None, typer.Option(
-        "--ignore", show_default=False, help="names / re:regex to exclude, repeatable [default: none]")] = None,
+        "--ignore", show_default=False, metavar="NAME", help="names / re:regex to exclude, repeatable [default: none]")] = None,
     from_trained: Annotated[str | None, typer.Option(
         show_default=False, help="maestro: truncate a trained run's output folder without retraining "
                                  "[default: train]")] = None,

@@ -60,14 +60,14 @@ def finetune(
     steps: Annotated[int | None, typer.Option(show_default=False,
                                               help="optimizer steps [default: 100]")] = None,
     lr: Annotated[float | None, typer.Option(
-        show_default=False, help="peak learning rate [default: per method and optimizer: adamw 1e-4, mezo 1e-5 "
+        show_default=False, help="peak learning rate [default: per method and optimizer: adamw 1e-4, mezo 1e-4 "
                                  "(full weights); " + TRAIN_DEFAULTS + "]")] = None,
     batch_size: Annotated[int | None, typer.Option(show_default=False,
                                                    help="examples or windows per batch [default: 8]")] = None,
     seq_len: Annotated[int | None, typer.Option(show_default=False,
                                                 help="tokens per training window / example [default: 128]")] = None,
     targets: Annotated[list[str] | None, typer.Option(
-        "--targets", show_default=False, help=f"names / re:regex of linears to train, repeatable [default: "
+        "--targets", show_default=False, metavar="NAME", help=f"names / re:regex of linears to train, repeatable [default: "
                                               f"per method, {TRAIN_DEFAULTS}]")] = None,
     resume: Annotated[str | None, typer.Option(
         show_default=False, help="continue a previous run (its output folder) [default: start fresh]")] = None,
