@@ -2,50 +2,60 @@
 
 Answers without importing any method module (and so without torch): names, kinds and summaries
 come from `registry.BUILTIN`, fields from the config classes' source (`compressor.config_docs`).
+Output is plain wrapped text (no rich): this command is about answering at once.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
+import textwrap
 from typing import Annotated
 
 import typer
 
-from .common import console, handle_errors
+from .common import handle_errors
 
 
 @handle_errors
 def methods(name: Annotated[str | None, typer.Argument(
         help="show one method's config fields with defaults and descriptions", show_default=False)] = None) -> None:
     """List the registered methods, or one method's config fields (recipe keys / --set names) and defaults."""
-    from rich.markup import escape
-    from rich.table import Table
-
     from compressor.registry import method_info, method_names
 
     if name is None:
-        table = Table(title="methods (`compressor methods NAME` for fields)", title_justify="left")
-        for column in ("method", "kind", "summary"):
-            table.add_column(column, no_wrap=column != "summary", overflow="fold")
-        for method_name in method_names():
-            info = method_info(method_name)
-            table.add_row(method_name, info.kind, escape(info.summary))
-        console.print(table)
+        names = method_names()
+        rows = [(n, method_info(n).kind, method_info(n).summary) for n in names]
+        typer.echo("methods (`compressor methods NAME` lists a method's fields)\n")
+        typer.echo(columns([("method", "kind", "summary"), *rows]))
         return
     info = method_info(name)
-    console.print(f"[bold]{name}[/] ({info.kind}) — {escape(info.summary)}", highlight=False)
-    table = Table(title=f"fields of {info.config_class} (recipe keys; `--set KEY=VALUE` on the CLI)",
-                  title_justify="left")
-    for column in ("field", "default", "description"):
-        table.add_column(column, overflow="fold", no_wrap=column == "field")
-    for field in _fields(name, info):
-        table.add_row(field.name, escape(field.default), escape(field.description))
-    console.print(table, highlight=False)
+    typer.echo(f"{name} ({info.kind}): {info.summary}\n")
+    typer.echo(f"fields of {info.config_class} (recipe keys; `--set KEY=VALUE` on the command line):\n")
+    typer.echo(columns([("field", "default", "description"),
+                        *[(f.name, f.default, f.description) for f in _fields(name, info)]]))
+
+
+def columns(rows: list[tuple[str, str, str]]) -> str:
+    """Two aligned columns and a third wrapped to the terminal width, never cut."""
+    width = max(shutil.get_terminal_size((120, 24)).columns, 80)
+    first = max(len(r[0]) for r in rows)
+    second = max((len(r[1]) for r in rows if len(r[1]) <= 24), default=8)
+    indent = first + second + 4
+    lines = []
+    for a, b, c in rows:
+        head = f"{a:<{first}}  {b:<{second}}  "
+        if len(b) > second:  # a long default gets its own line
+            lines.append(f"{a:<{first}}  {b}")
+            head = " " * indent
+        wrapped = textwrap.wrap(c, width=max(width - indent, 30)) or [""]
+        lines.append(head + wrapped[0])
+        lines.extend(" " * indent + more for more in wrapped[1:])
+    return "\n".join(lines)
 
 
 def _fields(name: str, info):
     """Statically read fields for built-ins; an imported user method's dataclass otherwise."""
-    from compressor.config_docs import FieldDoc, args_section, config_fields
+    from compressor.config_docs import FieldDoc, args_section, config_fields, yaml_text
 
     try:
         return config_fields(info.module, info.config_class)
@@ -58,5 +68,5 @@ def _fields(name: str, info):
         docs = {}
         for klass in reversed(config_cls.__mro__):
             docs.update(args_section(klass.__doc__ or ""))
-        return [FieldDoc(f.name, json.dumps(f.default, default=str) if f.default is not dataclasses.MISSING
-                         else "(required)", docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]
+        return [FieldDoc(f.name, yaml_text(f.default) if f.default is not dataclasses.MISSING else "(required)",
+                         docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]
