@@ -151,10 +151,15 @@ def plot_per_layer(record: StageRecord, folder: Path, key: str, ylabel: str, fil
 
 
 def eval_points(record: StageRecord, name: str) -> tuple[list[int], list[float]]:
-    """(steps, values) of an evaluation curve at the steps an evaluation ran (metrics `eval_steps`);
-    the stored curve repeats the last evaluation between them, which is not a measurement."""
+    """(steps, values) of an evaluation curve at the steps an evaluation ran (metrics `eval_steps`,
+    else before, every `eval_every` and after, from the config); the stored curve repeats the last
+    evaluation between them, which is not a measurement."""
     values = record.curves[name]
     steps = [int(s) for s in str(record.metrics.get("eval_steps", "")).split(",") if s.strip().lstrip("-").isdigit()]
+    total, every = record.config.get("steps"), record.config.get("eval_every")
+    if not steps and isinstance(total, int):  # stages that do not report eval_steps: from the config
+        steps = [0, *range(every, total, every)] if every else [0]
+        steps.append(total)
     if not steps:
         return list(range(len(values))), list(values)
     start = steps[-1] - (len(values) - 1)  # curves are indexed from this run's first step
@@ -222,9 +227,13 @@ def render_plots(report: Report, folder: Path) -> list[str]:
                                           f"{record.config.get('welore_reduction', 0.5):.0%} total rank reduction"))
         elif rows and "rank" in rows[0]:
             if record.kind == "finetune":
-                ylabel, what = "adapter rank r", "adapter rank per linear"
+                ylabel, what = "adapter rank r", "adapter rank r per linear (r·(in + out) trained parameters each)"
             else:
                 ylabel, what = "rank kept (singular values)", "rank kept per linear"
+                if isinstance(record.config.get("rank"), (int, float)):
+                    allocation = record.config.get("allocation")
+                    what += f" (keep ratio {record.config['rank']:g}" + (f", {allocation} allocation)" if allocation
+                                                                          else ")")
             written.append(plot_per_layer(record, folder, "rank", ylabel, f"ranks_{index}_{record.stage}.png",
                                           title=f"{name}: {what}"))
         curves = {k: v for k, v in record.curves.items() if k not in ("curve_keep", "curve_ppl")}
