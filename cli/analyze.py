@@ -5,9 +5,6 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.table import Table
-
-from compressor.pipeline import Pipeline
 
 from .common import (
     DeviceOpt,
@@ -30,21 +27,28 @@ def analyze(
     model: ModelArg = None,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
-    targets: Annotated[list[str] | None, typer.Option("--targets", help="names / re:regex to include")] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="names / re:regex to exclude")] = None,
+    targets: Annotated[list[str] | None, typer.Option(
+        "--targets", show_default=False, metavar="NAME", help="names / re:regex to include, repeatable [default: every linear but "
+                                              "lm_head and embeddings]")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(
+        "--ignore", show_default=False, metavar="NAME", help="names / re:regex to exclude, repeatable [default: none]")] = None,
     top_p: Annotated[float, typer.Option(help="KappaTune: fraction of lowest-κ tensors selected")] = 0.2,
     reduction: Annotated[float, typer.Option(help="WeLore: total rank reduction targeted")] = 0.5,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute cached spectra")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache", show_default=False,
+                                           help="recompute spectra instead of reusing the cache")] = False,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     set_: SetOpt = None,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Per-linear singular-value spectra, condition numbers (KappaTune), effective/stable rank,
-    WeLore heavy-tail ranks and LRC/N-LRC split. Prints a table; --out writes JSON, Markdown, PNGs."""
+    WeLore heavy-tail ranks and LRC/N-LRC split. Prints a table; --out writes report.json, report.md and
+    PNG plots (without --out nothing is written)."""
+    from compressor.pipeline import Pipeline
+
     fields = {"targets": targets or None, "ignore": ignore or None, "top_p": top_p,
               "welore_reduction": reduction, "use_cache": not no_cache}
     pipeline = Pipeline.from_flags("analyze", fields, set_, model=model, device=device, seed=seed,
@@ -60,9 +64,13 @@ def analyze(
                   f"({m['cache_hits']} cached)")
     if out:
         console.print(f"wrote {out}/report.json, report.md and plots")
+    else:
+        console.print("nothing written (add --out DIR for report.json, report.md and plots)")
 
 
 def print_layer_table(rows: list[dict]) -> None:
+    from rich.table import Table
+
     table = Table(title="per-linear spectra", title_justify="left")
     for column in ("module", "shape", "κ", "eff. rank", "stable rank", "WeLore kept", "LRC", "KappaTune"):
         table.add_column(column, justify="left" if column == "module" else "right", no_wrap=column == "module")

@@ -1,4 +1,8 @@
-"""Shared CLI plumbing: one-line errors with exit codes, common options, result printing."""
+"""Shared CLI plumbing: one-line errors with exit codes, common options, result printing.
+
+Imports here stay light (typer, rich, compressor.errors): every `--help` loads this module, and
+torch / transformers are imported only inside the commands that run a model.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +13,68 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from compressor.errors import ConfigError
 
 from .failures import debug_enabled, explain, unexpected
 
+
+
+class LazyConsole:
+    """A rich Console made on first use: importing rich.console costs more than typer's own
+    `--help`, and help or `--version` never print through it."""
+
+    def __init__(self, stderr: bool, piped_width: int):
+        self._settings = {"stderr": stderr, "width": None if (sys.stderr if stderr else sys.stdout).isatty()
+                          else piped_width}
+        self._console = None
+
+    def __getattr__(self, name: str):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._settings)
+        return getattr(self._console, name)
+
+
 # Piped output (CI logs, files) gets wide tables instead of 80-column wrapping of module names.
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
+console = LazyConsole(stderr=False, piped_width=200)
+err_console = LazyConsole(stderr=True, piped_width=400)
+
+DATA_HELP = ("`default` (the embedded TinyStories excerpt), a .txt/.jsonl/.json/.csv/.tsv/.parquet file, or a "
+             "Hugging Face datasets name `name[:config[:split]]` (e.g. `wikitext:wikitext-2-raw-v1:test`)")
 
 ModelArg = Annotated[str | None, typer.Argument(help="HF id, local folder, .gguf file or compressor checkpoint "
-                                                     "(default: the embedded stories260K)", show_default=False)]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (written atomically)")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace --out when it holds an earlier result of "
-                                                                "this tool (other folders are never touched)")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a field: key=value (repeatable)")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")]
+                                                     "[default: the embedded stories260K]", show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="output folder (written atomically; nothing is "
+                                                                  "written without it)", show_default=False)]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", show_default=False,
+                                            help="replace --out when it holds an earlier result of this tool "
+                                                 "(other folders are never touched)")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", show_default=False, metavar="KEY=VALUE",
+    help="override any recipe or stage field, repeatable: `--set dtype=bfloat16` (top level), "
+         "`--set stages.0.rank=0.4` or `--set rank=0.4` (the stage's field; see `compressor methods NAME`)")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA when available, else CPU), cpu, cuda, cuda:0, ...")]
 SeedOpt = Annotated[int, typer.Option(help="seed for data sampling and training")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a Hub model's custom code")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or progress lines",
+                                        show_default=False)]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="allow a Hub model's custom code",
+                                        show_default=False)]
 MaxMemoryOpt = Annotated[str | None, typer.Option(
+    show_default=False,
     help="offload with accelerate (model bigger than the device): per-device budget, e.g. "
-         "'0=20GiB,cpu=60GiB'; the rest goes to --offload-folder")]
+         "'0=20GiB,cpu=60GiB'; the rest goes to --offload-folder [default: no offloading]")]
 OffloadFolderOpt = Annotated[str | None, typer.Option(
-    help="folder for offloaded weights that fit in no --max-memory budget")]
+    show_default=False, help="folder for offloaded weights that fit in no --max-memory budget [default: none]")]
+EvalDataOpt = Annotated[str, typer.Option(help=f"held-out text for quality before/after: {DATA_HELP}; its second "
+                                               "half is scored")]
+TextColumnOpt = Annotated[str | None, typer.Option(
+    show_default=False, help="column holding the text in .jsonl/.json/.csv/.tsv/.parquet or datasets input "
+                             "[default: the first of text, sentence, content, document]")]
+EvalWindowsOpt = Annotated[int, typer.Option(
+    help="held-out windows of 256 tokens scored before and after (the first ones of the held-out half, the "
+         "same windows `compressor eval` scores)")]
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -72,6 +112,8 @@ def report_failure(err: BaseException) -> None:
 
 
 def print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     for key, value in metrics.items():
         if isinstance(value, (int, float, str, bool)):
@@ -82,6 +124,8 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 def print_evaluation(evaluation: dict[str, dict[str, Any]]) -> None:
     if not evaluation:
         return
+    from rich.table import Table
+
     table = Table(title="quality (held-out text)", title_justify="left")
     keys = sorted({k for v in evaluation.values() for k in v})
     table.add_column("when")
@@ -117,3 +161,37 @@ def stage_fields(method: str, flags: dict[str, object],
                               "use --set key=value for method-specific fields")
         chosen[key] = value
     return chosen
+
+
+def quality_hint(evaluation: dict[str, dict[str, Any]], kinds: set[str]) -> str | None:
+    """One line of advice when held-out perplexity did not move (< 0.1 %) or rose more than 10×."""
+    before = evaluation.get("before", {}).get("perplexity")
+    after = evaluation.get("after", {}).get("perplexity")
+    if before is None or after is None or not before > 0:
+        return None
+    ratio = after / before
+    if ratio > 10:
+        advice = []
+        if "compress" in kinds:
+            advice.append("keep more (a higher --rank, e.g. 0.8) or add a healing stage after compressing "
+                          "(`compressor finetune --method heal MODEL`, or a `heal` stage in the recipe, see "
+                          "recipes/compress-heal.yaml)")
+        if "finetune" in kinds:
+            advice.append("lower --lr (the run diverged)")
+        return f"hint: held-out perplexity rose {ratio:.0f}× ({before:.4g} → {after:.4g}); " + "; or ".join(advice)
+    if abs(ratio - 1) < 1e-3 and "finetune" in kinds:
+        return (f"hint: held-out perplexity did not move ({before:.4g} → {after:.4g}); use a larger --lr "
+                "(e.g. 10×) or more --steps")
+    return None
+
+
+def print_outcome(report, out: Path | str | None) -> None:
+    """The quality table, a hint when quality did not move or collapsed, and where outputs went."""
+    print_evaluation(report.evaluation)
+    hint = quality_hint(report.evaluation, {r.kind for r in report.stages})
+    if hint:
+        console.print(hint, style="yellow", highlight=False)
+    if out:
+        console.print(f"wrote {out} (reload with compressor.load('{out}') or pass it as MODEL)")
+    else:
+        console.print("nothing written (no --out)")

@@ -6,25 +6,23 @@ from typing import Annotated
 
 import typer
 
-from compressor.errors import ConfigError
-from compressor.pipeline import Pipeline
-from compressor.registry import get_method, method_names
-
 from .common import (
     DeviceOpt,
+    EvalDataOpt,
+    EvalWindowsOpt,
     MaxMemoryOpt,
     ModelArg,
     OffloadFolderOpt,
-    OutOpt,
     OverwriteOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
+    TextColumnOpt,
     TrustOpt,
     console,
     handle_errors,
-    print_evaluation,
     print_metrics,
+    print_outcome,
     stage_fields,
 )
 
@@ -34,6 +32,8 @@ FLAG_FIELDS = {
     "calib-windows": ("num_windows", "calib_windows"), "targets": ("targets",), "ignore": ("ignore",),
     "from-trained": ("from_trained",),
 }
+# Shown in --help; the values come from the method's config (`compressor methods NAME`).
+METHOD_DEFAULT = "[default: the method's own, see `compressor methods METHOD`]"
 
 
 @handle_errors
@@ -41,28 +41,49 @@ def compress(
     model: ModelArg = None,
     method: Annotated[str, typer.Option("--method", "-m", help="svd, asvd, svd-llm, saes-svd, welore, dsformer, "
                                                                "maestro, prune (see `compressor methods`)")] = "saes-svd",
-    rank: Annotated[float | None, typer.Option(help="KEEP ratio: parameters kept / dense parameters of the "
-                                                    "targeted linears, 0 < R ≤ 1 (dsformer: stored bytes kept, "
-                                                    "sparse index metadata included)")] = None,
-    allocation: Annotated[str | None, typer.Option(help="uniform or welore (non-uniform ranks)")] = None,
-    calib: Annotated[str | None, typer.Option(help="calibration text: default, a file, or a datasets name")] = None,
-    calib_windows: Annotated[int | None, typer.Option(help="calibration windows")] = None,
-    targets: Annotated[list[str] | None, typer.Option("--targets", help="names / re:regex to include")] = None,
-    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="names / re:regex to exclude")] = None,
-    from_trained: Annotated[str | None, typer.Option(help="maestro: truncate a trained run without retraining")] = None,
-    merge: Annotated[bool, typer.Option("--merge", help="write a plain dense checkpoint")] = False,
+    rank: Annotated[float | None, typer.Option(
+        show_default=False, help="KEEP ratio: parameters kept / dense parameters of the targeted linears, 0 < R ≤ 1 "
+                                 "(dsformer: stored bytes kept, sparse index metadata included) "
+                                 "[default: 0.5 for the low-rank family; see `compressor methods METHOD`]")] = None,
+    allocation: Annotated[str | None, typer.Option(
+        show_default=False, help="uniform (one keep ratio per matrix) or welore (non-uniform ranks from the "
+                                 "singular-value tails) [default: uniform]")] = None,
+    calib: Annotated[str | None, typer.Option(
+        show_default=False, help="calibration text (its first half): default, a file, or a datasets name "
+                                 "[default: default, the embedded TinyStories excerpt]")] = None,
+    calib_windows: Annotated[int | None, typer.Option(
+        show_default=False, help=f"calibration windows {METHOD_DEFAULT}")] = None,
+    targets: Annotated[list[str] | None, typer.Option(
+        "--targets", show_default=False, metavar="NAME", help="names / re:regex to include, repeatable [default: every linear but "
+                                              "lm_head and embeddings]")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(
+        "--ignore", show_default=False, metavar="NAME", help="names / re:regex to exclude, repeatable [default: none]")] = None,
+    from_trained: Annotated[str | None, typer.Option(
+        show_default=False, help="maestro: truncate a trained run's output folder without retraining "
+                                 "[default: train]")] = None,
+    merge: Annotated[bool, typer.Option("--merge", show_default=False,
+                                        help="write plain dense nn.Linear weights instead of factored layers")] = False,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
-    out: OutOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", show_default=False,
+                                            help="output folder, written atomically [default: compressed-METHOD]")] = None,
     overwrite: OverwriteOpt = False,
-    eval_windows: Annotated[int, typer.Option(help="held-out windows for before/after quality")] = 32,
-    device: DeviceOpt = "cpu",
+    eval_data: EvalDataOpt = "default",
+    text_column: TextColumnOpt = None,
+    eval_windows: EvalWindowsOpt = 64,
+    device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     set_: SetOpt = None,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Compress the targeted linears and write a reloadable checkpoint + report."""
+    """Compress the targeted linears and write a reloadable checkpoint, report.md/json and plots.
+
+    Held-out perplexity is measured before and after on the same windows `compressor eval` scores."""
+    from compressor.errors import ConfigError
+    from compressor.pipeline import Pipeline
+    from compressor.registry import get_method, method_names
+
     if method not in method_names("compress"):
         get_method(method)  # unknown names get the did-you-mean error
         raise ConfigError(f"`{method}` is not a compression method; use `compressor finetune --method {method}` "
@@ -70,14 +91,13 @@ def compress(
     flags = {"rank": rank, "allocation": allocation, "calib": calib, "calib-windows": calib_windows,
              "targets": targets or None, "ignore": ignore or None, "from-trained": from_trained}
     out = out or f"compressed-{method}"
-    pipeline = Pipeline.from_flags(method, stage_fields(method, flags, FLAG_FIELDS), set_, model=model, device=device, seed=seed,
-                                   out=str(out), overwrite=overwrite, merge=merge, trust_remote_code=trust_remote_code,
-                                   max_memory=max_memory, offload_folder=offload_folder,
-                                   evaluate={"num_windows": eval_windows})
+    pipeline = Pipeline.from_flags(method, stage_fields(method, flags, FLAG_FIELDS), set_, model=model, device=device,
+                                   seed=seed, out=str(out), overwrite=overwrite, merge=merge, trust_remote_code=trust_remote_code,
+                                   max_memory=max_memory, offload_folder=offload_folder, text_column=text_column,
+                                   evaluate={"data": eval_data, "num_windows": eval_windows})
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]
     print_metrics(f"{method} ({record.seconds:.1f} s)", record.metrics)
     for note in record.notes[:20]:
         console.print(f"note: {note}")
-    print_evaluation(report.evaluation)
-    console.print(f"wrote {out} (reload with compressor.load('{out}') or pass it as MODEL)")
+    print_outcome(report, out)

@@ -1,4 +1,8 @@
-"""`compressor eval [MODEL] --data PATH`: perplexity (causal LMs) over non-overlapping windows."""
+"""`compressor eval [MODEL] --data PATH`: perplexity (causal LMs) over non-overlapping windows.
+
+The defaults are the evaluation protocol of compressor.evaluation: the first 64 windows of 256
+tokens of the held-out half of the text, the same windows compress / finetune / run score.
+"""
 
 from __future__ import annotations
 
@@ -8,50 +12,53 @@ import math
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 
-from compressor import evaluation, preflight
-from compressor.context import Context
-from compressor.errors import ConfigError, ModelError
-from compressor.models import load_model
-from compressor.outdir import claim_output
-
-from .common import DeviceOpt, ModelArg, OverwriteOpt, QuietOpt, SeedOpt, TrustOpt, console, handle_errors
+from .common import DATA_HELP, DeviceOpt, ModelArg, OverwriteOpt, QuietOpt, SeedOpt, TextColumnOpt, TrustOpt, console, handle_errors
 
 
 @handle_errors
 def eval_command(
     model: ModelArg = None,
-    data: Annotated[str, typer.Option(help="`default` (embedded TinyStories), a .txt/.jsonl/.csv/.tsv file or a "
-                                           "datasets name")] = "default",
-    split: Annotated[str, typer.Option(help="eval (held-out half), train, or all of a file")] = "eval",
+    data: Annotated[str, typer.Option("--data", "--eval-data", help=f"text to score: {DATA_HELP}")] = "default",
+    text_column: TextColumnOpt = None,
+    split: Annotated[str, typer.Option(help="eval (the held-out second half), train (the first half), or all")] = "eval",
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
-    num_windows: Annotated[int | None, typer.Option(help="windows to score (default: all)")] = None,
-    batch_size: Annotated[int, typer.Option()] = 8,
-    exit_layer: Annotated[int | None, typer.Option(help="score the sub-model of the first n blocks + shared "
-                                                         "final norm and head (Sorted FT exits)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="write eval.json into this folder")] = None,
+    num_windows: Annotated[int | None, typer.Option(
+        help="windows to score, the first ones of the split; 0 = all of them")] = 64,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    exit_layer: Annotated[int | None, typer.Option(
+        show_default=False, help="score the sub-model of the first n blocks + shared final norm and head "
+                                 "(Sorted FT exits) [default: the full model]")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", show_default=False,
+                                             help="write eval.json into this folder [default: write nothing]")] = None,
     overwrite: OverwriteOpt = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Perplexity of a causal LM on held-out text (non-overlapping windows)."""
+    from compressor import evaluation, preflight
+    from compressor.context import Context, resolve_device
+    from compressor.errors import ConfigError, ModelError
+    from compressor.models import load_model
+    from compressor.outdir import claim_output
+
     if split not in ("eval", "train", "all"):
         raise ConfigError(f"`--split` must be eval, train or all, got {split!r}")
-    preflight.check_flags(device, {"--batch-size": batch_size, "--seq-len": seq_len, "--num-windows": num_windows,
+    preflight.check_flags(device, {"--batch-size": batch_size, "--seq-len": seq_len, "--num-windows": num_windows or None,
                                    "--exit-layer": exit_layer}, seq_len=seq_len, model=model)
     # --out is checked and locked before the model loads: a bad folder fails at once.
     with claim_output(out, overwrite=overwrite, inputs=[model, data]) if out else contextlib.nullcontext() as claim:
-        loaded = load_model(model, device=device, trust_remote_code=trust_remote_code)
+        loaded = load_model(model, device=resolve_device(device), trust_remote_code=trust_remote_code)
         preflight.check_seq_lens([("--seq-len", seq_len)], preflight.context_of(loaded.model.config))
         if not loaded.causal:
             raise ConfigError("`compressor eval` measures perplexity and needs a causal LM; for encoders use a recipe "
                               "with `evaluate:` (embedding cosine) or benchmarks/quality.py")
-        ctx = Context(tokenizer=loaded.tokenizer, device=torch.device(device), seed=seed, quiet=quiet)
-        windows = _windows(ctx, data, split, seq_len, num_windows)
+        ctx = Context(tokenizer=loaded.tokenizer, device=resolve_device(device), seed=seed, quiet=quiet,
+                      text_column=text_column)
+        windows = _windows(ctx, data, split, seq_len, num_windows or None)
         result = evaluation.perplexity(loaded.model, windows, batch_size=batch_size, exit_layer=exit_layer,
                                        progress=None if quiet else lambda it, d: ctx.progress(it, d))
         payload = {"model": loaded.source, "data": data, "split": split, "seq_len": seq_len,
@@ -69,10 +76,15 @@ def eval_command(
                              "broken (check `compressor eval` on the model it came from)")
 
 
-def _windows(ctx: Context, data: str, split: str, seq_len: int, num_windows: int | None) -> torch.Tensor:
+def _windows(ctx, data: str, split: str, seq_len: int, num_windows: int | None):
+    from compressor import evaluation
+
     if split == "all":
         from compressor.data import load_texts, make_windows, token_stream
 
-        stream = token_stream(ctx.tokenizer, load_texts(data))
+        stream = token_stream(ctx.tokenizer, load_texts(data, ctx.text_column))
         return make_windows(stream, seq_len, num_windows, ctx.seed, shuffle=False)
+    if split == "eval":
+        return evaluation.heldout_windows(ctx.tokenizer, data, seq_len=seq_len, num_windows=num_windows,
+                                          text_column=ctx.text_column)
     return ctx.windows(data, split=split, seq_len=seq_len, num_windows=num_windows)

@@ -10,30 +10,32 @@ from typing import Annotated
 
 import typer
 
-from compressor.errors import ConfigError
-from compressor.pipeline import Pipeline
-from compressor.registry import get_method, method_names
-
 from .common import (
+    DATA_HELP,
     DeviceOpt,
+    EvalWindowsOpt,
     ModelArg,
-    OutOpt,
     OverwriteOpt,
     QuietOpt,
     SeedOpt,
     SetOpt,
+    TextColumnOpt,
     TrustOpt,
     console,
     handle_errors,
-    print_evaluation,
     print_metrics,
+    print_outcome,
     stage_fields,
 )
 
 LOAD_IN = ("4bit", "8bit")
+TRAIN_DEFAULTS = "see `compressor methods METHOD`"
 
 
 def check_method(method: str) -> None:
+    from compressor.errors import ConfigError
+    from compressor.registry import get_method, method_names
+
     if method not in method_names("finetune"):
         get_method(method)  # unknown names get the did-you-mean error
         raise ConfigError(
@@ -45,70 +47,72 @@ def check_method(method: str) -> None:
 @handle_errors
 def finetune(
     model: ModelArg = None,
-    method: Annotated[
-        str,
-        typer.Option(
-            "--method",
-            "-m",
-            help="backprop, mezo, sorted, lora, nola, dsee, "
-            "kappatune, ... (see `compressor methods`)",
-        ),
-    ] = "mezo",
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help="training data: default, a text file, a labelled "
-            ".tsv/.csv/.jsonl (with --task classification) or a datasets name"
-        ),
-    ] = None,
-    eval_data: Annotated[
-        str | None, typer.Option(help="held-out data (default: a held-out split of --data)")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="lm or classification")] = None,
-    steps: Annotated[int | None, typer.Option(help="optimizer steps")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="examples or windows per batch")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="tokens per window / example")] = None,
-    targets: Annotated[
-        list[str] | None, typer.Option("--targets", help="names / re:regex of linears to train")
-    ] = None,
-    resume: Annotated[
-        str | None, typer.Option(help="continue a previous run (its output folder)")
-    ] = None,
-    load_in: Annotated[
-        str | None, typer.Option(help="load the frozen base in 4bit or 8bit (bitsandbytes)")
-    ] = None,
-    merge: Annotated[
-        bool, typer.Option("--merge", help="write plain dense weights (adapters merged)")
-    ] = False,
-    out: OutOpt = None,
+    method: Annotated[str, typer.Option(
+        "--method", "-m", help="backprop, mezo, sorted, lora, nola, dsee, kappatune, welore-tune "
+                               "(see `compressor methods`)")] = "mezo",
+    data: Annotated[str | None, typer.Option(
+        show_default=False, help=f"training data (its first half): {DATA_HELP}; or a labelled .tsv/.csv/.jsonl with "
+                                 "--task classification [default: default]")] = None,
+    eval_data: Annotated[str | None, typer.Option(
+        show_default=False, help="held-out text scored before/after and by the stage (its second half) "
+                                 "[default: the held-out half of --data]")] = None,
+    text_column: TextColumnOpt = None,
+    task: Annotated[str | None, typer.Option(show_default=False, help="lm or classification [default: lm]")] = None,
+    steps: Annotated[int | None, typer.Option(show_default=False,
+                                              help="optimizer steps [default: 100]")] = None,
+    lr: Annotated[float | None, typer.Option(
+        show_default=False, help="peak learning rate [default: per method and optimizer: adamw 1e-4, mezo 1e-4 "
+                                 "(full weights); " + TRAIN_DEFAULTS + "]")] = None,
+    batch_size: Annotated[int | None, typer.Option(show_default=False,
+                                                   help="examples or windows per batch [default: 8]")] = None,
+    seq_len: Annotated[int | None, typer.Option(show_default=False,
+                                                help="tokens per training window / example [default: 128]")] = None,
+    targets: Annotated[list[str] | None, typer.Option(
+        "--targets", show_default=False, metavar="NAME", help=f"names / re:regex of linears to train, repeatable [default: "
+                                              f"per method, {TRAIN_DEFAULTS}]")] = None,
+    resume: Annotated[str | None, typer.Option(
+        show_default=False, help="continue a previous run (its output folder) [default: start fresh]")] = None,
+    load_in: Annotated[str | None, typer.Option(
+        show_default=False, help="load the frozen base in 4bit or 8bit (bitsandbytes) [default: full precision]")] = None,
+    merge: Annotated[bool, typer.Option("--merge", show_default=False,
+                                        help="write plain dense weights (adapters merged)")] = False,
+    out: Annotated[str | None, typer.Option("--out", "-o", show_default=False,
+                                            help="output folder, written atomically [default: finetuned-METHOD]")] = None,
     overwrite: OverwriteOpt = False,
-    eval_windows: Annotated[
-        int, typer.Option(help="held-out windows of general text for before/after")
-    ] = 32,
-    device: DeviceOpt = "cpu",
+    eval_windows: EvalWindowsOpt = 64,
+    device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     set_: SetOpt = None,
     trust_remote_code: TrustOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fine-tune MODEL on --data and write the tuned checkpoint, the report and the training curves."""
+    """Fine-tune MODEL on --data and write the tuned checkpoint, the report and the training curves.
+
+    Held-out perplexity before/after is scored on the held-out half of --eval-data (or of --data),
+    the same windows `compressor eval MODEL --data ...` scores."""
+    from compressor.errors import ConfigError
+    from compressor.pipeline import Pipeline
+
     check_method(method)
     if load_in is not None and load_in not in LOAD_IN:
         raise ConfigError(
             f"`--load-in` must be 4bit or 8bit, got {load_in!r}; omit it for full precision"
         )
-    flags = {"data": data, "eval-data": eval_data, "task": task, "steps": steps, "lr": lr, "batch-size": batch_size,
-             "seq-len": seq_len, "targets": targets or None, "resume": resume}  # fmt: skip
+    flags = {"data": data, "eval-data": eval_data, "text-column": text_column, "task": task, "steps": steps, "lr": lr,
+             "batch-size": batch_size, "seq-len": seq_len, "targets": targets or None, "resume": resume,
+             "num-eval": eval_windows}  # fmt: skip
     out = out or f"finetuned-{method}"
+    # One protocol: the before/after table scores the same text and windows as the stage itself.
+    # (A classification run is scored on general text: its --data holds labelled examples.)
+    lm_text = eval_data or data if (task or "lm") == "lm" else eval_data
+    evaluate = {"data": lm_text or "default", "num_windows": eval_windows}
     pipeline = Pipeline.from_flags(
         method, stage_fields(method, flags), set_, model=model, device=device, seed=seed, out=str(out), overwrite=overwrite,
-        load_in=load_in, merge=merge, trust_remote_code=trust_remote_code, evaluate={"num_windows": eval_windows},
+        load_in=load_in, merge=merge, trust_remote_code=trust_remote_code, text_column=text_column, evaluate=evaluate,
     )  # fmt: skip
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]
     print_metrics(f"{method} ({record.seconds:.1f} s)", record.metrics)
     for note in record.notes[:20]:
         console.print(f"note: {note}")
-    print_evaluation(report.evaluation)
-    console.print(f"wrote {out} (reload with compressor.load('{out}') or pass it as MODEL)")
+    print_outcome(report, out)

@@ -1,37 +1,72 @@
-"""`compressor methods [NAME]`: what is registered, with fields and defaults (read from the code)."""
+"""`compressor methods [NAME]`: what is registered, with fields, defaults and descriptions.
+
+Answers without importing any method module (and so without torch): names, kinds and summaries
+come from `registry.BUILTIN`, fields from the config classes' source (`compressor.config_docs`).
+Output is plain wrapped text (no rich): this command is about answering at once.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import shutil
+import textwrap
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from compressor.registry import get_method, method_names
-
-from .common import console, handle_errors
+from .common import handle_errors
 
 
 @handle_errors
-def methods(name: Annotated[str | None, typer.Argument(help="show one method's fields")] = None) -> None:
-    """List registered methods, or one method's config fields and defaults."""
+def methods(name: Annotated[str | None, typer.Argument(
+        help="show one method's config fields with defaults and descriptions", show_default=False)] = None) -> None:
+    """List the registered methods, or one method's config fields (recipe keys / --set names) and defaults."""
+    from compressor.registry import method_info, method_names
+
     if name is None:
-        table = Table(title="registered methods", title_justify="left")
-        for column in ("method", "kind", "summary"):
-            table.add_column(column)
-        for method_name in method_names():
-            method = get_method(method_name)
-            table.add_row(method_name, method.kind, method.summary)
-        console.print(table)
+        names = method_names()
+        rows = [(n, method_info(n).kind, method_info(n).summary) for n in names]
+        typer.echo("methods (`compressor methods NAME` lists a method's fields)\n")
+        typer.echo(columns([("method", "kind", "summary"), *rows]))
         return
-    method = get_method(name)
-    console.print(f"[bold]{method.name}[/] ({method.kind}) — {method.summary}")
-    table = Table(show_header=True)
-    for column in ("field", "default"):
-        table.add_column(column)
-    for field in dataclasses.fields(method.config_cls):
-        default = field.default if field.default is not dataclasses.MISSING else "(required)"
-        table.add_row(field.name, repr(default))
-    console.print(table)
-    console.print(method.config_cls.__doc__ or "")
+    info = method_info(name)
+    typer.echo(f"{name} ({info.kind}): {info.summary}\n")
+    typer.echo(f"fields of {info.config_class} (recipe keys; `--set KEY=VALUE` on the command line):\n")
+    typer.echo(columns([("field", "default", "description"),
+                        *[(f.name, f.default, f.description) for f in _fields(name, info)]]))
+
+
+def columns(rows: list[tuple[str, str, str]]) -> str:
+    """Two aligned columns and a third wrapped to the terminal width, never cut."""
+    width = max(shutil.get_terminal_size((120, 24)).columns, 80)
+    first = max(len(r[0]) for r in rows)
+    second = max((len(r[1]) for r in rows if len(r[1]) <= 24), default=8)
+    indent = first + second + 4
+    lines = []
+    for a, b, c in rows:
+        head = f"{a:<{first}}  {b:<{second}}  "
+        if len(b) > second:  # a long default gets its own line
+            lines.append(f"{a:<{first}}  {b}")
+            head = " " * indent
+        wrapped = textwrap.wrap(c, width=max(width - indent, 30)) or [""]
+        lines.append(head + wrapped[0])
+        lines.extend(" " * indent + more for more in wrapped[1:])
+    return "\n".join(lines)
+
+
+def _fields(name: str, info):
+    """Statically read fields for built-ins; an imported user method's dataclass otherwise."""
+    from compressor.config_docs import FieldDoc, args_section, config_fields, yaml_text
+
+    try:
+        return config_fields(info.module, info.config_class)
+    except (LookupError, OSError, SyntaxError):
+        import dataclasses
+
+        from compressor.registry import get_method
+
+        config_cls = get_method(name).config_cls
+        docs = {}
+        for klass in reversed(config_cls.__mro__):
+            docs.update(args_section(klass.__doc__ or ""))
+        return [FieldDoc(f.name, yaml_text(f.default) if f.default is not dataclasses.MISSING else "(required)",
+                         docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]

@@ -7,21 +7,24 @@ from typing import Annotated
 
 import typer
 
-from compressor.pipeline import Pipeline
-
-from .common import OutOpt, OverwriteOpt, QuietOpt, SetOpt, console, handle_errors, print_evaluation, print_metrics
+from .common import OutOpt, OverwriteOpt, QuietOpt, SetOpt, console, handle_errors, print_metrics, print_outcome
 
 
 @handle_errors
 def run(
-    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/)")],
+    recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/)", show_default=False)],
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     set_: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="validate the recipe and print it resolved")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", show_default=False,
+                                          help="validate the recipe and print it resolved; load no model")] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run a YAML recipe. Exit codes: 0 ok, 1 runtime error, 2 invalid recipe, 3 quality gate missed."""
+    """Run a YAML recipe. Exit codes: 0 ok, 1 runtime error, 2 invalid recipe, 3 quality gate missed.
+
+    Outputs go to --out (or the recipe's `out:`); with neither, the run reports and writes nothing."""
+    from compressor.pipeline import Pipeline
+
     overrides = list(set_ or [])
     if out is not None:
         overrides.append(f"out={out}")
@@ -33,14 +36,9 @@ def run(
 
         console.print(yaml.safe_dump(pipeline.to_recipe(), sort_keys=False))
         return
-    try:
-        report, _ = pipeline.run(quiet=quiet)
-    finally:
-        pass
+    report, _ = pipeline.run(quiet=quiet)
     for record in report.stages:
         print_metrics(f"stage {record.stage} ({record.seconds:.1f} s)", record.metrics)
-    print_evaluation(report.evaluation)
     for gate in report.gates:
         console.print(f"gate {gate['gate']}: {gate['value']:.4g} (limit {gate['limit']}) passed")
-    if pipeline.out:
-        console.print(f"wrote {pipeline.out}")
+    print_outcome(report, pipeline.out)

@@ -4,21 +4,40 @@ Python API::
 
     import compressor
     model = compressor.load("o/")                       # any MODEL the CLI accepts
-    pipe = compressor.Pipeline.from_file("recipes/saes-svd.yaml")
+    pipe = compressor.Pipeline.from_file("recipes/saes-svd.yaml", ["out=o/"])
     report, loaded = pipe.run()
+
+The public names are imported on first use (PEP 562), so `import compressor` — and with it every
+`compressor --help` — does not pay for torch and transformers.
 """
 
-from .config import MethodConfig
-from .errors import CompressorError, ConfigError, DataError, GateError, ModelError, OutputError
-from .models import load, load_model, save
-from .pipeline import Pipeline
-from .registry import apply_, get_method, method_names, register
-from .report import Report, StageResult
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CompressorError", "ConfigError", "DataError", "GateError", "MethodConfig", "ModelError", "OutputError",
-    "Pipeline", "Report", "StageResult", "apply_", "get_method", "load", "load_model", "method_names",
-    "register", "save",
-]
+# public name -> the module that defines it
+_PUBLIC = {
+    "MethodConfig": ".config",
+    "CompressorError": ".errors", "ConfigError": ".errors", "DataError": ".errors", "GateError": ".errors",
+    "ModelError": ".errors", "OutputError": ".errors",
+    "load": ".models", "load_model": ".models", "save": ".models",
+    "Pipeline": ".pipeline",
+    "apply_": ".registry", "get_method": ".registry", "method_names": ".registry", "register": ".registry",
+    "Report": ".report", "StageResult": ".report",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'compressor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])

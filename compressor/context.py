@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +13,63 @@ from typing import Any, TypeVar
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from . import data
 from .offload import execution_device
 
 T = TypeVar("T")
 log = logging.getLogger("compressor")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def eta_seconds(elapsed: float, done: int, total: int | None) -> float | None:
+    """Remaining time from the mean time of the items done so far (None before the first)."""
+    if not total or done <= 0:
+        return None
+    return elapsed / done * (total - done)
+
+
+class MeanEtaColumn(ProgressColumn):
+    """ETA = mean time per finished item x items left. Rich's own estimate averages speed over the
+    last 30 s only, so with blocks slower than that it shows nothing."""
+
+    def render(self, task) -> Text:
+        eta = eta_seconds(task.elapsed or 0.0, int(task.completed), int(task.total) if task.total else None)
+        return Text("ETA " + (clock(eta) if eta is not None else "-:--:--"), style="progress.remaining")
+
+
+class ProgressLog:
+    """Progress for output that is not a terminal (CI logs, files): one line per item when there are
+    few (blocks, layers), else one per ~5 % of them, each with elapsed time and ETA."""
+
+    def __init__(self, description: str, total: int | None, stream=None):
+        self.description, self.total = description, total
+        self.every = 1 if not total or total <= 50 else math.ceil(total / 20)
+        self.stream = stream or sys.stderr
+        self.started = time.perf_counter()
+
+    def update(self, done: int, extra: str = "") -> None:
+        if done % self.every and done != self.total:
+            return
+        elapsed = time.perf_counter() - self.started
+        eta = eta_seconds(elapsed, done, self.total)
+        count = f"{done}/{self.total}" if self.total else str(done)
+        line = f"{self.description}: {count}, elapsed {clock(elapsed)}" + (f", ETA {clock(eta)}" if eta is not None
+                                                                           else "")
+        print(line + (f", {extra}" if extra else ""), file=self.stream, flush=True)
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """`auto` = the first CUDA device when one is available, else the CPU; other names as torch reads them."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 @dataclass
@@ -27,6 +80,7 @@ class Context:
     device: where heavy maths runs. seed: the run's seed. out_dir: a staging folder the stage may
     write artifacts into (renamed into place when the whole run succeeds); None = nothing is saved.
     model_source: how the model was named (id, folder, file). quiet: no progress bars.
+    text_column: the column read from tabular text sources when a stage names none.
     """
 
     tokenizer: Any = None
@@ -35,6 +89,7 @@ class Context:
     out_dir: Path | None = None
     model_source: str = "default"
     quiet: bool = False
+    text_column: str | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True))
     notes: list[str] = field(default_factory=list)
 
@@ -59,18 +114,24 @@ class Context:
         """Token windows (N, seq_len), LongTensor on CPU; see compressor.data.windows_for."""
         return data.windows_for(
             self.tokenizer, source, split=split, seq_len=seq_len, num_windows=num_windows,
-            seed=self.seed, text_column=text_column,
+            seed=self.seed, text_column=text_column or self.text_column,
         )
 
     def progress(self, iterable: Iterable[T], description: str = "", total: int | None = None) -> Iterator[T]:
-        """Iterate with a rich progress bar (silent when quiet)."""
+        """Iterate with a progress bar and ETA on a terminal, log lines otherwise (silent when quiet)."""
         if self.quiet:
             yield from iterable
             return
         if total is None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
+        if not self.console.is_terminal:
+            log_lines = ProgressLog(description, total, self.console.file)
+            for done, item in enumerate(iterable, start=1):
+                yield item
+                log_lines.update(done)
+            return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn())
+                   TimeElapsedColumn(), MeanEtaColumn())
         with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task(description, total=total)
             for item in iterable:

@@ -1,10 +1,16 @@
 """Text sources -> token windows.
 
-A source is `"default"` (the TinyStories excerpt shipped with the package), a local
-.txt/.jsonl/.csv/.tsv file, or a `datasets` name (`name`, `name:config` or `name:config:split`,
-needs the Hub or a local HF cache). Texts are joined into one token stream; the stream's first
-part is the `train`/`calib` split and its last `eval_fraction` the `eval` split, so calibration or
-training text never overlaps evaluation text.
+A source is one of
+  * `default`: the TinyStories excerpt shipped with the package;
+  * a local file: .txt (the whole file is one document), .jsonl (one JSON object per line),
+    .json (a list of objects, or {"data"/"rows"/...: [objects]}), .csv, .tsv or .parquet; tabular
+    files give one document per row, read from `text_column` (default: the first of `text`,
+    `sentence`, `content`, `document` present);
+  * a Hugging Face `datasets` name `NAME[:CONFIG[:SPLIT]]`, e.g. `wikitext:wikitext-2-raw-v1:test`
+    (SPLIT defaults to `train`); it needs the Hub or a local HF cache.
+Texts are joined into one token stream; the stream's first part is the `train`/`calib` split and
+its last `eval_fraction` the `eval` split, so calibration or training text never overlaps
+evaluation text.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from .errors import DataError
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_TEXT = ASSETS / "text" / "tinystories_excerpt.txt"
-TEXT_SUFFIXES = (".txt", ".jsonl", ".csv", ".tsv")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+FILE_KINDS = "a .txt/.jsonl/.json/.csv/.tsv/.parquet file"
 TEXT_COLUMNS = ("text", "sentence", "content", "document")
 SPLITS = ("train", "calib", "eval")
 MIN_CALIBRATION_WINDOWS = 64
@@ -42,34 +49,72 @@ def load_texts(source: str = "default", text_column: str | None = None) -> list[
             raise DataError(f"data file `{path}` has a line that is not valid JSON ({err.msg}); each .jsonl line "
                             "must be one JSON object") from None
     if path.suffix in TEXT_SUFFIXES or path.exists() or str(source).startswith((".", "/", "~")):
-        raise DataError(f"data file `{source}` does not exist; pass an existing .txt/.jsonl/.csv/.tsv file or `default`")
+        raise DataError(f"data file `{source}` does not exist; pass an existing {FILE_KINDS} or `default`")
     return _read_hf_dataset(str(source), text_column)
 
 
 def _read_file(path: Path, text_column: str | None) -> list[str]:
     suffix = path.suffix.lower()
-    if suffix == ".txt" or suffix == ".raw" or suffix not in TEXT_SUFFIXES:
+    if suffix not in TEXT_SUFFIXES or suffix == ".txt":
         return _read_txt(path)
-    if suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+    try:
+        rows = _read_rows(path, suffix)
+    except UnicodeDecodeError as err:
+        raise DataError(_undecodable(path, err)) from None
+    except (ValueError, csv.Error) as err:  # json.JSONDecodeError is a ValueError
+        raise DataError(f"data file `{path}` is not valid {suffix[1:]} ({str(err).splitlines()[0][:160]}); "
+                        f"fix the file or convert it to {FILE_KINDS}") from None
     if not rows:
         raise DataError(f"data file `{path}` has no rows")
-    column = text_column or next((c for c in TEXT_COLUMNS if c in rows[0]), None)
-    if column is None or column not in rows[0]:
-        raise DataError(
-            f"data file `{path}` has no text column `{text_column or 'text'}` "
-            f"(columns: {', '.join(map(str, rows[0]))}); pass `text_column`"
-        )
+    column = pick_text_column(list(rows[0]), text_column, f"data file `{path}`")
     return [str(r[column]) for r in rows if r.get(column)]
+
+
+def pick_text_column(columns: list[str], text_column: str | None, where: str) -> str:
+    """The named column, else the first usual text column present; a DataError naming the columns."""
+    column = text_column or next((c for c in TEXT_COLUMNS if c in columns), None)
+    if column is None or column not in columns:
+        raise DataError(f"{where} has no text column `{text_column or 'text'}` (columns: "
+                        f"{', '.join(map(str, columns))}); pass --text-column NAME (recipes: `text_column`)")
+    return column
+
+
+def _read_rows(path: Path, suffix: str) -> list[dict]:
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if suffix == ".json":
+        return _json_rows(json.loads(path.read_text(encoding="utf-8")), path)
+    with path.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+
+
+def _json_rows(payload, path: Path) -> list[dict]:
+    """A list of objects, or one object holding such a list (e.g. {"data": [...]})."""
+    if isinstance(payload, dict):
+        lists = [v for v in payload.values() if isinstance(v, list)]
+        payload = lists[0] if len(lists) == 1 else payload
+    if not isinstance(payload, list) or not all(isinstance(r, dict) for r in payload):
+        raise DataError(f"data file `{path}` must hold a list of objects (one per document), e.g. "
+                        '[{"text": "..."}]; or use .jsonl with one object per line')
+    return payload
+
+
+def _undecodable(path: Path, err: UnicodeDecodeError) -> str:
+    return (f"data file `{path}` is not UTF-8 text (undecodable byte at position {err.start}); "
+            "convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`")
 
 
 def _read_txt(path: Path) -> list[str]:
     # newline="" keeps CRLF files (WikiText) from doubling blank lines; normalise by hand.
-    with path.open(encoding="utf-8", newline="") as handle:
-        text = handle.read().replace("\r\n", "\n")
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            text = handle.read().replace("\r\n", "\n")
+    except UnicodeDecodeError as err:
+        raise DataError(_undecodable(path, err)) from None
     return [text] if text.strip() else []
 
 
@@ -83,13 +128,13 @@ def _read_hf_dataset(name: str, text_column: str | None) -> list[str]:
         logging.getLogger("datasets").setLevel(logging.ERROR)
         ds = datasets.load_dataset(dataset_name, config, split=split)
     except Exception as err:  # datasets raises many types when offline or misnamed
+        first = (str(err).splitlines() or [""])[0][:160]
         raise DataError(
-            f"could not load dataset `{name}` ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
-            "use a local .txt/.jsonl/.csv/.tsv file, or check the name and your connection"
+            f"could not load dataset `{name}` (read as NAME[:CONFIG[:SPLIT]]; {type(err).__name__}: {first}); "
+            f"without a connection or HF cache, save the text locally and pass the path ({FILE_KINDS}), "
+            "or check the name"
         ) from None
-    column = text_column or next((c for c in TEXT_COLUMNS if c in ds.column_names), None)
-    if column is None:
-        raise DataError(f"dataset `{name}` has no text column (columns: {ds.column_names}); pass `text_column`")
+    column = pick_text_column(list(ds.column_names), text_column, f"dataset `{name}`")
     return [t for t in ds[column] if t and t.strip()]
 
 

@@ -1,5 +1,11 @@
 """Quality measurements: perplexity over non-overlapping windows (optionally at an early exit)
-and embedding agreement for encoders."""
+and embedding agreement for encoders.
+
+One protocol everywhere (`PROTOCOL`): `compressor eval`, the before/after of compress / finetune /
+run and the fine-tuning stages' own held-out perplexity all score the first `num_windows`
+non-overlapping windows of `seq_len` tokens of the held-out half of the same text, through
+`heldout_windows` and `perplexity`, so one model gets one number.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,22 @@ from torch import nn
 
 from .errors import ConfigError
 from .offload import input_device
+
+
+# The held-out protocol: text source, tokens per window, windows scored (the first ones, in text
+# order; fewer when the text has fewer), windows per forward pass. 64 x 256 tokens keeps a CPU
+# run of a small model short.
+PROTOCOL = {"data": "default", "seq_len": 256, "num_windows": 64, "batch_size": 8}
+
+
+def heldout_windows(tokenizer, data: str = "default", *, seq_len: int = PROTOCOL["seq_len"],
+                    num_windows: int | None = PROTOCOL["num_windows"], text_column: str | None = None,
+                    seed: int = 0) -> torch.Tensor:
+    """The evaluation windows (N, seq_len) of `data`: its held-out half, first windows first."""
+    from .data import windows_for
+
+    return windows_for(tokenizer, data, split="eval", seq_len=seq_len, num_windows=num_windows, seed=seed,
+                       text_column=text_column)
 
 
 def final_norm_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import resource
@@ -20,7 +19,7 @@ import yaml
 
 from . import evaluation
 from .config import MethodConfig
-from .context import Context
+from .context import Context, resolve_device
 from .errors import ConfigError, GateError, ModelError
 from .models import LoadedModel, load_model, save_checkpoint
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors, parse_max_memory
@@ -38,7 +37,7 @@ from .registry import get_method
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 
-DEFAULT_EVALUATE = {"data": "default", "seq_len": 256, "num_windows": 32, "batch_size": 8}
+DEFAULT_EVALUATE = evaluation.PROTOCOL
 
 
 @dataclass
@@ -56,7 +55,7 @@ class Pipeline:
     stages: list[Stage]
     model: str | None = None
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"
     dtype: str = "float32"
     trust_remote_code: bool = False
     load_in: str | None = None
@@ -65,6 +64,7 @@ class Pipeline:
     out: Path | None = None
     overwrite: bool = False
     merge: bool = False
+    text_column: str | None = None
     evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
     gates: dict[str, float] = field(default_factory=dict)
 
@@ -79,10 +79,11 @@ class Pipeline:
         evaluate = None if evaluate is False else {**DEFAULT_EVALUATE, **(evaluate if isinstance(evaluate, dict) else {})}
         out = recipe.get("out")
         return cls(stages=stages, model=recipe.get("model"), seed=recipe.get("seed", 0),
-                   device=recipe.get("device", "cpu"), dtype=recipe.get("dtype", "float32"),
+                   device=recipe.get("device", "auto"), dtype=recipe.get("dtype", "float32"),
                    trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
                    max_memory=recipe.get("max_memory"), offload_folder=recipe.get("offload_folder"),
-                   out=Path(out) if out else None, overwrite=recipe.get("overwrite", False), merge=recipe.get("merge", False), evaluate=evaluate,
+                   out=Path(out) if out else None, overwrite=recipe.get("overwrite", False),
+                   merge=recipe.get("merge", False), evaluate=evaluate, text_column=recipe.get("text_column"),
                    gates=recipe.get("gates") or {})
 
     @classmethod
@@ -102,7 +103,7 @@ class Pipeline:
         return {
             "model": self.model, "seed": self.seed, "device": self.device, "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "max_memory": self.max_memory,
-            "offload_folder": self.offload_folder, "merge": self.merge,
+            "offload_folder": self.offload_folder, "merge": self.merge, "text_column": self.text_column,
             "evaluate": self.evaluate if self.evaluate is not None else False, "gates": self.gates,
             "stages": [{"method": s.name, **s.config.to_dict()} for s in self.stages],
         }
@@ -115,7 +116,7 @@ class Pipeline:
         with self._claim() as claim:  # checks and locks `out` before anything loads
             torch.manual_seed(self.seed)
             started = time.perf_counter()
-            device = torch.device(self.device)
+            device = resolve_device(self.device)
             loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
                                           trust_remote_code=self.trust_remote_code, load_in=self.load_in,
                                           max_memory=self.max_memory, offload_folder=self.offload_folder)
@@ -129,11 +130,12 @@ class Pipeline:
                 with scratch_dir(self.out is not None) as tmp:
                     self._run_stages(loaded, report, tmp, device, quiet)
                 report.run["seconds"] = time.perf_counter() - started
-                self._check_gates(report, write=False)
+                self._check_gates(report)
                 return report, loaded
             with claim.stage() as tmp:
                 self._run_stages(loaded, report, tmp, device, quiet)
                 report.run["seconds"] = time.perf_counter() - started
+                report.gates = evaluate_gates(self.gates, report.evaluation)  # judged now so report.md shows them
                 self._write(loaded, report, tmp)
                 claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
                               problems=result_problems(loaded, report))
@@ -168,7 +170,7 @@ class Pipeline:
 
     def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
         ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.seed, out_dir=tmp,
-                      model_source=loaded.source, quiet=quiet)
+                      model_source=loaded.source, quiet=quiet, text_column=self.text_column)
         modifies = any(s.kind != "analyze" for s in self.stages)
         if modifies:
             bad = nonfinite_tensors(loaded.model)
@@ -197,8 +199,9 @@ class Pipeline:
 
     def _evaluate(self, loaded: LoadedModel, ctx: Context, report: Report, when: str, reference=None):
         spec = self.evaluate
-        windows = ctx.windows(spec["data"], split="eval", seq_len=spec["seq_len"], num_windows=spec["num_windows"],
-                              text_column=spec.get("text_column"))
+        windows = evaluation.heldout_windows(ctx.tokenizer, spec["data"], seq_len=spec["seq_len"],
+                                             num_windows=spec["num_windows"],
+                                             text_column=spec.get("text_column") or self.text_column)
         if loaded.causal:
             result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"])
             report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
@@ -222,12 +225,9 @@ class Pipeline:
     def _resumes(self) -> list[Path]:
         return [resolved(r) for s in self.stages if (r := getattr(s.config, "resume", None))]
 
-    def _check_gates(self, report: Report, write: bool = True) -> None:
-        results = evaluate_gates(self.gates, report.evaluation)
-        report.gates = results
-        missed = [g for g in results if not g["passed"]]
-        if missed and write and self.out is not None:
-            (Path(self.out) / "report.json").write_text(json.dumps(report.to_dict(), indent=1, default=str))
+    def _check_gates(self, report: Report) -> None:
+        report.gates = evaluate_gates(self.gates, report.evaluation)
+        missed = [g for g in report.gates if not g["passed"]]
         if missed:
             raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
                                       for g in missed) + " (outputs were written; loosen the gate or change the recipe)")

@@ -18,7 +18,9 @@ INT64_MAX = 2**63 - 1
 
 
 def check_device(name: str) -> None:
-    """`cpu`, `cuda`, `cuda:N` of a visible GPU, `mps` when present; anything else is refused."""
+    """`auto`, `cpu`, `cuda`, `cuda:N` of a visible GPU, `mps` when present; anything else is refused."""
+    if str(name) == "auto":  # resolved later to CUDA when available, else the CPU
+        return
     import torch
 
     try:

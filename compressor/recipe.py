@@ -17,7 +17,7 @@ from .preflight import check_int
 TOP_LEVEL_KEYS = {
     "model": "model id, folder or .gguf (default: the embedded stories260K)",
     "seed": "integer seed for data sampling and training",
-    "device": "cpu, cuda, cuda:0, ...",
+    "device": "auto (default: CUDA when available, else CPU), cpu, cuda, cuda:0, ...",
     "dtype": "float32, bfloat16 or float16",
     "trust_remote_code": "run a Hub model's custom code (off by default)",
     "load_in": "4bit or 8bit bitsandbytes loading of the frozen base",
@@ -26,6 +26,7 @@ TOP_LEVEL_KEYS = {
     "out": "output folder",
     "overwrite": "replace `out` when it holds an earlier result of this tool (other folders are refused)",
     "merge": "write dense nn.Linear weights instead of factored layers",
+    "text_column": "column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet, datasets)",
     "evaluate": "{data, seq_len, num_windows, batch_size} or false",
     "gates": "{max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed",
     "stages": "ordered list of {method: NAME, **fields}",
@@ -193,6 +194,8 @@ def validate_top_level(recipe: dict[str, Any]) -> None:
     for key, kind in (("seed", int), ("merge", bool), ("trust_remote_code", bool), ("overwrite", bool)):
         if key in recipe and (not isinstance(recipe[key], kind) or (kind is int and isinstance(recipe[key], bool))):
             raise ConfigError(f"recipe: `{key}` must be {kind.__name__}, got {recipe[key]!r}")
+    if recipe.get("text_column") is not None and not isinstance(recipe["text_column"], str):
+        raise ConfigError(f"recipe: `text_column` must be a column name, got {recipe['text_column']!r}")
     if recipe.get("offload_folder") is not None and not isinstance(recipe["offload_folder"], str):
         raise ConfigError(f"recipe: `offload_folder` must be a folder path, got {recipe['offload_folder']!r}")
     if recipe.get("max_memory") is not None:

@@ -80,7 +80,7 @@ def base_weight(module: nn.Module) -> Tensor:
 def with_default_lr(config: TrainConfig, *, adamw: float, mezo: float) -> TrainConfig:
     """`config` with `lr` filled in from the method's defaults when the user left it unset.
 
-    The trainer's own defaults (adamw 1e-4, mezo 1e-6) are for full fine-tuning; adapters train
+    The trainer's own defaults (adamw 1e-4, mezo 1e-4) are for full fine-tuning; adapters train
     few parameters and their papers use larger rates (NOLA 1e-3, MeZO-LoRA 5e-5).
     """
     if config.lr is not None:

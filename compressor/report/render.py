@@ -46,6 +46,14 @@ def render_stage(index: int, record: StageRecord) -> str:
     return "\n".join(parts)
 
 
+def gate_verdict(gates: list[dict[str, Any]]) -> str:
+    """One line: every gate passed, or which were missed (the run then exits with code 3)."""
+    missed = [g["gate"] for g in gates if not g["passed"]]
+    if not missed:
+        return f"**Verdict: passed** ({len(gates)} gate{'s' if len(gates) > 1 else ''})."
+    return f"**Verdict: MISSED** ({', '.join(f'`{m}`' for m in missed)}; `compressor run` exits with code 3)."
+
+
 def render_markdown(report: Report, plots: list[str] | None = None) -> str:
     run = report.run
     versions = run.get("versions", {})
@@ -61,7 +69,9 @@ def render_markdown(report: Report, plots: list[str] | None = None) -> str:
     if report.evaluation:
         parts.append("## Quality\n\n" + table([{"when": k, **v} for k, v in report.evaluation.items()]))
     if report.gates:
-        parts.append("## Gates\n\n" + table(report.gates))
+        parts.append("## Gates\n\n" + gate_verdict(report.gates) + "\n\n" + table(
+            [{"gate": g["gate"], "value": g["value"], "limit": g["limit"], "verdict": "passed" if g["passed"] else
+              "MISSED"} for g in report.gates]))
     parts.extend(render_stage(i, r) for i, r in enumerate(report.stages))
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n")

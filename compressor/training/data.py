@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from compressor.errors import DataError
+from compressor.evaluation import heldout_windows
 from compressor.training.config import TrainConfig
 
 LABELLED_SUFFIXES = (".tsv", ".csv", ".jsonl")
@@ -102,13 +103,14 @@ def _lm_data(config: TrainConfig, ctx) -> TaskData:
     # Every window (or a seeded `num_train` subset), never a count derived from `steps`: a run
     # cut short and resumed must see the same data as one that ran straight through.
     train = ctx.windows(
-        config.data, split="train", seq_len=config.seq_len, num_windows=config.num_train
+        config.data, split="train", seq_len=config.seq_len, num_windows=config.num_train,
+        text_column=config.text_column,
     )
-    held_out = ctx.windows(
-        config.eval_data or config.data,
-        split="eval",
-        seq_len=config.seq_len,
-        num_windows=config.num_eval,
+    # Held-out windows follow the one evaluation protocol (compressor.evaluation), not the
+    # training seq_len, so the stage's perplexity equals `compressor eval`'s on the same text.
+    held_out = heldout_windows(
+        ctx.tokenizer, config.eval_data or config.data, num_windows=config.num_eval,
+        text_column=config.text_column or getattr(ctx, "text_column", None), seed=ctx.seed,
     )
     return TaskData(task="lm", train={"input_ids": train}, eval={"input_ids": held_out})
 

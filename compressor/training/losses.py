@@ -7,13 +7,13 @@ calls the same function under `torch.no_grad()`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from compressor.evaluation import perplexity
 from compressor.training.data import HEAD_NAME, TaskData
 
 LossFn = Callable[[nn.Module, dict], Tensor]
@@ -109,22 +109,18 @@ def to_device(batch: dict, device) -> dict:
 def evaluate(model: nn.Module, data: TaskData, batch_size: int, device) -> dict[str, float]:
     """Held-out metrics: lm -> eval_loss, perplexity; classification -> eval_loss, accuracy."""
     was_training = model.training
+    if data.task != "classification":  # the one perplexity code path (compressor.evaluation)
+        result = perplexity(model, data.eval["input_ids"], batch_size=batch_size)
+        model.train(was_training)
+        return {"eval_loss": result["nll"], "perplexity": result["perplexity"]}
     model.eval()
     total_loss, total_count, correct = 0.0, 0, 0
-    logits_fn = class_logits_fn(data) if data.task == "classification" else None
+    logits_fn = class_logits_fn(data)
     for batch in data.eval_batches(batch_size):
         batch = to_device(batch, device)
-        if logits_fn is None:
-            count = batch["input_ids"][:, 1:].numel()
-            total_loss += lm_loss(model, batch).item() * count
-        else:
-            logits = logits_fn(model, batch).float()
-            count = len(batch["labels"])
-            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        total_count += count
+        logits = logits_fn(model, batch).float()
+        total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        total_count += len(batch["labels"])
     model.train(was_training)
-    mean = total_loss / max(total_count, 1)
-    if logits_fn is None:
-        return {"eval_loss": mean, "perplexity": math.exp(min(mean, 80.0))}
-    return {"eval_loss": mean, "accuracy": correct / max(total_count, 1)}
+    return {"eval_loss": total_loss / max(total_count, 1), "accuracy": correct / max(total_count, 1)}

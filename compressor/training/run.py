@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from torch import Tensor, nn
 from typing_extensions import Self
 
+from compressor.context import MeanEtaColumn, ProgressLog
 from compressor.training.config import TrainConfig
 from compressor.training.data import TaskData
 from compressor.training.losses import to_device
@@ -53,6 +54,7 @@ class TrainRun:
     start_step: int = 0
     diverged_at: int | None = None
     _progress: Progress | None = None
+    _log: ProgressLog | None = None  # progress lines when the output is not a terminal
     _task: int | None = None
     _t0: float = field(default_factory=time.perf_counter)
 
@@ -92,6 +94,8 @@ class TrainRun:
             was_training = self.model.training
             self.evals.append({"step": done, **self.eval_fn(self.model)})
             self.model.train(was_training)  # eval functions may leave the model in eval mode
+        if self._log is not None:
+            self._log.update(done, f"loss {loss:.4f}")
         if self._progress is not None and (
             done % self.config.log_every == 0 or done == self.config.steps
         ):
@@ -108,13 +112,17 @@ class TrainRun:
         self._t0 = time.perf_counter()
         if not self.runtime.is_main or getattr(self.ctx, "quiet", False):
             return self
+        console = getattr(self.ctx, "console", None)
+        if console is not None and not console.is_terminal:
+            self._log = ProgressLog(self.method, self.config.steps, console.file)
+            return self
         self._progress = Progress(
             TextColumn(f"[bold]{self.method}[/]"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}  {task.fields[speed]}  peak {task.fields[mem]}"),
-            TimeRemainingColumn(),
-            console=getattr(self.ctx, "console", None),
+            MeanEtaColumn(),
+            console=console,
             transient=True,
         )
         self._progress.start()
