@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from compressor.errors import DataError
-from compressor.evaluation import heldout_windows
+from compressor.evaluation import PROTOCOL, heldout_windows
+from compressor.preflight import context_of
 from compressor.training.config import TrainConfig
 
 LABELLED_SUFFIXES = (".tsv", ".csv", ".jsonl")
@@ -83,7 +84,7 @@ class TaskData:
 def build_task_data(config: TrainConfig, ctx, model: nn.Module | None = None) -> TaskData:
     """Load and tokenise `config.data` / `config.eval_data` for `config.task`."""
     data = (
-        _lm_data(config, ctx) if config.task == "lm" else _classification_data(config, ctx, model)
+        _lm_data(config, ctx, model) if config.task == "lm" else _classification_data(config, ctx, model)
     )
     if data.num_train < config.batch_size:
         raise DataError(
@@ -99,7 +100,7 @@ def build_task_data(config: TrainConfig, ctx, model: nn.Module | None = None) ->
     return data
 
 
-def _lm_data(config: TrainConfig, ctx) -> TaskData:
+def _lm_data(config: TrainConfig, ctx, model: nn.Module | None = None) -> TaskData:
     # Every window (or a seeded `num_train` subset), never a count derived from `steps`: a run
     # cut short and resumed must see the same data as one that ran straight through.
     train = ctx.windows(
@@ -108,8 +109,12 @@ def _lm_data(config: TrainConfig, ctx) -> TaskData:
     )
     # Held-out windows follow the one evaluation protocol (compressor.evaluation), not the
     # training seq_len, so the stage's perplexity equals `compressor eval`'s on the same text.
+    # A model whose context is shorter than the protocol's windows is scored on windows of its
+    # context length (longer ones would index past its position embeddings).
+    context = context_of(getattr(model, "config", None) or {})
+    seq_len = min(PROTOCOL["seq_len"], context) if context else PROTOCOL["seq_len"]
     held_out = heldout_windows(
-        ctx.tokenizer, config.eval_data or config.data, num_windows=config.num_eval,
+        ctx.tokenizer, config.eval_data or config.data, seq_len=seq_len, num_windows=config.num_eval,
         text_column=config.text_column or getattr(ctx, "text_column", None), seed=ctx.seed,
     )
     return TaskData(task="lm", train={"input_ids": train}, eval={"input_ids": held_out})
