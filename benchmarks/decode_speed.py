@@ -83,6 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPORTS))
     p.add_argument("--tag", default="", help="report names become decode_speed_<tag>.*")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     p.add_argument("--memory-worker", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -393,17 +394,18 @@ def render(result: dict) -> str:
         "end-to-end tok/s = batch x new tokens / wall time of `generate` (prefill included). Ratios are "
         "against dense in this run.",
         "",
-        "| variant | batch | decode tok/s | × dense | spread | end-to-end tok/s | × dense | "
-        "same tokens as dense | tensor MB | model RSS MB | × dense | after decode MB | × dense | "
-        "load peak MB | × dense |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | batch | decode tok/s | × dense | × dense per repeat | spread | end-to-end tok/s | "
+        "× dense | same tokens as dense | tensor MB | model RSS MB | × dense | after decode MB | × dense "
+        "| load peak MB | × dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense_rows = {r["batch"]: r for r in result["rows"] if r["variant"] == "dense"}
     for r in result["rows"]:
         base = dense_rows.get(r["batch"], {})
         lines.append(
             f"| {r['variant']} | {r['batch']} | {r['decode_tokens_per_s']:.2f} | "
-            f"{fmt(r.get('decode_ratio_to_dense'))} | {r['spread'] * 100:.0f} % | "
+            f"{fmt(r.get('decode_ratio_to_dense'))} | {per_repeat_ratios(r, base)} | "
+            f"{r['spread'] * 100:.0f} % | "
             f"{r['e2e_tokens_per_s']:.2f} | {fmt(r.get('e2e_ratio_to_dense'))} | "
             f"{fmt(r['same_tokens_as_dense'], pct=True)} | {r['tensor_mb']:.0f} | "
             f"{fmt(r.get('model_rss_mb'), 0)} | {ratio(r, base, 'model_rss_mb')} | "
@@ -412,7 +414,35 @@ def render(result: dict) -> str:
         )
     baselines = sorted({f"{r['rss_after_import_mb']:.0f}" for r in result["rows"] if "rss_after_import_mb" in r})
     lines += ["", *(n.replace("{baseline}", "/".join(baselines) + " MB") for n in result["notes"])]
+    if cfg["device"] == "cpu":
+        lines += ["", *CPU_PATHS]
     return "\n".join(lines) + "\n"
+
+
+CPU_PATHS = [
+    "How the compressed layers run on CPU (`compressor.kernels`, reference semantics, no Triton):",
+    "- low rank: `F.linear(F.linear(x, V), U)` on the factors as stored (views only; no per-call copy, "
+    "checked by tests/kernels/test_cpu_fast_path.py), dispatched without per-call backend resolution "
+    "or operand re-checks. Pre-transposed (in, out) copies were not measurably faster at these shapes "
+    "in a micro-benchmark on this machine and would double the factors' memory, so there are none.",
+    "- 2:4: torch has no CPU kernel for a packed 2:4 weight, so `prune-2:4` unpacks values + 2-bit "
+    "positions to a dense matrix on every call (the reference's definition): one unpack per layer per "
+    "decode step, slower than dense. `prune-2:4-cached` runs the same model inside "
+    "`compressor.kernels.cached_unpack()`: each weight is unpacked once and reused, at dense speed but "
+    "holding the dense matrix beside the packed one (see the after-decode memory). The packed format "
+    "pays off on disk and where a kernel reads it directly (the Triton 2:4 kernel on CUDA, "
+    "BENCHMARKS K3), not in CPU decoding.",
+]
+
+
+def per_repeat_ratios(row: dict, dense: dict) -> str:
+    """median (min-max) of variant / dense decode tok/s within each repeat: the two ran minutes
+    apart, so this follows the machine's load better than the ratio of the two medians."""
+    pairs = zip(row["decode_tokens_per_s_all"], dense.get("decode_tokens_per_s_all", []), strict=False)
+    ratios = [a / b for a, b in pairs]
+    if not ratios:
+        return "–"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
 def fmt(value, digits: int = 2, pct: bool = False) -> str:
@@ -428,8 +458,10 @@ def ratio(row: dict, base: dict, key: str) -> str:
 
 
 def notes(args, random_init: bool, dtype) -> list[str]:
-    spread = ("spread = (max - min) / median tokens/s over the repeats: how noisy the shared machine "
-              "was.")
+    spread = ("× dense = ratio of the medians; × dense per repeat = median (min–max) of the ratios "
+              "within each repeat (variant and dense ran minutes apart, so this follows the load "
+              "drift better). spread = (max - min) / median decode tok/s over the repeats: how noisy "
+              "the shared machine was.")
     memory = ("Memory, each variant in a fresh subprocess: model RSS = VmRSS right after "
               "`compressor.load` and glibc `malloc_trim(0)` (freed heap pages returned; the untrimmed "
               "figure is in the JSON) minus VmRSS after `import torch, transformers, compressor` "
@@ -450,13 +482,15 @@ def notes(args, random_init: bool, dtype) -> list[str]:
             f"dtype {str(dtype).removeprefix('torch.')} for every variant (dense and compressed alike)."]
 
 
+def report_path(args, suffix: str) -> Path:
+    return Path(args.out) / (f"decode_speed_{args.tag}{suffix}" if args.tag else f"decode_speed{suffix}")
+
+
 def write_report(args, result: dict) -> Path:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"decode_speed_{args.tag}" if args.tag else "decode_speed"
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / f"{name}.md").write_text(render(result))
-    return out / f"{name}.md"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    report_path(args, ".json").write_text(json.dumps(result, indent=2, default=str))
+    report_path(args, ".md").write_text(render(result))
+    return report_path(args, ".md")
 
 
 # ---------------------------------------------------------------- main
@@ -466,6 +500,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_worker:
         memory_worker(args)
+        return 0
+    if args.render:
+        path = write_report(args, json.loads(report_path(args, ".json").read_text()))
+        print(path.read_text())
         return 0
     device = torch.device(args.device)
     dtype = resolve_dtype(args)
