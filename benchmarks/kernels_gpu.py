@@ -783,17 +783,19 @@ def main(argv: list[str] | None = None) -> int:
         "checks": run_checks(device, args.quick, args.cpu_smoke),
     }
     _print_checks(report["checks"])
+    write_report(args.out, report)  # rewritten as results come in: a timeout keeps what was done
     failed = [c for c in report["checks"] if not c["ok"]]
     if args.cpu_smoke and not failed:
         report["dry_run"] = dry_run(device)
     elif not (args.check_only or failed):
-        run_timings(report, device, args.quick)
+        run_timings(report, device, args.quick, save=lambda: write_report(args.out, report))
     write_report(args.out, report)
     print(f"kernels_gpu: wrote {args.out / 'kernels_gpu.json'} and kernels_gpu.md")
     return 1 if failed or report.get("dry_run", {}).get("errors") else 0
 
 
-def run_timings(report: dict, device, quick: bool) -> None:
+def run_timings(report: dict, device, quick: bool, save=lambda: None) -> None:
+    """Fills report["ceilings" / "timings" / "mezo" / "e1"], calling `save()` after each part."""
     timer = Timer(quick)
     timer.ceilings = report["ceilings"] = measure_ceilings(timer, device)
     shapes = [SHAPES[0], SHAPES[2]] if quick else SHAPES
@@ -804,8 +806,10 @@ def run_timings(report: dict, device, quick: bool) -> None:
             report["timings"].append(row)
             print(_timing_line(row), flush=True)
         torch.cuda.empty_cache()
+        save()
     report["mezo"] = bench_mezo(timer, device)
     torch.cuda.empty_cache()
+    save()
     report["e1"] = e1_decode(timer, device)
 
 

@@ -17,19 +17,27 @@ variable set for inference. On CPU tensors the Triton backend runs only under TR
 (how the tests exercise the kernels).
 
 N:M helpers (`pack_nm`, `unpack_nm`, `nm_mask`, ...) are plain torch and take no backend.
+
+CPU inference: when the reference is the answer (CPU tensors, no `backend` argument, the variable
+unset / "auto" / "ref"), `low_rank_linear`, `nm_linear` and `dense_sparse_linear` skip the backend
+resolution and the operand checks that cannot change between calls of one layer (`_cpu`): same
+torch calls as `ref`, same result. `cached_unpack()` keeps unpacked N:M weights between calls.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-from . import ref
+from . import _cpu, ref
 from .errors import INSTALL_HINT, KernelUnavailable
 from .packing import (
     compress_nm_indices,
@@ -44,6 +52,7 @@ from .ref import mezo_normal
 __all__ = [
     "KernelUnavailable",
     "available_backends",
+    "cached_unpack",
     "compress_nm_indices",
     "dense_sparse_linear",
     "dsee_linear",
@@ -65,6 +74,34 @@ ENV_VAR = "COMPRESSOR_KERNELS"
 _CHOICES = ("ref", "triton", "auto")
 # Set after the first env-var autograd fallback: every training step would repeat the warning.
 _warned_env_autograd = False
+# Values of COMPRESSOR_KERNELS under which CPU tensors always get the reference.
+_REFERENCE_ON_CPU = (None, "", "auto", "ref")
+# Unpacked N:M weights by packed-values tensor, while `cached_unpack()` is active; else None.
+_unpack_cache: WeakIdKeyDictionary | None = None
+
+
+def _cpu_reference(x: Tensor) -> bool:
+    """True when the op on CPU tensor `x` resolves to the reference without an explicit backend:
+    the fast path's precondition (read per call, so changing the variable takes effect at once)."""
+    return isinstance(x, Tensor) and x.is_cpu and os.environ.get(ENV_VAR) in _REFERENCE_ON_CPU
+
+
+@contextlib.contextmanager
+def cached_unpack() -> Iterator[None]:
+    """Inside this block the reference N:M ops (CPU inference) unpack each packed weight once and
+    reuse the dense matrix until the packed tensors change; the matrices are freed on exit.
+
+    Decode-speed for memory: an N:M layer then runs at dense speed on CPU but holds its dense
+    weight beside the packed one. Nested blocks share the outermost cache."""
+    global _unpack_cache
+    outer = _unpack_cache
+    if outer is None:
+        _unpack_cache = WeakIdKeyDictionary()
+    try:
+        yield
+    finally:
+        if outer is None:
+            _unpack_cache = None
 
 
 def _triton_import_error() -> Exception | None:
@@ -162,6 +199,8 @@ def low_rank_linear(
     x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None = None, backend: str | None = None
 ) -> Tensor:
     """y = (x @ v.T) @ u.T + bias; x (..., in), v (rank, in), u (out, rank). See `ref`."""
+    if backend is None and _cpu_reference(x):
+        return _cpu.low_rank_linear(x, u, v, bias)
     return _backend_module(backend, x, u, v, bias).low_rank_linear(x, u, v, bias)
 
 
@@ -176,6 +215,8 @@ def nm_linear(
     backend: str | None = None,
 ) -> Tensor:
     """y = x @ W.T + bias, W (out, in_features) N:M-packed along in_features. See `ref`."""
+    if backend is None and _cpu_reference(x):
+        return _cpu.nm_linear(x, values, indices, n, m, in_features, bias, _unpack_cache)
     impl = _backend_module(backend, x, values, bias)
     return impl.nm_linear(x, values, indices, n, m, in_features, bias)
 
@@ -192,6 +233,8 @@ def dense_sparse_linear(
     backend: str | None = None,
 ) -> Tensor:
     """DSFormer y = (x @ S.T) @ D.T + bias; S.T (in, k) packed along k. See `ref`."""
+    if backend is None and _cpu_reference(x):
+        return _cpu.dense_sparse_linear(x, d, s_values, s_indices, n, m, k, bias, _unpack_cache)
     impl = _backend_module(backend, x, d, s_values, bias)
     return impl.dense_sparse_linear(x, d, s_values, s_indices, n, m, k, bias)
 

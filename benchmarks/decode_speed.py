@@ -1,0 +1,568 @@
+"""P3 decode speed: greedy decoding of SmolLM2-135M, dense vs compressed, one process (BENCHMARKS.md).
+
+    nice -n 5 python benchmarks/decode_speed.py                       # CPU, the real GGUF model
+    python benchmarks/decode_speed.py --device cuda --random-init benchmarks/smollm2_135m_config.json
+
+Variants: `dense`, saes-svd at keep 0.6 and 0.8 (`lowrank-0.6`, `lowrank-0.8`), `prune-2:4`
+(Wanda 2:4 on every linear, stored packed, unpacked on every call on CPU) and `prune-2:4-cached`
+(the same model run inside `compressor.kernels.cached_unpack()`: each weight unpacked once and kept
+beside the packed one; CPU only, the CUDA path has a 2:4 kernel and unpacks nothing). Every variant
+decodes the same prompts with `model.generate(do_sample=False)`, exactly `--new-tokens` tokens (min
+= max, so no early EOS), at each batch size; the variants are interleaved inside every repeat (the
+order rotates) so load noise from other processes on the machine spreads over all of them.
+Decode tokens/s = batch * (new_tokens - 1) / time from the first generated token to the last (a
+stopping-criteria hook stamps each step), so the prompt's prefill is excluded; end-to-end tokens/s
+(prefill included) is reported beside it. The table gives medians over repeats and their ratio to
+the dense median of the same run.
+
+Memory: each variant is loaded in a FRESH subprocess (`compressor.load`, the user's path) that
+reports, right after loading, its resident set (VmRSS), the peak so far (VmHWM) and the same two
+minus the process's own reading after `import torch, transformers, compressor` (the model's share),
+then VmRSS again after a short decode (8 tokens, batch 1: what a cache of unpacked weights adds).
+Fresh processes make the RSS figures comparable: in the timing process the allocator keeps pages
+of every model loaded before. Parameter + buffer bytes are reported too (exact, no OS noise).
+
+Real model (default): the GGUF is dequantized once into a float HF folder, compressed once with a
+small calibration (16 x 256 tokens of WikiText-2) into `--cache-dir`, and reused by later runs.
+Decode speed depends on the layer shapes (ranks, 2:4 packing), not on calibration quality.
+
+`--random-init CONFIG_JSON`: the same architecture built from SmolLM2's config.json with random
+weights, factored at the same uniform ranks by plain SVD and pruned 2:4 by magnitude: the same
+shapes as the real run, for machines the 98 MB GGUF cannot reach (the GPU machine). Memory there
+is the tensor bytes (and on CUDA the allocator's figure), not RSS.
+
+dtype: float32 on CPU by default (dense and compressed always in the same dtype; `--dtype` to
+change it), bfloat16 on CUDA. Torch threads: `--threads` (default 1 on CPU, so the six processes
+sharing the 2-core machine perturb each other less).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from compressor.memory import proc_status_mb
+from compressor.report.env import collect_env
+
+DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DATA = "/work/shared/data"
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached")
+# Variants that run another variant's model (same folder, same weights) inside cached_unpack().
+CACHED_UNPACK = {"prune-2:4-cached": "prune-2:4"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
+    p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
+    p.add_argument("--random-init", metavar="CONFIG_JSON",
+                   help="random weights from this config.json; plain SVD / magnitude 2:4 at the same shapes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--calib-windows", type=int, default=16)
+    p.add_argument("--calib-seq", type=int, default=256)
+    p.add_argument("--cache-dir", default="/tmp/compressor-decode-cache")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPORTS))
+    p.add_argument("--tag", default="", help="report names become decode_speed_<tag>.*")
+    p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
+    p.add_argument("--memory-worker", metavar="DIR", help=argparse.SUPPRESS)
+    p.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def resolve_dtype(args) -> torch.dtype:
+    if args.dtype == "auto":
+        return torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    return getattr(torch, args.dtype)
+
+
+def keep_of(variant: str) -> float:
+    return float(variant.split("-")[1])
+
+
+# ---------------------------------------------------------------- the real model: a cache of folders
+
+
+def build_cache(args, variants: list[str]) -> dict[str, Path]:
+    """Write (once) a dense float32 HF folder and one compressed checkpoint per variant."""
+    cache = Path(args.cache_dir)
+    folders = {"dense": cache / "dense"}
+    if not (folders["dense"] / "config.json").is_file():
+        log(f"dequantizing {args.smollm2} -> {folders['dense']}")
+        from compressor.models import load_model, save_checkpoint
+
+        loaded = load_model(args.smollm2, dtype="float32")
+        save_checkpoint(loaded.model, loaded.tokenizer, folders["dense"])
+    for variant in variants:
+        if variant == "dense" or variant in CACHED_UNPACK:
+            continue
+        folders[variant] = cache / f"{variant.replace(':', '')}-c{args.calib_windows}x{args.calib_seq}"
+        if not (folders[variant] / "config.json").is_file():
+            compress_into(args, folders["dense"], folders[variant], variant)
+    for variant, base in CACHED_UNPACK.items():
+        if variant in variants:
+            folders[variant] = folders[base] if base in folders else build_cache(args, [base])[base]
+    return folders
+
+
+def compress_into(args, dense: Path, out: Path, variant: str) -> None:
+    from compressor.pipeline import Pipeline
+
+    calib = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
+    shared = {"calibration": calib, "num_windows": args.calib_windows, "seq_len": args.calib_seq,
+              "batch_size": 4}
+    if variant.startswith("lowrank"):
+        stage = {"method": "saes-svd", "rank": keep_of(variant), **shared}
+    else:
+        stage = {"method": "prune", "pattern": "2:4", "score": "wanda", **shared}
+    log(f"compressing {variant} -> {out}")
+    started = time.perf_counter()
+    Pipeline.from_recipe({"model": str(dense), "out": str(out), "evaluate": False, "stages": [stage]}).run()
+    log(f"  {variant}: {time.perf_counter() - started:.0f} s")
+
+
+def load_variant(folder: Path, dtype: torch.dtype, device: str):
+    import compressor
+
+    return compressor.load(folder, device=device, dtype=str(dtype).removeprefix("torch."))
+
+
+# ---------------------------------------------------------------- random init: same shapes
+
+
+def random_models(config_json: str, variants: list[str], dtype, device, seed: int) -> dict:
+    """{variant: model} built from a config.json with random weights (see module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.loads(Path(config_json).read_text()))
+    torch.manual_seed(seed)
+    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
+    svds: dict = {}  # one SVD per linear, shared by every keep ratio
+    models = {}
+    for variant in variants:
+        built = CACHED_UNPACK.get(variant, variant)
+        if built not in models:
+            models[built] = dense if built == "dense" else _compressed_copy(dense, built, svds)
+        models[variant] = models[built]
+    return {v: models[v].to(dtype=dtype) for v in variants}
+
+
+def _compressed_copy(dense, variant: str, svds: dict):
+    """Plain truncated SVD at uniform ranks (lowrank-*) or magnitude 2:4 (prune-2:4) of a copy."""
+    import copy
+
+    from compressor.layers import LowRankLinear
+    from compressor.methods.lowrank import plan_uniform, split_singular
+    from compressor.methods.prune import NMSparseLinear, magnitude_mask
+    from compressor.targeting import replace_module, select_linears
+
+    model = copy.deepcopy(dense)
+    linears = select_linears(model, (), ())
+    if variant.startswith("lowrank"):
+        shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
+        for name, plan in plan_uniform(shapes, keep_of(variant)).items():
+            if plan.rank is None:
+                continue
+            linear = linears[name]
+            if name not in svds:  # float32 is plenty: only the shapes matter for speed
+                svds[name] = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
+            u, v = split_singular(*svds[name], plan.rank)
+            layer = LowRankLinear.from_factors(u.contiguous(), v.contiguous(), linear.bias)
+            replace_module(model, name, layer)
+    else:
+        for name, linear in linears.items():
+            weight = linear.weight.detach()
+            pruned = weight * magnitude_mask(weight, pattern="2:4")
+            layer = NMSparseLinear.from_dense(pruned, 2, 4, linear.bias)
+            replace_module(model, name, layer.to(weight.device))
+    return model
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of parameters + buffers, tied tensors counted once."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def layer_shapes(models: dict) -> dict:
+    """{variant: {"out x in": what that linear became}} — shows both modes build the same shapes."""
+    from compressor.layers import compressed_layers
+
+    shapes = {}
+    for variant, model in models.items():
+        counts: dict = {}
+        for layer in compressed_layers(model).values():
+            kind = f"rank {layer.rank}" if hasattr(layer, "rank") else layer.layer_type
+            key = f"{layer.out_features}x{layer.in_features} {kind}"
+            counts[key] = counts.get(key, 0) + 1
+        shapes[variant] = counts
+    return shapes
+
+
+def memory_worker(args) -> None:
+    """Subprocess: load one folder, print its memory readings as one JSON line."""
+    import transformers  # noqa: F401  (imported before the baseline, like the model load needs)
+
+    import compressor
+    from compressor.kernels import cached_unpack
+
+    torch.set_num_threads(1)
+    trim()
+    baseline = proc_status_mb("VmRSS", required=True)
+    model = load_variant(Path(args.memory_worker), resolve_dtype(args), "cpu")
+    raw = proc_status_mb("VmRSS", required=True)
+    hwm = proc_status_mb("VmHWM", required=True)
+    trim()  # hand back heap pages freed by the loader (e.g. a dense skeleton replaced by factors)
+    loaded = proc_status_mb("VmRSS", required=True)
+    ids = torch.arange(1, 9).unsqueeze(0)
+    with torch.inference_mode(), cached_unpack() if args.cached else contextlib.nullcontext():
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                       min_new_tokens=8, pad_token_id=0)
+        trim()
+        decoded = proc_status_mb("VmRSS", required=True)  # inside the block: cached weights held
+    print(json.dumps({
+        "rss_after_import_mb": baseline, "rss_after_load_untrimmed_mb": raw, "rss_after_load_mb": loaded,
+        "hwm_after_load_mb": hwm, "model_rss_untrimmed_mb": raw - baseline, "model_rss_mb": loaded - baseline,
+        "model_hwm_mb": hwm - baseline, "model_rss_after_decode_mb": decoded - baseline,
+        "compressor_version": getattr(compressor, "__version__", "?"),
+    }))
+
+
+def trim() -> None:
+    """glibc malloc_trim(0): return free heap pages to the OS, so RSS counts live memory only."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure_memory_fresh(args, folder: Path, cached: bool) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(folder),
+               "--dtype", args.dtype, "--device", "cpu", *(["--cached"] if cached else [])]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker for {folder} failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompts(args, tokenizer, vocab_size: int, batch: int) -> torch.Tensor:
+    """(batch, prompt_tokens) token ids: WikiText-2 slices when a tokenizer is at hand, else random."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(args.seed)
+        return torch.randint(0, vocab_size, (batch, args.prompt_tokens), generator=generator)
+    text = (Path(args.data_dir) / "wikitext-2" / "wiki.test.raw").read_text()[:200_000]
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    stride = (ids.numel() - args.prompt_tokens) // batch
+    return torch.stack([ids[i * stride: i * stride + args.prompt_tokens] for i in range(batch)])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepClock:
+    """A generate() stopping criterion that never stops: it stamps the time of every step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        synchronize(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, new_tokens: int, pad_id: int, cached: bool = False) -> dict:
+    """Greedy decode of exactly `new_tokens`; {tokens, total_s, decode_s (first -> last token)}."""
+    from transformers import StoppingCriteriaList
+
+    from compressor.kernels import cached_unpack
+
+    clock = StepClock(input_ids.device)
+    synchronize(input_ids.device)
+    started = time.perf_counter()
+    with cached_unpack() if cached else contextlib.nullcontext():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+    synchronize(input_ids.device)
+    total = time.perf_counter() - started
+    return {"tokens": out[:, input_ids.shape[1]:], "total_s": total,
+            "decode_s": clock.stamps[-1] - clock.stamps[0] if len(clock.stamps) > 1 else float("nan")}
+
+
+def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: int, after_repeat) -> dict:
+    """{batch: {variant: {"decode_s": [...], "total_s": [...], "tokens": ids}}}, interleaved;
+    `after_repeat(runs)` is called after every repeat (the report is rewritten each time)."""
+    names = list(models)
+    runs = {b: {v: {"decode_s": [], "total_s": []} for v in names} for b in inputs}
+    for batch, ids in inputs.items():  # warm-up: allocator, caches, lazy init (untimed)
+        for variant in names:
+            generate(models[variant], ids, min(4, args.new_tokens), pad_id, variant in CACHED_UNPACK)
+    for repeat in range(args.repeats):
+        order = names[repeat % len(names):] + names[:repeat % len(names)]
+        for batch, ids in inputs.items():
+            for variant in order:
+                done = generate(models[variant], ids, args.new_tokens, pad_id, variant in CACHED_UNPACK)
+                run = runs[batch][variant]
+                run["decode_s"].append(done["decode_s"])
+                run["total_s"].append(done["total_s"])
+                run["tokens"] = done["tokens"].cpu()
+                log(f"repeat {repeat} batch {batch} {variant}: "
+                    f"{batch * (args.new_tokens - 1) / done['decode_s']:.2f} decode tok/s, "
+                    f"{batch * args.new_tokens / done['total_s']:.2f} end-to-end")
+        after_repeat(runs, repeat + 1)
+    return runs
+
+
+def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
+    rows = []
+    for batch, per_variant in runs.items():
+        dense = per_variant.get("dense")
+        for variant, run in per_variant.items():
+            decode = [batch * (args.new_tokens - 1) / s for s in run["decode_s"]]
+            total = [batch * args.new_tokens / s for s in run["total_s"]]
+            row = {
+                "variant": variant, "batch": batch,
+                "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_all": decode,
+                "spread": (max(decode) - min(decode)) / statistics.median(decode),
+                "e2e_tokens_per_s": statistics.median(total), "e2e_tokens_per_s_all": total,
+                "same_tokens_as_dense": (run["tokens"] == dense["tokens"]).float().mean().item()
+                if dense else None,
+                "tensor_mb": tensor_mb[variant], **memory.get(variant, {}),
+            }
+            if dense:
+                row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(
+                    [batch * (args.new_tokens - 1) / s for s in dense["decode_s"]])
+                row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(
+                    [batch * args.new_tokens / s for s in dense["total_s"]])
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+
+def render(result: dict) -> str:
+    env, cfg = result["env"], result["config"]
+    lines = [
+        f"# Decode speed — SmolLM2-135M{' (random init, same shapes)' if cfg['random_init'] else ''}, "
+        f"{cfg['device']} {cfg['dtype']}",
+        "",
+        f"Run {env['date']} on {env['host']} ({env['device_name']}, {cfg['threads']} torch thread(s), "
+        f"{cfg['cpu_count']} CPUs, load average {cfg['loadavg_before']} before / {cfg['loadavg_after']} "
+        f"after), git {env['git_sha']}, torch {env['versions']['torch']}, transformers "
+        f"{env['versions']['transformers']}.",
+        "",
+        f"Command: `{cfg['command']}`",
+        "",
+        f"Greedy `generate`, {cfg['prompt_tokens']}-token prompts, exactly {cfg['new_tokens']} new tokens, "
+        f"median of {cfg['repeats']} repeats, variants interleaved per repeat. Decode tok/s = batch x "
+        f"{cfg['new_tokens'] - 1} / time from the first to the last generated token (prefill excluded); "
+        "end-to-end tok/s = batch x new tokens / wall time of `generate` (prefill included). Ratios are "
+        "against dense in this run.",
+        "",
+        "| variant | batch | decode tok/s | × dense | × dense per repeat | spread | end-to-end tok/s | "
+        "× dense | same tokens as dense | tensor MB | model RSS MB | × dense | after decode MB | × dense "
+        "| load peak MB | × dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense_rows = {r["batch"]: r for r in result["rows"] if r["variant"] == "dense"}
+    for r in result["rows"]:
+        base = dense_rows.get(r["batch"], {})
+        lines.append(
+            f"| {r['variant']} | {r['batch']} | {r['decode_tokens_per_s']:.2f} | "
+            f"{fmt(r.get('decode_ratio_to_dense'))} | {per_repeat_ratios(r, base)} | "
+            f"{r['spread'] * 100:.0f} % | "
+            f"{r['e2e_tokens_per_s']:.2f} | {fmt(r.get('e2e_ratio_to_dense'))} | "
+            f"{fmt(r['same_tokens_as_dense'], pct=True)} | {r['tensor_mb']:.0f} | "
+            f"{fmt(r.get('model_rss_mb'), 0)} | {ratio(r, base, 'model_rss_mb')} | "
+            f"{fmt(r.get('model_rss_after_decode_mb'), 0)} | {ratio(r, base, 'model_rss_after_decode_mb')} | "
+            f"{fmt(r.get('model_hwm_mb'), 0)} | {ratio(r, base, 'model_hwm_mb')} |"
+        )
+    baselines = sorted({f"{r['rss_after_import_mb']:.0f}" for r in result["rows"] if "rss_after_import_mb" in r})
+    lines += ["", *(n.replace("{baseline}", "/".join(baselines) + " MB") for n in result["notes"])]
+    if cfg["device"] == "cpu":
+        lines += ["", *CPU_PATHS]
+    return "\n".join(lines) + "\n"
+
+
+CPU_PATHS = [
+    "How the compressed layers run on CPU (`compressor.kernels`, reference semantics, no Triton):",
+    "- low rank: `F.linear(F.linear(x, V), U)` on the factors as stored (views only; no per-call copy, "
+    "checked by tests/kernels/test_cpu_fast_path.py), dispatched without per-call backend resolution "
+    "or operand re-checks. Pre-transposed (in, out) copies were not measurably faster at these shapes "
+    "in a micro-benchmark on this machine and would double the factors' memory, so there are none.",
+    "- 2:4: torch has no CPU kernel for a packed 2:4 weight, so `prune-2:4` unpacks values + 2-bit "
+    "positions to a dense matrix on every call (the reference's definition): one unpack per layer per "
+    "decode step, slower than dense. `prune-2:4-cached` runs the same model inside "
+    "`compressor.kernels.cached_unpack()`: each weight is unpacked once and reused, at dense speed but "
+    "holding the dense matrix beside the packed one (see the after-decode memory). The packed format "
+    "pays off on disk and where a kernel reads it directly (the Triton 2:4 kernel on CUDA, "
+    "BENCHMARKS K3), not in CPU decoding.",
+]
+
+
+def per_repeat_ratios(row: dict, dense: dict) -> str:
+    """median (min-max) of variant / dense decode tok/s within each repeat: the two ran minutes
+    apart, so this follows the machine's load better than the ratio of the two medians."""
+    pairs = zip(row["decode_tokens_per_s_all"], dense.get("decode_tokens_per_s_all", []), strict=False)
+    ratios = [a / b for a, b in pairs]
+    if not ratios:
+        return "–"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
+def fmt(value, digits: int = 2, pct: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 100:.0f} %" if pct else f"{value:.{digits}f}"
+
+
+def ratio(row: dict, base: dict, key: str) -> str:
+    if row.get(key) is None or not base.get(key):
+        return "–"
+    return f"{row[key] / base[key]:.2f}"
+
+
+def notes(args, random_init: bool, dtype) -> list[str]:
+    spread = ("× dense = ratio of the medians; × dense per repeat = median (min–max) of the ratios "
+              "within each repeat (variant and dense ran minutes apart, so this follows the load "
+              "drift better). spread = (max - min) / median decode tok/s over the repeats: how noisy "
+              "the shared machine was.")
+    memory = ("Memory, each variant in a fresh subprocess: model RSS = VmRSS right after "
+              "`compressor.load` and glibc `malloc_trim(0)` (freed heap pages returned; the untrimmed "
+              "figure is in the JSON) minus VmRSS after `import torch, transformers, compressor` "
+              "(baseline {baseline}); after decode = the same after an 8-token greedy decode (for "
+              "prune-2:4-cached: inside `cached_unpack()`, unpacked weights held); load peak = VmHWM "
+              "after loading minus the baseline (transient copies while loading included). tensor "
+              "MB = parameters + buffers.")
+    if random_init:
+        memory = ("Memory: tensor MB = parameters + buffers (random-init mode has no checkpoint to "
+                  "load, so no RSS figures).")
+    source = ("Weights: random init from the config (plain SVD at uniform ranks; magnitude 2:4): same "
+              "shapes as the real run, so the same speed; the generated tokens mean nothing."
+              if random_init else
+              f"Weights: {Path(args.smollm2).name} dequantized to float32; saes-svd and Wanda 2:4 calibrated "
+              f"on {args.calib_windows} x {args.calib_seq} tokens of WikiText-2 (small on purpose: decode "
+              "speed depends on the layer shapes, not on the calibration quality).")
+    return [spread, memory, source,
+            f"dtype {str(dtype).removeprefix('torch.')} for every variant (dense and compressed alike)."]
+
+
+def report_path(args, suffix: str) -> Path:
+    return Path(args.out) / (f"decode_speed_{args.tag}{suffix}" if args.tag else f"decode_speed{suffix}")
+
+
+def write_report(args, result: dict) -> Path:
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    report_path(args, ".json").write_text(json.dumps(result, indent=2, default=str))
+    report_path(args, ".md").write_text(render(result))
+    return report_path(args, ".md")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.memory_worker:
+        memory_worker(args)
+        return 0
+    if args.render:
+        path = write_report(args, json.loads(report_path(args, ".json").read_text()))
+        print(path.read_text())
+        return 0
+    device = torch.device(args.device)
+    dtype = resolve_dtype(args)
+    threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    variants = [v for v in args.variants.split(",") if v]
+    if device.type == "cuda":  # the CUDA 2:4 kernel reads the packed weight: nothing to cache
+        variants = [v for v in variants if v not in CACHED_UNPACK]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        print(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    loadavg_before = os.getloadavg()[0]
+    memory: dict = {}
+    if args.random_init:
+        models = random_models(args.random_init, variants, dtype, device, args.seed)
+        tokenizer = None
+    else:
+        folders = build_cache(args, variants)
+        for variant in variants:
+            log(f"memory of {variant} in a fresh process")
+            memory[variant] = measure_memory_fresh(args, folders[variant], variant in CACHED_UNPACK)
+        models = {}
+        for variant in variants:
+            built = CACHED_UNPACK.get(variant, variant)
+            if built not in models:
+                models[built] = load_variant(folders[variant], dtype, args.device).eval()
+            models[variant] = models[built]
+        models = {v: models[v] for v in variants}
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
+    some = next(iter(models.values()))
+    pad_id = some.config.eos_token_id if isinstance(some.config.eos_token_id, int) else 0
+    inputs = {b: prompts(args, tokenizer, some.config.vocab_size, b).to(device)
+              for b in (int(x) for x in args.batches.split(","))}
+    tensor_mb = {v: tensor_bytes(m) / 2**20 for v, m in models.items()}
+    config = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."), "threads": threads, "cpu_count": os.cpu_count(),
+        "random_init": args.random_init, "new_tokens": args.new_tokens,
+        "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
+        "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}",
+        "loadavg_before": f"{loadavg_before:.2f}", "machine": platform.machine(),
+    }
+
+    def report(runs: dict, repeats_done: int) -> Path:
+        config.update(repeats=repeats_done, loadavg_after=f"{os.getloadavg()[0]:.2f}")
+        return write_report(args, {
+            "benchmark": "decode_speed", "env": collect_env(device, args.seed), "config": config,
+            "rows": summarize(args, runs, memory, tensor_mb), "layer_shapes": layer_shapes(models),
+            "notes": notes(args, bool(args.random_init), dtype),
+        })
+
+    runs = time_decodes(args, models, inputs, pad_id, report)
+    path = report(runs, args.repeats)
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
