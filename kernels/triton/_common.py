@@ -49,8 +49,13 @@ def sm_count(device: torch.device) -> int:
 
 
 def configs(gpu: list[triton.Config], interpreted: triton.Config) -> list[triton.Config]:
-    """Autotune candidates; a single small config under the interpreter (no benchmarking there)."""
-    return [interpreted] if interpreting() else gpu
+    """Autotune candidates; a single small config under the interpreter (no benchmarking there).
+
+    COMPRESSOR_TRITON_AUTOTUNE=0 keeps only the first GPU config: no autotuning, a fraction of the
+    compile time (for a short GPU session; timings are then those of an untuned launch)."""
+    if interpreting():
+        return [interpreted]
+    return gpu[:1] if os.environ.get("COMPRESSOR_TRITON_AUTOTUNE", "1") == "0" else gpu
 
 
 def dot_precision(dtype: torch.dtype) -> str:
