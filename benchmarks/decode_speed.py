@@ -342,7 +342,8 @@ def generate(model, input_ids: torch.Tensor, new_tokens: int, pad_id: int, cache
 
 def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: int, after_repeat) -> dict:
     """{batch: {variant: {"decode_s": [...], "total_s": [...], "tokens": ids}}}, interleaved;
-    `after_repeat(runs)` is called after every repeat (the report is rewritten each time)."""
+    `after_repeat(runs, complete_repeats)` is called after every decode (the report is rewritten
+    each time, so a run stopped by a time limit still leaves its table)."""
     names = list(models)
     runs = {b: {v: {"decode_s": [], "total_s": []} for v in names} for b in inputs}
     for batch, ids in inputs.items():  # warm-up: allocator, caches, lazy init (untimed)
@@ -360,7 +361,7 @@ def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: in
                 log(f"repeat {repeat} batch {batch} {variant}: "
                     f"{batch * (args.new_tokens - 1) / done['decode_s']:.2f} decode tok/s, "
                     f"{batch * args.new_tokens / done['total_s']:.2f} end-to-end")
-        after_repeat(runs, repeat + 1)
+                after_repeat(runs, repeat + (variant == order[-1] and batch == list(inputs)[-1]))
     return runs
 
 
@@ -369,6 +370,8 @@ def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
     for batch, per_variant in runs.items():
         dense = per_variant.get("dense")
         for variant, run in per_variant.items():
+            if not run["decode_s"]:
+                continue  # not timed yet (the report is written as results come in)
             decode = [batch * (args.new_tokens - 1) / s for s in run["decode_s"]]
             total = [batch * args.new_tokens / s for s in run["total_s"]]
             row = {
@@ -377,10 +380,10 @@ def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
                 "spread": (max(decode) - min(decode)) / statistics.median(decode),
                 "e2e_tokens_per_s": statistics.median(total), "e2e_tokens_per_s_all": total,
                 "same_tokens_as_dense": (run["tokens"] == dense["tokens"]).float().mean().item()
-                if dense else None,
+                if dense and "tokens" in dense else None,
                 "tensor_mb": tensor_mb[variant], **memory.get(variant, {}),
             }
-            if dense:
+            if dense and dense["decode_s"]:
                 row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(
                     [batch * (args.new_tokens - 1) / s for s in dense["decode_s"]])
                 row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(
