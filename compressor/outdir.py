@@ -192,6 +192,13 @@ class OutputClaim:
                              "or use a milder setting")
         write_marker(tmp, command)
         folder = self.folder
+        with signals_deferred():  # Ctrl-C / SIGTERM wait until both renames are done
+            self._swap_in(tmp)
+        remove_if_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
+        return folder
+
+    def _swap_in(self, tmp: Path) -> None:
+        folder = self.folder
         if folder.is_dir() and any(folder.iterdir()):
             _check_previous_output_again(folder)
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
@@ -203,8 +210,6 @@ class OutputClaim:
             with contextlib.suppress(FileNotFoundError):
                 folder.rmdir()  # an empty folder
             tmp.rename(folder)
-        remove_if_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
-        return folder
 
     def set_aside(self, tmp: Path, reason: str, *, command: str = "") -> Path:
         """Keep a result that failed its checks as `NAME.failed/` (never in place of `--out`)."""
@@ -216,6 +221,23 @@ class OutputClaim:
         remove_if_ours(target)
         tmp.rename(target)
         return target
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back (delivered on exit) so a publish is never left half done."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -246,10 +268,21 @@ def write_marker(folder: Path, command: str, failed: str | None = None) -> None:
     except PackageNotFoundError:
         __version__ = "unknown"
     files = sorted(_relative_files(folder))
+    _apply_umask(folder)
     marker = {"tool": "compressor", "version": __version__, "command": command, "files": files}
     if failed:
         marker["failed"] = failed
     (folder / MARKER).write_text(json.dumps(marker, indent=1))
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the umask's modes: some writers (safetensors,
+    mkdtemp) create 0600 / 0700 whatever the umask says."""
+    file_mode, dir_mode = umask_mode(0o666), umask_mode(0o777)
+    folder.chmod(dir_mode)
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(dir_mode if path.is_dir() else file_mode)
 
 
 def _check_previous_output_again(folder: Path) -> None:

@@ -122,11 +122,15 @@ def test_unusable_result_goes_to_failed_folder(tmp_path):
 def test_modes_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        _write(tmp_path / "out", {"report.json": "{}"})
+        with staged_output(tmp_path / "out") as tmp:
+            (tmp / "weights.safetensors").write_text("x")
+            (tmp / "weights.safetensors").chmod(0o600)  # what safetensors does
+            (tmp / "sub").mkdir(mode=0o700)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
-    assert stat.S_IMODE((tmp_path / "out" / "report.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "out" / "sub").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "out" / "weights.safetensors").stat().st_mode) == 0o644
 
 
 def test_stale_staging_of_a_killed_run_is_salvaged_and_removed(tmp_path):

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from compressor.config import MethodConfig
 from compressor.errors import ConfigError
+from compressor.outdir import signals_deferred
 from compressor.registry import register
 from compressor.report.records import StageResult
 from compressor.targeting import select_linears
@@ -276,9 +277,14 @@ def run_backprop(run: TrainRun) -> None:
     with run:
         try:
             for step in range(run.start_step, config.steps):
-                loss = _backprop_step(run, model, optimizer, step)
-                scheduler.step()
-                done = step + 1
+                loss = _accumulate_gradients(run, model, step)
+                # A signal lands before or after a whole update, never inside one: so the
+                # checkpoint written on interrupt is exactly the state after `done` steps.
+                with signals_deferred():
+                    run.runtime.step(optimizer, list(run.params.values()), config.max_grad_norm)
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    done = step + 1
                 run.record(step, loss)
                 if run.diverged_at is not None:
                     break  # the pipeline refuses to publish a diverged result; no use going on
@@ -292,8 +298,8 @@ def run_backprop(run: TrainRun) -> None:
     run.model.eval()
 
 
-def _backprop_step(run: TrainRun, model: nn.Module, optimizer, step: int) -> float:
-    """One optimizer step over `grad_accum` micro-batches; returns the mean micro-batch loss."""
+def _accumulate_gradients(run: TrainRun, model: nn.Module, step: int) -> float:
+    """Gradients of step `step` summed over `grad_accum` micro-batches; returns the mean loss."""
     accum = run.config.grad_accum
     total = 0.0
     for micro in range(accum):
@@ -302,8 +308,6 @@ def _backprop_step(run: TrainRun, model: nn.Module, optimizer, step: int) -> flo
             loss = run.loss_fn(model, batch) / accum
         run.runtime.backward(loss)
         total += loss.item()
-    run.runtime.step(optimizer, list(run.params.values()), run.config.max_grad_norm)
-    optimizer.zero_grad(set_to_none=True)
     return run.runtime.mean_across_ranks(total)
 
 
