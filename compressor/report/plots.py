@@ -24,12 +24,13 @@ CURVE_AXES = {
     "eval_loss": ("loss (nats / token)", "loss"),
     "eval_perplexity": ("held-out perplexity", "perplexity"),
     "eval_accuracy": ("held-out accuracy (fraction correct)", "accuracy"),
-    "stf_loss": ("STF training loss (nats / token)", "stf_loss"),
-    "stf_support_change": ("sparse support changed (fraction of entries)", "support"),
+    "stf_loss": ("LM loss + KL to dense (nats / token)", "stf_loss"),
+    "stf_support_change": ("initial sparse support moved (fraction)", "support"),
 }
 CURVE_LEGEND = {"loss": "training loss (each step)", "eval_eval_loss": "held-out loss (evaluated steps)",
                 "eval_loss": "held-out loss (evaluated steps)", "eval_perplexity": "held-out perplexity",
-                "eval_accuracy": "held-out accuracy", "stf_loss": "STF loss", "stf_support_change": "support change"}
+                "eval_accuracy": "held-out accuracy", "stf_loss": "straight-through training loss (each step)",
+                "stf_support_change": "entries of the initial N:M support no longer kept"}
 
 
 def _pyplot():
@@ -190,6 +191,9 @@ def plot_curves(record: StageRecord, index: int, folder: Path, title: str = "") 
         ax.set_ylabel(CURVE_AXES.get(names[0], (names[0],))[0])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes[-1, 0].set_xlabel("training step")
     fig.suptitle(title or record.stage)
     return _save(fig, folder / f"curves_{index}_{record.stage}.png")
