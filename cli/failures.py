@@ -61,7 +61,7 @@ def _by_name(err: BaseException) -> str | None:
     if name == "YAMLError" or module.startswith("yaml"):
         return f"invalid YAML: {first_line(err, 160)}; fix the file"
     if name in ("ArrowInvalid", "ArrowTypeError") or module.startswith("pyarrow"):
-        return f"cannot read a data file ({first_line(err, 120)}); pass .txt, .jsonl, .csv or .tsv text"
+        return f"cannot read a data file ({first_line(err, 120)}); pass .txt, .jsonl, .json, .csv, .tsv or .parquet text"
     if "CUDA" in str(err) and ("driver" in str(err) or "not compiled" in str(err) or "ordinal" in str(err)):
         return f"the CUDA device is not available ({first_line(err, 120)}); pass --device cpu or a visible GPU"
     return None

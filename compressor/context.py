@@ -81,6 +81,8 @@ class Context:
     write artifacts into (renamed into place when the whole run succeeds); None = nothing is saved.
     model_source: how the model was named (id, folder, file). quiet: no progress bars.
     text_column: the column read from tabular text sources when a stage names none.
+    evaluate: the run's evaluation settings (compressor.evaluation.PROTOCOL and the recipe's
+        `evaluate:`); stages that score held-out text use its `seq_len`, so their numbers are the run's.
     """
 
     tokenizer: Any = None
@@ -90,6 +92,7 @@ class Context:
     model_source: str = "default"
     quiet: bool = False
     text_column: str | None = None
+    evaluate: dict[str, Any] | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True))
     notes: list[str] = field(default_factory=list)
 

@@ -62,7 +62,8 @@ def _read_file(path: Path, text_column: str | None) -> list[str]:
     except UnicodeDecodeError as err:
         raise DataError(_undecodable(path, err)) from None
     except (ValueError, csv.Error) as err:  # json.JSONDecodeError is a ValueError
-        raise DataError(f"data file `{path}` is not valid {suffix[1:]} ({str(err).splitlines()[0][:160]}); "
+        kind = {".jsonl": "JSON", ".json": "JSON", ".parquet": "Parquet"}.get(suffix, suffix[1:].upper())
+        raise DataError(f"data file `{path}` is not valid {kind} ({str(err).splitlines()[0][:160]}); "
                         f"fix the file or convert it to {FILE_KINDS}") from None
     if not rows:
         raise DataError(f"data file `{path}` has no rows")

@@ -170,7 +170,8 @@ class Pipeline:
 
     def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
         ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.seed, out_dir=tmp,
-                      model_source=loaded.source, quiet=quiet, text_column=self.text_column)
+                      model_source=loaded.source, quiet=quiet, text_column=self.text_column,
+                      evaluate=self.evaluate)
         modifies = any(s.kind != "analyze" for s in self.stages)
         if modifies:
             bad = nonfinite_tensors(loaded.model)

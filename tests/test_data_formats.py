@@ -52,7 +52,7 @@ def test_undecodable_bytes_are_one_line_error(tmp_path, suffix):
 
 def test_malformed_json_names_the_file(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
-    with pytest.raises(DataError, match="is not valid json"):
+    with pytest.raises(DataError, match="is not valid JSON"):
         load_texts(str(tmp_path / "x.json"))
     (tmp_path / "y.json").write_text(json.dumps(["a", "b"]))
     with pytest.raises(DataError, match="list of objects"):

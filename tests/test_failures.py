@@ -126,9 +126,9 @@ def test_invalid_compression_json(user):
 
 
 @pytest.mark.parametrize("name, content, fragment", [
-    ("bad.jsonl", b'{"text": "fine"}\n{broken\n', "not valid jsonl"),
+    ("bad.jsonl", b'{"text": "fine"}\n{broken\n', "not valid JSON"),
     ("latin.txt", "café crème ".encode("latin-1") * 50, "not UTF-8"),
-    ("table.parquet", b"PAR1\x15\x04\x15\x00\x00\xff\xfe" * 20, "not valid parquet"),
+    ("table.parquet", b"PAR1\x15\x04\x15\x00\x00\xff\xfe" * 20, "not valid Parquet"),
 ])
 def test_unreadable_data(user, name, content, fragment):
     (user / name).write_bytes(content)

@@ -24,12 +24,20 @@ CURVE_AXES = {
     "eval_loss": ("loss (nats / token)", "loss"),
     "eval_perplexity": ("held-out perplexity", "perplexity"),
     "eval_accuracy": ("held-out accuracy (fraction correct)", "accuracy"),
-    "stf_loss": ("STF training loss (nats / token)", "stf_loss"),
-    "stf_support_change": ("sparse support changed (fraction of entries)", "support"),
+    "stf_loss": ("LM loss + KL to dense (nats / token)", "stf_loss"),
+    "stf_support_change": ("initial sparse support moved (fraction)", "support"),
+    "train_loss": ("training objective (loss + λ·penalty)", "objective"),
+    "group_lasso": ("group-lasso penalty (sum over layers)", "penalty"),
+    "total_rank": ("total rank kept (sum over layers)", "rank"),
 }
+# Curves measured once per epoch rather than once per step: drawn as markers at each epoch's end.
+PER_EPOCH = {"total_rank"}
 CURVE_LEGEND = {"loss": "training loss (each step)", "eval_eval_loss": "held-out loss (evaluated steps)",
                 "eval_loss": "held-out loss (evaluated steps)", "eval_perplexity": "held-out perplexity",
-                "eval_accuracy": "held-out accuracy", "stf_loss": "STF loss", "stf_support_change": "support change"}
+                "eval_accuracy": "held-out accuracy", "stf_loss": "straight-through training loss (each step)",
+                "stf_support_change": "entries of the initial N:M support no longer kept",
+                "train_loss": "maestro objective (each step)", "group_lasso": "group-lasso penalty (each step)",
+                "total_rank": "after each epoch's shrinking"}
 
 
 def _pyplot():
@@ -184,12 +192,20 @@ def plot_curves(record: StageRecord, index: int, folder: Path, title: str = "") 
                 for step, value in zip(steps, values):
                     ax.annotate(f"{value:.4g}", (step, value), textcoords="offset points", xytext=(0, 6),
                                 fontsize=7, ha="center")
+            elif name in PER_EPOCH:
+                values = record.curves[name]
+                steps_per_epoch = max(len(v) for v in record.curves.values()) / len(values)
+                ends = [round((i + 1) * steps_per_epoch) - 1 for i in range(len(values))]
+                ax.plot(ends, values, "s--", ms=6, label=CURVE_LEGEND.get(name, name))
             else:
                 values = record.curves[name]
                 ax.plot(range(len(values)), values, lw=1.0, label=CURVE_LEGEND.get(name, name))
         ax.set_ylabel(CURVE_AXES.get(names[0], (names[0],))[0])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     axes[-1, 0].set_xlabel("training step")
     fig.suptitle(title or record.stage)
     return _save(fig, folder / f"curves_{index}_{record.stage}.png")
@@ -204,6 +220,7 @@ def plot_keep_curve(record: StageRecord, index: int, folder: Path, title: str = 
     for keep, value in zip(keeps, ppl):
         ax.annotate(f"{value:.4g}", (keep, value), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
     ax.set_yscale("log")
+    ax.margins(x=0.08, y=0.2)  # room for the value labels
     ax.set_xlabel("keep ratio (parameters kept / dense parameters)")
     ax.set_ylabel("held-out perplexity (log scale)")
     ax.grid(alpha=0.3)
@@ -229,7 +246,7 @@ def render_plots(report: Report, folder: Path) -> list[str]:
             if record.kind == "finetune":
                 ylabel, what = "adapter rank r", "adapter rank r per linear (r·(in + out) trained parameters each)"
             else:
-                ylabel, what = "rank kept (singular values)", "rank kept per linear"
+                ylabel, what = "rank r kept (inner dimension of the factors)", "rank kept per linear"
                 if isinstance(record.config.get("rank"), (int, float)):
                     allocation = record.config.get("allocation")
                     what += f" (keep ratio {record.config['rank']:g}" + (f", {allocation} allocation)" if allocation

@@ -109,10 +109,11 @@ def _lm_data(config: TrainConfig, ctx, model: nn.Module | None = None) -> TaskDa
     )
     # Held-out windows follow the one evaluation protocol (compressor.evaluation), not the
     # training seq_len, so the stage's perplexity equals `compressor eval`'s on the same text.
-    # A model whose context is shorter than the protocol's windows is scored on windows of its
-    # context length (longer ones would index past its position embeddings).
+    # A model whose context is shorter than the run's windows is scored on windows of its context
+    # length (longer ones would index past its position embeddings).
+    spec = getattr(ctx, "evaluate", None) or PROTOCOL
     context = context_of(getattr(model, "config", None) or {})
-    seq_len = min(PROTOCOL["seq_len"], context) if context else PROTOCOL["seq_len"]
+    seq_len = min(spec["seq_len"], context) if context else spec["seq_len"]
     held_out = heldout_windows(
         ctx.tokenizer, config.eval_data or config.data, seq_len=seq_len, num_windows=config.num_eval,
         text_column=config.text_column or getattr(ctx, "text_column", None), seed=ctx.seed,
