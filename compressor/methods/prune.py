@@ -1,8 +1,10 @@
-"""prune: N:M (default 2:4) or unstructured pruning by magnitude or Wanda scores.
+"""prune: N:M (default 2:4) or unstructured pruning by magnitude, Wanda or SparseGPT.
 
 Scores: `magnitude` |W_ij|; `wanda` |W_ij| * ||X_j||_2 (Sun et al., "A Simple and Effective Pruning
 Approach for LLMs", arXiv 2306.11695), with ||X_j||_2 the L2 norm of input feature j over the
-calibration tokens, gathered block by block on the already-pruned model. N:M keeps the N best
+calibration tokens, gathered block by block on the already-pruned model. `sparsegpt` (Frantar &
+Alistarh, arXiv 2301.00774; maths in `_sparsegpt.py`) both chooses the mask and updates the kept
+weights with the OBS rule over the inverse of H = XᵀX, gathered the same way. N:M keeps the N best
 scores of every M consecutive weights along the input dim of each row (the layout of NVIDIA's
 2:4 sparse tensor cores) and stores the result packed in an `NMSparseLinear` (values + bit-packed
 positions, forward via `compressor.kernels.nm_linear`). Unstructured pruning zeroes weights of the
@@ -29,6 +31,7 @@ from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
 from ._dsformer_factor import parse_pattern
 from ._prune_sequential import compress_sequentially
+from ._sparsegpt import output_error, sparsegpt_prune
 
 __all__ = [
     "NMSparseLinear",
@@ -37,6 +40,7 @@ __all__ = [
     "magnitude_scores",
     "nm_mask",
     "prune_mask",
+    "sparsegpt_prune",
     "unstructured_mask",
     "wanda_scores",
 ]
@@ -48,20 +52,28 @@ class PruneConfig(MethodConfig):
     pattern: "N:M" (e.g. "2:4": N kept of every M consecutive weights along in_features of each
         row, stored packed) or "unstructured" (the `sparsity` fraction of weights zeroed).
     sparsity: fraction of weights removed by `unstructured`, in [0, 1). N:M removes 1 - N/M.
-    score: "magnitude" (|W|, data-free) or "wanda" (|W| * input feature norm; calibrated).
+    score: "magnitude" (|W|, data-free), "wanda" (|W| * input feature norm; calibrated) or
+        "sparsegpt" (calibrated; the mask is chosen by the OBS saliency w²/[H⁻¹]_cc² as columns
+        are reached, and the kept weights are updated to compensate the removed ones).
     group: which weights compete for `unstructured`: "row" (each output row loses the same
         fraction; Wanda's rule), "layer" (the whole matrix), or "auto" (row for wanda, layer for
-        magnitude).
-    calibration: text source of the calibration windows for `wanda` (see compressor.data).
-    num_windows: calibration windows for `wanda`.
+        magnitude, and for sparsegpt the paper's rule: every `block_size`-column block loses
+        `sparsity` of its weights; sparsegpt accepts only "auto").
+    block_size: sparsegpt: columns per lazy-update block (the paper's 128).
+    dampening: sparsegpt: λ added to diag(H) as a fraction of its mean (the paper's 0.01).
+    calibration: text source of the calibration windows for `wanda`/`sparsegpt` (see
+        compressor.data).
+    num_windows: calibration windows for `wanda`/`sparsegpt`.
     seq_len: tokens per calibration window.
     batch_size: windows per forward pass.
     """
 
     pattern: str = "2:4"
     sparsity: float = 0.5
-    score: Literal["magnitude", "wanda"] = "magnitude"
+    score: Literal["magnitude", "wanda", "sparsegpt"] = "magnitude"
     group: Literal["auto", "row", "layer"] = "auto"
+    block_size: int = 128
+    dampening: float = 0.01
     calibration: str = "default"
     num_windows: int = 64
     seq_len: int = 256
@@ -78,7 +90,17 @@ class PruneConfig(MethodConfig):
                 f"prune: `sparsity` is the fraction of weights removed and must be in [0, 1), got "
                 f"{self.sparsity!r}; e.g. `sparsity: 0.5`"
             )
-        for key in ("num_windows", "seq_len", "batch_size"):
+        if self.score == "sparsegpt" and self.group != "auto":
+            raise ConfigError(
+                f"prune: `group`={self.group!r} does not apply to `score: sparsegpt`, which ranks the "
+                "weights of each column block together (the paper's rule); drop `group`"
+            )
+        if not 0 <= self.dampening < 10 or isinstance(self.dampening, bool):
+            raise ConfigError(
+                f"prune: `dampening` is a fraction of the mean Hessian diagonal and must be in "
+                f"[0, 10), got {self.dampening!r}; the paper uses 0.01"
+            )
+        for key in ("num_windows", "seq_len", "batch_size", "block_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"prune: `{key}` must be a positive integer, got {value!r}")
@@ -218,12 +240,12 @@ def _check_divisible(selected: dict[str, nn.Module], pattern: str, m: int) -> No
 def _prune_one(
     name: str, module: nn.Module, stat: Tensor | None, config: PruneConfig, rows: list
 ) -> nn.Module | None:
-    """Prune one linear; returns its replacement (None = pruned in place). Appends its report row."""
+    """Prune one linear; returns its replacement (None = pruned in place). Appends its report row.
+
+    stat: None (magnitude), the squared input norms (wanda) or the input Hessian (sparsegpt).
+    """
     weight = linear_weight(module).detach()
-    scores = wanda_scores(weight, stat.sqrt()) if stat is not None else magnitude_scores(weight)
-    per_row = config.group == "row" or (config.group == "auto" and config.score == "wanda")
-    mask = prune_mask(scores, config.pattern, config.sparsity, per_row)
-    pruned = weight * mask
+    pruned, mask = _pruned_weight(weight, stat, config)
     parsed = parse_pattern(config.pattern)
     new = _pruned_module(module, pruned, mask, parsed)
     out_f, in_f = weight.shape
@@ -243,7 +265,7 @@ def _prune_one(
             "type": layer_type(name),
             "shape": f"{out_f}x{in_f}",
             "pattern": config.pattern,
-            "score": "wanda" if stat is not None else "magnitude",
+            "score": config.score if stat is not None else "magnitude",
             "sparsity": round(1 - mask.float().mean().item(), 4),
             "params": params,
             "dense_bytes": out_f * in_f * value_bytes,
@@ -251,9 +273,37 @@ def _prune_one(
             "index_bytes": index,
             "keep_bytes": round(stored / (out_f * in_f * value_bytes), 4),
             "relative_error": float((weight - pruned).norm() / weight.norm().clamp_min(1e-30)),
+            **_output_errors(weight, pruned, mask, stat),
         }
     )
     return new
+
+
+def _pruned_weight(weight: Tensor, stat: Tensor | None, config: PruneConfig) -> tuple[Tensor, Tensor]:
+    """(pruned weight, keep-mask) of one (out, in) weight from its calibration statistic."""
+    if config.score == "sparsegpt" and stat is not None:
+        return sparsegpt_prune(
+            weight,
+            stat,
+            pattern=config.pattern,
+            sparsity=config.sparsity,
+            block_size=config.block_size,
+            dampening=config.dampening,
+        )
+    scores = wanda_scores(weight, stat.sqrt()) if stat is not None else magnitude_scores(weight)
+    per_row = config.group == "row" or (config.group == "auto" and config.score == "wanda")
+    mask = prune_mask(scores, config.pattern, config.sparsity, per_row)
+    return weight * mask, mask
+
+
+def _output_errors(weight: Tensor, pruned: Tensor, mask: Tensor, stat: Tensor | None) -> dict:
+    """With a Hessian: the relative calibration output error, and masking alone's for reference."""
+    if stat is None or stat.dim() != 2:
+        return {}
+    return {
+        "output_error": round(output_error(weight, pruned, stat), 6),
+        "output_error_mask_only": round(output_error(weight, weight * mask, stat), 6),
+    }
 
 
 def _pruned_module(module: nn.Module, pruned: Tensor, mask: Tensor, parsed) -> nn.Module | None:
@@ -267,8 +317,8 @@ def _pruned_module(module: nn.Module, pruned: Tensor, mask: Tensor, parsed) -> n
             if bias is not None:
                 new.bias.copy_(bias)
         return new
-    with torch.no_grad():  # nn.Linear / Conv1D: zero in place (Conv1D stores W transposed)
-        module.weight.mul_(mask.T if type(module).__name__ == "Conv1D" else mask)
+    with torch.no_grad():  # nn.Linear / Conv1D: write in place (Conv1D stores W transposed)
+        module.weight.copy_(pruned.T if type(module).__name__ == "Conv1D" else pruned)
     return None
 
 
@@ -281,7 +331,7 @@ def apply(model: nn.Module, config: PruneConfig, ctx: Context) -> StageResult:
         _check_divisible(selected, config.pattern, parsed.m)
     rows: list[dict[str, Any]] = []
     notes = []
-    if config.score == "wanda":
+    if config.score in ("wanda", "sparsegpt"):
         windows = ctx.windows(
             config.calibration,
             split="calib",
@@ -294,9 +344,9 @@ def apply(model: nn.Module, config: PruneConfig, ctx: Context) -> StageResult:
             windows,
             lambda n, mod, st: _prune_one(n, mod, st, config, rows),
             ctx,
-            kind="sq_norm",
+            kind="sq_norm" if config.score == "wanda" else "gram",
             batch_size=config.batch_size,
-            description="wanda",
+            description=config.score,
         )
         if outside:
             notes.append(
@@ -325,4 +375,15 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "dense_bytes": dense,
         "keep_ratio_bytes": round(stored / max(dense, 1), 4),
         "mean_relative_error": round(sum(r["relative_error"] for r in rows) / max(len(rows), 1), 4),
+        **_mean_output_errors(rows),
+    }
+
+
+def _mean_output_errors(rows: list[dict[str, Any]]) -> dict[str, float]:
+    calibrated = [r for r in rows if "output_error" in r]
+    if not calibrated:
+        return {}
+    return {
+        key: round(sum(r[key] for r in calibrated) / len(calibrated), 6)
+        for key in ("output_error", "output_error_mask_only")
     }

@@ -1,0 +1,252 @@
+"""P1 (BENCHMARKS.md): 2:4 and 50 % pruning of SmolLM2-135M, and dsformer at the bytes of 2:4.
+
+Protocol (the one of the llm-compressor comparison in issue 14): a plain HF copy of the model in
+float32; calibration = the first 32 x 256 tokens of WikiText-2 test (`wiki.test.raw`, read with
+newline="" and CRLF normalised, by compressor.data); perplexity on non-overlapping windows of the
+second half of the same file (disjoint from the calibration tokens). Every row compresses a fresh
+copy of the dense model; every number is measured in this run.
+
+Stored bytes count every parameter and persistent buffer of the model once (tied embeddings once,
+embeddings included) as the checkpoint would hold it with values in bfloat16: 2 bytes per floating
+value, integer buffers (the N:M and dsformer index metadata) at their own width. Unstructured
+pruning stores its zeros densely, so it saves no bytes.
+
+Writes reports/sparse_p1.{json,md} and reports/frontier_sparse.json (rows for benchmarks/frontier.py)
+after every row; `--resume` keeps the rows of an earlier run with the same sizes.
+
+Example:  nice -n 5 nohup python benchmarks/sparse_p1.py > /tmp/sparse-bench.log 2>&1 &
+          python benchmarks/sparse_p1.py --rows dense,sparsegpt-2:4 --eval-windows 4   (quick look)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from compressor.context import Context
+from compressor.data import windows_for
+from compressor.evaluation import perplexity
+from compressor.models import load_model
+from compressor.registry import get_method
+from compressor.report.env import collect_env
+
+DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DATA = "/work/shared/data"
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+# llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
+PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
+# (label, method, config fields beyond calibration): run in this order.
+ROWS = [
+    ("dense", None, {}),
+    ("sparsegpt-2:4", "prune", {"score": "sparsegpt", "pattern": "2:4"}),
+    ("wanda-2:4", "prune", {"score": "wanda", "pattern": "2:4"}),
+    ("magnitude-2:4", "prune", {"score": "magnitude", "pattern": "2:4"}),
+    ("sparsegpt-50%", "prune", {"score": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5}),
+    ("wanda-50%", "prune", {"score": "wanda", "pattern": "unstructured", "sparsity": 0.5}),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
+    p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
+    p.add_argument("--rows", default=None, help="comma-separated row labels (default: all)")
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--calib-seq", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--eval-seq", type=int, default=512)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="keep rows of a run with the same sizes")
+    p.add_argument("--out", default=str(REPORTS))
+    return p.parse_args(argv)
+
+
+class FixedCalibration(Context):
+    """A Context whose calibration windows are fixed (the start of the text, as the peer run used)
+    instead of compressor.data's seeded random subset of the calibration half."""
+
+    def __init__(self, calib: torch.Tensor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.calib = calib
+
+    def windows(self, source="default", *, split="calib", **kwargs) -> torch.Tensor:
+        return self.calib if split == "calib" else super().windows(source, split=split, **kwargs)
+
+
+def start_windows(tokenizer, source: str, num: int, seq_len: int) -> torch.Tensor:
+    """The first num x seq_len tokens of the calibration half (= of the file), in order."""
+    stream = windows_for(tokenizer, source, split="calib", seq_len=seq_len)
+    if stream.shape[0] < num:
+        sys.exit(f"the calibration half holds only {stream.shape[0]} windows of {seq_len}")
+    return stream[:num]
+
+
+def stored_bytes(model: torch.nn.Module, value_bytes: int = 2) -> int:
+    """Bytes of every parameter and persistent buffer, each storage once; floats at value_bytes."""
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        if key in seen:
+            continue
+        seen.add(key)
+        width = value_bytes if tensor.is_floating_point() else tensor.element_size()
+        total += tensor.numel() * width
+    return total
+
+
+def run_row(dense, ctx, label, method, fields, source, sizes, eval_windows) -> dict:
+    model = copy.deepcopy(dense)
+    started = time.perf_counter()
+    metrics = {}
+    if method is not None:
+        cls = get_method(method).config_cls
+        config = cls.from_dict(
+            {
+                "calibration": source,
+                "num_windows": sizes["calib_windows"],
+                "seq_len": sizes["calib_seq"],
+                **fields,
+            }
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics = get_method(method).apply(model, config, ctx).metrics
+    seconds = time.perf_counter() - started
+    value = float(perplexity(model, eval_windows, batch_size=4)["perplexity"])
+    if not torch.isfinite(torch.tensor(value)):
+        sys.exit(f"error: row {label} gave a non-finite perplexity {value}")
+    row = {
+        "label": label,
+        "method": method or "dense",
+        "fields": fields,
+        "ppl": value,
+        "stored_bytes": stored_bytes(model),
+        "seconds": round(seconds, 1),
+        **{k: metrics[k] for k in METRIC_KEYS if k in metrics},
+    }
+    log(f"{label:20s} ppl {value:10.3f}  bytes {row['stored_bytes']:,}  {seconds:.0f}s")
+    return row
+
+
+METRIC_KEYS = ("sparsity", "output_error", "output_error_mask_only", "keep_ratio_bytes")
+
+
+def render(result: dict) -> str:
+    s = result["sizes"]
+    env = result["env"]
+    dense = next((r for r in result["rows"] if r["label"] == "dense"), None)
+    lines = [
+        "# P1: pruning SmolLM2-135M (2:4 and 50 % unstructured), WikiText-2",
+        "",
+        f"Run {env['date']} on {env['host']} ({env['device_name']}), git {env['git_sha']}, "
+        f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}.",
+        "",
+        f"Model: {result['model']} loaded as a plain HF LlamaForCausalLM in float32. Calibration: the "
+        f"first {s['calib_windows']} x {s['calib_seq']} tokens of wiki.test.raw. Evaluation: "
+        f"{result['eval_tokens']} tokens, {s['eval_windows']} non-overlapping windows of "
+        f"{s['eval_seq']} from the start of the second half of the file (disjoint). Every linear of "
+        "the 30 blocks is pruned (lm_head and embeddings are not). Bytes: every stored value in "
+        "bfloat16 (2 B), index metadata at its own width, tied embeddings once.",
+        "",
+        "| row | perplexity | / dense | llm-compressor 0.14 (issue 14) | stored MB | / dense bytes | "
+        "output err (mean) | mask-only err | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['ppl'] / dense['ppl']:.2f}" if dense else "–"
+        bytes_ratio = f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–"
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.2f} | {ratio} | {PEER.get(r['label'], '–')} | "
+            f"{r['stored_bytes'] / 1e6:.1f} | {bytes_ratio} | {cell(r.get('output_error'))} | "
+            f"{cell(r.get('output_error_mask_only'))} | {r['seconds']:.0f} |"
+        )
+    lines += ["", *result.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def cell(value) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def frontier_rows(result: dict) -> list[dict]:
+    """The schema benchmarks/frontier.py reads."""
+    calib = f"{result['sizes']['calib_windows']}x{result['sizes']['calib_seq']}"
+    return [
+        {
+            "label": r["label"],
+            "method": r["method"],
+            "heal": False,
+            "stored_bytes": r["stored_bytes"],
+            "ppl": r["ppl"],
+            "eval_tokens": result["eval_tokens"],
+            "calib": calib,
+        }
+        for r in result["rows"]
+    ]
+
+
+def write(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparse_p1.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / "sparse_p1.md").write_text(render(result))
+    (out / "frontier_sparse.json").write_text(json.dumps(frontier_rows(result), indent=2))
+
+
+def previous_rows(out: Path, sizes: dict) -> list[dict]:
+    path = out / "sparse_p1.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    return old["rows"] if old.get("sizes") == sizes else []
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gguf = Path(args.smollm2)
+    if not gguf.is_file():
+        sys.exit(f"error: SmolLM2 GGUF `{gguf}` not found; pass --smollm2 PATH")
+    source = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
+    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+    loaded = load_model(str(gguf))
+    calib = start_windows(loaded.tokenizer, source, args.calib_windows, args.calib_seq)
+    ctx = FixedCalibration(calib, tokenizer=loaded.tokenizer, quiet=True)
+    eval_windows = ctx.windows(
+        source, split="eval", seq_len=args.eval_seq, num_windows=args.eval_windows
+    )
+    out = Path(args.out)
+    result = {
+        "benchmark": "sparse_p1",
+        "env": collect_env(torch.device("cpu"), 0),
+        "model": gguf.name,
+        "sizes": sizes,
+        "eval_tokens": int(eval_windows.numel()),
+        "peer": PEER,
+        "rows": previous_rows(out, sizes) if args.resume else [],
+    }
+    wanted = set(args.rows.split(",")) if args.rows else None
+    for label, method, fields in ROWS:
+        if (wanted and label not in wanted) or any(r["label"] == label for r in result["rows"]):
+            continue
+        result["rows"].append(
+            run_row(loaded.model, ctx, label, method, fields, source, sizes, eval_windows)
+        )
+        write(out, result)
+
+
+if __name__ == "__main__":
+    main()
