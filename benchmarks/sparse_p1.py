@@ -65,9 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calib-seq", type=int, default=256)
     p.add_argument("--eval-windows", type=int, default=32)
     p.add_argument("--eval-seq", type=int, default=512)
+    p.add_argument("--ds-stf-steps", type=int, default=100, help="dsformer STF steps")
+    p.add_argument("--ds-stf-batch", type=int, default=1, help="windows per STF step")
+    p.add_argument("--ds-lr", type=float, default=1e-4, help="dsformer STF learning rate")
+    p.add_argument("--ds-init-iters", type=int, default=2, help="dsformer init alternations")
+    p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep rows of a run with the same sizes")
     p.add_argument("--out", default=str(REPORTS))
+    p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
     return p.parse_args(argv)
 
 
@@ -104,8 +110,11 @@ def stored_bytes(model: torch.nn.Module, value_bytes: int = 2) -> int:
     return total
 
 
-def run_row(dense, ctx, label, method, fields, source, sizes, eval_windows) -> dict:
-    model = copy.deepcopy(dense)
+def run_row(
+    dense, ctx, label, method, fields, source, sizes, eval_windows, copy_model: bool = True
+) -> dict:
+    """Compress a copy of `dense` (or `dense` itself) with one configuration; measure it."""
+    model = copy.deepcopy(dense) if copy_model else dense
     started = time.perf_counter()
     metrics = {}
     if method is not None:
@@ -138,7 +147,13 @@ def run_row(dense, ctx, label, method, fields, source, sizes, eval_windows) -> d
     return row
 
 
-METRIC_KEYS = ("sparsity", "output_error", "output_error_mask_only", "keep_ratio_bytes")
+METRIC_KEYS = (
+    "sparsity",
+    "output_error",
+    "output_error_mask_only",
+    "keep_ratio_bytes",
+    "mean_fit_error",
+)
 
 
 def render(result: dict) -> str:
@@ -196,14 +211,20 @@ def frontier_rows(result: dict) -> list[dict]:
 
 
 def write(out: Path, result: dict) -> None:
+    """This run's report, then frontier_sparse.json from every sparse_p1*.json of the same sizes."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_p1.json").write_text(json.dumps(result, indent=2, default=str))
-    (out / "sparse_p1.md").write_text(render(result))
-    (out / "frontier_sparse.json").write_text(json.dumps(frontier_rows(result), indent=2))
+    (out / f"{result['benchmark']}.json").write_text(json.dumps(result, indent=2, default=str))
+    (out / f"{result['benchmark']}.md").write_text(render(result))
+    rows = []
+    for path in sorted(out.glob("sparse_p1*.json")):
+        part = json.loads(path.read_text())
+        if part.get("sizes") == result["sizes"]:
+            rows += frontier_rows(part)
+    (out / "frontier_sparse.json").write_text(json.dumps(rows, indent=2))
 
 
-def previous_rows(out: Path, sizes: dict) -> list[dict]:
-    path = out / "sparse_p1.json"
+def previous_rows(out: Path, name: str, sizes: dict) -> list[dict]:
+    path = out / f"{name}.json"
     if not path.is_file():
         return []
     old = json.loads(path.read_text())
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     gguf = Path(args.smollm2)
-    if not gguf.is_file():
+    if not gguf.exists():
         sys.exit(f"error: SmolLM2 GGUF `{gguf}` not found; pass --smollm2 PATH")
     source = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
@@ -229,14 +250,15 @@ def main(argv: list[str] | None = None) -> None:
         source, split="eval", seq_len=args.eval_seq, num_windows=args.eval_windows
     )
     out = Path(args.out)
+    name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
     result = {
-        "benchmark": "sparse_p1",
+        "benchmark": name,
         "env": collect_env(torch.device("cpu"), 0),
-        "model": gguf.name,
+        "model": gguf.name or str(gguf),
         "sizes": sizes,
         "eval_tokens": int(eval_windows.numel()),
         "peer": PEER,
-        "rows": previous_rows(out, sizes) if args.resume else [],
+        "rows": previous_rows(out, name, sizes) if args.resume else [],
     }
     wanted = set(args.rows.split(",")) if args.rows else None
     for label, method, fields in ROWS:
@@ -246,6 +268,82 @@ def main(argv: list[str] | None = None) -> None:
             run_row(loaded.model, ctx, label, method, fields, source, sizes, eval_windows)
         )
         write(out, result)
+    if wanted is None or DS_INIT in wanted:
+        dsformer_rows(loaded.model, ctx, source, sizes, eval_windows, args, result, out)
+
+
+# ---------------------------------------------------------------- dsformer at the bytes of 2:4
+
+DS_INIT = "dsformer-init"
+
+
+def two_four_rank(model: torch.nn.Module) -> float:
+    """dsformer's `rank` (a keep ratio in the fp32 model's bytes) at which no layer stores more
+    bfloat16 bytes than its 2:4 packing (values + 2-bit positions): the budget of the frontier."""
+    from compressor.methods._dsformer_factor import SparsePattern, dense_sparse_bytes, solve_inner_dim
+    from compressor.methods.prune import nm_sparse_bytes
+    from compressor.targeting import linear_shape, select_linears
+
+    pattern, ranks = SparsePattern(2, 4), []
+    for module in select_linears(model, (), ()).values():
+        out_f, in_f = linear_shape(module)
+        two_four = nm_sparse_bytes(out_f, in_f, 2, 4, 2)["total_bytes"] / (2 * out_f * in_f)
+        k = solve_inner_dim(out_f, in_f, two_four, pattern, 2)
+        fp32 = dense_sparse_bytes(out_f, in_f, k, pattern, 4)["total_bytes"]
+        ranks.append(fp32 / (4 * out_f * in_f))
+    return min(ranks) * (1 + 1e-9)  # the ratio itself must pass solve_inner_dim's <= test
+
+
+def dsformer_rows(dense, ctx, source, sizes, eval_windows, args, result, out) -> None:
+    """dsformer at the bytes of 2:4: its initialisation, then STF continued from it."""
+    from compressor.methods._dsformer_stf import train_stf
+    from compressor.methods.dsformer import pack_trained, unpack_for_training
+
+    rank = two_four_rank(dense)
+    fields = {
+        "rank": rank,
+        "coding": args.ds_coding,
+        "init_iters": args.ds_init_iters,
+        "stf_steps": 0,
+        "eval_windows": 0,
+    }
+    model = copy.deepcopy(dense)
+    if not any(r["label"] == DS_INIT for r in result["rows"]):
+        result["rows"].append(
+            run_row(model, ctx, DS_INIT, "dsformer", fields, source, sizes, eval_windows, copy_model=False)
+        )
+        write(out, result)
+    else:  # resumed: rebuild the initialisation the STF continues from
+        run_row(model, ctx, DS_INIT, "dsformer", fields, source, sizes, eval_windows, copy_model=False)
+    started = time.perf_counter()
+    unpack_for_training(model)
+    windows = ctx.windows(
+        source, split="train", seq_len=sizes["calib_seq"],
+        num_windows=args.ds_stf_steps * args.ds_stf_batch,
+    )  # fmt: skip
+    curves = train_stf(
+        model, windows, ctx, steps=args.ds_stf_steps, lr=args.ds_lr, batch_size=args.ds_stf_batch
+    )
+    pack_trained(model)
+    seconds = time.perf_counter() - started
+    label = f"dsformer-stf{args.ds_stf_steps}"
+    value = float(perplexity(model, eval_windows, batch_size=4)["perplexity"])
+    result["rows"].append(
+        {
+            "label": label,
+            "method": "dsformer",
+            "fields": {**fields, "stf_steps": args.ds_stf_steps, "lr": args.ds_lr,
+                       "stf_batch": args.ds_stf_batch, "stf_seq": sizes["calib_seq"]},
+            "ppl": value,
+            "stored_bytes": stored_bytes(model),
+            "seconds": round(seconds, 1),
+            "stf_loss_first": curves["stf_loss"][0],
+            "stf_loss_last5": sum(curves["stf_loss"][-5:]) / len(curves["stf_loss"][-5:]),
+            "stf_support_moved": curves["stf_support_change"][-1],
+        }
+    )  # fmt: skip
+    log(f"{label:20s} ppl {value:10.3f}  bytes {result['rows'][-1]['stored_bytes']:,}  {seconds:.0f}s")
+    write(out, result)
 
 
 if __name__ == "__main__":

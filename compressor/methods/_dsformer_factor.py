@@ -9,10 +9,14 @@ The fit minimises the (optionally whitened) reconstruction error
 
     f(D, S) = tr((W - D S) H (W - D S)^T) = ||(W - D S) X||_F^2      with H = X X^T,
 
-by alternating (a) sparse coding of S: the support is the top-N-of-M projection of the
-unconstrained least-squares solution, then the values on that support are refined by masked
-preconditioned conjugate gradient on f (the columns of S are coupled through H), and (b) the
-closed-form least-squares update of D. With H = None the objective is the plain ||W - D S||_F^2.
+by alternating (a) sparse coding of S, then (b) the closed-form least-squares update of D.
+Sparse coding starts from the unconstrained least-squares S* (in units of unit-norm atoms) and
+chooses the support either by SparseGPT's rule (`coding="sparsegpt"`, N:M only: sweep the input
+columns of S* left to right against H, choose each column's N-of-M atoms by magnitude as it is
+reached, and fold the removed values into the later columns with the OBS update over H⁻¹; see
+_sparsegpt.py) or by the top-N-of-M projection of S* (`coding="projection"`); then the values on
+that support are refined by masked preconditioned conjugate gradient on f (the columns of S are
+coupled through H). With H = None the objective is the plain ||W - D S||_F^2.
 """
 
 from __future__ import annotations
@@ -232,16 +236,41 @@ def update_dictionary(w: Tensor, s: Tensor, h: Tensor | None) -> Tensor:
     return torch.linalg.solve(gram, (w @ sh.T).T).T
 
 
-def sparse_code(w: Tensor, d: Tensor, h: Tensor | None, pattern: SparsePattern, cg_iters: int):
-    """One S step: support = pattern projection of the least-squares S, values refined on it."""
+def sparse_code(
+    w: Tensor,
+    d: Tensor,
+    h: Tensor | None,
+    pattern: SparsePattern,
+    cg_iters: int,
+    coding: str = "sparsegpt",
+):
+    """One S step: a support (see the module docstring for `coding`), values refined on it."""
     norms = d.norm(dim=0).clamp_min(1e-30)
     d_unit = (
         d / norms
     )  # compare |S| in units of unit atoms, so atom scale does not bias the support
     s_ls = torch.linalg.lstsq(d_unit, w).solution
-    mask = pattern.mask(s_ls)
-    s = refine_on_support(w, d_unit, s_ls, mask, h, cg_iters)
+    if coding == "sparsegpt" and pattern.structured:
+        s_start, mask = sparsegpt_code(s_ls, h, pattern)
+    else:
+        s_start, mask = s_ls, pattern.mask(s_ls)
+    s = refine_on_support(w, d_unit, s_start, mask, h, cg_iters)
     return d_unit, s, mask
+
+
+def sparsegpt_code(s_ls: Tensor, h: Tensor | None, pattern: SparsePattern) -> tuple[Tensor, Tensor]:
+    """SparseGPT on S* (k, in) against the (already damped) H: N of every M atoms per column.
+
+    Each row of S* is one atom's input weights; with unit-norm atoms the error of a row costs
+    ||(s - ŝ) X||², so the rows share the input Hessian H as a layer's rows do in SparseGPT.
+    (The cross terms between non-orthogonal atoms are left to the refinement that follows.)
+    """
+    from ._sparsegpt import sparsegpt_prune  # _sparsegpt imports parse_pattern from here
+
+    hessian = torch.eye(s_ls.shape[1], dtype=s_ls.dtype) if h is None else h
+    return sparsegpt_prune(
+        s_ls, hessian, pattern=pattern.describe(), dampening=0.0, nm_axis="out"
+    )
 
 
 def fit_dense_sparse(
@@ -251,6 +280,7 @@ def fit_dense_sparse(
     h: Tensor | None = None,
     iters: int = 4,
     cg_iters: int = 10,
+    coding: str = "sparsegpt",
 ) -> tuple[Tensor, Tensor, list[float]]:
     """Alternating dense x sparse fit of `weight` (out, in) on the whitened objective.
 
@@ -265,7 +295,7 @@ def fit_dense_sparse(
     w = weight.detach().double()
     best, history = None, []
     for _ in range(max(1, iters)):
-        d, s, mask = sparse_code(w, d, hd, pattern, cg_iters)
+        d, s, mask = sparse_code(w, d, hd, pattern, cg_iters, coding)
         err = whitened_error(w, d, s, hd)
         history.append(err)
         if best is None or err < best[0]:

@@ -61,13 +61,19 @@ def sparsegpt_prune(
     block_size: int = 128,
     dampening: float = 0.01,
     mask: Tensor | None = None,
+    nm_axis: str = "in",
 ) -> tuple[Tensor, Tensor]:
     """Prune W (out, in) against H (in, in) ∝ XᵀX -> (new weight in W's dtype, bool keep-mask).
 
-    pattern "N:M" keeps N of every M consecutive inputs per row; "unstructured" removes
+    pattern "N:M" keeps N of every M consecutive inputs of each row (`nm_axis` "in", the 2:4
+    tensor-core layout) or N of every M consecutive outputs of each column (`nm_axis` "out",
+    dsformer's S, whose groups run along its atoms; chosen by w² as the column is reached, the
+    column's [H⁻¹] factor being common to its entries); "unstructured" removes
     floor(sparsity · out · block) weights of every column block. A given `mask` (bool keep-mask,
     (out, in)) is used as is and only the OBS updates are computed.
     """
+    if nm_axis not in ("in", "out"):
+        raise ValueError(f"sparsegpt: `nm_axis` must be 'in' or 'out', got {nm_axis!r}")
     parsed = parse_pattern(pattern)
     # the factorisation runs in fp64; the column sweep in W's precision, at least fp32 (as the paper)
     precision = torch.promote_types(weight.dtype, torch.float32)
@@ -76,18 +82,19 @@ def sparsegpt_prune(
     work = weight.detach().to(precision).clone()
     work[:, dead] = 0.0
     keep = torch.ones_like(work, dtype=torch.bool)
-    block_size = _aligned_block(block_size, parsed.m if parsed.structured else 1)
+    along_in = parsed.structured and nm_axis == "in"
+    block_size = _aligned_block(block_size, parsed.m if along_in else 1)
     columns = work.shape[1]
     for start in range(0, columns, block_size):
         stop = min(start + block_size, columns)
         fixed = None if mask is None else mask[:, start:stop].to(work.device)
-        errors = _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed)
+        errors = _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed, nm_axis)
         # lazy update: the whole block's compensation reaches the later columns in one product
         work[:, stop:] -= errors @ upper[start:stop, stop:]
     return work.to(weight.dtype), keep
 
 
-def _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed) -> Tensor:
+def _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed, nm_axis) -> Tensor:
     """Prune columns [start, stop) in place (work, keep); returns the scaled errors (out, width)."""
     block = work[:, start:stop].clone()
     u_block = upper[start:stop, start:stop]
@@ -101,10 +108,8 @@ def _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed) -> Ten
         block_keep = _unstructured_keep(block.square() / scale.square(), sparsity)
     errors = torch.zeros_like(block)
     for col in range(width):
-        if fixed is None and parsed.structured and col % parsed.m == 0:
-            group = slice(col, col + parsed.m)
-            saliency = block[:, group].square() / scale[group].square()
-            block_keep[:, group] = nm_mask(saliency, parsed.n, parsed.m)
+        if fixed is None and parsed.structured:
+            _choose_nm(block, block_keep, scale, col, parsed, nm_axis)
         value = block[:, col]
         pruned = torch.where(block_keep[:, col], value, torch.zeros_like(value))
         errors[:, col] = (value - pruned) / scale[col]
@@ -114,6 +119,16 @@ def _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed) -> Ten
     work[:, start:stop] = block
     keep[:, start:stop] = block_keep
     return errors
+
+
+def _choose_nm(block: Tensor, block_keep: Tensor, scale: Tensor, col: int, parsed, nm_axis: str):
+    """Fill the N:M keep-mask that column `col` is reached with (in place)."""
+    if nm_axis == "out":  # groups down this column: all share scale[col], so w² decides
+        block_keep[:, col] = nm_mask(block[:, col].square()[None, :], parsed.n, parsed.m)[0]
+    elif col % parsed.m == 0:  # a group of M columns starts: choose it whole by w² / [U]_cc²
+        group = slice(col, col + parsed.m)
+        saliency = block[:, group].square() / scale[group].square()
+        block_keep[:, group] = nm_mask(saliency, parsed.n, parsed.m)
 
 
 def _unstructured_keep(saliency: Tensor, sparsity: float) -> Tensor:

@@ -14,9 +14,10 @@ M that fits. (Equal bytes is the fair comparison with low-rank methods, whose fa
 metadata.)
 
 1. Initialisation (per layer, block by block on the already-compressed model): alternate sparse
-   coding of S (support = top-N-of-M projection of the least-squares S, values refined on the
-   support) with least-squares updates of D, on the whitened objective ||(W - D S) X||_F with
-   H = X X^T from calibration windows (`init: whitened`), or on ||W - D S||_F (`init: plain`).
+   coding of S (support chosen by SparseGPT's rule on the whitened problem, `coding: sparsegpt`,
+   or by the top-N-of-M projection of the least-squares S, `coding: projection`; values refined
+   on the support) with least-squares updates of D, on the whitened objective ||(W - D S) X||_F
+   with H = X X^T from calibration windows (`init: whitened`), or on ||W - D S||_F (`init: plain`).
 2. STF (`stf_steps` > 0): train D and a dense latent S~ end to end on the LM loss (+ KL to the dense
    teacher with `distill: true`); forward uses the projection of S~, backward is straight-through.
 3. Pack: `DenseSparseLinear` stores D and S packed (values + bit-packed positions) and runs
@@ -70,6 +71,10 @@ class DSFormerConfig(MethodConfig):
     density: fraction of k kept per column of S with `pattern: unstructured`.
     init: "whitened" (fit ||(W - D S) X|| with calibration statistics) or "plain" (||W - D S||,
         no data).
+    coding: how each sparse-coding step picks S's support (N:M patterns; unstructured always
+        projects): "sparsegpt" (sweep S's input columns against H, choosing each column's N of
+        M atoms as it is reached and folding the removed values into the later columns with
+        SparseGPT's OBS update) or "projection" (top-N-of-M of the least-squares S).
     init_iters: alternations of sparse coding (S) and least squares (D).
     cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
     calibration: text source of the calibration windows (see compressor.data).
@@ -90,6 +95,7 @@ class DSFormerConfig(MethodConfig):
     pattern: str = "2:4"
     density: float = 0.5
     init: Literal["whitened", "plain"] = "whitened"
+    coding: Literal["sparsegpt", "projection"] = "sparsegpt"
     init_iters: int = 4
     cg_iters: int = 10
     calibration: str = "default"
@@ -214,6 +220,7 @@ def _factor_one(
         h if config.init == "whitened" else None,
         iters=config.init_iters,
         cg_iters=config.cg_iters,
+        coding=config.coding,
     )
     bias = getattr(module, "bias", None)
     out_f, in_f = weight.shape

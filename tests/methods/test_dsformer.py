@@ -16,10 +16,13 @@ from compressor.layers import merge_compressed
 from compressor.methods import dsformer
 from compressor.methods._dsformer_factor import (
     SparsePattern,
+    damp_hessian,
     dense_sparse_bytes,
     fit_dense_sparse,
+    init_dictionary,
     nm_column_mask,
     solve_inner_dim,
+    sparse_code,
     whitened_error,
 )
 from compressor.methods._dsformer_layer import DenseSparseLinear
@@ -118,6 +121,27 @@ def test_whitened_fit_beats_plain_fit_on_the_whitened_objective():
         whitened_error(weight.double(), d_p, s_p, h),
     )
     assert whitened < 0.8 * plain
+
+
+@pytest.mark.parametrize("out_f,in_f,k,seed", [(48, 64, 32, 1), (64, 96, 48, 2), (96, 64, 32, 3)])
+@pytest.mark.parametrize("cg_iters", [0, 10])
+def test_sparsegpt_coding_lowers_the_whitened_error_of_the_projection_at_the_same_dictionary(
+    out_f, in_f, k, seed, cg_iters
+):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(1024, in_f, generator=generator) @ torch.randn(in_f, in_f, generator=generator)
+    x[:, :4] *= 8  # a few outlier features, as LLM activations have
+    h = damp_hessian((x.T @ x / 1024).double())
+    weight = torch.randn(out_f, in_f, generator=generator).double()
+    d0 = init_dictionary(weight, k, h, P24)
+    errors = {}
+    for coding in ("projection", "sparsegpt"):
+        d, s, mask = sparse_code(weight, d0, h, P24, cg_iters, coding)
+        assert bool((_group_counts(s * mask, 4) <= 2).all())
+        errors[coding] = whitened_error(weight, d, s * mask, h)
+    # measured: 0.0198 vs 0.0275, 0.0211 vs 0.0289, 0.0450 vs 0.0556 without refinement,
+    # 0.0151 vs 0.0171, 0.0154 vs 0.0165, 0.0375 vs 0.0406 with 10 CG steps
+    assert errors["sparsegpt"] < 0.97 * errors["projection"], errors
 
 
 def test_alternation_returns_its_best_iterate_and_improves_on_the_first():
