@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("part", choices=["ds", "maestro", "stories", "minilm"])
+    p.add_argument("part", choices=["ds", "maestro", "stories", "stories_maestro", "minilm"])
     p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
     p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
     p.add_argument("--minilm", default=os.environ.get("COMPRESSOR_MINILM"))
@@ -382,12 +382,21 @@ def part_maestro(args, part: str = "maestro") -> dict:
         "train_windows": args.maestro_windows,
         "curve_keeps": sorted({0.4, args.keep, 0.8}),
     }
-    for label, epochs in (
-        ("maestro ranks, whitened init, no training", 0),
-        (f"maestro ranks, {args.maestro_epochs} epoch(s) of LoD training", args.maestro_epochs),
+    for label, epochs, importance in (
+        ("maestro ranks, whitened init, no training (factor-norm importance)", 0, "factors"),
+        ("maestro ranks, whitened init, no training (output-metric importance)", 0, "output"),
+        (
+            f"maestro ranks, {args.maestro_epochs} epoch(s) of LoD training (output-metric importance)",
+            args.maestro_epochs,
+            "output",
+        ),
     ):
+        if epochs and args.maestro_epochs == 0:
+            continue
         model = copy.deepcopy(loaded.model)
-        stage, seconds = run_stage(model, "maestro", {**maestro_fields, "epochs": epochs}, ctx)
+        stage, seconds = run_stage(
+            model, "maestro", {**maestro_fields, "epochs": epochs, "importance": importance}, ctx
+        )
         m = stage.metrics
         add_row(result, label, m["ppl_final"], seconds, None, m["keep_ratio_reached"])
         result["rows"][-1].update(
@@ -547,6 +556,8 @@ def main(argv: list[str] | None = None) -> None:
         part_maestro(args)
     elif args.part == "stories":
         part_ds(args, "stories")
+        part_maestro(args, "stories_maestro")
+    elif args.part == "stories_maestro":
         part_maestro(args, "stories_maestro")
     else:
         part_minilm(args)

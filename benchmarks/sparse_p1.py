@@ -207,6 +207,7 @@ def frontier_rows(result: dict) -> list[dict]:
             "calib": calib,
         }
         for r in result["rows"]
+        if r["method"] != "llm-compressor"  # the peer's in-memory model stores no packed bytes
     ]
 
 
@@ -268,8 +269,62 @@ def main(argv: list[str] | None = None) -> None:
             run_row(loaded.model, ctx, label, method, fields, source, sizes, eval_windows)
         )
         write(out, result)
+    if (wanted is None or PEER_ROW in wanted) and not any(r["label"] == PEER_ROW for r in result["rows"]):
+        row = llmcompressor_row(loaded.model, calib, eval_windows)
+        if row is not None:
+            result["rows"].append(row)
+            write(out, result)
     if wanted is None or DS_INIT in wanted:
         dsformer_rows(loaded.model, ctx, source, sizes, eval_windows, args, result, out)
+
+
+# ---------------------------------------------------------------- llm-compressor on the same text
+
+PEER_ROW = "llm-compressor-sparsegpt-2:4"
+
+
+def llmcompressor_row(dense, calib: torch.Tensor, eval_windows: torch.Tensor) -> dict | None:
+    """llm-compressor's SparseGPTModifier 2:4 (its defaults: block 128, dampening 0.01) on the
+    same calibration windows, lm_head ignored as in our rows; None when it is not installed."""
+    try:
+        from datasets import Dataset
+        from llmcompressor import oneshot
+        from llmcompressor.modifiers.obcq import SparseGPTModifier
+    except ImportError as err:
+        log(f"llm-compressor not importable ({err}); its row is skipped")
+        return None
+    model = copy.deepcopy(dense)
+    data = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+    )
+    recipe = SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["lm_head"])
+    started = time.perf_counter()
+    oneshot(
+        model=model,
+        dataset=data,
+        recipe=recipe,
+        num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1],
+    )
+    seconds = time.perf_counter() - started
+    value = float(perplexity(model, eval_windows, batch_size=4)["perplexity"])
+    import llmcompressor
+
+    log(f"{PEER_ROW:20s} ppl {value:10.3f}  {seconds:.0f}s")
+    return {
+        "label": PEER_ROW,
+        "method": "llm-compressor",
+        "fields": {"version": llmcompressor.__version__, "mask_structure": "2:4"},
+        "ppl": value,
+        "stored_bytes": stored_bytes(model),  # zeros stored densely by this in-memory model
+        "seconds": round(seconds, 1),
+        "sparsity": _linear_sparsity(model),
+    }
+
+
+def _linear_sparsity(model: torch.nn.Module) -> float:
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    return round(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights), 4)
 
 
 # ---------------------------------------------------------------- dsformer at the bytes of 2:4

@@ -72,10 +72,33 @@ def group_lasso(u: Tensor, v: Tensor) -> Tensor:
     return (tail_norms(v.square().sum(1)) + tail_norms(u.square().sum(0))).sum()
 
 
-def rank_importance(u: Tensor, v: Tensor) -> Tensor:
-    """importance_i = ||v_{i:}||_h * ||u_{:i}||_h (r,); non-increasing in i by construction."""
+def rank_importance(u: Tensor, v: Tensor, v_scale: Tensor | None = None) -> Tensor:
+    """importance_i = ||v_{i:}||_h * ||u_{:i}||_h (r,); non-increasing in i by construction.
+
+    v_scale (r,): per-rank factor on the norm of v's rows (see `output_metric_scale`); None = 1.
+    """
     with torch.no_grad():
-        return tail_norms(v.square().sum(1)) * tail_norms(u.square().sum(0))
+        v_sq = v.square().sum(1)
+        if v_scale is not None:
+            v_sq = v_sq * v_scale.to(v_sq.dtype).square()
+        return tail_norms(v_sq) * tail_norms(u.square().sum(0))
+
+
+def output_metric_scale(v: Tensor, h: Tensor) -> Tensor:
+    """Per rank, ||v_i L|| / ||v_i|| with H = L Lᵀ (the size of rank i's input on the calibration
+    data), normalised so the total of ||v_i||² is unchanged.
+
+    After the whitened init V = sqrt(S) Qᵀ L⁻¹, the plain norm ||v_i|| mixes the whitened singular
+    value with ||L⁻ᵀ q_i||, which is large for directions the data barely excites: importance from
+    plain norms then ranks near-silent directions first and the budget goes to them. Measured in
+    the calibration metric, ||v_i L|| = sqrt(s_i) and importance follows the output energy.
+    """
+    v64 = v.detach().double()
+    plain = v64.square().sum(1)
+    metric = ((v64 @ h.double()) * v64).sum(1).clamp_min(0)
+    scale = (metric / plain.clamp_min(1e-300)).sqrt()
+    total = (plain * scale.square()).sum().clamp_min(1e-300)
+    return (scale * (plain.sum() / total).sqrt()).to(v.dtype)
 
 
 def kept_rank(importance: Tensor, threshold: float) -> int:
@@ -94,11 +117,16 @@ class MaestroLinear(nn.Module):
     initial size while training so the optimizer state stays aligned; `factors()` slices them.
     """
 
-    def __init__(self, u: Tensor, v: Tensor, bias: Tensor | None) -> None:
+    def __init__(
+        self, u: Tensor, v: Tensor, bias: Tensor | None, v_scale: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = v.shape[1], u.shape[0]
         self.u = nn.Parameter(u.clone())
         self.v = nn.Parameter(v.clone())
+        # the metric importance measures v's rows in (`output_metric_scale`); fixed at init
+        scale = None if v_scale is None else v_scale.detach().clone()
+        self.register_buffer("v_scale", scale, persistent=False)
         self.bias = (
             None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         )
@@ -115,7 +143,7 @@ class MaestroLinear(nn.Module):
         return group_lasso(self.u, self.v)
 
     def importance(self) -> Tensor:
-        return rank_importance(self.u, self.v)
+        return rank_importance(self.u, self.v, self.v_scale)
 
     def factors(self) -> tuple[Tensor, Tensor]:
         return self.u.detach()[:, : self.rank], self.v.detach()[: self.rank]

@@ -43,6 +43,7 @@ from ._maestro_layer import (
     dense_is_smaller,
     lowrank_params,
     ordered_factors,
+    output_metric_scale,
 )
 from ._maestro_train import MaestroSchedule, train_maestro
 from ._prune_sequential import compress_sequentially
@@ -60,6 +61,10 @@ class MaestroConfig(MethodConfig):
         its ordered factors to `rank`.
     init: "svd" (data-free) or "whitened" (SVD of W L, H = X X^T from calibration windows).
     init_rank: fraction of min(out, in) the factors start with (1.0 = full rank, exact).
+    importance: how rank importance ||v_i:||_h * ||u_:i||_h measures v's rows: "output" (with
+        `init: whitened`, in the calibration metric ||v_i L||, H = L Lᵀ, so importance follows
+        the output energy each rank carries) or "factors" (plain norms, Maestro's rule; always
+        used with `init: svd`, where both coincide up to the data's anisotropy).
     epochs: passes over the training windows; progressive shrinking runs after each.
     train_windows: training windows per epoch.
     batch_size: windows per step (training and calibration).
@@ -83,6 +88,7 @@ class MaestroConfig(MethodConfig):
     from_trained: str | None = None
     init: Literal["svd", "whitened"] = "svd"
     init_rank: float = 1.0
+    importance: Literal["output", "factors"] = "output"
     epochs: int = 1
     train_windows: int = 64
     batch_size: int = 4
@@ -161,11 +167,14 @@ class MaestroConfig(MethodConfig):
 # -- building the ordered layers ---------------------------------------------------------------
 
 
-def _maestro_layer(module: nn.Module, h, init_rank: float) -> MaestroLinear:
+def _maestro_layer(module: nn.Module, h, init_rank: float, importance: str) -> MaestroLinear:
     weight = linear_weight(module).detach()
     rank = max(1, round(init_rank * min(weight.shape)))
     u, v = ordered_factors(weight, h, rank)
-    return MaestroLinear(u.to(weight.dtype), v.to(weight.dtype), getattr(module, "bias", None))
+    scale = output_metric_scale(v, h) if h is not None and importance == "output" else None
+    return MaestroLinear(
+        u.to(weight.dtype), v.to(weight.dtype), getattr(module, "bias", None), scale
+    )
 
 
 def _install_initial(
@@ -174,7 +183,9 @@ def _install_initial(
     """Swap every selected linear for a MaestroLinear (whitened init uses calibration statistics)."""
     if config.init == "svd":
         for name, module in ctx.progress(list(selected.items()), description="maestro init"):
-            replace_module(model, name, _maestro_layer(module, None, config.init_rank))
+            replace_module(
+                model, name, _maestro_layer(module, None, config.init_rank, config.importance)
+            )
         return []
     windows = ctx.windows(
         config.calibration or config.data,
@@ -186,7 +197,7 @@ def _install_initial(
         model,
         selected,
         windows,
-        lambda n, mod, h: _maestro_layer(mod, h, config.init_rank),
+        lambda n, mod, h: _maestro_layer(mod, h, config.init_rank, config.importance),
         ctx,
         kind="gram",
         batch_size=config.batch_size,
@@ -216,6 +227,8 @@ def _save_ordered_factors(layers: dict[str, MaestroLinear], ctx: Context) -> dic
     for name, layer in layers.items():
         u, v = layer.factors()
         tensors[f"{name}.u"], tensors[f"{name}.v"] = u.contiguous(), v.contiguous()
+        if layer.v_scale is not None:
+            tensors[f"{name}.v_scale"] = layer.v_scale[: layer.rank].contiguous()
     path = ctx.out_dir / FACTORS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path))
@@ -223,11 +236,12 @@ def _save_ordered_factors(layers: dict[str, MaestroLinear], ctx: Context) -> dic
 
 
 def _trained_factors(name: str, module: nn.Module, saved: dict) -> tuple | None:
-    """Ordered (u, v) of one layer of a trained run: the saved factors, else a LowRankLinear's."""
+    """Ordered (u, v, v_scale or None) of one layer of a trained run: the saved factors, else a
+    LowRankLinear's."""
     if f"{name}.u" in saved:
-        return saved[f"{name}.u"], saved[f"{name}.v"]
+        return saved[f"{name}.u"], saved[f"{name}.v"], saved.get(f"{name}.v_scale")
     if isinstance(module, LowRankLinear):
-        return module.u.detach(), module.v.detach()
+        return module.u.detach(), module.v.detach(), None
     return None
 
 
@@ -253,8 +267,9 @@ def _install_trained(model: nn.Module, selected: dict, folder: str) -> list[str]
         if factors is None:  # dense in the run and no saved factors: its SVD is the natural order
             unordered.append(name)
             weight = linear_weight(module)
-            factors = tuple(t.to(weight.dtype) for t in ordered_factors(weight))
-        replace_module(model, name, MaestroLinear(*factors, getattr(module, "bias", None)))
+            factors = (*(t.to(weight.dtype) for t in ordered_factors(weight)), None)
+        u, v, scale = factors
+        replace_module(model, name, MaestroLinear(u, v, getattr(module, "bias", None), scale))
     if not unordered:
         return []
     return [

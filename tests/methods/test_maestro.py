@@ -21,6 +21,7 @@ from compressor.methods._maestro_layer import (
     kept_rank,
     lowrank_params,
     ordered_factors,
+    output_metric_scale,
     rank_importance,
 )
 from compressor.methods._maestro_train import MaestroSchedule, maestro_step, shrink
@@ -49,6 +50,25 @@ def test_whitened_init_is_exact_and_ordered_by_output_energy():
     # each rank's output energy ||u_i|| * ||v_i x|| is non-increasing: ordered for this data
     energy = u.norm(dim=0) * (v @ x.T).norm(dim=1)
     assert bool((energy[:-1] >= energy[1:] - 1e-9).all())
+
+
+def test_output_metric_importance_follows_the_whitened_spectrum_and_factor_norms_do_not():
+    weight = torch.randn(24, 24, dtype=torch.float64)
+    x = torch.randn(4000, 24, dtype=torch.float64) * torch.logspace(-3, 0, 24, dtype=torch.float64)
+    h = x.T @ x / 4000
+    u, v = ordered_factors(weight, h)
+    ridge = 1e-6 * h.diagonal().mean() * torch.eye(24, dtype=h.dtype)
+    spectrum = torch.linalg.svdvals(weight @ torch.linalg.cholesky(h + ridge))
+    nuclear_tail = spectrum.flip(0).cumsum(0).flip(0)
+    scale = output_metric_scale(v, h)
+    output = rank_importance(u, v, scale)
+    # in the calibration metric, importance_i / importance_0 is the whitened nuclear tail share
+    torch.testing.assert_close(output / output[0], nuclear_tail / nuclear_tail[0], atol=1e-4, rtol=0)
+    # the plain factor norms carry ||L^-T q_i||, which silent input directions inflate
+    plain = rank_importance(u, v)
+    assert float((plain / plain[0] - nuclear_tail / nuclear_tail[0]).abs().max()) > 0.05
+    # the scale keeps the total of ||v_i||^2 (so shrinking thresholds stay on the same scale)
+    torch.testing.assert_close((v.square().sum(1) * scale.square()).sum(), v.square().sum())
 
 
 def _toy_target(n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
