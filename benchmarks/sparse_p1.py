@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         write(out, result)
     if (wanted is None or PEER_ROW in wanted) and not any(r["label"] == PEER_ROW for r in result["rows"]):
-        row = llmcompressor_row(loaded.model, calib, eval_windows)
+        row = llmcompressor_row(loaded.model, loaded.tokenizer, calib, eval_windows)
         if row is not None:
             result["rows"].append(row)
             write(out, result)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
 PEER_ROW = "llm-compressor-sparsegpt-2:4"
 
 
-def llmcompressor_row(dense, calib: torch.Tensor, eval_windows: torch.Tensor) -> dict | None:
+def llmcompressor_row(dense, tokenizer, calib: torch.Tensor, eval_windows: torch.Tensor) -> dict | None:
     """llm-compressor's SparseGPTModifier 2:4 (its defaults: block 128, dampening 0.01) on the
     same calibration windows, lm_head ignored as in our rows; None when it is not installed."""
     try:
@@ -302,6 +302,7 @@ def llmcompressor_row(dense, calib: torch.Tensor, eval_windows: torch.Tensor) ->
     oneshot(
         model=model,
         dataset=data,
+        processor=tokenizer,  # the windows are already tokens; oneshot still asks for one
         recipe=recipe,
         num_calibration_samples=calib.shape[0],
         max_seq_length=calib.shape[1],
