@@ -25,6 +25,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -299,14 +300,18 @@ def llmcompressor_row(dense, tokenizer, calib: torch.Tensor, eval_windows: torch
     )
     recipe = SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["lm_head"])
     started = time.perf_counter()
-    oneshot(
-        model=model,
-        dataset=data,
-        processor=tokenizer,  # the windows are already tokens; oneshot still asks for one
-        recipe=recipe,
-        num_calibration_samples=calib.shape[0],
-        max_seq_length=calib.shape[1],
-    )
+    with tempfile.TemporaryDirectory() as plain:
+        # oneshot re-reads the config from name_or_path: point it at the plain (dequantized) one
+        model.config.save_pretrained(plain)
+        model.config._name_or_path = plain
+        oneshot(
+            model=model,
+            dataset=data,
+            processor=tokenizer,  # the windows are already tokens; oneshot still asks for one
+            recipe=recipe,
+            num_calibration_samples=calib.shape[0],
+            max_seq_length=calib.shape[1],
+        )
     seconds = time.perf_counter() - started
     value = float(perplexity(model, eval_windows, batch_size=4)["perplexity"])
     import llmcompressor
