@@ -200,7 +200,8 @@ def frontier_rows(result: dict) -> list[dict]:
     return [
         {
             "label": r["label"],
-            "method": r["method"],
+            # one marker per method on the plot: prune rows are told apart by their score
+            "method": r["fields"].get("score", r["method"]) if r["method"] == "prune" else r["method"],
             "heal": False,
             "stored_bytes": r["stored_bytes"],
             "ppl": r["ppl"],
