@@ -244,7 +244,8 @@ def _prune_one(
 
     stat: None (magnitude), the squared input norms (wanda) or the input Hessian (sparsegpt).
     """
-    weight = linear_weight(module).detach()
+    # a copy: unstructured pruning writes into the module's own weight, which the row compares to
+    weight = linear_weight(module).detach().clone()
     pruned, mask = _pruned_weight(weight, stat, config)
     parsed = parse_pattern(config.pattern)
     new = _pruned_module(module, pruned, mask, parsed)

@@ -134,8 +134,11 @@ def test_sparsegpt_unstructured_writes_the_updated_weights_in_place():
     config = prune.PruneConfig(
         score="sparsegpt", pattern="unstructured", sparsity=0.5, num_windows=4, seq_len=32
     )
-    prune.apply(model, config, Context.for_model(model, quiet=True))
+    result = prune.apply(model, config, Context.for_model(model, quiet=True))
     after = model.model.layers[0].mlp.down_proj.weight
+    row = next(r for r in result.per_module if r["module"].endswith("layers.0.mlp.down_proj"))
+    assert 0 < row["output_error"] < row["output_error_mask_only"]
+    assert row["relative_error"] > 0.1  # measured against the weight before pruning
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
     assert float((after == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
     kept = after != 0
