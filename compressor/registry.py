@@ -69,7 +69,7 @@ BUILTIN: dict[str, MethodInfo] = {
         "arXiv 2310.02556; reference code UCDvision/NOLA)."),
     "prune": MethodInfo(
         "compressor.methods.prune", "PruneConfig", "compress",
-        "prune: N:M (default 2:4) or unstructured pruning by magnitude or Wanda scores."),
+        "prune: N:M (default 2:4) or unstructured pruning by magnitude, Wanda or SparseGPT."),
     "saes-svd": MethodInfo(
         "compressor.methods.saes_svd", "SAESConfig", "compress",
         "SAES-SVD: CEALC (cumulative-error-aware closed form) + ACES (per-layer β search)."),
