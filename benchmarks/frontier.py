@@ -32,6 +32,7 @@ import torch
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = "/work/shared/data"
+SUFFIX = ""  # "_stories" with --stories: the report files of the stories260K frontier
 BYTES_PER_VALUE = 2  # bfloat16 storage
 METHODS = ("saes-svd", "svd-llm")
 KEEPS = (0.6, 0.4, 0.8)
@@ -69,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heal-seq", type=int, default=256)
     p.add_argument("--heal-lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stories", action="store_true",
+                   help="the embedded stories260K on its embedded TinyStories halves instead (CI-size; "
+                        "files get the suffix _stories)")
     p.add_argument("--fresh", action="store_true", help="start reports/frontier.json anew")
     p.add_argument("--plot-only", action="store_true", help="re-render plot/table/P2 from the JSON files")
     p.add_argument("--out", default=str(REPORTS))
@@ -99,11 +103,11 @@ def run(args) -> None:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    wiki = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
-    loaded = load_model(args.smollm2)
+    wiki = "default" if args.stories else str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
+    loaded = load_model(None if args.stories else args.smollm2)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
     eval_windows = ctx.windows(wiki, split="eval", seq_len=args.eval_seq, num_windows=args.eval_windows)
-    calib = f"wikitext-2 wiki.test.raw first half: {args.calib_windows}x{args.calib_seq} tokens"
+    calib = f"{data_name(args)} first half: {args.calib_windows}x{args.calib_seq} tokens"
     state = load_state(out, args)
     done = {r["label"] for r in state["rows"]}
     labels = args.rows.split(",") if args.rows else all_labels()
@@ -183,19 +187,20 @@ def row(label, method, healed, model, ppl: dict, calib, spec=None, compressed=No
 def load_state(out: Path, args) -> dict:
     from compressor.report.env import collect_env
 
-    path = out / "frontier.json"
+    path = out / f"frontier{SUFFIX}.json"
     if path.is_file() and not args.fresh:
         return json.loads(path.read_text())
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq",
                                            "heal_steps", "heal_batch", "heal_seq", "heal_lr")}
-    return {"benchmark": "frontier", "env": collect_env(torch.device("cpu"), 0), "model": Path(args.smollm2).name,
+    return {"benchmark": "frontier", "env": collect_env(torch.device("cpu"), 0), "model": "stories260K (embedded)" if args.stories else Path(args.smollm2).name,
+            "data": data_name(args),
             "sizes": sizes, "rows": []}
 
 
 def add_row(out: Path, state: dict, new: dict) -> None:
     state["rows"] = [r for r in state["rows"] if r["label"] != new["label"]] + [new]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "frontier.json").write_text(json.dumps(state, indent=1, default=str))
+    (out / f"frontier{SUFFIX}.json").write_text(json.dumps(state, indent=1, default=str))
     render(out)
 
 
@@ -203,10 +208,11 @@ def add_row(out: Path, state: dict, new: dict) -> None:
 
 
 def all_rows(out: Path) -> tuple[dict, list[dict]]:
-    state = json.loads((out / "frontier.json").read_text()) if (out / "frontier.json").is_file() else {"rows": []}
+    path = out / f"frontier{SUFFIX}.json"
+    state = json.loads(path.read_text()) if path.is_file() else {"rows": []}
     rows = list(state["rows"])
     sparse = out / "frontier_sparse.json"
-    if sparse.is_file():
+    if sparse.is_file() and not SUFFIX:
         rows += [{**r, "source": "sparse"} for r in json.loads(sparse.read_text())]
     return state, rows
 
@@ -215,13 +221,17 @@ def render(out: Path) -> None:
     state, rows = all_rows(out)
     if not rows:
         return
-    plot(rows, out / "frontier.png")
-    (out / "frontier.md").write_text(table(state, rows))
+    plot(rows, out / f"frontier{SUFFIX}.png", state)
+    (out / f"frontier{SUFFIX}.md").write_text(table(state, rows))
     p2 = p2_pairs(state["rows"])
     if p2:
-        (out / "p2_allocation.json").write_text(json.dumps({"env": state.get("env"), "sizes": state.get("sizes"),
+        (out / f"p2_allocation{SUFFIX}.json").write_text(json.dumps({"env": state.get("env"), "sizes": state.get("sizes"),
                                                             "pairs": p2}, indent=1, default=str))
-        (out / "p2_allocation.md").write_text(p2_markdown(state, p2))
+        (out / f"p2_allocation{SUFFIX}.md").write_text(p2_markdown(state, p2))
+
+
+def data_name(args) -> str:
+    return "embedded TinyStories" if args.stories else "wikitext-2 wiki.test.raw"
 
 
 def series_name(r: dict) -> str:
@@ -229,18 +239,20 @@ def series_name(r: dict) -> str:
     return name + (" + heal" if r["heal"] else "")
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, state: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    markers = iter("os^vD<>pPX*h")
+    methods = sorted({r["method"] for r in rows if r["method"] != "dense"})
+    marker = dict(zip(methods, "os^vD<>pPXh" * 3))  # one marker per method
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for name in sorted({series_name(r) for r in rows if r["method"] != "dense"}):
-        points = sorted((r["stored_bytes"] / 1e6, r["ppl"]) for r in rows if series_name(r) == name)
-        healed = name.endswith("+ heal")
-        ax.plot(*zip(*points), marker=next(markers, "o"), linestyle="--" if healed else "-",
+        series = [r for r in rows if series_name(r) == name]
+        points = sorted((r["stored_bytes"] / 1e6, r["ppl"]) for r in series)
+        healed = series[0]["heal"]  # healed: hollow markers, dashed line
+        ax.plot(*zip(*points), marker=marker[series[0]["method"]], linestyle="--" if healed else "-",
                 fillstyle="none" if healed else "full", label=name)
     for r in rows:
         if r["method"] == "dense":
@@ -249,7 +261,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("stored bytes (MB, bfloat16 values, embeddings included)")
     ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title("SmolLM2-135M, WikiText-2: perplexity vs stored bytes")
+    ax.set_title(f"{state.get('model', '?')}, {state.get('data', '?')}: perplexity vs stored bytes", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -261,10 +273,10 @@ def table(state: dict, rows: list[dict]) -> str:
     env = state.get("env") or {}
     s = state.get("sizes") or {}
     lines = [
-        "# Frontier: held-out perplexity vs stored bytes (SmolLM2-135M, WikiText-2)",
+        f"# Frontier: held-out perplexity vs stored bytes ({state.get('model')}, {state.get('data')})",
         "",
         f"Run {env.get('date', '?')} on {env.get('host', '?')} ({env.get('device_name', '?')}), git "
-        f"{env.get('git_sha', '?')}. Calibration and healing: first half of wiki.test.raw "
+        f"{env.get('git_sha', '?')}. Calibration and healing: first half of {state.get('data')} "
         f"({s.get('calib_windows')}×{s.get('calib_seq')} calibration tokens); perplexity: "
         f"{s.get('eval_windows')} windows × {s.get('eval_seq')} of the second half. Heal: distillation "
         f"(KL to the dense logits), {s.get('heal_steps')} AdamW steps × {s.get('heal_batch')}×{s.get('heal_seq')} "
@@ -272,7 +284,7 @@ def table(state: dict, rows: list[dict]) -> str:
         "embeddings/lm_head included (tied once), packed index buffers at their size. Rows from "
         "reports/frontier_sparse.json (helper `sparse`) are marked `sparse`.",
         "",
-        "![frontier](frontier.png)",
+        f"![frontier](frontier{SUFFIX}.png)",
         "",
         "| label | method | heal | stored MB | bytes / dense | perplexity | eval tokens | source |",
         "|---|---|---|---|---|---|---|---|",
@@ -324,11 +336,11 @@ def p2_markdown(state: dict, pairs: list[dict]) -> str:
     s = state.get("sizes") or {}
     env = state.get("env") or {}
     lines = [
-        "# P2: activation-aware vs uniform ranks (SmolLM2-135M, WikiText-2)",
+        f"# P2: activation-aware vs uniform ranks ({state.get('model')}, {state.get('data')})",
         "",
-        f"Run {env.get('date', '?')}, git {env.get('git_sha', '?')} (rows of reports/frontier.json). "
+        f"Run {env.get('date', '?')}, git {env.get('git_sha', '?')} (rows of reports/frontier{SUFFIX}.json). "
         f"Same calibration for both ({s.get('calib_windows')}×{s.get('calib_seq')} tokens of the first half "
-        f"of wiki.test.raw), perplexity on {s.get('eval_windows')}×{s.get('eval_seq')} tokens of the second half. "
+        f"of {state.get('data')}), perplexity on {s.get('eval_windows')}×{s.get('eval_seq')} tokens of the second half. "
         "Aware ranks (`allocation: aware`, defaults: relative whitened losses, floor 5 % of full rank, "
         "spread 1.5× around the uniform rank) get exactly the parameters the uniform plan keeps.",
         "",
@@ -349,10 +361,12 @@ def log(message: str) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    global SUFFIX
+    SUFFIX = "_stories" if args.stories else ""
     if args.plot_only:
         render(Path(args.out))
         return
-    if not Path(args.smollm2).is_file():
+    if not args.stories and not Path(args.smollm2).is_file():
         sys.exit(f"error: SmolLM2 GGUF `{args.smollm2}` not found; pass --smollm2 PATH")
     run(args)
 

@@ -44,6 +44,7 @@ from ._lowrank_calibration import (  # noqa: F401  (re-exported for the method m
 
 Allocation = Literal["uniform", "welore", "aware"]
 AWARE_LOSSES = ("relative", "absolute", "fisher")
+NO_SAVING = "would not save parameters"  # in the `status` of a layer kept dense for that reason
 DEFAULT_SECOND_PHASE = (
     "o_proj",
     "down_proj",
@@ -205,7 +206,7 @@ def plan_layer(name: str, out_features: int, in_features: int, rank: int, keep: 
             out_features,
             in_features,
             None,
-            f"rank {rank} would not save parameters on {out_features}x{in_features}: dense",
+            f"rank {rank} {NO_SAVING} on {out_features}x{in_features}: dense",
         )
     return LayerPlan(name, out_features, in_features, rank)
 
@@ -378,6 +379,13 @@ def _scalar(value):
 def _result(run: _Run, seconds: float, peak_mb: float) -> StageResult:
     dense, kept, reached = keep_ratio_reached(run.plans)
     factored = sum(1 for p in run.plans.values() if p.rank)
+    larger = [p.name for p in run.plans.values() if p.rank is None and NO_SAVING in p.reason]
+    if larger:
+        run.notes.append(
+            f"{len(larger)} layer(s) kept dense because factoring them at their rank would hold at least "
+            f"as many parameters as the dense weight (r·(m+n) ≥ m·n): {', '.join(larger[:6])}"
+            + (" ..." if len(larger) > 6 else "")
+        )
     if len(run.plans) > factored:
         run.notes.append(
             f"{len(run.plans) - factored} of {len(run.plans)} targeted layers kept dense; "

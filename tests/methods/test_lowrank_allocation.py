@@ -184,3 +184,16 @@ def test_aware_ranks_lose_less_whitened_energy_than_uniform_at_the_same_paramete
     loss_aware = sum(float(losses[n][aware[n]]) for n in shapes)
     assert loss_aware < 0.95 * loss_uniform
     assert any("aware allocation" in note for note in result.notes)
+
+
+def test_a_rank_that_would_make_a_layer_larger_keeps_it_dense_with_a_row_and_a_note():
+    """Issue 10: r > m·n/(m+n) keeps the layer dense and the report says so."""
+    from compressor.methods.welore import WeLoreConfig
+    from compressor.methods.welore import apply as welore_apply
+
+    model = tiny_llama()
+    result = welore_apply(model, WeLoreConfig(rank=0.97, min_ratio=0.0), Context.for_model(model))
+    larger = [r for r in result.per_module if "would not save parameters" in str(r["status"])]
+    assert larger and all(not r["factored"] and r["params_kept"] == r["params_dense"] for r in larger)
+    note = next(n for n in result.notes if "kept dense because factoring" in n)
+    assert larger[0]["module"] in note
