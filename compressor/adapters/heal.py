@@ -168,6 +168,12 @@ def heal(model: nn.Module, config: HealConfig, ctx: Context, teacher: nn.Module 
             "pruned linears) matching targets/ignore; compress it first, e.g. "
             "`compressor compress --method saes-svd MODEL --out DIR`, and pass DIR as the model"
         )
+    pruned = [n for n, m in layers.items() if not isinstance(m, CompressedLinear)]
+    if pruned and config.optimizer == "mezo":
+        raise ConfigError(
+            f"{method}: `optimizer: mezo` perturbs every entry and would move the pruned zeros of "
+            f"{len(pruned)} plain linear(s) (e.g. {pruned[0]}); use `optimizer: adamw` or `pruned_linears: false`"
+        )
     params = {k: v for n, m in layers.items() for k, v in layer_params(n, m, config.train_bias).items()}
     loss_fn = None
     if config.loss == "kl":

@@ -64,6 +64,8 @@ def test_unstructured_pruned_zeros_stay_exactly_zero(stories_model, short_fit):
     assert changed(model, before) == {f"{n}.weight" for n in layers} and len(layers) == 35
     for name, layer in layers.items():
         assert (layer.weight[zeros[name]] == 0).all()
+    with pytest.raises(ConfigError, match="mezo.*pruned zeros"):
+        heal(model, HealConfig(optimizer="mezo", steps=1), ctx)
 
 
 def test_dense_sparse_heal_trains_d_and_s_values_only(stories_model, short_fit):
