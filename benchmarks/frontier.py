@@ -293,7 +293,7 @@ def table(state: dict, rows: list[dict]) -> str:
     for r in sorted(rows, key=lambda r: (-r["stored_bytes"], r["ppl"])):
         ratio = f"{r['stored_bytes'] / dense:.3f}" if dense else "–"
         lines.append(f"| {r['label']} | {r['method']} | {'yes' if r['heal'] else 'no'} | "
-                     f"{r['stored_bytes'] / 1e6:.1f} | {ratio} | {r['ppl']:.2f} | {r['eval_tokens']} | "
+                     f"{r['stored_bytes'] / 1e6:.4g} | {ratio} | {r['ppl']:.2f} | {r['eval_tokens']} | "
                      f"{r.get('source', 'lowrank')} |")
     lines += ["", *heal_gap_lines(rows)]
     return "\n".join(lines) + "\n"
