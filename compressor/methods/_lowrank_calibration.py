@@ -138,6 +138,7 @@ def compress_sequential(run, stats_kind: str) -> None:
     run.metrics["stats_memory_mb"] = stats_bytes / 2**20
 
 
+@torch.no_grad()  # called before compress_model's no_grad block: without it hooks would keep graphs
 def dense_layer_stats(model: nn.Module, selected: dict[str, nn.Module], config, ctx: Context,
                       notes: list[str], consume) -> None:
     """The first pass of `allocation: aware`: stream the DENSE model block by block (nothing is

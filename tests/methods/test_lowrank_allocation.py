@@ -197,3 +197,16 @@ def test_a_rank_that_would_make_a_layer_larger_keeps_it_dense_with_a_row_and_a_n
     assert larger and all(not r["factored"] and r["params_kept"] == r["params_dense"] for r in larger)
     note = next(n for n in result.notes if "kept dense because factoring" in n)
     assert larger[0]["module"] in note
+
+
+def test_the_spectra_pass_builds_no_autograd_graph():
+    """It runs before compress_model's no_grad block; a graph through every batch's Gram matrix
+    held 8 GB on SmolLM2-135M before it was wrapped in no_grad."""
+    from compressor.methods._lowrank_calibration import dense_layer_stats
+    from compressor.targeting import select_linears
+
+    model = tiny_llama()
+    seen = []
+    dense_layer_stats(model, select_linears(model, (), ()), SVDLLMConfig(rank=0.5, num_windows=2, seq_len=16),
+                      Context.for_model(model), [], lambda linears, stats: seen.extend(stats.values()))
+    assert seen and not any(s.gram.requires_grad for s in seen)
