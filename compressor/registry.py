@@ -85,6 +85,9 @@ BUILTIN: dict[str, MethodInfo] = {
     "welore": MethodInfo(
         "compressor.methods.welore", "WeLoreConfig", "compress",
         "WeLore: non-uniform ranks from each matrix's normalised singular-value tail."),
+    "heal": MethodInfo(
+        "compressor.adapters.heal", "HealConfig", "finetune",
+        "`heal`: train only the compressed parameters of a compressed model, after compression."),
     "welore-tune": MethodInfo(
         "compressor.adapters.welore_tune", "WeLoreTuneConfig", "finetune",
         "WeLore LRC tuning (Jaiswal et al., arXiv 2407.11239): after WeLore compression, train only the "

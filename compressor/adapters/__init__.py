@@ -1,3 +1,3 @@
 """compressor.adapters — explicit imports register each method."""
 
-from . import dsee, kappatune, lora, nola, welore_tune  # noqa: F401
+from . import dsee, heal, kappatune, lora, nola, welore_tune  # noqa: F401

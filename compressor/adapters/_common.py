@@ -39,7 +39,7 @@ def refuse_compressed(method: str, modules: dict[str, nn.Module]) -> None:
         raise ConfigError(
             f"{method}: target `{compressed[0]}` is already a compressed {kind} "
             f"({len(compressed)} such layer(s)); this stage wraps plain linears: add them to "
-            "`ignore`, or tune compressed factors with `welore-tune` or `backprop`"
+            "`ignore`, or train compressed layers with `heal`"
         )
 
 

@@ -2,6 +2,9 @@
 low-rank components' factors U', V' (`LowRankLinear.u`, `.v`). The dense N-LRCs, embeddings and
 lm_head stay frozen. The paper's continual fine-tuning uses AdamW lr 5e-5 with a cosine schedule;
 downstream tuning 1e-4. Any compressed model whose layers include LowRankLinear qualifies.
+
+This is the general `heal` stage (compressor/adapters/heal.py) restricted to the low-rank layers,
+with WeLore's learning rate; `welore-tune` stays as the name recipes already use.
 """
 
 from __future__ import annotations
@@ -16,22 +19,19 @@ from ..layers import LowRankLinear
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import matches
-from ..training import TrainConfig, fit
-from ._common import count_params, finish, param_metrics, with_default_lr
+from ._common import with_default_lr
+from .heal import HealConfig, heal
 
 
 @dataclass(frozen=True, kw_only=True)
-class WeLoreTuneConfig(TrainConfig):
-    """Args (plus every `TrainConfig` field):
+class WeLoreTuneConfig(HealConfig):
+    """Args (plus every `HealConfig` / `TrainConfig` field):
     targets: restrict training to these low-rank layers (same syntax); empty = every one.
     ignore: low-rank layers to keep frozen.
     train_bias: also train the low-rank layers' biases.
     schedule: "cosine" by default (WeLore's continual fine-tuning).
     lr: None = 5e-5 with adamw (WeLore), 1e-6 with mezo.
     """
-
-    schedule: str = "cosine"
-    train_bias: bool = False
 
 
 def low_rank_components(model: nn.Module, targets=(), ignore=()) -> dict[str, LowRankLinear]:
@@ -56,33 +56,11 @@ def low_rank_components(model: nn.Module, targets=(), ignore=()) -> dict[str, Lo
     return chosen
 
 
-def lrc_params(layers: dict[str, LowRankLinear], train_bias: bool) -> dict[str, nn.Parameter]:
-    params = {}
-    for name, layer in layers.items():
-        params[f"{name}.u"], params[f"{name}.v"] = layer.u, layer.v
-        if train_bias and layer.bias is not None:
-            params[f"{name}.bias"] = layer.bias
-    return params
-
-
 @register("welore-tune", WeLoreTuneConfig, kind="finetune")
 def apply(model: nn.Module, config: WeLoreTuneConfig, ctx: Context) -> StageResult:
-    """Fine-tune only the LRC factors of a WeLore-compressed model."""
+    """Fine-tune only the LRC factors of a WeLore-compressed model (`heal` on low-rank layers)."""
     config = with_default_lr(config, adamw=5e-5, mezo=1e-6)
     layers = low_rank_components(model, config.targets, config.ignore)
-    params = lrc_params(layers, config.train_bias)
-    result = fit(model, params, config, ctx, method="welore-tune")
-    rows = [
-        {
-            "module": n,
-            "rank": m.rank,
-            "shape": [m.out_features, m.in_features],
-            "trainable": m.u.numel() + m.v.numel(),
-        }
-        for n, m in layers.items()
-    ]
-    return finish(
-        result,
-        metrics={**param_metrics(model, count_params(params)), "lrc_layers": len(layers)},
-        per_module=rows,
-    )
+    result = heal(model, config, ctx, method="welore-tune", layers=layers)
+    result.metrics["lrc_layers"] = len(layers)
+    return result

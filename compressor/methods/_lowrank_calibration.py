@@ -138,6 +138,26 @@ def compress_sequential(run, stats_kind: str) -> None:
     run.metrics["stats_memory_mb"] = stats_bytes / 2**20
 
 
+@torch.no_grad()  # called before compress_model's no_grad block: without it hooks would keep graphs
+def dense_layer_stats(model: nn.Module, selected: dict[str, nn.Module], config, ctx: Context,
+                      notes: list[str], consume) -> None:
+    """The first pass of `allocation: aware`: stream the DENSE model block by block (nothing is
+    compressed yet) and call consume({name: module}, {name: LayerStats}) once per block for its
+    selected linears, while that block is on the calibration device. Memory: one block's inputs and the
+    Hessians of one block's linears, as in `compress_sequential`."""
+    device = ctx.device
+    windows = calibration_windows(config, ctx, notes)
+    dispatched = is_dispatched(model)
+    home = device if dispatched else execution_device(model)
+    inputs = inputs_to(capture_block_inputs(model, windows, config.batch_size, home), device)
+    for block_name, block in ctx.progress(transformer_blocks(model), f"{config.method_name}: spectra"):
+        with _on_device(block, device, home, dispatched):
+            linears = block_linears(block, block_name, selected)
+            if linears:
+                consume(linears, collect_stats(block, block_name, linears, inputs, "hessian"))
+            inputs = run_block(block, inputs)
+
+
 @contextlib.contextmanager
 def _on_device(block: nn.Module, device, home, dispatched: bool):
     """`block` on the calibration device for the duration (accelerate's hooks do it when dispatched)."""

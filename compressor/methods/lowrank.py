@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,9 @@ from ._lowrank_calibration import (  # noqa: F401  (re-exported for the method m
     split_phases,
 )
 
-Allocation = Literal["uniform", "welore"]
+Allocation = Literal["uniform", "welore", "aware"]
+AWARE_LOSSES = ("relative", "absolute", "fisher")
+NO_SAVING = "would not save parameters"  # in the `status` of a layer kept dense for that reason
 DEFAULT_SECOND_PHASE = (
     "o_proj",
     "down_proj",
@@ -61,16 +63,34 @@ class LowRankConfig(MethodConfig):
     Args:
         rank: KEEP ratio of the targeted linears' parameters, 0 < rank ≤ 1 (0.6 = keep 60 %,
             remove 40 %). Each matrix gets r = ⌊rank·m·n/(m+n)⌋; rank 1 keeps every layer dense.
-        allocation: `uniform` (the same keep ratio per matrix) or `welore` (non-uniform ranks from
+        allocation: `uniform` (the same keep ratio per matrix), `welore` (non-uniform ranks from
             each matrix's normalised singular-value tail, one global threshold bisected to hit
-            `rank` in parameters; see compressor/methods/welore.py).
+            `rank` in parameters; see compressor/methods/welore.py) or `aware` (svd-llm and
+            saes-svd only: non-uniform ranks from the whitened spectra, the calibration output
+            error each rank costs, spent greedily under the same parameter budget; see
+            compressor/methods/_lowrank_allocation.py).
         min_ratio: with `welore` allocation, a matrix is factored only when more than this
             fraction of its rank is removed (WeLore's LRC/N-LRC split); others stay dense.
+        floor_ratio: with `aware` allocation, every factored matrix keeps at least this fraction
+            of its full rank min(m, n).
+        rank_spread: with `aware` allocation and a value s > 1, every matrix's rank stays within
+            [u/s, u·s] of its uniform rank u (0 = no limit besides `floor_ratio` and break-even).
+        aware_loss: with `aware` allocation, how losses are compared across matrices: `relative`
+            (the fraction of each matrix's whitened output energy dropped; measured best),
+            `absolute` (the output error itself, which favours the layers with the largest
+            activations) or `fisher` (the output error weighted by the loss gradient's energy at
+            that output: its end-to-end effect under an isotropic Fisher; one backward pass per
+            window over 16 calibration windows).
     """
 
     rank: float = 0.5
     allocation: Allocation = "uniform"
     min_ratio: float = 0.4999
+    floor_ratio: float = 0.05
+    rank_spread: float = 1.5
+    aware_loss: str = "relative"
+    # Methods whose factorisation is whitened SVD set this: `allocation: aware` prices ranks by it.
+    supports_aware_allocation: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,9 +104,24 @@ class LowRankConfig(MethodConfig):
                 f"{name}: `rank` is the keep ratio of parameters and must be in (0, 1], got {self.rank!r}; "
                 "e.g. `rank: 0.6` keeps 60 % (removes 40 %)"
             )
-        if self.allocation not in ("uniform", "welore"):
+        if self.allocation not in ("uniform", "welore", "aware"):
             raise ConfigError(
-                f"{name}: `allocation` must be `uniform` or `welore`, got {self.allocation!r}"
+                f"{name}: `allocation` must be `uniform`, `welore` or `aware`, got {self.allocation!r}"
+            )
+        if self.allocation == "aware" and not self.supports_aware_allocation:
+            raise ConfigError(
+                f"{name}: `allocation: aware` prices ranks by whitened spectra and needs svd-llm or "
+                "saes-svd; use `allocation: welore` or `uniform` here"
+            )
+        if self.aware_loss not in AWARE_LOSSES:
+            raise ConfigError(
+                f"{name}: `aware_loss` must be `relative`, `absolute` or `fisher`, got {self.aware_loss!r}"
+            )
+        if not 0 <= self.floor_ratio < 1:
+            raise ConfigError(f"{name}: `floor_ratio` must be in [0, 1), got {self.floor_ratio!r}")
+        if not (self.rank_spread == 0 or self.rank_spread > 1):
+            raise ConfigError(
+                f"{name}: `rank_spread` must be 0 (no limit) or > 1, got {self.rank_spread!r}"
             )
         if not 0 <= self.min_ratio < 1:
             raise ConfigError(
@@ -174,7 +209,7 @@ def plan_layer(name: str, out_features: int, in_features: int, rank: int, keep: 
             out_features,
             in_features,
             None,
-            f"rank {rank} would not save parameters on {out_features}x{in_features}: dense",
+            f"rank {rank} {NO_SAVING} on {out_features}x{in_features}: dense",
         )
     return LayerPlan(name, out_features, in_features, rank)
 
@@ -315,6 +350,10 @@ def plan_ranks(
             MaterializedWeights({n: selected[n] for n in shapes}), config.rank, config.min_ratio
         )
         notes.append(f"WeLore allocation: global tau {tau:.4f}")
+    elif config.allocation == "aware":
+        from ._lowrank_allocation import aware_plan  # needs the calibration plumbing: import lazily
+
+        plans = aware_plan(model, {n: selected[n] for n in shapes}, shapes, config, ctx, notes)
     else:
         plans = plan_uniform(shapes, config.rank)
     return plans, notes
@@ -343,6 +382,13 @@ def _scalar(value):
 def _result(run: _Run, seconds: float, peak_mb: float) -> StageResult:
     dense, kept, reached = keep_ratio_reached(run.plans)
     factored = sum(1 for p in run.plans.values() if p.rank)
+    larger = [p.name for p in run.plans.values() if p.rank is None and NO_SAVING in p.reason]
+    if larger:
+        run.notes.append(
+            f"{len(larger)} layer(s) kept dense because factoring them at their rank would hold at least "
+            f"as many parameters as the dense weight (r·(m+n) ≥ m·n): {', '.join(larger[:6])}"
+            + (" ..." if len(larger) > 6 else "")
+        )
     if len(run.plans) > factored:
         run.notes.append(
             f"{len(run.plans) - factored} of {len(run.plans)} targeted layers kept dense; "

@@ -28,6 +28,7 @@ outputs (the reproduction's order).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +52,7 @@ class SAESConfig(CalibratedLowRankConfig):
         damping: absolute λ added to the diagonal of H = X Xᵀ/N before Cholesky.
     """
 
+    supports_aware_allocation: ClassVar[bool] = True
     beta: float | None = None
     beta_min: float = 0.2
     beta_max: float = 0.428571

@@ -27,7 +27,7 @@ at 0.43 for the same reason: saes-svd is the way to use the teacher's outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -55,6 +55,7 @@ class SVDLLMConfig(CalibratedLowRankConfig):
             the eigen-shift fallback still guards non-definite H).
     """
 
+    supports_aware_allocation: ClassVar[bool] = True
     update: Literal["auto", "true", "false"] | bool = "false"
     damping: float = 0.0
 

@@ -32,7 +32,7 @@ from ..context import Context
 from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import LayerPlan, LayerStats, LowRankConfig, compress_model, factoring_saves
+from .lowrank import NO_SAVING, LayerPlan, LayerStats, LowRankConfig, compress_model, factoring_saves
 from .svd import svd_factors
 
 
@@ -68,7 +68,7 @@ def layer_plan_at(
     reason = (
         "N-LRC (too little rank removed): dense"
         if removed / full <= min_ratio
-        else "saves nothing: dense"
+        else f"rank {rank} {NO_SAVING} on {m}x{n}: dense"
     )
     return LayerPlan(name, m, n, None, reason)
 

@@ -1,0 +1,193 @@
+"""`heal`: train only the compressed parameters of a compressed model, after compression.
+
+What trains (everything else — embeddings, norms, lm_head, dense layers — stays frozen):
+  * low-rank layers (svd, asvd, svd-llm, saes-svd, welore, `LowRankLinear`): the factors U, V;
+  * N:M layers (`prune` pattern n:m, `NMSparseLinear`): the packed values; the positions are a
+    buffer, so the mask cannot move and the N:M structure stays exact;
+  * dense×sparse layers (`dsformer`, `DenseSparseLinear`): D and the packed values of S (its
+    positions fixed likewise);
+  * with `pruned_linears` (default on), plain linears whose weight is at least 20 % exact zeros
+    (unstructured `prune` output): the non-zeros only — the gradient is masked, so AdamW's update
+    of a zero entry is exactly 0 and pruned positions stay exactly zero;
+  * biases of those layers with `train_bias`.
+
+Loss: `lm` (next-token cross entropy on `data`) or `kl` (distillation: the KL divergence from the
+dense teacher's next-token distribution, temperature `temperature`). The teacher runs alongside the
+student on every batch (no logit cache, exact, one extra forward): `teacher: source` reloads the
+model the run started from (in a recipe compress → heal, the dense input), or give a model path
+/ id. A teacher that itself holds compressed layers is refused. Training goes through the shared
+trainer (`compressor.training.fit`): checkpoints, `resume`, the memory meter and MeZO all apply.
+
+`welore-tune` (WeLore's LRC tuning, compressor/adapters/welore_tune.py) is this stage restricted
+to low-rank layers with WeLore's defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..context import Context
+from ..errors import ConfigError
+from ..layers import CompressedLinear
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import is_linear, matches
+from ..training import TrainConfig, fit
+from ._common import count_params, finish, param_metrics, with_default_lr
+
+PRUNED_MIN_ZEROS = 0.2  # a plain linear this sparse is a pruned one: its zeros stay zero
+LOSSES = ("lm", "kl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HealConfig(TrainConfig):
+    """Args (plus every `TrainConfig` field):
+    targets: restrict healing to these compressed layers (same syntax); empty = every one.
+    ignore: compressed layers to keep frozen.
+    loss: `lm` (next-token loss on `data`) or `kl` (distillation from the dense teacher's logits).
+    teacher: with `kl`, `source` (the model this run loaded, before compression) or a model
+        path / id; it must be dense.
+    temperature: distillation temperature (the KL is scaled by T² so gradients keep their size).
+    train_bias: also train the healed layers' biases.
+    pruned_linears: also heal plain linears that are ≥ 20 % exact zeros (unstructured pruning),
+        non-zeros only.
+    lr: None = 1e-4 with adamw, 1e-6 with mezo.
+    """
+
+    loss: str = "lm"
+    teacher: str = "source"
+    temperature: float = 1.0
+    train_bias: bool = False
+    pruned_linears: bool = True
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = self.method_name or "heal"
+        if self.loss not in LOSSES:
+            raise ConfigError(f"{name}: `loss` must be `lm` or `kl`, got {self.loss!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"{name}: `temperature` must be > 0, got {self.temperature!r}")
+        if self.loss == "kl" and self.task != "lm":
+            raise ConfigError(f"{name}: `loss: kl` distils next-token logits and needs `task: lm`")
+
+
+def healable_layers(model: nn.Module, targets=(), ignore=(), pruned_linears: bool = True) -> dict[str, nn.Module]:
+    """{name: layer} of the compressed layers (and pruned plain linears) selected by targets/ignore."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, CompressedLinear)
+        or (pruned_linears and module is not head and is_linear(module) and zero_fraction(module) >= PRUNED_MIN_ZEROS)
+    }
+    return {
+        n: m
+        for n, m in found.items()
+        if (not targets or any(matches(n, t) for t in targets)) and not any(matches(n, i) for i in ignore)
+    }
+
+
+def zero_fraction(module: nn.Module) -> float:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point or weight.numel() == 0:
+        return 0.0
+    return float((weight == 0).float().mean())
+
+
+def layer_params(name: str, module: nn.Module, train_bias: bool) -> dict[str, nn.Parameter]:
+    """The trainable tensors of one healed layer: every floating parameter but the bias (unless
+    `train_bias`); packed positions and masks are buffers and never train."""
+    return {
+        f"{name}.{pname}": p
+        for pname, p in module.named_parameters(recurse=False)
+        if p.dtype.is_floating_point and (train_bias or pname != "bias")
+    }
+
+
+@contextlib.contextmanager
+def zeros_stay_zero(layers: dict[str, nn.Module]):
+    """Mask the weight gradient of pruned plain linears to their non-zeros while active."""
+    handles = []
+    for module in layers.values():
+        if isinstance(module, CompressedLinear):
+            continue
+        mask = (module.weight != 0).to(module.weight.dtype)
+        handles.append(module.weight.register_hook(lambda grad, mask=mask: grad * mask))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def distillation_loss(teacher: nn.Module, temperature: float):
+    """loss_fn(model, batch): mean over predicted tokens of T²·KL(teacher ‖ student) at temperature T."""
+
+    def loss_fn(model: nn.Module, batch: dict) -> Tensor:
+        ids = batch["input_ids"]
+        with torch.no_grad():
+            target = F.log_softmax(teacher(input_ids=ids).logits[:, :-1].float() / temperature, -1)
+        student = F.log_softmax(model(input_ids=ids).logits[:, :-1].float() / temperature, -1)
+        kl = (target.exp() * (target - student)).sum(-1)
+        return kl.mean() * temperature**2
+
+    return loss_fn
+
+
+def load_teacher(config: HealConfig, ctx: Context, model: nn.Module) -> nn.Module:
+    """The dense teacher of `loss: kl` (see the module docstring), on the student's device."""
+    from ..models import load_model
+
+    source = ctx.model_source if config.teacher == "source" else config.teacher
+    teacher = load_model(source).model
+    if any(isinstance(m, CompressedLinear) for m in teacher.modules()):
+        raise ConfigError(
+            f"heal: the teacher `{source}` holds compressed layers; distillation needs the dense "
+            "model: set `teacher:` to the uncompressed model's path or id"
+        )
+    device = next(model.parameters()).device
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def heal(model: nn.Module, config: HealConfig, ctx: Context, teacher: nn.Module | None = None,
+         *, method: str = "heal", layers: dict[str, nn.Module] | None = None) -> StageResult:
+    """Train the compressed parameters of `model` in place (`teacher`: a dense model for `kl`,
+    else loaded as `config.teacher` says)."""
+    config = with_default_lr(config, adamw=1e-4, mezo=1e-6)
+    if layers is None:
+        layers = healable_layers(model, config.targets, config.ignore, config.pruned_linears)
+    if not layers:
+        raise ConfigError(
+            f"{method}: the model has no compressed layers to heal (low-rank, N:M, dense×sparse or "
+            "pruned linears) matching targets/ignore; compress it first, e.g. "
+            "`compressor compress --method saes-svd MODEL --out DIR`, and pass DIR as the model"
+        )
+    pruned = [n for n, m in layers.items() if not isinstance(m, CompressedLinear)]
+    if pruned and config.optimizer == "mezo":
+        raise ConfigError(
+            f"{method}: `optimizer: mezo` perturbs every entry and would move the pruned zeros of "
+            f"{len(pruned)} plain linear(s) (e.g. {pruned[0]}); use `optimizer: adamw` or `pruned_linears: false`"
+        )
+    params = {k: v for n, m in layers.items() for k, v in layer_params(n, m, config.train_bias).items()}
+    loss_fn = None
+    if config.loss == "kl":
+        loss_fn = distillation_loss(teacher if teacher is not None else load_teacher(config, ctx, model),
+                                    config.temperature)
+    with zeros_stay_zero(layers):
+        result = fit(model, params, config, ctx, loss_fn=loss_fn, method=method)
+    rows = [{"module": n, "layer": type(m).__name__, "trainable": sum(p.numel() for p in layer_params(n, m, config.train_bias).values())}
+            for n, m in layers.items()]  # fmt: skip
+    return finish(result, metrics={**param_metrics(model, count_params(params)), "healed_layers": len(layers)},
+                  per_module=rows)  # fmt: skip
+
+
+@register("heal", HealConfig, kind="finetune")
+def apply(model: nn.Module, config: HealConfig, ctx: Context) -> StageResult:
+    """Train only the compressed parameters (factors, packed sparse values) of a compressed model."""
+    return heal(model, config, ctx)

@@ -1,0 +1,322 @@
+"""Activation-aware non-uniform ranks (`allocation: aware`, svd-llm and saes-svd).
+
+For whitened SVD the calibration output error of keeping r ranks of W is exactly
+‖(W − W')X‖²/N = Σ_{i>r} σ_i² with σ the singular values of W·L (H = X Xᵀ/N = L Lᵀ), so each
+matrix's spectrum prices every rank. The allocation spends ONE global parameter budget
+(see 4) where it removes the most loss per parameter:
+
+1. First pass, before anything is compressed: the dense model's block inputs are streamed block
+   by block (memory: one block's inputs and statistics) and the whitened spectrum of every targeted
+   linear is computed. The sequential compression that follows calibrates block b on the
+   compressed outputs of blocks < b, so the statistics of later blocks do not exist yet when an
+   allocation is needed; the dense model's are the consistent stand-in.
+2. `allocate_ranks`: every matrix starts at its floor rank; rank steps (and the final step to
+   dense) are bought greedily by loss removed per parameter on each matrix's lower convex hull of
+   (parameters, loss) options; a hull step that no longer fits falls back to single ranks, so the
+   budget is hit within one rank step.
+3. A factored matrix never holds more parameters than its dense weight: the largest factored rank
+   is the largest r with r·(m+n) < m·n; beyond it the only option is dense (loss 0).
+4. The budget is the parameters the uniform plan keeps (so aware ranks are compared with uniform
+   ones at equal size), and by default (`rank_spread: 1.5`) each rank stays within [u/1.5, 1.5·u]
+   of its uniform rank u.
+
+Losses are normalised per matrix (`aware_loss: relative`, the default): Σ_{i>r} σ_i² / Σ σ_i²,
+the fraction of that layer's calibration output energy the truncation drops. The raw error
+(`absolute`) compares layers by activation scale, which grows along the residual stream; `fisher`
+weights the raw error by the mean squared gradient of the loss at the layer's output (an
+isotropic-Fisher estimate of its end-to-end effect, one backward pass per window over 16
+calibration windows, so it needs the whole model's activations for one window).
+
+Measured (stories260K, saes-svd, 128×256 calibration tokens, 43,520 held-out tokens, the same
+parameters as uniform; perplexity at keep 0.6 / 0.4): uniform 44.55 / 91.06; relative with spread
+1.5 43.41 / 91.50; fisher 47.09 / 90.75; absolute 57.06 / 92.22; relative with spread 2
+60.58 / 100.63; relative unbounded 65.92 / 111.85 (13 / 7 matrices dense). Unbounded allocations
+lower the summed whitened loss (the property the tests check) but raise perplexity: per-layer
+errors do not add up independently through the network. Hence `relative` and spread 1.5 by
+default; the gain over uniform ranks is small (reports/p2_allocation*.md).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..targeting import linear_weight
+
+DENSE = None  # the rank of a matrix that stays dense
+
+
+def truncation_losses(sigma: Tensor, normalise: str = "relative") -> Tensor:
+    """σ (k,) descending -> loss (k+1,) fp64 with loss[r] = Σ_{i>r} σ_i² (r = 0..k), divided by
+    Σ σ_i² when `normalise` is "relative"."""
+    energy = sigma.double().square()
+    tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+    if normalise == "relative":
+        return tail / energy.sum().clamp_min(1e-300)
+    return tail
+
+
+def max_saving_rank(out_features: int, in_features: int) -> int:
+    """The largest r < min(m, n) with r·(m+n) < m·n (0 when no rank saves parameters)."""
+    return max(0, min(min(out_features, in_features) - 1, (out_features * in_features - 1) // (out_features + in_features)))
+
+
+def allocate_ranks(
+    spectra_losses: Mapping[str, Sequence[float] | Tensor],
+    param_costs: Mapping[str, tuple[int, int]],
+    budget: float,
+    floors: Mapping[str, int],
+    ceilings: Mapping[str, int],
+) -> dict[str, int | None]:
+    """Ranks that minimise Σ loss within `budget` parameters (greedy on loss per parameter).
+
+    spectra_losses[name][r]: the loss of keeping r ranks (non-increasing in r, defined up to the
+    ceiling). param_costs[name] = (parameters per rank = m+n, dense parameters = m·n).
+    floors/ceilings: the smallest and largest factored rank; a ceiling at the break-even rank
+    (the largest r with r·(m+n) < m·n) leaves dense (loss 0, cost m·n) as the next option, a lower
+    ceiling does not. Returns {name: rank, or None = dense}. Raises ValueError when the floors
+    alone exceed the budget.
+    """
+    options = {name: _options(spectra_losses[name], *param_costs[name], floors[name], ceilings[name])
+               for name in spectra_losses}  # fmt: skip
+    state = {name: 0 for name in options}  # index into options[name]
+    spent = sum(opts[0][1] for opts in options.values())
+    if spent > budget + 1e-9:
+        raise ValueError(f"the floor ranks alone need {spent} parameters, more than the budget {budget:.0f}")
+    _greedy(options, state, spent, budget)
+    return {name: options[name][index][0] for name, index in state.items()}
+
+
+def _options(losses, per_rank: int, dense: int, floor: int, ceiling: int) -> list[tuple]:
+    """[(rank or None, parameters, loss)] from the floor rank up to the ceiling, then dense when the
+    ceiling is the break-even rank."""
+    rows = [(r, r * per_rank, float(losses[r])) for r in range(floor, ceiling + 1) if r >= 1]
+    at_break_even = ceiling >= (dense - 1) // per_rank
+    return rows + [(DENSE, dense, 0.0)] if at_break_even or not rows else rows
+
+
+def _greedy(options: dict, state: dict, spent: float, budget: float) -> float:
+    """Buy steps in order of loss removed per parameter while the budget lasts.
+
+    Each matrix first offers the step to the next vertex of its lower convex hull of
+    (parameters, loss), so its successive ratios fall and the global order is right. A hull step
+    that no longer fits is replaced by the matrix's single next rank (then that matrix walks
+    single ranks), so what is left of the budget is spent within one rank step."""
+    hull_next = {name: _hull_next(opts) for name, opts in options.items()}
+    fine: set[str] = set()
+    heap: list[tuple[float, str, int]] = []
+
+    def push(name: str) -> None:
+        opts, index = options[name], state[name]
+        target = index + 1 if name in fine else hull_next[name][index]
+        if target < len(opts):
+            ratio = (opts[index][2] - opts[target][2]) / max(opts[target][1] - opts[index][1], 1e-12)
+            heapq.heappush(heap, (-ratio, name, target))
+
+    for name in options:
+        push(name)
+    while heap:
+        _, name, target = heapq.heappop(heap)
+        cost = options[name][target][1] - options[name][state[name]][1]
+        if spent + cost > budget + 1e-9:
+            if name not in fine and target > state[name] + 1:
+                fine.add(name)  # the hull step is too big: walk this matrix one rank at a time
+                push(name)
+            continue  # a single step that does not fit ends this matrix's walk
+        spent += cost
+        state[name] = target
+        push(name)
+    return spent
+
+
+def _hull_next(opts: list[tuple]) -> list[int]:
+    """next[i]: the lower-convex-hull vertex after option i (len(opts) past the last), for the
+    hull vertices i (Andrew's monotone chain over (parameters, loss); parameters increase)."""
+    hull: list[int] = []
+    for i, (_, cost, loss) in enumerate(opts):
+        while len(hull) >= 2:
+            (_, c1, l1), (_, c2, l2) = opts[hull[-2]], opts[hull[-1]]
+            # drop the middle point when it lies on or above the chord from hull[-2] to i
+            if (l2 - l1) * (cost - c1) >= (loss - l1) * (c2 - c1):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    nexts = [len(opts)] * len(opts)
+    for a, b in zip(hull, hull[1:]):
+        nexts[a] = b
+    return nexts
+
+
+def floor_rank(out_features: int, in_features: int, floor_ratio: float) -> int:
+    """⌈floor_ratio·min(m, n)⌉, at least 1."""
+    return max(1, math.ceil(floor_ratio * min(out_features, in_features) - 1e-9))
+
+
+def aware_ranks(
+    spectra: Mapping[str, Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    budget: float,
+    floor_ratio: float,
+    normalise: str,
+    keep: float = 1.0,
+    spread: float = 0.0,
+) -> tuple[dict[str, int | None], dict[str, Tensor]]:
+    """({name: whitened σ}, {name: (m, n)}, parameter budget, ...) -> ({name: rank or None}, losses).
+
+    Ranks lie in [⌈floor_ratio·min(m, n)⌉, break-even] or dense; with spread s > 1 also within
+    [u/s, u·s] of the uniform rank u = ⌊keep·m·n/(m+n)⌋ (dense only when u·s reaches break-even).
+    Matrices on which no rank saves parameters are dense and their m·n is taken off the budget."""
+    from .lowrank import uniform_rank
+
+    losses = {name: truncation_losses(s, normalise) for name, s in spectra.items()}
+    fixed = {n for n in spectra if max_saving_rank(*shapes[n]) < 1}
+    free = [n for n in spectra if n not in fixed]
+    ceilings = {n: max_saving_rank(*shapes[n]) for n in free}
+    floors = {n: floor_rank(*shapes[n], floor_ratio) for n in free}
+    if spread > 1:
+        for n in free:
+            u = max(uniform_rank(*shapes[n], keep), 1)
+            floors[n] = max(floors[n], math.ceil(u / spread))
+            ceilings[n] = min(ceilings[n], max(math.floor(u * spread), 1))
+    floors = {n: min(floors[n], ceilings[n]) for n in free}
+    costs = {n: (sum(shapes[n]), shapes[n][0] * shapes[n][1]) for n in free}
+    rest = budget - sum(shapes[n][0] * shapes[n][1] for n in fixed)
+    try:
+        ranks = allocate_ranks({n: losses[n] for n in free}, costs, rest, floors, ceilings)
+    except ValueError as error:
+        raise ConfigError(
+            f"aware allocation: {error}; raise `rank` (the keep ratio) or lower `floor_ratio`"
+        ) from None
+    return {**ranks, **{n: DENSE for n in fixed}}, losses
+
+
+FISHER_WINDOWS = 16
+
+
+def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, notes: list[str]) -> dict[str, Tensor]:
+    """{name: E_t ‖∂ℓ_t/∂y_t‖² / m}: the mean squared gradient of the next-token loss ℓ_t with
+    respect to each linear's output y_t (m features), over up to FISHER_WINDOWS calibration windows,
+    one window per backward pass. With an isotropic Fisher F ≈ (E‖g‖²/m)·I, dropping output error
+    e costs ≈ ½·eᵀF·e of loss, so this weight turns each matrix's whitened error (per token) into
+    its end-to-end effect on the loss."""
+    from ._lowrank_calibration import calibration_windows
+
+    windows = calibration_windows(config, ctx, [])[:FISHER_WINDOWS]
+    totals = {name: torch.zeros((), dtype=torch.float64) for name in linears}
+    tokens = 0
+
+    def track(name: str):
+        def accumulate(grad: Tensor) -> None:
+            totals[name].add_(grad.detach().double().square().sum().cpu())
+
+        def hook(_module, _args, output):
+            if output.requires_grad:
+                output.register_hook(accumulate)
+
+        return hook
+
+    handles = [m.register_forward_hook(track(n)) for n, m in linears.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_()))
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for window in windows:
+                ids = window[None].to(ctx.device)
+                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                loss.backward()
+                tokens += ids.shape[1]
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+    notes.append(f"aware allocation: output Fisher weights from {len(windows)} calibration windows")
+    return {name: totals[name] / max(tokens, 1) / linear_out_features(m) for name, m in linears.items()}
+
+
+def linear_out_features(module: nn.Module) -> int:
+    from ..targeting import linear_shape
+
+    return linear_shape(module)[0]
+
+
+def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
+    """Singular values of W·L (W (m, n), L (n, n)), fp64, descending."""
+    return torch.linalg.svdvals(weight.double() @ chol.double())
+
+
+def layer_spectrum(module: nn.Module, chol: Tensor) -> Tensor:
+    from ..offload import materialized
+
+    with materialized(module):
+        weight = linear_weight(module).detach()
+    return whitened_spectrum(weight.to(chol.device), chol)
+
+
+def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[str, tuple[int, int]],
+               config, ctx, notes: list[str]) -> dict:
+    """LayerPlans of `allocation: aware`: dense-model whitened spectra (first pass), then
+    `aware_ranks` under keep · Σ m·n parameters. Linears outside the blocks get no spectrum and
+    stay dense (the sequential engine keeps them dense too)."""
+    from ._lowrank_calibration import dense_layer_stats
+    from .lowrank import LayerPlan, plan_uniform
+    from .svd_llm import cholesky_with_shift
+
+    spectra: dict[str, Tensor] = {}
+
+    def consume(linears: dict[str, nn.Module], stats: dict) -> None:
+        factors: dict[int, Tensor] = {}  # q/k/v (gate/up) share one Hessian: one Cholesky
+        for name, module in linears.items():
+            key = id(stats[name])
+            if key not in factors:
+                factors[key] = cholesky_with_shift(stats[name].hessian(), getattr(config, "damping", 0.0))[0]
+            spectra[name] = layer_spectrum(module, factors[key]).cpu()
+
+    dense_layer_stats(model, selected, config, ctx, notes, consume)
+    if config.aware_loss == "fisher":
+        weights = output_fisher(model, {n: selected[n] for n in spectra}, config, ctx, notes)
+        spectra = {n: s * weights[n].sqrt() for n, s in spectra.items()}  # σ² scales by the weight
+    # The parameters the uniform plan keeps: aware ranks never hold more than uniform ones would.
+    budget = sum(p.params_kept for p in plan_uniform(shapes, config.rank).values())
+    outside = [n for n in shapes if n not in spectra]
+    budget -= sum(shapes[n][0] * shapes[n][1] for n in outside)
+    ranks, losses = aware_ranks(spectra, {n: shapes[n] for n in spectra}, budget,
+                                config.floor_ratio, config.aware_loss, config.rank, config.rank_spread)
+    plans = {}
+    for name, (m, n) in shapes.items():
+        rank = ranks.get(name, DENSE)
+        reason = "" if rank else (
+            "outside the transformer blocks (no calibration inputs): dense" if name in outside
+            else AWARE_DENSE_REASON.format(ceiling=max_saving_rank(m, n), shape=f"{m}x{n}"))
+        plans[name] = LayerPlan(name, m, n, rank, reason)
+    uniform = {n: uniform_loss(losses[n], *shapes[n], config.rank) for n in spectra}
+    predicted = sum(float(losses[n][plans[n].rank or min(shapes[n])]) for n in spectra)
+    notes.append(
+        f"aware allocation ({config.aware_loss} losses, floor {config.floor_ratio:g}·full rank, "
+        f"spread {config.rank_spread:g}): "
+        f"predicted total truncation loss {predicted:.4g} vs {sum(uniform.values()):.4g} with uniform ranks; "
+        f"{sum(1 for n in spectra if plans[n].rank is None)} matrices kept dense"
+    )
+    return plans
+
+
+AWARE_DENSE_REASON = ("aware allocation: dense (its tail costs more loss per parameter than other "
+                      "layers'; any rank above {ceiling} on {shape} would not save parameters)")
+# (contains lowrank.NO_SAVING: the report's note lists these layers with the other no-saving ones)
+
+
+def uniform_loss(losses: Tensor, m: int, n: int, keep: float) -> float:
+    """The loss of the uniform rank ⌊keep·m·n/(m+n)⌋ on the same spectrum (0 when that stays dense)."""
+    from .lowrank import factoring_saves, uniform_rank
+
+    rank = uniform_rank(m, n, keep)
+    return float(losses[rank]) if keep < 1 and factoring_saves(m, n, max(rank, 1)) else 0.0
