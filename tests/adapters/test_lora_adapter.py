@@ -89,7 +89,7 @@ def test_compressed_targets_are_refused():
         "model.layers.0.self_attn.q_proj",
         LowRankLinear.from_factors(q.weight[:, :4].clone(), torch.eye(4, q.in_features)),
     )
-    with pytest.raises(ConfigError, match="already a compressed LowRankLinear.*welore-tune"):
+    with pytest.raises(ConfigError, match="already a compressed LowRankLinear.*heal"):
         lora.apply(model, LoraConfig(targets=("q_proj",)), None)
 
 
