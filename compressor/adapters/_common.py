@@ -8,14 +8,14 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..layers import CompressedLinear
+from ..layers.base import base_weight, frozen_zeros, is_quantized  # noqa: F401  (re-exported)
 from ..report.records import StageResult
-from ..targeting import linear_weight, select_linears
+from ..targeting import select_linears
 from ..training.config import TrainConfig
 from ..training.data import HEAD_NAME
 
@@ -43,12 +43,6 @@ def refuse_compressed(method: str, modules: dict[str, nn.Module]) -> None:
         )
 
 
-def is_quantized(module: nn.Module) -> bool:
-    """True for bitsandbytes Linear4bit / Linear8bitLt (a base loaded with `load_in`)."""
-    weight = getattr(module, "weight", None)
-    return hasattr(weight, "quant_state") or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
 def refuse_quantized(method: str, modules: dict[str, nn.Module], why: str) -> None:
     """ConfigError naming the quantized layers when a method needs a full-precision base."""
     quantized = [n for n, m in modules.items() if is_quantized(m)]
@@ -57,21 +51,6 @@ def refuse_quantized(method: str, modules: dict[str, nn.Module], why: str) -> No
             f"{method}: {len(quantized)} target layer(s) are bitsandbytes-quantized "
             f"(e.g. {quantized[0]}), but {why}; drop `load_in` from the recipe"
         )
-
-
-def base_weight(module: nn.Module) -> Tensor:
-    """W (out, in) of a base linear as float, dequantizing bitsandbytes weights."""
-    weight = getattr(module, "weight", None)
-    state = getattr(module, "state", None)
-    if hasattr(weight, "quant_state"):
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    if getattr(state, "CB", None) is not None and getattr(state, "SCB", None) is not None:
-        import bitsandbytes as bnb
-
-        return bnb.functional.int8_vectorwise_dequant(state.CB, state.SCB).float()
-    return linear_weight(module).detach().float()
 
 
 # -- training settings -------------------------------------------------------------------------
@@ -116,11 +95,6 @@ def write_adapter(
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return {"adapter": str(folder / filename),
             "adapter_config": str(folder / "adapter_config.json")}
-
-
-def frozen_zeros(*shape: int, dtype=None, device=None) -> nn.Parameter:
-    """A frozen parameter of zeros: the base weight or bias slot of an adapter layer."""
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
 def count_params(params: dict[str, nn.Parameter]) -> int:

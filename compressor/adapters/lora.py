@@ -16,23 +16,20 @@ from pathlib import Path
 from typing import Any
 
 import peft
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .. import kernels
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import CompressedLinear, register_layer
+from ..layers import LoraLinear
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import linear_weight, replace_module
+from ..targeting import replace_module
 from ..training import TrainConfig, fit
 from ._common import (
     adapter_folder,
     adapter_targets,
     count_params,
     finish,
-    frozen_zeros,
     is_quantized,
     param_metrics,
     refuse_compressed,
@@ -70,57 +67,6 @@ def check_lora_fields(method: str, rank: int, alpha: float, dropout: float,
                           "scaled by alpha / rank")
     if not 0 <= dropout < 1:
         raise ConfigError(f"{method}: `{prefix}dropout` must be in [0, 1), got {dropout}")
-
-
-# -- the inference layer -----------------------------------------------------------------------
-
-
-@register_layer
-class LoraLinear(CompressedLinear):
-    """y = x Wᵀ + b + scaling · (x Aᵀ) Bᵀ, W frozen, A (r, in), B (out, r): the form a trained
-    peft LoRA is kept in, so checkpoints reload with `compressor.load` and merge with `--merge`."""
-
-    layer_type = "lora"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float,
-                 bias: bool = False, dtype: torch.dtype | None = None, device=None) -> None:
-        super().__init__(in_features, out_features)
-        self.rank, self.scaling = rank, float(scaling)
-        kw = {"dtype": dtype, "device": device}
-        self.weight = frozen_zeros(out_features, in_features, **kw)
-        self.bias = frozen_zeros(out_features, **kw) if bias else None
-        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))
-
-    @classmethod
-    def from_peft(cls, layer: nn.Module, adapter: str = "default") -> LoraLinear:
-        """Copy a peft lora.Linear (base nn.Linear or Conv1D) into a LoraLinear."""
-        base = layer.get_base_layer()
-        weight = linear_weight(base).detach()
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        new = cls(weight.shape[1], weight.shape[0], a.shape[0], layer.scaling[adapter],
-                  base.bias is not None, weight.dtype, weight.device)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            new.lora_a.copy_(a)
-            new.lora_b.copy_(b)
-            if base.bias is not None:
-                new.bias.copy_(base.bias)
-        return new
-
-    def init_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "scaling": self.scaling, "bias": self.bias is not None}
-
-    def dense_weight(self) -> Tensor:
-        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return kernels.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scaling,
-                                   self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
 # -- wiring (shared with kappatune's LoRA mode and MeZO's adapter mode) ------------------------

@@ -46,7 +46,7 @@ from ._dsformer_factor import (
     solve_inner_dim,
     whitened_error,
 )
-from ._dsformer_layer import DenseSparseLinear
+from ..layers import DenseSparseLinear
 from ._dsformer_stf import DenseSparseTrainable, frozen_teacher, train_stf
 from ._prune_sequential import compress_sequentially
 
