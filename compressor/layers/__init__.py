@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from .base import LAYER_TYPES, CompressedLinear, register_layer, replace_module
@@ -35,14 +36,15 @@ def layer_manifest(model: nn.Module) -> dict[str, dict[str, Any]]:
     return {n: {"type": m.layer_type, "args": m.init_args()} for n, m in compressed_layers(model).items()}
 
 
-def build_layer(spec: dict[str, Any]) -> CompressedLinear:
+def build_layer(spec: dict[str, Any], dtype: torch.dtype | None = None) -> CompressedLinear:
+    """An empty layer of the kind and shapes `spec` = {type, args} names (floats in `dtype`)."""
     from ..errors import ModelError
 
     kind = spec.get("type")
     if kind not in LAYER_TYPES:
         raise ModelError(f"unknown compressed layer type `{kind}` in the checkpoint's layer table "
                          f"(known: {sorted(LAYER_TYPES)}); upgrade compressor")
-    return LAYER_TYPES[kind](**spec.get("args", {}))
+    return LAYER_TYPES[kind](**spec.get("args", {}), dtype=dtype)
 
 
 def merge_compressed(model: nn.Module) -> int:

@@ -50,13 +50,22 @@ class NolaLinear(CompressedLinear):
         self.nola_coef_a = nn.Parameter(torch.zeros(num_basis_a, **kw))
         self.nola_coef_b = nn.Parameter(torch.zeros(num_basis_b, **kw))
         # Non-persistent buffers: regenerated from the seed, never written to a checkpoint.
-        fixed = kaiming_fixed(stream_seed(seed, FIXED), rank, in_features)
-        self.register_buffer("lora_a_fixed", fixed.to(**kw), persistent=False)
-        if cache_bases:
-            bases_a = random_bases(stream_seed(seed, BASES_A), num_basis_a, rank * in_features)
-            bases_b = random_bases(stream_seed(seed, BASES_B), num_basis_b, out_features * rank)
-            self.register_buffer("bases_a", bases_a.to(**kw), persistent=False)
-            self.register_buffer("bases_b", bases_b.to(**kw), persistent=False)
+        for name, value in self._seeded_buffers().items():
+            self.register_buffer(name, value.to(**kw), persistent=False)
+
+    def _seeded_buffers(self) -> dict[str, Tensor]:
+        seed, rank = self.seed, self.rank
+        buffers = {"lora_a_fixed": kaiming_fixed(stream_seed(seed, FIXED), rank, self.in_features)}
+        if self.cache_bases:
+            buffers["bases_a"] = random_bases(stream_seed(seed, BASES_A), self.num_basis_a, rank * self.in_features)
+            buffers["bases_b"] = random_bases(stream_seed(seed, BASES_B), self.num_basis_b, self.out_features * rank)
+        return buffers
+
+    def rebuild_buffers(self) -> None:
+        """Regenerate the seeded buffers (after a meta-device build, e.g. transformers loading)."""
+        device = self.nola_coef_a.device
+        for name, value in self._seeded_buffers().items():
+            setattr(self, name, value.to(device=device, dtype=self.nola_coef_a.dtype))
 
     @property
     def scaling(self) -> float:
