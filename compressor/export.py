@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, ModelError
 from .kernels import expand_nm_indices, unpack_nm
+from .kernels.packing import pack_bits
 from .models import read_manifest
 from .outdir import staged_output
 
@@ -127,16 +128,9 @@ def sparse24_tensors(name: str, state: dict[str, torch.Tensor], args: dict[str, 
     columns = torch.arange(slots) // 2 * 4 + positions  # (out, slots): each kept entry's column
     mask = torch.zeros(out_f, in_f, dtype=torch.bool).scatter_(1, columns, True)
     dense = unpack_nm(values, indices, 2, 4, in_f)
-    bits = mask.reshape(out_f, -1, 8).to(torch.uint8) if in_f % 8 == 0 else _padded_bits(mask)
-    bitmask = (bits << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     return {f"{name}.compressed": dense[mask].reshape(out_f, in_f // 2).contiguous(),
-            f"{name}.bitmask": bitmask.contiguous(),
+            f"{name}.bitmask": pack_bits(mask),
             f"{name}.shape": torch.tensor([out_f, in_f]).reshape(-1, 1)}
-
-
-def _padded_bits(mask: torch.Tensor) -> torch.Tensor:
-    pad = (-mask.shape[1]) % 8
-    return torch.nn.functional.pad(mask.to(torch.uint8), (0, pad)).reshape(mask.shape[0], -1, 8)
 
 
 def sparsity_config(targets: list[str], state: dict[str, torch.Tensor], layers: dict[str, Any]) -> dict[str, Any]:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from compressor.cli.main import app
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from compressor.cli.main import app
 from compressor.errors import ConfigError, ModelError
 from compressor.export import export
 from compressor.models import load, read_manifest
@@ -38,9 +39,8 @@ def test_sparse24_layout_is_values_row_major_and_little_endian_bits(tmp_path):
     state = load_file(out / "model.safetensors")
     for name, dense in _dense_weights(ckpt).items():
         prefix = name.removesuffix(".weight")
-        bits = state[f"{prefix}.bitmask"]
-        mask = ((bits[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(dense.shape[0], -1)
-        mask = mask[:, : dense.shape[1]].bool()
+        packed = state[f"{prefix}.bitmask"].numpy()  # numpy's little-endian unpacking, as compressed-tensors
+        mask = torch.from_numpy(np.unpackbits(packed, axis=-1, count=dense.shape[1], bitorder="little")).bool()
         assert (mask.reshape(-1, 4).sum(1) == 2).all()  # exactly 2 of every 4
         rebuilt = torch.zeros_like(dense)
         rebuilt[mask] = state[f"{prefix}.compressed"].flatten()

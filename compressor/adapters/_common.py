@@ -85,6 +85,19 @@ def adapter_folder(ctx) -> Path | None:
     return Path(out) / ADAPTER_DIR if out is not None else None
 
 
+def base_model_reference(ctx) -> str:
+    """What an adapter's `base_model_name_or_path` records: the model the user passed (a Hub id
+    as typed, a local path made absolute so it resolves from any folder). The embedded default
+    has no Hub id; its folder inside the installed package is the one name that resolves."""
+    from ..models import DEFAULT_MODEL_DIR
+
+    source = str(getattr(ctx, "model_source", None) or "default")
+    if source == "default":
+        return str(DEFAULT_MODEL_DIR)
+    path = Path(source).expanduser()
+    return str(path.absolute()) if path.exists() else source
+
+
 def write_adapter(
     folder: Path, tensors: dict[str, Tensor], config: dict[str, Any], filename: str
 ) -> dict[str, str]:
@@ -139,12 +152,17 @@ def finish(
     artifacts: dict[str, str] | None = None,
     notes: list[str] = (),
     curves: dict | None = None,
+    modified_model: bool = True,
 ) -> StageResult:
-    """The StageResult of an adapter stage: the training run's metrics and curves plus its own."""
+    """The StageResult of an adapter stage: the training run's metrics and curves plus its own.
+
+    `modified_model=False` for an adapter kept separate: the run then writes the adapter folder
+    alone, never a model folder that would pass for the base model."""
     return StageResult(
         metrics={**train.metrics(), **(metrics or {})},
         per_module=with_layer_type(list(per_module)),
         notes=list(notes),
         curves=plottable_curves(train.curves() if curves is None else curves),
         artifacts=dict(artifacts or {}),
+        modified_model=modified_model,
     )

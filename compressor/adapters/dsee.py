@@ -13,19 +13,26 @@ Two sparsities:
    score (the update stays unmerged), and LoRA + S₂ are re-tuned for `retune_steps` on the
    pruned backbone. FLOPs are counted on non-zero weights (what a sparse kernel executes).
 
-Pruning reuses the `prune` method's mask functions (compressor.methods.prune).
+Pruning reuses the `prune` method's mask functions (compressor.methods.prune). Unmerged, the run
+writes DSEE's own adapter folder (`<out>/adapter`: A, B, S₂ and Ω per adapted linear, a bit-packed
+keep-mask per pruned linear; `load_dsee_adapter(base, folder)` applies it to the untouched base)
+and no model folder; `merge: true` writes the merged (dense) model instead.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..context import Context
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
+from ..kernels.packing import pack_bits, unpack_bits
 from ..layers import DseeLinear
 from ..methods.prune import magnitude_scores, prune_mask
 from ..registry import register
@@ -33,7 +40,9 @@ from ..report.records import StageResult
 from ..targeting import linear_shape, linear_weight, replace_module
 from ..training import TrainConfig, TrainResult, fit
 from ._common import (
+    adapter_folder,
     adapter_targets,
+    base_model_reference,
     count_params,
     finish,
     layer_seed,
@@ -42,6 +51,7 @@ from ._common import (
     refuse_quantized,
     run_seed,
     with_default_lr,
+    write_adapter,
 )
 from ._dsee_math import (  # noqa: F401  (re-exported: the pure maths of this method)
     global_magnitude_masks,
@@ -56,6 +66,7 @@ from ._dsee_math import (  # noqa: F401  (re-exported: the pure maths of this me
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")  # Llama/Mistral/Qwen and BERT names
 FLOPS_NOTE = ("FLOPs count non-zero weights: the saving needs a sparse kernel (N:M patterns have "
               "one; unstructured zeros run dense otherwise)")
+ADAPTER_FILE = "dsee_adapter.safetensors"
 POSITIVE_INTS = ("rank", "num_sparse", "grebsmo_iterations", "grebsmo_inner", "grebsmo_rank_step")
 
 
@@ -216,9 +227,10 @@ def flop_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
 
 
 def prune_and_retune(model: nn.Module, params: dict[str, nn.Parameter], config: DseeConfig,
-                     ctx: Context) -> tuple[list[str], TrainResult | None]:
-    """Prune the backbone, then re-tune LoRA + S₂ for `retune_steps` (None when 0 steps)."""
-    pruned = list(prune_backbone(model, config))
+                     ctx: Context) -> tuple[dict[str, Tensor], TrainResult | None]:
+    """Prune the backbone, then re-tune LoRA + S₂ for `retune_steps` (None when 0 steps).
+    Returns the keep-masks of the pruned linears and the re-tuning run."""
+    pruned = prune_backbone(model, config)
     steps = config.steps if config.retune_steps is None else config.retune_steps
     if not steps:
         return pruned, None
@@ -233,13 +245,17 @@ def apply(model: nn.Module, config: DseeConfig, ctx: Context) -> StageResult:
     layers = install_dsee(model, config, ctx, run_seed(config, ctx))
     params = dsee_params(layers)
     first = fit(model, params, config, ctx, method="dsee")
-    pruned, retune = [], None
+    pruned, retune = {}, None
     if config.prune != "none":
         pruned, retune = prune_and_retune(model, params, config, ctx)
     last, metrics, curves = retune or first, {}, first.curves()
     if retune is not None:
         metrics.update({f"retune_{k}": v for k, v in retune.metrics().items()})
         curves.update({f"retune_{k}": v for k, v in retune.curves().items()})
+    folder = adapter_folder(ctx)
+    artifacts = {}
+    if folder is not None and not config.merge:
+        artifacts = save_dsee_adapter(layers, pruned, folder, base_model_reference(ctx))
     if config.merge:  # ΔW fills the zeros: the FLOP rows below then show the dense cost
         for name, layer in layers.items():
             replace_module(model, name, layer.to_linear())
@@ -250,4 +266,56 @@ def apply(model: nn.Module, config: DseeConfig, ctx: Context) -> StageResult:
                     "pruned_layers": len(pruned), "flops_per_token_dense": dense,
                     "flops_per_token_dsee": now, "flops_saved_fraction": 1 - now / max(dense, 1),
                     "merged": config.merge})  # fmt: skip
-    return finish(first, metrics=metrics, per_module=rows, notes=[FLOPS_NOTE], curves=curves)
+    return finish(first, metrics=metrics, per_module=rows, notes=[FLOPS_NOTE], curves=curves,
+                  artifacts=artifacts, modified_model=config.merge)
+
+
+# -- the adapter folder ------------------------------------------------------------------------
+
+
+def save_dsee_adapter(layers: dict[str, DseeLinear], masks: dict[str, Tensor], folder: Path,
+                      base: str | None = None) -> dict[str, str]:
+    """DSEE's own adapter format, applied to the untouched base model by `load_dsee_adapter`:
+    per adapted linear A, B, S₂'s values and its support Ω; per pruned linear its keep-mask,
+    bit-packed (8 weights a byte, little-endian along in_features)."""
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        for key in ("lora_a", "lora_b", "delta_values", "delta_rows", "delta_cols"):
+            tensors[f"{name}.{key}"] = getattr(layer, key)
+    for name, mask in masks.items():
+        tensors[f"{name}.keep_mask"] = pack_bits(mask)
+    first = next(iter(layers.values()))
+    config = {"method": "dsee", "format_version": 1, "rank": first.rank, "alpha": first.alpha,
+              "target_modules": sorted(layers), "pruned_modules": sorted(masks),
+              "base_model_name_or_path": base,
+              "keep_mask": "uint8 bits, bit j of byte b = column 8b + j; pruned modules are masked "
+                           "before the adapters are installed"}  # fmt: skip
+    return write_adapter(folder, tensors, config, ADAPTER_FILE)
+
+
+def load_dsee_adapter(model: nn.Module, folder: str | Path) -> dict[str, DseeLinear]:
+    """Apply a saved DSEE adapter to a fresh copy of its base model (in place): mask the pruned
+    linears, then install the DseeLinear layers (their W₀ is the masked weight)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / ADAPTER_FILE))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"`{folder}` is not a DSEE adapter folder ({err}); pass the `adapter` "
+                         "folder a dsee run wrote") from None
+    with torch.no_grad():
+        for name in config["pruned_modules"]:
+            weight = linear_weight(model.get_submodule(name))
+            weight.mul_(unpack_bits(tensors[f"{name}.keep_mask"], weight.shape[1]).to(weight.dtype))
+    layers = {}
+    for name in config["target_modules"]:
+        support = (tensors[f"{name}.delta_rows"], tensors[f"{name}.delta_cols"])
+        layer = DseeLinear.from_linear(model.get_submodule(name), support, rank=config["rank"],
+                                       alpha=config["alpha"], seed=0)
+        with torch.no_grad():
+            for key in ("lora_a", "lora_b", "delta_values"):
+                getattr(layer, key).copy_(tensors[f"{name}.{key}"])
+        replace_module(model, name, layer)
+        layers[name] = layer
+    return layers
+

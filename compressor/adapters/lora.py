@@ -3,14 +3,17 @@ A (r, in) Kaiming-uniform and B (out, r) zero, so the model is unchanged at step
 
 peft injects and trains the adapter; the stage then writes it in peft's own format
 (`<out>/adapter/adapter_model.safetensors` + `adapter_config.json`, loadable with
-`peft.PeftModel.from_pretrained(base, folder)`). Afterwards the model holds either plain merged
-nn.Linear layers (`merge: true`, peft's merge_and_unload) or `LoraLinear` layers: a compressor
-layer (forward = `compressor.kernels.lora_linear`) that `compressor.load` restores and the
-pipeline's `merge` folds. A base loaded in 4/8 bit (`load_in`) keeps peft's layers instead.
+`peft.PeftModel.from_pretrained(base, folder)` as is: `base_model_name_or_path` is the model the
+user passed, `task_type` is set). Unmerged, that folder is the run's only model output: no model
+folder that would pass for the base is written. Afterwards the in-memory model holds either plain
+merged nn.Linear layers (`merge: true`, peft's merge_and_unload; the run then writes the merged
+model) or `LoraLinear` layers (forward = `compressor.kernels.lora_linear`), which the pipeline's
+top-level `merge` folds. A base loaded in 4/8 bit (`load_in`) keeps peft's layers instead.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from torch import nn
 from ..context import Context
 from ..errors import ConfigError
 from ..layers import LoraLinear
+from ..models import is_causal_config
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import replace_module
@@ -28,6 +32,7 @@ from ..training import TrainConfig, fit
 from ._common import (
     adapter_folder,
     adapter_targets,
+    base_model_reference,
     count_params,
     finish,
     is_quantized,
@@ -90,9 +95,18 @@ def peft_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def save_peft_adapter(peft_model: peft.PeftModel, folder: Path) -> dict[str, str]:
-    """peft's own format: adapter_model.safetensors + adapter_config.json (+ its README)."""
+def save_peft_adapter(peft_model: peft.PeftModel, folder: Path, base: str | None = None,
+                      causal: bool = True) -> dict[str, str]:
+    """peft's own format: adapter_model.safetensors + adapter_config.json (+ its README), with
+    `base_model_name_or_path` = `base` (what the user passed) and `task_type` set, so
+    `PeftModel.from_pretrained(base_model, folder)` and peft's AutoPeftModel* load it as is."""
     peft_model.save_pretrained(str(folder))
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["task_type"] = "CAUSAL_LM" if causal else "FEATURE_EXTRACTION"
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
     return {"adapter": str(folder / "adapter_model.safetensors"),
             "adapter_config": str(folder / "adapter_config.json")}
 
@@ -124,7 +138,8 @@ def train_lora(model: nn.Module, names: list[str], config: TrainConfig, ctx: Con
     params = lora_params(model)
     result = fit(model, params, config, ctx, method=method, **fit_kwargs)
     folder = adapter_folder(ctx)
-    artifacts = save_peft_adapter(peft_model, folder) if folder is not None else {}
+    causal = is_causal_config(model.config)
+    artifacts = save_peft_adapter(peft_model, folder, base_model_reference(ctx), causal) if folder else {}
     rows = [{"module": n, "rank": rank,
              "trainable": sum(p.numel() for k, p in m.named_parameters() if "lora_" in k)}
             for n, m in peft_layers(model).items()]  # fmt: skip
@@ -133,7 +148,7 @@ def train_lora(model: nn.Module, names: list[str], config: TrainConfig, ctx: Con
         param.requires_grad_(flags.get(id(param), param.requires_grad))
     metrics = {**param_metrics(model, count_params(params)), "adapted_layers": len(rows),
                "rank": rank, "alpha": alpha, "model_form": form, "merged": merge}
-    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts)
+    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts, modified_model=merge)
 
 
 @register("lora", LoraConfig, kind="finetune")

@@ -15,6 +15,10 @@ seed, nothing else.
 By default the bases are regenerated chunk by chunk in the forward and again in the backward pass,
 as the official code does (memory: one chunk); `cache_bases` keeps them as non-persistent buffers
 (faster; k·r·in + l·out·r floats per layer, reported as `basis_cache_bytes`).
+
+Unmerged, the run writes only the adapter folder (`<out>/adapter`: coefficients, seeds, config
+with `base_model_name_or_path`; `load_nola_adapter(base, folder)` applies it); `merge: true`
+writes the merged dense model instead.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from ..training import TrainConfig, fit
 from ._common import (
     adapter_folder,
     adapter_targets,
+    base_model_reference,
     count_params,
     finish,
     layer_seed,
@@ -117,7 +122,7 @@ def coefficient_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith(suffixes)}
 
 
-def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path) -> dict[str, str]:
+def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path, base: str | None = None) -> dict[str, str]:
     """The coefficients and one int64 seed per layer, plus adapter_config.json; nothing else."""
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
@@ -128,6 +133,7 @@ def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path) -> dict[str, 
     config = {"method": "nola", "format_version": 1, "rank": first.rank, "alpha": first.alpha,
               "num_basis_a": first.num_basis_a, "num_basis_b": first.num_basis_b,
               "basis_chunk": BASIS_CHUNK, "target_modules": sorted(layers),
+              "base_model_name_or_path": base,
               "bases": "U(-1,1)/sqrt(num_basis), CPU torch.Generator seeded 3*seed+1 (A), "
                        "3*seed+2 (B); A0 Kaiming-uniform from 3*seed"}  # fmt: skip
     return write_adapter(folder, tensors, config, ADAPTER_FILE)
@@ -165,7 +171,7 @@ def apply(model: nn.Module, config: NolaConfig, ctx: Context) -> StageResult:
     params = coefficient_params(model)
     result = fit(model, params, config, ctx, method="nola")
     folder = adapter_folder(ctx)
-    artifacts = save_nola_adapter(layers, folder) if folder is not None else {}
+    artifacts = save_nola_adapter(layers, folder, base_model_reference(ctx)) if folder else {}
     rows = [_row(name, layer) for name, layer in layers.items()]
     if config.merge:
         for name, layer in layers.items():
@@ -179,7 +185,8 @@ def apply(model: nn.Module, config: NolaConfig, ctx: Context) -> StageResult:
         "adapter_file_bytes": Path(artifacts["adapter"]).stat().st_size if artifacts else 0,
         "merged": config.merge,
     }  # fmt: skip
-    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts)
+    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts,
+                  modified_model=config.merge)
 
 
 def _row(name: str, layer: NolaLinear) -> dict[str, Any]:
