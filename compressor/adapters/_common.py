@@ -8,10 +8,10 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..layers import CompressedLinear
 from ..layers.base import base_weight, frozen_zeros, is_quantized  # noqa: F401  (re-exported)
 from ..report.records import StageResult
@@ -108,6 +108,17 @@ def write_adapter(
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return {"adapter": str(folder / filename),
             "adapter_config": str(folder / "adapter_config.json")}
+
+
+def read_adapter(folder: Path, filename: str, method: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(adapter_config.json, tensors) of an adapter folder `write_adapter` wrote; ModelError if not."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / filename))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"`{folder}` is not a {method.upper()} adapter folder ({err}); pass the `adapter` "
+                         f"folder a {method} run wrote") from None
+    return config, tensors
 
 
 def count_params(params: dict[str, nn.Parameter]) -> int:

@@ -21,17 +21,15 @@ and no model folder; `merge: true` writes the merged (dense) model instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..context import Context
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from ..kernels.packing import pack_bits, unpack_bits
 from ..layers import DseeLinear
 from ..methods.prune import magnitude_scores, prune_mask
@@ -47,6 +45,7 @@ from ._common import (
     finish,
     layer_seed,
     param_metrics,
+    read_adapter,
     refuse_compressed,
     refuse_quantized,
     run_seed,
@@ -296,13 +295,7 @@ def save_dsee_adapter(layers: dict[str, DseeLinear], masks: dict[str, Tensor], f
 def load_dsee_adapter(model: nn.Module, folder: str | Path) -> dict[str, DseeLinear]:
     """Apply a saved DSEE adapter to a fresh copy of its base model (in place): mask the pruned
     linears, then install the DseeLinear layers (their W₀ is the masked weight)."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(str(folder / ADAPTER_FILE))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"`{folder}` is not a DSEE adapter folder ({err}); pass the `adapter` "
-                         "folder a dsee run wrote") from None
+    config, tensors = read_adapter(Path(folder), ADAPTER_FILE, "dsee")
     with torch.no_grad():
         for name in config["pruned_modules"]:
             weight = linear_weight(model.get_submodule(name))

@@ -23,17 +23,15 @@ writes the merged dense model instead.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ..context import Context
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from ..layers import NolaLinear
 from ..layers._nola_bases import (  # noqa: F401  (re-exported: the pure maths of this method)
     BASES_A,
@@ -59,6 +57,7 @@ from ._common import (
     finish,
     layer_seed,
     param_metrics,
+    read_adapter,
     refuse_compressed,
     run_seed,
     with_default_lr,
@@ -142,13 +141,7 @@ def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path, base: str | N
 def load_nola_adapter(model: nn.Module, folder: str | Path, *,
                       cache_bases: bool = False) -> dict[str, NolaLinear]:
     """Install a saved NOLA adapter into a fresh copy of its base model (in place)."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(str(folder / ADAPTER_FILE))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"`{folder}` is not a NOLA adapter folder ({err}); pass the `adapter` "
-                         "folder a nola run wrote") from None
+    config, tensors = read_adapter(Path(folder), ADAPTER_FILE, "nola")
     layers = {}
     for name in config["target_modules"]:
         layer = NolaLinear.from_linear(
