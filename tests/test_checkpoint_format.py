@@ -207,3 +207,26 @@ def test_stories260k_checkpoints_load_natively(tmp_path):
     out = _python(PARITY, str(tmp_path / "ids.pt"), *folders)
     assert out.count("OK") == len(METHODS), out
     assert "REFUSED RuntimeError False" in _python(PLAIN, folders[0])
+
+
+def test_format_1_checkpoints_with_compression_json_still_load(tmp_path):
+    from compressor.layers import LowRankLinear, layer_manifest
+    from compressor.targeting import replace_module
+
+    model = tiny_llama(layers=2)
+    name = "model.layers.0.mlp.up_proj"
+    weight = model.get_submodule(name).weight.detach()
+    replace_module(model, name, LowRankLinear.from_factors(weight[:, :8].clone(), torch.eye(8, 32)))
+    model.save_pretrained(tmp_path / "v1")  # what format 1 wrote: a plain config.json ...
+    (tmp_path / "v1" / "compression.json").write_text(json.dumps(  # ... and the layer table beside it
+        {"format": "compressor", "version": 1, "layers": layer_manifest(model)}))
+    ids = example_input_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(load(tmp_path / "v1")(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_import_compressor_stays_cheap():
+    code = ("import sys, compressor\n"
+            "heavy = [m for m in ('transformers.quantizers.auto', 'peft', 'compressor.methods') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    assert "HEAVY []" in _python(code)
