@@ -55,6 +55,9 @@ class CompressorQuantizer(HfQuantizer):
             for name, spec in self.quantization_config.layers.items():
                 built[name] = build_layer(spec, dtype=dtype)
                 replace_module(model, name, built[name])
+        for name in built:  # parents' _init_weights may reach for `child.weight` (GPT-2's c_proj): every
+            parent = model.get_submodule(name.rpartition(".")[0])  # tensor they own is loaded anyway
+            parent._is_hf_initialized = True
         ignored = {re.escape(key) + "$" for key in placeholder_names(built)}
         model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | ignored
         return model

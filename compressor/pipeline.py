@@ -23,7 +23,13 @@ from .context import Context, resolve_device
 from .dtypes import AUTO, output_dtype
 from .errors import ConfigError, GateError, ModelError
 from .export import check_stages, export_beside
-from .models import DEFAULT_MODEL_DIR, LoadedModel, cast_safetensors_file, load_model, save_checkpoint
+from .models import (
+    DEFAULT_MODEL_DIR,
+    LoadedModel,
+    cast_safetensors_file,
+    load_model,
+    save_checkpoint,
+)
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors, parse_max_memory
 from .outdir import claim_output, remove_if_ours, resolved
 from .preflight import (
