@@ -71,7 +71,7 @@ def render(r: dict) -> str:
                              ("disk_bytes", "on-disk bytes"))]
     return "\n".join([
         "# Checkpoint bytes (issue 10 item 1)\n",
-        (f"{r['method']} on `{r['source']}`, written in {r['dtype']} (the source's declared dtype); "
+        (f"{r['method']} on `{r['source']}`, written in {r['dtype']} (dtype auto: a quantized GGUF source is written in bfloat16); "
         f"stage config: `{json.dumps({k: v for k, v in r['stage_config'].items() if k in ('rank', 'num_windows', 'seq_len', 'allocation')})}`. "
         f"{r['env']['date']}, {r['env']['host']}, git {r['env']['git']}, torch {r['torch']}.\n"),
         "| file | bytes | MB |", "|---|---|---|",
