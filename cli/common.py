@@ -65,6 +65,9 @@ MaxMemoryOpt = Annotated[str | None, typer.Option(
     show_default=False,
     help="offload with accelerate (model bigger than the device): per-device budget, e.g. "
          "'0=20GiB,cpu=60GiB'; the rest goes to --offload-folder [default: no offloading]")]
+DtypeOpt = Annotated[str | None, typer.Option(
+    show_default=False,
+    help="dtype of the written checkpoint: auto (the source model's), float32, bfloat16, float16 [default: auto]")]
 OffloadFolderOpt = Annotated[str | None, typer.Option(
     show_default=False, help="folder for offloaded weights that fit in no --max-memory budget [default: none]")]
 EvalDataOpt = Annotated[str, typer.Option(help=f"held-out text for quality before/after: {DATA_HELP}; its second "

@@ -8,6 +8,7 @@ import typer
 
 from .common import (
     DeviceOpt,
+    DtypeOpt,
     EvalDataOpt,
     EvalWindowsOpt,
     MaxMemoryOpt,
@@ -63,6 +64,7 @@ def compress(
                                  "[default: train]")] = None,
     merge: Annotated[bool, typer.Option("--merge", show_default=False,
                                         help="write plain dense nn.Linear weights instead of factored layers")] = False,
+    dtype: DtypeOpt = None,
     max_memory: MaxMemoryOpt = None,
     offload_folder: OffloadFolderOpt = None,
     out: Annotated[str | None, typer.Option("--out", "-o", show_default=False,
@@ -92,7 +94,7 @@ def compress(
              "targets": targets or None, "ignore": ignore or None, "from-trained": from_trained}
     out = out or f"compressed-{method}"
     pipeline = Pipeline.from_flags(method, stage_fields(method, flags, FLAG_FIELDS), set_, model=model, device=device,
-                                   seed=seed, out=str(out), overwrite=overwrite, merge=merge, trust_remote_code=trust_remote_code,
+                                   seed=seed, out=str(out), overwrite=overwrite, merge=merge, dtype=dtype, trust_remote_code=trust_remote_code,
                                    max_memory=max_memory, offload_folder=offload_folder, text_column=text_column,
                                    evaluate={"data": eval_data, "num_windows": eval_windows})
     report, _ = pipeline.run(quiet=quiet)

@@ -13,6 +13,7 @@ import typer
 from .common import (
     DATA_HELP,
     DeviceOpt,
+    DtypeOpt,
     EvalWindowsOpt,
     ModelArg,
     OverwriteOpt,
@@ -76,6 +77,7 @@ def finetune(
         show_default=False, help="load the frozen base in 4bit or 8bit (bitsandbytes) [default: full precision]")] = None,
     merge: Annotated[bool, typer.Option("--merge", show_default=False,
                                         help="write plain dense weights (adapters merged)")] = False,
+    dtype: DtypeOpt = None,
     out: Annotated[str | None, typer.Option("--out", "-o", show_default=False,
                                             help="output folder, written atomically [default: finetuned-METHOD]")] = None,
     overwrite: OverwriteOpt = False,
@@ -108,7 +110,7 @@ def finetune(
     evaluate = {"data": lm_text or "default", "num_windows": eval_windows}
     pipeline = Pipeline.from_flags(
         method, stage_fields(method, flags), set_, model=model, device=device, seed=seed, out=str(out), overwrite=overwrite,
-        load_in=load_in, merge=merge, trust_remote_code=trust_remote_code, text_column=text_column, evaluate=evaluate,
+        load_in=load_in, merge=merge, dtype=dtype, trust_remote_code=trust_remote_code, text_column=text_column, evaluate=evaluate,
     )  # fmt: skip
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]

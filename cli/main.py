@@ -16,7 +16,7 @@ from typing import Annotated
 import click
 import typer
 
-from . import analyze, compress, eval, finetune, generate, methods, run
+from . import analyze, compress, eval, export, finetune, generate, methods, run
 from .common import report_failure
 from .failures import DEBUG_ENV
 
@@ -33,6 +33,7 @@ app.command("eval", short_help="held-out perplexity of a causal LM")(eval.eval_c
 app.command("run", short_help="run a YAML recipe (stages, evaluation, quality gates)")(run.run)
 app.command("methods", short_help="list methods, or one method's fields and defaults")(methods.methods)
 app.command("generate", short_help="continue a prompt, to eyeball a model")(generate.generate)
+app.command("export", short_help="write a checkpoint in a standard format (compressed-tensors)")(export.export)
 
 
 def _print_version(value: bool) -> None:

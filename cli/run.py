@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import OutOpt, OverwriteOpt, QuietOpt, SetOpt, console, handle_errors, print_metrics, print_outcome
+from .common import DtypeOpt, OutOpt, OverwriteOpt, QuietOpt, SetOpt, console, handle_errors, print_metrics, print_outcome
 
 
 @handle_errors
@@ -15,6 +15,7 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="YAML recipe (see recipes/)", show_default=False)],
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
+    dtype: DtypeOpt = None,
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", show_default=False,
                                           help="validate the recipe and print it resolved; load no model")] = False,
@@ -30,6 +31,8 @@ def run(
         overrides.append(f"out={out}")
     if overwrite:
         overrides.append("overwrite=true")
+    if dtype is not None:
+        overrides.append(f"dtype={dtype}")
     pipeline = Pipeline.from_file(recipe, overrides)
     if dry_run:
         import yaml

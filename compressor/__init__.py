@@ -15,7 +15,13 @@ from __future__ import annotations
 
 import importlib
 
+from . import ckpt_format as _ckpt_format
+
 __version__ = "0.1.0"
+
+# transformers' from_pretrained reads compressed checkpoints once compressor is imported. Cheaply:
+# an import hook registers the quantizer when transformers loads its quantizer table (ckpt_format).
+_ckpt_format.install()
 
 # public name -> the module that defines it
 _PUBLIC = {

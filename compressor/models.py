@@ -1,8 +1,10 @@
 """Load models from every place a user names them, and save checkpoints atomically.
 
 MODEL may be: nothing (the embedded stories260K), a local HF folder, a compressor checkpoint
-(a folder with compression.json), a .gguf file or a folder holding one, or a Hugging Face id
-(online, or offline from the local HF cache). Remote code runs only with trust_remote_code=True.
+(a HF folder whose config.json carries `quantization_config.quant_method: compressor`, loaded by
+transformers through compressor's quantizer; or an older folder with compression.json), a .gguf
+file or a folder holding one, or a Hugging Face id (online, or offline from the local HF cache).
+Remote code runs only with trust_remote_code=True.
 """
 
 from __future__ import annotations
@@ -20,15 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .dtypes import DTYPES, declared_dtype, dtype_name, gguf_dtype, parse_dtype  # noqa: F401  (re-exported)
 from .errors import ConfigError, ModelError
 from .offload import offload_kwargs
 from .outdir import staged_output
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
-MANIFEST = "compression.json"
+MANIFEST = "compression.json"  # format version 1; version 2 keeps the layer table in config.json
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -38,14 +39,7 @@ class LoadedModel:
     source: str
     causal: bool
     manifest: dict[str, Any] | None = None
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ConfigError(f"`dtype` must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+    source_dtype: torch.dtype = torch.float32  # what the source declares (checkpoints default to it)
 
 
 def default_tokenizer():
@@ -154,10 +148,19 @@ def _load_hf(where: str | Path, kwargs: dict[str, Any], source: str) -> LoadedMo
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
         model = _auto_class(config).from_pretrained(where, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
+        tokenizer = None
+        if not _local_without_tokenizer(where):
+            tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
     except (OSError, ValueError) as err:
         raise ModelError(_hub_hint(source, err)) from None
-    return LoadedModel(model, tokenizer, source, is_causal_config(config))
+    return LoadedModel(model, tokenizer, source, is_causal_config(config), source_dtype=declared_dtype(config))
+
+
+def _local_without_tokenizer(where: str | Path) -> bool:
+    """A local folder with no tokenizer file (e.g. a checkpoint saved without one): load it bare."""
+    path = Path(where)
+    names = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+    return path.is_dir() and not any((path / n).exists() for n in names)
 
 
 def _hub_hint(source: str, err: Exception) -> str:
@@ -180,7 +183,7 @@ def _load_gguf(folder: Path, filename: str, kwargs: dict[str, Any], source: str)
         raise ModelError(f"could not read GGUF `{folder / filename}`: {str(err).splitlines()[0][:200]}") from None
     # GGUF weights are dequantized to float on load; drop the marker so save_pretrained works.
     _strip_quantization(model)
-    return LoadedModel(model, tokenizer, source, True)
+    return LoadedModel(model, tokenizer, source, True, source_dtype=gguf_dtype(folder / filename))
 
 
 def _strip_quantization(model: nn.Module) -> None:
@@ -245,7 +248,7 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
     _check_missing(model, result.missing_keys, result.unexpected_keys, folder)
     model.to(kwargs.get("dtype", torch.float32))
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    return LoadedModel(model, tokenizer, str(folder), is_causal_config(config), manifest)
+    return LoadedModel(model, tokenizer, str(folder), is_causal_config(config), manifest, declared_dtype(config))
 
 
 def _check_missing(model: nn.Module, missing: list[str], unexpected: list[str], folder: Path) -> None:
@@ -262,31 +265,84 @@ def _check_missing(model: nn.Module, missing: list[str], unexpected: list[str], 
                          f"(missing {missing[:4]}, unexpected {unexpected[:4]}); re-create it with this version")
 
 
-def save_checkpoint(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, Any] | None = None) -> None:
-    """Write config.json + model.safetensors (+ compression.json + tokenizer) into `folder`."""
-    from .layers import layer_manifest
+def save_checkpoint(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, Any] | None = None,
+                    dtype: torch.dtype | None = None) -> None:
+    """Write config.json + model.safetensors (+ tokenizer) into `folder`, floats in `dtype`.
+
+    With compressed layers, config.json carries the layer table as `quantization_config`
+    (compressor.ckpt_format) and each layer without a dense weight gets an empty placeholder.
+    `manifest`: run metadata stored beside the layer table. The in-memory model is not changed.
+    """
+    from .ckpt_format import placeholder_names, quantization_config
+    from .layers import compressed_layers, layer_manifest
 
     folder.mkdir(parents=True, exist_ok=True)
     _strip_quantization(model)
-    layers = layer_manifest(model)
+    layers = compressed_layers(model)
+    dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    state = cast_state_dict(model, dtype)
+    state.update({key: torch.zeros(0, dtype=dtype) for key in placeholder_names(layers)})
     with _quiet_transformers():
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
-    if layers or manifest:
-        payload = {"format": "compressor", "version": 1, "base_class": type(model).__name__,
-                   **(manifest or {}), "layers": layers}
-        (folder / MANIFEST).write_text(json.dumps(payload, indent=2))
+    config = json.loads((folder / "config.json").read_text())
+    config["dtype"] = dtype_name(dtype)
+    if layers:
+        metadata = {"base_class": type(model).__name__, **(manifest or {})}
+        config["quantization_config"] = quantization_config(layer_manifest(model), metadata)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def cast_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict with floating tensors in `dtype`; tensors shared in memory (tied embeddings)
+    stay shared, so save_pretrained still writes them once. Integer buffers keep their dtype."""
+    cast: dict[tuple, torch.Tensor] = {}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            state[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in cast:
+            cast[key] = tensor.detach().to(dtype)
+        state[name] = cast[key]
+    return state
+
+
+def cast_safetensors_file(path: Path, dtype: torch.dtype) -> None:
+    """Rewrite a .safetensors file (an adapter) with its floating tensors in `dtype`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in list(f.keys())}
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """A checkpoint's layer table + metadata: config.json's quantization_config (format 2) or
+    compression.json (format 1); None for a plain model folder."""
+    from .ckpt_format import is_compressed_config
+
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        return json.loads((folder / MANIFEST).read_text())
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    return config["quantization_config"] if is_compressed_config(config) else None
 
 
 def save(model: nn.Module, folder: str | os.PathLike, tokenizer=None, manifest: dict[str, Any] | None = None,
-         *, overwrite: bool = False) -> Path:
-    """Public API: save a (compressed) model atomically; reload with compressor.load(folder).
+         *, overwrite: bool = False, dtype: str | torch.dtype | None = None) -> Path:
+    """Public API: save a (compressed) model atomically; reload with compressor.load(folder) or, once
+    compressor is imported, transformers' from_pretrained(folder). `dtype` None = the model's own.
     `folder` follows the output-folder contract of compressor.outdir (`overwrite` replaces a
     folder this function or the CLI wrote before)."""
     folder = Path(folder)
     with staged_output(folder, overwrite=overwrite, command="save") as tmp:
-        save_checkpoint(model, tokenizer, tmp, manifest)
+        save_checkpoint(model, tokenizer, tmp, manifest, parse_dtype(dtype) if dtype is not None else None)
     return folder
 
 

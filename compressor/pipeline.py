@@ -20,8 +20,16 @@ import yaml
 from . import evaluation
 from .config import MethodConfig
 from .context import Context, resolve_device
+from .dtypes import AUTO, output_dtype
 from .errors import ConfigError, GateError, ModelError
-from .models import LoadedModel, load_model, save_checkpoint
+from .export import check_stages, export_beside
+from .models import (
+    DEFAULT_MODEL_DIR,
+    LoadedModel,
+    cast_safetensors_file,
+    load_model,
+    save_checkpoint,
+)
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors, parse_max_memory
 from .outdir import claim_output, remove_if_ours, resolved
 from .preflight import (
@@ -36,6 +44,7 @@ from .recipe import apply_overrides, load_recipe, validate_top_level
 from .registry import get_method
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
+from .report.size import folder_bytes, model_size, size_summary, weight_file_bytes
 
 DEFAULT_EVALUATE = evaluation.PROTOCOL
 
@@ -56,7 +65,7 @@ class Pipeline:
     model: str | None = None
     seed: int = 0
     device: str = "auto"
-    dtype: str = "float32"
+    dtype: str = AUTO  # the written checkpoint's; the run itself computes in float32
     trust_remote_code: bool = False
     load_in: str | None = None
     max_memory: str | dict | None = None
@@ -64,6 +73,7 @@ class Pipeline:
     out: Path | None = None
     overwrite: bool = False
     merge: bool = False
+    export: str | None = None  # a standard format also written into <out>/<format> (compressor.export)
     text_column: str | None = None
     evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
     gates: dict[str, float] = field(default_factory=dict)
@@ -75,15 +85,17 @@ class Pipeline:
         recipe = copy.deepcopy(recipe)
         validate_top_level(recipe)
         stages = [parse_stage(i, spec) for i, spec in enumerate(recipe["stages"])]
+        if recipe.get("export") is not None:
+            check_stages(recipe["export"], [(s.name, s.config.to_dict()) for s in stages])
         evaluate = recipe.get("evaluate", True)
         evaluate = None if evaluate is False else {**DEFAULT_EVALUATE, **(evaluate if isinstance(evaluate, dict) else {})}
         out = recipe.get("out")
         return cls(stages=stages, model=recipe.get("model"), seed=recipe.get("seed", 0),
-                   device=recipe.get("device", "auto"), dtype=recipe.get("dtype", "float32"),
+                   device=recipe.get("device", "auto"), dtype=recipe.get("dtype", AUTO),
                    trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
                    max_memory=recipe.get("max_memory"), offload_folder=recipe.get("offload_folder"),
                    out=Path(out) if out else None, overwrite=recipe.get("overwrite", False),
-                   merge=recipe.get("merge", False), evaluate=evaluate, text_column=recipe.get("text_column"),
+                   merge=recipe.get("merge", False), export=recipe.get("export"), evaluate=evaluate, text_column=recipe.get("text_column"),
                    gates=recipe.get("gates") or {})
 
     @classmethod
@@ -103,7 +115,7 @@ class Pipeline:
         return {
             "model": self.model, "seed": self.seed, "device": self.device, "dtype": self.dtype,
             "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "max_memory": self.max_memory,
-            "offload_folder": self.offload_folder, "merge": self.merge, "text_column": self.text_column,
+            "offload_folder": self.offload_folder, "merge": self.merge, "export": self.export, "text_column": self.text_column,
             "evaluate": self.evaluate if self.evaluate is not None else False, "gates": self.gates,
             "stages": [{"method": s.name, **s.config.to_dict()} for s in self.stages],
         }
@@ -117,13 +129,15 @@ class Pipeline:
             torch.manual_seed(self.seed)
             started = time.perf_counter()
             device = resolve_device(self.device)
-            loaded = loaded or load_model(self.model, device=device, dtype=self.dtype,
+            loaded = loaded or load_model(self.model, device=device, dtype="float32",
                                           trust_remote_code=self.trust_remote_code, load_in=self.load_in,
                                           max_memory=self.max_memory, offload_folder=self.offload_folder)
             check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
             check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
             report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
                                  "model_class": type(loaded.model).__name__})
+            report.size = {"before": {**model_size(loaded.model, loaded.source_dtype),
+                                      "disk_bytes": _source_disk_bytes(loaded.source)}}
             if claim is None:
                 # Under torchrun / accelerate launch only rank 0 writes `out`; the other ranks stage
                 # into a scratch folder (training checkpoints need one) that is deleted afterwards.
@@ -213,13 +227,27 @@ class Pipeline:
         return embeddings
 
     def _write(self, loaded: LoadedModel, report: Report, tmp: Path) -> None:
-        if any(r.modified_model for r in report.stages):
+        dtype = output_dtype(self.dtype, loaded.source_dtype)
+        adapters = [Path(r.artifacts["adapter"]) for r in report.stages
+                    if str(r.artifacts.get("adapter", "")).endswith(".safetensors")]
+        for adapter in adapters:  # adapters kept separate follow the checkpoint dtype too
+            cast_safetensors_file(adapter, dtype)
+        # An adapter kept separate leaves the model unmodified; top-level `merge` folds it in.
+        merged_adapter = self.merge and any(r.kind == "finetune" for r in report.stages)
+        if merged_adapter or any(r.modified_model for r in report.stages):
             gather_to_cpu(loaded.model)  # an offloaded model is written from CPU, whole
             if self.merge:
                 from .layers import merge_compressed
 
                 merge_compressed(loaded.model)
-            save_checkpoint(loaded.model, loaded.tokenizer, tmp, _manifest(self, report))
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp, _manifest(self, report), dtype)
+            after = {**model_size(loaded.model, dtype), "disk_bytes": weight_file_bytes(tmp)}
+            report.size = size_summary(report.size["before"], after, dtype)
+            if self.export is not None:
+                export_beside(tmp, self.export)
+        elif adapters:  # adapter-only output: its files are what the run adds on disk
+            after = {"disk_bytes": sum(folder_bytes(a.parent) for a in adapters)}
+            report.size = size_summary(report.size["before"], after, dtype)
         (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(self.to_recipe(), sort_keys=False))
         write_report(report, tmp)
 
@@ -232,6 +260,11 @@ class Pipeline:
         if missed:
             raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
                                       for g in missed) + " (outputs were written; loosen the gate or change the recipe)")
+
+
+def _source_disk_bytes(source: str) -> int | None:
+    """Bytes of the source's weight files when it is a local path (None for a Hub id)."""
+    return weight_file_bytes(DEFAULT_MODEL_DIR if source == "default" else source)
 
 
 def result_problems(loaded: LoadedModel, report: Report) -> list[str]:

@@ -10,6 +10,8 @@ import re
 import yaml
 
 from .config import did_you_mean
+from .dtypes import check_output_dtype
+from .export import check_format
 from .errors import ConfigError
 from .offload import parse_max_memory
 from .preflight import check_int
@@ -18,7 +20,7 @@ TOP_LEVEL_KEYS = {
     "model": "model id, folder or .gguf (default: the embedded stories260K)",
     "seed": "integer seed for data sampling and training",
     "device": "auto (default: CUDA when available, else CPU), cpu, cuda, cuda:0, ...",
-    "dtype": "float32, bfloat16 or float16",
+    "dtype": "the written checkpoint's dtype: auto (the source model's, default), float32, bfloat16 or float16",
     "trust_remote_code": "run a Hub model's custom code (off by default)",
     "load_in": "4bit or 8bit bitsandbytes loading of the frozen base",
     "max_memory": "accelerate offload: per-device budget, e.g. `0=20GiB,cpu=60GiB` (low-rank methods)",
@@ -27,6 +29,7 @@ TOP_LEVEL_KEYS = {
     "overwrite": "replace `out` when it holds an earlier result of this tool (other folders are refused)",
     "merge": "write dense nn.Linear weights instead of factored layers",
     "text_column": "column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet, datasets)",
+    "export": "also write the checkpoint in a standard format into <out>/<format>: compressed-tensors (2:4 prune)",
     "evaluate": "{data, seq_len, num_windows, batch_size} or false",
     "gates": "{max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed",
     "stages": "ordered list of {method: NAME, **fields}",
@@ -198,5 +201,9 @@ def validate_top_level(recipe: dict[str, Any]) -> None:
         raise ConfigError(f"recipe: `text_column` must be a column name, got {recipe['text_column']!r}")
     if recipe.get("offload_folder") is not None and not isinstance(recipe["offload_folder"], str):
         raise ConfigError(f"recipe: `offload_folder` must be a folder path, got {recipe['offload_folder']!r}")
+    if "dtype" in recipe:
+        check_output_dtype(recipe["dtype"])
+    if recipe.get("export") is not None:
+        check_format(recipe["export"])
     if recipe.get("max_memory") is not None:
         parse_max_memory(recipe["max_memory"])  # raises with the expected format

@@ -9,37 +9,12 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from .errors import ConfigError
+from .layers.base import is_linear, linear_shape, linear_weight, replace_module  # noqa: F401  (re-exported)
 
 EXCLUDED_BY_DEFAULT = ("lm_head", "embed_out", "output_projection")
-
-
-def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, HF's GPT-2 style Conv1D, and compressor's own factored layers."""
-    from .layers import CompressedLinear
-
-    return isinstance(module, (nn.Linear, CompressedLinear)) or type(module).__name__ == "Conv1D"
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """(out_features, in_features) of a linear-like module."""
-    if type(module).__name__ == "Conv1D":
-        return module.weight.shape[1], module.weight.shape[0]
-    return module.out_features, module.in_features
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """W as (out, in) for nn.Linear, Conv1D (stored transposed) and compressed layers."""
-    from .layers import CompressedLinear
-
-    if isinstance(module, CompressedLinear):
-        return module.dense_weight()
-    if type(module).__name__ == "Conv1D":
-        return module.weight.t()
-    return module.weight
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -91,15 +66,6 @@ def example_names(model: nn.Module, limit: int = 8) -> list[str]:
     names = list(find_linears(model))
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     return names[:limit] + ([f"(leaf names: {', '.join(leaves)})"] if leaves else [])
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Swap the submodule at dotted path `name` for `new`; returns the old module."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
 
 
 def layer_type(name: str) -> str:

@@ -161,3 +161,17 @@ def expand_nm_indices(indices: Tensor, n: int, m: int, slots: int) -> Tensor:
     shifts = torch.arange(per_byte, device=indices.device, dtype=torch.int32) * bits
     unpacked = (indices.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return unpacked.reshape(*indices.shape[:-1], -1)[..., :slots].to(torch.uint8)
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """bool (rows, cols) -> uint8 (rows, ceil(cols / 8)): bit j of byte b is column 8b + j
+    (numpy.packbits(..., bitorder="little"), the layout of compressed-tensors' bitmasks)."""
+    padded = torch.nn.functional.pad(mask.to(torch.uint8), (0, (-mask.shape[-1]) % 8))
+    bits = padded.reshape(*mask.shape[:-1], -1, 8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, cols: int) -> Tensor:
+    """Inverse of `pack_bits`: uint8 (rows, ceil(cols / 8)) -> bool (rows, cols)."""
+    bits = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :cols].bool()

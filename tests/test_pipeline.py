@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -6,7 +5,7 @@ import yaml
 
 from compressor.errors import ConfigError, GateError
 from compressor.layers import LowRankLinear
-from compressor.models import LoadedModel, load, save
+from compressor.models import LoadedModel, load, read_manifest, save
 from compressor.pipeline import Pipeline, evaluate_gates
 from compressor.recipe import apply_overrides
 from compressor.targeting import replace_module
@@ -70,7 +69,7 @@ def test_compressed_checkpoint_round_trip(tmp_path, tokenizer):
     ids = example_input_ids()
     expected = model(ids).logits
     save(model, tmp_path / "ckpt", tokenizer)
-    manifest = json.loads((tmp_path / "ckpt" / "compression.json").read_text())
+    manifest = read_manifest(tmp_path / "ckpt")
     assert manifest["layers"][name] == {"type": "low_rank", "args": {"in_features": 32, "out_features": 64,
                                                                      "rank": 8, "bias": False}}
     reloaded = load(tmp_path / "ckpt")

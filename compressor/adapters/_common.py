@@ -8,14 +8,14 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..layers import CompressedLinear
+from ..layers.base import base_weight, frozen_zeros, is_quantized  # noqa: F401  (re-exported)
 from ..report.records import StageResult
-from ..targeting import linear_weight, select_linears
+from ..targeting import select_linears
 from ..training.config import TrainConfig
 from ..training.data import HEAD_NAME
 
@@ -43,12 +43,6 @@ def refuse_compressed(method: str, modules: dict[str, nn.Module]) -> None:
         )
 
 
-def is_quantized(module: nn.Module) -> bool:
-    """True for bitsandbytes Linear4bit / Linear8bitLt (a base loaded with `load_in`)."""
-    weight = getattr(module, "weight", None)
-    return hasattr(weight, "quant_state") or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
-
-
 def refuse_quantized(method: str, modules: dict[str, nn.Module], why: str) -> None:
     """ConfigError naming the quantized layers when a method needs a full-precision base."""
     quantized = [n for n, m in modules.items() if is_quantized(m)]
@@ -57,21 +51,6 @@ def refuse_quantized(method: str, modules: dict[str, nn.Module], why: str) -> No
             f"{method}: {len(quantized)} target layer(s) are bitsandbytes-quantized "
             f"(e.g. {quantized[0]}), but {why}; drop `load_in` from the recipe"
         )
-
-
-def base_weight(module: nn.Module) -> Tensor:
-    """W (out, in) of a base linear as float, dequantizing bitsandbytes weights."""
-    weight = getattr(module, "weight", None)
-    state = getattr(module, "state", None)
-    if hasattr(weight, "quant_state"):
-        import bitsandbytes as bnb
-
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    if getattr(state, "CB", None) is not None and getattr(state, "SCB", None) is not None:
-        import bitsandbytes as bnb
-
-        return bnb.functional.int8_vectorwise_dequant(state.CB, state.SCB).float()
-    return linear_weight(module).detach().float()
 
 
 # -- training settings -------------------------------------------------------------------------
@@ -106,6 +85,19 @@ def adapter_folder(ctx) -> Path | None:
     return Path(out) / ADAPTER_DIR if out is not None else None
 
 
+def base_model_reference(ctx) -> str:
+    """What an adapter's `base_model_name_or_path` records: the model the user passed (a Hub id
+    as typed, a local path made absolute so it resolves from any folder). The embedded default
+    has no Hub id; its folder inside the installed package is the one name that resolves."""
+    from ..models import DEFAULT_MODEL_DIR
+
+    source = str(getattr(ctx, "model_source", None) or "default")
+    if source == "default":
+        return str(DEFAULT_MODEL_DIR)
+    path = Path(source).expanduser()
+    return str(path.absolute()) if path.exists() else source
+
+
 def write_adapter(
     folder: Path, tensors: dict[str, Tensor], config: dict[str, Any], filename: str
 ) -> dict[str, str]:
@@ -118,9 +110,15 @@ def write_adapter(
             "adapter_config": str(folder / "adapter_config.json")}
 
 
-def frozen_zeros(*shape: int, dtype=None, device=None) -> nn.Parameter:
-    """A frozen parameter of zeros: the base weight or bias slot of an adapter layer."""
-    return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device), requires_grad=False)
+def read_adapter(folder: Path, filename: str, method: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(adapter_config.json, tensors) of an adapter folder `write_adapter` wrote; ModelError if not."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / filename))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"`{folder}` is not a {method.upper()} adapter folder ({err}); pass the `adapter` "
+                         f"folder a {method} run wrote") from None
+    return config, tensors
 
 
 def count_params(params: dict[str, nn.Parameter]) -> int:
@@ -165,12 +163,17 @@ def finish(
     artifacts: dict[str, str] | None = None,
     notes: list[str] = (),
     curves: dict | None = None,
+    modified_model: bool = True,
 ) -> StageResult:
-    """The StageResult of an adapter stage: the training run's metrics and curves plus its own."""
+    """The StageResult of an adapter stage: the training run's metrics and curves plus its own.
+
+    `modified_model=False` for an adapter kept separate: the run then writes the adapter folder
+    alone, never a model folder that would pass for the base model."""
     return StageResult(
         metrics={**train.metrics(), **(metrics or {})},
         per_module=with_layer_type(list(per_module)),
         notes=list(notes),
         curves=plottable_curves(train.curves() if curves is None else curves),
         artifacts=dict(artifacts or {}),
+        modified_model=modified_model,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..layers.dsee import sparse_dense  # noqa: F401  (re-exported)
 from ..methods.prune import unstructured_mask
 
 
@@ -58,12 +59,6 @@ def random_support(shape: tuple[int, int], num: int, seed: int) -> tuple[Tensor,
     order = torch.randperm(shape[0] * shape[1], generator=torch.Generator().manual_seed(seed))
     chosen = order[:num].sort().values
     return chosen // shape[1], chosen % shape[1]
-
-
-def sparse_dense(rows: Tensor, cols: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
-    """S₂ (out, in) from COO; duplicate coordinates add (the kernels' convention)."""
-    dense = torch.zeros(shape, dtype=values.dtype, device=values.device)
-    return dense.index_put((rows, cols), values, accumulate=True)
 
 
 def global_magnitude_masks(scores: dict[str, Tensor], ratio: float) -> dict[str, Tensor]:

@@ -13,37 +13,44 @@ Two sparsities:
    score (the update stays unmerged), and LoRA + S₂ are re-tuned for `retune_steps` on the
    pruned backbone. FLOPs are counted on non-zero weights (what a sparse kernel executes).
 
-Pruning reuses the `prune` method's mask functions (compressor.methods.prune).
+Pruning reuses the `prune` method's mask functions (compressor.methods.prune). Unmerged, the run
+writes DSEE's own adapter folder (`<out>/adapter`: A, B, S₂ and Ω per adapted linear, a bit-packed
+keep-mask per pruned linear; `load_dsee_adapter(base, folder)` applies it to the untouched base)
+and no model folder; `merge: true` writes the merged (dense) model instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import CompressedLinear, register_layer
+from ..kernels.packing import pack_bits, unpack_bits
+from ..layers import DseeLinear
 from ..methods.prune import magnitude_scores, prune_mask
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import linear_shape, linear_weight, replace_module
 from ..training import TrainConfig, TrainResult, fit
 from ._common import (
+    adapter_folder,
     adapter_targets,
+    base_model_reference,
     count_params,
     finish,
-    frozen_zeros,
     layer_seed,
     param_metrics,
+    read_adapter,
     refuse_compressed,
     refuse_quantized,
     run_seed,
     with_default_lr,
+    write_adapter,
 )
 from ._dsee_math import (  # noqa: F401  (re-exported: the pure maths of this method)
     global_magnitude_masks,
@@ -58,6 +65,7 @@ from ._dsee_math import (  # noqa: F401  (re-exported: the pure maths of this me
 DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")  # Llama/Mistral/Qwen and BERT names
 FLOPS_NOTE = ("FLOPs count non-zero weights: the saving needs a sparse kernel (N:M patterns have "
               "one; unstructured zeros run dense otherwise)")
+ADAPTER_FILE = "dsee_adapter.safetensors"
 POSITIVE_INTS = ("rank", "num_sparse", "grebsmo_iterations", "grebsmo_inner", "grebsmo_rank_step")
 
 
@@ -134,85 +142,6 @@ def _valid_prune(prune: str) -> bool:
         return True
     parts = prune.split(":")
     return len(parts) == 2 and all(p.isdigit() for p in parts) and 0 < int(parts[0]) < int(parts[1])
-
-
-# -- the layer ---------------------------------------------------------------------------------
-
-
-@register_layer
-class DseeLinear(CompressedLinear):
-    """y = x W₀ᵀ + b + (α/r)·[(x Aᵀ) Bᵀ + x S₂ᵀ], S₂ = N values on Ω (two int64 buffers).
-
-    W₀ is frozen (and holds the pruning zeros); A (r, in), B (out, r) and the N values train.
-    The forward is `compressor.kernels.dsee_linear` (fused Triton on CUDA, torch elsewhere).
-    """
-
-    layer_type = "dsee"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-                 num_sparse: int, bias: bool = False, dtype: torch.dtype | None = None,
-                 device=None) -> None:  # fmt: skip
-        super().__init__(in_features, out_features)
-        self.rank, self.alpha, self.num_sparse = rank, float(alpha), num_sparse
-        kw = {"dtype": dtype, "device": device}
-        self.weight = frozen_zeros(out_features, in_features, **kw)
-        self.bias = frozen_zeros(out_features, **kw) if bias else None
-        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))
-        self.delta_values = nn.Parameter(torch.zeros(num_sparse, **kw))
-        index = torch.zeros(num_sparse, dtype=torch.int64, device=device)
-        self.register_buffer("delta_rows", index)
-        self.register_buffer("delta_cols", index.clone())
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @classmethod
-    def from_linear(cls, module: nn.Module, support: tuple[Tensor, Tensor], *, rank: int,
-                    alpha: float, seed: int) -> DseeLinear:
-        """Wrap a linear: W₀ copied, A Kaiming-uniform (seeded), B = 0, S₂ = 0 on `support`."""
-        out_f, in_f = linear_shape(module)
-        bias, weight = getattr(module, "bias", None), linear_weight(module)
-        layer = cls(in_f, out_f, rank, alpha, len(support[0]), bias is not None, weight.dtype,
-                    weight.device)
-        bound = 1.0 / in_f**0.5  # nn.Linear's kaiming_uniform_(a=√5), as peft initialises lora_A
-        lora_a = torch.empty(rank, in_f).uniform_(-bound, bound,
-                                                  generator=torch.Generator().manual_seed(seed))
-        with torch.no_grad():
-            layer.weight.copy_(weight)
-            if bias is not None:
-                layer.bias.copy_(bias)
-            layer.lora_a.copy_(lora_a)
-            layer.delta_rows.copy_(support[0])
-            layer.delta_cols.copy_(support[1])
-        return layer
-
-    def init_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "alpha": self.alpha, "num_sparse": self.num_sparse,
-                "bias": self.bias is not None}
-
-    def sparse_delta(self) -> Tensor:
-        """S₂ (out, in), unscaled."""
-        shape = (self.out_features, self.in_features)
-        return sparse_dense(self.delta_rows, self.delta_cols, self.delta_values, shape)
-
-    def delta_weight(self) -> Tensor:
-        return self.scaling * (self.lora_b @ self.lora_a + self.sparse_delta())
-
-    def dense_weight(self) -> Tensor:
-        return self.weight + self.delta_weight()
-
-    def forward(self, x: Tensor) -> Tensor:
-        # The kernel adds x S₂ᵀ unscaled; DSEE scales the whole update (B A + S₂) by α/r.
-        return kernels.dsee_linear(x, self.weight, self.lora_a, self.lora_b, self.scaling,
-                                   self.delta_rows, self.delta_cols,
-                                   self.scaling * self.delta_values, self.bias)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, num_sparse={self.num_sparse}")
 
 
 # -- wiring ------------------------------------------------------------------------------------
@@ -297,9 +226,10 @@ def flop_rows(model: nn.Module, names: list[str]) -> list[dict[str, Any]]:
 
 
 def prune_and_retune(model: nn.Module, params: dict[str, nn.Parameter], config: DseeConfig,
-                     ctx: Context) -> tuple[list[str], TrainResult | None]:
-    """Prune the backbone, then re-tune LoRA + S₂ for `retune_steps` (None when 0 steps)."""
-    pruned = list(prune_backbone(model, config))
+                     ctx: Context) -> tuple[dict[str, Tensor], TrainResult | None]:
+    """Prune the backbone, then re-tune LoRA + S₂ for `retune_steps` (None when 0 steps).
+    Returns the keep-masks of the pruned linears and the re-tuning run."""
+    pruned = prune_backbone(model, config)
     steps = config.steps if config.retune_steps is None else config.retune_steps
     if not steps:
         return pruned, None
@@ -314,13 +244,17 @@ def apply(model: nn.Module, config: DseeConfig, ctx: Context) -> StageResult:
     layers = install_dsee(model, config, ctx, run_seed(config, ctx))
     params = dsee_params(layers)
     first = fit(model, params, config, ctx, method="dsee")
-    pruned, retune = [], None
+    pruned, retune = {}, None
     if config.prune != "none":
         pruned, retune = prune_and_retune(model, params, config, ctx)
     last, metrics, curves = retune or first, {}, first.curves()
     if retune is not None:
         metrics.update({f"retune_{k}": v for k, v in retune.metrics().items()})
         curves.update({f"retune_{k}": v for k, v in retune.curves().items()})
+    folder = adapter_folder(ctx)
+    artifacts = {}
+    if folder is not None and not config.merge:
+        artifacts = save_dsee_adapter(layers, pruned, folder, base_model_reference(ctx))
     if config.merge:  # ΔW fills the zeros: the FLOP rows below then show the dense cost
         for name, layer in layers.items():
             replace_module(model, name, layer.to_linear())
@@ -331,4 +265,50 @@ def apply(model: nn.Module, config: DseeConfig, ctx: Context) -> StageResult:
                     "pruned_layers": len(pruned), "flops_per_token_dense": dense,
                     "flops_per_token_dsee": now, "flops_saved_fraction": 1 - now / max(dense, 1),
                     "merged": config.merge})  # fmt: skip
-    return finish(first, metrics=metrics, per_module=rows, notes=[FLOPS_NOTE], curves=curves)
+    return finish(first, metrics=metrics, per_module=rows, notes=[FLOPS_NOTE], curves=curves,
+                  artifacts=artifacts, modified_model=config.merge)
+
+
+# -- the adapter folder ------------------------------------------------------------------------
+
+
+def save_dsee_adapter(layers: dict[str, DseeLinear], masks: dict[str, Tensor], folder: Path,
+                      base: str | None = None) -> dict[str, str]:
+    """DSEE's own adapter format, applied to the untouched base model by `load_dsee_adapter`:
+    per adapted linear A, B, S₂'s values and its support Ω; per pruned linear its keep-mask,
+    bit-packed (8 weights a byte, little-endian along in_features)."""
+    tensors: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        for key in ("lora_a", "lora_b", "delta_values", "delta_rows", "delta_cols"):
+            tensors[f"{name}.{key}"] = getattr(layer, key)
+    for name, mask in masks.items():
+        tensors[f"{name}.keep_mask"] = pack_bits(mask)
+    first = next(iter(layers.values()))
+    config = {"method": "dsee", "format_version": 1, "rank": first.rank, "alpha": first.alpha,
+              "target_modules": sorted(layers), "pruned_modules": sorted(masks),
+              "base_model_name_or_path": base,
+              "keep_mask": "uint8 bits, bit j of byte b = column 8b + j; pruned modules are masked "
+                           "before the adapters are installed"}  # fmt: skip
+    return write_adapter(folder, tensors, config, ADAPTER_FILE)
+
+
+def load_dsee_adapter(model: nn.Module, folder: str | Path) -> dict[str, DseeLinear]:
+    """Apply a saved DSEE adapter to a fresh copy of its base model (in place): mask the pruned
+    linears, then install the DseeLinear layers (their W₀ is the masked weight)."""
+    config, tensors = read_adapter(Path(folder), ADAPTER_FILE, "dsee")
+    with torch.no_grad():
+        for name in config["pruned_modules"]:
+            weight = linear_weight(model.get_submodule(name))
+            weight.mul_(unpack_bits(tensors[f"{name}.keep_mask"], weight.shape[1]).to(weight.dtype))
+    layers = {}
+    for name in config["target_modules"]:
+        support = (tensors[f"{name}.delta_rows"], tensors[f"{name}.delta_cols"])
+        layer = DseeLinear.from_linear(model.get_submodule(name), support, rank=config["rank"],
+                                       alpha=config["alpha"], seed=0)
+        with torch.no_grad():
+            for key in ("lora_a", "lora_b", "delta_values"):
+                getattr(layer, key).copy_(tensors[f"{name}.{key}"])
+        replace_module(model, name, layer)
+        layers[name] = layer
+    return layers
+

@@ -3,36 +3,38 @@ A (r, in) Kaiming-uniform and B (out, r) zero, so the model is unchanged at step
 
 peft injects and trains the adapter; the stage then writes it in peft's own format
 (`<out>/adapter/adapter_model.safetensors` + `adapter_config.json`, loadable with
-`peft.PeftModel.from_pretrained(base, folder)`). Afterwards the model holds either plain merged
-nn.Linear layers (`merge: true`, peft's merge_and_unload) or `LoraLinear` layers: a compressor
-layer (forward = `compressor.kernels.lora_linear`) that `compressor.load` restores and the
-pipeline's `merge` folds. A base loaded in 4/8 bit (`load_in`) keeps peft's layers instead.
+`peft.PeftModel.from_pretrained(base, folder)` as is: `base_model_name_or_path` is the model the
+user passed, `task_type` is set). Unmerged, that folder is the run's only model output: no model
+folder that would pass for the base is written. Afterwards the in-memory model holds either plain
+merged nn.Linear layers (`merge: true`, peft's merge_and_unload; the run then writes the merged
+model) or `LoraLinear` layers (forward = `compressor.kernels.lora_linear`), which the pipeline's
+top-level `merge` folds. A base loaded in 4/8 bit (`load_in`) keeps peft's layers instead.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import peft
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .. import kernels
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import CompressedLinear, register_layer
+from ..layers import LoraLinear
+from ..models import is_causal_config
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import linear_weight, replace_module
+from ..targeting import replace_module
 from ..training import TrainConfig, fit
 from ._common import (
     adapter_folder,
     adapter_targets,
+    base_model_reference,
     count_params,
     finish,
-    frozen_zeros,
     is_quantized,
     param_metrics,
     refuse_compressed,
@@ -72,57 +74,6 @@ def check_lora_fields(method: str, rank: int, alpha: float, dropout: float,
         raise ConfigError(f"{method}: `{prefix}dropout` must be in [0, 1), got {dropout}")
 
 
-# -- the inference layer -----------------------------------------------------------------------
-
-
-@register_layer
-class LoraLinear(CompressedLinear):
-    """y = x Wᵀ + b + scaling · (x Aᵀ) Bᵀ, W frozen, A (r, in), B (out, r): the form a trained
-    peft LoRA is kept in, so checkpoints reload with `compressor.load` and merge with `--merge`."""
-
-    layer_type = "lora"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float,
-                 bias: bool = False, dtype: torch.dtype | None = None, device=None) -> None:
-        super().__init__(in_features, out_features)
-        self.rank, self.scaling = rank, float(scaling)
-        kw = {"dtype": dtype, "device": device}
-        self.weight = frozen_zeros(out_features, in_features, **kw)
-        self.bias = frozen_zeros(out_features, **kw) if bias else None
-        self.lora_a = nn.Parameter(torch.zeros(rank, in_features, **kw))
-        self.lora_b = nn.Parameter(torch.zeros(out_features, rank, **kw))
-
-    @classmethod
-    def from_peft(cls, layer: nn.Module, adapter: str = "default") -> LoraLinear:
-        """Copy a peft lora.Linear (base nn.Linear or Conv1D) into a LoraLinear."""
-        base = layer.get_base_layer()
-        weight = linear_weight(base).detach()
-        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-        new = cls(weight.shape[1], weight.shape[0], a.shape[0], layer.scaling[adapter],
-                  base.bias is not None, weight.dtype, weight.device)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            new.lora_a.copy_(a)
-            new.lora_b.copy_(b)
-            if base.bias is not None:
-                new.bias.copy_(base.bias)
-        return new
-
-    def init_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "scaling": self.scaling, "bias": self.bias is not None}
-
-    def dense_weight(self) -> Tensor:
-        return self.weight + self.scaling * (self.lora_b @ self.lora_a)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return kernels.lora_linear(x, self.weight, self.lora_a, self.lora_b, self.scaling,
-                                   self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
 # -- wiring (shared with kappatune's LoRA mode and MeZO's adapter mode) ------------------------
 
 
@@ -144,9 +95,18 @@ def peft_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
 
 
-def save_peft_adapter(peft_model: peft.PeftModel, folder: Path) -> dict[str, str]:
-    """peft's own format: adapter_model.safetensors + adapter_config.json (+ its README)."""
+def save_peft_adapter(peft_model: peft.PeftModel, folder: Path, base: str | None = None,
+                      causal: bool = True) -> dict[str, str]:
+    """peft's own format: adapter_model.safetensors + adapter_config.json (+ its README), with
+    `base_model_name_or_path` = `base` (what the user passed) and `task_type` set, so
+    `PeftModel.from_pretrained(base_model, folder)` and peft's AutoPeftModel* load it as is."""
     peft_model.save_pretrained(str(folder))
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["task_type"] = "CAUSAL_LM" if causal else "FEATURE_EXTRACTION"
+    if base is not None:
+        config["base_model_name_or_path"] = base
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
     return {"adapter": str(folder / "adapter_model.safetensors"),
             "adapter_config": str(folder / "adapter_config.json")}
 
@@ -178,7 +138,8 @@ def train_lora(model: nn.Module, names: list[str], config: TrainConfig, ctx: Con
     params = lora_params(model)
     result = fit(model, params, config, ctx, method=method, **fit_kwargs)
     folder = adapter_folder(ctx)
-    artifacts = save_peft_adapter(peft_model, folder) if folder is not None else {}
+    causal = is_causal_config(model.config)
+    artifacts = save_peft_adapter(peft_model, folder, base_model_reference(ctx), causal) if folder else {}
     rows = [{"module": n, "rank": rank,
              "trainable": sum(p.numel() for k, p in m.named_parameters() if "lora_" in k)}
             for n, m in peft_layers(model).items()]  # fmt: skip
@@ -187,7 +148,7 @@ def train_lora(model: nn.Module, names: list[str], config: TrainConfig, ctx: Con
         param.requires_grad_(flags.get(id(param), param.requires_grad))
     metrics = {**param_metrics(model, count_params(params)), "adapted_layers": len(rows),
                "rank": rank, "alpha": alpha, "model_form": form, "merged": merge}
-    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts)
+    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts, modified_model=merge)
 
 
 @register("lora", LoraConfig, kind="finetune")

@@ -15,43 +15,25 @@ seed, nothing else.
 By default the bases are regenerated chunk by chunk in the forward and again in the backward pass,
 as the official code does (memory: one chunk); `cache_bases` keeps them as non-persistent buffers
 (faster; k·r·in + l·out·r floats per layer, reported as `basis_cache_bytes`).
+
+Unmerged, the run writes only the adapter folder (`<out>/adapter`: coefficients, seeds, config
+with `base_model_name_or_path`; `load_nola_adapter(base, folder)` applies it); `merge: true`
+writes the merged dense model instead.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from .. import kernels
 from ..context import Context
-from ..errors import ConfigError, ModelError
-from ..layers import CompressedLinear, register_layer
-from ..registry import register
-from ..report.records import StageResult
-from ..targeting import linear_shape, replace_module
-from ..training import TrainConfig, fit
-from ._common import (
-    adapter_folder,
-    adapter_targets,
-    base_weight,
-    count_params,
-    finish,
-    frozen_zeros,
-    is_quantized,
-    layer_seed,
-    param_metrics,
-    refuse_compressed,
-    run_seed,
-    with_default_lr,
-    write_adapter,
-)  # fmt: skip
-from ._nola_bases import (  # noqa: F401  (re-exported: the pure maths of this method)
+from ..errors import ConfigError
+from ..layers import NolaLinear
+from ..layers._nola_bases import (  # noqa: F401  (re-exported: the pure maths of this method)
     BASES_A,
     BASES_B,
     BASIS_CHUNK,
@@ -62,6 +44,24 @@ from ._nola_bases import (  # noqa: F401  (re-exported: the pure maths of this m
     nola_factors,
     random_bases,
     stream_seed,
+)  # fmt: skip
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import replace_module
+from ..training import TrainConfig, fit
+from ._common import (
+    adapter_folder,
+    adapter_targets,
+    base_model_reference,
+    count_params,
+    finish,
+    layer_seed,
+    param_metrics,
+    read_adapter,
+    refuse_compressed,
+    run_seed,
+    with_default_lr,
+    write_adapter,
 )  # fmt: skip
 
 ADAPTER_FILE = "nola_adapter.safetensors"
@@ -99,99 +99,6 @@ class NolaConfig(TrainConfig):
                               "alpha / rank (official LLaMA setting: 4)")
 
 
-@register_layer
-class NolaLinear(CompressedLinear):
-    """y = x Wᵀ + b + (α/r) · (x Aᵀ) Bᵀ, A and B rebuilt from k + l coefficients and a seed.
-
-    The frozen base is `weight` (out, in), or `base_layer` when it is a bitsandbytes-quantized
-    linear (QLoRA-style `load_in`), whose own forward is then used.
-    """
-
-    layer_type = "nola"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, num_basis_a: int,
-                 num_basis_b: int, alpha: float, seed: int, bias: bool = False,
-                 cache_bases: bool = False, dtype: torch.dtype | None = None, device=None) -> None:
-        super().__init__(in_features, out_features)
-        self.rank, self.alpha, self.seed = rank, float(alpha), int(seed)
-        self.num_basis_a, self.num_basis_b, self.cache_bases = num_basis_a, num_basis_b, cache_bases
-        kw = {"dtype": dtype, "device": device}
-        self.weight = frozen_zeros(out_features, in_features, **kw)
-        self.bias = frozen_zeros(out_features, **kw) if bias else None
-        self.base_layer: nn.Module | None = None
-        self.nola_coef_a = nn.Parameter(torch.zeros(num_basis_a, **kw))
-        self.nola_coef_b = nn.Parameter(torch.zeros(num_basis_b, **kw))
-        # Non-persistent buffers: regenerated from the seed, never written to a checkpoint.
-        fixed = kaiming_fixed(stream_seed(seed, FIXED), rank, in_features)
-        self.register_buffer("lora_a_fixed", fixed.to(**kw), persistent=False)
-        if cache_bases:
-            bases_a = random_bases(stream_seed(seed, BASES_A), num_basis_a, rank * in_features)
-            bases_b = random_bases(stream_seed(seed, BASES_B), num_basis_b, out_features * rank)
-            self.register_buffer("bases_a", bases_a.to(**kw), persistent=False)
-            self.register_buffer("bases_b", bases_b.to(**kw), persistent=False)
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    @classmethod
-    def from_linear(cls, module: nn.Module, *, rank: int, num_basis_a: int, num_basis_b: int,
-                    alpha: float, seed: int, cache_bases: bool = False) -> NolaLinear:
-        """Wrap a linear (nn.Linear, HF Conv1D or a bitsandbytes linear) as the frozen base."""
-        out_f, in_f = linear_shape(module)
-        bias = getattr(module, "bias", None)
-        quantized = is_quantized(module)
-        dtype = torch.float32 if quantized else module.weight.dtype
-        layer = cls(in_f, out_f, rank, num_basis_a, num_basis_b, alpha, seed,
-                    bias is not None and not quantized, cache_bases, dtype, module.weight.device)
-        with torch.no_grad():
-            if quantized:
-                layer.weight, layer.base_layer = None, module
-                layer.bias = module.bias  # shared: to_linear() keeps it, base_layer adds it
-            else:
-                layer.weight.copy_(base_weight(module).to(dtype))
-                if bias is not None:
-                    layer.bias.copy_(bias)
-        return layer
-
-    def init_args(self) -> dict[str, Any]:
-        return {"in_features": self.in_features, "out_features": self.out_features,
-                "rank": self.rank, "num_basis_a": self.num_basis_a,
-                "num_basis_b": self.num_basis_b, "alpha": self.alpha, "seed": self.seed,
-                "bias": self.bias is not None, "cache_bases": self.cache_bases}
-
-    def factors(self) -> tuple[Tensor, Tensor]:
-        """A (rank, in), B (out, rank)."""
-        bases = (self.bases_a, self.bases_b) if self.cache_bases else None
-        return nola_factors(self.nola_coef_a, self.nola_coef_b, self.seed, self.rank,
-                            self.in_features, self.out_features, self.lora_a_fixed, bases)
-
-    def delta_weight(self) -> Tensor:
-        a, b = self.factors()
-        return self.scaling * (b @ a)
-
-    def dense_weight(self) -> Tensor:
-        weight = self.weight if self.base_layer is None else base_weight(self.base_layer)
-        return weight + self.delta_weight().to(weight.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = self.factors()
-        if self.base_layer is None:
-            return kernels.lora_linear(x, self.weight, a, b, self.scaling, self.bias)
-        low_rank = nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
-        return self.base_layer(x) + self.scaling * low_rank
-
-    def basis_cache_bytes(self) -> int:
-        if not self.cache_bases:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.bases_a, self.bases_b))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"rank={self.rank}, num_basis=({self.num_basis_a}, {self.num_basis_b}), "
-                f"seed={self.seed}")
-
-
 # -- wiring ------------------------------------------------------------------------------------
 
 
@@ -214,7 +121,7 @@ def coefficient_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if n.endswith(suffixes)}
 
 
-def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path) -> dict[str, str]:
+def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path, base: str | None = None) -> dict[str, str]:
     """The coefficients and one int64 seed per layer, plus adapter_config.json; nothing else."""
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
@@ -225,6 +132,7 @@ def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path) -> dict[str, 
     config = {"method": "nola", "format_version": 1, "rank": first.rank, "alpha": first.alpha,
               "num_basis_a": first.num_basis_a, "num_basis_b": first.num_basis_b,
               "basis_chunk": BASIS_CHUNK, "target_modules": sorted(layers),
+              "base_model_name_or_path": base,
               "bases": "U(-1,1)/sqrt(num_basis), CPU torch.Generator seeded 3*seed+1 (A), "
                        "3*seed+2 (B); A0 Kaiming-uniform from 3*seed"}  # fmt: skip
     return write_adapter(folder, tensors, config, ADAPTER_FILE)
@@ -233,13 +141,7 @@ def save_nola_adapter(layers: dict[str, NolaLinear], folder: Path) -> dict[str, 
 def load_nola_adapter(model: nn.Module, folder: str | Path, *,
                       cache_bases: bool = False) -> dict[str, NolaLinear]:
     """Install a saved NOLA adapter into a fresh copy of its base model (in place)."""
-    folder = Path(folder)
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-        tensors = load_file(str(folder / ADAPTER_FILE))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"`{folder}` is not a NOLA adapter folder ({err}); pass the `adapter` "
-                         "folder a nola run wrote") from None
+    config, tensors = read_adapter(Path(folder), ADAPTER_FILE, "nola")
     layers = {}
     for name in config["target_modules"]:
         layer = NolaLinear.from_linear(
@@ -262,7 +164,7 @@ def apply(model: nn.Module, config: NolaConfig, ctx: Context) -> StageResult:
     params = coefficient_params(model)
     result = fit(model, params, config, ctx, method="nola")
     folder = adapter_folder(ctx)
-    artifacts = save_nola_adapter(layers, folder) if folder is not None else {}
+    artifacts = save_nola_adapter(layers, folder, base_model_reference(ctx)) if folder else {}
     rows = [_row(name, layer) for name, layer in layers.items()]
     if config.merge:
         for name, layer in layers.items():
@@ -276,7 +178,8 @@ def apply(model: nn.Module, config: NolaConfig, ctx: Context) -> StageResult:
         "adapter_file_bytes": Path(artifacts["adapter"]).stat().st_size if artifacts else 0,
         "merged": config.merge,
     }  # fmt: skip
-    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts)
+    return finish(result, metrics=metrics, per_module=rows, artifacts=artifacts,
+                  modified_model=config.merge)
 
 
 def _row(name: str, layer: NolaLinear) -> dict[str, Any]:

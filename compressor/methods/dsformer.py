@@ -36,6 +36,7 @@ from ..config import MethodConfig
 from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
+from ..layers import DenseSparseLinear
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
@@ -47,7 +48,6 @@ from ._dsformer_factor import (
     solve_inner_dim,
     whitened_error,
 )
-from ._dsformer_layer import DenseSparseLinear
 from ._dsformer_stf import DenseSparseTrainable, frozen_teacher, train_stf
 from ._prune_sequential import compress_sequentially
 

@@ -47,6 +47,7 @@ class Report:
     stages: list[StageRecord] = field(default_factory=list)
     evaluation: dict[str, Any] = field(default_factory=dict)
     gates: list[dict[str, Any]] = field(default_factory=list)
+    size: dict[str, Any] = field(default_factory=dict)  # report/size.py: before/after bytes
     schema: int = SCHEMA_VERSION
 
     def add(self, record: StageRecord) -> None:
@@ -63,6 +64,7 @@ class Report:
             stages=stages,
             evaluation=data.get("evaluation", {}),
             gates=data.get("gates", []),
+            size=data.get("size", {}),
             schema=data.get("schema", SCHEMA_VERSION),
         )
 

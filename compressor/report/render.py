@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .records import Report, StageRecord
+from .size import size_table
 
 HIDDEN_COLUMNS = {"spectrum"}
 MAX_ROWS = 400
@@ -72,6 +73,8 @@ def render_markdown(report: Report, plots: list[str] | None = None) -> str:
         parts.append("## Gates\n\n" + gate_verdict(report.gates) + "\n\n" + table(
             [{"gate": g["gate"], "value": g["value"], "limit": g["limit"], "verdict": "passed" if g["passed"] else
               "MISSED"} for g in report.gates]))
+    if "after" in report.size:
+        parts.append(f"## Size ({report.size['dtype']})\n\n" + table(size_table(report.size)))
     parts.extend(render_stage(i, r) for i, r in enumerate(report.stages))
     if plots:
         parts.append("## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n")

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from compressor.models import load
+from compressor.adapters import dsee, nola
+from compressor.models import load_model
 from compressor.pipeline import Pipeline
 from compressor.testing.tiny import example_input_ids
 
@@ -25,26 +26,42 @@ def _fast(stage: int, retune: bool = False) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "name, overrides, layer",
+    "name, overrides",
     [
-        ("lora", _fast(0), "lora"),
-        ("nola", _fast(0), "nola"),
-        ("dsee", [*_fast(0, retune=True), "stages.0.grebsmo_iterations=2"], "dsee"),
-        ("kappatune", _fast(0), "lora"),
+        ("lora", _fast(0)),
+        ("nola", _fast(0)),
+        ("dsee", [*_fast(0, retune=True), "stages.0.grebsmo_iterations=2"]),
+        ("kappatune", _fast(0)),
     ],
 )
-def test_recipe_runs_and_its_checkpoint_reloads(name, overrides, layer, tmp_path):
+def test_recipe_runs_and_writes_its_adapter_alone(name, overrides, tmp_path):
+    """An unmerged adapter run writes the adapter folder and the report, never a model folder that
+    would pass for the base model; the adapter applied to a fresh base gives the run's outputs."""
     pipeline = Pipeline.from_file(
         RECIPES / f"{name}.yaml", [*FAST, *overrides, f"out={tmp_path / 'run'}"]
     )
     report, loaded = pipeline.run(quiet=True)
     assert report.stages[0].metrics["steps"] == 2
-    manifest_types = {spec["type"] for spec in _manifest(tmp_path / "run")["layers"].values()}
-    assert manifest_types == {layer}
+    out = tmp_path / "run"
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert (out / "adapter" / "adapter_config.json").is_file() and (out / "report.json").is_file()
     ids = example_input_ids()
     with torch.no_grad():
         expected = loaded.model(ids).logits
-        torch.testing.assert_close(load(tmp_path / "run")(ids).logits, expected, rtol=0, atol=1e-5)
+        adapted = _apply_adapter(name, load_model(None).model, out / "adapter")
+        torch.testing.assert_close(adapted(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def _apply_adapter(name, base, folder):
+    if name in ("lora", "kappatune"):
+        import peft
+
+        return peft.PeftModel.from_pretrained(base, folder)
+    if name == "nola":
+        nola.load_nola_adapter(base, folder)
+    else:
+        dsee.load_dsee_adapter(base, folder)
+    return base
 
 
 def test_welore_tune_recipe_compresses_then_tunes_the_factors():
@@ -52,9 +69,3 @@ def test_welore_tune_recipe_compresses_then_tunes_the_factors():
     report, _ = pipeline.run(quiet=True)
     assert [s.stage for s in report.stages] == ["welore", "welore-tune"]
     assert report.stages[1].metrics["lrc_layers"] > 0 and report.stages[1].metrics["steps"] == 2
-
-
-def _manifest(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / "compression.json").read_text())

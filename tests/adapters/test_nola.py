@@ -8,7 +8,7 @@ from compressor.adapters import nola
 from compressor.adapters.nola import NolaConfig, NolaLinear
 from compressor.context import Context
 from compressor.errors import ConfigError
-from compressor.models import load, save
+from compressor.models import load, read_manifest, save
 from compressor.testing.tiny import example_input_ids, tiny_gpt2, tiny_llama
 
 SMALL = {"rank": 4, "num_basis_a": 24, "num_basis_b": 20}
@@ -137,7 +137,7 @@ def test_merge_and_checkpoint_round_trip_keep_outputs(tmp_path):
     ids = example_input_ids()
     trained = _logits(model, ids)
     save(model, tmp_path / "ckpt")
-    manifest = json.loads((tmp_path / "ckpt" / "compression.json").read_text())
+    manifest = read_manifest(tmp_path / "ckpt")
     assert {spec["type"] for spec in manifest["layers"].values()} == {"nola"}
     torch.testing.assert_close(_logits(load(tmp_path / "ckpt"), ids), trained, rtol=0, atol=1e-6)
     merged, _ = _trained_tiny(tmp_path / "merged", merge=True)

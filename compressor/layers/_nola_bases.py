@@ -28,7 +28,7 @@ def basis_chunks(seed: int, num_basis: int, numel: int) -> Iterator[tuple[int, T
     scale = 1.0 / math.sqrt(num_basis)
     for start in range(0, num_basis, BASIS_CHUNK):
         count = min(BASIS_CHUNK, num_basis - start)
-        chunk = torch.empty(count, numel).uniform_(-1.0, 1.0, generator=generator)
+        chunk = torch.empty(count, numel, device="cpu").uniform_(-1.0, 1.0, generator=generator)
         yield start, chunk.mul_(scale)
 
 
@@ -41,7 +41,7 @@ def kaiming_fixed(seed: int, rows: int, cols: int) -> Tensor:
     """A₀ (rows, cols) ~ U(−1/√cols, 1/√cols): nn.Linear's kaiming_uniform_(a=√5), seeded."""
     generator = torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(cols)
-    return torch.empty(rows, cols).uniform_(-bound, bound, generator=generator)
+    return torch.empty(rows, cols, device="cpu").uniform_(-bound, bound, generator=generator)
 
 
 class _SeededCombination(torch.autograd.Function):

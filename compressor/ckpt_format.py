@@ -1,0 +1,138 @@
+"""The compressed checkpoint format: a standard Hugging Face folder whose config.json carries
+`quantization_config = {quant_method: "compressor", format_version, layers: {name: {type, args}},
+...run metadata}`, and how `transformers` learns to read it.
+
+* Placeholders: every compressed layer that has no dense-shaped `weight` of its own (low-rank,
+  N:M, dense x sparse) is also written as an empty `<name>.weight` tensor. Plain transformers
+  (compressor not imported: the quant_method is unknown, so it skips quantization) then meets a
+  size mismatch for that key and raises, instead of loading random weights; compressor's
+  quantizer ignores those keys.
+* Registration is lazy: importing `transformers.quantizers` costs seconds, so `import compressor`
+  only installs an import hook; the quantizer registers itself right after transformers imports
+  `transformers.quantizers.auto` (which `from_pretrained` always does), or at once if it already
+  has. Nothing here imports the method registry or peft.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import sys
+from typing import TYPE_CHECKING, Any
+
+from .errors import ModelError
+
+if TYPE_CHECKING:  # `import compressor` runs install() below and must not pay for torch
+    from torch import nn
+
+QUANT_METHOD = "compressor"
+FORMAT_VERSION = 2  # 1 = compression.json beside a plain config.json (still read by compressor.load)
+_HOOKED_MODULE = "transformers.quantizers.auto"
+
+
+def quantization_config(layers: dict[str, dict[str, Any]], metadata: dict[str, Any] | None = None) -> dict:
+    from . import __version__
+
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
+            "compressor_version": __version__, **(metadata or {}), "layers": layers}
+
+
+def is_compressed_config(config_dict: dict[str, Any]) -> bool:
+    qc = config_dict.get("quantization_config")
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
+
+
+def check_version(version: Any, where: str = "this checkpoint") -> None:
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelError(f"{where} uses compressor checkpoint format version {version!r}, newer than this "
+                         f"compressor reads ({FORMAT_VERSION}); upgrade it: pip install -U compressor")
+
+
+def placeholder_names(layers: dict[str, nn.Module]) -> list[str]:
+    """`<name>.weight` keys written empty for layers without a dense-shaped weight of their own."""
+    return [f"{name}.weight" for name, layer in layers.items() if "weight" not in layer.state_dict()]
+
+
+# -- validation: before anything is allocated ----------------------------------------------------
+
+
+def check_layer_table(model: nn.Module, layers: Any, where: str) -> None:
+    """ModelError naming the first layer-table entry the freshly built model cannot take."""
+    if not isinstance(layers, dict):
+        raise ModelError(f"{where}: `quantization_config.layers` must be a mapping of module names; the "
+                         "checkpoint is damaged, re-create it")
+    from .layers import LAYER_TYPES
+    from .layers.base import is_linear, linear_shape
+
+    modules = dict(model.named_modules())
+    for name, spec in layers.items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in LAYER_TYPES:
+            raise ModelError(f"{where}: layer `{name}` has unknown type {kind!r} (known: {sorted(LAYER_TYPES)}); "
+                             "upgrade compressor")
+        if name not in modules or not is_linear(modules[name]):
+            raise ModelError(f"{where}: layer table names `{name}`, which is not a linear layer of "
+                             f"{type(model).__name__}; the checkpoint does not match its config.json")
+        problem = _shape_problem(kind, spec.get("args", {}), linear_shape(modules[name]))
+        if problem:
+            raise ModelError(f"{where}: layer `{name}` ({kind}): {problem}; the checkpoint is damaged, re-create it")
+
+
+def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> str | None:
+    out_f, in_f = shape
+    if (args.get("out_features"), args.get("in_features")) != (out_f, in_f):
+        return (f"shape {args.get('out_features')}x{args.get('in_features')} differs from the model's "
+                f"{out_f}x{in_f}")
+    rank = args.get("rank")
+    if kind in ("low_rank", "lora", "nola", "dsee") and not (isinstance(rank, int) and 1 <= rank <= max(in_f, out_f)):
+        return f"rank {rank!r} is outside 1..{max(in_f, out_f)}"
+    n, m = args.get("n", 2), args.get("m", 4)
+    if kind in ("nm_sparse", "dense_sparse") and m and not (0 < n < m):
+        return f"pattern {n}:{m} is not N:M with 0 < N < M"
+    if kind == "nm_sparse" and in_f % m:
+        return f"in_features {in_f} is not a multiple of M={m}"
+    if kind == "dense_sparse" and not (isinstance(args.get("k"), int) and args["k"] >= 1 and (not m or args["k"] % m == 0)):
+        return f"inner dimension k={args.get('k')!r} must be a positive multiple of M={m}"
+    return None
+
+
+# -- registration with transformers --------------------------------------------------------------
+
+
+def install() -> None:
+    """Register the quantizer now if transformers' quantizer table is loaded, else on its import."""
+    module = sys.modules.get(_HOOKED_MODULE)
+    if module is not None:
+        _register(module)
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _register(auto_module) -> None:
+    if QUANT_METHOD in auto_module.AUTO_QUANTIZER_MAPPING:
+        return
+    from .hf_quantizer import CompressorConfig, CompressorQuantizer
+
+    auto_module.register_quantization_config(QUANT_METHOD)(CompressorConfig)
+    auto_module.register_quantizer(QUANT_METHOD)(CompressorQuantizer)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: wraps the real loader of transformers.quantizers.auto so that the
+    quantizer registers right after that module has run."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _HOOKED_MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _register(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
