@@ -144,7 +144,8 @@ class Pipeline:
                 with scratch_dir(self.out is not None) as tmp:
                     self._run_stages(loaded, report, tmp, device, quiet)
                 report.run["seconds"] = time.perf_counter() - started
-                self._check_gates(report)
+                report.gates = evaluate_gates(self.gates, report.evaluation)
+                self._raise_missed_gates(report)
                 return report, loaded
             with claim.stage() as tmp:
                 self._run_stages(loaded, report, tmp, device, quiet)
@@ -156,7 +157,7 @@ class Pipeline:
             for resume in self._resumes():  # its checkpoints were copied into `out`
                 if resume.name.endswith(".partial"):
                     remove_if_ours(resume)
-        self._check_gates(report)
+        self._raise_missed_gates(report)
         return report, loaded
 
     def _preflight(self) -> None:
@@ -254,8 +255,8 @@ class Pipeline:
     def _resumes(self) -> list[Path]:
         return [resolved(r) for s in self.stages if (r := getattr(s.config, "resume", None))]
 
-    def _check_gates(self, report: Report) -> None:
-        report.gates = evaluate_gates(self.gates, report.evaluation)
+    def _raise_missed_gates(self, report: Report) -> None:
+        """Gates are judged once, before anything is written (report.md shows the verdict)."""
         missed = [g for g in report.gates if not g["passed"]]
         if missed:
             raise GateError("; ".join(f"gate `{g['gate']}` missed: {g['value']:.4g} vs limit {g['limit']}"
