@@ -84,8 +84,11 @@ def snapshot_recipe(recipe: Path, work: Path) -> dict[str, object]:
     report = json.loads((out / "report.json").read_text())
     entry: dict[str, object] = {
         f"recipe/{recipe.stem}/{k}": v
-        for k, v in _numbers({"quality": report.get("quality"), "stages": [
-            {"metrics": s.get("metrics")} for s in report.get("stages", [])]}).items()
+        for k, v in _numbers({
+            "evaluation": report.get("evaluation"), "gates": report.get("gates"),
+            "size": report.get("size"),
+            "stages": [{"metrics": s.get("metrics")} for s in report.get("stages", [])],
+        }).items()
         if _stable(k)
     }
     for weights in sorted(out.rglob("*.safetensors")):
@@ -119,14 +122,17 @@ def compare(args: argparse.Namespace) -> int:
     before = json.loads(Path(args.before).read_text())
     after = json.loads(Path(args.after).read_text())
     b, a = before["numbers"], after["numbers"]
-    keys = sorted(set(b) | set(a))
-    differ = [k for k in keys if not _same(b.get(k), a.get(k))]
+    # Values only in `after` come from a newer snapshot format (or a new recipe): listed, not failed.
+    keys = sorted(b)
+    differ = [k for k in keys if k not in a or not _same(b[k], a[k])]
+    new = sorted(set(a) - set(b))
     lines = [
         f"# Parity: {before['git'][:7]} -> {after['git'][:7]}",
         "",
         f"{len(keys)} values compared (Q2 stories260K sweep perplexities; every recipe's report "
         "numbers and weight-file SHA-256); "
-        f"**{len(keys) - len(differ)} identical, {len(differ)} differ**.",
+        f"**{len(keys) - len(differ)} identical, {len(differ)} differ**"
+        + (f"; {len(new)} values only in the after snapshot (not compared)." if new else "."),
         "",
         "| value | before | after |",
         "|---|---|---|",
