@@ -19,6 +19,7 @@ from .common import (
     TrustOpt,
     console,
     handle_errors,
+    stage_fields,
 )
 
 
@@ -49,9 +50,9 @@ def analyze(
     PNG plots (without --out nothing is written)."""
     from compressor.pipeline import Pipeline
 
-    fields = {"targets": targets or None, "ignore": ignore or None, "top_p": top_p,
-              "welore_reduction": reduction, "use_cache": not no_cache}
-    pipeline = Pipeline.from_flags("analyze", fields, set_, model=model, device=device, seed=seed,
+    flags = {"targets": targets or None, "ignore": ignore or None, "top-p": top_p, "reduction": reduction,
+             "use-cache": not no_cache}
+    pipeline = Pipeline.from_flags("analyze", stage_fields("analyze", "analyze", flags), set_, model=model, device=device, seed=seed,
                                    out=str(out) if out else None, overwrite=overwrite, trust_remote_code=trust_remote_code,
                                    max_memory=max_memory, offload_folder=offload_folder)
     report, _ = pipeline.run(quiet=quiet)

@@ -144,26 +144,23 @@ def stdout_is_tty() -> bool:
     return sys.stdout.isatty()
 
 
-def stage_fields(method: str, flags: dict[str, object],
-                 aliases: dict[str, tuple[str, ...]] | None = None) -> dict[str, object]:
-    """Map CLI flags onto the method's config fields; a flag the method lacks is an error.
+def stage_fields(method: str, kind: str, flags: dict[str, object]) -> dict[str, object]:
+    """The stage fields `flags` fill (registry.FLAG_FIELDS), after checking `method` is a `kind`
+    method: a compression method given to `finetune` names the command that runs it."""
+    from compressor.registry import fields_from_flags, method_info, method_names
 
-    `aliases` maps a flag to the field names it may fill, first match wins (e.g. `--calib` fills
-    `calibration` or `calib_data`); other flags fill the field of the same name."""
-    from compressor.registry import get_method
+    info = method_info(method)  # unknown names get the did-you-mean error
+    if info.kind != kind:
+        raise ConfigError(f"`--method {method}` is a {info.kind} method; use `compressor {info.kind} --method "
+                          f"{method}` ({kind} methods: {', '.join(method_names(kind))})")
+    return fields_from_flags(method, flags)
 
-    fields = get_method(method).config_cls.field_names()
-    chosen = {}
-    for flag, value in flags.items():
-        if value is None:
-            continue
-        candidates = (aliases or {}).get(flag, (flag.replace("-", "_"),))
-        key = next((f for f in candidates if f in fields), None)
-        if key is None:
-            raise ConfigError(f"`--{flag}` does not apply to method `{method}` (its fields: {', '.join(fields)}); "
-                              "use --set key=value for method-specific fields")
-        chosen[key] = value
-    return chosen
+
+def method_help(kind: str) -> str:
+    """`--method` help listing the built-in methods of `kind` (read from the registry's table)."""
+    from compressor.registry import method_names
+
+    return f"{', '.join(method_names(kind))} (see `compressor methods`)"
 
 
 def quality_hint(evaluation: dict[str, dict[str, Any]], kinds: set[str]) -> str | None:

@@ -22,17 +22,12 @@ from .common import (
     TrustOpt,
     console,
     handle_errors,
+    method_help,
     print_metrics,
     print_outcome,
     stage_fields,
 )
 
-# CLI flag -> the config field names it may fill, first match wins.
-FLAG_FIELDS = {
-    "rank": ("rank",), "allocation": ("allocation",), "calib": ("calibration", "calib_data"),
-    "calib-windows": ("num_windows", "calib_windows"), "targets": ("targets",), "ignore": ("ignore",),
-    "from-trained": ("from_trained",),
-}
 # Shown in --help; the values come from the method's config (`compressor methods NAME`).
 METHOD_DEFAULT = "[default: the method's own, see `compressor methods METHOD`]"
 
@@ -40,12 +35,14 @@ METHOD_DEFAULT = "[default: the method's own, see `compressor methods METHOD`]"
 @handle_errors
 def compress(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option("--method", "-m", help="svd, asvd, svd-llm, saes-svd, welore, dsformer, "
-                                                               "maestro, prune (see `compressor methods`)")] = "saes-svd",
+    method: Annotated[str, typer.Option("--method", "-m", help=method_help("compress"))] = "saes-svd",
     rank: Annotated[float | None, typer.Option(
         show_default=False, help="KEEP ratio: parameters kept / dense parameters of the targeted linears, 0 < R ≤ 1 "
-                                 "(dsformer: stored bytes kept, sparse index metadata included) "
-                                 "[default: 0.5 for the low-rank family; see `compressor methods METHOD`]")] = None,
+                                 "(low-rank family, maestro) [default: 0.5 for the low-rank family; see "
+                                 "`compressor methods METHOD`]")] = None,
+    keep_bytes: Annotated[float | None, typer.Option(
+        show_default=False, help="dsformer: KEEP ratio in stored bytes (sparse index metadata included), "
+                                 f"0 < B ≤ 1 {METHOD_DEFAULT}")] = None,
     allocation: Annotated[str | None, typer.Option(
         show_default=False, help="uniform (one keep ratio per matrix) or welore (non-uniform ranks from the "
                                  "singular-value tails) [default: uniform]")] = None,
@@ -82,18 +79,13 @@ def compress(
     """Compress the targeted linears and write a reloadable checkpoint, report.md/json and plots.
 
     Held-out perplexity is measured before and after on the same windows `compressor eval` scores."""
-    from compressor.errors import ConfigError
     from compressor.pipeline import Pipeline
-    from compressor.registry import get_method, method_names
 
-    if method not in method_names("compress"):
-        get_method(method)  # unknown names get the did-you-mean error
-        raise ConfigError(f"`{method}` is not a compression method; use `compressor finetune --method {method}` "
-                          f"(compression methods: {', '.join(method_names('compress'))})")
-    flags = {"rank": rank, "allocation": allocation, "calib": calib, "calib-windows": calib_windows,
-             "targets": targets or None, "ignore": ignore or None, "from-trained": from_trained}
+    flags = {"rank": rank, "keep-bytes": keep_bytes, "allocation": allocation, "calib": calib,
+             "calib-windows": calib_windows, "targets": targets or None, "ignore": ignore or None,
+             "from-trained": from_trained}
     out = out or f"compressed-{method}"
-    pipeline = Pipeline.from_flags(method, stage_fields(method, flags, FLAG_FIELDS), set_, model=model, device=device,
+    pipeline = Pipeline.from_flags(method, stage_fields(method, "compress", flags), set_, model=model, device=device,
                                    seed=seed, out=str(out), overwrite=overwrite, merge=merge, dtype=dtype, trust_remote_code=trust_remote_code,
                                    max_memory=max_memory, offload_folder=offload_folder, text_column=text_column,
                                    evaluate={"data": eval_data, "num_windows": eval_windows})

@@ -24,6 +24,7 @@ from .common import (
     TrustOpt,
     console,
     handle_errors,
+    method_help,
     print_metrics,
     print_outcome,
     stage_fields,
@@ -33,24 +34,10 @@ LOAD_IN = ("4bit", "8bit")
 TRAIN_DEFAULTS = "see `compressor methods METHOD`"
 
 
-def check_method(method: str) -> None:
-    from compressor.errors import ConfigError
-    from compressor.registry import get_method, method_names
-
-    if method not in method_names("finetune"):
-        get_method(method)  # unknown names get the did-you-mean error
-        raise ConfigError(
-            f"`--method {method}` is not a fine-tuning method (fine-tuning methods: "
-            f"{', '.join(method_names('finetune'))}); use `compressor compress --method {method}`"
-        )
-
-
 @handle_errors
 def finetune(
     model: ModelArg = None,
-    method: Annotated[str, typer.Option(
-        "--method", "-m", help="backprop, mezo, sorted, lora, nola, dsee, kappatune, welore-tune "
-                               "(see `compressor methods`)")] = "mezo",
+    method: Annotated[str, typer.Option("--method", "-m", help=method_help("finetune"))] = "mezo",
     data: Annotated[str | None, typer.Option(
         show_default=False, help=f"training data (its first half): {DATA_HELP}; or a labelled .tsv/.csv/.jsonl with "
                                  "--task classification [default: default]")] = None,
@@ -68,6 +55,9 @@ def finetune(
                                                    help="examples or windows per batch [default: 8]")] = None,
     seq_len: Annotated[int | None, typer.Option(show_default=False,
                                                 help="tokens per training window / example [default: 128]")] = None,
+    r: Annotated[int | None, typer.Option(
+        "--r", show_default=False, help="adapter rank r, peft's name (lora, nola, dsee; kappatune and mezo: "
+                                        f"`lora_r`) [default: per method, {TRAIN_DEFAULTS}]")] = None,
     targets: Annotated[list[str] | None, typer.Option(
         "--targets", show_default=False, metavar="NAME", help=f"names / re:regex of linears to train, repeatable [default: "
                                               f"per method, {TRAIN_DEFAULTS}]")] = None,
@@ -95,21 +85,20 @@ def finetune(
     from compressor.errors import ConfigError
     from compressor.pipeline import Pipeline
 
-    check_method(method)
     if load_in is not None and load_in not in LOAD_IN:
         raise ConfigError(
             f"`--load-in` must be 4bit or 8bit, got {load_in!r}; omit it for full precision"
         )
     flags = {"data": data, "eval-data": eval_data, "text-column": text_column, "task": task, "steps": steps, "lr": lr,
              "batch-size": batch_size, "seq-len": seq_len, "targets": targets or None, "resume": resume,
-             "num-eval": eval_windows}  # fmt: skip
+             "eval-windows": eval_windows, "r": r}  # fmt: skip
     out = out or f"finetuned-{method}"
     # One protocol: the before/after table scores the same text and windows as the stage itself.
     # (A classification run is scored on general text: its --data holds labelled examples.)
     lm_text = eval_data or data if (task or "lm") == "lm" else eval_data
     evaluate = {"data": lm_text or "default", "num_windows": eval_windows}
     pipeline = Pipeline.from_flags(
-        method, stage_fields(method, flags), set_, model=model, device=device, seed=seed, out=str(out), overwrite=overwrite,
+        method, stage_fields(method, "finetune", flags), set_, model=model, device=device, seed=seed, out=str(out), overwrite=overwrite,
         load_in=load_in, merge=merge, dtype=dtype, trust_remote_code=trust_remote_code, text_column=text_column, evaluate=evaluate,
     )  # fmt: skip
     report, _ = pipeline.run(quiet=quiet)

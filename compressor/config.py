@@ -23,7 +23,56 @@ def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
 
 
 @dataclass(frozen=True, kw_only=True)
-class MethodConfig:
+class Config:
+    """Frozen settings built from a plain dict (YAML, CLI flags) and written back to one.
+
+    Unknown keys are errors with a did-you-mean; keys in `renamed` name their new spelling.
+    """
+
+    # {old key: "new_key (why)"}: a key that was renamed is an error naming its new spelling.
+    renamed: ClassVar[dict[str, str]] = {}
+    # How an unknown key is reported ({key}: the key, {name}: the class name).
+    unknown_key: ClassVar[str] = "unknown key `{key}` for {name}"
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> Config:
+        """Build from a plain dict, rejecting unknown keys and wrong types."""
+        prefix = f"{where}: " if where else ""
+        names = cls.field_names()
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in data.items():
+            if key not in names:
+                label = where or getattr(cls, "method_name", "")
+                raise ConfigError(f"{label}: " * bool(label) + cls.unknown_key_message(key))
+            kwargs[key] = coerce(value, hints[key], f"{prefix}`{key}`")
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"{prefix}{err}") from None
+
+    @classmethod
+    def unknown_key_message(cls, key: str) -> str:
+        if key in cls.renamed:
+            new, _, why = cls.renamed[key].partition(" ")
+            return f"`{key}` was renamed `{new}`{' ' + why if why else ''}"
+        names = cls.field_names()
+        return (f"{cls.unknown_key.format(key=key, name=cls.__name__)}{did_you_mean(key, names)} "
+                f"(valid: {', '.join(sorted(names))})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig(Config):
     """Fields shared by every stage.
 
     Args:
@@ -45,38 +94,62 @@ class MethodConfig:
             elif not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"`{field}` must be a list of names, got {value!r}")
 
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "") -> MethodConfig:
-        """Build from a plain dict, rejecting unknown keys and wrong types."""
-        prefix = f"{where}: " if where else ""
-        names = cls.field_names()
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, value in data.items():
-            if key not in names:
-                raise ConfigError(
-                    f"{prefix}unknown key `{key}` for {cls.__name__}{did_you_mean(key, names)} "
-                    f"(valid: {', '.join(sorted(names))})"
-                )
-            kwargs[key] = coerce(value, hints[key], f"{prefix}`{key}`")
-        try:
-            return cls(**kwargs)
-        except ConfigError as err:
-            raise ConfigError(f"{prefix}{err}") from None
+@dataclass(frozen=True, kw_only=True)
+class CalibrationConfig(MethodConfig):
+    """The calibration data of every calibrated method, declared once.
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+    A method whose defaults differ states them once, as class keywords:
+    `class PruneConfig(CalibrationConfig, num_windows=64)`.
 
-    def replace(self, **changes: Any) -> MethodConfig:
-        return dataclasses.replace(self, **changes)
+    Args:
+        calibration: text source of the calibration windows (`default` = the embedded TinyStories
+            excerpt, a .txt/.jsonl/.csv/.tsv path, or a datasets name); its `calib` split is used,
+            which never overlaps the `eval` split used for perplexity. null = the stage's training
+            `data` (methods that train).
+        num_windows: calibration windows.
+        seq_len: tokens per calibration window.
+        batch_size: windows per forward pass (memory vs speed).
+    """
+
+    calibration: str | None = "default"
+    num_windows: int = 64
+    seq_len: int = 256
+    batch_size: int = 8
+
+    def __init_subclass__(cls, **defaults: Any) -> None:
+        """`class X(CalibrationConfig, num_windows=128)`: X's default for a calibration field.
+
+        Runs before @dataclass reads the class, so the override becomes that field's default
+        (keeping its place in the field order)."""
+        super().__init_subclass__()
+        unknown = set(defaults) - set(CALIBRATION_FIELDS)
+        if unknown:
+            raise TypeError(f"{cls.__name__}: {sorted(unknown)} are not calibration fields {CALIBRATION_FIELDS}")
+        annotations = cls.__dict__.get("__annotations__", {})
+        for name, value in defaults.items():
+            annotations[name] = CalibrationConfig.__annotations__[name]
+            setattr(cls, name, value)
+        cls.__annotations__ = annotations
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = self.method_name or type(self).__name__
+        for key in ("num_windows", "seq_len", "batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}: `{key}` must be a positive integer, got {value!r}")
+        if self.calibration is None and not isinstance(getattr(self, "data", None), str):
+            raise ConfigError(f"{name}: `calibration` must name a text source (e.g. `default`), got null")
+
+
+CALIBRATION_FIELDS = ("calibration", "num_windows", "seq_len", "batch_size")
 
 
 def plain(value: Any) -> Any:
-    """Tuples -> lists so the dict is YAML/JSON friendly."""
+    """Tuples -> lists and nested configs -> dicts, so the dict is YAML/JSON friendly."""
+    if isinstance(value, Config):
+        return value.to_dict()
     if isinstance(value, tuple):
         return [plain(v) for v in value]
     if isinstance(value, dict):
@@ -94,6 +167,11 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
+        if value is None and _NONE in args:
+            return None
+        nested = [a for a in args if _is_config(a)]
+        if nested and isinstance(value, dict):  # its own errors (did-you-mean) are the useful ones
+            return coerce(value, nested[0], where)
         errors = []
         for option in args:
             try:
@@ -106,6 +184,10 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}{did_you_mean(value, map(str, args))}")
         return value
+    if _is_config(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return hint.from_dict(value, where=where)
     if hint is _NONE:
         if value is not None:
             raise ConfigError(f"{where} must be null, got {value!r}")
@@ -138,7 +220,13 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
+def _is_config(hint: Any) -> bool:
+    return isinstance(hint, type) and issubclass(hint, Config)
+
+
 def _type_name(hint: Any) -> str:
     if hint is _NONE:
         return "null"
+    if _is_config(hint):
+        return "a mapping"
     return getattr(hint, "__name__", str(hint))

@@ -2,8 +2,9 @@
 
 `compressor methods NAME` must answer at once, but every method module imports torch. The config
 dataclasses are plain enough to read statically: fields are annotated class attributes with literal
-defaults (or a module-level constant), descriptions live in the class docstrings' `Args:` sections,
-and bases are classes of the same file or names imported from another compressor module. A test
+defaults (or a module-level constant) or class keywords overriding a base's default
+(`CalibrationConfig`), descriptions live in the class docstrings' `Args:` sections, and bases are
+classes of the same file or names imported from another compressor module. A test
 compares this reading with the imported dataclasses for every registered method, so it cannot drift.
 """
 
@@ -52,6 +53,8 @@ def config_fields(module: str, class_name: str) -> list[FieldDoc]:
         for item in node.body:
             if _is_field(item):
                 fields[item.target.id] = _default(mod, item.target.id, item.value)
+        for keyword in node.keywords:  # `class X(CalibrationConfig, num_windows=128)`: X's default
+            fields[keyword.arg] = _default(mod, keyword.arg, keyword.value)
     return [FieldDoc(f.name, f.default, docs.get(f.name, ""), f.value, f.literal) for f in fields.values()]
 
 

@@ -10,7 +10,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import yaml
 from . import evaluation
 from .config import MethodConfig
 from .context import Context, resolve_device
-from .dtypes import AUTO, output_dtype
+from .dtypes import output_dtype
 from .errors import ConfigError, GateError, ModelError
 from .export import check_stages, export_beside
 from .models import (
@@ -40,13 +40,11 @@ from .preflight import (
     context_of,
     model_context,
 )
-from .recipe import apply_overrides, load_recipe, validate_top_level
+from .recipe import RunConfig, apply_overrides, load_recipe
 from .registry import get_method
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 from .report.size import folder_bytes, model_size, size_summary, weight_file_bytes
-
-DEFAULT_EVALUATE = evaluation.PROTOCOL
 
 
 @dataclass
@@ -61,42 +59,20 @@ class Stage:
 
 @dataclass
 class Pipeline:
+    """The stages (parsed by their methods' configs) and the run's top-level settings."""
+
     stages: list[Stage]
-    model: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = AUTO  # the written checkpoint's; the run itself computes in float32
-    trust_remote_code: bool = False
-    load_in: str | None = None
-    max_memory: str | dict | None = None
-    offload_folder: str | None = None
-    out: Path | None = None
-    overwrite: bool = False
-    merge: bool = False
-    export: str | None = None  # a standard format also written into <out>/<format> (compressor.export)
-    text_column: str | None = None
-    evaluate: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_EVALUATE))
-    gates: dict[str, float] = field(default_factory=dict)
+    config: RunConfig
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any]) -> Pipeline:
         """Validate every level before any model loads; errors name the stage index."""
-        recipe = copy.deepcopy(recipe)
-        validate_top_level(recipe)
-        stages = [parse_stage(i, spec) for i, spec in enumerate(recipe["stages"])]
-        if recipe.get("export") is not None:
-            check_stages(recipe["export"], [(s.name, s.config.to_dict()) for s in stages])
-        evaluate = recipe.get("evaluate", True)
-        evaluate = None if evaluate is False else {**DEFAULT_EVALUATE, **(evaluate if isinstance(evaluate, dict) else {})}
-        out = recipe.get("out")
-        return cls(stages=stages, model=recipe.get("model"), seed=recipe.get("seed", 0),
-                   device=recipe.get("device", "auto"), dtype=recipe.get("dtype", AUTO),
-                   trust_remote_code=recipe.get("trust_remote_code", False), load_in=recipe.get("load_in"),
-                   max_memory=recipe.get("max_memory"), offload_folder=recipe.get("offload_folder"),
-                   out=Path(out) if out else None, overwrite=recipe.get("overwrite", False),
-                   merge=recipe.get("merge", False), export=recipe.get("export"), evaluate=evaluate, text_column=recipe.get("text_column"),
-                   gates=recipe.get("gates") or {})
+        config = RunConfig.from_dict(copy.deepcopy(recipe))
+        stages = [parse_stage(i, spec) for i, spec in enumerate(config.stages)]
+        if config.export is not None:
+            check_stages(config.export, [(s.name, s.config.to_dict()) for s in stages])
+        return cls(stages=stages, config=config)
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] | None = None) -> Pipeline:
@@ -112,13 +88,16 @@ class Pipeline:
 
     def to_recipe(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in), saved beside the outputs."""
-        return {
-            "model": self.model, "seed": self.seed, "device": self.device, "dtype": self.dtype,
-            "trust_remote_code": self.trust_remote_code, "load_in": self.load_in, "max_memory": self.max_memory,
-            "offload_folder": self.offload_folder, "merge": self.merge, "export": self.export, "text_column": self.text_column,
-            "evaluate": self.evaluate if self.evaluate is not None else False, "gates": self.gates,
-            "stages": [{"method": s.name, **s.config.to_dict()} for s in self.stages],
-        }
+        return self.config.to_recipe([{"method": s.name, **s.config.to_dict()} for s in self.stages])
+
+    @property
+    def out(self) -> Path | None:
+        return Path(self.config.out) if self.config.out else None
+
+    @property
+    def evaluate(self) -> dict[str, Any] | None:
+        """The evaluation protocol as the Context and the stages read it (None = no evaluation)."""
+        return self.config.evaluate.to_dict() if self.config.evaluate is not None else None
 
     # -- running ------------------------------------------------------------------------------
     def run(self, *, quiet: bool = False, loaded: LoadedModel | None = None) -> tuple[Report, LoadedModel]:
@@ -126,15 +105,15 @@ class Pipeline:
         the report when a quality gate is missed."""
         self._preflight()
         with self._claim() as claim:  # checks and locks `out` before anything loads
-            torch.manual_seed(self.seed)
+            torch.manual_seed(self.config.seed)
             started = time.perf_counter()
-            device = resolve_device(self.device)
-            loaded = loaded or load_model(self.model, device=device, dtype="float32",
-                                          trust_remote_code=self.trust_remote_code, load_in=self.load_in,
-                                          max_memory=self.max_memory, offload_folder=self.offload_folder)
+            device = resolve_device(self.config.device)
+            loaded = loaded or load_model(self.config.model, device=device, dtype="float32",
+                                          trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
+                                          max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
             check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
             check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
-            report = Report(run={**collect_env(device, self.seed), "model": loaded.source,
+            report = Report(run={**collect_env(device, self.config.seed), "model": loaded.source,
                                  "model_class": type(loaded.model).__name__})
             report.size = {"before": {**model_size(loaded.model, loaded.source_dtype),
                                       "disk_bytes": _source_disk_bytes(loaded.source)}}
@@ -144,13 +123,13 @@ class Pipeline:
                 with scratch_dir(self.out is not None) as tmp:
                     self._run_stages(loaded, report, tmp, device, quiet)
                 report.run["seconds"] = time.perf_counter() - started
-                report.gates = evaluate_gates(self.gates, report.evaluation)
+                report.gates = evaluate_gates(self.config.gates.active(), report.evaluation)
                 self._raise_missed_gates(report)
                 return report, loaded
             with claim.stage() as tmp:
                 self._run_stages(loaded, report, tmp, device, quiet)
                 report.run["seconds"] = time.perf_counter() - started
-                report.gates = evaluate_gates(self.gates, report.evaluation)  # judged now so report.md shows them
+                report.gates = evaluate_gates(self.config.gates.active(), report.evaluation)  # judged now so report.md shows them
                 self._write(loaded, report, tmp)
                 claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
                               problems=result_problems(loaded, report))
@@ -162,12 +141,12 @@ class Pipeline:
 
     def _preflight(self) -> None:
         """What can be refused before the model loads: device, offload budget, window lengths."""
-        check_device(self.device)
-        if self.max_memory is not None:
-            check_max_memory(parse_max_memory(self.max_memory))
-        if self.max_memory is not None or self.offload_folder is not None:
+        check_device(self.config.device)
+        if self.config.max_memory is not None:
+            check_max_memory(parse_max_memory(self.config.max_memory))
+        if self.config.max_memory is not None or self.config.offload_folder is not None:
             check_offload_ready([s.name for s in self.stages])
-        check_seq_lens(self._seq_lens(), model_context(self.model))
+        check_seq_lens(self._seq_lens(), model_context(self.config.model))
 
     def _seq_lens(self) -> list[tuple[str, int]]:
         lens = [("evaluate.seq_len", self.evaluate["seq_len"])] if self.evaluate else []
@@ -179,13 +158,13 @@ class Pipeline:
             return contextlib.nullcontext()
         fields = [s.config.to_dict() for s in self.stages]
         # Resuming a run into its own output folder replaces it: that is what was asked for.
-        overwrite = self.overwrite or resolved(self.out) in self._resumes()
-        inputs = [self.model, *(v for f in fields for k, v in f.items() if isinstance(v, str) and k != "resume")]
+        overwrite = self.config.overwrite or resolved(self.out) in self._resumes()
+        inputs = [self.config.model, *(v for f in fields for k, v in f.items() if isinstance(v, str) and k != "resume")]
         return claim_output(self.out, overwrite=overwrite, inputs=inputs)
 
     def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
-        ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.seed, out_dir=tmp,
-                      model_source=loaded.source, quiet=quiet, text_column=self.text_column,
+        ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.config.seed, out_dir=tmp,
+                      model_source=loaded.source, quiet=quiet, text_column=self.config.text_column,
                       evaluate=self.evaluate)
         modifies = any(s.kind != "analyze" for s in self.stages)
         if modifies:
@@ -217,7 +196,7 @@ class Pipeline:
         spec = self.evaluate
         windows = evaluation.heldout_windows(ctx.tokenizer, spec["data"], seq_len=spec["seq_len"],
                                              num_windows=spec["num_windows"],
-                                             text_column=spec.get("text_column") or self.text_column)
+                                             text_column=spec.get("text_column") or self.config.text_column)
         if loaded.causal:
             result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"])
             report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
@@ -228,24 +207,24 @@ class Pipeline:
         return embeddings
 
     def _write(self, loaded: LoadedModel, report: Report, tmp: Path) -> None:
-        dtype = output_dtype(self.dtype, loaded.source_dtype)
+        dtype = output_dtype(self.config.dtype, loaded.source_dtype)
         adapters = [Path(r.artifacts["adapter"]) for r in report.stages
                     if str(r.artifacts.get("adapter", "")).endswith(".safetensors")]
         for adapter in adapters:  # adapters kept separate follow the checkpoint dtype too
             cast_safetensors_file(adapter, dtype)
         # An adapter kept separate leaves the model unmodified; top-level `merge` folds it in.
-        merged_adapter = self.merge and any(r.kind == "finetune" for r in report.stages)
+        merged_adapter = self.config.merge and any(r.kind == "finetune" for r in report.stages)
         if merged_adapter or any(r.modified_model for r in report.stages):
             gather_to_cpu(loaded.model)  # an offloaded model is written from CPU, whole
-            if self.merge:
+            if self.config.merge:
                 from .layers import merge_compressed
 
                 merge_compressed(loaded.model)
             save_checkpoint(loaded.model, loaded.tokenizer, tmp, _manifest(self, report), dtype)
             after = {**model_size(loaded.model, dtype), "disk_bytes": weight_file_bytes(tmp)}
             report.size = size_summary(report.size["before"], after, dtype)
-            if self.export is not None:
-                export_beside(tmp, self.export)
+            if self.config.export is not None:
+                export_beside(tmp, self.config.export)
         elif adapters:  # adapter-only output: its files are what the run adds on disk
             after = {"disk_bytes": sum(folder_bytes(a.parent) for a in adapters)}
             report.size = size_summary(report.size["before"], after, dtype)
@@ -307,7 +286,7 @@ def _manifest(pipeline: Pipeline, report: Report) -> dict[str, Any]:
             "source_model": report.run.get("model"), "keep_ratio": last.metrics.get("keep_ratio_reached"),
             "metrics": {r.stage: {k: v for k, v in r.metrics.items() if isinstance(v, (int, float, str))}
                         for r in report.stages},
-            "versions": report.run.get("versions"), "merged": pipeline.merge}
+            "versions": report.run.get("versions"), "merged": pipeline.config.merge}
 
 
 def evaluate_gates(gates: dict[str, float], evaluation_results: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,41 +1,147 @@
-"""YAML recipes: load (yaml.safe_load), apply `--set` overrides, validate every level."""
+"""YAML recipes: load (yaml.safe_load), apply `--set` overrides, and the typed top level
+(`RunConfig`), validated by the same strict `from_dict` as every stage's config."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
 
 import yaml
 
-from .config import did_you_mean
-from .dtypes import check_output_dtype
-from .export import check_format
+from .config import Config, did_you_mean
+from .dtypes import AUTO, check_output_dtype
 from .errors import ConfigError
+from .evaluation import PROTOCOL
+from .export import check_format
 from .offload import parse_max_memory
 from .preflight import check_int
 
-TOP_LEVEL_KEYS = {
-    "model": "model id, folder or .gguf (default: the embedded stories260K)",
-    "seed": "integer seed for data sampling and training",
-    "device": "auto (default: CUDA when available, else CPU), cpu, cuda, cuda:0, ...",
-    "dtype": "the written checkpoint's dtype: auto (the source model's, default), float32, bfloat16 or float16",
-    "trust_remote_code": "run a Hub model's custom code (off by default)",
-    "load_in": "4bit or 8bit bitsandbytes loading of the frozen base",
-    "max_memory": "accelerate offload: per-device budget, e.g. `0=20GiB,cpu=60GiB` (low-rank methods)",
-    "offload_folder": "accelerate offload: folder for the weights that fit nowhere else (disk)",
-    "out": "output folder",
-    "overwrite": "replace `out` when it holds an earlier result of this tool (other folders are refused)",
-    "merge": "write dense nn.Linear weights instead of factored layers",
-    "text_column": "column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet, datasets)",
-    "export": "also write the checkpoint in a standard format into <out>/<format>: compressed-tensors (2:4 prune)",
-    "evaluate": "{data, seq_len, num_windows, batch_size} or false",
-    "gates": "{max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed",
-    "stages": "ordered list of {method: NAME, **fields}",
-}
-EVALUATE_KEYS = {"data": str, "seq_len": int, "num_windows": int, "batch_size": int, "text_column": str}
-GATE_KEYS = ("max_ppl", "max_ppl_increase", "min_cosine")
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig(Config):
+    """The recipe's `evaluate:`: held-out quality before and after the stages (`false` = none).
+
+    Args:
+        data: held-out text, its second half scored (`default`, a file or a datasets name).
+        seq_len: tokens per window.
+        num_windows: windows scored: the first ones of the held-out half.
+        batch_size: windows per forward pass.
+        text_column: column holding the text in tabular data; null = the run's `text_column`.
+    """
+
+    unknown_key: ClassVar[str] = "unknown key `{key}`"
+
+    data: str = PROTOCOL["data"]
+    seq_len: int = PROTOCOL["seq_len"]
+    num_windows: int = PROTOCOL["num_windows"]
+    batch_size: int = PROTOCOL["batch_size"]
+    text_column: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "num_windows", "batch_size"):
+            check_int(f"evaluate.{key}", getattr(self, key), 1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatesConfig(Config):
+    """The recipe's `gates:`: the run exits non-zero (3) when one is missed; null = not checked.
+
+    Args:
+        max_ppl: highest held-out perplexity accepted after the run.
+        max_ppl_increase: highest relative perplexity increase accepted (0.1 = +10 %).
+        min_cosine: lowest mean embedding cosine to the dense model accepted (encoders).
+    """
+
+    unknown_key: ClassVar[str] = "unknown gate `{key}`"
+
+    max_ppl: float | None = None
+    max_ppl_increase: float | None = None
+    min_cosine: float | None = None
+
+    def active(self) -> dict[str, float]:
+        """{gate: limit} of the gates that are set."""
+        return {k: v for k, v in self.to_dict().items() if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig(Config):
+    """A recipe's top level: everything but the stages' own fields.
+
+    Args:
+        model: model id, folder or .gguf (default: the embedded stories260K).
+        seed: integer seed for data sampling and training.
+        device: auto (default: CUDA when available, else CPU), cpu, cuda, cuda:0, ...
+        dtype: the written checkpoint's dtype: auto (the source model's, default), float32,
+            bfloat16 or float16.
+        trust_remote_code: run a Hub model's custom code (off by default).
+        load_in: 4bit or 8bit bitsandbytes loading of the frozen base.
+        max_memory: accelerate offload: per-device budget, e.g. `0=20GiB,cpu=60GiB`.
+        offload_folder: accelerate offload: folder for the weights that fit nowhere else (disk).
+        out: output folder.
+        overwrite: replace `out` when it holds an earlier result of this tool (other folders are
+            refused).
+        merge: write dense nn.Linear weights instead of factored layers.
+        export: also write the checkpoint in a standard format into <out>/<format>:
+            compressed-tensors (2:4 prune).
+        text_column: column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet,
+            datasets).
+        evaluate: {data, seq_len, num_windows, batch_size, text_column} or false.
+        gates: {max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed.
+        stages: ordered list of {method: NAME, **fields}; each is validated by its method's config.
+    """
+
+    unknown_key: ClassVar[str] = "unknown top-level key `{key}`"
+    # Not written to recipe.resolved.yaml: re-running a resolved recipe must not name or replace
+    # an output folder.
+    RUN_ONLY: ClassVar[tuple[str, ...]] = ("out", "overwrite")
+
+    model: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = AUTO
+    trust_remote_code: bool = False
+    load_in: str | None = None
+    max_memory: str | dict | None = None
+    offload_folder: str | None = None
+    out: str | None = None
+    overwrite: bool = False
+    merge: bool = False
+    export: str | None = None
+    text_column: str | None = None
+    evaluate: EvaluateConfig | None = field(default_factory=EvaluateConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    stages: tuple[Any, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> RunConfig:
+        """`evaluate: true` (or null) = the default protocol; `evaluate: false` = no evaluation."""
+        data = dict(data)
+        if "evaluate" in data and data["evaluate"] in (True, None, False):
+            data["evaluate"] = None if data["evaluate"] is False else {}
+        if data.get("gates") is None:
+            data.pop("gates", None)
+        return super().from_dict(data, where)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("`stages` must be a non-empty list of {method: NAME, ...} mappings")
+        check_output_dtype(self.dtype)
+        if self.export is not None:
+            check_format(self.export)
+        if self.max_memory is not None:
+            parse_max_memory(self.max_memory)  # raises with the expected format
+
+    def to_recipe(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
+        """The resolved recipe: every top-level default filled in, then `stages` (resolved)."""
+        top = {k: v for k, v in self.to_dict().items() if k not in (*self.RUN_ONLY, "stages")}
+        if self.evaluate is None:
+            top["evaluate"] = False
+        return {**top, "stages": stages}
+
+
+
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -139,7 +245,7 @@ def apply_overrides(recipe: dict[str, Any], overrides: list[str]) -> dict[str, A
     """`--set a.b=v`: the path must exist (or be a field of a stage); YAML-typed values."""
     for text in overrides:
         path, value = parse_override(text)
-        if path[0] not in TOP_LEVEL_KEYS and len(recipe.get("stages", [])) == 1:
+        if path[0] not in RunConfig.field_names() and len(recipe.get("stages", [])) == 1:
             path = ["stages", "0", *path]  # single-stage runs: `--set rank=0.4` means the stage
         if path[-1] == "method" and len(path) == 3 and path[0] == "stages":
             raise ConfigError(f"`--set {text}`: a stage's method cannot be overridden (its other fields and the "
@@ -156,7 +262,7 @@ def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
             node = node[int(part)]
         elif isinstance(node, dict):
             if part not in node:
-                if i == 0 and part in TOP_LEVEL_KEYS:
+                if i == 0 and part in RunConfig.field_names():
                     node[part] = {}
                 else:
                     raise ConfigError(f"`--set {text}`: no `{part}` in the recipe{did_you_mean(part, node)}")
@@ -166,44 +272,3 @@ def _set_path(node: Any, path: list[str], value: Any, text: str) -> None:
     if isinstance(node, list):
         raise ConfigError(f"`--set {text}`: cannot replace a whole list element")
     node[path[-1]] = value
-
-
-def validate_top_level(recipe: dict[str, Any]) -> None:
-    for key in recipe:
-        if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"recipe: unknown top-level key `{key}`{did_you_mean(key, TOP_LEVEL_KEYS)} "
-                              f"(valid: {', '.join(TOP_LEVEL_KEYS)})")
-    stages = recipe.get("stages")
-    if not isinstance(stages, list) or not stages:
-        raise ConfigError("recipe: `stages` must be a non-empty list of {method: NAME, ...} mappings")
-    evaluate = recipe.get("evaluate")
-    if evaluate not in (None, False, True) and not isinstance(evaluate, dict):
-        raise ConfigError(f"recipe: `evaluate` must be a mapping or false, got {evaluate!r}")
-    for key, value in (evaluate or {}).items() if isinstance(evaluate, dict) else []:
-        if key not in EVALUATE_KEYS:
-            raise ConfigError(f"recipe: unknown key `evaluate.{key}`{did_you_mean(key, EVALUATE_KEYS)}")
-        if not isinstance(value, EVALUATE_KEYS[key]) or isinstance(value, bool):
-            raise ConfigError(f"recipe: `evaluate.{key}` must be {EVALUATE_KEYS[key].__name__}, got {value!r}")
-        if EVALUATE_KEYS[key] is int:
-            check_int(f"evaluate.{key}", value, 1)
-    gates = recipe.get("gates") or {}
-    if not isinstance(gates, dict):
-        raise ConfigError(f"recipe: `gates` must be a mapping, got {gates!r}")
-    for key, value in gates.items():
-        if key not in GATE_KEYS:
-            raise ConfigError(f"recipe: unknown gate `{key}`{did_you_mean(key, GATE_KEYS)} (valid: {', '.join(GATE_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"recipe: gate `{key}` must be a number, got {value!r}")
-    for key, kind in (("seed", int), ("merge", bool), ("trust_remote_code", bool), ("overwrite", bool)):
-        if key in recipe and (not isinstance(recipe[key], kind) or (kind is int and isinstance(recipe[key], bool))):
-            raise ConfigError(f"recipe: `{key}` must be {kind.__name__}, got {recipe[key]!r}")
-    if recipe.get("text_column") is not None and not isinstance(recipe["text_column"], str):
-        raise ConfigError(f"recipe: `text_column` must be a column name, got {recipe['text_column']!r}")
-    if recipe.get("offload_folder") is not None and not isinstance(recipe["offload_folder"], str):
-        raise ConfigError(f"recipe: `offload_folder` must be a folder path, got {recipe['offload_folder']!r}")
-    if "dtype" in recipe:
-        check_output_dtype(recipe["dtype"])
-    if recipe.get("export") is not None:
-        check_format(recipe["export"])
-    if recipe.get("max_memory") is not None:
-        parse_max_memory(recipe["max_memory"])  # raises with the expected format

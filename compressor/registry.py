@@ -12,23 +12,43 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from .config import MethodConfig, did_you_mean
 from .errors import ConfigError
 from .report.records import StageResult
 
 Kind = Literal["analyze", "compress", "finetune", "transform"]
+# Kinds whose stages run under accelerate offload (`max_memory` / `offload_folder`): they read
+# weights through the calibration engine, which materialises offloaded ones block by block.
+OFFLOADABLE_KINDS = ("analyze", "compress")
+
+# CLI flag -> the config fields it fills, first one the method has wins. Any other flag fills the
+# field of its own name (`--from-trained` -> `from_trained`), so a new method's fields get the
+# commands' flags without an entry here.
+FLAG_FIELDS: dict[str, tuple[str, ...]] = {
+    "calib": ("calibration",),
+    "calib-windows": ("num_windows",),
+    "eval-windows": ("num_eval",),
+    "r": ("r", "lora_r"),
+    "reduction": ("welore_reduction",),
+}
 
 
 @dataclass(frozen=True)
 class MethodInfo:
-    """What is known about a method before its module is imported."""
+    """What is known about a method before its module is imported. Its capabilities follow from
+    these and from its config's fields: which CLI flags fill it (`FLAG_FIELDS`), whether it
+    calibrates (its config extends `CalibrationConfig`, whose class keywords give its defaults)."""
 
     module: str
     config_class: str
     kind: str
     summary: str
+
+    @property
+    def offloadable(self) -> bool:
+        return self.kind in OFFLOADABLE_KINDS
 
 
 BUILTIN: dict[str, MethodInfo] = {
@@ -182,3 +202,34 @@ def apply_(model, config: MethodConfig, ctx=None) -> StageResult:
 
     method = method_for_config(config)
     return method.apply(model, config, ctx or Context.for_model(model))
+
+
+def flag_field(flag: str, fields: list[str]) -> str | None:
+    """The config field a CLI flag fills among `fields`, or None when the method has none."""
+    return next((f for f in FLAG_FIELDS.get(flag, (flag.replace("-", "_"),)) if f in fields), None)
+
+
+def fields_from_flags(name: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """{field: value} for the flags given (None = not given); a flag the method lacks is an error,
+    naming the flag that replaced it when its field was renamed."""
+    config_cls = get_method(name).config_cls
+    fields = config_cls.field_names()
+    chosen = {}
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        key = flag_field(flag, fields)
+        if key is None:
+            raise ConfigError(_foreign_flag(name, flag, config_cls))
+        chosen[key] = value
+    return chosen
+
+
+def _foreign_flag(name: str, flag: str, config_cls: type[MethodConfig]) -> str:
+    old = FLAG_FIELDS.get(flag, (flag.replace("-", "_"),))
+    renamed = next((config_cls.renamed[f] for f in old if f in config_cls.renamed), None)
+    if renamed:
+        new, _, why = renamed.partition(" ")
+        return f"{name}: `--{flag}` was renamed `--{new.replace('_', '-')}`" + (f" {why}" if why else "")
+    return (f"`--{flag}` does not apply to method `{name}` (its fields: {', '.join(config_cls.field_names())}); "
+            "use --set key=value for method-specific fields")

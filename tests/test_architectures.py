@@ -21,7 +21,7 @@ METHODS = {
     "svd-llm": {"rank": 0.6, **CALIB},
     "saes-svd": {"rank": 0.6, **CALIB},
     "prune": {"pattern": "unstructured", "sparsity": 0.5, "score": "magnitude", **CALIB},
-    "lora": {"steps": 2, "batch_size": 2, "seq_len": 32, "num_eval": 2, "rank": 2, "dropout": 0.0},
+    "lora": {"steps": 2, "batch_size": 2, "seq_len": 32, "num_eval": 2, "r": 2, "dropout": 0.0},
 }
 
 

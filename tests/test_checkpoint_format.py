@@ -27,7 +27,7 @@ METHODS = {
     "saes-svd": {"method": "saes-svd", "rank": 0.6, **FAST},
     "welore": {"method": "welore", "rank": 0.6},  # data-free (spectra only)
     "prune": {"method": "prune", "pattern": "2:4"},
-    "dsformer": {"method": "dsformer", "rank": 0.6, "init": "plain", "stf_steps": 0, "eval_windows": 0, **FAST},
+    "dsformer": {"method": "dsformer", "keep_bytes": 0.6, "init": "plain", "stf_steps": 0, "eval_windows": 0, **FAST},
 }
 # The fresh process: from_pretrained after `import compressor` vs compressor.load vs the run's model.
 PARITY = """

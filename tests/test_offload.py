@@ -96,7 +96,7 @@ def test_nan_in_an_offloaded_weight_is_still_found(tmp_path):
 
 def test_offload_with_a_method_that_reads_weights_directly_is_refused_before_loading(tmp_path):
     with pytest.raises(ConfigError, match="dsformer"):
-        _compress(tmp_path / "does-not-exist", tmp_path / "out", {"method": "dsformer", "rank": 0.6},
+        _compress(tmp_path / "does-not-exist", tmp_path / "out", {"method": "dsformer", "keep_bytes": 0.6},
                   offload_folder=str(tmp_path / "off"))
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -66,15 +66,15 @@ DEFAULT_TARGETS = ("q_proj", "v_proj", "query", "value")  # Llama/Mistral/Qwen a
 FLOPS_NOTE = ("FLOPs count non-zero weights: the saving needs a sparse kernel (N:M patterns have "
               "one; unstructured zeros run dense otherwise)")
 ADAPTER_FILE = "dsee_adapter.safetensors"
-POSITIVE_INTS = ("rank", "num_sparse", "grebsmo_iterations", "grebsmo_inner", "grebsmo_rank_step")
+POSITIVE_INTS = ("r", "num_sparse", "grebsmo_iterations", "grebsmo_inner", "grebsmo_rank_step")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DseeConfig(TrainConfig):
     """Args (plus every `TrainConfig` field):
     targets: linears that get LoRA + S₂; default the query and value projections.
-    rank: LoRA rank r (DSEE scripts: 16).
-    alpha: LoRA alpha; the update (B A + S₂) is scaled by alpha / rank.
+    r: LoRA rank (peft's name; DSEE scripts: 16).
+    alpha: LoRA alpha; the update (B A + S₂) is scaled by alpha / r.
     num_sparse: N, entries of S₂ per adapted matrix (DSEE: 64 for SST-2, 16 for RTE).
     sparse_method: how Ω is chosen: "grebsmo" (top-N |S| of W₀ ≈ U V + S, the paper's),
         "magnitude" (top-N |W₀|, the code's `omp`) or "random" (the code's `rp`).
@@ -97,7 +97,9 @@ class DseeConfig(TrainConfig):
     """
 
     targets: tuple[str, ...] = DEFAULT_TARGETS
-    rank: int = 16
+    renamed: ClassVar[dict[str, str]] = {"rank": "r (peft's name for the adapter rank)"}
+
+    r: int = 16
     alpha: float = 32.0
     num_sparse: int = 64
     sparse_method: str = "grebsmo"
@@ -171,7 +173,7 @@ def install_dsee(model: nn.Module, config: DseeConfig, ctx: Context,
     for name, module in ctx.progress(list(modules.items()), f"dsee: Ω by {config.sparse_method}"):
         layer_seed_ = layer_seed(seed, name)
         support = choose_support(linear_weight(module).detach().float(), config, layer_seed_)
-        layers[name] = DseeLinear.from_linear(module, support, rank=config.rank,
+        layers[name] = DseeLinear.from_linear(module, support, rank=config.r,
                                               alpha=config.alpha, seed=layer_seed_)
         replace_module(model, name, layers[name])
     return layers

@@ -15,7 +15,7 @@ mode "lora": LoRA (r 16, α 32, dropout 0.05) on the selected modules, via the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -53,7 +53,7 @@ class KappaTuneConfig(TrainConfig):
         Set at most one of the three; none set = top_p 0.2 (the paper's and peft's default).
     max_dim: skip tensors with a dimension above this (peft: 16384).
     mode: "lora" (LoRA on the selected modules) or "full" (the selected weights themselves).
-    lora_rank, lora_alpha, lora_dropout: the LoRA of mode "lora" (hf_integration: 16, 32, 0.05).
+    lora_r, lora_alpha, lora_dropout: the LoRA of mode "lora" (hf_integration: 16, 32, 0.05).
     use_cache: reuse cached spectra of identical weights (see compressor.analysis.cache).
     merge: mode "lora": fold the adapter into the weights after training.
     lr: None = adamw 5e-5 (full) / 2e-4 (lora); mezo 1e-6 (full) / 5e-5 (lora).
@@ -64,7 +64,9 @@ class KappaTuneConfig(TrainConfig):
     threshold: float | None = None
     max_dim: int = 16384
     mode: str = "lora"
-    lora_rank: int = 16
+    renamed: ClassVar[dict[str, str]] = {"lora_rank": "lora_r (peft's name for the adapter rank)"}
+
+    lora_r: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     use_cache: bool = True
@@ -87,7 +89,7 @@ class KappaTuneConfig(TrainConfig):
         if self.max_dim < 1:
             raise ConfigError(f"kappatune: `max_dim` must be >= 1, got {self.max_dim}; peft uses "
                               "16384")
-        check_lora_fields("kappatune", self.lora_rank, self.lora_alpha, self.lora_dropout, "lora_")
+        check_lora_fields("kappatune", self.lora_r, self.lora_alpha, self.lora_dropout, "lora_")
 
     def selection_rule(self) -> dict[str, Any]:
         """The one rule in force, as keyword arguments of `spectra.kappatune_select`."""
@@ -157,7 +159,7 @@ def apply(model: nn.Module, config: KappaTuneConfig, ctx: Context) -> StageResul
     if full:
         stage = _train_full(model, chosen, config, ctx)
     else:
-        stage = train_lora(model, chosen, config, ctx, rank=config.lora_rank,
+        stage = train_lora(model, chosen, config, ctx, rank=config.lora_r,
                            alpha=config.lora_alpha, dropout=config.lora_dropout,
                            merge=config.merge, method="kappatune")  # fmt: skip
     # One row per candidate in model order (the analyze stage's order), selected or not.

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import peft
 from torch import nn
@@ -45,31 +45,33 @@ from ._common import (
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig(TrainConfig):
     """Args (plus every `TrainConfig` field; `targets` default to every attention and MLP linear):
-    rank: r (METHODS default 8).
-    alpha: lora_alpha; the update is scaled by alpha / rank (default 16; peft's own is 8).
+    r: the adapter rank (peft's name; METHODS default 8).
+    alpha: lora_alpha; the update is scaled by alpha / r (default 16; peft's own is 8).
     dropout: dropout on the adapter's input during training (0.05).
     merge: after training, fold B A into the weights (plain nn.Linear, outputs unchanged).
     lr: None = 2e-4 with adamw (the QLoRA/KappaTune-peft rate), 5e-5 with mezo (MeZO-LoRA).
     """
 
-    rank: int = 8
+    renamed: ClassVar[dict[str, str]] = {"rank": "r (peft's name for the adapter rank)"}
+
+    r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
     merge: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_lora_fields("lora", self.rank, self.alpha, self.dropout)
+        check_lora_fields("lora", self.r, self.alpha, self.dropout)
 
 
-def check_lora_fields(method: str, rank: int, alpha: float, dropout: float,
+def check_lora_fields(method: str, r: int, alpha: float, dropout: float,
                       prefix: str = "") -> None:
-    """ConfigError for a bad LoRA rank / alpha / dropout (`prefix` names kappatune's fields)."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ConfigError(f"{method}: `{prefix}rank` must be an integer >= 1, got {rank!r}; e.g. 8")
+    """ConfigError for a bad LoRA r / alpha / dropout (`prefix` names kappatune's fields)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"{method}: `{prefix}r` must be an integer >= 1, got {r!r}; e.g. 8")
     if not alpha > 0:
         raise ConfigError(f"{method}: `{prefix}alpha` must be > 0, got {alpha}; the update is "
-                          "scaled by alpha / rank")
+                          "scaled by alpha / r")
     if not 0 <= dropout < 1:
         raise ConfigError(f"{method}: `{prefix}dropout` must be in [0, 1), got {dropout}")
 
@@ -157,5 +159,5 @@ def apply(model: nn.Module, config: LoraConfig, ctx: Context) -> StageResult:
     config = with_default_lr(config, adamw=2e-4, mezo=5e-5)
     modules = adapter_targets(model, config.targets, config.ignore)
     refuse_compressed("lora", modules)
-    return train_lora(model, list(modules), config, ctx, rank=config.rank, alpha=config.alpha,
+    return train_lora(model, list(modules), config, ctx, rank=config.r, alpha=config.alpha,
                       dropout=config.dropout, merge=config.merge, method="lora")

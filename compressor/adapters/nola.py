@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -70,8 +70,8 @@ ADAPTER_FILE = "nola_adapter.safetensors"
 @dataclass(frozen=True, kw_only=True)
 class NolaConfig(TrainConfig):
     """Args (plus every `TrainConfig` field; `targets` default to every linear but `lm_head`):
-    rank: r, the inner dimension of A and B (official LLaMA setting 16).
-    alpha: ΔW is scaled by alpha / rank (official LLaMA setting 4).
+    r: the rank, the inner dimension of A and B (official LLaMA setting 16).
+    alpha: ΔW is scaled by alpha / r (official LLaMA setting 4).
     num_basis_a: k, random bases (= trainable coefficients) for A per layer (paper: 512).
     num_basis_b: l, the same for B.
     cache_bases: keep the bases in memory instead of regenerating them in every forward and
@@ -80,7 +80,9 @@ class NolaConfig(TrainConfig):
     lr: None = 1e-3 with adamw (NOLA's LLaMA recipe), 5e-5 with mezo.
     """
 
-    rank: int = 16
+    renamed: ClassVar[dict[str, str]] = {"rank": "r (peft's name for the adapter rank)"}
+
+    r: int = 16
     alpha: float = 4.0
     num_basis_a: int = 512
     num_basis_b: int = 512
@@ -89,14 +91,14 @@ class NolaConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("rank", "num_basis_a", "num_basis_b"):
+        for key in ("r", "num_basis_a", "num_basis_b"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"nola: `{key}` must be an integer >= 1, got {value!r}; the "
-                                  "paper uses rank 16 with 512 bases per factor")
+                                  "paper uses r 16 with 512 bases per factor")
         if not self.alpha > 0:
             raise ConfigError(f"nola: `alpha` must be > 0, got {self.alpha}; ΔW is scaled by "
-                              "alpha / rank (official LLaMA setting: 4)")
+                              "alpha / r (official LLaMA setting: 4)")
 
 
 # -- wiring ------------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def install_nola(model: nn.Module, config: NolaConfig, base_seed: int) -> dict[s
     layers = {}
     for name, module in modules.items():
         layers[name] = NolaLinear.from_linear(
-            module, rank=config.rank, num_basis_a=config.num_basis_a,
+            module, rank=config.r, num_basis_a=config.num_basis_a,
             num_basis_b=config.num_basis_b, alpha=config.alpha,
             seed=layer_seed(base_seed, name), cache_bases=config.cache_bases)  # fmt: skip
         replace_module(model, name, layers[name])

@@ -7,8 +7,8 @@ consecutive entries along k in each column (default 2:4, so S packs for 2:4 kern
 `pattern: unstructured` the top `density`*k entries of each column. Every column of W is a sparse
 combination of atoms of a small dictionary D.
 
-`rank` is a KEEP ratio in stored BYTES: bytes(D) + bytes(S values) + bytes(S index metadata) <=
-rank * bytes(dense W), values in the model dtype and, for N:M, positions bit-packed at
+`keep_bytes` is a KEEP ratio in stored BYTES: bytes(D) + bytes(S values) + bytes(S index metadata) <=
+keep_bytes * bytes(dense W), values in the model dtype and, for N:M, positions bit-packed at
 nm_index_bits(M) bits (2 bits for 2:4) as the checkpoint stores them; k is the largest multiple of
 M that fits. (Equal bytes is the fair comparison with low-rank methods, whose factors carry no
 metadata.)
@@ -27,12 +27,12 @@ metadata.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig
+from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
@@ -61,11 +61,11 @@ __all__ = [
 
 
 @dataclass(frozen=True, kw_only=True)
-class DSFormerConfig(MethodConfig):
+class DSFormerConfig(CalibrationConfig):
     """Args:
-    rank: KEEP ratio in stored bytes (D + S values + S index metadata) of each targeted layer,
-        0 < rank <= 1; the inner dimension k is solved from it (a multiple of M).
-    k: explicit inner dimension for every targeted layer (overrides `rank`); a multiple of M.
+    keep_bytes: KEEP ratio in stored bytes (D + S values + S index metadata) of each targeted
+        layer, 0 < keep_bytes <= 1; the inner dimension k is solved from it (a multiple of M).
+    k: explicit inner dimension for every targeted layer (overrides `keep_bytes`); a multiple of M.
     pattern: "N:M" (N of every M consecutive entries along k in each column of S; default
         "2:4") or "unstructured" (the `density` * k largest entries of each column).
     density: fraction of k kept per column of S with `pattern: unstructured`.
@@ -77,8 +77,8 @@ class DSFormerConfig(MethodConfig):
         SparseGPT's OBS update) or "projection" (top-N-of-M of the least-squares S).
     init_iters: alternations of sparse coding (S) and least squares (D).
     cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
-    calibration: text source of the calibration windows (see compressor.data).
-    num_windows: calibration windows for `init: whitened`.
+    num_windows: calibration windows for `init: whitened` (the calibration fields: see
+        `CalibrationConfig`).
     seq_len: tokens per window (calibration and STF).
     batch_size: windows per forward pass (calibration and STF).
     stf_steps: Straight-Through Factorizer training steps after the initialisation; 0 = none.
@@ -90,7 +90,10 @@ class DSFormerConfig(MethodConfig):
         after the initialisation and after STF; 0 = skip.
     """
 
-    rank: float = 0.6
+    renamed: ClassVar[dict[str, str]] = {
+        "rank": "keep_bytes (dsformer's budget counts stored bytes, not parameters)"}
+
+    keep_bytes: float = 0.6
     k: int | None = None
     pattern: str = "2:4"
     density: float = 0.5
@@ -98,10 +101,6 @@ class DSFormerConfig(MethodConfig):
     coding: Literal["sparsegpt", "projection"] = "sparsegpt"
     init_iters: int = 4
     cg_iters: int = 10
-    calibration: str = "default"
-    num_windows: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
     stf_steps: int = 100
     lr: float = 1e-4
     distill: bool = False
@@ -114,10 +113,10 @@ class DSFormerConfig(MethodConfig):
             parsed = parse_pattern(self.pattern, self.density)
         except ValueError as err:
             raise ConfigError(f"dsformer: `pattern` {err}") from None
-        if not 0 < self.rank <= 1:
+        if not 0 < self.keep_bytes <= 1:
             raise ConfigError(
-                f"dsformer: `rank` is the keep ratio in bytes and must be in (0, 1], got "
-                f"{self.rank!r}; e.g. `rank: 0.6` keeps 60 % of each layer's bytes"
+                f"dsformer: `keep_bytes` is the keep ratio in bytes and must be in (0, 1], got "
+                f"{self.keep_bytes!r}; e.g. `keep_bytes: 0.6` keeps 60 % of each layer's bytes"
             )
         if not 0 < self.density <= 1:
             raise ConfigError(
@@ -125,8 +124,7 @@ class DSFormerConfig(MethodConfig):
             )
         if self.k is not None:
             _check_explicit_k(self.k, parsed)
-        for key in ("init_iters", "num_windows", "seq_len", "batch_size"):
-            _check_int(key, getattr(self, key), 1)
+        _check_int("init_iters", self.init_iters, 1)
         for key in ("cg_iters", "stf_steps", "eval_windows"):
             _check_int(key, getattr(self, key), 0)
         if not self.lr > 0:
@@ -158,11 +156,11 @@ def _check_explicit_k(k: int, pattern: SparsePattern) -> None:
 def plan_inner_dims(
     shapes: dict[str, tuple[int, int]], config: DSFormerConfig, value_bytes: int
 ) -> dict[str, int]:
-    """k per layer from `rank` (or `k`); raises one ConfigError listing every layer that cannot fit."""
+    """k per layer from `keep_bytes` (or `k`); raises one ConfigError listing every layer that cannot fit."""
     pattern = config.sparse_pattern
     plan, problems = {}, []
     for name, (out_f, in_f) in shapes.items():
-        k = config.k or solve_inner_dim(out_f, in_f, config.rank, pattern, value_bytes)
+        k = config.k or solve_inner_dim(out_f, in_f, config.keep_bytes, pattern, value_bytes)
         limit = min(out_f, in_f)
         if config.k is None and k < (pattern.m or 1):
             smallest = dense_sparse_bytes(out_f, in_f, pattern.m or 1, pattern, value_bytes)[
@@ -171,7 +169,7 @@ def plan_inner_dims(
             problems.append(
                 f"{name} ({out_f}x{in_f}): even k={pattern.m or 1} needs "
                 f"{smallest / (out_f * in_f * value_bytes):.3f} of the dense bytes "
-                f"(D + S values + index metadata) > `rank`={config.rank}"
+                f"(D + S values + index metadata) > `keep_bytes`={config.keep_bytes}"
             )
         elif k > limit:
             problems.append(
@@ -179,7 +177,7 @@ def plan_inner_dims(
                 + (
                     ""
                     if config.k
-                    else f" (lower `rank` to <= {_max_keep(out_f, in_f, pattern, value_bytes):.3f})"
+                    else f" (lower `keep_bytes` to <= {_max_keep(out_f, in_f, pattern, value_bytes):.3f})"
                 )
             )
         plan[name] = k
@@ -187,7 +185,7 @@ def plan_inner_dims(
         raise ConfigError(
             f"dsformer: {len(problems)} layer(s) cannot be factored as asked: "
             f"{'; '.join(problems[:6])}{' ...' if len(problems) > 6 else ''}; "
-            "change `rank`/`k`, or add these layers to `ignore`"
+            "change `keep_bytes`/`k`, or add these layers to `ignore`"
         )
     return plan
 
@@ -272,7 +270,7 @@ def apply(model: nn.Module, config: DSFormerConfig, ctx: Context) -> StageResult
     notes = _initialise(model, selected, plan, config, ctx, rows)
     if config.k is None and config.sparse_pattern.structured:
         notes.append(
-            f"k solved per layer from `rank`={config.rank} as the largest multiple of "
+            f"k solved per layer from `keep_bytes`={config.keep_bytes} as the largest multiple of "
             f"M={config.sparse_pattern.m} whose bytes fit (rounded down; see the per-module `k`)"
         )
     metrics["ppl_init"] = _eval(model, eval_windows, config.batch_size)

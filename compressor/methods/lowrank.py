@@ -28,7 +28,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig
+from ..config import CalibrationConfig, MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError
 from ..layers import CompressedLinear, LowRankLinear
@@ -130,34 +130,17 @@ class LowRankConfig(MethodConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CalibratedLowRankConfig(LowRankConfig):
+class CalibratedLowRankConfig(CalibrationConfig, LowRankConfig, num_windows=128):
     """Low-rank fields plus the calibration data of the activation-aware methods.
 
     Args:
-        calibration: text source for calibration windows (`default` = the embedded TinyStories
-            excerpt, or a .txt/.jsonl/.csv/.tsv path, or a datasets name); its `calib` split is used,
-            which never overlaps the `eval` split used for perplexity.
         num_windows: calibration windows (≥ 64 recommended: 8 windows gave perplexity 4629 in
             SVD-LLM issue #54; fewer than 64 warns).
-        seq_len: tokens per calibration window.
-        batch_size: windows per forward pass (memory vs speed).
         second_phase: linears (same syntax as `targets`) compressed after the rest of their block,
             because their inputs come from the block's other linears (attention output, MLP down).
     """
 
-    calibration: str = "default"
-    num_windows: int = 128
-    seq_len: int = 256
-    batch_size: int = 8
     second_phase: tuple[str, ...] = DEFAULT_SECOND_PHASE
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = self.method_name or "low-rank"
-        for key in ("num_windows", "seq_len", "batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name}: `{key}` must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------- rank arithmetic (pure)

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
@@ -52,7 +52,7 @@ __all__ = ["MaestroConfig", "MaestroLinear"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class MaestroConfig(MethodConfig):
+class MaestroConfig(CalibrationConfig, calibration=None, num_windows=32, batch_size=4):
     """Args:
     rank: final KEEP ratio of the targeted linears' parameters, reached by truncating every
         layer in importance order; None = keep the learned ranks (train without it if you want
@@ -91,8 +91,6 @@ class MaestroConfig(MethodConfig):
     importance: Literal["output", "factors"] = "output"
     epochs: int = 1
     train_windows: int = 64
-    batch_size: int = 4
-    seq_len: int = 256
     lr: float = 1e-3
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
@@ -101,8 +99,6 @@ class MaestroConfig(MethodConfig):
     threshold: float = 1e-5
     full_pass: bool = True
     data: str = "default"
-    calibration: str | None = None
-    num_windows: int = 32
     eval_windows: int = 16
     curve_keeps: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
 
@@ -122,7 +118,7 @@ class MaestroConfig(MethodConfig):
             raise ConfigError(
                 f"maestro: `init_rank` must be in (0, 1], got {self.init_rank!r}; 1.0 starts exact"
             )
-        for key in ("epochs", "train_windows", "batch_size", "seq_len", "num_windows"):
+        for key in ("epochs", "train_windows"):
             value = getattr(self, key)
             if (
                 isinstance(value, bool)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig
+from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
 from ..kernels import compress_nm_indices, nm_mask
@@ -47,7 +47,7 @@ __all__ = [
 
 
 @dataclass(frozen=True, kw_only=True)
-class PruneConfig(MethodConfig):
+class PruneConfig(CalibrationConfig):
     """Args:
     pattern: "N:M" (e.g. "2:4": N kept of every M consecutive weights along in_features of each
         row, stored packed) or "unstructured" (the `sparsity` fraction of weights zeroed).
@@ -61,11 +61,8 @@ class PruneConfig(MethodConfig):
         `sparsity` of its weights; sparsegpt accepts only "auto").
     block_size: sparsegpt: columns per lazy-update block (the paper's 128).
     dampening: sparsegpt: λ added to diag(H) as a fraction of its mean (the paper's 0.01).
-    calibration: text source of the calibration windows for `wanda`/`sparsegpt` (see
-        compressor.data).
-    num_windows: calibration windows for `wanda`/`sparsegpt`.
-    seq_len: tokens per calibration window.
-    batch_size: windows per forward pass.
+    num_windows: calibration windows for `wanda`/`sparsegpt` (the calibration fields: see
+        `CalibrationConfig`).
     """
 
     pattern: str = "2:4"
@@ -74,10 +71,6 @@ class PruneConfig(MethodConfig):
     group: Literal["auto", "row", "layer"] = "auto"
     block_size: int = 128
     dampening: float = 0.01
-    calibration: str = "default"
-    num_windows: int = 64
-    seq_len: int = 256
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,10 +93,8 @@ class PruneConfig(MethodConfig):
                 f"prune: `dampening` is a fraction of the mean Hessian diagonal and must be in "
                 f"[0, 10), got {self.dampening!r}; the paper uses 0.01"
             )
-        for key in ("num_windows", "seq_len", "batch_size", "block_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"prune: `{key}` must be a positive integer, got {value!r}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ConfigError(f"prune: `block_size` must be a positive integer, got {self.block_size!r}")
 
 
 # -- pure scores and masks ---------------------------------------------------------------------

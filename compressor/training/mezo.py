@@ -28,6 +28,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -54,13 +55,15 @@ class MezoConfig(TrainConfig):
         adapter: None = perturb the full weights (or the linears named by `targets`);
             "lora" = inject LoRA adapters into the `targets` linears (as the `lora` stage does)
             and train only those; `lr` then defaults to 5e-5 and the paper uses mezo_eps 1e-2.
-        lora_rank: LoRA rank r when `adapter` is "lora".
+        lora_r: LoRA rank (peft's `r`) when `adapter` is "lora".
         lora_alpha: LoRA scaling numerator (the update is alpha/r * B A).
     """
 
     optimizer: str = "mezo"
     adapter: str | None = None
-    lora_rank: int = 8
+    renamed: ClassVar[dict[str, str]] = {"lora_rank": "lora_r (peft's name for the adapter rank)"}
+
+    lora_r: int = 8
     lora_alpha: float = 16.0
 
     def __post_init__(self):
@@ -73,8 +76,8 @@ class MezoConfig(TrainConfig):
             raise ConfigError(
                 f"mezo: `adapter` must be null (full weights) or 'lora', got {self.adapter!r}"
             )
-        if self.lora_rank < 1:
-            raise ConfigError(f"mezo: `lora_rank` must be >= 1, got {self.lora_rank}")
+        if self.lora_r < 1:
+            raise ConfigError(f"mezo: `lora_r` must be >= 1, got {self.lora_r}")
 
 
 # -- the maths: pure functions on parameter lists ---------------------------------------------
@@ -273,7 +276,7 @@ def _train_lora(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
     torch.manual_seed(config.seed if config.seed is not None else int(getattr(ctx, "seed", 0) or 0))
     config = config if config.lr is not None else config.replace(lr=DEFAULT_LORA_LR)
     return train_lora(
-        model, names, config, ctx, rank=config.lora_rank, alpha=config.lora_alpha, dropout=0.0,
+        model, names, config, ctx, rank=config.lora_r, alpha=config.lora_alpha, dropout=0.0,
         merge=False, method="mezo",
     )  # fmt: skip
 

@@ -15,7 +15,7 @@ from compressor.pipeline import Pipeline
 from compressor.testing import tiny_llama
 from compressor.testing.tiny import example_input_ids
 
-STAGE = {"method": "lora", "rank": 4, "steps": 2, "num_eval": 2, "seq_len": 32, "batch_size": 2, "lr": 1e-2}
+STAGE = {"method": "lora", "r": 4, "steps": 2, "num_eval": 2, "seq_len": 32, "batch_size": 2, "lr": 1e-2}
 
 
 def _source(folder, dtype="float32"):

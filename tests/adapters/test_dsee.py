@@ -9,7 +9,7 @@ from compressor.layers import merge_compressed
 from compressor.models import default_tokenizer, load, save
 from compressor.testing.tiny import example_input_ids, tiny_llama
 
-FAST = {"rank": 4, "num_sparse": 8, "grebsmo_iterations": 4}
+FAST = {"r": 4, "num_sparse": 8, "grebsmo_iterations": 4}
 
 
 def _logits(model, ids):

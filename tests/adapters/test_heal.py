@@ -71,7 +71,7 @@ def test_unstructured_pruned_zeros_stay_exactly_zero(stories_model, short_fit):
 def test_dense_sparse_heal_trains_d_and_s_values_only(stories_model, short_fit):
     model, ctx = stories_model
     dsformer = get_method("dsformer")
-    dsformer.apply(model, dsformer.config_cls(rank=0.6, init="plain", targets=(r"re:model\.layers\.0\.mlp\..*",), stf_steps=0), ctx)
+    dsformer.apply(model, dsformer.config_cls(keep_bytes=0.6, init="plain", targets=(r"re:model\.layers\.0\.mlp\..*",), stf_steps=0), ctx)
     layers = healable_layers(model)
     before = snapshot(model)
     heal(model, HealConfig(lr=3e-3, **short_fit), ctx)

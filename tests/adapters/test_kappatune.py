@@ -85,7 +85,7 @@ def test_second_selection_reads_the_spectra_cache():
         ({"top_p": 0.2, "num_modules": 3}, "set one of `top_p`, `num_modules`, `threshold`"),
         ({"top_p": 1.5}, r"`top_p` must be in \(0, 1\]"),
         ({"mode": "partial"}, "`mode` must be 'full' or 'lora'"),
-        ({"lora_rank": 0}, "`lora_rank` must be an integer >= 1"),
+        ({"lora_r": 0}, "`lora_r` must be an integer >= 1"),
     ],
 )
 def test_config_errors_name_the_field(fields, match):

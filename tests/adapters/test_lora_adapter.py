@@ -96,7 +96,7 @@ def test_compressed_targets_are_refused():
 @pytest.mark.parametrize(
     "fields, match",
     [
-        ({"rank": 0}, "`rank` must be an integer >= 1"),
+        ({"r": 0}, "`r` must be an integer >= 1"),
         ({"dropout": 1.0}, r"`dropout` must be in \[0, 1\)"),
         ({"alpha": -1.0}, "`alpha` must be > 0"),
     ],

@@ -11,7 +11,7 @@ from compressor.errors import ConfigError
 from compressor.models import load, read_manifest, save
 from compressor.testing.tiny import example_input_ids, tiny_gpt2, tiny_llama
 
-SMALL = {"rank": 4, "num_basis_a": 24, "num_basis_b": 20}
+SMALL = {"r": 4, "num_basis_a": 24, "num_basis_b": 20}
 
 
 def _logits(model, ids):
@@ -159,7 +159,7 @@ def test_conv1d_base_is_adapted_with_unchanged_init():
 def test_lowers_held_out_perplexity_on_stories260k(stories_model, short_fit):
     model, ctx = stories_model
     config = NolaConfig(
-        rank=8, num_basis_a=64, num_basis_b=64, cache_bases=True, lr=2e-2, **short_fit
+        r=8, num_basis_a=64, num_basis_b=64, cache_bases=True, lr=2e-2, **short_fit
     )
     result = nola.apply(model, config, ctx)
     assert result.metrics["perplexity_after"] < 0.97 * result.metrics["perplexity_before"]
@@ -182,7 +182,7 @@ def test_mezo_trains_only_the_coefficients():
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("rank", 0, "`rank` must be an integer >= 1"),
+        ("r", 0, "`r` must be an integer >= 1"),
         ("num_basis_a", -3, "`num_basis_a` must be an integer >= 1"),
         ("alpha", 0.0, "`alpha` must be > 0"),
     ],

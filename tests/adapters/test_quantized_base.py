@@ -42,7 +42,7 @@ def test_nola_wraps_a_4bit_base_unchanged_and_trains_coefficients():
     before = _logits(model, ids)
     layers = nola.install_nola(
         model,
-        nola.NolaConfig(targets=("q_proj", "v_proj"), rank=4, num_basis_a=8, num_basis_b=8),
+        nola.NolaConfig(targets=("q_proj", "v_proj"), r=4, num_basis_a=8, num_basis_b=8),
         base_seed=0,
     )
     assert all(layer.base_layer is not None and layer.weight is None for layer in layers.values())

@@ -182,7 +182,7 @@ def test_nm_column_mask_keeps_the_largest_entries():
         ({"pattern": "4:4"}, r"`pattern`.*0 < N < M"),
         ({"pattern": "2-4"}, r"`pattern`.*'N:M'"),
         ({"k": 30}, r"`k`=30 is not a multiple of M=4.*k=32 or k=28"),
-        ({"rank": 1.5}, r"`rank`.*\(0, 1\]"),
+        ({"keep_bytes": 1.5}, r"`keep_bytes`.*\(0, 1\]"),
         ({"density": 0.0, "pattern": "unstructured"}, r"`density`"),
         ({"stf_steps": -1}, r"`stf_steps`"),
     ],
@@ -200,7 +200,7 @@ def test_layer_errors_name_the_layer_and_the_numbers():
     ):
         dsformer.apply(
             model,
-            dsformer.DSFormerConfig(rank=0.05, init="plain", stf_steps=0, eval_windows=0),
+            dsformer.DSFormerConfig(keep_bytes=0.05, init="plain", stf_steps=0, eval_windows=0),
             ctx,
         )
     with pytest.raises(ConfigError, match=r"k_proj \(16x32\): k=24 exceeds min\(out, in\)=16"):
@@ -216,7 +216,7 @@ def test_checkpoint_round_trip_and_merge(tmp_path):
     model = tiny_llama()
     ctx = Context.for_model(model, quiet=True)
     config = dsformer.DSFormerConfig(
-        rank=0.7, num_windows=8, seq_len=32, stf_steps=2, batch_size=2, eval_windows=0
+        keep_bytes=0.7, num_windows=8, seq_len=32, stf_steps=2, batch_size=2, eval_windows=0
     )
     result = dsformer.apply(model, config, ctx)
     row = result.per_module[0]
@@ -237,7 +237,7 @@ def test_checkpoint_round_trip_and_merge(tmp_path):
 def test_stories260k_short_stf_lowers_perplexity(stories):
     ctx = Context(tokenizer=stories.tokenizer, quiet=True)
     config = dsformer.DSFormerConfig(
-        rank=0.6, num_windows=16, seq_len=128, batch_size=4, stf_steps=25, lr=1e-3, eval_windows=8
+        keep_bytes=0.6, num_windows=16, seq_len=128, batch_size=4, stf_steps=25, lr=1e-3, eval_windows=8
     )
     result = dsformer.apply(stories.model, config, ctx)
     m = result.metrics
@@ -254,7 +254,7 @@ def test_distillation_adds_the_kl_to_the_dense_teacher():
     for distill in (False, True):
         model = tiny_llama()
         config = dsformer.DSFormerConfig(
-            rank=0.6,
+            keep_bytes=0.6,
             init="plain",
             stf_steps=1,
             seq_len=32,

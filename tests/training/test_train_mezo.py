@@ -191,7 +191,7 @@ def test_mezo_with_lora_trains_only_the_adapters(ctx, tuning_text):
     config = _config(
         tuning_text,
         adapter="lora",
-        lora_rank=4,
+        lora_r=4,
         targets=("q_proj", "v_proj"),
         lr=5e-3,
         mezo_eps=1e-2,
