@@ -229,7 +229,7 @@ def part_ds(args, part: str = "ds") -> dict:
     initialised = copy.deepcopy(loaded.model)
     fields = {
         **base,
-        "rank": args.keep,
+        "keep_bytes": args.keep,
         "stf_steps": 0,
         "init_iters": args.init_iters,
         "eval_windows": 0,
@@ -495,7 +495,8 @@ def part_minilm(args) -> dict:
             ),
         ):
             compressed = copy.deepcopy(model)
-            stage, seconds = run_stage(compressed, method, {**base, "rank": keep, **extra}, ctx)
+            budget = "keep_bytes" if method == "dsformer" else "rank"
+            stage, seconds = run_stage(compressed, method, {**base, budget: keep, **extra}, ctx)
             el, er = embed(compressed, tokenizer, left), embed(compressed, tokenizer, right)
             rho = float(spearmanr(scores, (el * er).sum(-1)).statistic)
             cosine = float(torch.cat([(el * dense_l).sum(-1), (er * dense_r).sum(-1)]).mean())

@@ -63,10 +63,10 @@ LABEL_SENTENCES = {"0": "a terrible, boring movie.", "1": "a great, wonderful mo
 # Method -> (stage, fields). Rates were picked once for a 2-epoch budget, not tuned on eval rows.
 F2_METHODS = {
     "full": ("backprop", {"lr": 5e-5}),
-    "lora": ("lora", {"rank": 8, "alpha": 16, "lr": 1e-3, "ignore": IGNORE}),
-    "nola": ("nola", {"rank": 8, "alpha": 8, "num_basis_a": 512, "num_basis_b": 512,
+    "lora": ("lora", {"r": 8, "alpha": 16, "lr": 1e-3, "ignore": IGNORE}),
+    "nola": ("nola", {"r": 8, "alpha": 8, "num_basis_a": 512, "num_basis_b": 512,
                       "cache_bases": True, "lr": 5e-3, "ignore": IGNORE}),
-    "dsee": ("dsee", {"rank": 16, "alpha": 32, "num_sparse": 64, "prune": "unstructured",
+    "dsee": ("dsee", {"r": 16, "alpha": 32, "num_sparse": 64, "prune": "unstructured",
                       "prune_ratio": 0.5, "lr": 1e-3}),
     "kappatune": ("kappatune", {"mode": "lora", "lr": 1e-3, "ignore": IGNORE}),
     "mezo": ("mezo", {"lr": 1e-5, "mezo_eps": 1e-3}),
@@ -200,7 +200,7 @@ def adapter_counts(model, ctx) -> dict:
         return lora.lora_params(m)
 
     def nola_all(k):
-        config = nola.NolaConfig(rank=8, num_basis_a=k, num_basis_b=k, ignore=IGNORE)
+        config = nola.NolaConfig(r=8, num_basis_a=k, num_basis_b=k, ignore=IGNORE)
         return lambda m: nola.coefficient_params(m) if nola.install_nola(m, config, 0) else {}
 
     def kappa_lora(m):

@@ -77,7 +77,8 @@ def worker(args) -> dict:
     # Heap = RssAnon (not file pages the kernel can drop); PeakMemory samples it every 5 ms.
     with PeakMemory("cpu", reader=lambda: proc_status_mb("RssAnon", required=True) * 2**20) as anon:
         pipeline = Pipeline.from_recipe(recipe)
-        loaded = load_model(pipeline.model, max_memory=pipeline.max_memory, offload_folder=pipeline.offload_folder)
+        loaded = load_model(pipeline.config.model, max_memory=pipeline.config.max_memory,
+                            offload_folder=pipeline.config.offload_folder)
         placement = _placement(loaded.model)  # read now: writing gathers the model back to the CPU
         load_mb = proc_status_mb("RssAnon", required=True) - anon_baseline
         report, loaded = pipeline.run(quiet=True, loaded=loaded)

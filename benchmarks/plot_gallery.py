@@ -24,7 +24,7 @@ RUNS = {
                 "--calib-windows", "16"],
     "lora": ["finetune", "--method", "lora", "--steps", "40", "--set", "eval_every=10"],
     "backprop": ["finetune", "--method", "backprop", "--steps", "40", "--set", "eval_every=10"],
-    "dsformer": ["compress", "--method", "dsformer", "--rank", "0.6", "--set", "stf_steps=20"],
+    "dsformer": ["compress", "--method", "dsformer", "--keep-bytes", "0.6", "--set", "stf_steps=20"],
     "maestro": ["compress", "--method", "maestro", "--rank", "0.6"],
 }
 

@@ -363,7 +363,7 @@ def dsformer_rows(dense, ctx, source, sizes, eval_windows, args, result, out) ->
 
     rank = two_four_rank(dense)
     fields = {
-        "rank": rank,
+        "keep_bytes": rank,
         "coding": args.ds_coding,
         "init_iters": args.ds_init_iters,
         "stf_steps": 0,

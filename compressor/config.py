@@ -1,7 +1,9 @@
-"""MethodConfig: the frozen, strictly validated base of every stage config.
+"""Config: the frozen, strictly validated base of every stage config (`MethodConfig`), of the
+calibrated ones (`CalibrationConfig`) and of the recipe's top level (`recipe.RunConfig`).
 
 Configs are data (torchao's lesson): they round-trip through dicts and so through YAML. Unknown
-keys are errors with a did-you-mean suggestion (llm-compressor silently drops some typos; we don't).
+keys are errors with a did-you-mean suggestion (llm-compressor silently drops some typos; we don't),
+and a renamed key names its new spelling.
 """
 
 from __future__ import annotations
@@ -169,9 +171,9 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and _NONE in args:
             return None
-        nested = [a for a in args if _is_config(a)]
-        if nested and isinstance(value, dict):  # its own errors (did-you-mean) are the useful ones
-            return coerce(value, nested[0], where)
+        options = [a for a in args if a is not _NONE]
+        if len(options) == 1:  # `X | None` given a value: X's own error (did-you-mean) is the useful one
+            return coerce(value, options[0], where)
         errors = []
         for option in args:
             try:

@@ -5,6 +5,13 @@
 it, so `compressor methods` and `--help` answer without loading torch; `get_method` imports only
 the module it needs. tests/test_registry_table.py checks the table against what importing the
 modules registers, so it cannot drift.
+
+A method's capabilities follow from its entry and its config, never from a list elsewhere:
+its kind says which command runs it and whether it runs offloaded (`MethodInfo.offloadable`);
+`FLAG_FIELDS` maps the commands' flags onto config fields (`fields_from_flags`), so a flag
+applies to every method whose config has the field; a calibrated method's config extends
+`config.CalibrationConfig` and states its calibration defaults once, as class keywords. Adding a
+method is its module plus its line in `BUILTIN` (tests/test_add_method.py).
 """
 
 from __future__ import annotations

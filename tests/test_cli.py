@@ -134,3 +134,29 @@ def test_console_script_runs_analyze_with_no_arguments():
     done = subprocess.run([*command, "analyze", "-q"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "WeLore" in done.stdout and "KappaTune" in done.stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["compress", "--method", "dsformer", "--rank", "0.6"],
+     "dsformer: `--rank` was renamed `--keep-bytes` (dsformer's budget counts stored bytes, not parameters)"),
+    (["finetune", "--method", "lora", "--set", "rank=4"],
+     "stages[0] (lora): `rank` was renamed `r` (peft's name for the adapter rank)"),
+    (["finetune", "--method", "kappatune", "--set", "lora_rank=4"], "`lora_rank` was renamed `lora_r`"),
+    (["compress", "--method", "lora"], "`--method lora` is a finetune method; use `compressor finetune --method lora`"),
+])
+def test_renamed_flags_and_keys_name_the_new_one(tmp_path, args, fragment):
+    result = invoke(*args, "--out", tmp_path / "o")
+    assert_one_line_error(result, fragment, code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_new_names_fill_their_fields(tmp_path):
+    from compressor.pipeline import Pipeline
+    from compressor.registry import fields_from_flags
+
+    assert fields_from_flags("dsformer", {"keep-bytes": 0.5, "calib-windows": 8}) == {"keep_bytes": 0.5,
+                                                                                       "num_windows": 8}
+    assert fields_from_flags("lora", {"r": 4}) == {"r": 4}
+    assert fields_from_flags("kappatune", {"r": 4}) == {"lora_r": 4}
+    stage = Pipeline.from_flags("nola", fields_from_flags("nola", {"r": 2})).stages[0]
+    assert stage.config.r == 2

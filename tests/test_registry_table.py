@@ -47,3 +47,21 @@ def test_args_section_joins_continuation_lines():
 def test_summary_is_one_whole_sentence():
     assert summary_of("KappaTune: tune (O. Ludwig, arXiv 1). More text.") == "KappaTune: tune (O. Ludwig, arXiv 1)."
     assert summary_of("Sorted: at once. arXiv 2309.08968.\n\nLater.") == "Sorted: at once. arXiv 2309.08968."
+
+
+def test_flag_table_names_real_fields_and_help_lists_every_method():
+    from compressor.cli.common import method_help
+    from compressor.registry import FLAG_FIELDS, method_names
+
+    load_builtin_methods()
+    every = {f for m in _BY_NAME.values() for f in m.config_cls.field_names()}
+    stale = {flag: fields for flag, fields in FLAG_FIELDS.items() if not set(fields) <= every}
+    assert not stale, f"FLAG_FIELDS maps flags to fields no method has: {stale}"
+    for kind in ("compress", "finetune"):
+        assert all(name in method_help(kind) for name in method_names(kind))
+
+
+def test_offloadable_follows_the_kind():
+    offloadable = {name for name, info in BUILTIN.items() if info.offloadable}
+    assert offloadable == {name for name, info in BUILTIN.items() if info.kind in ("analyze", "compress")}
+    assert {"analyze", "svd", "prune", "dsformer", "maestro"} <= offloadable and "lora" not in offloadable

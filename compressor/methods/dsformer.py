@@ -77,8 +77,7 @@ class DSFormerConfig(CalibrationConfig):
         SparseGPT's OBS update) or "projection" (top-N-of-M of the least-squares S).
     init_iters: alternations of sparse coding (S) and least squares (D).
     cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
-    num_windows: calibration windows for `init: whitened` (the calibration fields: see
-        `CalibrationConfig`).
+    num_windows: calibration windows for `init: whitened`.
     seq_len: tokens per window (calibration and STF).
     batch_size: windows per forward pass (calibration and STF).
     stf_steps: Straight-Through Factorizer training steps after the initialisation; 0 = none.

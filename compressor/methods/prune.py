@@ -61,8 +61,7 @@ class PruneConfig(CalibrationConfig):
         `sparsity` of its weights; sparsegpt accepts only "auto").
     block_size: sparsegpt: columns per lazy-update block (the paper's 128).
     dampening: sparsegpt: λ added to diag(H) as a fraction of its mean (the paper's 0.01).
-    num_windows: calibration windows for `wanda`/`sparsegpt` (the calibration fields: see
-        `CalibrationConfig`).
+    num_windows: calibration windows for `wanda`/`sparsegpt`.
     """
 
     pattern: str = "2:4"
