@@ -151,8 +151,9 @@ def stage_fields(method: str, kind: str, flags: dict[str, object]) -> dict[str, 
 
     info = method_info(method)  # unknown names get the did-you-mean error
     if info.kind != kind:
-        raise ConfigError(f"`--method {method}` is a {info.kind} method; use `compressor {info.kind} --method "
-                          f"{method}` ({kind} methods: {', '.join(method_names(kind))})")
+        word = {"compress": "compression", "finetune": "fine-tuning"}.get(kind, kind)
+        raise ConfigError(f"`--method {method}` is not a {word} method; use `compressor {info.kind} --method "
+                          f"{method}` ({word} methods: {', '.join(method_names(kind))})")
     return fields_from_flags(method, flags)
 
 

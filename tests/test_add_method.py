@@ -78,6 +78,7 @@ def test_dummy_is_listed_with_its_fields_and_defaults(dummy):
     assert registry.method_info("dummy").offloadable
 
 
+@pytest.mark.slow  # loads and writes stories260K
 def test_dummy_runs_from_a_recipe(dummy, tmp_path):
     recipe = tmp_path / "dummy.yaml"
     recipe.write_text(yaml.safe_dump({"evaluate": False, "stages": [{"method": "dummy", "rank": 0.25}]}))
@@ -90,6 +91,7 @@ def test_dummy_runs_from_a_recipe(dummy, tmp_path):
     assert torch.allclose(scaled.get_submodule(name).weight, 0.25 * dense.get_submodule(name).weight)
 
 
+@pytest.mark.slow
 def test_dummy_runs_from_compress_flags(dummy, tmp_path):
     result = cli("compress", "--method", "dummy", "--rank", "0.75", "--calib-windows", "3", "--targets", "up_proj",
                  "--eval-windows", "2", "--out", tmp_path / "o", "-q")

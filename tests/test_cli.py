@@ -142,7 +142,7 @@ def test_console_script_runs_analyze_with_no_arguments():
     (["finetune", "--method", "lora", "--set", "rank=4"],
      "stages[0] (lora): `rank` was renamed `r` (peft's name for the adapter rank)"),
     (["finetune", "--method", "kappatune", "--set", "lora_rank=4"], "`lora_rank` was renamed `lora_r`"),
-    (["compress", "--method", "lora"], "`--method lora` is a finetune method; use `compressor finetune --method lora`"),
+    (["compress", "--method", "lora"], "`--method lora` is not a compression method; use `compressor finetune --method lora`"),
 ])
 def test_renamed_flags_and_keys_name_the_new_one(tmp_path, args, fragment):
     result = invoke(*args, "--out", tmp_path / "o")
