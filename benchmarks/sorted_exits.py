@@ -30,8 +30,8 @@ from compressor.context import Context
 from compressor.evaluation import perplexity
 from compressor.models import load_model
 from compressor.report.env import collect_env
-from compressor.training.sorted import SortedConfig, default_exits
-from compressor.training.sorted import apply as sorted_apply
+from compressor.training.sorted_ft import SortedConfig, default_exits
+from compressor.training.sorted_ft import apply as sorted_apply
 from compressor.training.trainer import BackpropConfig
 from compressor.training.trainer import apply as backprop_apply
 

@@ -101,7 +101,7 @@ BUILTIN: dict[str, MethodInfo] = {
         "compressor.methods.saes_svd", "SAESConfig", "compress",
         "SAES-SVD: CEALC (cumulative-error-aware closed form) + ACES (per-layer β search)."),
     "sorted": MethodInfo(
-        "compressor.training.sorted", "SortedConfig", "finetune",
+        "compressor.training.sorted_ft", "SortedConfig", "finetune",
         "Sorted Fine-Tuning (SoFT / Sorted LLaMA): train every depth sub-model at once. arXiv 2309.08968."),
     "svd": MethodInfo(
         "compressor.methods.svd", "SVDConfig", "compress",

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import nm_index_bits, nm_mask
+from ..numerics import add_relative_ridge, cholesky_lower
 
 _DAMP = 1e-2  # relative ridge on H (fraction of its mean diagonal), as GPTQ-style solvers use
 
@@ -149,8 +150,7 @@ def damp_hessian(h: Tensor | None, damp: float = _DAMP) -> Tensor | None:
     """H + damp * mean(diag H) * I in fp64 (None stays None: the plain objective)."""
     if h is None:
         return None
-    h = h.double()
-    return h + damp * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h), dtype=h.dtype)
+    return add_relative_ridge(h.double(), damp)
 
 
 def whitened_error(w: Tensor, d: Tensor, s: Tensor, h: Tensor | None) -> float:
@@ -175,21 +175,12 @@ def interleave_atoms(k: int, m: int) -> Tensor:
 def init_dictionary(w: Tensor, k: int, h: Tensor | None, pattern: SparsePattern) -> Tensor:
     """D0 (out, k): the top-k left singular vectors of W L (whitened) or W, scaled by sqrt(sigma)."""
     w64 = w.double()
-    target = w64 if h is None else w64 @ _cholesky_lower(h)
+    target = w64 if h is None else w64 @ cholesky_lower(h)[0]
     u, sig, _ = torch.linalg.svd(target, full_matrices=False)
     d = u[:, :k] * sig[:k].sqrt()
     if pattern.structured:
         d = d[:, interleave_atoms(k, pattern.m)]
     return d
-
-
-def _cholesky_lower(h: Tensor) -> Tensor:
-    """Lower Cholesky factor of a damped H; eigen-shift fallback if it is still not PD."""
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        return factor
-    shift = (-torch.linalg.eigvalsh(h).min()).clamp_min(0) + 1e-6 * h.diagonal().mean()
-    return torch.linalg.cholesky(h + shift * torch.eye(len(h), dtype=h.dtype))
 
 
 def _apply_normal(g: Tensor, s: Tensor, h: Tensor | None) -> Tensor:

@@ -9,7 +9,6 @@ during training. Only the factors train; the rest of the model is frozen.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 
 import torch
@@ -17,6 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..context import Context
+from ..errors import ModelError
+from ..training.config import TrainConfig
+from ..training.data import in_order_windows
+from ..training.losses import next_token_loss
+from ..training.trainer import fit, no_evaluation
 from ._dsformer_factor import SparsePattern
 
 
@@ -55,12 +59,6 @@ class DenseSparseTrainable(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, k={self.k}, pattern={self.pattern.describe()}"
 
 
-def _lm_loss(logits: Tensor, batch: Tensor) -> Tensor:
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
-    )
-
-
 def _distill_loss(student: Tensor, teacher: Tensor) -> Tensor:
     """KL(teacher || student) per token on the next-token distributions."""
     vocab = student.shape[-1]
@@ -82,49 +80,42 @@ def train_stf(
     batch_size: int,
     teacher: nn.Module | None = None,
 ) -> dict[str, list[float]]:
-    """AdamW on every DenseSparseTrainable's D and S~ for `steps` batches of token windows (N, T).
+    """AdamW on every DenseSparseTrainable's D and S~ for `steps` batches of token windows (N, T),
+    taken in order (cycled), through `compressor.training.fit` (gradient norm clipped to 1, no
+    weight decay, constant `lr`).
 
     Loss: next-token cross entropy, plus KL to `teacher`'s logits when given. Returns curves:
     "stf_loss" per step and "stf_support_change" (fraction of S entries whose support flipped since
     the start, measured every step).
     """
     layers = [m for m in model.modules() if isinstance(m, DenseSparseTrainable)]
-    frozen = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = [p for layer in layers for p in (layer.d, layer.s_latent)]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     start_support = [(layer.sparse_factor() != 0).detach() for layer in layers]
     total = sum(int(s.sum()) for s in start_support)
-    batches = itertools.cycle(windows.split(batch_size))
-    curves: dict[str, list[float]] = {"stf_loss": [], "stf_support_change": []}
-    model.train()
-    try:
-        for _ in ctx.progress(range(steps), description="dsformer STF"):
-            batch = next(batches).to(ctx.device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            loss = _lm_loss(logits, batch)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(input_ids=batch, use_cache=False).logits
-                loss = loss + _distill_loss(logits, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            curves["stf_loss"].append(loss.item())
-            curves["stf_support_change"].append(_support_change(layers, start_support, total))
-    finally:
-        model.eval()
-        for p, flag in frozen.items():
-            p.requires_grad_(flag)
-    if not all(math.isfinite(v) for v in curves["stf_loss"]):
-        from ..errors import ModelError
+    support_change: list[float] = []
 
+    def loss_fn(model: nn.Module, batch: dict) -> Tensor:
+        input_ids = batch["input_ids"]
+        logits = model(input_ids=input_ids, use_cache=False).logits
+        loss = next_token_loss(logits, input_ids)
+        if teacher is not None:
+            with torch.no_grad():
+                target = teacher(input_ids=input_ids, use_cache=False).logits
+            loss = loss + _distill_loss(logits, target)
+        return loss
+
+    config = TrainConfig(
+        steps=steps, lr=lr, batch_size=batch_size, seq_len=windows.shape[1], weight_decay=0.0,
+        max_grad_norm=1.0, seed=0,
+    )  # fmt: skip
+    result = fit(
+        model, params, config, ctx, loss_fn=loss_fn, eval_fn=no_evaluation,
+        data=in_order_windows(windows), method="dsformer-stf",
+        after_step=lambda done: support_change.append(_support_change(layers, start_support, total)),
+    )  # fmt: skip
+    if not all(math.isfinite(v) for v in result.losses):
         raise ModelError(f"dsformer: STF loss became non-finite; lower `lr` (got {lr})")
-    return curves
+    return {"stf_loss": result.losses, "stf_support_change": support_change}
 
 
 @torch.no_grad()

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..numerics import cholesky_with_shift
 from ..targeting import linear_weight
 
 DENSE = None  # the rank of a matrix that stays dense
@@ -269,7 +270,6 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     stay dense (the sequential engine keeps them dense too)."""
     from ._lowrank_calibration import dense_layer_stats
     from .lowrank import LayerPlan, plan_uniform
-    from .svd_llm import cholesky_with_shift
 
     spectra: dict[str, Tensor] = {}
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..numerics import add_relative_ridge, cholesky_lower
+
 
 def ordered_factors(
     weight: Tensor, h: Tensor | None = None, rank: int | None = None
@@ -31,7 +33,7 @@ def ordered_factors(
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         l_inv_t = None
     else:
-        chol = _cholesky_with_fallback(h.double())
+        chol = cholesky_lower(add_relative_ridge(h.double(), 1e-6))[0]
         u, s, vh = torch.linalg.svd(w @ chol, full_matrices=False)
         l_inv_t = chol
     r = len(s) if rank is None else rank
@@ -40,19 +42,6 @@ def ordered_factors(
     if l_inv_t is not None:  # V <- V L^-1 via a triangular solve (never form the inverse)
         v = torch.linalg.solve_triangular(l_inv_t, v, upper=False, left=False)
     return u[:, :r] * root, v
-
-
-def _cholesky_with_fallback(h: Tensor) -> Tensor:
-    """Lower Cholesky of H with a relative ridge; eigen-shift if it is still not positive definite."""
-    eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
-    h = h + 1e-6 * h.diagonal().mean().clamp_min(1e-12) * eye
-    factor, info = torch.linalg.cholesky_ex(h)
-    if int(info) == 0:
-        return factor
-    shift = (-torch.linalg.eigvalsh(h).min()).clamp_min(0) + 1e-6 * h.diagonal().mean().clamp_min(
-        1e-12
-    )
-    return torch.linalg.cholesky(h + shift * eye)
 
 
 def tail_norms(sq_norms: Tensor) -> Tensor:

@@ -18,6 +18,10 @@ from torch import Tensor, nn
 
 from ..context import Context
 from ..errors import ModelError
+from ..training.config import TrainConfig
+from ..training.data import in_order_windows
+from ..training.losses import next_token_loss
+from ..training.trainer import fit, no_evaluation
 from ._maestro_layer import MaestroLinear, SingleLayerSampler, kept_rank
 
 
@@ -42,12 +46,6 @@ class MaestroHistory:
     loss: list[float] = field(default_factory=list)
     group_lasso: list[float] = field(default_factory=list)
     total_rank: list[float] = field(default_factory=list)  # after each epoch's shrinking
-
-
-def _lm_loss(logits: Tensor, batch: Tensor) -> Tensor:
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
-    )
 
 
 def _soft_ce(student: Tensor, teacher: Tensor) -> Tensor:
@@ -77,7 +75,7 @@ def maestro_step(
     full_loss = None
     if schedule.full_pass:
         full_logits = model(input_ids=batch, use_cache=False).logits
-        full_loss = _lm_loss(full_logits, batch)
+        full_loss = next_token_loss(full_logits, batch)
     layers[name].width = width
     try:
         sampled_logits = model(input_ids=batch, use_cache=False).logits
@@ -87,7 +85,7 @@ def maestro_step(
         od_loss = _soft_ce(sampled_logits[:, :-1], full_logits[:, :-1])
         loss = full_loss + od_loss
     else:
-        loss = _lm_loss(sampled_logits, batch)
+        loss = next_token_loss(sampled_logits, batch)
     gl = torch.stack([layer.group_lasso() for layer in layers.values()]).sum()
     return loss + schedule.gp_lambda * gl, gl
 
@@ -106,42 +104,39 @@ def train_maestro(
     ctx: Context,
     schedule: MaestroSchedule,
 ) -> MaestroHistory:
-    """Train the factors (everything else frozen) for `schedule.epochs` passes over `windows` (N, T)."""
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    """Train the factors (everything else frozen) for `schedule.epochs` passes over `windows` (N, T)
+    in order, through `compressor.training.fit` (gradient norm clipped to 1, constant `lr`), with
+    progressive shrinking after every epoch."""
     params = [p for layer in layers.values() for p in (layer.u, layer.v)]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = _optimizer(params, schedule)
     sampler = SingleLayerSampler({n: layer.rank for n, layer in layers.items()}, seed=schedule.seed)
     history = MaestroHistory()
-    batches = list(windows.split(schedule.batch_size))
-    model.train()
-    try:
-        for epoch in range(schedule.epochs):
-            for batch in ctx.progress(
-                batches, description=f"maestro epoch {epoch + 1}/{schedule.epochs}"
-            ):
-                loss, gl = maestro_step(
-                    model, layers, batch.to(ctx.device), next(sampler), schedule
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                history.loss.append(loss.item())
-                history.group_lasso.append(gl.item())
-                if not math.isfinite(history.loss[-1]):
-                    raise ModelError(
-                        f"maestro: training loss became non-finite at epoch {epoch + 1}; "
-                        f"lower `lr` (got {schedule.lr})"
-                    )
+    per_epoch = len(windows.split(schedule.batch_size))
+
+    def loss_fn(model: nn.Module, batch: dict) -> Tensor:
+        loss, gl = maestro_step(model, layers, batch["input_ids"], next(sampler), schedule)
+        history.group_lasso.append(gl.item())
+        return loss
+
+    def end_of_epoch(done: int) -> None:
+        if done % per_epoch == 0:
             ranks = shrink(layers, schedule.threshold)
             sampler.rebuild(ranks)
             history.total_rank.append(float(sum(ranks.values())))
-    finally:
-        model.eval()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
+
+    config = TrainConfig(
+        steps=schedule.epochs * per_epoch, lr=schedule.lr, batch_size=schedule.batch_size,
+        seq_len=windows.shape[1], weight_decay=schedule.weight_decay, max_grad_norm=1.0,
+        seed=schedule.seed,
+    )  # fmt: skip
+    result = fit(
+        model, params, config, ctx, loss_fn=loss_fn, eval_fn=no_evaluation,
+        data=in_order_windows(windows), method="maestro",
+        make_optimizer=lambda trained: _optimizer(trained, schedule), after_step=end_of_epoch,
+    )  # fmt: skip
+    history.loss = result.losses
+    if not all(math.isfinite(v) for v in history.loss):
+        raise ModelError(
+            f"maestro: training loss became non-finite at epoch {(len(history.loss) - 1) // per_epoch + 1}; "
+            f"lower `lr` (got {schedule.lr})"
+        )
     return history

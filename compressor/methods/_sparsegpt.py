@@ -23,15 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..errors import ModelError
 from ..kernels import nm_mask
+from ..numerics import cholesky_lower
 from ._dsformer_factor import parse_pattern
 
 __all__ = ["inverse_hessian_factor", "output_error", "sparsegpt_prune"]
 
 
 def inverse_hessian_factor(hessian: Tensor, dampening: float = 0.01) -> tuple[Tensor, Tensor]:
-    """(U, dead): U upper-triangular with UᵀU = (H + λI)⁻¹, λ = dampening · mean(diag H), in fp64.
+    """(U, dead): U upper-triangular with UᵀU = (H + λI)⁻¹, λ = dampening · mean(diag H), in fp64
+    (plus `compressor.numerics`' eigen-shift in the rare case that is still not positive definite).
 
     dead (n,) bool marks inputs that were never active (zero diagonal): they get a unit diagonal
     so H stays invertible; sparsegpt_prune zeroes their weights (they never reach the output).
@@ -41,12 +42,7 @@ def inverse_hessian_factor(hessian: Tensor, dampening: float = 0.01) -> tuple[Te
     h[dead, dead] = 1.0
     diagonal = torch.arange(h.shape[0], device=h.device)
     h[diagonal, diagonal] += dampening * torch.diag(h).mean()
-    lower, info = torch.linalg.cholesky_ex(h)
-    if info.item() != 0:
-        raise ModelError(
-            "sparsegpt: the calibration Hessian is not positive definite even after dampening "
-            f"{dampening}; raise `dampening` (e.g. 0.1) or calibrate on more windows"
-        )
+    lower, _ = cholesky_lower(h)  # eigen-shifted if still not positive definite (numerics)
     inverse = torch.cholesky_inverse(lower)
     return torch.linalg.cholesky(inverse, upper=True), dead
 

@@ -35,10 +35,11 @@ from torch import Tensor, nn
 
 from ..context import Context
 from ..errors import ConfigError
+from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
 from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
-from .svd_llm import cholesky_with_shift, unwhiten
+from .svd_llm import unwhiten
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,14 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from ..context import Context
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
+from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
 from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
 
 UPDATE_AUTO_BELOW = 0.7
-CHOLESKY_EPS = 1e-6
-CHOLESKY_RETRIES = 8
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,41 +69,6 @@ class SVDLLMConfig(CalibratedLowRankConfig):
 
     def use_update(self) -> bool:
         return self.update == "true" or (self.update == "auto" and self.rank < UPDATE_AUTO_BELOW)
-
-
-def cholesky_with_shift(hessian: Tensor, damping: float = 0.0) -> tuple[Tensor, float]:
-    """Lower L (n, n) fp64 with L Lᵀ = H + (damping + shift)·I; returns (L, shift), shift 0 if none.
-
-    A factorisation whose smallest pivot² is below 1e-12·max diag(H) is treated as failed too: it
-    would make L⁻¹ (and so V̂) explode even though Cholesky technically succeeded.
-    """
-    h = hessian.double()
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    h = h + damping * eye
-    factor, ok = _try_cholesky(h)
-    if ok:
-        return factor, 0.0
-    lam_min = torch.linalg.eigvalsh(h)[0].item()
-    shift = max(-lam_min, 0.0) + CHOLESKY_EPS
-    for _ in range(CHOLESKY_RETRIES):
-        factor, ok = _try_cholesky(h + shift * eye)
-        if ok:
-            return factor, shift
-        shift *= 10
-    raise ModelError(
-        f"Cholesky of the calibration Hessian failed even with shift {shift:.3g}; "
-        "use more calibration windows or add the layer to `ignore`"
-    )
-
-
-def _try_cholesky(h: Tensor) -> tuple[Tensor, bool]:
-    factor, info = torch.linalg.cholesky_ex(h)
-    if info.item() != 0 or not torch.isfinite(factor).all():
-        return factor, False
-    pivots = factor.diagonal()
-    return factor, bool(
-        (pivots.square().min() > 1e-12 * h.diagonal().max().clamp_min(1e-300)).item()
-    )
 
 
 def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -40,6 +40,9 @@ class TaskData:
 
     train/eval: {"input_ids": (N, T)} for lm; classification adds "attention_mask" (N, T) and
     "labels" (N,) with class indices into `labels`. `label_token_ids` (C,) is set in prompt mode.
+    order: "shuffled" (a seeded permutation per epoch) or "in_order" (the rows as stored, cut into
+    consecutive batches, the last one shorter when `batch_size` does not divide N: the batches of
+    `train["input_ids"].split(batch_size)`, cycled; see `in_order_windows`).
     """
 
     task: str
@@ -47,6 +50,7 @@ class TaskData:
     eval: dict[str, Tensor]
     labels: tuple[str, ...] = ()
     label_token_ids: Tensor | None = None
+    order: str = "shuffled"
     _perms: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -58,7 +62,12 @@ class TaskData:
         return len(self.eval["input_ids"])
 
     def train_batch(self, index: int, batch_size: int, seed: int) -> dict[str, Tensor]:
-        """Micro-batch number `index` of an endless stream of seeded epoch permutations."""
+        """Micro-batch number `index` of an endless stream of seeded epoch permutations (or of
+        the stored order, for `order` "in_order")."""
+        if self.order == "in_order":
+            batches = -(-self.num_train // batch_size)  # ceil: a last, shorter batch counts
+            start = (index % batches) * batch_size
+            return {k: v[start : start + batch_size] for k, v in self.train.items()}
         positions = torch.arange(index * batch_size, (index + 1) * batch_size)
         rows = torch.empty_like(positions)
         for epoch in positions.div(self.num_train, rounding_mode="floor").unique().tolist():
@@ -79,6 +88,13 @@ class TaskData:
             generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
             self._perms[epoch] = torch.randperm(self.num_train, generator=generator)
         return self._perms[epoch]
+
+
+def in_order_windows(windows: Tensor) -> TaskData:
+    """Token windows (N, T) trained on in their stored order, with no held-out set: for loops
+    whose caller evaluates on its own and whose batch order is part of the method (dsformer's
+    STF, maestro's epochs)."""
+    return TaskData(task="lm", train={"input_ids": windows}, eval={"input_ids": windows[:0]}, order="in_order")
 
 
 def build_task_data(config: TrainConfig, ctx, model: nn.Module | None = None) -> TaskData:

@@ -48,6 +48,8 @@ class TrainRun:
     seed: int
     identity: dict
     memory: PeakMemory
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None
+    after_step: Callable[[int], None] | None = None
     losses: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
     tokens: int = 0

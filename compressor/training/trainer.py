@@ -25,6 +25,13 @@ Contract (adapter stages call this; it trains `params` of `model` in place):
   class / label-word logits for "classification"); batches are dicts of tensors (`TaskData`).
 * `eval_fn(model) -> {metric: float}` (default: held-out perplexity or accuracy), run before and
   after training and every `eval_every` steps.
+* `data`: a `TaskData` to train on instead of `config.data` (e.g. `in_order_windows(windows)`:
+  given token windows in their stored order, no held-out set; pass an `eval_fn` with it).
+* Backprop only: `make_optimizer(params) -> Optimizer` replaces AdamW (the params in the model's
+  order; the schedule, clipping and checkpoints still apply), and `after_step(done)` runs after
+  each update with the number of finished steps, inside the same signal-deferred block (an
+  interrupt never separates an update from it): a method's per-step or per-epoch bookkeeping,
+  e.g. maestro's progressive shrinking or a support statistic.
 * Checkpoints and the MeZO log go under `ctx.out_dir`; `method` names the run in them (default:
   the config class name without "Config", lower-cased) and a resume from another method or
   model is refused.
@@ -133,9 +140,17 @@ def fit(
     eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
     data: TaskData | None = None,
     method: str | None = None,
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `params` of `model` in place with `config`; see the module docstring."""
+    if config.optimizer != "adamw" and (make_optimizer is not None or after_step is not None):
+        raise ConfigError(
+            f"fit: `make_optimizer` and `after_step` apply to backprop training; `optimizer` is "
+            f"{config.optimizer!r}: use optimizer 'adamw' or drop them"
+        )
     run = _prepare_run(model, params, config, ctx, loss_fn, eval_fn, data, method)
+    run.make_optimizer, run.after_step = make_optimizer, after_step  # backprop's hooks (run_backprop)
     with trainable_only(model, run.params.values(), grad=config.optimizer == "adamw"):
         before = run.eval_fn(model)
         run.memory.reset()
@@ -151,6 +166,11 @@ def fit(
         tokens_per_s=run.tokens / max(seconds, 1e-9), seconds=seconds,
         start_step=run.start_step, steps=len(run.losses),
     )  # fmt: skip
+
+
+def no_evaluation(model: nn.Module) -> dict[str, float]:
+    """An `eval_fn` for callers that evaluate on their own: measures nothing."""
+    return {}
 
 
 def _prepare_run(model, params, config, ctx, loss_fn, eval_fn, data, method) -> TrainRun:
@@ -247,7 +267,19 @@ def method_name(config: MethodConfig) -> str:
 def build_optimizer(
     run: TrainRun,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with decoupled weight decay on matrices only, and the warm-up + decay schedule."""
+    """The optimizer (`run.make_optimizer`'s, else `adamw`) and the warm-up + decay schedule."""
+    if run.make_optimizer is not None:
+        optimizer = run.make_optimizer(list(run.params.values()))
+    else:
+        optimizer = adamw(run)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, run.config)
+    )
+    return optimizer, scheduler
+
+
+def adamw(run: TrainRun) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only."""
     groups = [
         {
             "params": [p for n, p in run.params.items() if decays(n, p)],
@@ -255,15 +287,11 @@ def build_optimizer(
         },
         {"params": [p for n, p in run.params.items() if not decays(n, p)], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=run.config.learning_rate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, run.config)
-    )
-    return optimizer, scheduler
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=run.config.learning_rate)
 
 
 def run_backprop(run: TrainRun) -> None:
-    """AdamW steps from `start_step` to `config.steps`, with checkpoints and resume."""
+    """Optimizer steps from `start_step` to `config.steps`, with checkpoints and resume."""
     config, runtime = run.config, run.runtime
     optimizer, scheduler = build_optimizer(run)
     if config.resume:
@@ -284,6 +312,8 @@ def run_backprop(run: TrainRun) -> None:
                     run.runtime.step(optimizer, list(run.params.values()), config.max_grad_norm)
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
+                    if run.after_step is not None:
+                        run.after_step(step + 1)
                     done = step + 1
                 run.record(step, loss)
                 if run.diverged_at is not None:

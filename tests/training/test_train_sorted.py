@@ -10,7 +10,7 @@ from compressor.evaluation import exit_logits
 from compressor.testing import tiny_llama
 from compressor.testing.tiny import example_input_ids
 from compressor.training.losses import next_token_loss
-from compressor.training.sorted import SortedConfig, apply, default_exits, sorted_loss, truncated
+from compressor.training.sorted_ft import SortedConfig, apply, default_exits, sorted_loss, truncated
 
 
 def test_default_exits():

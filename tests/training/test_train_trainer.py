@@ -14,8 +14,8 @@ from compressor.testing.tiny import example_input_ids, tiny_gpt2
 from compressor.training import TrainConfig, fit
 from compressor.training.losses import lm_loss
 from compressor.training.run import lr_factor
-from compressor.training.sorted import SortedConfig
-from compressor.training.sorted import apply as sorted_apply
+from compressor.training.sorted_ft import SortedConfig
+from compressor.training.sorted_ft import apply as sorted_apply
 from compressor.training.trainer import BackpropConfig, apply
 
 
