@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compressor.memory import max_rss_mb, proc_status_mb
+from compressor.offload import is_dispatched
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,6 +72,8 @@ class Runtime:
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer):
         if self.accelerator is not None:
             return self.accelerator.prepare(model, optimizer)
+        if is_dispatched(model):  # accelerate's hooks own placement (and refuse `.to`): keep it
+            return model, optimizer
         return model.to(self.device), optimizer
 
     def autocast(self):

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 
 from compressor.config import MethodConfig
 from compressor.errors import ConfigError
+from compressor.offload import input_device, is_dispatched
 from compressor.outdir import signals_deferred
 from compressor.registry import register
 from compressor.report.records import StageResult
@@ -180,7 +181,8 @@ def _prepare_run(model, params, config, ctx, loss_fn, eval_fn, data, method) -> 
     head = getattr(model, HEAD_NAME, None)
     if head is not None:  # a head the data layer added to a bare encoder trains too
         named.update({f"{HEAD_NAME}.{n}": p for n, p in head.named_parameters()})
-    device = next(model.parameters()).device
+    # an offloaded model's first parameter may be `meta`: batches go where its embeddings run
+    device = input_device(model) if is_dispatched(model) else next(model.parameters()).device
     runtime = Runtime(config.mixed_precision if config.optimizer == "adamw" else "no", device)
     return TrainRun(
         model=model, params=named, data=data, loss_fn=loss_fn or default_loss_fn(data),

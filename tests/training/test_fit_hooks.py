@@ -9,6 +9,8 @@ import torch
 
 from compressor.context import Context
 from compressor.errors import ConfigError
+from compressor.models import load_model
+from compressor.offload import has_offloaded_weights, is_dispatched
 from compressor.testing import tiny_llama
 from compressor.training.config import TrainConfig
 from compressor.training.data import in_order_windows
@@ -111,3 +113,20 @@ def test_the_backprop_hooks_are_refused_with_mezo(tokenizer):
     with pytest.raises(ConfigError, match=r"`make_optimizer` and `after_step` apply to backprop"):
         fit(model, trained(model), TrainConfig(steps=1, optimizer="mezo"), Context(tokenizer=tokenizer, quiet=True),
             eval_fn=no_evaluation, data=in_order_windows(windows(model)), after_step=lambda done: None)
+
+
+def test_fit_trains_inside_a_model_offloaded_by_accelerate_without_moving_it(tokenizer, tmp_path):
+    """accelerate refuses `.to()` on an offloaded model: fit leaves placement to its hooks and
+    feeds batches where the embeddings run, so a fresh (in-memory) layer inside it trains."""
+    tiny_llama(layers=2).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model = load_model(tmp_path / "model", max_memory="cpu=20KB", offload_folder=tmp_path / "off").model
+    assert is_dispatched(model) and next(model.parameters()).device.type == "meta"
+    fresh = torch.nn.Linear(64, 32, bias=False)
+    model.model.layers[0].mlp.down_proj = fresh
+    start = fresh.weight.detach().clone()
+    fit(model, [fresh.weight], TrainConfig(steps=2, lr=1e-2, batch_size=BATCH, seq_len=12),
+        Context(tokenizer=tokenizer, quiet=True), loss_fn=lm_loss, eval_fn=no_evaluation,
+        data=in_order_windows(windows(model)))
+    assert not torch.equal(start, fresh.weight) and torch.isfinite(fresh.weight).all()
+    assert has_offloaded_weights(model.model.layers[1].self_attn.q_proj)  # still offloaded
