@@ -14,7 +14,7 @@ from compressor.testing import tiny_llama
 
 MAESTRO = {"init": "svd", "epochs": 2, "train_windows": 7, "batch_size": 3, "seq_len": 16,
            "eval_windows": 0, "threshold": 0.05}
-DSFORMER = {"rank": 0.7, "init": "plain", "seq_len": 16, "batch_size": 2, "stf_steps": 3, "eval_windows": 0}
+DSFORMER = {"keep_bytes": 0.7, "init": "plain", "seq_len": 16, "batch_size": 2, "stf_steps": 3, "eval_windows": 0}
 
 
 def frozen(model) -> dict[str, torch.Tensor]:
