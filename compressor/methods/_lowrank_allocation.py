@@ -45,6 +45,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationSummary, calibrated_phases, calibration_windows
 from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
 from ..targeting import linear_weight
@@ -206,8 +207,6 @@ def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, 
     one window per backward pass. With an isotropic Fisher F ≈ (E‖g‖²/m)·I, dropping output error
     e costs ≈ ½·eᵀF·e of loss, so this weight turns each matrix's whitened error (per token) into
     its end-to-end effect on the loss."""
-    from ._lowrank_calibration import calibration_windows
-
     windows = calibration_windows(config, ctx, [])[:FISHER_WINDOWS]
     totals = {name: torch.zeros((), dtype=torch.float64) for name in linears}
     tokens = 0
@@ -250,6 +249,21 @@ def linear_out_features(module: nn.Module) -> int:
     return linear_shape(module)[0]
 
 
+@torch.no_grad()  # called before compress_model's no_grad block: without it hooks would keep graphs
+def dense_layer_stats(model: nn.Module, selected: dict[str, nn.Module], config, ctx, notes: list[str],
+                      consume) -> None:
+    """The first pass of `allocation: aware`: stream the DENSE model block by block (nothing is
+    compressed yet) and call consume({name: module}, {name: LayerStats}) once per block for its
+    selected linears, while that block is on the calibration device (one phase: nothing changes
+    between phases). Memory: one block's inputs and the Hessians of one block's linears."""
+    windows = calibration_windows(config, ctx, notes)
+    for linears, stats in calibrated_phases(
+        model, selected, "hessian", windows, ctx, CalibrationSummary(), batch_size=config.batch_size,
+        second_phase=(), description=f"{config.method_name}: spectra",
+    ):
+        consume(linears, stats)
+
+
 def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
     """Singular values of W·L (W (m, n), L (n, n)), fp64, descending."""
     return torch.linalg.svdvals(weight.double() @ chol.double())
@@ -268,7 +282,6 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     """LayerPlans of `allocation: aware`: dense-model whitened spectra (first pass), then
     `aware_ranks` under keep · Σ m·n parameters. Linears outside the blocks get no spectrum and
     stay dense (the sequential engine keeps them dense too)."""
-    from ._lowrank_calibration import dense_layer_stats
     from .lowrank import LayerPlan, plan_uniform
 
     spectra: dict[str, Tensor] = {}

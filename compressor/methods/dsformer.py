@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationHooks, LayerStats, compress_blocks, compress_each
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
@@ -49,7 +50,6 @@ from ._dsformer_factor import (
     whitened_error,
 )
 from ._dsformer_stf import DenseSparseTrainable, frozen_teacher, train_stf
-from ._prune_sequential import compress_sequentially
 
 __all__ = [
     "DSFormerConfig",
@@ -310,26 +310,21 @@ def _stf(model, config: DSFormerConfig, ctx: Context, data: str, teacher, metric
 
 
 def _initialise(model, selected, plan, config: DSFormerConfig, ctx: Context, rows) -> list[str]:
-    def replace(name, module, h):
+    def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
+        h = None if stats is None else stats.second_moment()  # X Xᵀ/N as summed
         return _factor_one(name, module, h, plan[name], config, rows)
 
+    # STF trains the new layers: they stay on the execution device
+    hooks = CalibrationHooks("hessian", compress, resident=config.stf_steps > 0)
     if config.init == "plain":
-        for name, module in ctx.progress(list(selected.items()), description="dsformer init"):
-            replace_module(model, name, replace(name, module, None))
+        compress_each(model, selected, hooks, ctx, description="dsformer init")
         return []
     windows = ctx.windows(
         config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows
     )
-    outside = compress_sequentially(
-        model,
-        selected,
-        windows,
-        replace,
-        ctx,
-        kind="gram",
-        batch_size=config.batch_size,
-        description="dsformer init",
-    )
+    outside = compress_blocks(
+        model, selected, hooks, windows, ctx, batch_size=config.batch_size, description="dsformer init"
+    ).outside
     if not outside:
         return []
     return [

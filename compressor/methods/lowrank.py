@@ -28,32 +28,28 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from ..calibration import (  # noqa: F401  (LayerStats, split_phases re-exported for the method modules and tests)
+    DEFAULT_SECOND_PHASE,
+    CalibrationHooks,
+    LayerStats,
+    calibration_windows,
+    compress_blocks,
+    compress_each,
+    outside_blocks,
+    split_phases,
+)
 from ..config import CalibrationConfig, MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError
 from ..layers import CompressedLinear, LowRankLinear
 from ..memory import PeakMemory
-from ..offload import MaterializedWeights, materialized, place_like
+from ..offload import MaterializedWeights
 from ..report.records import StageResult
-from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
-from ._lowrank_calibration import (  # noqa: F401  (re-exported for the method modules and tests)
-    LayerStats,
-    compress_sequential,
-    split_phases,
-)
+from ..targeting import layer_type, linear_shape, linear_weight, select_linears
 
 Allocation = Literal["uniform", "welore", "aware"]
 AWARE_LOSSES = ("relative", "absolute", "fisher")
 NO_SAVING = "would not save parameters"  # in the `status` of a layer kept dense for that reason
-DEFAULT_SECOND_PHASE = (
-    "o_proj",
-    "down_proj",
-    "out_proj",
-    "output.dense",
-    "fc2",
-    "c_proj",
-    "dense_4h_to_h",
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,14 +247,13 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
-    def compress(self, name: str, stats: LayerStats | None) -> None:
-        """Factor `name` at its planned rank and swap a LowRankLinear in (weights keep their dtype)."""
+    def compress(self, name: str, module: nn.Module, stats: LayerStats | None) -> LowRankLinear:
+        """The engine's per-layer step: factor `name` at its planned rank into a LowRankLinear
+        (weights keep their dtype)."""
         plan = self.plans[name]
-        module = self.model.get_submodule(name)
-        with materialized(module):  # offloaded weights are meta at rest
-            weight = linear_weight(module).detach()
-            bias = getattr(module, "bias", None)
-            bias = None if bias is None else bias.detach()
+        weight = linear_weight(module).detach()
+        bias = getattr(module, "bias", None)
+        bias = None if bias is None else bias.detach()
         if stats is not None:
             stats = stats.to(self.ctx.device)
         left, right, info = self.factorize(
@@ -266,10 +261,14 @@ class _Run:
         )
         check_finite(name, left, right)
         layer = LowRankLinear.from_factors(left.to(weight), right.to(weight), bias)
-        replace_module(self.model, name, place_like(layer, module))
         self.notes.extend(info.pop("notes", []))
         self.rows[name].update({k: _scalar(v) for k, v in info.items()})
         self.rows[name]["status"] = "factored"
+        return layer
+
+    def factored(self) -> dict[str, nn.Module]:
+        """{name: module} of the linears planned to be factored."""
+        return {n: self.model.get_submodule(n) for n, p in self.plans.items() if p.rank}
 
     def keep_dense(self, name: str, reason: str, note: str) -> None:
         """Revise the plan: `name` stays dense (e.g. it gets no calibration inputs)."""
@@ -299,15 +298,31 @@ def compress_model(
         try:
             with torch.no_grad():
                 if stats_kind is None:
-                    for name in ctx.progress(
-                        [n for n, p in plans.items() if p.rank], f"{config.method_name}"
-                    ):
-                        run.compress(name, None)
+                    compress_each(model, run.factored(), CalibrationHooks(None, run.compress), ctx,
+                                  f"{config.method_name}")
                 else:
-                    compress_sequential(run, stats_kind)
+                    _compress_calibrated(run, stats_kind)
         finally:
             model.train(training)
     return _result(run, time.perf_counter() - started, memory.peak_mb)
+
+
+def _compress_calibrated(run: _Run, stats_kind: str) -> None:
+    """The engine's block loop over the factored linears (those outside every block stay dense)."""
+    config = run.config
+    windows = calibration_windows(config, run.ctx, run.notes)
+    for name in outside_blocks(run.model, list(run.factored())):
+        run.keep_dense(
+            name,
+            "outside the transformer blocks (no calibration inputs): dense",
+            f"{name} is outside the transformer blocks and was kept dense; add it to `ignore`",
+        )
+    summary = compress_blocks(
+        run.model, run.factored(), CalibrationHooks(stats_kind, run.compress), windows, run.ctx,
+        batch_size=config.batch_size, second_phase=config.second_phase,
+        description=f"{config.method_name}: blocks",
+    )
+    run.metrics.update(summary.metrics)
 
 
 def plan_ranks(

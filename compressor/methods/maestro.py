@@ -29,6 +29,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..calibration import CalibrationHooks, LayerStats, compress_blocks, compress_each
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
@@ -46,7 +47,6 @@ from ._maestro_layer import (
     output_metric_scale,
 )
 from ._maestro_train import MaestroSchedule, train_maestro
-from ._prune_sequential import compress_sequentially
 
 __all__ = ["MaestroConfig", "MaestroLinear"]
 
@@ -177,11 +177,15 @@ def _install_initial(
     model: nn.Module, selected: dict, config: MaestroConfig, ctx: Context
 ) -> list[str]:
     """Swap every selected linear for a MaestroLinear (whitened init uses calibration statistics)."""
+
+    def compress(name: str, module: nn.Module, stats: LayerStats | None) -> MaestroLinear:
+        h = None if stats is None else stats.second_moment()  # X Xᵀ/N as summed
+        return _maestro_layer(module, h, config.init_rank, config.importance)
+
+    # trained and materialised in place afterwards: the layers stay on the execution device
+    hooks = CalibrationHooks("hessian", compress, resident=True)
     if config.init == "svd":
-        for name, module in ctx.progress(list(selected.items()), description="maestro init"):
-            replace_module(
-                model, name, _maestro_layer(module, None, config.init_rank, config.importance)
-            )
+        compress_each(model, selected, hooks, ctx, description="maestro init")
         return []
     windows = ctx.windows(
         config.calibration or config.data,
@@ -189,16 +193,9 @@ def _install_initial(
         seq_len=config.seq_len,
         num_windows=config.num_windows,
     )
-    outside = compress_sequentially(
-        model,
-        selected,
-        windows,
-        lambda n, mod, h: _maestro_layer(mod, h, config.init_rank, config.importance),
-        ctx,
-        kind="gram",
-        batch_size=config.batch_size,
-        description="maestro init",
-    )
+    outside = compress_blocks(
+        model, selected, hooks, windows, ctx, batch_size=config.batch_size, description="maestro init"
+    ).outside
     return (
         [f"no calibration statistics for {', '.join(outside[:4])}: plain SVD init"]
         if outside

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..calibration import CalibrationHooks, LayerStats, compress_blocks, compress_each
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
@@ -28,9 +29,8 @@ from ..kernels import compress_nm_indices, nm_mask
 from ..layers import CompressedLinear, NMSparseLinear
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
+from ..targeting import layer_type, linear_shape, linear_weight, select_linears
 from ._dsformer_factor import parse_pattern
-from ._prune_sequential import compress_sequentially
 from ._sparsegpt import output_error, sparsegpt_prune
 
 __all__ = [
@@ -250,6 +250,18 @@ def _pruned_module(module: nn.Module, pruned: Tensor, mask: Tensor, parsed) -> n
     return None
 
 
+def _hooks(config: PruneConfig, rows: list) -> CalibrationHooks:
+    """The engine hooks: Wanda reads ‖X_j‖²/N, SparseGPT X Xᵀ/N as summed (not symmetrised)."""
+    kind = {"wanda": "sq_norm", "sparsegpt": "hessian"}.get(config.score)
+
+    def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module | None:
+        stat = None if stats is None else stats.mean_square() if kind == "sq_norm" else stats.second_moment()
+        return _prune_one(name, module, stat, config, rows)
+
+    # unstructured pruning writes the zeros into the module's own weight
+    return CalibrationHooks(kind, compress, in_place=not parse_pattern(config.pattern).structured)
+
+
 @register("prune", PruneConfig, kind="compress")
 def apply(model: nn.Module, config: PruneConfig, ctx: Context) -> StageResult:
     """Prune every targeted linear (N:M -> NMSparseLinear; unstructured -> zeros in place)."""
@@ -259,33 +271,24 @@ def apply(model: nn.Module, config: PruneConfig, ctx: Context) -> StageResult:
         _check_divisible(selected, config.pattern, parsed.m)
     rows: list[dict[str, Any]] = []
     notes = []
-    if config.score in ("wanda", "sparsegpt"):
-        windows = ctx.windows(
-            config.calibration,
-            split="calib",
-            seq_len=config.seq_len,
-            num_windows=config.num_windows,
+    hooks = _hooks(config, rows)
+    if hooks.stats is None:
+        compress_each(model, selected, hooks, ctx, description="prune")
+        return StageResult(metrics=_summary(rows), per_module=rows, notes=notes)
+    windows = ctx.windows(
+        config.calibration,
+        split="calib",
+        seq_len=config.seq_len,
+        num_windows=config.num_windows,
+    )
+    outside = compress_blocks(
+        model, selected, hooks, windows, ctx, batch_size=config.batch_size, description=config.score
+    ).outside
+    if outside:
+        notes.append(
+            f"{len(outside)} linear(s) outside the transformer blocks were pruned by magnitude: "
+            f"{', '.join(outside[:4])}"
         )
-        outside = compress_sequentially(
-            model,
-            selected,
-            windows,
-            lambda n, mod, st: _prune_one(n, mod, st, config, rows),
-            ctx,
-            kind="sq_norm" if config.score == "wanda" else "gram",
-            batch_size=config.batch_size,
-            description=config.score,
-        )
-        if outside:
-            notes.append(
-                f"{len(outside)} linear(s) outside the transformer blocks were pruned by magnitude: "
-                f"{', '.join(outside[:4])}"
-            )
-    else:
-        for name, module in ctx.progress(list(selected.items()), description="prune"):
-            new = _prune_one(name, module, None, config, rows)
-            if new is not None:
-                replace_module(model, name, new)
     return StageResult(metrics=_summary(rows), per_module=rows, notes=notes)
 
 

@@ -202,7 +202,7 @@ def test_a_rank_that_would_make_a_layer_larger_keeps_it_dense_with_a_row_and_a_n
 def test_the_spectra_pass_builds_no_autograd_graph():
     """It runs before compress_model's no_grad block; a graph through every batch's Gram matrix
     held 8 GB on SmolLM2-135M before it was wrapped in no_grad."""
-    from compressor.methods._lowrank_calibration import dense_layer_stats
+    from compressor.methods._lowrank_allocation import dense_layer_stats
     from compressor.targeting import select_linears
 
     model = tiny_llama()

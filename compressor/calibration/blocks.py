@@ -1,9 +1,7 @@
-"""The block-by-block calibration loop shared by every calibrated method.
-
-Only one transformer block's activations are alive at a time: capture the first block's inputs
-(hidden states + the keyword arguments the model passes to every block, e.g. rotary embeddings
-and the attention mask), then replay blocks one by one, hooking their linears to accumulate
-statistics. Methods compress block i and feed its *compressed* outputs to block i + 1.
+"""Primitives of block-by-block calibration: find the transformer blocks, capture the first
+block's inputs (hidden states + the arguments the model passes to every block, e.g. rotary
+embeddings and the attention mask), replay a block batch by batch, hook its linears' inputs.
+compressor/calibration/engine.py builds the sequential loop from these.
 """
 
 from __future__ import annotations
@@ -16,9 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError, DataError
-from .offload import input_device
-from .targeting import find_linears, is_linear
+from ..errors import ConfigError, DataError
+from ..offload import input_device
+from ..targeting import find_linears, is_linear
 
 
 @dataclass
@@ -89,17 +87,33 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
     return captured
 
 
-def _block_output(output) -> torch.Tensor:
+def forward_batch(block: nn.Module, inputs: BlockInputs, index: int) -> torch.Tensor:
+    """Run `block` on batch `index` of `inputs`; returns its hidden-state output (B, T, d)."""
+    output = block(inputs.hidden[index], *inputs.args[index], **inputs.kwargs[index])
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs) -> BlockInputs:
     """Outputs of `block` for every batch, ready to be the next block's inputs."""
-    outputs = []
-    for hidden, args, kwargs in zip(inputs.hidden, inputs.args, inputs.kwargs):
-        outputs.append(_block_output(block(hidden, *args, **kwargs)))
-    return inputs.with_hidden(outputs)
+    return inputs.with_hidden([forward_batch(block, inputs, i) for i in range(len(inputs))])
+
+
+def inputs_to(inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """BlockInputs with every tensor (hidden, args, kwargs) on `device`."""
+
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, tuple):
+            return tuple(move(v) for v in value)
+        return value
+
+    return BlockInputs(
+        [h.to(device) for h in inputs.hidden],
+        [move(a) for a in inputs.args],
+        [{k: move(v) for k, v in kw.items()} for kw in inputs.kwargs],
+    )
 
 
 @contextlib.contextmanager
