@@ -155,9 +155,9 @@ class MaterializedWeights(Mapping):
 
 
 def gather_to_cpu(model: nn.Module) -> nn.Module:
-    """Every weight of a dispatched `model` back as ordinary CPU tensors, hooks removed: what
-    saving and merging need. One module at a time, so the device never holds more than before;
-    the (compressed) model must fit in CPU RAM."""
+    """Every weight of a dispatched `model` back as ordinary CPU tensors, hooks removed, tied
+    weights tied again: what saving and merging need. One module at a time, so the device never
+    holds more than before; the (compressed) model must fit in CPU RAM."""
     if not is_dispatched(model):
         return model
     from accelerate.hooks import remove_hook_from_module
@@ -175,10 +175,26 @@ def gather_to_cpu(model: nn.Module) -> nn.Module:
         remove_hook_from_module(module)
         for name, value in offloaded.items():
             set_module_tensor_to_device(module, name, "cpu", value=value)
+    _retie_embeddings(model)
     model.to("cpu")
     if hasattr(model, "hf_device_map"):
         del model.hf_device_map  # saving must not treat the model as dispatched any more
     return model
+
+
+def _retie_embeddings(model: nn.Module) -> None:
+    """Tie lm_head to the input embedding again where the config asks for it: every load by a
+    hook gives a module new parameter objects, so the two no longer share one (and saving would
+    write both). Only a plain linear lm_head still holding the embedding's values is tied."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    try:
+        output, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if type(output) is nn.Linear and embeddings is not None and output.weight is not embeddings.weight \
+            and output.weight.shape == embeddings.weight.shape and torch.equal(output.weight, embeddings.weight):
+        output.weight = embeddings.weight
 
 
 def nonfinite_tensors(model: nn.Module) -> list[str]:
@@ -204,18 +220,16 @@ def materialized_own(module: nn.Module) -> Iterator[nn.Module]:
         yield module
 
 
-# Stages whose every weight access goes through this module (the low-rank family's block loop,
-# the analysis sweep).
-OFFLOAD_READY = ("analyze", "svd", "asvd", "svd-llm", "saes-svd", "welore")
-
-
-def check_offload_ready(methods: list[str]) -> None:
-    """Refuse, before loading, a pipeline with a stage that would read meta (offloaded) weights."""
-    unsupported = [m for m in methods if m not in OFFLOAD_READY]
-    if unsupported:
+def check_offload_ready(methods: Mapping) -> None:
+    """Refuse, before loading, a pipeline with a stage that cannot run offloaded. `methods` maps
+    each stage's method name to its registry MethodInfo, whose `offloadable` says so: analyze and
+    compress methods read weights through this module and the calibration engine, which hands each
+    per-layer step real weights and places what it returns; fine-tuning trains the whole model."""
+    refused = [f"{name} ({info.kind})" for name, info in methods.items() if not info.offloadable]
+    if refused:
         raise ConfigError(
-            f"`max_memory`/`offload_folder` (accelerate offload) is supported by {', '.join(OFFLOAD_READY)}, "
-            f"not by {', '.join(unsupported)}; drop the offload options or run those stages on a model that fits"
+            f"`max_memory`/`offload_folder` (accelerate offload) runs analyze and compress stages, "
+            f"not {', '.join(refused)}; drop the offload options or run those stages on a model that fits"
         )
 
 

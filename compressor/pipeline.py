@@ -41,7 +41,7 @@ from .preflight import (
     model_context,
 )
 from .recipe import RunConfig, apply_overrides, load_recipe
-from .registry import get_method
+from .registry import get_method, method_info
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 from .report.size import folder_bytes, model_size, size_summary, weight_file_bytes
@@ -145,7 +145,7 @@ class Pipeline:
         if self.config.max_memory is not None:
             check_max_memory(parse_max_memory(self.config.max_memory))
         if self.config.max_memory is not None or self.config.offload_folder is not None:
-            check_offload_ready([s.name for s in self.stages])
+            check_offload_ready({s.name: method_info(s.name) for s in self.stages})
         check_seq_lens(self._seq_lens(), model_context(self.config.model))
 
     def _seq_lens(self) -> list[tuple[str, int]]:
