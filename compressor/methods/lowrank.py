@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import (  # noqa: F401  (LayerStats, split_phases re-exported for the method modules and tests)
-    DEFAULT_SECOND_PHASE,
     CalibrationHooks,
     LayerStats,
     calibration_windows,
@@ -38,6 +37,7 @@ from ..calibration import (  # noqa: F401  (LayerStats, split_phases re-exported
     outside_blocks,
     split_phases,
 )
+from ..calibration.engine import DEFAULT_SECOND_PHASE  # its defining module: config_docs reads the default
 from ..config import CalibrationConfig, MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError
