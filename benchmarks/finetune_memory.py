@@ -56,7 +56,7 @@ def worker(args) -> dict:
 
     from compressor.models import load_model
     from compressor.training.losses import lm_loss
-    from compressor.training.mezo import mezo_update_, spsa_gradient, step_seed
+    from compressor.training.mezo_optimizer import mezo_update_, spsa_gradient, step_seed
 
     torch.set_num_threads(args.threads)
     loaded = load_model(None if args.model == "default" else args.model)

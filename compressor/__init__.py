@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import importlib
 
-from . import ckpt_format as _ckpt_format
-
-__version__ = "0.1.0"
+from . import hf_register as _hf_register
+from ._version import __version__ as __version__
 
 # transformers' from_pretrained reads compressed checkpoints once compressor is imported. Cheaply:
-# an import hook registers the quantizer when transformers loads its quantizer table (ckpt_format).
-_ckpt_format.install()
+# an import hook registers the quantizer when transformers loads its quantizer table (hf_register).
+_hf_register.install()
 
 # public name -> the module that defines it
 _PUBLIC = {

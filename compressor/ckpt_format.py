@@ -1,38 +1,31 @@
 """The compressed checkpoint format: a standard Hugging Face folder whose config.json carries
 `quantization_config = {quant_method: "compressor", format_version, layers: {name: {type, args}},
-...run metadata}`, and how `transformers` learns to read it.
+...run metadata}`. How `transformers` learns to read it: `hf_register` (the import hook) and
+`hf_quantizer` (the quantizer), both built on the constants and checks here.
 
 * Placeholders: every compressed layer that has no dense-shaped `weight` of its own (low-rank,
   N:M, dense x sparse) is also written as an empty `<name>.weight` tensor. Plain transformers
   (compressor not imported: the quant_method is unknown, so it skips quantization) then meets a
   size mismatch for that key and raises, instead of loading random weights; compressor's
   quantizer ignores those keys.
-* Registration is lazy: importing `transformers.quantizers` costs seconds, so `import compressor`
-  only installs an import hook; the quantizer registers itself right after transformers imports
-  `transformers.quantizers.auto` (which `from_pretrained` always does), or at once if it already
-  has. Nothing here imports the method registry or peft.
+* Nothing here imports the method registry or peft.
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
-import sys
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .errors import ModelError
 
-if TYPE_CHECKING:  # `import compressor` runs install() below and must not pay for torch
+if TYPE_CHECKING:  # `import compressor` imports this module and must not pay for torch
     from torch import nn
 
 QUANT_METHOD = "compressor"
 FORMAT_VERSION = 2  # 1 = compression.json beside a plain config.json (still read by compressor.load)
-_HOOKED_MODULE = "transformers.quantizers.auto"
 
 
 def quantization_config(layers: dict[str, dict[str, Any]], metadata: dict[str, Any] | None = None) -> dict:
-    from . import __version__
-
     return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION,
             "compressor_version": __version__, **(metadata or {}), "layers": layers}
 
@@ -94,45 +87,3 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
     if kind == "dense_sparse" and not (isinstance(args.get("k"), int) and args["k"] >= 1 and (not m or args["k"] % m == 0)):
         return f"inner dimension k={args.get('k')!r} must be a positive multiple of M={m}"
     return None
-
-
-# -- registration with transformers --------------------------------------------------------------
-
-
-def install() -> None:
-    """Register the quantizer now if transformers' quantizer table is loaded, else on its import."""
-    module = sys.modules.get(_HOOKED_MODULE)
-    if module is not None:
-        _register(module)
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
-
-
-def _register(auto_module) -> None:
-    if QUANT_METHOD in auto_module.AUTO_QUANTIZER_MAPPING:
-        return
-    from .hf_quantizer import CompressorConfig, CompressorQuantizer
-
-    auto_module.register_quantization_config(QUANT_METHOD)(CompressorConfig)
-    auto_module.register_quantizer(QUANT_METHOD)(CompressorQuantizer)
-
-
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: wraps the real loader of transformers.quantizers.auto so that the
-    quantizer registers right after that module has run."""
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _HOOKED_MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _register(module)
-
-        spec.loader.exec_module = exec_module
-        return spec

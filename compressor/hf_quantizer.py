@@ -1,4 +1,4 @@
-"""compressor's quantizer for transformers' plug-in API (registered by compressor.ckpt_format).
+"""compressor's quantizer for transformers' plug-in API (registered by compressor.hf_register).
 
 `from_pretrained(DIR)` on a compressed checkpoint: the config's layer table is checked against
 the freshly built (meta-device) model, each listed linear is replaced by its compressed layer,

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -324,8 +325,6 @@ def remove_staging(tmp: Path, err: BaseException | None = None) -> None:
 def salvage_stale_staging(folder: Path) -> None:
     """Staging folders of a killed run (the lock is ours, so none is in use): move their training
     progress to `NAME.partial` (resumable), then delete them."""
-    from .training.checkpoint import preserve_progress
-
     for stale in folder.parent.glob(f"{staging_name(folder)}*"):
         if stale.is_dir():
             preserve_progress(stale)
@@ -333,3 +332,35 @@ def salvage_stale_staging(folder: Path) -> None:
     for old in folder.parent.glob(f".{folder.name}.old-*"):
         if old.is_dir() and read_marker(old) is not None:
             _carry_over_and_remove(old, folder) if folder.is_dir() else old.rename(folder)
+
+
+# Training progress inside an output folder: training.checkpoint's `checkpoints/step-<k>/` and the
+# MeZO log. The pipeline stages outputs in `<parent>/.<name>.tmp-XXXX` and deletes that folder when
+# a run fails, so an interrupted run would lose them. They move to `<parent>/<name>.partial`.
+CHECKPOINT_DIR = "checkpoints"
+_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-[^/]+$")
+PROGRESS_FILES = (CHECKPOINT_DIR, "mezo_log.jsonl")
+
+
+def preserve_progress(out_dir: Path | None) -> Path | None:
+    """Move checkpoints and the MeZO log out of a staging folder that is about to vanish.
+
+    Returns the folder to pass as `resume`, or None when there was nothing to move.
+    """
+    if out_dir is None:
+        return None
+    out_dir = Path(out_dir)
+    match = _STAGING.match(out_dir.name)
+    present = [out_dir / name for name in PROGRESS_FILES if (out_dir / name).exists()]
+    if match is None or not present:
+        return out_dir if present else None  # not staged: the files stay where they are
+    target = out_dir.parent / f"{match['name']}.partial"
+    if target.exists() and read_marker(target) is not None:
+        shutil.rmtree(target, ignore_errors=True)  # an older interruption's progress, ours
+    target.mkdir(parents=True, exist_ok=True)
+    for path in present:
+        shutil.rmtree(target / path.name, ignore_errors=True)
+        shutil.move(str(path), str(target / path.name))
+    write_marker(target, "training progress (resume from it)")
+    log.info("training stopped early; its progress is in %s (pass it as `resume` to continue)", target)
+    return target

@@ -1,3 +1,3 @@
-"""compressor.adapters — explicit imports register each method."""
-
-from . import dsee, heal, kappatune, lora, nola, welore_tune  # noqa: F401
+"""compressor.adapters — fine-tuning methods, one module each. They register when the registry
+imports them by name (registry.BUILTIN), so importing one imports no other (nor peft, unless it
+is the one that needs it)."""

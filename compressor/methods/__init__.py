@@ -1,3 +1,2 @@
-"""Compression methods, one module each; these explicit imports register them."""
-from . import asvd, saes_svd, svd, svd_llm, welore  # noqa: F401  (training-free low-rank family)
-from . import dsformer, maestro, prune  # noqa: F401  (dense x sparse, ordered low rank, pruning)
+"""Compression methods, one module each. They register when the registry imports them by name
+(registry.BUILTIN), so importing one method imports no other."""

@@ -174,7 +174,7 @@ def aware_ranks(
     Ranks lie in [⌈floor_ratio·min(m, n)⌉, break-even] or dense; with spread s > 1 also within
     [u/s, u·s] of the uniform rank u = ⌊keep·m·n/(m+n)⌋ (dense only when u·s reaches break-even).
     Matrices on which no rank saves parameters are dense and their m·n is taken off the budget."""
-    from .lowrank import uniform_rank
+    from ._lowrank_plan import uniform_rank
 
     losses = {name: truncation_losses(s, normalise) for name, s in spectra.items()}
     fixed = {n for n in spectra if max_saving_rank(*shapes[n]) < 1}
@@ -282,7 +282,7 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     """LayerPlans of `allocation: aware`: dense-model whitened spectra (first pass), then
     `aware_ranks` under keep · Σ m·n parameters. Linears outside the blocks get no spectrum and
     stay dense (the sequential engine keeps them dense too)."""
-    from .lowrank import LayerPlan, plan_uniform
+    from ._lowrank_plan import LayerPlan, plan_uniform
 
     spectra: dict[str, Tensor] = {}
 
@@ -329,7 +329,7 @@ AWARE_DENSE_REASON = ("aware allocation: dense (its tail costs more loss per par
 
 def uniform_loss(losses: Tensor, m: int, n: int, keep: float) -> float:
     """The loss of the uniform rank ⌊keep·m·n/(m+n)⌋ on the same spectrum (0 when that stays dense)."""
-    from .lowrank import factoring_saves, uniform_rank
+    from ._lowrank_plan import factoring_saves, uniform_rank
 
     rank = uniform_rank(m, n, keep)
     return float(losses[rank]) if keep < 1 and factoring_saves(m, n, max(rank, 1)) else 0.0

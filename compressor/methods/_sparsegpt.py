@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..kernels import nm_mask
 from ..numerics import cholesky_lower
-from ._dsformer_factor import parse_pattern
+from ._sparse_pattern import parse_pattern
 
 __all__ = ["inverse_hessian_factor", "output_error", "sparsegpt_prune"]
 

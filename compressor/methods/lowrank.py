@@ -19,7 +19,6 @@ each block is moved to `ctx.device` for its calibration passes.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,10 +45,19 @@ from ..memory import PeakMemory
 from ..offload import MaterializedWeights
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, select_linears
+from ._lowrank_plan import (  # noqa: F401  (re-exported for the method modules and tests)
+    NO_SAVING,
+    LayerPlan,
+    factoring_saves,
+    keep_ratio_reached,
+    plan_layer,
+    plan_uniform,
+    uniform_rank,
+    welore_plan,
+)
 
 Allocation = Literal["uniform", "welore", "aware"]
 AWARE_LOSSES = ("relative", "absolute", "fisher")
-NO_SAVING = "would not save parameters"  # in the `status` of a layer kept dense for that reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,75 +145,6 @@ class CalibratedLowRankConfig(CalibrationConfig, LowRankConfig, num_windows=128)
     """
 
     second_phase: tuple[str, ...] = DEFAULT_SECOND_PHASE
-
-
-# ---------------------------------------------------------------- rank arithmetic (pure)
-
-
-def uniform_rank(out_features: int, in_features: int, keep: float) -> int:
-    """r = ⌊keep·m·n/(m+n)⌋: the rank whose factors hold `keep` of the dense parameters."""
-    # The epsilon stops 0.6·m·n/(m+n) = 19.999999 from flooring to 19 through float rounding.
-    return math.floor(keep * out_features * in_features / (out_features + in_features) + 1e-9)
-
-
-def factoring_saves(out_features: int, in_features: int, rank: int) -> bool:
-    """True when rank-`rank` factors are strictly smaller than the dense matrix."""
-    return (
-        0 < rank < min(out_features, in_features)
-        and rank * (out_features + in_features) < out_features * in_features
-    )
-
-
-@dataclass
-class LayerPlan:
-    """What happens to one targeted linear: factored at `rank`, or kept dense (`rank` None)."""
-
-    name: str
-    out_features: int
-    in_features: int
-    rank: int | None
-    reason: str = ""
-
-    @property
-    def params_dense(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def params_kept(self) -> int:
-        if self.rank is None:
-            return self.params_dense
-        return self.rank * (self.out_features + self.in_features)
-
-
-def plan_layer(name: str, out_features: int, in_features: int, rank: int, keep: float) -> LayerPlan:
-    """Factor at `rank` unless keep = 1 or factoring would not save parameters."""
-    if keep >= 1:
-        return LayerPlan(name, out_features, in_features, None, "keep ratio 1: dense")
-    rank = max(rank, 1)
-    if not factoring_saves(out_features, in_features, rank):
-        return LayerPlan(
-            name,
-            out_features,
-            in_features,
-            None,
-            f"rank {rank} {NO_SAVING} on {out_features}x{in_features}: dense",
-        )
-    return LayerPlan(name, out_features, in_features, rank)
-
-
-def plan_uniform(shapes: dict[str, tuple[int, int]], keep: float) -> dict[str, LayerPlan]:
-    """Uniform allocation: every (m, n) matrix keeps ⌊keep·m·n/(m+n)⌋ ranks."""
-    return {
-        name: plan_layer(name, m, n, uniform_rank(m, n, keep), keep)
-        for name, (m, n) in shapes.items()
-    }
-
-
-def keep_ratio_reached(plans: dict[str, LayerPlan]) -> tuple[int, int, float]:
-    """(params_dense, params_kept, kept/dense) over the planned linears (weights only, no biases)."""
-    dense = sum(p.params_dense for p in plans.values())
-    kept = sum(p.params_kept for p in plans.values())
-    return dense, kept, kept / dense if dense else 1.0
 
 
 # ---------------------------------------------------------------- factor helpers (pure)
@@ -342,8 +281,6 @@ def plan_ranks(
             f"{config.method_name}: every targeted linear is already compressed; nothing to do"
         )
     if config.allocation == "welore":
-        from .welore import welore_plan  # welore.py builds on this module, so import it lazily
-
         plans, tau = welore_plan(
             MaterializedWeights({n: selected[n] for n in shapes}), config.rank, config.min_ratio
         )

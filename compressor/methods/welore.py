@@ -14,25 +14,23 @@ LRC switch happens below the break-even rank), so the search is a bisection over
 values and lands on the smallest τ within budget; the realised keep ratio is ≤ the request by at
 most one matrix's step.
 
+The allocation is in _lowrank_plan.py (the low-rank driver applies it for `allocation: welore`).
 `welore` as a stage factors the LRCs by plain truncated SVD (U√Σ, √ΣVᵀ, as the paper); any other
 low-rank method uses the same allocation with `allocation: welore`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
-from ..analysis.spectra import is_low_rank_component, singular_values, welore_normalise
 from ..context import Context
 from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import NO_SAVING, LayerPlan, LayerStats, LowRankConfig, compress_model, factoring_saves
+from ._lowrank_plan import layer_plan_at, welore_allocation, welore_plan  # noqa: F401  (the allocation; re-exported)
+from .lowrank import LayerStats, LowRankConfig, compress_model
 from .svd import svd_factors
 
 
@@ -53,64 +51,6 @@ class WeLoreConfig(LowRankConfig):
                 f"welore: `allocation` must be `welore`, got {self.allocation!r}; "
                 "for uniform ranks use the `svd` method"
             )
-
-
-def layer_plan_at(
-    name: str, shape: tuple[int, int], normalised: Tensor, tau: float, min_ratio: float
-) -> LayerPlan:
-    """One matrix at threshold τ: factored at min(m, n) − p if it is an LRC that saves parameters."""
-    m, n = shape
-    full = min(m, n)
-    removed = int((normalised < tau).sum())
-    rank = max(full - removed, 1)
-    if is_low_rank_component(removed, full, min_ratio) and factoring_saves(m, n, rank):
-        return LayerPlan(name, m, n, rank)
-    reason = (
-        "N-LRC (too little rank removed): dense"
-        if removed / full <= min_ratio
-        else f"rank {rank} {NO_SAVING} on {m}x{n}: dense"
-    )
-    return LayerPlan(name, m, n, None, reason)
-
-
-def welore_allocation(
-    spectra: dict[str, Tensor], shapes: dict[str, tuple[int, int]], keep: float, min_ratio: float
-) -> tuple[dict[str, LayerPlan], float]:
-    """({name: σ (k,) descending}, {name: (m, n)}, keep, min_ratio) -> (plans, τ).
-
-    The smallest τ whose kept parameters are ≤ keep · Σ m·n (τ = 0 keeps everything dense)."""
-    normalised = {name: welore_normalise(s.double()) for name, s in spectra.items()}
-    budget = keep * sum(m * n for m, n in shapes.values())
-    values = torch.cat(list(normalised.values())).unique()  # sorted ascending
-    # p(τ) only changes when τ crosses a σ̂ value: test 0, the midpoints and just above the top.
-    taus = [0.0, *((values[:-1] + values[1:]) / 2).tolist(), values[-1].item() + 1e-6]
-
-    def plans_at(tau: float) -> dict[str, LayerPlan]:
-        return {n: layer_plan_at(n, shapes[n], normalised[n], tau, min_ratio) for n in shapes}
-
-    def kept(tau: float) -> int:
-        return sum(p.params_kept for p in plans_at(tau).values())
-
-    low, high = 0, len(taus) - 1  # invariant: kept(taus[high]) ≤ budget unless nothing fits
-    if kept(taus[0]) <= budget:
-        high = 0
-    while high - low > 1:
-        mid = (low + high) // 2
-        if kept(taus[mid]) <= budget:
-            high = mid
-        else:
-            low = mid
-    return plans_at(taus[high]), taus[high]
-
-
-def welore_plan(
-    weights: Mapping[str, Tensor], keep: float, min_ratio: float
-) -> tuple[dict[str, LayerPlan], float]:
-    """WeLore allocation from the weights themselves: {name: W (m, n)} -> (plans, τ)."""
-    spectra, shapes = {}, {}
-    for name, w in weights.items():  # one pass: `weights` may read each matrix from offload
-        spectra[name], shapes[name] = singular_values(w), (w.shape[0], w.shape[1])
-    return welore_allocation(spectra, shapes, keep, min_ratio)
 
 
 def _factorize(

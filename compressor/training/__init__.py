@@ -1,6 +1,9 @@
-"""Fine-tuning: the shared trainer (`fit`, `TrainConfig`) and the `backprop`, `mezo` and `sorted` stages."""
+"""Fine-tuning: the shared trainer (`fit`, `TrainConfig`) and the `backprop`, `mezo` and `sorted` stages.
 
-from compressor.training import mezo, sorted_ft, trainer  # noqa: F401  (explicit imports register the stages)
+The stages register when the registry imports their modules by name (registry.BUILTIN); this
+package imports none of them, so the adapters can build on `fit` without a cycle.
+"""
+
 from compressor.training.config import TrainConfig
 from compressor.training.trainer import TrainResult, fit
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import shutil
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from compressor.errors import ConfigError
+from compressor.outdir import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 log = logging.getLogger("compressor")
 _PREFIX = "step-"
 
@@ -182,35 +181,3 @@ def load_checkpoint(
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR / folder.name).resolve() != folder.resolve():
         shutil.copytree(folder, Path(out_dir) / CHECKPOINT_DIR / folder.name, dirs_exist_ok=True)
     return int(meta["step"])
-
-
-# The pipeline stages outputs in `<parent>/.<name>.tmp-XXXX` and deletes that folder when a run
-# fails, so an interrupted run would lose its checkpoints. Move them to `<parent>/<name>.partial`.
-_STAGING = re.compile(r"^\.(?P<name>.+)\.tmp-[^/]+$")
-PROGRESS_FILES = (CHECKPOINT_DIR, "mezo_log.jsonl")
-
-
-def preserve_progress(out_dir: Path | None) -> Path | None:
-    """Move checkpoints and the MeZO log out of a staging folder that is about to vanish.
-
-    Returns the folder to pass as `resume`, or None when there was nothing to move.
-    """
-    if out_dir is None:
-        return None
-    out_dir = Path(out_dir)
-    match = _STAGING.match(out_dir.name)
-    present = [out_dir / name for name in PROGRESS_FILES if (out_dir / name).exists()]
-    if match is None or not present:
-        return out_dir if present else None  # not staged: the files stay where they are
-    from compressor.outdir import read_marker, write_marker
-
-    target = out_dir.parent / f"{match['name']}.partial"
-    if target.exists() and read_marker(target) is not None:
-        shutil.rmtree(target, ignore_errors=True)  # an older interruption's progress, ours
-    target.mkdir(parents=True, exist_ok=True)
-    for path in present:
-        shutil.rmtree(target / path.name, ignore_errors=True)
-        shutil.move(str(path), str(target / path.name))
-    write_marker(target, "training progress (resume from it)")
-    log.info("training stopped early; its progress is in %s (pass it as `resume` to continue)", target)
-    return target

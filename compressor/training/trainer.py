@@ -51,18 +51,18 @@ from torch import Tensor, nn
 from compressor.config import MethodConfig
 from compressor.errors import ConfigError
 from compressor.offload import input_device, is_dispatched
-from compressor.outdir import signals_deferred
+from compressor.outdir import preserve_progress, signals_deferred
 from compressor.registry import register
 from compressor.report.records import StageResult
 from compressor.targeting import select_linears
 from compressor.training.checkpoint import (
     load_checkpoint,
     model_identity,
-    preserve_progress,
     save_checkpoint,
     weights_hash,
 )
 from compressor.training.config import TrainConfig
+from compressor.training.mezo_optimizer import run_mezo
 from compressor.training.data import HEAD_NAME, TaskData, build_task_data
 from compressor.training.losses import default_loss_fn, evaluate
 from compressor.training.run import TrainRun, decays, lr_factor
@@ -206,8 +206,6 @@ def _train(run: TrainRun) -> None:
     """Dispatch to the optimizer's loop; if it stops early, keep its checkpoints / log."""
     try:
         if run.config.optimizer == "mezo":
-            from compressor.training.mezo import run_mezo  # mezo.py imports fit: import late
-
             run_mezo(run)
         else:
             run_backprop(run)

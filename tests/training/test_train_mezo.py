@@ -14,10 +14,9 @@ from compressor.testing import tiny_llama
 from compressor.testing.tiny import example_input_ids
 from compressor.training import fit
 from compressor.training.losses import lm_loss, next_token_loss
-from compressor.training.mezo import (
+from compressor.training.mezo import MezoConfig, apply
+from compressor.training.mezo_optimizer import (
     LOG_NAME,
-    MezoConfig,
-    apply,
     mezo_update_,
     noise,
     perturb_,

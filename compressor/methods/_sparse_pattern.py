@@ -1,0 +1,70 @@
+"""Column sparsity patterns of a sparse factor S (k, in): N:M groups along k, or the top
+fraction of each column (unstructured). Shared by DSFormer's factorization and SparseGPT's solver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..kernels import nm_mask
+
+
+def nm_column_mask(s: Tensor, n: int, m: int) -> Tensor:
+    """Bool mask (k, in) keeping the n largest |s| of every m consecutive rows in each column.
+
+    s: (k, in) with k % m == 0. Exactly n per group even when values tie (topk order).
+    """
+    return nm_mask(s.detach().abs().T, n, m).T
+
+
+def topk_column_mask(s: Tensor, nnz: int) -> Tensor:
+    """Bool mask (k, in) keeping the `nnz` largest |s| of each column (the unstructured pattern)."""
+    keep = s.detach().abs().topk(nnz, dim=0).indices
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(0, keep, True)
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Column pattern of S: N:M groups along k (`m` > 0) or `nnz_ratio` of k per column (m == 0)."""
+
+    n: int = 2
+    m: int = 4
+    nnz_ratio: float = 0.0
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def density(self) -> float:
+        return self.n / self.m if self.structured else self.nnz_ratio
+
+    def nnz_per_column(self, k: int) -> int:
+        return k // self.m * self.n if self.structured else max(1, round(self.nnz_ratio * k))
+
+    def mask(self, s: Tensor) -> Tensor:
+        if self.structured:
+            return nm_column_mask(s, self.n, self.m)
+        return topk_column_mask(s, self.nnz_per_column(s.shape[0]))
+
+    def describe(self) -> str:
+        return f"{self.n}:{self.m}" if self.structured else f"unstructured({self.nnz_ratio:g})"
+
+
+def parse_pattern(pattern: str, density: float = 0.5) -> SparsePattern:
+    """`"2:4"` -> SparsePattern(2, 4); `"unstructured"` -> SparsePattern(nnz_ratio=density).
+
+    Raises ValueError with the reason; the config turns it into a ConfigError.
+    """
+    if pattern == "unstructured":
+        return SparsePattern(n=0, m=0, nnz_ratio=density)
+    parts = pattern.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"got {pattern!r}; use 'N:M' such as '2:4', or 'unstructured'")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ValueError(f"got {pattern!r}: need 0 < N < M (N = M would make S dense; use svd)")
+    if m > 256:
+        raise ValueError(f"got {pattern!r}: M must be <= 256 so an index fits the stored uint8")
+    return SparsePattern(n=n, m=m)

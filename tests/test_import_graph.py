@@ -1,0 +1,145 @@
+"""The library's import graph has no cycle.
+
+Every import statement counts, including those inside functions and under `if TYPE_CHECKING:`:
+an import hidden in a function is still a dependency, and a cycle through it only moves the
+failure from import time to call time. `from pkg import name` is an edge to `pkg` and, when
+`name` is a submodule, to `pkg.name` too. Parent packages are not edges (importing `a.b.c` runs
+`a/__init__.py`, but that is not a dependency the module author chose). Plugins loaded by module
+name through `importlib` (the registry's BUILTIN table) are not edges: that is the point of them.
+
+On failure the message lists every cycle with the edges that close it, as `file:line`.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Source folder -> the package name it is installed as (pyproject's package-dir).
+PACKAGE_DIRS = {"compressor": "compressor", "cli": "compressor.cli", "kernels": "compressor.kernels"}
+
+
+def module_files() -> dict[str, Path]:
+    """Every library module name -> its source file."""
+    files = {}
+    for folder, package in PACKAGE_DIRS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            files[".".join([package, *parts])] = path
+    return files
+
+
+def _imported_names(node: ast.AST, module: str, is_package: bool, known: dict[str, Path]) -> list[str]:
+    """The dotted module names one import statement loads (library modules or not)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    if node.level:  # relative: `.` is the current package, each extra dot one level up
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        base = package[:len(package) - (node.level - 1)]
+        source = ".".join(base + ([node.module] if node.module else []))
+    else:
+        source = node.module or ""
+    # `from pkg import sub` loads the submodule; `from pkg import obj` needs pkg itself.
+    return [f"{source}.{alias.name}" if f"{source}.{alias.name}" in known else source for alias in node.names]
+
+
+def import_edges(files: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """module -> {imported library module: 'file:line' of the first import of it}."""
+    graph: dict[str, dict[str, str]] = {}
+    for module, path in files.items():
+        edges: dict[str, str] = {}
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            for name in _imported_names(node, module, path.name == "__init__.py", files):
+                if name in files and name != module:
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    edges[name] = min(edges.get(name, where), where, key=lambda w: int(w.rsplit(":", 1)[1]))
+        graph[module] = edges
+    return graph
+
+
+def strongly_connected(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative; components of more than one module, each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for start in sorted(graph):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def describe(component: list[str], graph: dict[str, dict[str, str]]) -> str:
+    """One cycle as its internal edges, each with the import's file:line."""
+    members = set(component)
+    lines = [f"cycle of {len(component)} modules:"]
+    for module in component:
+        for target, where in sorted(graph[module].items()):
+            if target in members:
+                lines.append(f"  {module} -> {target}   ({where})")
+    return "\n".join(lines)
+
+
+def test_the_walker_sees_imports_inside_functions_and_relative_ones():
+    graph = import_edges(module_files())
+    # Known edges of each syntax, so a walker that silently finds nothing cannot pass.
+    assert "compressor.errors" in graph["compressor.config"]  # absolute, top level
+    assert "compressor.layers.base" in graph["compressor.layers.low_rank"]  # relative `from .base`
+    assert "compressor.kernels" in graph["compressor.layers.low_rank"]
+    assert "compressor.kernels.ref" in graph["compressor.kernels"]  # `from . import ref`: the submodule
+    assert "compressor.kernels" not in graph["compressor.kernels.ref"]  # ... not the package as well
+    assert "compressor.errors" in graph["compressor.cli.common"]  # cli/ is compressor.cli
+    assert "compressor.cli.compress" in graph["compressor.cli.main"]
+    inside_functions = graph["compressor.models"]  # load_model imports the checkpoint format lazily
+    assert "compressor.ckpt_format" in inside_functions
+    assert len(graph) > 100
+
+
+def test_a_cycle_hidden_inside_a_function_is_found():
+    graph = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:9"}, "c": {"a": "c.py:40"}, "d": {"a": "d.py:2"}}
+    (component,) = strongly_connected(graph)
+    assert component == ["a", "b", "c"]
+    assert "c -> a   (c.py:40)" in describe(component, graph)
+
+
+def test_the_library_has_no_import_cycle():
+    graph = import_edges(module_files())
+    cycles = strongly_connected(graph)
+    assert not cycles, "import cycles (move the shared code down a layer; see docs/ARCHITECTURE.md):\n" + \
+        "\n".join(describe(c, graph) for c in cycles)
