@@ -5,8 +5,7 @@ from compressor.adapters import dsee
 from compressor.adapters.dsee import DseeConfig, DseeLinear
 from compressor.context import Context
 from compressor.errors import ConfigError
-from compressor.layers import merge_compressed
-from compressor.models import default_tokenizer, load, save
+from compressor.models import default_tokenizer
 from compressor.testing.tiny import example_input_ids, tiny_llama
 
 FAST = {"r": 4, "num_sparse": 8, "grebsmo_iterations": 4}
@@ -101,8 +100,8 @@ def test_sparse_update_touches_only_omega_and_pruned_zeros_survive_retuning():
     assert 0.3 < result.metrics["flops_saved_fraction"] < 0.4
 
 
-def test_nm_pruning_and_merge_keep_outputs(tmp_path):
-    model, ids = tiny_llama(), example_input_ids()
+def test_nm_pruning_keeps_n_of_every_m():  # save / reload / merge: tests/test_contract.py
+    model = tiny_llama()
     config = DseeConfig(
         **FAST,
         steps=2,
@@ -117,12 +116,6 @@ def test_nm_pruning_and_merge_keep_outputs(tmp_path):
     dsee.apply(model, config, _ctx())
     up = model.model.layers[0].mlp.up_proj.weight
     assert (up.view(up.shape[0], -1, 4) != 0).sum(-1).max() <= 2
-    trained = _logits(model, ids)
-    save(model, tmp_path / "ckpt")
-    torch.testing.assert_close(_logits(load(tmp_path / "ckpt"), ids), trained, rtol=0, atol=1e-6)
-    assert merge_compressed(model) == 4
-    assert not any(isinstance(m, DseeLinear) for m in model.modules())
-    torch.testing.assert_close(_logits(model, ids), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_lowers_held_out_perplexity_on_stories260k(stories_model, short_fit):

@@ -8,7 +8,7 @@ from compressor.adapters import lora
 from compressor.adapters.lora import LoraConfig, LoraLinear
 from compressor.errors import ConfigError
 from compressor.layers import LowRankLinear, merge_compressed
-from compressor.models import load, load_model, save
+from compressor.models import load_model
 from compressor.targeting import replace_module
 from compressor.testing.tiny import example_input_ids, tiny_llama
 
@@ -44,12 +44,9 @@ def test_stage_writes_a_peft_adapter_that_plain_peft_loads_with_the_same_logits(
     base = load_model(None).model
     reloaded = peft.PeftModel.from_pretrained(base, str(adapter)).eval()
     torch.testing.assert_close(_logits(reloaded, ids), tuned, rtol=0, atol=1e-5)
-    # After the stage the model holds LoraLinear (no peft); the whole model round-trips.
+    # After the stage the model holds LoraLinear (no peft); its round trip: tests/test_contract.py.
     assert sum(isinstance(m, LoraLinear) for m in model.modules()) == 35
     assert not hasattr(model, "peft_config")
-    save(model, out_ctx.out_dir / "ckpt")
-    reloaded = load(out_ctx.out_dir / "ckpt")
-    torch.testing.assert_close(_logits(reloaded, ids), tuned, rtol=0, atol=1e-6)
 
 
 def test_merge_gives_plain_linears_with_unchanged_outputs():

@@ -8,11 +8,9 @@ import math
 import pytest
 import torch
 
-import compressor
 from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.evaluation import perplexity
-from compressor.layers import merge_compressed
 from compressor.methods import dsformer
 from compressor.methods._dsformer_factor import (
     SparsePattern,
@@ -212,7 +210,7 @@ def test_layer_errors_name_the_layer_and_the_numbers():
     )  # nothing was touched
 
 
-def test_checkpoint_round_trip_and_merge(tmp_path):
+def test_result_reports_bytes_and_the_stf_curve():  # save / reload / merge: tests/test_contract.py
     model = tiny_llama()
     ctx = Context.for_model(model, quiet=True)
     config = dsformer.DSFormerConfig(
@@ -223,15 +221,7 @@ def test_checkpoint_round_trip_and_merge(tmp_path):
     assert {"k", "pattern", "params", "stored_bytes", "index_bytes", "keep_bytes"} <= row.keys()
     assert result.metrics["keep_ratio_bytes"] <= 0.7
     assert len(result.curves["stf_loss"]) == 2
-    ids = example_input_ids()
-    expected = model(input_ids=ids).logits
-    compressor.save(model, tmp_path / "ckpt")
-    reloaded = compressor.load(tmp_path / "ckpt")
-    assert isinstance(reloaded.model.layers[1].mlp.down_proj, DenseSparseLinear)
-    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
-    merge_compressed(reloaded)
-    assert isinstance(reloaded.model.layers[1].mlp.down_proj, torch.nn.Linear)
-    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert isinstance(model.model.layers[1].mlp.down_proj, DenseSparseLinear)
 
 
 def test_stories260k_short_stf_lowers_perplexity(stories):

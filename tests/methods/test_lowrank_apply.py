@@ -3,15 +3,12 @@ calibration size checks, architectures (GQA Llama, BERT, GPT-2 Conv1D), reportin
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
-import compressor
 from compressor.context import Context
 from compressor.errors import ConfigError, DataError
-from compressor.layers import LowRankLinear, compressed_layers, merge_compressed
+from compressor.layers import LowRankLinear, compressed_layers
 from compressor.methods.asvd import ASVDConfig
 from compressor.methods.lowrank import split_phases
 from compressor.methods.saes_svd import SAESConfig
@@ -218,18 +215,3 @@ def test_out_of_block_linears_stay_dense_with_a_note(ctx):
         and "outside the transformer blocks" in row["status"]
     )
     assert any("lm_head" in n and "`ignore`" in n for n in result.notes)
-
-
-def test_compressed_checkpoint_reloads_and_merges(ctx, tmp_path):
-    model, ids = tiny_llama(), example_input_ids()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        apply_(model, SAESConfig(rank=0.5, **CALIB), ctx)
-    expected = outputs(model, ids)
-    compressor.save(model, tmp_path / "ckpt", tokenizer=ctx.tokenizer)
-    reloaded = compressor.load(tmp_path / "ckpt")
-    assert len(compressed_layers(reloaded)) == len(compressed_layers(model))
-    torch.testing.assert_close(outputs(reloaded, ids), expected)
-    merge_compressed(reloaded)
-    assert not compressed_layers(reloaded)
-    torch.testing.assert_close(outputs(reloaded, ids), expected, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,6 @@ from compressor.calibration import (
 )
 from compressor.context import Context
 from compressor.errors import ConfigError
-from compressor.layers import merge_compressed
 from compressor.methods import prune
 from compressor.testing.tiny import example_input_ids, tiny_gpt2, tiny_llama
 
@@ -97,7 +96,7 @@ def test_wanda_uses_the_calibration_input_norms():
     assert not torch.equal(expected, prune.magnitude_mask(q_proj.weight, 0.5, per_row=True))
 
 
-def test_two_four_checkpoint_round_trip_and_merge(tmp_path):
+def test_two_four_layers_keep_two_of_every_four():  # save / reload / merge: tests/test_contract.py
     model = tiny_llama()
     result = prune.apply(model, prune.PruneConfig(), Context.for_model(model, quiet=True))
     assert result.metrics["sparsity"] == 0.5
@@ -105,14 +104,6 @@ def test_two_four_checkpoint_round_trip_and_merge(tmp_path):
     layer = model.model.layers[0].mlp.up_proj
     assert isinstance(layer, prune.NMSparseLinear)
     assert bool(((layer.dense_weight().reshape(64, -1, 4) != 0).sum(-1) == 2).all())
-    ids = example_input_ids()
-    expected = model(input_ids=ids).logits
-    compressor.save(model, tmp_path / "pruned")
-    reloaded = compressor.load(tmp_path / "pruned")
-    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
-    merge_compressed(reloaded)
-    assert isinstance(reloaded.model.layers[0].mlp.up_proj, torch.nn.Linear)
-    torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_gpt2_conv1d_layers_are_pruned_in_their_own_layout():

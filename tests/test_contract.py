@@ -1,0 +1,180 @@
+"""The contract every compress and finetune method keeps, driven by the registry (as peft's
+TEST_CASES table): apply with tiny settings to tiny architectures built in code, then
+
+* save -> `compressor.load` gives the same outputs, with the same compressed layers;
+* `merge_compressed` (every CompressedLinear -> nn.Linear) gives the same outputs;
+* a run that writes an adapter folder: that adapter, loaded onto a fresh copy of the base with
+  the loader of its format, gives the same outputs.
+
+Every method `compressor.registry.method_names(kind)` lists for "compress" and "finetune" must
+have an entry in TINY: a new method fails `test_every_method_has_tiny_settings` until it gets one,
+and is then covered by every check below. Only the registry's public API is used (`get_method`,
+`apply_`, the config's `from_dict`), so the table survives refactors of the method modules.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import pkgutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import compressor
+from compressor.context import Context
+from compressor.layers import CompressedLinear, compressed_layers, merge_compressed
+from compressor.models import default_tokenizer
+from compressor.registry import BUILTIN, apply_, get_method, method_names
+from compressor.testing.tiny import example_input_ids, tiny_bert, tiny_gpt2, tiny_llama
+
+KINDS = ("compress", "finetune")
+ARCHS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+CAUSAL = ("llama", "gpt2")  # fine-tuning trains a causal LM; encoders are refused by design
+CALIB = {"num_windows": 4, "seq_len": 32, "batch_size": 2}
+FIT = {"steps": 2, "batch_size": 2, "seq_len": 32, "num_eval": 2, "lr": 0.05}
+# The integer adapter rank of lora / nola / dsee (the field name is the only thing to change here).
+ADAPTER_RANK = {"rank": 2}
+
+
+@dataclass(frozen=True)
+class Case:
+    """Tiny settings of one method, the architectures it runs on, and a stage run first (methods
+    that train the layers a compression made need a compressed model)."""
+
+    settings: dict
+    archs: tuple[str, ...] = tuple(ARCHS)
+    before: tuple[str, dict] | None = None
+    tolerance: dict = field(default_factory=lambda: {"rtol": 1e-5, "atol": 1e-5})
+
+
+TINY: dict[str, Case] = {
+    # compress
+    "svd": Case({"rank": 0.6}),
+    "asvd": Case({"rank": 0.6, **CALIB}),
+    "svd-llm": Case({"rank": 0.6, **CALIB}),
+    "saes-svd": Case({"rank": 0.6, **CALIB}),
+    "welore": Case({"rank": 0.6}),
+    "prune": Case({"pattern": "2:4", "score": "wanda", **CALIB}),
+    # dsformer's STF and maestro's training minimise the LM loss: causal LMs only.
+    "dsformer": Case({"rank": 0.7, "stf_steps": 2, "eval_windows": 0, **CALIB}, CAUSAL),
+    "maestro": Case({"rank": 0.5, "epochs": 1, "train_windows": 4, "eval_windows": 0, **CALIB}, CAUSAL),
+    # finetune
+    "backprop": Case(FIT, CAUSAL),
+    "mezo": Case({**FIT, "adapter": "lora", "lora_rank": 2}, CAUSAL),
+    "sorted": Case(FIT, CAUSAL),
+    "lora": Case({**FIT, **ADAPTER_RANK, "dropout": 0.0}, CAUSAL),
+    "nola": Case({**FIT, **ADAPTER_RANK, "num_basis_a": 8, "num_basis_b": 8}, CAUSAL),
+    "dsee": Case({**FIT, **ADAPTER_RANK, "num_sparse": 8, "grebsmo_iterations": 4, "prune": "2:4",
+                  "prune_targets": ["re:.*mlp.*"], "retune_steps": 2}, ("llama",)),
+    "kappatune": Case({**FIT, "num_modules": 2, "lora_rank": 2, "lora_dropout": 0.0}, CAUSAL),
+    "heal": Case(FIT, CAUSAL, before=("svd", {"rank": 0.6})),
+    "welore-tune": Case(FIT, CAUSAL, before=("welore", {"rank": 0.6})),
+}
+
+
+def outputs(model, ids):
+    """The model's main output on `ids`: logits, or a bare encoder's last hidden state."""
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _run(name: str, settings: dict, model, ctx: Context):
+    config = get_method(name).config_cls.from_dict(settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tiny calibration sets warn that they are tiny
+        return apply_(model, config, ctx)
+
+
+def _kinds(model) -> dict[str, str]:
+    return {name: layer.layer_type for name, layer in compressed_layers(model).items()}
+
+
+# -- adapter folders, by the format written in their adapter_config.json ------------------------
+
+
+def _load_peft(base, folder: Path):
+    import peft
+
+    return peft.PeftModel.from_pretrained(base, str(folder)).eval()
+
+
+def _load_own(method: str):
+    def load(base, folder: Path):
+        module = importlib.import_module(get_method(method).apply.__module__)
+        getattr(module, f"load_{method}_adapter")(base, folder)
+        return base
+
+    return load
+
+
+def adapter_loader(folder: Path):
+    """The loader of an adapter folder's format; a format without one fails here, loudly."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    if "peft_type" in config:
+        return _load_peft
+    if config.get("method") in ("nola", "dsee"):
+        return _load_own(config["method"])
+    raise AssertionError(f"no loader for the adapter format of {folder}: {sorted(config)}; add one here")
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def test_every_method_has_tiny_settings():
+    methods = {name for kind in KINDS for name in method_names(kind)}
+    missing = sorted(methods - set(TINY))
+    assert not missing, f"add tiny settings for {missing} to TINY in tests/test_contract.py"
+    assert not set(TINY) - methods, f"TINY names methods the registry lacks: {sorted(set(TINY) - methods)}"
+
+
+def test_every_registering_module_is_in_the_builtin_table():
+    """Import every module of the method packages: each method any of them registers is in BUILTIN,
+    so `method_names` (which reads BUILTIN without importing) lists every method this file covers."""
+    for package in ("analysis", "methods", "adapters", "training"):
+        root = importlib.import_module(f"compressor.{package}")
+        for info in pkgutil.walk_packages(root.__path__, f"{root.__name__}."):
+            importlib.import_module(info.name)
+    assert set(method_names()) == set(BUILTIN)  # method_names() = BUILTIN + every registration
+
+
+def contract_cells():
+    for kind in KINDS:
+        for name in method_names(kind):
+            for arch in TINY[name].archs if name in TINY else ():
+                yield pytest.param(name, arch, id=f"{name}-{arch}")
+
+
+@pytest.mark.parametrize("method, arch", list(contract_cells()))
+def test_apply_save_reload_merge(method, arch, tmp_path):
+    case = TINY[method]
+    model = ARCHS[arch]()
+    ctx = Context(tokenizer=default_tokenizer(), quiet=True, out_dir=tmp_path / "run")
+    if case.before:
+        _run(*case.before, model, ctx)
+    base = copy.deepcopy(model)
+    ids = example_input_ids()
+    before = outputs(model, ids)
+    result = _run(method, case.settings, model, ctx)
+    expected = outputs(model, ids)
+    assert torch.isfinite(expected).all()
+    assert not torch.equal(expected, before), f"{method} left {arch}'s outputs unchanged"
+
+    compressor.save(model, tmp_path / "ckpt")
+    reloaded = compressor.load(tmp_path / "ckpt")
+    assert type(reloaded) is type(model) and _kinds(reloaded) == _kinds(model)
+    torch.testing.assert_close(outputs(reloaded, ids), expected, **case.tolerance)
+
+    assert merge_compressed(reloaded) == len(_kinds(model))
+    assert not any(isinstance(m, CompressedLinear) for m in reloaded.modules())
+    torch.testing.assert_close(outputs(reloaded, ids), expected, rtol=1e-4, atol=1e-4)
+
+    if "adapter_config" in result.artifacts:
+        folder = Path(result.artifacts["adapter_config"]).parent
+        adapted = adapter_loader(folder)(base, folder)
+        torch.testing.assert_close(outputs(adapted, ids), expected, **case.tolerance)
