@@ -110,12 +110,14 @@ def test_checkpoint_is_a_hf_folder_with_a_versioned_layer_table(tiny_checkpoints
     assert kinds["prune"] == {"nm_sparse"} and kinds["dsformer"] == {"dense_sparse"}
 
 
+@pytest.mark.slow
 def test_from_pretrained_after_import_compressor_matches_compressor_load(tiny_checkpoints, tmp_path):
     torch.save(example_input_ids(1, 16), tmp_path / "ids.pt")
     out = _python(PARITY, str(tmp_path / "ids.pt"), *map(str, tiny_checkpoints.values()))
     assert out.count("OK") == len(METHODS), out
 
 
+@pytest.mark.slow
 def test_plain_transformers_refuses_a_compressed_folder(tiny_checkpoints):
     for name in ("saes-svd", "prune", "dsformer"):
         assert "REFUSED RuntimeError False" in _python(PLAIN, str(tiny_checkpoints[name])), name

@@ -44,6 +44,7 @@ def test_analyze_writes_report_and_plots(tmp_path):
     assert len(report["stages"][0]["per_module"]) == 35
 
 
+@pytest.mark.slow
 def test_recipe_gives_same_report_as_flags(tmp_path):
     recipe = Path(__file__).parents[1] / "recipes" / "analyze.yaml"
     assert invoke("analyze", "--out", tmp_path / "a", "-q").exit_code == 0
@@ -128,6 +129,7 @@ def test_nan_checkpoint_names_layers(tmp_path, stories_dir):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_console_script_runs_analyze_with_no_arguments():
     exe = shutil.which("compressor")
     command = [exe] if exe else [sys.executable, "-m", "compressor.cli.main"]

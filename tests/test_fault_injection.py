@@ -91,6 +91,7 @@ def references(tmp_path_factory):
     return refs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_interrupted_run_is_absent_or_complete_and_reruns_exactly(references, tmp_path, name, signum):

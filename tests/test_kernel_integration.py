@@ -18,6 +18,7 @@ def _factor_half_rank(model):
         replace_module(model, name, LowRankLinear.from_factors(u[:, :rank] * s[:rank], vh[:rank]))
 
 
+@pytest.mark.slow
 def test_greedy_tokens_identical_with_kernels_on_and_off(stories, monkeypatch):
     model, tokenizer = stories.model, stories.tokenizer
     _factor_half_rank(model)

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from compressor.layers import LAYER_TYPES, LowRankLinear, NMSparseLinear
@@ -52,6 +53,7 @@ def test_rebuilding_every_layer_kind_imports_no_method_or_peft():
     assert "FORBIDDEN []" in _run(code)
 
 
+@pytest.mark.slow
 def test_loading_a_compressed_checkpoint_imports_no_method_or_peft(tmp_path):
     model = tiny_llama()
     proj = model.model.layers[0].self_attn.q_proj

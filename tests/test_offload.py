@@ -147,6 +147,7 @@ def test_max_memory_parsing():
             parse_max_memory(bad)
 
 
+@pytest.mark.slow
 def test_cli_compress_with_offload_flags(tiny_dir, tmp_path):
     out = tmp_path / "o"
     result = CliRunner().invoke(app, [
@@ -177,6 +178,7 @@ def test_a_layer_offloaded_like_its_source_loads_on_forward_and_gathers_back():
     torch.testing.assert_close(holder(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_analyze_reads_offloaded_weights_like_in_memory_ones(tiny_dir, tmp_path):
     stage = {"method": "analyze", "use_cache": False}
     plain, _ = _compress(tiny_dir, tmp_path / "a", stage)

@@ -20,6 +20,7 @@ def test_there_is_a_recipe_per_method():
     assert not missing, f"methods without a recipe in recipes/: {sorted(missing)}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_recipe_runs_and_passes_its_gates(recipe, tmp_path):
     from typer.testing import CliRunner

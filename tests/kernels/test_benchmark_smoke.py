@@ -13,6 +13,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels_gpu.py"
 
 
+@pytest.mark.slow
 def test_cpu_smoke_checks_every_kernel_and_writes_the_report(tmp_path):
     pytest.importorskip("triton")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TRITON_INTERPRET": "1"}

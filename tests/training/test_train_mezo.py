@@ -207,6 +207,7 @@ def test_mezo_with_lora_trains_only_the_adapters(ctx, tuning_text):
     assert len(adapted) == 4
 
 
+@pytest.mark.slow
 def test_mezo_lowers_held_out_perplexity_on_the_tuning_text(stories, ctx, tuning_text):
     config = MezoConfig(steps=25, lr=3e-4, batch_size=8, seq_len=64, num_eval=16, data=tuning_text)
     result = apply(stories.model, config, ctx)

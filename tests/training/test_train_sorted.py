@@ -57,6 +57,7 @@ def test_truncated_sub_model_matches_the_early_exit_reader():
     assert len(model.model.layers) == 3  # restored
 
 
+@pytest.mark.slow
 def test_sorted_lowers_every_early_exit_perplexity(stories, ctx, tuning_text):
     config = SortedConfig(
         steps=12, lr=2e-3, batch_size=8, seq_len=64, num_eval=16, data=tuning_text
