@@ -2,9 +2,11 @@
 
 Every import statement counts, including those inside functions and under `if TYPE_CHECKING:`:
 an import hidden in a function is still a dependency, and a cycle through it only moves the
-failure from import time to call time. `from pkg import name` is an edge to `pkg` and, when
-`name` is a submodule, to `pkg.name` too. Parent packages are not edges (importing `a.b.c` runs
-`a/__init__.py`, but that is not a dependency the module author chose). Plugins loaded by module
+failure from import time to call time. `from pkg import name` is an edge to `pkg.name` when that
+is a submodule, else to `pkg`. Parent packages are not edges (importing `a.b.c` runs
+`a/__init__.py` first whoever imports it, so counting it would make every package's `__init__`
+part of every cycle through its modules; an `__init__` that imports its modules is an edge of its
+own). Plugins loaded by module
 name through `importlib` (the registry's BUILTIN table) are not edges: that is the point of them.
 
 On failure the message lists every cycle with the edges that close it, as `file:line`.
@@ -49,17 +51,15 @@ def _imported_names(node: ast.AST, module: str, is_package: bool, known: dict[st
 
 
 def import_edges(files: dict[str, Path]) -> dict[str, dict[str, str]]:
-    """module -> {imported library module: 'file:line' of the first import of it}."""
+    """module -> {imported library module: 'file:line' of its first import there}."""
     graph: dict[str, dict[str, str]] = {}
     for module, path in files.items():
-        edges: dict[str, str] = {}
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
+        first_line: dict[str, int] = {}
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             for name in _imported_names(node, module, path.name == "__init__.py", files):
                 if name in files and name != module:
-                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
-                    edges[name] = min(edges.get(name, where), where, key=lambda w: int(w.rsplit(":", 1)[1]))
-        graph[module] = edges
+                    first_line[name] = min(first_line.get(name, node.lineno), node.lineno)
+        graph[module] = {name: f"{path.relative_to(ROOT)}:{line}" for name, line in first_line.items()}
     return graph
 
 
