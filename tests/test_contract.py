@@ -4,7 +4,9 @@ TEST_CASES table): apply with tiny settings to tiny architectures built in code,
 * save -> `compressor.load` gives the same outputs, with the same compressed layers;
 * `merge_compressed` (every CompressedLinear -> nn.Linear) gives the same outputs;
 * a run that writes an adapter folder: that adapter, loaded onto a fresh copy of the base with
-  the loader of its format, gives the same outputs.
+  the loader of its format, gives the same outputs;
+* a method with a `merge` option: the same run with `merge: true` gives the same outputs as the
+  unmerged run (its adapter folded into plain linears by the method itself).
 
 Every method `compressor.registry.method_names(kind)` lists for "compress" and "finetune" must
 have an entry in TINY: a new method fails `test_every_method_has_tiny_settings` until it gets one,
@@ -15,6 +17,7 @@ and is then covered by every check below. Only the registry's public API is used
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import json
 import pkgutil
@@ -178,3 +181,29 @@ def test_apply_save_reload_merge(method, arch, tmp_path):
         folder = Path(result.artifacts["adapter_config"]).parent
         adapted = adapter_loader(folder)(base, folder)
         torch.testing.assert_close(outputs(adapted, ids), expected, **case.tolerance)
+
+
+def merge_cells():
+    for kind in KINDS:
+        for name in method_names(kind):
+            fields = {f.name for f in dataclasses.fields(get_method(name).config_cls)}
+            if "merge" in fields and name in TINY:
+                yield pytest.param(name, id=name)
+
+
+@pytest.mark.parametrize("method", list(merge_cells()))
+def test_merge_option_gives_the_unmerged_outputs(method, tmp_path):
+    case = TINY[method]
+    ids = example_input_ids()
+    results = {}
+    for merge in (False, True):
+        torch.manual_seed(0)  # the same adapter initialisation and data order in both runs
+        model = ARCHS[case.archs[0]]()
+        ctx = Context(tokenizer=default_tokenizer(), quiet=True, out_dir=tmp_path / f"run-{merge}")
+        if case.before:
+            _run(*case.before, model, ctx)
+        _run(method, {**case.settings, "merge": merge}, model, ctx)
+        results[merge] = outputs(model, ids)
+        if merge:
+            assert not compressed_layers(model) and not hasattr(model, "peft_config")
+    torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
