@@ -40,8 +40,7 @@ ARCHS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 CAUSAL = ("llama", "gpt2")  # fine-tuning trains a causal LM; encoders are refused by design
 CALIB = {"num_windows": 4, "seq_len": 32, "batch_size": 2}
 FIT = {"steps": 2, "batch_size": 2, "seq_len": 32, "num_eval": 2, "lr": 0.05}
-# The integer adapter rank of lora / nola / dsee (the field name is the only thing to change here).
-ADAPTER_RANK = {"rank": 2}
+ADAPTER_RANK = {"r": 2}  # the integer adapter rank of lora / nola / dsee (peft's name)
 
 
 @dataclass(frozen=True)
@@ -64,17 +63,17 @@ TINY: dict[str, Case] = {
     "welore": Case({"rank": 0.6}),
     "prune": Case({"pattern": "2:4", "score": "wanda", **CALIB}),
     # dsformer's STF and maestro's training minimise the LM loss: causal LMs only.
-    "dsformer": Case({"rank": 0.7, "stf_steps": 2, "eval_windows": 0, **CALIB}, CAUSAL),
+    "dsformer": Case({"keep_bytes": 0.7, "stf_steps": 2, "eval_windows": 0, **CALIB}, CAUSAL),
     "maestro": Case({"rank": 0.5, "epochs": 1, "train_windows": 4, "eval_windows": 0, **CALIB}, CAUSAL),
     # finetune
     "backprop": Case(FIT, CAUSAL),
-    "mezo": Case({**FIT, "adapter": "lora", "lora_rank": 2}, CAUSAL),
+    "mezo": Case({**FIT, "adapter": "lora", "lora_r": 2}, CAUSAL),
     "sorted": Case(FIT, CAUSAL),
     "lora": Case({**FIT, **ADAPTER_RANK, "dropout": 0.0}, CAUSAL),
     "nola": Case({**FIT, **ADAPTER_RANK, "num_basis_a": 8, "num_basis_b": 8}, CAUSAL),
     "dsee": Case({**FIT, **ADAPTER_RANK, "num_sparse": 8, "grebsmo_iterations": 4, "prune": "2:4",
                   "prune_targets": ["re:.*mlp.*"], "retune_steps": 2}, ("llama",)),
-    "kappatune": Case({**FIT, "num_modules": 2, "lora_rank": 2, "lora_dropout": 0.0}, CAUSAL),
+    "kappatune": Case({**FIT, "num_modules": 2, "lora_r": 2, "lora_dropout": 0.0}, CAUSAL),
     "heal": Case(FIT, CAUSAL, before=("svd", {"rank": 0.6})),
     "welore-tune": Case(FIT, CAUSAL, before=("welore", {"rank": 0.6})),
 }
