@@ -71,6 +71,7 @@ TINY: dict[str, Case] = {
     "sorted": Case(FIT, CAUSAL),
     "lora": Case({**FIT, **ADAPTER_RANK, "dropout": 0.0}, CAUSAL),
     "nola": Case({**FIT, **ADAPTER_RANK, "num_basis_a": 8, "num_basis_b": 8}, CAUSAL),
+    # dsee's default targets are q/v projections by name (GPT-2's fused c_attn is refused with the fix).
     "dsee": Case({**FIT, **ADAPTER_RANK, "num_sparse": 8, "grebsmo_iterations": 4, "prune": "2:4",
                   "prune_targets": ["re:.*mlp.*"], "retune_steps": 2}, ("llama",)),
     "kappatune": Case({**FIT, "num_modules": 2, "lora_r": 2, "lora_dropout": 0.0}, CAUSAL),
