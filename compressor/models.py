@@ -129,6 +129,16 @@ def is_causal_config(config) -> bool:
                                                                               "phi3", "gemma", "opt", "gpt_neox"}
 
 
+def require_causal_lm(model, method: str, why: str) -> None:
+    """One-line ConfigError, before any work, when `method` needs next-token logits (`why`) and
+    `model` is not a causal LM (an encoder has no LM head: its output has no `.logits`)."""
+    config = getattr(model, "config", None)
+    if config is None or not is_causal_config(config):
+        kind = getattr(config, "model_type", None) or type(model).__name__
+        raise ConfigError(f"{method}: {why} needs a causal LM, and `{kind}` is not one; "
+                          "use a data-free or calibration-only method (svd, svd-llm, saes-svd, prune) for encoders")
+
+
 def _auto_class(config):
     """The class the checkpoint was saved from (e.g. BartForConditionalGeneration, not BartModel)
     when transformers has it, else the causal-LM or bare auto class."""

@@ -207,3 +207,14 @@ def test_merge_option_gives_the_unmerged_outputs(method, tmp_path):
         if merge:
             assert not compressed_layers(model) and not hasattr(model, "peft_config")
     torch.testing.assert_close(results[True], results[False], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["dsformer", "maestro"])
+def test_training_compressors_refuse_an_encoder_in_one_line(method, tmp_path):
+    """dsformer's STF and maestro train on the next-token loss: an encoder is refused up front
+    (it has no `.logits`), not with an AttributeError mid-run."""
+    from compressor.errors import ConfigError
+
+    ctx = Context(tokenizer=default_tokenizer(), quiet=True, out_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"^{method}: .* needs a causal LM, and `bert` is not one"):
+        _run(method, TINY[method].settings, tiny_bert(), ctx)

@@ -38,6 +38,7 @@ from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
 from ..layers import DenseSparseLinear
+from ..models import require_causal_lm
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module, select_linears
@@ -254,6 +255,8 @@ def _eval(model: nn.Module, windows: Tensor | None, batch_size: int) -> float | 
 @register("dsformer", DSFormerConfig, kind="compress")
 def apply(model: nn.Module, config: DSFormerConfig, ctx: Context) -> StageResult:
     """Factor every targeted linear into D @ S (init), refine with STF, pack for inference."""
+    if config.stf_steps or config.eval_windows:
+        require_causal_lm(model, "dsformer", "STF training and its perplexity (`stf_steps`, `eval_windows` > 0)")
     selected = select_linears(model, config.targets, config.ignore)
     value_bytes = linear_weight(next(iter(selected.values()))).element_size()
     plan = plan_inner_dims({n: linear_shape(m) for n, m in selected.items()}, config, value_bytes)

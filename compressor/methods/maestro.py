@@ -35,6 +35,7 @@ from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
 from ..layers import LowRankLinear
+from ..models import require_causal_lm
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_weight, replace_module, select_linears
@@ -346,6 +347,8 @@ def _dense_linear(weight: torch.Tensor, bias) -> nn.Linear:
 @register("maestro", MaestroConfig, kind="compress")
 def apply(model: nn.Module, config: MaestroConfig, ctx: Context) -> StageResult:
     """Train ordered low-rank factors (or load a trained run) and materialise them at a budget."""
+    if not config.from_trained or config.eval_windows:
+        require_causal_lm(model, "maestro", "training on the next-token loss (and its perplexity curve)")
     selected = select_linears(model, config.targets, config.ignore)
     eval_windows = None
     if config.eval_windows:
