@@ -30,6 +30,7 @@ from .kernels import expand_nm_indices, unpack_nm
 from .kernels.packing import pack_bits
 from .models import read_manifest
 from .outdir import staged_output
+from .registry import method_info
 
 FORMATS = ("compressed-tensors",)
 FORMAT_LAYOUT_VERSION = "0.14.0"  # the compressed-tensors release whose sparse-24 reader we target
@@ -71,12 +72,16 @@ def check_stages(fmt: str, stages: list[tuple[str, dict[str, Any]]]) -> None:
     """Before a run: `export: compressed-tensors` needs a 2:4 prune and no factoring stage."""
     check_format(fmt)
     for method, config in stages:
-        if method == "prune" and config.get("pattern") == "2:4":
+        if method_info(method).kind != "compress" or (method == "prune" and config.get("pattern") == "2:4"):
             continue
-        if method in ("prune", "svd", "asvd", "svd-llm", "saes-svd", "welore", "maestro", "dsformer"):
-            kind = "dense_sparse" if method == "dsformer" else "low_rank"
-            reason = WHY_NOT[kind] if method != "prune" else "only the 2:4 pattern has a compressed-tensors format"
-            raise ConfigError(f"recipe: `export: {fmt}` cannot hold the output of `{method}`: {reason}")
+        if method == "prune":
+            reason = "only the 2:4 pattern has a compressed-tensors format"
+        elif method == "dsformer":
+            reason = WHY_NOT["dense_sparse"]
+        else:  # the low-rank family, and any compress method whose layers have no compressed-tensors format
+            reason = WHY_NOT["low_rank"] if method_info(method).module.startswith("compressor.methods.") else (
+                "its layers have no compressed-tensors format")
+        raise ConfigError(f"recipe: `export: {fmt}` cannot hold the output of `{method}`: {reason}")
 
 
 def export(source: str | Path, fmt: str, out: str | Path) -> Path:

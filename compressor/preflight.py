@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from .config import CalibrationConfig
 from .errors import ConfigError
 
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
@@ -115,7 +116,7 @@ def check_supported(stages, model, causal: bool, evaluate: bool) -> None:
     for index, stage in enumerate(stages):
         fields = stage.config.to_dict()
         where = f"stages[{index}] ({stage.name})"
-        if encoder_decoder and ("calibration" in fields or "calib_data" in fields):
+        if encoder_decoder and isinstance(stage.config, CalibrationConfig):
             raise ConfigError(f"{where}: calibrated methods do not support encoder-decoder models (`{kind}`) yet; "
                               "use the data-free `svd`, or `analyze`")
         if kind in ("t5", "mt5", "umt5") and stage.kind == "compress" and _targets_t5_wo(model, fields):
