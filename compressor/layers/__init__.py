@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import LAYER_TYPES, CompressedLinear, register_layer, replace_module
+from .base import LAYER_TYPES, CompressedLinear, dense_linear, register_layer, replace_module
 from .dense_sparse import DenseSparseLinear
 from .dsee import DseeLinear
 from .lora import LoraLinear
@@ -22,7 +22,7 @@ from .nola import NolaLinear
 
 __all__ = [
     "LAYER_TYPES", "CompressedLinear", "DenseSparseLinear", "DseeLinear", "LoraLinear",
-    "LowRankLinear", "NMSparseLinear", "NolaLinear", "build_layer", "compressed_layers",
+    "LowRankLinear", "NMSparseLinear", "NolaLinear", "build_layer", "compressed_layers", "dense_linear",
     "layer_manifest", "merge_compressed", "register_layer",
 ]
 

@@ -48,15 +48,18 @@ class CompressedLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the same outputs (up to rounding)."""
-        weight = self.dense_weight().detach()
-        bias = getattr(self, "bias", None)
-        linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if bias is not None:
-                linear.bias.copy_(bias)
-        return linear
+        return dense_linear(self.dense_weight().detach(), getattr(self, "bias", None))
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain nn.Linear holding `weight` (out, in) and `bias`, on weight's device and dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 # -- linear-like modules: nn.Linear, HF's GPT-2 style Conv1D, compressed layers ------------------

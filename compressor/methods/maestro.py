@@ -34,7 +34,7 @@ from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
-from ..layers import LowRankLinear
+from ..layers import LowRankLinear, dense_linear
 from ..models import require_causal_lm
 from ..registry import register
 from ..report.records import StageResult
@@ -317,7 +317,7 @@ def _materialise(
         new = (
             LowRankLinear.from_factors(u, v, layer.bias)
             if not dense
-            else _dense_linear(u @ v, layer.bias)
+            else dense_linear(u @ v, layer.bias)
         )
         replace_module(model, name, new)
         rows.append(
@@ -333,15 +333,6 @@ def _materialise(
             }
         )
     return rows
-
-
-def _dense_linear(weight: torch.Tensor, bias) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
 
 
 @register("maestro", MaestroConfig, kind="compress")

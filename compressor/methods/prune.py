@@ -26,7 +26,7 @@ from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
 from ..kernels import compress_nm_indices, nm_mask
-from ..layers import CompressedLinear, NMSparseLinear
+from ..layers import CompressedLinear, NMSparseLinear, dense_linear
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, select_linears
@@ -239,12 +239,7 @@ def _pruned_module(module: nn.Module, pruned: Tensor, mask: Tensor, parsed) -> n
     if parsed.structured:
         return NMSparseLinear.from_dense(pruned, parsed.n, parsed.m, bias)
     if isinstance(module, CompressedLinear):  # e.g. a factored layer: keep its pruned dense product
-        new = nn.Linear(pruned.shape[1], pruned.shape[0], bias=bias is not None, dtype=pruned.dtype)
-        with torch.no_grad():
-            new.weight.copy_(pruned)
-            if bias is not None:
-                new.bias.copy_(bias)
-        return new
+        return dense_linear(pruned, bias)
     with torch.no_grad():  # nn.Linear / Conv1D: write in place (Conv1D stores W transposed)
         module.weight.copy_(pruned.T if type(module).__name__ == "Conv1D" else pruned)
     return None
