@@ -69,6 +69,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heal-batch", type=int, default=4)
     p.add_argument("--heal-seq", type=int, default=256)
     p.add_argument("--heal-lr", type=float, default=1e-4)
+    p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
+    p.add_argument("--heal-lora-r", type=int, default=0, help="heal's `lora_r` (0 = train the factors only)")
+    p.add_argument("--heal-eval-every", type=int, default=0,
+                   help="held-out loss every N heal steps (the curve goes into the row)")
+    p.add_argument("--cache", default=None,
+                   help="folder of compressed checkpoints: reuse <cache>/<label> if there, else save it")
+    p.add_argument("--redo", action="store_true", help="recompute the --rows labels already in the JSON")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--stories", action="store_true",
                    help="the embedded stories260K on its embedded TinyStories halves instead (CI-size; "
@@ -115,7 +122,7 @@ def run(args) -> None:
     if unknown:
         sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
     dense = loaded.model
-    todo = [lab for lab in labels if lab not in done]
+    todo = [lab for lab in labels if args.redo or lab not in done]
     groups: dict[str, list[str]] = {}
     for label in todo:
         groups.setdefault(label.partition("+")[0], []).append(label)
@@ -124,16 +131,31 @@ def run(args) -> None:
             add_row(out, state, row("dense", "dense", False, dense, perplexity(dense, eval_windows), calib))
             continue
         spec = parse_label(base)
-        model, compressed = compress(dense, spec, wiki, args, ctx)
+        model, compressed = cached_compress(dense, spec, base, wiki, args, ctx, loaded.tokenizer)
         if base in wanted:
             add_row(out, state, row(base, spec["method"], False, model, perplexity(model, eval_windows),
                                     calib, spec, compressed))
         if f"{base}+heal" in wanted:
-            healed = heal_row(model, dense, wiki, args, ctx)
+            healed = heal_row(model, dense, wiki, args, ctx, eval_windows)
             add_row(out, state, row(f"{base}+heal", spec["method"], True, model, perplexity(model, eval_windows),
                                     calib, spec, compressed, healed))
         del model
     render(out)
+
+
+def cached_compress(dense, spec: dict, label: str, wiki: str, args, ctx, tokenizer):
+    """compress(), or the checkpoint (and its info) saved under --cache by an earlier run."""
+    from compressor.models import load_model, save_checkpoint
+
+    folder = Path(args.cache) / label if args.cache else None
+    if folder is not None and (folder / "frontier_info.json").is_file():
+        log(f"{label}: compressed model from {folder}")
+        return load_model(str(folder)).model, json.loads((folder / "frontier_info.json").read_text())
+    model, info = compress(dense, spec, wiki, args, ctx)
+    if folder is not None:
+        save_checkpoint(model, tokenizer, folder, dtype=torch.float32)
+        (folder / "frontier_info.json").write_text(json.dumps(info, default=str))
+    return model, info
 
 
 def compress(dense, spec: dict, wiki: str, args, ctx):
@@ -156,21 +178,40 @@ def compress(dense, spec: dict, wiki: str, args, ctx):
     return model, info
 
 
-def heal_row(model, dense, wiki: str, args, ctx) -> dict:
+def heal_row(model, dense, wiki: str, args, ctx, eval_windows) -> dict:
     from compressor.adapters.heal import HealConfig, heal
+    from compressor.evaluation import perplexity
 
-    config = HealConfig(loss="kl", data=wiki, steps=args.heal_steps, batch_size=args.heal_batch,
-                        seq_len=args.heal_seq, lr=args.heal_lr, warmup_steps=min(5, args.heal_steps // 4),
-                        num_eval=2, log_every=1000)
-    started = time.perf_counter()
-    result = heal(model, config, ctx, teacher=dense)
+    config = HealConfig(loss=args.heal_loss, data=wiki, steps=args.heal_steps, batch_size=args.heal_batch,
+                        seq_len=args.heal_seq, lr=args.heal_lr, warmup_steps=min(10, args.heal_steps // 4),
+                        num_eval=8 if args.heal_eval_every else 2, eval_every=args.heal_eval_every,
+                        lora_r=args.heal_lora_r, log_every=1000)
+    started, calls = time.perf_counter(), []
+
+    def progress(model) -> dict:  # the frontier's own held-out perplexity, logged as it comes
+        ppl = perplexity(model, eval_windows)["perplexity"]
+        log(f"heal eval {len(calls)}: perplexity {ppl:.3f} ({time.perf_counter() - started:.0f} s)")
+        calls.append(ppl)
+        return {"perplexity": ppl}
+
+    result = heal(model, config, ctx, teacher=dense if args.heal_loss == "kl" else None,
+                  eval_fn=progress if args.heal_eval_every else None)
     info = {"heal_seconds": round(time.perf_counter() - started, 1),
-            "heal": {k: config.to_dict()[k] for k in ("loss", "steps", "batch_size", "seq_len", "lr", "schedule")},
+            "heal": {k: config.to_dict()[k] for k in ("loss", "steps", "batch_size", "seq_len", "lr", "schedule",
+                                                       "lora_r")},
+            "heal_curve": heal_curve(result, args.heal_eval_every),
             "heal_trainable_params": result.metrics["method_params"],
             "heal_loss_first": result.metrics["train_loss_first"],
             "heal_loss_last": result.metrics["train_loss_last"]}
     log(f"healed in {info['heal_seconds']} s, KL {info['heal_loss_first']:.3f} -> {info['heal_loss_last']:.3f}")
     return info
+
+
+def heal_curve(result, every: int) -> dict:
+    """{eval metric: [(step, value)]} of the held-out evaluations during healing (every N steps)."""
+    curves = {k: v for k, v in result.curves.items() if k.startswith("eval_") and v}
+    return {k: sorted({(s, v[s]) for s in [*range(0, len(v), every or len(v)), len(v) - 1]})
+            for k, v in curves.items()}
 
 
 def row(label, method, healed, model, ppl: dict, calib, spec=None, compressed=None, heal_info=None) -> dict:

@@ -9,7 +9,14 @@ What trains (everything else — embeddings, norms, lm_head, dense layers — st
   * with `pruned_linears` (default on), plain linears whose weight is at least 20 % exact zeros
     (unstructured `prune` output): the non-zeros only — the gradient is masked, so AdamW's update
     of a zero entry is exactly 0 and pruned positions stay exactly zero;
-  * biases of those layers with `train_bias`.
+  * biases of those layers with `train_bias`;
+  * with `lora_r: r > 0`, also a LoRA pair (A (r, in) Kaiming-uniform, B (out, r) zeros, y += x Aᵀ Bᵀ)
+    on every healed low-rank layer and on every dense linear left inside the model (lm_head and
+    embeddings excluded), trained with the rest and merged when training ends: into a low-rank
+    layer by concatenating the factors, U' = [U | B], V' = [V ; A] (exact; its rank grows by r,
+    so it stores r·(m+n) more values), into a dense linear by W' = W + B·A (same size). N:M,
+    dense×sparse and pruned layers get no LoRA (B·A would fill in their zeros); their values train
+    as above.
 
 Loss: `lm` (next-token cross entropy on `data`) or `kl` (distillation: the KL divergence from the
 dense teacher's next-token distribution, temperature `temperature`). The teacher runs alongside the
@@ -33,7 +40,7 @@ from torch import Tensor, nn
 
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import CompressedLinear
+from ..layers import CompressedLinear, LowRankLinear
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import is_linear, matches
@@ -56,6 +63,7 @@ class HealConfig(TrainConfig):
     train_bias: also train the healed layers' biases.
     pruned_linears: also heal plain linears that are ≥ 20 % exact zeros (unstructured pruning),
         non-zeros only.
+    lora_r: rank of the optional LoRA pairs (see the module docstring); 0 = none.
     lr: None = 1e-4 with adamw, 1e-6 with mezo.
     """
 
@@ -65,6 +73,7 @@ class HealConfig(TrainConfig):
     train_bias: bool = False
     pruned_linears: bool = True
     schedule: str = "cosine"
+    lora_r: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,6 +82,8 @@ class HealConfig(TrainConfig):
             raise ConfigError(f"{name}: `loss` must be `lm` or `kl`, got {self.loss!r}")
         if not self.temperature > 0:
             raise ConfigError(f"{name}: `temperature` must be > 0, got {self.temperature!r}")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ConfigError(f"{name}: `lora_r` must be an integer >= 0 (0 = no LoRA), got {self.lora_r!r}")
         if self.loss == "kl" and self.task != "lm":
             raise ConfigError(f"{name}: `loss: kl` distils next-token logits and needs `task: lm`")
 
@@ -126,6 +137,55 @@ def zeros_stay_zero(layers: dict[str, nn.Module]):
             handle.remove()
 
 
+def lora_hosts(model: nn.Module, layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The layers that get a LoRA pair: the healed low-rank ones and the dense linears outside
+    `layers` (lm_head excluded)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hosts = {n: m for n, m in layers.items() if isinstance(m, LowRankLinear)}
+    hosts.update({n: m for n, m in model.named_modules()
+                  if n not in layers and m is not head and type(m) is nn.Linear})  # fmt: skip
+    return hosts
+
+
+@contextlib.contextmanager
+def lora_pairs(hosts: dict[str, nn.Module], rank: int, seed: int):
+    """Attach LoRA pairs (`heal_lora_a`, `heal_lora_b`) to each host while active, yield
+    {name: parameter}; on exit merge each pair into its host (see the module docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    params, handles = {}, []
+    for name, host in hosts.items():
+        weight = next(host.parameters())
+        a = torch.empty(rank, host.in_features).uniform_(-1, 1, generator=generator) / host.in_features**0.5
+        host.heal_lora_a = nn.Parameter(a.to(weight))
+        host.heal_lora_b = nn.Parameter(torch.zeros(host.out_features, rank).to(weight))
+        handles.append(host.register_forward_hook(add_lora))
+        params.update({f"{name}.heal_lora_a": host.heal_lora_a, f"{name}.heal_lora_b": host.heal_lora_b})
+    try:
+        yield params
+    finally:
+        for handle in handles:
+            handle.remove()
+        for host in hosts.values():
+            merge_lora(host)
+
+
+def add_lora(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    return output + (args[0] @ module.heal_lora_a.t()) @ module.heal_lora_b.t()
+
+
+@torch.no_grad()
+def merge_lora(host: nn.Module) -> None:
+    """Fold the host's LoRA pair into its weights and remove it (exact up to rounding)."""
+    a, b = host.heal_lora_a.detach(), host.heal_lora_b.detach()
+    del host.heal_lora_a, host.heal_lora_b
+    if isinstance(host, LowRankLinear):
+        host.u = nn.Parameter(torch.cat([host.u.detach(), b], 1), requires_grad=host.u.requires_grad)
+        host.v = nn.Parameter(torch.cat([host.v.detach(), a], 0), requires_grad=host.v.requires_grad)
+        host.rank = host.u.shape[1]
+    else:
+        host.weight.add_(b @ a)
+
+
 def distillation_loss(teacher: nn.Module, temperature: float):
     """loss_fn(model, batch): mean over predicted tokens of T²·KL(teacher ‖ student) at temperature T."""
 
@@ -156,9 +216,9 @@ def load_teacher(config: HealConfig, ctx: Context, model: nn.Module) -> nn.Modul
 
 
 def heal(model: nn.Module, config: HealConfig, ctx: Context, teacher: nn.Module | None = None,
-         *, method: str = "heal", layers: dict[str, nn.Module] | None = None) -> StageResult:
+         *, method: str = "heal", layers: dict[str, nn.Module] | None = None, eval_fn=None) -> StageResult:
     """Train the compressed parameters of `model` in place (`teacher`: a dense model for `kl`,
-    else loaded as `config.teacher` says)."""
+    else loaded as `config.teacher` says; `eval_fn`: fit's held-out evaluation, default its own)."""
     config = with_default_lr(config, adamw=1e-4, mezo=1e-6)
     if layers is None:
         layers = healable_layers(model, config.targets, config.ignore, config.pruned_linears)
@@ -179,12 +239,15 @@ def heal(model: nn.Module, config: HealConfig, ctx: Context, teacher: nn.Module 
     if config.loss == "kl":
         loss_fn = distillation_loss(teacher if teacher is not None else load_teacher(config, ctx, model),
                                     config.temperature)
-    with zeros_stay_zero(layers):
-        result = fit(model, params, config, ctx, loss_fn=loss_fn, method=method)
+    hosts = lora_hosts(model, layers) if config.lora_r else {}
+    with zeros_stay_zero(layers), lora_pairs(hosts, config.lora_r, int(getattr(ctx, "seed", 0) or 0)) as lora:
+        params.update(lora)
+        result = fit(model, params, config, ctx, loss_fn=loss_fn, eval_fn=eval_fn, method=method)
     rows = [{"module": n, "layer": type(m).__name__, "trainable": sum(p.numel() for p in layer_params(n, m, config.train_bias).values())}
             for n, m in layers.items()]  # fmt: skip
-    return finish(result, metrics={**param_metrics(model, count_params(params)), "healed_layers": len(layers)},
-                  per_module=rows)  # fmt: skip
+    notes = [f"heal: LoRA r={config.lora_r} on {len(hosts)} layers, merged (low-rank layers' rank +{config.lora_r})"] if hosts else []
+    return finish(result, metrics={**param_metrics(model, count_params(params)), "healed_layers": len(layers),
+                                   "lora_layers": len(hosts)}, per_module=rows, notes=notes)  # fmt: skip
 
 
 @register("heal", HealConfig, kind="finetune")
