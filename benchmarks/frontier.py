@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heal-lora-r", type=int, default=0, help="heal's `lora_r` (0 = train the factors only)")
     p.add_argument("--heal-eval-every", type=int, default=0,
                    help="held-out loss every N heal steps (the curve goes into the row)")
+    p.add_argument("--aware-loss", default=None, help="aware rows: `aware_loss` (default: the config's)")
+    p.add_argument("--aware-group", default=None, help="aware rows: `aware_group` (default: the config's)")
+    p.add_argument("--rank-spread", type=float, default=None, help="aware rows: `rank_spread`")
     p.add_argument("--cache", default=None,
                    help="folder of compressed checkpoints: reuse <cache>/<label> if there, else save it")
     p.add_argument("--redo", action="store_true", help="recompute the --rows labels already in the JSON")
@@ -164,6 +167,9 @@ def compress(dense, spec: dict, wiki: str, args, ctx):
     model = copy.deepcopy(dense)
     method = get_method(spec["method"])
     extra = {"update": "false"} if spec["method"] == "svd-llm" else {}
+    if spec["allocation"] == "aware":
+        knobs = {"aware_loss": args.aware_loss, "aware_group": args.aware_group, "rank_spread": args.rank_spread}
+        extra.update({k: v for k, v in knobs.items() if v is not None})
     config = method.config_cls(rank=spec["keep"], allocation=spec["allocation"], calibration=wiki,
                                num_windows=args.calib_windows, seq_len=args.calib_seq, batch_size=8, **extra)
     started = time.perf_counter()

@@ -86,6 +86,13 @@ def allocate_ranks(
     """
     options = {name: _options(spectra_losses[name], *param_costs[name], floors[name], ceilings[name])
                for name in spectra_losses}  # fmt: skip
+    return allocate_options(options, budget)
+
+
+def allocate_options(options: Mapping[str, list[tuple]], budget: float) -> dict:
+    """{name: [(choice, parameters, loss)] with parameters increasing} -> {name: choice}: the
+    greedy of `allocate_ranks` over arbitrary per-unit option lists, starting from each unit's
+    first option. Raises ValueError when the first options alone exceed the budget."""
     state = {name: 0 for name in options}  # index into options[name]
     spent = sum(opts[0][1] for opts in options.values())
     if spent > budget + 1e-9:
@@ -198,6 +205,53 @@ def aware_ranks(
     return {**ranks, **{n: DENSE for n in fixed}}, losses
 
 
+BLOCK_STEPS = 20  # block multipliers c = k / BLOCK_STEPS
+
+
+def block_ranks(
+    losses: Mapping[str, Tensor],
+    shapes: Mapping[str, tuple[int, int]],
+    blocks: Mapping[str, str],
+    budget: float,
+    keep: float,
+    spread: float,
+    floor_ratio: float,
+) -> tuple[dict[str, int | None], dict[str, float]]:
+    """`aware_group: block`: one rank multiplier c per transformer block, ranks within a block
+    in the uniform proportions: rank = ⌊keep·m·n/(m+n)⌋·c, rounded, clamped to
+    [⌈floor_ratio·min(m, n)⌉, break-even]; c ∈ [1/spread, spread] in steps of 1/BLOCK_STEPS
+    (spread 0: [1/BLOCK_STEPS, break-even]). A block's loss at c is the sum of its matrices'
+    losses, and the multipliers are bought greedily by loss removed per parameter within
+    `budget` (so it is met within one block step). Returns ({name: rank}, {block: c})."""
+    from ._lowrank_plan import uniform_rank
+
+    members: dict[str, list[str]] = {}
+    for name in losses:
+        members.setdefault(blocks[name], []).append(name)
+    low = 1 if spread == 0 else math.ceil(BLOCK_STEPS / spread - 1e-9)
+    high = 10 * BLOCK_STEPS if spread == 0 else math.floor(BLOCK_STEPS * spread + 1e-9)
+
+    def rank_at(name: str, k: int) -> int:
+        m, n = shapes[name]
+        rank = round(max(uniform_rank(m, n, keep), 1) * k / BLOCK_STEPS)
+        return min(max(rank, floor_rank(m, n, floor_ratio)), max_saving_rank(m, n))
+
+    options = {}
+    for block, names in members.items():
+        rows, last = [], None
+        for k in range(low, high + 1):
+            ranks = tuple(rank_at(n, k) for n in names)
+            if ranks == last:
+                continue  # clamped at every matrix's floor or ceiling: nothing new to buy
+            last = ranks
+            cost = sum(r * sum(shapes[n]) for r, n in zip(ranks, names))
+            rows.append((k, cost, sum(float(losses[n][r]) for r, n in zip(ranks, names))))
+        options[block] = rows
+    chosen = allocate_options(options, budget)
+    ranks = {n: rank_at(n, chosen[blocks[n]]) for n in losses}
+    return ranks, {block: k / BLOCK_STEPS for block, k in chosen.items()}
+
+
 FISHER_WINDOWS = 16
 
 
@@ -285,10 +339,13 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     from ._lowrank_plan import LayerPlan, plan_uniform
 
     spectra: dict[str, Tensor] = {}
+    blocks: dict[str, str] = {}  # matrix -> its block (consume is called once per block)
 
     def consume(linears: dict[str, nn.Module], stats: dict) -> None:
         factors: dict[int, Tensor] = {}  # q/k/v (gate/up) share one Hessian: one Cholesky
+        block = f"block{len(set(blocks.values()))}"
         for name, module in linears.items():
+            blocks[name] = block
             key = id(stats[name])
             if key not in factors:
                 factors[key] = cholesky_with_shift(stats[name].hessian(), getattr(config, "damping", 0.0))[0]
@@ -302,8 +359,12 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     budget = sum(p.params_kept for p in plan_uniform(shapes, config.rank).values())
     outside = [n for n in shapes if n not in spectra]
     budget -= sum(shapes[n][0] * shapes[n][1] for n in outside)
-    ranks, losses = aware_ranks(spectra, {n: shapes[n] for n in spectra}, budget,
-                                config.floor_ratio, config.aware_loss, config.rank, config.rank_spread)
+    if config.aware_group == "block":
+        ranks, losses, multipliers = aware_block_ranks(spectra, shapes, blocks, budget, config)
+        notes.append("aware allocation: block multipliers " + " ".join(f"{c:g}" for c in multipliers.values()))
+    else:
+        ranks, losses = aware_ranks(spectra, {n: shapes[n] for n in spectra}, budget,
+                                    config.floor_ratio, config.aware_loss, config.rank, config.rank_spread)
     plans = {}
     for name, (m, n) in shapes.items():
         rank = ranks.get(name, DENSE)
@@ -314,12 +375,28 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     uniform = {n: uniform_loss(losses[n], *shapes[n], config.rank) for n in spectra}
     predicted = sum(float(losses[n][plans[n].rank or min(shapes[n])]) for n in spectra)
     notes.append(
-        f"aware allocation ({config.aware_loss} losses, floor {config.floor_ratio:g}·full rank, "
+        f"aware allocation ({config.aware_loss} losses, per {config.aware_group}, floor {config.floor_ratio:g}·full rank, "
         f"spread {config.rank_spread:g}): "
         f"predicted total truncation loss {predicted:.4g} vs {sum(uniform.values()):.4g} with uniform ranks; "
         f"{sum(1 for n in spectra if plans[n].rank is None)} matrices kept dense"
     )
     return plans
+
+
+def aware_block_ranks(spectra, shapes, blocks, budget, config):
+    """`block_ranks` on the spectra's losses; matrices with no saving rank stay dense."""
+    losses = {name: truncation_losses(s, config.aware_loss) for name, s in spectra.items()}
+    fixed = {n for n in spectra if max_saving_rank(*shapes[n]) < 1}
+    free = {n: losses[n] for n in spectra if n not in fixed}
+    rest = budget - sum(shapes[n][0] * shapes[n][1] for n in fixed)
+    try:
+        ranks, multipliers = block_ranks(free, shapes, blocks, rest, config.rank, config.rank_spread,
+                                         config.floor_ratio)
+    except ValueError as error:
+        raise ConfigError(
+            f"aware allocation: {error}; raise `rank` (the keep ratio), lower `floor_ratio` or widen `rank_spread`"
+        ) from None
+    return {**ranks, **{n: DENSE for n in fixed}}, losses, multipliers
 
 
 AWARE_DENSE_REASON = ("aware allocation: dense (its tail costs more loss per parameter than other "

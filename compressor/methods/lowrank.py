@@ -58,6 +58,7 @@ from ._lowrank_plan import (  # noqa: F401  (re-exported for the method modules 
 
 Allocation = Literal["uniform", "welore", "aware"]
 AWARE_LOSSES = ("relative", "absolute", "fisher")
+AWARE_GROUPS = ("matrix", "block")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +94,7 @@ class LowRankConfig(MethodConfig):
     floor_ratio: float = 0.05
     rank_spread: float = 1.5
     aware_loss: str = "relative"
+    aware_group: str = "matrix"
     # Methods whose factorisation is whitened SVD set this: `allocation: aware` prices ranks by it.
     supports_aware_allocation: ClassVar[bool] = False
 
@@ -120,6 +122,10 @@ class LowRankConfig(MethodConfig):
         if self.aware_loss not in AWARE_LOSSES:
             raise ConfigError(
                 f"{name}: `aware_loss` must be `relative`, `absolute` or `fisher`, got {self.aware_loss!r}"
+            )
+        if self.aware_group not in AWARE_GROUPS:
+            raise ConfigError(
+                f"{name}: `aware_group` must be `matrix` or `block`, got {self.aware_group!r}"
             )
         if not 0 <= self.floor_ratio < 1:
             raise ConfigError(f"{name}: `floor_ratio` must be in [0, 1), got {self.floor_ratio!r}")
