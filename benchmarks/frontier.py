@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the embedded stories260K on its embedded TinyStories halves instead (CI-size; "
                         "files get the suffix _stories)")
     p.add_argument("--fresh", action="store_true", help="start reports/frontier.json anew")
+    p.add_argument("--merge", default=None,
+                   help="add the rows of another run's frontier JSON (same labels replaced, its run noted), then render")
     p.add_argument("--plot-only", action="store_true", help="re-render plot/table/P2 from the JSON files")
     p.add_argument("--out", default=str(REPORTS))
     return p.parse_args(argv)
@@ -251,6 +253,22 @@ def add_row(out: Path, state: dict, new: dict) -> None:
     render(out)
 
 
+def merge(out: Path, other: Path) -> None:
+    """Rows of `other` (a frontier JSON of a run with the same sizes) into out's, with a note."""
+    path = out / f"frontier{SUFFIX}.json"
+    state, new = json.loads(path.read_text()), json.loads(other.read_text())
+    same = ("calib_windows", "calib_seq", "eval_windows", "eval_seq")
+    if any((new.get("sizes") or {}).get(k) != (state.get("sizes") or {}).get(k) for k in same):
+        sys.exit(f"error: {other} was run with sizes {new.get('sizes')}, not {state.get('sizes')}; "
+                 "merge only runs of the same calibration/evaluation sizes")
+    labels = [r["label"] for r in new["rows"]]
+    state["rows"] = [r for r in state["rows"] if r["label"] not in labels] + new["rows"]
+    env = new.get("env") or {}
+    state.setdefault("notes", []).append(
+        f"rows {', '.join(labels)}: run {env.get('date', '?')}, git {env.get('git_sha', '?')} (same sizes), merged")
+    path.write_text(json.dumps(state, indent=1, default=str))
+
+
 # ---------------------------------------------------------------- rendering
 
 
@@ -326,11 +344,13 @@ def table(state: dict, rows: list[dict]) -> str:
         f"Run {env.get('date', '?')} on {env.get('host', '?')} ({env.get('device_name', '?')}), git "
         f"{env.get('git_sha', '?')}. Calibration and healing: first half of {state.get('data')} "
         f"({s.get('calib_windows')}×{s.get('calib_seq')} calibration tokens); perplexity: "
-        f"{s.get('eval_windows')} windows × {s.get('eval_seq')} of the second half. Heal: distillation "
-        f"(KL to the dense logits), {s.get('heal_steps')} AdamW steps × {s.get('heal_batch')}×{s.get('heal_seq')} "
-        f"tokens, lr {s.get('heal_lr')}, cosine. Bytes: every stored value as bfloat16 (2 bytes), "
+        f"{s.get('eval_windows')} windows × {s.get('eval_seq')} of the second half. Heal: AdamW on the "
+        "factors, cosine schedule, budget per row in the heal column (steps × batch×seq tokens; kl = "
+        "distillation from the dense logits, the teacher run alongside). Bytes: every stored value as bfloat16 (2 bytes), "
         "embeddings/lm_head included (tied once), packed index buffers at their size. Rows from "
         "reports/frontier_sparse.json (helper `sparse`) are marked `sparse`.",
+        "",
+        *[f"- {note}" for note in state.get("notes", [])],
         "",
         f"![frontier](frontier{SUFFIX}.png)",
         "",
@@ -340,11 +360,20 @@ def table(state: dict, rows: list[dict]) -> str:
     dense = next((r["stored_bytes"] for r in rows if r["method"] == "dense"), None)
     for r in sorted(rows, key=lambda r: (-r["stored_bytes"], r["ppl"])):
         ratio = f"{r['stored_bytes'] / dense:.3f}" if dense else "–"
-        lines.append(f"| {r['label']} | {r['method']} | {'yes' if r['heal'] else 'no'} | "
+        lines.append(f"| {r['label']} | {r['method']} | {heal_budget(r)} | "
                      f"{r['stored_bytes'] / 1e6:.4g} | {ratio} | {r['ppl']:.2f} | {r['eval_tokens']} | "
                      f"{r.get('source', 'lowrank')} |")
     lines += ["", *heal_gap_lines(rows)]
     return "\n".join(lines) + "\n"
+
+
+def heal_budget(r: dict) -> str:
+    """`no`, or the row's heal budget: steps × batch×seq tokens, loss, lr (LoRA rank when used)."""
+    h = r.get("heal")
+    if not isinstance(h, dict):
+        return "yes" if h else "no"
+    lora = f", LoRA r={h['lora_r']}" if h.get("lora_r") else ""
+    return f"{h['steps']} × {h['batch_size']}×{h['seq_len']} tok, {h['loss']}, lr {h['lr']:g}{lora}"
 
 
 def heal_gap_lines(rows: list[dict]) -> list[str]:
@@ -359,7 +388,8 @@ def heal_gap_lines(rows: list[dict]) -> list[str]:
         gap = math.log(before["ppl"]) - math.log(dense["ppl"])
         recovered = (math.log(before["ppl"]) - math.log(after["ppl"])) / gap if gap > 0 else float("nan")
         lines.append(f"- saes-svd {alloc} keep 0.6: heal recovers {recovered:.0%} of the log-perplexity gap "
-                     f"to dense ({before['ppl']:.2f} → {after['ppl']:.2f}, dense {dense['ppl']:.2f}; target ≥ 50 %: "
+                     f"to dense ({before['ppl']:.2f} → {after['ppl']:.2f}, dense {dense['ppl']:.2f}; heal "
+                     f"{heal_budget(after)}, {after.get('heal_seconds', '?')} s; target ≥ 50 %: "
                      f"{'met' if recovered >= 0.5 else 'MISSED'}).")
     return lines
 
@@ -376,8 +406,16 @@ def p2_pairs(rows: list[dict]) -> list[dict]:
                               "keep_reached_uniform": u.get("keep_ratio_reached"),
                               "keep_reached_aware": a.get("keep_ratio_reached"),
                               "layers_dense_aware": a.get("layers_dense"),
+                              "aware_rule": aware_rule(a),
                               "stored_bytes_uniform": u["stored_bytes"], "stored_bytes_aware": a["stored_bytes"]})
     return pairs
+
+
+def aware_rule(row: dict) -> str:
+    """The aware row's allocation knobs, e.g. `fisher, per block, spread 1.3`."""
+    c = row.get("config") or {}
+    return (f"{c.get('aware_loss', 'relative')}, per {c.get('aware_group', 'matrix')}, "
+            f"spread {c.get('rank_spread', 1.5):g}, floor {c.get('floor_ratio', 0.05):g}")
 
 
 def p2_markdown(state: dict, pairs: list[dict]) -> str:
@@ -389,17 +427,17 @@ def p2_markdown(state: dict, pairs: list[dict]) -> str:
         f"Run {env.get('date', '?')}, git {env.get('git_sha', '?')} (rows of reports/frontier{SUFFIX}.json). "
         f"Same calibration for both ({s.get('calib_windows')}×{s.get('calib_seq')} tokens of the first half "
         f"of {state.get('data')}), perplexity on {s.get('eval_windows')}×{s.get('eval_seq')} tokens of the second half. "
-        "Aware ranks (`allocation: aware`, defaults: relative whitened losses, floor 5 % of full rank, "
-        "spread 1.5× around the uniform rank) get exactly the parameters the uniform plan keeps.",
+        "Aware ranks (`allocation: aware`, the rule of each row in the last column) get at most the "
+        "parameters the uniform plan keeps.",
         "",
-        "| method | keep | uniform ppl | aware ppl | change | target ≥ 10 % lower | keep reached (u / a) | dense layers (aware) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | keep | uniform ppl | aware ppl | change | target ≥ 10 % lower | keep reached (u / a) | dense layers (aware) | aware rule |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in pairs:
         met = "met" if p["reduction"] >= 0.10 else "MISSED"
         lines.append(f"| {p['method']} | {p['keep']} | {p['ppl_uniform']:.2f} | {p['ppl_aware']:.2f} | "
                      f"{-p['reduction']:+.1%} | {met} | {p['keep_reached_uniform']:.4f} / "
-                     f"{p['keep_reached_aware']:.4f} | {p['layers_dense_aware']} |")
+                     f"{p['keep_reached_aware']:.4f} | {p['layers_dense_aware']} | {p.get('aware_rule', '')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -411,7 +449,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     global SUFFIX
     SUFFIX = "_stories" if args.stories else ""
-    if args.plot_only:
+    if args.merge:
+        merge(Path(args.out), Path(args.merge))
+    if args.plot_only or args.merge:
         render(Path(args.out))
         return
     if not args.stories and not Path(args.smollm2).is_file():

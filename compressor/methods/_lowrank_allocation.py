@@ -27,13 +27,25 @@ weights the raw error by the mean squared gradient of the loss at the layer's ou
 isotropic-Fisher estimate of its end-to-end effect, one backward pass per window over 16
 calibration windows, so it needs the whole model's activations for one window).
 
-Measured (stories260K, saes-svd, 128×256 calibration tokens, 43,520 held-out tokens, the same
-parameters as uniform; perplexity at keep 0.6 / 0.4): uniform 44.55 / 91.06; relative with spread
-1.5 43.41 / 91.50; fisher 47.09 / 90.75; absolute 57.06 / 92.22; relative with spread 2
-60.58 / 100.63; relative unbounded 65.92 / 111.85 (13 / 7 matrices dense). Unbounded allocations
-lower the summed whitened loss (the property the tests check) but raise perplexity: per-layer
-errors do not add up independently through the network. Hence `relative` and spread 1.5 by
-default; the gain over uniform ranks is small (reports/p2_allocation*.md).
+Grouping (`aware_group`). `matrix` prices every matrix's own rank as above. `block` moves the
+budget along depth only: one multiplier c per transformer block, c ∈ [1/s, s] (s = `rank_spread`)
+in steps of 0.05, every matrix of the block at its uniform rank times c (`block_ranks`); the
+block's loss at c is the sum of its matrices' losses, bought greedily per parameter as above.
+Why: SAES-SVD (and sequential whitening) calibrate o_proj / down_proj on the outputs of the
+block's already-factored q/k/v and gate/up, so inside a block errors are partly compensated
+and the per-matrix losses mislead; between blocks, `fisher` weights (how much the next-token loss
+reacts to each block's output) say where rank is worth most.
+
+Measured (stories260K, saes-svd, 128×256 calibration tokens, 43,520 held-out tokens, at most
+the parameters of uniform; perplexity at keep 0.6 / 0.4): uniform 44.55 / 91.06.
+Per matrix: relative spread 1.5 43.41 / 91.50; fisher 47.09 / 90.75; absolute 57.06 / 92.22;
+relative spread 2 60.58 / 100.63; relative unbounded 65.92 / 111.85 (13 / 7 matrices dense); a
+per-token diagonal Fisher in the whitened singular basis (not built) 47.44 / 87.01 at spread
+1.5, 45.47 / 90.71 at 1.25. Per block (c ∈ [0.7, 1.3] unless said): fisher 46.77 / 77.49;
+fisher with the diagonal Fisher 46.90 / 78.86; relative 46.42 / 84.01; fisher, spread 1.3 (the
+built rule, c ∈ [0.8, 1.3]) 47.88 / 81.85. Unbounded per-matrix allocations lower the summed
+whitened loss (the property the tests check) but raise perplexity: per-layer errors do not add
+up independently through the network. On SmolLM2 see reports/p2_allocation.md.
 """
 
 from __future__ import annotations

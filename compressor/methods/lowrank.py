@@ -86,6 +86,11 @@ class LowRankConfig(MethodConfig):
             activations) or `fisher` (the output error weighted by the loss gradient's energy at
             that output: its end-to-end effect under an isotropic Fisher; one backward pass per
             window over 16 calibration windows).
+        aware_group: with `aware` allocation, what gets its own rank: `matrix` (every matrix, the
+            greedy of compressor/methods/_lowrank_allocation.py with `rank_spread` as a per-matrix
+            bound) or `block` (one rank multiplier c per transformer block, c ∈ [1/s, s] for
+            s = `rank_spread` in steps of 0.05; inside a block every matrix keeps its uniform rank
+            times c, so the budget moves along depth only; see `block_ranks`).
     """
 
     rank: float = 0.5
