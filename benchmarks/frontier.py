@@ -152,7 +152,9 @@ def cached_compress(dense, spec: dict, label: str, wiki: str, args, ctx, tokeniz
     """compress(), or the checkpoint (and its info) saved under --cache by an earlier run."""
     from compressor.models import load_model, save_checkpoint
 
-    folder = Path(args.cache) / label if args.cache else None
+    knobs = [f"{k}={getattr(args, k)}" for k in ("aware_loss", "aware_group", "rank_spread")
+             if spec["allocation"] == "aware" and getattr(args, k) is not None]
+    folder = Path(args.cache) / ",".join([label, *knobs]) if args.cache else None
     if folder is not None and (folder / "frontier_info.json").is_file():
         log(f"{label}: compressed model from {folder}")
         return load_model(str(folder)).model, json.loads((folder / "frontier_info.json").read_text())
@@ -438,6 +440,10 @@ def p2_markdown(state: dict, pairs: list[dict]) -> str:
         lines.append(f"| {p['method']} | {p['keep']} | {p['ppl_uniform']:.2f} | {p['ppl_aware']:.2f} | "
                      f"{-p['reduction']:+.1%} | {met} | {p['keep_reached_uniform']:.4f} / "
                      f"{p['keep_reached_aware']:.4f} | {p['layers_dense_aware']} | {p.get('aware_rule', '')} |")
+    history = state.get("p2_history", [])  # other aware rules measured on the same split
+    if history:
+        lines += ["", "Other aware rules measured on the same split (replaced in the table above):", "",
+                  *[f"- {h}" for h in history]]
     return "\n".join(lines) + "\n"
 
 

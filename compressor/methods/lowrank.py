@@ -79,27 +79,29 @@ class LowRankConfig(MethodConfig):
         floor_ratio: with `aware` allocation, every factored matrix keeps at least this fraction
             of its full rank min(m, n).
         rank_spread: with `aware` allocation and a value s > 1, every matrix's rank stays within
-            [u/s, u·s] of its uniform rank u (0 = no limit besides `floor_ratio` and break-even).
-        aware_loss: with `aware` allocation, how losses are compared across matrices: `relative`
-            (the fraction of each matrix's whitened output energy dropped; measured best),
-            `absolute` (the output error itself, which favours the layers with the largest
-            activations) or `fisher` (the output error weighted by the loss gradient's energy at
-            that output: its end-to-end effect under an isotropic Fisher; one backward pass per
-            window over 16 calibration windows).
-        aware_group: with `aware` allocation, what gets its own rank: `matrix` (every matrix, the
-            greedy of compressor/methods/_lowrank_allocation.py with `rank_spread` as a per-matrix
-            bound) or `block` (one rank multiplier c per transformer block, c ∈ [1/s, s] for
-            s = `rank_spread` in steps of 0.05; inside a block every matrix keeps its uniform rank
-            times c, so the budget moves along depth only; see `block_ranks`).
+            [u/s, u·s] of its uniform rank u (0 = no limit besides `floor_ratio` and break-even);
+            with `aware_group: block` it bounds the block multipliers the same way.
+        aware_loss: with `aware` allocation, how losses are compared across matrices: `fisher`
+            (default: the output error weighted by the loss gradient's energy at that output, its
+            end-to-end effect under an isotropic Fisher; one backward pass per window over 16
+            calibration windows), `relative` (the fraction of each matrix's whitened output
+            energy dropped) or `absolute` (the output error itself, which favours the layers with
+            the largest activations).
+        aware_group: with `aware` allocation, what gets its own rank: `block` (default: one rank
+            multiplier c per transformer block, c ∈ [1/s, s] for s = `rank_spread` in steps of
+            0.05; inside a block every matrix keeps its uniform rank times c, so the budget moves
+            along depth only) or `matrix` (every matrix its own rank, `rank_spread` bounding each).
+            The defaults (fisher, block, spread 1.6) were measured best on SmolLM2-135M:
+            reports/p2_allocation.md; the rule is in compressor/methods/_lowrank_allocation.py.
     """
 
     rank: float = 0.5
     allocation: Allocation = "uniform"
     min_ratio: float = 0.4999
     floor_ratio: float = 0.05
-    rank_spread: float = 1.5
-    aware_loss: str = "relative"
-    aware_group: str = "matrix"
+    rank_spread: float = 1.6
+    aware_loss: str = "fisher"
+    aware_group: str = "block"
     # Methods whose factorisation is whitened SVD set this: `allocation: aware` prices ranks by it.
     supports_aware_allocation: ClassVar[bool] = False
 

@@ -169,7 +169,8 @@ def test_aware_ranks_lose_less_whitened_energy_than_uniform_at_the_same_paramete
         return original(spectra, shapes, budget, *args, **kwargs)
 
     ctx = Context(tokenizer=stories.tokenizer, quiet=True)
-    config = cls(rank=0.5, allocation="aware", num_windows=16, seq_len=64)
+    config = cls(rank=0.5, allocation="aware", aware_group="matrix", aware_loss="relative", rank_spread=1.5,
+                 num_windows=16, seq_len=64)
     alloc.aware_ranks = spy
     try:
         result = apply_fn(stories.model, config, ctx)
