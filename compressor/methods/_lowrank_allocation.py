@@ -68,7 +68,9 @@ from torch import Tensor, nn
 from ..calibration import CalibrationSummary, calibrated_phases, calibration_windows
 from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
-from ..targeting import linear_weight
+from ..offload import materialized
+from ..targeting import linear_shape, linear_weight
+from ._lowrank_plan import LayerPlan, factoring_saves, plan_uniform, uniform_rank
 
 DENSE = None  # the rank of a matrix that stays dense
 
@@ -201,7 +203,6 @@ def aware_ranks(
     Ranks lie in [⌈floor_ratio·min(m, n)⌉, break-even] or dense; with spread s > 1 also within
     [u/s, u·s] of the uniform rank u = ⌊keep·m·n/(m+n)⌋ (dense only when u·s reaches break-even).
     Matrices on which no rank saves parameters are dense and their m·n is taken off the budget."""
-    from ._lowrank_plan import uniform_rank
 
     losses = {name: truncation_losses(s, normalise) for name, s in spectra.items()}
     fixed = {n for n in spectra if max_saving_rank(*shapes[n]) < 1}
@@ -243,7 +244,6 @@ def block_ranks(
     (spread 0: [1/BLOCK_STEPS, break-even]). A block's loss at c is the sum of its matrices'
     losses, and the multipliers are bought greedily by loss removed per parameter within
     `budget` (so it is met within one block step). Returns ({name: rank}, {block: c})."""
-    from ._lowrank_plan import uniform_rank
 
     members: dict[str, list[str]] = {}
     for name in losses:
@@ -297,7 +297,8 @@ def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, 
 
     handles = [m.register_forward_hook(track(n)) for n, m in linears.items()]
     handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_()))
-    flags = {id(p): p.requires_grad for p in model.parameters()}
+    # By name: an accelerate-offloaded model swaps its parameter objects on every forward.
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -311,14 +312,13 @@ def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, 
     finally:
         for handle in handles:
             handle.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
     notes.append(f"aware allocation: output Fisher weights from {len(windows)} calibration windows")
     return {name: totals[name] / max(tokens, 1) / linear_out_features(m) for name, m in linears.items()}
 
 
 def linear_out_features(module: nn.Module) -> int:
-    from ..targeting import linear_shape
 
     return linear_shape(module)[0]
 
@@ -344,7 +344,6 @@ def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
 
 
 def layer_spectrum(module: nn.Module, chol: Tensor) -> Tensor:
-    from ..offload import materialized
 
     with materialized(module):
         weight = linear_weight(module).detach()
@@ -356,7 +355,6 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     """LayerPlans of `allocation: aware`: dense-model whitened spectra (first pass), then
     `aware_ranks` under keep · Σ m·n parameters. Linears outside the blocks get no spectrum and
     stay dense (the sequential engine keeps them dense too)."""
-    from ._lowrank_plan import LayerPlan, plan_uniform
 
     spectra: dict[str, Tensor] = {}
     blocks: dict[str, str] = {}  # matrix -> its block (consume is called once per block)
@@ -426,7 +424,6 @@ AWARE_DENSE_REASON = ("aware allocation: dense (its tail costs more loss per par
 
 def uniform_loss(losses: Tensor, m: int, n: int, keep: float) -> float:
     """The loss of the uniform rank ⌊keep·m·n/(m+n)⌋ on the same spectrum (0 when that stays dense)."""
-    from ._lowrank_plan import factoring_saves, uniform_rank
 
     rank = uniform_rank(m, n, keep)
     return float(losses[rank]) if keep < 1 and factoring_saves(m, n, max(rank, 1)) else 0.0
