@@ -19,7 +19,6 @@ from compressor.errors import ConfigError
 from .failures import debug_enabled, explain, unexpected
 
 
-
 class LazyConsole:
     """A rich Console made on first use: importing rich.console costs more than typer's own
     `--help`, and help or `--version` never print through it."""

@@ -14,7 +14,18 @@ from typing import Annotated
 
 import typer
 
-from .common import DATA_HELP, DeviceOpt, ModelArg, OverwriteOpt, QuietOpt, SeedOpt, TextColumnOpt, TrustOpt, console, handle_errors
+from .common import (
+    DATA_HELP,
+    DeviceOpt,
+    ModelArg,
+    OverwriteOpt,
+    QuietOpt,
+    SeedOpt,
+    TextColumnOpt,
+    TrustOpt,
+    console,
+    handle_errors,
+)
 
 
 @handle_errors

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from .common import DtypeOpt, OutOpt, OverwriteOpt, QuietOpt, SetOpt, console, handle_errors, print_metrics, print_outcome
+from .common import (
+    DtypeOpt,
+    OutOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SetOpt,
+    console,
+    handle_errors,
+    print_metrics,
+    print_outcome,
+)
 
 
 @handle_errors

@@ -19,7 +19,6 @@ from torch import nn
 from .errors import ConfigError
 from .offload import input_device
 
-
 # The held-out protocol: text source, tokens per window, windows scored (the first ones, in text
 # order; fewer when the text has fewer), windows per forward pass. 64 x 256 tokens keeps a CPU
 # run of a small model short.

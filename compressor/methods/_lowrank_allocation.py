@@ -59,6 +59,7 @@ blocks (at the upper bound) over the middle ones (at the lower bound).
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -179,7 +180,7 @@ def _hull_next(opts: list[tuple]) -> list[int]:
                 break
         hull.append(i)
     nexts = [len(opts)] * len(opts)
-    for a, b in zip(hull, hull[1:]):
+    for a, b in itertools.pairwise(hull):
         nexts[a] = b
     return nexts
 

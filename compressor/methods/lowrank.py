@@ -36,7 +36,9 @@ from ..calibration import (  # noqa: F401  (LayerStats, split_phases re-exported
     outside_blocks,
     split_phases,
 )
-from ..calibration.engine import DEFAULT_SECOND_PHASE  # its defining module: config_docs reads the default
+from ..calibration.engine import (
+    DEFAULT_SECOND_PHASE,  # its defining module: config_docs reads the default
+)
 from ..config import CalibrationConfig, MethodConfig
 from ..context import Context
 from ..errors import ConfigError, ModelError

@@ -267,8 +267,10 @@ def _install_trained(model: nn.Module, selected: dict, folder: str) -> list[str]
     if not unordered:
         return []
     return [
-        f"{len(unordered)} layer(s) had no trained factors in {folder!r} (dense, and no "
-        f"{FACTORS_FILE}) and are ordered by their SVD: {', '.join(unordered[:4])}"
+        (
+            f"{len(unordered)} layer(s) had no trained factors in {folder!r} (dense, and no "
+            f"{FACTORS_FILE}) and are ordered by their SVD: {', '.join(unordered[:4])}"
+        )
     ]
 
 

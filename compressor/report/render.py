@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .records import Report, StageRecord
@@ -15,7 +16,7 @@ def fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        if value != value:
+        if math.isnan(value):
             return "nan"
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):

@@ -62,9 +62,9 @@ from compressor.training.checkpoint import (
     weights_hash,
 )
 from compressor.training.config import TrainConfig
-from compressor.training.mezo_optimizer import run_mezo
 from compressor.training.data import HEAD_NAME, TaskData, build_task_data
 from compressor.training.losses import default_loss_fn, evaluate
+from compressor.training.mezo_optimizer import run_mezo
 from compressor.training.run import TrainRun, decays, lr_factor
 from compressor.training.runtime import PeakMemory, Runtime
 

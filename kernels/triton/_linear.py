@@ -553,7 +553,7 @@ def fused_linear(
     lora = (t (M, R), B (n_out, R), scaling); delta = (rows, cols, values) COO of S2 (n_out, K).
     The compute dtype is W's; x may be another float dtype (it is cast tile by tile).
     """
-    rows, k = x.shape
+    rows = x.shape[0]
     compute = weight.values.dtype if isinstance(weight, PackedNM) else weight.dtype
     out_dtype = out_dtype or x.dtype
     if rows == 0 or n_out == 0:
