@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ds-lr", type=float, default=1e-4, help="dsformer STF learning rate")
     p.add_argument("--ds-init-iters", type=int, default=2, help="dsformer init alternations")
     p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
+    p.add_argument("--heal-steps", type=int, default=0,
+                   help="heal rows `<label>+heal` (every row with --rows unset) with this many steps; 0 = none")
+    p.add_argument("--heal-batch", type=int, default=4)
+    p.add_argument("--heal-seq", type=int, default=256)
+    p.add_argument("--heal-lr", type=float, default=3e-4)
+    p.add_argument("--heal-loss", choices=("kl", "lm"), default="kl")
+    p.add_argument("--heal-lora-r", type=int, default=0)
+    p.add_argument("--heal-eval-every", type=int, default=0, help="held-out perplexity every N heal steps")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep rows of a run with the same sizes")
     p.add_argument("--out", default=str(REPORTS))
@@ -113,8 +121,9 @@ def stored_bytes(model: torch.nn.Module, value_bytes: int = 2) -> int:
 
 def run_row(
     dense, ctx, label, method, fields, source, sizes, eval_windows, copy_model: bool = True
-) -> dict:
-    """Compress a copy of `dense` (or `dense` itself) with one configuration; measure it."""
+) -> tuple[dict, torch.nn.Module]:
+    """Compress a copy of `dense` (or `dense` itself) with one configuration; measure it.
+    Returns the row and the compressed model."""
     model = copy.deepcopy(dense) if copy_model else dense
     started = time.perf_counter()
     metrics = {}
@@ -145,8 +154,22 @@ def run_row(
         **{k: metrics[k] for k in METRIC_KEYS if k in metrics},
     }
     log(f"{label:20s} ppl {value:10.3f}  bytes {row['stored_bytes']:,}  {seconds:.0f}s")
-    return row
+    return row, model
 
+
+def heal_row(model, dense, ctx, base: dict, source, eval_windows, args) -> dict:
+    """Heal the compressed `model` of row `base` (benchmarks/frontier.py's heal, same budget
+    flags) and measure it: the row `<label>+heal`."""
+    from frontier import heal_row as frontier_heal  # the one heal protocol of the frontier
+
+    info = frontier_heal(model, dense, source, args, ctx, eval_windows)
+    value = float(perplexity(model, eval_windows, batch_size=4)["perplexity"])
+    if not torch.isfinite(torch.tensor(value)):
+        sys.exit(f"error: row {base['label']}+heal gave a non-finite perplexity {value}")
+    label = f"{base['label']}+heal"
+    log(f"{label:20s} ppl {value:10.3f}  {info['heal_seconds']:.0f}s")
+    return {**base, **info, "label": label, "ppl": value, "stored_bytes": stored_bytes(model),
+            "seconds": info["heal_seconds"]}
 
 METRIC_KEYS = (
     "sparsity",
@@ -202,7 +225,7 @@ def frontier_rows(result: dict) -> list[dict]:
             "label": r["label"],
             # one marker per method on the plot: prune rows are told apart by their score
             "method": r["fields"].get("score", r["method"]) if r["method"] == "prune" else r["method"],
-            "heal": False,
+            "heal": r.get("heal", False),  # False, or the heal budget (a dict)
             "stored_bytes": r["stored_bytes"],
             "ppl": r["ppl"],
             "eval_tokens": result["eval_tokens"],
@@ -218,12 +241,12 @@ def write(out: Path, result: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{result['benchmark']}.json").write_text(json.dumps(result, indent=2, default=str))
     (out / f"{result['benchmark']}.md").write_text(render(result))
-    rows = []
+    rows: dict[str, dict] = {}
     for path in sorted(out.glob("sparse_p1*.json")):
         part = json.loads(path.read_text())
         if part.get("sizes") == result["sizes"]:
-            rows += frontier_rows(part)
-    (out / "frontier_sparse.json").write_text(json.dumps(rows, indent=2))
+            rows.update((r["label"], r) for r in frontier_rows(part))  # one row per label
+    (out / "frontier_sparse.json").write_text(json.dumps(list(rows.values()), indent=2))
 
 
 def previous_rows(out: Path, name: str, sizes: dict) -> list[dict]:
@@ -265,19 +288,37 @@ def main(argv: list[str] | None = None) -> None:
     }
     wanted = set(args.rows.split(",")) if args.rows else None
     for label, method, fields in ROWS:
-        if (wanted and label not in wanted) or any(r["label"] == label for r in result["rows"]):
+        plain, healed = rows_to_run(result, wanted, label, method, args)
+        if not (plain or healed):
             continue
-        result["rows"].append(
-            run_row(loaded.model, ctx, label, method, fields, source, sizes, eval_windows)
-        )
-        write(out, result)
+        row, model = run_row(loaded.model, ctx, label, method, fields, source, sizes, eval_windows)
+        if plain:
+            result["rows"].append(row)
+            write(out, result)
+        if healed:
+            result["rows"].append(heal_row(model, loaded.model, ctx, row, source, eval_windows, args))
+            write(out, result)
+        del model
     if (wanted is None or PEER_ROW in wanted) and not any(r["label"] == PEER_ROW for r in result["rows"]):
         row = llmcompressor_row(loaded.model, loaded.tokenizer, calib, eval_windows)
         if row is not None:
             result["rows"].append(row)
             write(out, result)
-    if wanted is None or DS_INIT in wanted:
+    if wanted is None or DS_INIT in wanted or any(w.startswith("dsformer-stf") for w in wanted):
         dsformer_rows(loaded.model, ctx, source, sizes, eval_windows, args, result, out)
+
+
+def rows_to_run(result: dict, wanted: set | None, label: str, method, args) -> tuple[bool, bool]:
+    """(run the plain row, run its +heal row): asked for (or everything) and not done yet."""
+    done = {r["label"] for r in result["rows"]}
+    plain = (wanted is None or label in wanted) and label not in done
+    healed = (
+        method is not None
+        and args.heal_steps > 0
+        and (wanted is None or f"{label}+heal" in wanted)
+        and f"{label}+heal" not in done
+    )
+    return plain, healed
 
 
 # ---------------------------------------------------------------- llm-compressor on the same text
@@ -372,7 +413,7 @@ def dsformer_rows(dense, ctx, source, sizes, eval_windows, args, result, out) ->
     model = copy.deepcopy(dense)
     if not any(r["label"] == DS_INIT for r in result["rows"]):
         result["rows"].append(
-            run_row(model, ctx, DS_INIT, "dsformer", fields, source, sizes, eval_windows, copy_model=False)
+            run_row(model, ctx, DS_INIT, "dsformer", fields, source, sizes, eval_windows, copy_model=False)[0]
         )
         write(out, result)
     else:  # resumed: rebuild the initialisation the STF continues from
@@ -390,22 +431,27 @@ def dsformer_rows(dense, ctx, source, sizes, eval_windows, args, result, out) ->
     seconds = time.perf_counter() - started
     label = f"dsformer-stf{args.ds_stf_steps}"
     value = float(perplexity(model, eval_windows, batch_size=4)["perplexity"])
-    result["rows"].append(
-        {
-            "label": label,
-            "method": "dsformer",
-            "fields": {**fields, "stf_steps": args.ds_stf_steps, "lr": args.ds_lr,
-                       "stf_batch": args.ds_stf_batch, "stf_seq": sizes["calib_seq"]},
-            "ppl": value,
-            "stored_bytes": stored_bytes(model),
-            "seconds": round(seconds, 1),
-            "stf_loss_first": curves["stf_loss"][0],
-            "stf_loss_last5": sum(curves["stf_loss"][-5:]) / len(curves["stf_loss"][-5:]),
-            "stf_support_moved": curves["stf_support_change"][-1],
-        }
-    )  # fmt: skip
-    log(f"{label:20s} ppl {value:10.3f}  bytes {result['rows'][-1]['stored_bytes']:,}  {seconds:.0f}s")
-    write(out, result)
+    row = {
+        "label": label,
+        "method": "dsformer",
+        "fields": {**fields, "stf_steps": args.ds_stf_steps, "lr": args.ds_lr,
+                   "stf_batch": args.ds_stf_batch, "stf_seq": sizes["calib_seq"]},
+        "ppl": value,
+        "stored_bytes": stored_bytes(model),
+        "seconds": round(seconds, 1),
+        "stf_loss_first": curves["stf_loss"][0],
+        "stf_loss_last5": sum(curves["stf_loss"][-5:]) / len(curves["stf_loss"][-5:]),
+        "stf_support_moved": curves["stf_support_change"][-1],
+    }  # fmt: skip
+    log(f"{label:20s} ppl {value:10.3f}  bytes {row['stored_bytes']:,}  {seconds:.0f}s")
+    done = {r["label"] for r in result["rows"]}
+    if label not in done:
+        result["rows"].append(row)
+        write(out, result)
+    wanted = set(args.rows.split(",")) if args.rows else None
+    if args.heal_steps > 0 and (wanted is None or f"{label}+heal" in wanted) and f"{label}+heal" not in done:
+        result["rows"].append(heal_row(model, dense, ctx, row, source, eval_windows, args))
+        write(out, result)
 
 
 if __name__ == "__main__":
