@@ -168,8 +168,8 @@ def heal_row(model, dense, ctx, base: dict, source, eval_windows, args) -> dict:
         sys.exit(f"error: row {base['label']}+heal gave a non-finite perplexity {value}")
     label = f"{base['label']}+heal"
     log(f"{label:20s} ppl {value:10.3f}  {info['heal_seconds']:.0f}s")
-    return {**base, **info, "label": label, "ppl": value, "stored_bytes": stored_bytes(model),
-            "seconds": info["heal_seconds"]}
+    return {**base, **info, "label": label, "ppl": value, "ppl_before_heal": base["ppl"],
+            "stored_bytes": stored_bytes(model), "seconds": info["heal_seconds"]}
 
 METRIC_KEYS = (
     "sparsity",
