@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=None, help="comma-separated row labels (default: all)")
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--calib-seq", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--eval-windows", type=int, default=16)  # the sizes of reports/sparse_p1*.json
     p.add_argument("--eval-seq", type=int, default=512)
     p.add_argument("--ds-stf-steps", type=int, default=100, help="dsformer STF steps")
     p.add_argument("--ds-stf-batch", type=int, default=1, help="windows per STF step")
