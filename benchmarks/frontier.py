@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heal-steps", type=int, default=40)
     p.add_argument("--heal-batch", type=int, default=4)
     p.add_argument("--heal-seq", type=int, default=256)
-    p.add_argument("--heal-lr", type=float, default=3e-4)  # best of 1e-4 / 3e-4 / 1e-3 on SmolLM2 (reports/frontier.md notes)
+    p.add_argument("--heal-lr", type=float, default=3e-4)  # the lr of the 300-step target run; see reports/frontier.md notes
     p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
     p.add_argument("--heal-lora-r", type=int, default=0, help="heal's `lora_r` (0 = train the factors only)")
     p.add_argument("--heal-eval-every", type=int, default=0,
