@@ -281,7 +281,8 @@ def all_rows(out: Path) -> tuple[dict, list[dict]]:
     rows = list(state["rows"])
     sparse = out / "frontier_sparse.json"
     if sparse.is_file() and not SUFFIX:
-        rows += [{**r, "source": "sparse"} for r in json.loads(sparse.read_text())]
+        have = {r["label"] for r in rows}  # the same dense row measured by both scripts: list it once
+        rows += [{**r, "source": "sparse"} for r in json.loads(sparse.read_text()) if r["label"] not in have]
     return state, rows
 
 
