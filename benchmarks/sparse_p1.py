@@ -451,7 +451,7 @@ def dsformer_rows(dense, ctx, source, sizes, eval_windows, args, result, out) ->
         result["rows"].append(row)
         write(out, result)
     wanted = set(args.rows.split(",")) if args.rows else None
-    if args.heal_steps > 0 and (wanted is None or f"{label}+heal" in wanted) and f"{label}+heal" not in done:
+    if rows_to_run(result, wanted, label, "dsformer", args)[1]:
         result["rows"].append(heal_row(model, dense, ctx, row, source, eval_windows, args))
         write(out, result)
 

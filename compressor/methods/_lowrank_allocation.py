@@ -204,7 +204,6 @@ def aware_ranks(
     Ranks lie in [⌈floor_ratio·min(m, n)⌉, break-even] or dense; with spread s > 1 also within
     [u/s, u·s] of the uniform rank u = ⌊keep·m·n/(m+n)⌋ (dense only when u·s reaches break-even).
     Matrices on which no rank saves parameters are dense and their m·n is taken off the budget."""
-
     losses = {name: truncation_losses(s, normalise) for name, s in spectra.items()}
     fixed = {n for n in spectra if max_saving_rank(*shapes[n]) < 1}
     free = [n for n in spectra if n not in fixed]
@@ -320,7 +319,6 @@ def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, 
 
 
 def linear_out_features(module: nn.Module) -> int:
-
     return linear_shape(module)[0]
 
 
@@ -345,7 +343,6 @@ def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
 
 
 def layer_spectrum(module: nn.Module, chol: Tensor) -> Tensor:
-
     with materialized(module):
         weight = linear_weight(module).detach()
     return whitened_spectrum(weight.to(chol.device), chol)
@@ -356,13 +353,13 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     """LayerPlans of `allocation: aware`: dense-model whitened spectra (first pass), then
     `aware_ranks` under keep · Σ m·n parameters. Linears outside the blocks get no spectrum and
     stay dense (the sequential engine keeps them dense too)."""
-
     spectra: dict[str, Tensor] = {}
     blocks: dict[str, str] = {}  # matrix -> its block (consume is called once per block)
+    block_index = itertools.count()
 
     def consume(linears: dict[str, nn.Module], stats: dict) -> None:
         factors: dict[int, Tensor] = {}  # q/k/v (gate/up) share one Hessian: one Cholesky
-        block = f"block{len(set(blocks.values()))}"
+        block = f"block{next(block_index)}"
         for name, module in linears.items():
             blocks[name] = block
             key = id(stats[name])
