@@ -86,4 +86,10 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
         return f"in_features {in_f} is not a multiple of M={m}"
     if kind == "dense_sparse" and not (isinstance(args.get("k"), int) and args["k"] >= 1 and (not m or args["k"] % m == 0)):
         return f"inner dimension k={args.get('k')!r} must be a positive multiple of M={m}"
+    if kind == "quant" and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
+        return f"bits {args.get('bits')!r} / group_size {args.get('group_size')!r} are not a b-bit grid over {in_f} inputs"
     return None
+
+
+def _divides(group: Any, width: int) -> bool:
+    return isinstance(group, int) and group >= 1 and width % group == 0

@@ -12,7 +12,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .packing import check_nm, nm_index_bits
+from .packing import check_int_bits, check_nm, nm_index_bits, packed_int_bytes
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -224,3 +224,38 @@ def mezo(param, seed, offset, scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise ValueError(f"{op}: `scale` must be a real number, got {scale!r}")
     return float(scale)
+
+
+def int_quantized(op: str, qweight, scales, zeros, bits, group_size, in_features) -> int:
+    """Packed codes (out, ceil(in·b/8)) uint8, scales (out, in/g) float, zeros None or uint8
+    (out, in/g) -> out_features."""
+    check_int_bits(bits, op)
+    integer(op, "in_features", in_features, minimum=1)
+    integer(op, "group_size", group_size, minimum=1)
+    if in_features % group_size:
+        raise ValueError(f"{op}: `group_size`={group_size} must divide in_features={in_features}")
+    if not isinstance(qweight, Tensor) or qweight.dtype != torch.uint8 or qweight.dim() != 2:
+        got = f"{qweight.dtype} {tuple(qweight.shape)}" if isinstance(qweight, Tensor) else qweight
+        raise ValueError(f"{op}: `qweight` must be a 2-D uint8 tensor, got {got}")
+    out_f = qweight.shape[0]
+    shape(op, "qweight", qweight, (out_f, packed_int_bytes(in_features, bits)))
+    tensor(op, "scales", scales, ndim=2)
+    shape(op, "scales", scales, (out_f, in_features // group_size))
+    if zeros is not None:
+        if not isinstance(zeros, Tensor) or zeros.dtype != torch.uint8:
+            raise ValueError(f"{op}: `zeros` must be None (symmetric) or a uint8 tensor, got {zeros!r}")
+        shape(op, "zeros", zeros, tuple(scales.shape))
+    for name, t in (("qweight", qweight), ("zeros", zeros)):
+        if t is not None and t.device != scales.device:
+            raise ValueError(f"{op}: `{name}` is on {t.device}, `scales` on {scales.device}")
+    return out_f
+
+
+def quant_linear(x, qweight, scales, zeros, bias_, bits, group_size, in_features) -> int:
+    """-> out_features."""
+    op = "quant_linear"
+    out_f = int_quantized(op, qweight, scales, zeros, bits, group_size, in_features)
+    activations(op, x, in_features)
+    bias(op, bias_, out_f)
+    same_dtype_device(op, x, scales=scales, bias=bias_)
+    return out_f

@@ -16,7 +16,8 @@ asked, that call uses the reference instead (warned once), so training still run
 variable set for inference. On CPU tensors the Triton backend runs only under TRITON_INTERPRET=1
 (how the tests exercise the kernels).
 
-N:M helpers (`pack_nm`, `unpack_nm`, `nm_mask`, ...) are plain torch and take no backend.
+N:M helpers (`pack_nm`, `unpack_nm`, `nm_mask`, ...) and the integer-code helpers (`pack_int`,
+`unpack_int`, `dequantize_int`) are plain torch and take no backend.
 
 CPU inference: when the reference is the answer (CPU tensors, no `backend` argument, the variable
 unset / "auto" / "ref"), `low_rank_linear`, `nm_linear` and `dense_sparse_linear` skip the backend
@@ -44,10 +45,12 @@ from .packing import (
     expand_nm_indices,
     nm_index_bits,
     nm_mask,
+    pack_int,
     pack_nm,
+    unpack_int,
     unpack_nm,
 )
-from .ref import mezo_normal
+from .ref import dequantize_int, mezo_normal
 
 __all__ = [
     "KernelUnavailable",
@@ -55,6 +58,7 @@ __all__ = [
     "cached_unpack",
     "compress_nm_indices",
     "dense_sparse_linear",
+    "dequantize_int",
     "dsee_linear",
     "dsee_nm_linear",
     "expand_nm_indices",
@@ -65,8 +69,11 @@ __all__ = [
     "nm_index_bits",
     "nm_linear",
     "nm_mask",
+    "pack_int",
     "pack_nm",
+    "quant_linear",
     "resolve_backend",
+    "unpack_int",
     "unpack_nm",
 ]
 
@@ -237,6 +244,23 @@ def dense_sparse_linear(
         return _cpu.dense_sparse_linear(x, d, s_values, s_indices, n, m, k, bias, _unpack_cache)
     impl = _backend_module(backend, x, d, s_values, bias)
     return impl.dense_sparse_linear(x, d, s_values, s_indices, n, m, k, bias)
+
+
+def quant_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+    backend: str | None = None,
+) -> Tensor:
+    """Weight-only quantized y = x @ Ŵ.T + bias, Ŵ the packed b-bit codes dequantized per group
+    (`ref.quant_linear`). Every backend runs the reference for now."""
+    resolve_backend(backend, x, scales, bias)  # validates `backend` / COMPRESSOR_KERNELS alike
+    return ref.quant_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
 
 
 def lora_linear(

@@ -16,6 +16,12 @@ bits per index, `8 // bits` indices per byte, slot `j` in byte `j // per_byte` a
 `(j % per_byte) * bits`. For 2:4 that is 2 bits per index, which is what makes a bf16 2:4 weight
 1.78x smaller than dense instead of 1.33x with one byte per index. Every function taking `indices`
 accepts either layout; the shape tells them apart.
+
+Integer codes of weight-only quantization (`pack_int` / `unpack_int`): unsigned b-bit codes,
+b in {2, 3, 4, 8}, packed along each row, lowest bits first: code j of a row occupies bits
+[j·b, (j+1)·b) of that row's little-endian bit stream, so a row of `cols` codes takes
+ceil(cols·b/8) bytes (for b = 4, byte k = c[2k] | c[2k+1] << 4; for b = 3, eight codes per three
+bytes, codes straddling byte boundaries).
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ __all__ = [
     "compress_nm_indices",
     "expand_nm_indices",
     "nm_index_bits",
+    "check_int_bits",
     "nm_mask",
+    "pack_int",
     "pack_nm",
+    "packed_int_bytes",
+    "unpack_int",
     "unpack_nm",
 ]
+
+INT_BITS = (2, 3, 4, 8)
 
 
 def check_nm(n: int, m: int, cols: int, where: str = "N:M") -> None:
@@ -175,3 +187,61 @@ def unpack_bits(packed: Tensor, cols: int) -> Tensor:
     """Inverse of `pack_bits`: uint8 (rows, ceil(cols / 8)) -> bool (rows, cols)."""
     bits = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1)[..., :cols].bool()
+
+
+# -- integer codes of weight-only quantization -----------------------------------------------------
+
+
+def check_int_bits(bits: object, where: str = "int codes") -> int:
+    """Raise ValueError unless `bits` is one of the supported code widths (2, 3, 4, 8)."""
+    if isinstance(bits, bool) or bits not in INT_BITS:
+        raise ValueError(f"{where}: `bits` must be one of {list(INT_BITS)}, got {bits!r}")
+    return int(bits)
+
+
+def packed_int_bytes(cols: int, bits: int) -> int:
+    """Bytes per row of `cols` packed b-bit codes: ceil(cols·bits / 8)."""
+    return -(-cols * bits // 8)
+
+
+def pack_int(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes (rows, cols), each < 2**bits -> uint8 (rows, ceil(cols·bits/8)), lowest bits first."""
+    check_int_bits(bits, "pack_int")
+    if codes.dtype != torch.uint8 or codes.dim() != 2:
+        raise ValueError(f"pack_int: `codes` must be a 2-D uint8 tensor, got {codes.dtype} {tuple(codes.shape)}")
+    if bits == 8:
+        return codes.clone()
+    cols = codes.shape[1]
+    stream = _code_bits(codes, bits)  # (rows, cols·bits) of 0/1, code-major, lowest bit first
+    stream = torch.nn.functional.pad(stream, (0, (-stream.shape[1]) % 8))
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=codes.device)
+    packed = (stream.reshape(codes.shape[0], -1, 8).to(torch.int32) * weights).sum(-1)
+    return packed[:, : packed_int_bytes(cols, bits)].to(torch.uint8)
+
+
+def _code_bits(codes: Tensor, bits: int) -> Tensor:
+    """The bit stream of each row: bit i of code j at position j·bits + i."""
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    return ((codes.unsqueeze(-1) >> shifts) & 1).reshape(codes.shape[0], -1)
+
+
+def unpack_int(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """Inverse of `pack_int`: uint8 (rows, ceil(cols·bits/8)) -> uint8 codes (rows, cols)."""
+    check_int_bits(bits, "unpack_int")
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"unpack_int: `packed` must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != packed_int_bytes(cols, bits):
+        raise ValueError(
+            f"unpack_int: `packed` has {packed.shape[1]} bytes per row; {cols} codes of {bits} bits "
+            f"take {packed_int_bytes(cols, bits)}"
+        )
+    if bits == 8:
+        return packed
+    if 8 % bits == 0:  # whole codes per byte: one shift per slot, no bit stream needed
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(packed.shape[0], -1)[:, :cols]
+    stream = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
+    stream = stream.reshape(packed.shape[0], -1)[:, : cols * bits].reshape(packed.shape[0], cols, bits)
+    weights = 1 << torch.arange(bits, dtype=torch.uint8, device=packed.device)
+    return (stream * weights).sum(-1, dtype=torch.uint8)

@@ -12,6 +12,10 @@ signatures):
 * The reference runs on any device and is differentiable (autograd flows to every float operand);
   the Triton kernels are forward-only.
 * N:M operands use the layout of `compressor.kernels.packing` (either index layout).
+* Weight-only quantized operands: `qweight` uint8 (out, ceil(in·b/8)) holds unsigned b-bit codes
+  packed along in_features (`packing.pack_int`); `scales` (out, in/g) one per group of g
+  consecutive inputs of a row; `zeros` None (symmetric: ŵ = s·(c − 2^(b−1))) or uint8 (out, in/g)
+  (asymmetric: ŵ = s·(c − z)).
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks
-from .packing import unpack_nm
+from .packing import unpack_int, unpack_nm
 
 __all__ = [
     "dense_sparse_linear",
+    "dequantize_int",
     "dsee_linear",
     "dsee_nm_linear",
     "lora_linear",
@@ -32,6 +37,7 @@ __all__ = [
     "mezo_axpy_",
     "mezo_normal",
     "nm_linear",
+    "quant_linear",
 ]
 
 
@@ -42,6 +48,42 @@ def low_rank_linear(x: Tensor, u: Tensor, v: Tensor, bias: Tensor | None = None)
     """
     _checks.low_rank_linear(x, u, v, bias)
     return F.linear(F.linear(x, v), u, bias)
+
+
+def dequantize_int(
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """The (out, in_features) weight of packed b-bit codes, in scales.dtype: ŵ = s·(c − z), with
+    z = 2^(b−1) when `zeros` is None (symmetric grid)."""
+    _checks.int_quantized("dequantize_int", qweight, scales, zeros, bits, group_size, in_features)
+    out_f = qweight.shape[0]
+    codes = unpack_int(qweight, bits, in_features).to(scales.dtype)
+    codes = codes.reshape(out_f, in_features // group_size, group_size)
+    offset = zeros.to(scales.dtype).unsqueeze(-1) if zeros is not None else 2 ** (bits - 1)
+    return ((codes - offset) * scales.unsqueeze(-1)).reshape(out_f, in_features)
+
+
+def quant_linear(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    zeros: Tensor | None,
+    bias: Tensor | None,
+    bits: int,
+    group_size: int,
+    in_features: int,
+) -> Tensor:
+    """Weight-only quantized linear y = x @ Ŵ.T + bias, Ŵ = `dequantize_int(...)`.
+
+    x (..., in_features) in scales.dtype; bias (out,) or None -> (..., out).
+    """
+    _checks.quant_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    return F.linear(x, dequantize_int(qweight, scales, zeros, bits, group_size, in_features), bias)
 
 
 def nm_linear(

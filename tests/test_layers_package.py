@@ -23,6 +23,8 @@ SPECS = {
     "nola": {"in_features": 8, "out_features": 6, "rank": 2, "num_basis_a": 4, "num_basis_b": 4,
              "alpha": 4.0, "seed": 3},
     "dsee": {"in_features": 8, "out_features": 6, "rank": 2, "alpha": 4.0, "num_sparse": 5},
+    "quant": {"in_features": 8, "out_features": 6, "bits": 3, "group_size": 4, "symmetric": False,
+              "bias": True, "correction_rank": 2},
 }
 
 FORBIDDEN = """

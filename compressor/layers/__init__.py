@@ -1,7 +1,7 @@
 """Compressed layer classes, one module per kind, and the table that rebuilds them by type name.
 
 Importing this package fills `LAYER_TYPES` with every kind (low-rank, N:M sparse, dense x sparse,
-LoRA, NOLA, DSEE). The kinds import only torch and `compressor.kernels.dispatch`, so rebuilding a
+LoRA, NOLA, DSEE, weight-only quantized). The kinds import only torch and `compressor.kernels.dispatch`, so rebuilding a
 checkpoint's layers never imports the method registry, peft or a method module.
 """
 
@@ -19,10 +19,11 @@ from .lora import LoraLinear
 from .low_rank import LowRankLinear
 from .nm_sparse import NMSparseLinear
 from .nola import NolaLinear
+from .quantized import QuantLinear
 
 __all__ = [
     "LAYER_TYPES", "CompressedLinear", "DenseSparseLinear", "DseeLinear", "LoraLinear",
-    "LowRankLinear", "NMSparseLinear", "NolaLinear", "build_layer", "compressed_layers", "dense_linear",
+    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantLinear", "build_layer", "compressed_layers", "dense_linear",
     "layer_manifest", "merge_compressed", "register_layer",
 ]
 

@@ -1,0 +1,106 @@
+"""Weight-only quantized layers that `gptq` and `rtn` write: packed b-bit integer codes with one
+scale (and, asymmetric, one integer zero point) per group of consecutive input columns.
+
+Storage (shared with the compressed-tensors export and the kernels): `qweight` uint8 (out,
+ceil(in·b/8)) codes packed along in_features (`kernels.packing.pack_int`); `scales` (out, in/g) in
+the model dtype; `zeros` uint8 (out, in/g) only when asymmetric. The codes and zero points are
+buffers (integers, never trained); the scales are a parameter, so `heal` may train them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..kernels import dispatch as kernels
+from ..kernels.packing import packed_int_bytes
+from .base import CompressedLinear, register_layer
+
+
+def _init_codes(module: nn.Module, prefix: str, rows: int, cols: int, bits: int, group_size: int,
+                symmetric: bool, dtype, device) -> None:
+    """Empty packed codes, scales and (asymmetric) zero points named `<prefix>qweight`, ..."""
+    groups = cols // group_size
+    module.register_buffer(f"{prefix}qweight", torch.zeros(rows, packed_int_bytes(cols, bits),
+                                                           dtype=torch.uint8, device=device))
+    setattr(module, f"{prefix}scales", nn.Parameter(torch.ones(rows, groups, dtype=dtype, device=device)))
+    zeros = None if symmetric else torch.zeros(rows, groups, dtype=torch.uint8, device=device)
+    module.register_buffer(f"{prefix}zeros", zeros)
+
+
+def _copy_codes(module: nn.Module, prefix: str, qweight: Tensor, scales: Tensor, zeros: Tensor | None) -> None:
+    with torch.no_grad():
+        getattr(module, f"{prefix}qweight").copy_(qweight)
+        getattr(module, f"{prefix}scales").copy_(scales)
+        if zeros is not None:
+            getattr(module, f"{prefix}zeros").copy_(zeros)
+
+
+@register_layer
+class QuantLinear(CompressedLinear):
+    """y = x Ŵᵀ + (x cvᵀ) cuᵀ + b, Ŵ the dequantized b-bit codes; the low-rank correction
+    cu (out, r) · cv (r, in) exists when correction_rank r > 0 (W ≈ Ŵ + cu·cv)."""
+
+    layer_type = "quant"
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 64,
+                 symmetric: bool = True, bias: bool = False, correction_rank: int = 0,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__(in_features, out_features)
+        if group_size < 1 or in_features % group_size:
+            raise ValueError(f"QuantLinear: group_size={group_size} must divide in_features={in_features}")
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.correction_rank = correction_rank
+        _init_codes(self, "", out_features, in_features, bits, group_size, symmetric, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.cu = self.cv = None
+        if correction_rank:
+            self.cu = nn.Parameter(torch.zeros(out_features, correction_rank, dtype=dtype, device=device))
+            self.cv = nn.Parameter(torch.zeros(correction_rank, in_features, dtype=dtype, device=device))
+
+    @classmethod
+    def from_codes(cls, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
+                   in_features: int, bias: Tensor | None = None,
+                   correction: tuple[Tensor, Tensor] | None = None) -> QuantLinear:
+        """A layer holding packed codes (`pack_int`), their scales / zero points, an optional bias
+        and an optional correction (cu, cv); floats in scales.dtype."""
+        rank = 0 if correction is None else correction[0].shape[1]
+        layer = cls(in_features, qweight.shape[0], bits, group_size, zeros is None, bias is not None, rank,
+                    dtype=scales.dtype, device=scales.device)
+        _copy_codes(layer, "", qweight, scales, zeros)
+        with torch.no_grad():
+            if bias is not None:
+                layer.bias.copy_(bias)
+            if correction is not None:
+                layer.cu.copy_(correction[0])
+                layer.cv.copy_(correction[1])
+        return layer
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "symmetric": self.symmetric, "bias": self.bias is not None,
+                "correction_rank": self.correction_rank}
+
+    def quantized_weight(self) -> Tensor:
+        """Ŵ (out, in): the dequantized codes, without the correction."""
+        return kernels.dequantize_int(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                      self.in_features)
+
+    def dense_weight(self) -> Tensor:
+        weight = self.quantized_weight()
+        return weight if self.cu is None else weight + self.cu @ self.cv
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = kernels.quant_linear(x, self.qweight, self.scales, self.zeros, self.bias, self.bits,
+                                 self.group_size, self.in_features)
+        if self.cu is not None:
+            y = y + kernels.low_rank_linear(x, self.cu, self.cv)
+        return y
+
+    def extra_repr(self) -> str:
+        grid = "symmetric" if self.symmetric else "asymmetric"
+        extra = f", correction_rank={self.correction_rank}" if self.correction_rank else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, {grid}{extra}")
