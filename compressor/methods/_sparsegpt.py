@@ -14,8 +14,10 @@ columns right of the block in one matrix product per block. The mask is chosen a
 reached, by the OBS saliency w²/[U]_cc² (for the whole block when unstructured, per group of M
 columns when N:M), so earlier updates inform later choices.
 
-Pure tensor maths; compressor.methods.prune wires it to the calibration loop and dsformer uses it
-to initialise its sparse factor.
+The sweep itself (factorisation, lazy blocks, error feedback) is `_obs.obs_sweep`, shared with
+GPTQ; this module supplies the per-column rule (the mask). Pure tensor maths;
+compressor.methods.prune wires it to the calibration loop and dsformer uses it to initialise its
+sparse factor.
 """
 
 from __future__ import annotations
@@ -24,27 +26,10 @@ import torch
 from torch import Tensor
 
 from ..kernels.dispatch import nm_mask
-from ..numerics import cholesky_lower
+from ._obs import inverse_hessian_factor, obs_sweep, output_error
 from ._sparse_pattern import parse_pattern
 
 __all__ = ["inverse_hessian_factor", "output_error", "sparsegpt_prune"]
-
-
-def inverse_hessian_factor(hessian: Tensor, dampening: float = 0.01) -> tuple[Tensor, Tensor]:
-    """(U, dead): U upper-triangular with UᵀU = (H + λI)⁻¹, λ = dampening · mean(diag H), in fp64
-    (plus `compressor.numerics`' eigen-shift in the rare case that is still not positive definite).
-
-    dead (n,) bool marks inputs that were never active (zero diagonal): they get a unit diagonal
-    so H stays invertible; sparsegpt_prune zeroes their weights (they never reach the output).
-    """
-    h = hessian.detach().double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    diagonal = torch.arange(h.shape[0], device=h.device)
-    h[diagonal, diagonal] += dampening * torch.diag(h).mean()
-    lower, _ = cholesky_lower(h)  # eigen-shifted if still not positive definite (numerics)
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True), dead
 
 
 @torch.no_grad()
@@ -79,42 +64,37 @@ def sparsegpt_prune(
     work[:, dead] = 0.0
     keep = torch.ones_like(work, dtype=torch.bool)
     along_in = parsed.structured and nm_axis == "in"
-    block_size = _aligned_block(block_size, parsed.m if along_in else 1)
-    columns = work.shape[1]
-    for start in range(0, columns, block_size):
-        stop = min(start + block_size, columns)
-        fixed = None if mask is None else mask[:, start:stop].to(work.device)
-        errors = _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed, nm_axis)
-        # lazy update: the whole block's compensation reaches the later columns in one product
-        work[:, stop:] -= errors @ upper[start:stop, stop:]
+    rule = _PruneRule(keep, parsed, sparsity, mask, nm_axis)
+    obs_sweep(work, upper, _aligned_block(block_size, parsed.m if along_in else 1), rule)
     return work.to(weight.dtype), keep
 
 
-def _prune_block(work, upper, start, stop, keep, parsed, sparsity, fixed, nm_axis) -> Tensor:
-    """Prune columns [start, stop) in place (work, keep); returns the scaled errors (out, width)."""
-    block = work[:, start:stop].clone()
-    u_block = upper[start:stop, start:stop]
-    scale = torch.diag(u_block)
-    width = stop - start
-    if fixed is not None:
-        block_keep = fixed.clone()
-    elif parsed.structured:
-        block_keep = torch.ones_like(block, dtype=torch.bool)
-    else:
-        block_keep = _unstructured_keep(block.square() / scale.square(), sparsity)
-    errors = torch.zeros_like(block)
-    for col in range(width):
-        if fixed is None and parsed.structured:
-            _choose_nm(block, block_keep, scale, col, parsed, nm_axis)
+class _PruneRule:
+    """SparseGPT's column operation: keep or zero each entry by the mask, chosen as the block
+    (unstructured) or each N:M group is reached, or given."""
+
+    def __init__(self, keep: Tensor, parsed, sparsity: float, mask: Tensor | None, nm_axis: str) -> None:
+        self.keep, self.parsed, self.sparsity, self.mask, self.nm_axis = keep, parsed, sparsity, mask, nm_axis
+        self.fixed: Tensor | None = None
+        self.block_keep = keep
+
+    def begin_block(self, block: Tensor, scale: Tensor, start: int, stop: int) -> None:
+        self.fixed = None if self.mask is None else self.mask[:, start:stop].to(block.device)
+        if self.fixed is not None:
+            self.block_keep = self.fixed.clone()
+        elif self.parsed.structured:
+            self.block_keep = torch.ones_like(block, dtype=torch.bool)
+        else:
+            self.block_keep = _unstructured_keep(block.square() / scale.square(), self.sparsity)
+
+    def column(self, block: Tensor, scale: Tensor, col: int, start: int) -> Tensor:
+        if self.fixed is None and self.parsed.structured:
+            _choose_nm(block, self.block_keep, scale, col, self.parsed, self.nm_axis)
         value = block[:, col]
-        pruned = torch.where(block_keep[:, col], value, torch.zeros_like(value))
-        errors[:, col] = (value - pruned) / scale[col]
-        # OBS: re-fit the block's remaining columns to absorb this column's removed weights
-        block[:, col:] -= errors[:, col : col + 1] * u_block[col : col + 1, col:]
-        block[:, col] = pruned
-    work[:, start:stop] = block
-    keep[:, start:stop] = block_keep
-    return errors
+        return torch.where(self.block_keep[:, col], value, torch.zeros_like(value))
+
+    def end_block(self, start: int, stop: int) -> None:
+        self.keep[:, start:stop] = self.block_keep
 
 
 def _choose_nm(block: Tensor, block_keep: Tensor, scale: Tensor, col: int, parsed, nm_axis: str):
@@ -140,11 +120,3 @@ def _unstructured_keep(saliency: Tensor, sparsity: float) -> Tensor:
 def _aligned_block(block_size: int, m: int) -> int:
     """A block width that is a multiple of M, so no N:M group straddles two blocks."""
     return max(block_size // m, 1) * m
-
-
-def output_error(weight: Tensor, new_weight: Tensor, hessian: Tensor) -> float:
-    """Relative calibration output error ‖X(W - Ŵ)ᵀ‖² / ‖XWᵀ‖² = tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)."""
-    h = hessian.double()
-    delta = weight.double() - new_weight.double()
-    base = float(((weight.double() @ h) * weight.double()).sum())
-    return float(((delta @ h) * delta).sum()) / max(base, 1e-300)
