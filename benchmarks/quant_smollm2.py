@@ -79,9 +79,9 @@ def render(state: dict, path: Path) -> None:
     dense = next((r["disk_bytes"] for r in state["rows"] if r["label"] == "dense"), None)
     lines = [
         "# Weight-only quantization on SmolLM2-135M (benchmarks/quant_smollm2.py)", "",
-        f"Calibration: {state['calib']}; perplexity: {state['eval']}. Bytes: model.safetensors of the "
-        "bfloat16 checkpoint (embeddings included, tied lm_head once) over the dense bfloat16 file. "
-        "Quantized while held in bfloat16, evaluated in float32.", "",
+        (f"Calibration: {state['calib']}; perplexity: {state['eval']}. Bytes: model.safetensors of the "
+         "bfloat16 checkpoint (embeddings included, tied lm_head once) over the dense bfloat16 file. "
+         "Quantized while held in bfloat16, evaluated in float32."), "",
         "| label | bytes on disk | bytes / dense bf16 | perplexity | mean output error | eval tokens |",
         "|---|---|---|---|---|---|",
     ]

@@ -86,7 +86,9 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
         return f"in_features {in_f} is not a multiple of M={m}"
     if kind == "dense_sparse" and not (isinstance(args.get("k"), int) and args["k"] >= 1 and (not m or args["k"] % m == 0)):
         return f"inner dimension k={args.get('k')!r} must be a positive multiple of M={m}"
-    if kind == "quant" and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
+    if kind == "low_rank_quant" and not (isinstance(rank, int) and 1 <= rank and _divides(args.get("u_group_size") or rank, rank)):
+        return f"rank {rank!r} / u_group_size {args.get('u_group_size')!r} do not fit"
+    if kind in ("quant", "low_rank_quant") and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
         return f"bits {args.get('bits')!r} / group_size {args.get('group_size')!r} are not a b-bit grid over {in_f} inputs"
     return None
 

@@ -19,11 +19,11 @@ from .lora import LoraLinear
 from .low_rank import LowRankLinear
 from .nm_sparse import NMSparseLinear
 from .nola import NolaLinear
-from .quantized import QuantLinear
+from .quantized import QuantLinear, QuantLowRankLinear
 
 __all__ = [
     "LAYER_TYPES", "CompressedLinear", "DenseSparseLinear", "DseeLinear", "LoraLinear",
-    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantLinear", "build_layer", "compressed_layers", "dense_linear",
+    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantLinear", "QuantLowRankLinear", "build_layer", "compressed_layers", "dense_linear",
     "layer_manifest", "merge_compressed", "register_layer",
 ]
 

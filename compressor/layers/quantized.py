@@ -104,3 +104,60 @@ class QuantLinear(CompressedLinear):
         extra = f", correction_rank={self.correction_rank}" if self.correction_rank else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, {grid}{extra}")
+
+
+@register_layer
+class QuantLowRankLinear(CompressedLinear):
+    """y = Û (V̂ x) + b: a low-rank layer W ≈ U V with both factors quantized. V (rank, in) has
+    groups of `group_size` along in_features, U (out, rank) groups of `u_group_size` along the
+    rank; one grid (bits, symmetric) for both."""
+
+    layer_type = "low_rank_quant"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bits: int = 4, group_size: int = 64,
+                 u_group_size: int = 0, symmetric: bool = True, bias: bool = False,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__(in_features, out_features)
+        u_group_size = u_group_size or rank
+        if in_features % group_size or rank % u_group_size:
+            raise ValueError(f"QuantLowRankLinear: group sizes {group_size} / {u_group_size} must divide "
+                             f"in_features={in_features} / rank={rank}")
+        self.rank, self.bits, self.symmetric = rank, bits, symmetric
+        self.group_size, self.u_group_size = group_size, u_group_size
+        _init_codes(self, "v_", rank, in_features, bits, group_size, symmetric, dtype, device)
+        _init_codes(self, "u_", out_features, rank, bits, u_group_size, symmetric, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_factors(cls, u: QuantLinear, v: QuantLinear, bias: Tensor | None = None) -> QuantLowRankLinear:
+        """Join two quantized factors (same grid): v (rank <- in), u (out <- rank)."""
+        layer = cls(v.in_features, u.out_features, v.out_features, v.bits, v.group_size, u.group_size,
+                    v.symmetric, bias is not None, dtype=v.scales.dtype, device=v.scales.device)
+        _copy_codes(layer, "v_", v.qweight, v.scales, v.zeros)
+        _copy_codes(layer, "u_", u.qweight, u.scales, u.zeros)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bits": self.bits, "group_size": self.group_size, "u_group_size": self.u_group_size,
+                "symmetric": self.symmetric, "bias": self.bias is not None}
+
+    def _factor(self, prefix: str, cols: int, group: int) -> Tensor:
+        return kernels.dequantize_int(getattr(self, f"{prefix}qweight"), getattr(self, f"{prefix}scales"),
+                                      getattr(self, f"{prefix}zeros"), self.bits, group, cols)
+
+    def dense_weight(self) -> Tensor:
+        return self._factor("u_", self.rank, self.u_group_size) @ self._factor("v_", self.in_features, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = kernels.quant_linear(x, self.v_qweight, self.v_scales, self.v_zeros, None, self.bits,
+                                 self.group_size, self.in_features)
+        return kernels.quant_linear(t, self.u_qweight, self.u_scales, self.u_zeros, self.bias, self.bits,
+                                    self.u_group_size, self.rank)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.bits}, group_size={self.group_size}/{self.u_group_size}")

@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from ..config import MethodConfig
 from ..errors import ConfigError
 from ..kernels.packing import INT_BITS, pack_int
-from ..layers import CompressedLinear, QuantLinear
-from ..targeting import layer_type, linear_shape
+from ..layers import CompressedLinear, LowRankLinear, QuantLinear, QuantLowRankLinear
+from ..targeting import layer_type, linear_shape, linear_weight
 
-__all__ = ["Grid", "QuantFields", "check_targets", "group_params", "quantize_codes", "rtn_quantize"]
+__all__ = ["Grid", "QuantFields", "check_targets", "factor_grids", "group_params", "quantize_codes",
+           "rtn_quantize"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,14 +129,49 @@ def resolve_group(group_size: int, in_features: int) -> int:
     return in_features if group_size == 0 else group_size
 
 
+def layer_grid(config: QuantFields, weight: Tensor) -> Grid:
+    """The grid of one (out, in) matrix: the config's, per-channel when group_size is 0."""
+    return Grid(config.bits, resolve_group(config.group_size, weight.shape[1]), config.symmetric, weight.dtype)
+
+
+def factor_grids(config: QuantFields, module: LowRankLinear) -> tuple[Grid, Grid]:
+    """(V's grid, U's grid) of a low-rank layer: V grouped along in_features as configured, U along
+    the rank with the same group size when it divides the rank, else per-channel."""
+    v_grid = layer_grid(config, module.v)
+    rank = module.rank
+    u_group = config.group_size if config.group_size and rank % config.group_size == 0 else rank
+    return v_grid, Grid(config.bits, u_group, config.symmetric, module.u.dtype)
+
+
+def quant_low_rank(u: tuple, v: tuple, u_grid: Grid, v_grid: Grid, bias: Tensor | None) -> QuantLowRankLinear:
+    """The QuantLowRankLinear of quantized factors u, v = (codes, scales, zeros) each."""
+    return QuantLowRankLinear.from_factors(quant_layer(*u, u_grid, None), quant_layer(*v, v_grid, None), bias)
+
+
+def round_to_nearest(name: str, module: nn.Module, config: QuantFields, rows: list[dict[str, Any]],
+                     **extra: Any) -> nn.Module:
+    """One linear (both factors of a low-rank layer) rounded to nearest; appends the report row."""
+    weight = linear_weight(module).detach()
+    bias = getattr(module, "bias", None)
+    if isinstance(module, LowRankLinear):
+        v_grid, u_grid = factor_grids(config, module)
+        u, v = rtn_quantize(module.u.detach(), u_grid), rtn_quantize(module.v.detach(), v_grid)
+        layer = quant_low_rank(u, v, u_grid, v_grid, bias)
+    else:
+        grid = layer_grid(config, weight)
+        layer = quant_layer(*rtn_quantize(weight, grid), grid, bias)
+    rows.append(quant_row(name, weight, layer, **extra))
+    return layer
+
+
 def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) -> None:
     """ConfigError, before anything changes, for a target already quantized, a compressed kind this
     method cannot quantize, or a group size that does not divide in_features."""
     for name, module in selected.items():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, (QuantLinear, QuantLowRankLinear)):
             raise ConfigError(f"{method}: `{name}` is already quantized ({module.bits} bits); quantize each "
                               "layer once: drop this stage or add the layer to `ignore`")
-        if isinstance(module, CompressedLinear):
+        if isinstance(module, CompressedLinear) and not isinstance(module, LowRankLinear):
             raise ConfigError(f"{method}: `{name}` is a `{module.layer_type}` layer, which {method} cannot "
                               "quantize yet; quantize before that stage or add it to `ignore`")
     bad = [f"{n} (in_features={linear_shape(m)[1]})" for n, m in selected.items()
@@ -145,7 +181,7 @@ def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) 
                           f"layer(s): {', '.join(bad[:4])}; choose a divisor or `group_size: 0` (per-channel)")
 
 
-def quant_row(name: str, weight: Tensor, layer: QuantLinear, **extra: Any) -> dict[str, Any]:
+def quant_row(name: str, weight: Tensor, layer: QuantLinear | QuantLowRankLinear, **extra: Any) -> dict[str, Any]:
     """The per-module report row: shape, grid, stored bytes (as the checkpoint stores them)."""
     out_f, in_f = weight.shape
     dense_bytes = out_f * in_f * weight.element_size()

@@ -27,6 +27,7 @@ from ..calibration import CalibrationHooks, LayerStats, compress_blocks
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
+from ..layers import LowRankLinear
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
@@ -37,10 +38,13 @@ from ._quant_grid import (
     QuantFields,
     check_targets,
     dequantize_codes,
+    factor_grids,
+    layer_grid,
     quant_layer,
+    quant_low_rank,
     quant_row,
     quantize_codes,
-    resolve_group,
+    round_to_nearest,
     rtn_quantize,
     summary,
 )
@@ -152,13 +156,12 @@ def _quantize_one(name: str, module: nn.Module, stats: LayerStats | None, config
                   rows: list[dict[str, Any]]) -> nn.Module:
     """One linear: GPTQ against its calibration Hessian (RTN when it has none), plus the
     correction; appends the report row."""
+    if isinstance(module, LowRankLinear) and stats is not None:
+        return _quantize_low_rank(name, module, stats.second_moment(), config, rows)
     weight = linear_weight(module).detach()
-    grid = Grid(config.bits, resolve_group(config.group_size, weight.shape[1]), config.symmetric, weight.dtype)
-    if stats is None:  # outside every block (no calibration inputs): round to nearest
-        codes, scales, zeros = rtn_quantize(weight, grid)
-        layer = quant_layer(codes, scales, zeros, grid, getattr(module, "bias", None))
-        rows.append(quant_row(name, weight, layer, solver="rtn"))
-        return layer
+    grid = layer_grid(config, weight)
+    if stats is None or isinstance(module, LowRankLinear):  # outside every block (no calibration inputs): round to nearest
+        return round_to_nearest(name, module, config, rows, solver="rtn")
     hessian = stats.second_moment()
     codes, scales, zeros, quantized = gptq_quantize(weight, hessian, grid, act_order=config.act_order,
                                                     block_size=config.block_size, dampening=config.dampening)
@@ -168,8 +171,24 @@ def _quantize_one(name: str, module: nn.Module, stats: LayerStats | None, config
         correction = (u.to(weight.dtype), v.to(weight.dtype))
     layer = quant_layer(codes, scales, zeros, grid, getattr(module, "bias", None), correction)
     rows.append(quant_row(name, weight, layer, solver="gptq", correction_rank=config.correction_rank,
-                          output_error=round(output_error(weight, layer.dense_weight(), hessian), 6),
+                          output_error=round(output_error(weight, layer.dense_weight().detach(), hessian), 6),
                           output_error_rtn=round(output_error(weight, _rtn_weight(weight, grid), hessian), 6)))
+    return layer
+
+
+def _quantize_low_rank(name: str, module: LowRankLinear, hessian: Tensor, config: GPTQConfig,
+                       rows: list[dict[str, Any]]) -> nn.Module:
+    """Both factors of W ≈ U V (§17.4): V against the Hessian of x, then U against the Hessian of
+    its actual input V̂ x, E[(V̂x)(V̂x)ᵀ] = V̂ H V̂ᵀ, so U's error feedback sees the quantized V."""
+    v_grid, u_grid = factor_grids(config, module)
+    solve = {"act_order": config.act_order, "block_size": config.block_size, "dampening": config.dampening}
+    *v, v_hat = gptq_quantize(module.v.detach(), hessian, v_grid, **solve)
+    inner = v_hat.double() @ hessian.double() @ v_hat.double().T
+    *u, _ = gptq_quantize(module.u.detach(), inner, u_grid, **solve)
+    layer = quant_low_rank(u, v, u_grid, v_grid, module.bias)
+    weight = module.dense_weight().detach()
+    rows.append(quant_row(name, weight, layer, solver="gptq", output_error=round(
+        output_error(weight, layer.dense_weight().detach(), hessian), 6)))
     return layer
 
 
@@ -182,6 +201,10 @@ def _rtn_weight(weight: Tensor, grid: Grid) -> Tensor:
 
 
 def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
+    factored = [n for n, m in selected.items() if isinstance(m, LowRankLinear)]
+    if rank and factored:
+        raise ConfigError(f"gptq: `correction_rank` applies to dense linears, but {factored[0]} is already "
+                          "low-rank; drop `correction_rank` or add the factored layers to `ignore`")
     bad = [n for n, m in selected.items() if rank > min(linear_shape(m))]
     if bad:
         raise ConfigError(f"gptq: `correction_rank`={rank} exceeds min(out, in) of {len(bad)} layer(s), e.g. "
@@ -202,6 +225,6 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
     windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows)
     outside = compress_blocks(model, selected, CalibrationHooks("hessian", compress), windows, ctx,
                               batch_size=config.batch_size, description="gptq").outside
-    notes = [f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
-             f"{', '.join(outside[:4])}"] if outside else []
+    notes = [(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
+              f"{', '.join(outside[:4])}")] if outside else []
     return StageResult(metrics=summary(rows), per_module=rows, notes=notes)

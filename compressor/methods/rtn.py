@@ -2,7 +2,8 @@
 
 Every weight goes to the nearest point of its group's grid (METHODS.md §17.1; the grid, scales and
 zero points are `_quant_grid`'s, shared with gptq), with no calibration and no error feedback.
-Each targeted linear becomes a `QuantLinear` holding the packed b-bit codes and the group scales.
+Each targeted linear becomes a `QuantLinear` holding the packed b-bit codes and the group scales;
+a low-rank layer's two factors are both quantized (`QuantLowRankLinear`).
 """
 
 from __future__ import annotations
@@ -16,22 +17,13 @@ from ..calibration import CalibrationHooks, LayerStats, compress_each
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from ..targeting import linear_weight, select_linears
-from ._quant_grid import Grid, QuantFields, check_targets, quant_layer, quant_row, resolve_group, rtn_quantize, summary
+from ..targeting import select_linears
+from ._quant_grid import QuantFields, check_targets, round_to_nearest, summary
 
 
 @dataclass(frozen=True, kw_only=True)
 class RTNConfig(QuantFields):
     """Round-to-nearest weight-only quantization (see QuantFields for bits, group_size, symmetric)."""
-
-
-def _quantize_one(name: str, module: nn.Module, config: RTNConfig, rows: list[dict[str, Any]]) -> nn.Module:
-    weight = linear_weight(module).detach()
-    grid = Grid(config.bits, resolve_group(config.group_size, weight.shape[1]), config.symmetric, weight.dtype)
-    codes, scales, zeros = rtn_quantize(weight, grid)
-    layer = quant_layer(codes, scales, zeros, grid, getattr(module, "bias", None))
-    rows.append(quant_row(name, weight, layer))
-    return layer
 
 
 @register("rtn", RTNConfig, kind="compress")
@@ -42,7 +34,7 @@ def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageResult:
     rows: list[dict[str, Any]] = []
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
-        return _quantize_one(name, module, config, rows)
+        return round_to_nearest(name, module, config, rows)
 
     compress_each(model, selected, CalibrationHooks(None, compress), ctx, description="rtn")
     return StageResult(metrics=summary(rows), per_module=rows)

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
+from compressor.cli.main import app
 from typer.testing import CliRunner
 
-from compressor.cli.main import app
 from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.kernels.dispatch import dequantize_int, pack_int
@@ -165,7 +165,42 @@ def test_cli_command_as_documented_writes_a_packed_checkpoint_that_transformers_
     assert result.exit_code == 0, result.output
     size = (out / "model.safetensors").stat().st_size
     assert size < 0.5 * (source / "model.safetensors").stat().st_size  # packed int4 + scales, from fp32
-    run = lambda mode: subprocess.run([sys.executable, "-c", FRESH, str(out), mode], capture_output=True,  # noqa: E731
+    run = lambda mode: subprocess.run([sys.executable, "-c", FRESH, str(out), mode], capture_output=True,
                                       text=True, timeout=600, check=True).stdout
     assert "EQUAL True QuantLinear torch.uint8" in run("compressor")
     assert "REFUSED RuntimeError False" in run("plain")
+
+
+def test_low_rank_factors_are_quantized_each_against_its_own_input():
+    from compressor.layers import LowRankLinear, QuantLowRankLinear
+    from compressor.methods.gptq import _quantize_low_rank
+
+    gen = torch.Generator().manual_seed(7)
+    module = LowRankLinear.from_factors(torch.randn(40, 16, generator=gen), torch.randn(16, 64, generator=gen))
+    hessian = correlated_hessian(64)
+    config = GPTQConfig(bits=3, group_size=16, **CALIB)
+    rows: list = []
+    layer = _quantize_low_rank("layer", module, hessian, config, rows)
+    assert isinstance(layer, QuantLowRankLinear) and layer.u_group_size == 16
+    weight = module.dense_weight().detach()
+    v_grid, u_grid = Grid(3, 16, True, torch.float32), Grid(3, 16, True, torch.float32)
+    rtn = rtn_weight(module.u.detach(), u_grid) @ rtn_weight(module.v.detach(), v_grid)
+    assert rows[0]["output_error"] < 0.7 * output_error(weight, rtn, hessian)
+    x = torch.randn(5, 64, generator=gen)
+    torch.testing.assert_close(layer(x), x @ layer.dense_weight().T)
+
+
+def test_recipe_low_rank_then_gptq_stores_both_factors_packed_and_reloads(tmp_path):
+    from compressor.layers import QuantLowRankLinear
+    from compressor.pipeline import Pipeline
+
+    recipe = {"out": str(tmp_path / "out"), "evaluate": False, "stages": [
+        {"method": "svd-llm", "rank": 0.6, **CALIB},
+        {"method": "gptq", "bits": 4, "group_size": 0, **CALIB}]}
+    _, loaded = Pipeline.from_recipe(recipe).run(quiet=True)
+    layers = [m for m in loaded.model.modules() if isinstance(m, QuantLowRankLinear)]
+    assert len(layers) == 35  # stories260K: all 5 x 7 block linears factored, then both factors quantized
+    reloaded = load(tmp_path / "out")
+    ids = torch.arange(24)[None]
+    assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
+    assert reloaded.model.layers[0].mlp.up_proj.v_qweight.dtype == torch.uint8

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compressor.cli.main import app
 from typer.testing import CliRunner
 
-from compressor.cli.main import app
 from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.layers import QuantLinear
@@ -98,3 +98,18 @@ def test_quantizing_an_already_quantized_layer_is_refused_before_anything_change
     assert result.exit_code != 0
     assert "is already quantized (4 bits)" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_a_low_rank_layer_gets_both_factors_rounded():
+    from compressor.layers import LowRankLinear, QuantLowRankLinear
+    from compressor.targeting import replace_module
+
+    model = tiny_llama()
+    gen = torch.Generator().manual_seed(4)
+    u, v = torch.randn(32, 8, generator=gen), torch.randn(8, 32, generator=gen)
+    replace_module(model, "model.layers.0.self_attn.q_proj", LowRankLinear.from_factors(u, v))
+    rtn_apply(model, RTNConfig(bits=4, group_size=16), Context.for_model(model))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantLowRankLinear) and layer.u_group_size == 8  # 16 does not divide rank 8
+    want = dequantized(u, Grid(4, 8, True, torch.float32)) @ dequantized(v, Grid(4, 16, True, torch.float32))
+    assert torch.equal(layer.dense_weight(), want)
