@@ -27,6 +27,8 @@ SPECS = {
               "bias": True, "correction_rank": 2},
     "low_rank_quant": {"in_features": 8, "out_features": 6, "rank": 4, "bits": 4, "group_size": 4,
                        "u_group_size": 2, "symmetric": True, "bias": True},
+    "nm_sparse_quant": {"in_features": 8, "out_features": 6, "n": 2, "m": 4, "bits": 4, "group_size": 2,
+                        "symmetric": False, "bias": False},
 }
 
 FORBIDDEN = """

@@ -161,3 +161,58 @@ class QuantLowRankLinear(CompressedLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bits={self.bits}, group_size={self.group_size}/{self.u_group_size}")
+
+
+@register_layer
+class QuantNMLinear(CompressedLinear):
+    """y = x Wᵀ + b with W N:M-sparse along in_features (as `NMSparseLinear`) and its kept values
+    quantized: codes packed along the kept values of each row, groups of `group_size` kept values
+    (a multiple of n, so a group covers whole N:M groups); `indices` hold the positions unchanged."""
+
+    layer_type = "nm_sparse_quant"
+
+    def __init__(self, in_features: int, out_features: int, n: int = 2, m: int = 4, bits: int = 4,
+                 group_size: int = 64, symmetric: bool = True, bias: bool = False,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__(in_features, out_features)
+        slots = in_features // m * n
+        if in_features % m or slots % group_size:
+            raise ValueError(f"QuantNMLinear: group_size={group_size} must divide the {slots} kept values per row")
+        self.n, self.m, self.bits, self.group_size, self.symmetric = n, m, bits, group_size, symmetric
+        _init_codes(self, "", out_features, slots, bits, group_size, symmetric, dtype, device)
+        packed = kernels.compress_nm_indices(torch.zeros(1, slots, dtype=torch.uint8), m).shape[-1]
+        self.register_buffer("indices", torch.zeros(out_features, packed, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_codes(cls, qweight: Tensor, scales: Tensor, zeros: Tensor | None, indices: Tensor, n: int, m: int,
+                   bits: int, group_size: int, in_features: int, bias: Tensor | None = None) -> QuantNMLinear:
+        """Packed codes of the kept values (`pack_int`), their grid, and the bit-packed positions."""
+        layer = cls(in_features, qweight.shape[0], n, m, bits, group_size, zeros is None, bias is not None,
+                    dtype=scales.dtype, device=scales.device)
+        _copy_codes(layer, "", qweight, scales, zeros)
+        with torch.no_grad():
+            layer.indices.copy_(indices)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n, "m": self.m,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None}
+
+    def values(self) -> Tensor:
+        """The dequantized kept values (out, in/m·n)."""
+        slots = self.in_features // self.m * self.n
+        return kernels.dequantize_int(self.qweight, self.scales, self.zeros, self.bits, self.group_size, slots)
+
+    def dense_weight(self) -> Tensor:
+        return kernels.unpack_nm(self.values(), self.indices, self.n, self.m, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.nm_linear(x, self.values(), self.indices, self.n, self.m, self.in_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.n}:{self.m}, "
+                f"bits={self.bits}, group_size={self.group_size}")

@@ -25,8 +25,15 @@ from torch import Tensor, nn
 
 from ..config import MethodConfig
 from ..errors import ConfigError
-from ..kernels.packing import INT_BITS, pack_int
-from ..layers import CompressedLinear, LowRankLinear, QuantLinear, QuantLowRankLinear
+from ..kernels.packing import INT_BITS, expand_nm_indices, pack_int, unpack_nm
+from ..layers import (
+    CompressedLinear,
+    LowRankLinear,
+    NMSparseLinear,
+    QuantLinear,
+    QuantLowRankLinear,
+    QuantNMLinear,
+)
 from ..targeting import layer_type, linear_shape, linear_weight
 
 __all__ = ["Grid", "QuantFields", "check_targets", "factor_grids", "group_params", "quantize_codes",
@@ -143,6 +150,36 @@ def factor_grids(config: QuantFields, module: LowRankLinear) -> tuple[Grid, Grid
     return v_grid, Grid(config.bits, u_group, config.symmetric, module.u.dtype)
 
 
+def nm_grids(config: QuantFields, module: NMSparseLinear) -> tuple[Grid, Grid]:
+    """(grid of the kept values, the same grid over dense columns) of an N:M layer: a group of g
+    kept values covers g·m/n consecutive columns (g a multiple of n: whole N:M groups)."""
+    slots = module.in_features // module.m * module.n
+    group = config.group_size or slots
+    dtype = module.values.dtype
+    return (Grid(config.bits, group, config.symmetric, dtype),
+            Grid(config.bits, group // module.n * module.m, config.symmetric, dtype))
+
+
+def nm_keep_mask(module: NMSparseLinear) -> Tensor:
+    """bool (out, in): the positions an N:M layer stores (padding slots included)."""
+    ones = torch.ones_like(module.values)
+    return unpack_nm(ones, module.indices, module.n, module.m, module.in_features) > 0
+
+
+def nm_slots(codes: Tensor, module: NMSparseLinear) -> Tensor:
+    """The entries of a dense (out, in) tensor at the layer's stored positions, in slot order."""
+    slots = module.in_features // module.m * module.n
+    positions = expand_nm_indices(module.indices, module.n, module.m, slots).long()
+    columns = torch.arange(slots, device=codes.device) // module.n * module.m + positions
+    return codes.gather(1, columns)
+
+
+def quant_nm(codes: Tensor, scales: Tensor, zeros: Tensor | None, module: NMSparseLinear, grid: Grid) -> QuantNMLinear:
+    """The QuantNMLinear of quantized kept values (codes in slot order), positions unchanged."""
+    return QuantNMLinear.from_codes(pack_int(codes, grid.bits), scales, zeros, module.indices, module.n, module.m,
+                                    grid.bits, grid.group_size, module.in_features, module.bias)
+
+
 def quant_low_rank(u: tuple, v: tuple, u_grid: Grid, v_grid: Grid, bias: Tensor | None) -> QuantLowRankLinear:
     """The QuantLowRankLinear of quantized factors u, v = (codes, scales, zeros) each."""
     return QuantLowRankLinear.from_factors(quant_layer(*u, u_grid, None), quant_layer(*v, v_grid, None), bias)
@@ -153,7 +190,10 @@ def round_to_nearest(name: str, module: nn.Module, config: QuantFields, rows: li
     """One linear (both factors of a low-rank layer) rounded to nearest; appends the report row."""
     weight = linear_weight(module).detach()
     bias = getattr(module, "bias", None)
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, NMSparseLinear):
+        grid, _ = nm_grids(config, module)
+        layer = quant_nm(*rtn_quantize(module.values.detach(), grid), module, grid)
+    elif isinstance(module, LowRankLinear):
         v_grid, u_grid = factor_grids(config, module)
         u, v = rtn_quantize(module.u.detach(), u_grid), rtn_quantize(module.v.detach(), v_grid)
         layer = quant_low_rank(u, v, u_grid, v_grid, bias)
@@ -168,17 +208,30 @@ def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) 
     """ConfigError, before anything changes, for a target already quantized, a compressed kind this
     method cannot quantize, or a group size that does not divide in_features."""
     for name, module in selected.items():
-        if isinstance(module, (QuantLinear, QuantLowRankLinear)):
+        if isinstance(module, (QuantLinear, QuantLowRankLinear, QuantNMLinear)):
             raise ConfigError(f"{method}: `{name}` is already quantized ({module.bits} bits); quantize each "
                               "layer once: drop this stage or add the layer to `ignore`")
-        if isinstance(module, CompressedLinear) and not isinstance(module, LowRankLinear):
+        if isinstance(module, CompressedLinear) and not isinstance(module, (LowRankLinear, NMSparseLinear)):
             raise ConfigError(f"{method}: `{name}` is a `{module.layer_type}` layer, which {method} cannot "
                               "quantize yet; quantize before that stage or add it to `ignore`")
-    bad = [f"{n} (in_features={linear_shape(m)[1]})" for n, m in selected.items()
-           if group_size and linear_shape(m)[1] % group_size]
+    bad = [f"{n} ({_grouped_width(m)})" for n, m in selected.items() if group_size and _misfit(m, group_size)]
     if bad:
         raise ConfigError(f"{method}: `group_size`={group_size} does not divide in_features of {len(bad)} "
                           f"layer(s): {', '.join(bad[:4])}; choose a divisor or `group_size: 0` (per-channel)")
+
+
+def _grouped_width(module: nn.Module) -> str:
+    if isinstance(module, NMSparseLinear):
+        return f"{module.in_features // module.m * module.n} kept values per row, N={module.n}"
+    return f"in_features={linear_shape(module)[1]}"
+
+
+def _misfit(module: nn.Module, group_size: int) -> bool:
+    """True when groups of `group_size` do not tile the quantized rows (for N:M: the kept values,
+    in whole N:M groups)."""
+    if isinstance(module, NMSparseLinear):
+        return (module.in_features // module.m * module.n) % group_size != 0 or group_size % module.n != 0
+    return linear_shape(module)[1] % group_size != 0
 
 
 def quant_row(name: str, weight: Tensor, layer: QuantLinear | QuantLowRankLinear, **extra: Any) -> dict[str, Any]:
@@ -187,7 +240,7 @@ def quant_row(name: str, weight: Tensor, layer: QuantLinear | QuantLowRankLinear
     dense_bytes = out_f * in_f * weight.element_size()
     stored = sum(t.numel() * (t.element_size() if not t.is_floating_point() else weight.element_size())
                  for key, t in layer.state_dict().items() if key != "bias")
-    quantized = layer.dense_weight().float()
+    quantized = layer.dense_weight().detach().float()
     return {"module": name, "type": layer_type(name), "shape": f"{out_f}x{in_f}", "bits": layer.bits,
             "group_size": layer.group_size, "dense_bytes": dense_bytes, "stored_bytes": stored,
             "keep_bytes": round(stored / dense_bytes, 4),

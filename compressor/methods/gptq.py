@@ -27,7 +27,7 @@ from ..calibration import CalibrationHooks, LayerStats, compress_blocks
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import LowRankLinear
+from ..layers import LowRankLinear, NMSparseLinear
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
@@ -40,8 +40,12 @@ from ._quant_grid import (
     dequantize_codes,
     factor_grids,
     layer_grid,
+    nm_grids,
+    nm_keep_mask,
+    nm_slots,
     quant_layer,
     quant_low_rank,
+    quant_nm,
     quant_row,
     quantize_codes,
     round_to_nearest,
@@ -87,9 +91,14 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
 
 @torch.no_grad()
 def gptq_quantize(weight: Tensor, hessian: Tensor, grid: Grid, *, act_order: bool = False,
-                  block_size: int = 128, dampening: float = 0.01) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+                  block_size: int = 128, dampening: float = 0.01,
+                  mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """Quantize W (out, in) against H (in, in) ∝ XᵀX -> (codes uint8 (out, in), scales (out, in/g)
-    in grid.dtype, zeros uint8 or None, Ŵ = the dequantized codes (out, in) in fp32 or wider)."""
+    in grid.dtype, zeros uint8 or None, Ŵ = the dequantized codes (out, in) in fp32 or wider).
+
+    `mask` (bool keep-mask (out, in), e.g. an N:M pattern) stays fixed: only kept entries are
+    quantized (group parameters from them alone), the others are zero in Ŵ and their share of the
+    error feedback is compensated like any rounding error."""
     precision = torch.promote_types(weight.dtype, torch.float32)
     columns = weight.shape[1]
     perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else None
@@ -97,9 +106,11 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, grid: Grid, *, act_order: boo
     upper, dead = inverse_hessian_factor(h, dampening)
     original = weight.detach().to(precision).clone()
     original[:, dead if perm is None else perm[dead]] = 0.0  # never-active inputs never reach the output
+    if mask is not None:
+        original = original * mask
     work = original.clone() if perm is None else original[:, perm].clone()
     static = perm is not None or grid.group_size > block_size  # per-channel wider than a block: up front
-    rule = _GridRule(grid, original, perm, static)
+    rule = _GridRule(grid, original, perm, static, mask)
     block = max(block_size // grid.group_size, 1) * grid.group_size if not static else block_size
     obs_sweep(work, upper.to(precision), min(block, columns), rule)
     if perm is not None:
@@ -112,9 +123,9 @@ class _GridRule:
     """GPTQ's column operation: round to the group's grid; a group's parameters are fixed when its
     first column is reached (or up front from the original weight, `static`)."""
 
-    def __init__(self, grid: Grid, original: Tensor, perm: Tensor | None, static: bool) -> None:
+    def __init__(self, grid: Grid, original: Tensor, perm: Tensor | None, static: bool, mask: Tensor | None) -> None:
         out_f, in_f = original.shape
-        self.grid, self.perm = grid, None if perm is None else perm.tolist()
+        self.grid, self.perm, self.mask = grid, None if perm is None else perm.tolist(), mask
         self.codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=original.device)
         groups = original.reshape(out_f, in_f // grid.group_size, grid.group_size)
         scales, zeros = grid.scales_and_zeros(groups)  # static parameters; else overwritten per group
@@ -128,6 +139,8 @@ class _GridRule:
         group = index // self.grid.group_size
         if not self.static and index % self.grid.group_size == 0:
             columns = block[:, col:col + self.grid.group_size]
+            if self.mask is not None:  # the parameters of the kept entries only
+                columns = columns * self.mask[:, index:index + self.grid.group_size]
             self.scales[:, group], zeros = self.grid.scales_and_zeros(columns)
             if zeros is not None:
                 self.zeros[:, group] = zeros
@@ -135,7 +148,8 @@ class _GridRule:
         z = None if self.zeros is None else self.zeros[:, group]
         codes = quantize_codes(block[:, col], s, z, self.grid.bits)
         self.codes[:, index] = codes.to(torch.uint8)
-        return dequantize_codes(codes, s, z, self.grid.bits)
+        new = dequantize_codes(codes, s, z, self.grid.bits)
+        return new if self.mask is None else torch.where(self.mask[:, index], new, torch.zeros_like(new))
 
     def end_block(self, start: int, stop: int) -> None:
         pass
@@ -158,9 +172,11 @@ def _quantize_one(name: str, module: nn.Module, stats: LayerStats | None, config
     correction; appends the report row."""
     if isinstance(module, LowRankLinear) and stats is not None:
         return _quantize_low_rank(name, module, stats.second_moment(), config, rows)
+    if isinstance(module, NMSparseLinear) and stats is not None:
+        return _quantize_nm(name, module, stats.second_moment(), config, rows)
     weight = linear_weight(module).detach()
     grid = layer_grid(config, weight)
-    if stats is None or isinstance(module, LowRankLinear):  # outside every block (no calibration inputs): round to nearest
+    if stats is None or isinstance(module, (LowRankLinear, NMSparseLinear)):  # outside every block (no calibration inputs): round to nearest
         return round_to_nearest(name, module, config, rows, solver="rtn")
     hessian = stats.second_moment()
     codes, scales, zeros, quantized = gptq_quantize(weight, hessian, grid, act_order=config.act_order,
@@ -192,6 +208,21 @@ def _quantize_low_rank(name: str, module: LowRankLinear, hessian: Tensor, config
     return layer
 
 
+def _quantize_nm(name: str, module: NMSparseLinear, hessian: Tensor, config: GPTQConfig,
+                 rows: list[dict[str, Any]]) -> nn.Module:
+    """The kept values of an N:M layer (§17.4), its mask fixed: GPTQ over the dense columns with
+    groups of whole N:M groups, then the kept entries' codes in slot order."""
+    weight = module.dense_weight().detach()
+    slot_grid, column_grid = nm_grids(config, module)
+    keep = nm_keep_mask(module)
+    codes, scales, zeros, _ = gptq_quantize(weight, hessian, column_grid, act_order=config.act_order,
+                                            block_size=config.block_size, dampening=config.dampening, mask=keep)
+    layer = quant_nm(nm_slots(codes, module), scales, zeros, module, slot_grid)
+    rows.append(quant_row(name, weight, layer, solver="gptq", output_error=round(
+        output_error(weight, layer.dense_weight().detach(), hessian), 6)))
+    return layer
+
+
 def _rtn_weight(weight: Tensor, grid: Grid) -> Tensor:
     """RTN's dequantized weight on the same grid: the reference GPTQ's error feedback must beat."""
     codes, scales, zeros = rtn_quantize(weight, grid)
@@ -201,10 +232,10 @@ def _rtn_weight(weight: Tensor, grid: Grid) -> Tensor:
 
 
 def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
-    factored = [n for n, m in selected.items() if isinstance(m, LowRankLinear)]
+    factored = [n for n, m in selected.items() if isinstance(m, (LowRankLinear, NMSparseLinear))]
     if rank and factored:
         raise ConfigError(f"gptq: `correction_rank` applies to dense linears, but {factored[0]} is already "
-                          "low-rank; drop `correction_rank` or add the factored layers to `ignore`")
+                          "compressed; drop `correction_rank` or add the compressed layers to `ignore`")
     bad = [n for n, m in selected.items() if rank > min(linear_shape(m))]
     if bad:
         raise ConfigError(f"gptq: `correction_rank`={rank} exceeds min(out, in) of {len(bad)} layer(s), e.g. "

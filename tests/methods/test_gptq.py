@@ -204,3 +204,39 @@ def test_recipe_low_rank_then_gptq_stores_both_factors_packed_and_reloads(tmp_pa
     ids = torch.arange(24)[None]
     assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
     assert reloaded.model.layers[0].mlp.up_proj.v_qweight.dtype == torch.uint8
+
+
+def test_nm_kept_values_are_quantized_with_the_mask_fixed():
+    from compressor.kernels.dispatch import nm_mask
+    from compressor.layers import NMSparseLinear, QuantNMLinear
+    from compressor.methods._quant_grid import nm_keep_mask
+    from compressor.methods.gptq import _quantize_nm
+
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
+    module = NMSparseLinear.from_dense(weight * nm_mask(weight.abs(), 2, 4), 2, 4)
+    hessian = correlated_hessian(64)
+    rows: list = []
+    layer = _quantize_nm("layer", module, hessian, GPTQConfig(bits=3, group_size=8, **CALIB), rows)
+    assert isinstance(layer, QuantNMLinear) and torch.equal(layer.indices, module.indices)
+    dense = layer.dense_weight()
+    assert torch.all(dense[~nm_keep_mask(module)] == 0)
+    values_rtn = rtn_weight(module.values.detach(), Grid(3, 8, True, torch.float32))
+    rtn = NMSparseLinear.from_dense(module.dense_weight().detach(), 2, 4)
+    with torch.no_grad():
+        rtn.values.copy_(values_rtn)
+    sparse = module.dense_weight().detach()
+    assert rows[0]["output_error"] < 0.8 * output_error(sparse, rtn.dense_weight(), hessian)
+
+
+def test_recipe_prune_then_gptq_keeps_the_positions_and_reloads(tmp_path):
+    from compressor.layers import QuantNMLinear
+    from compressor.pipeline import Pipeline
+
+    recipe = {"out": str(tmp_path / "out"), "evaluate": False, "stages": [
+        {"method": "prune", "pattern": "2:4"},
+        {"method": "gptq", "bits": 4, "group_size": 0, **CALIB}]}
+    _, loaded = Pipeline.from_recipe(recipe).run(quiet=True)
+    assert sum(isinstance(m, QuantNMLinear) for m in loaded.model.modules()) == 35
+    reloaded = load(tmp_path / "out")
+    ids = torch.arange(24)[None]
+    assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
