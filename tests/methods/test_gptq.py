@@ -240,3 +240,15 @@ def test_recipe_prune_then_gptq_keeps_the_positions_and_reloads(tmp_path):
     reloaded = load(tmp_path / "out")
     ids = torch.arange(24)[None]
     assert torch.equal(reloaded(ids).logits, loaded.model(ids).logits)
+
+
+def test_heal_after_gptq_trains_scales_and_correction_with_the_codes_frozen(tmp_path):
+    from compressor.pipeline import Pipeline
+
+    quantize = {"method": "gptq", "bits": 3, "group_size": 0, "correction_rank": 2, **CALIB}
+    heal = {"method": "heal", "steps": 3, "batch_size": 2, "seq_len": 32, "num_eval": 2, "lr": 0.01}
+    _, before = Pipeline.from_recipe({"evaluate": False, "stages": [quantize]}).run(quiet=True)
+    _, after = Pipeline.from_recipe({"evaluate": False, "stages": [quantize, heal]}).run(quiet=True)
+    old, new = before.model.model.layers[0].mlp.down_proj, after.model.model.layers[0].mlp.down_proj
+    assert torch.equal(old.qweight, new.qweight)  # integer codes: buffers, never trained
+    assert not torch.equal(old.scales, new.scales) and not torch.equal(old.cu, new.cu)
