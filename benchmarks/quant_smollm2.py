@@ -89,6 +89,11 @@ def render(state: dict, path: Path) -> None:
         ratio = f"{r['disk_bytes'] / dense:.3f}" if dense else "–"
         err = "–" if r.get("output_error") is None else f"{r['output_error']:.4f}"
         lines.append(f"| {r['label']} | {r['disk_bytes']} | {ratio} | {r['ppl']:.2f} | {err} | {r['eval_tokens']} |")
+    lines += ["", ("Labels: METHOD-wBITS-gGROUP (symmetric unless `-asym`), `-ao` = act_order (static groups), "
+                   "`-rN` = correction_rank N. Mean output error: the mean over layers of GPTQ's relative "
+                   "calibration output error. The llm-compressor rows of issue 19 were measured on other windows "
+                   "(their dense 26.84 vs 30.77 here), so compare ratios to dense, or the peer script's rows on "
+                   "these windows.")]
     path.write_text("\n".join(lines) + "\n")
 
 
