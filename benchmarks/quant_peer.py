@@ -350,6 +350,7 @@ def protocol_notes(result: dict, frontier: float | None) -> list[str]:
     notes = ["- Seconds are one run on a shared 2-core machine: indicative only, not a speed result.",
              "- The issue 19 table's perplexities were measured on a held-out split of their own "
              "(dense 26.84 there); compare our rows with this report's, which share the frontier's windows."]
+    notes += parity_targets({r["label"]: r for r in result["rows"]})
     counts = result.get("value_counts")
     for r in result["rows"]:
         if counts and r["bits"]:
@@ -364,6 +365,19 @@ def protocol_notes(result: dict, frontier: float | None) -> list[str]:
         same = "equals" if abs(dense["ppl"] - frontier) < 0.01 else "DIFFERS FROM"
         notes.insert(0, f"- Protocol check: dense perplexity {dense['ppl']:.4f} here {same} "
                         f"reports/frontier.json's dense row {frontier:.4f}.")
+    return notes
+
+
+def parity_targets(rows: dict) -> list[str]:
+    """Issue 19's peer-relative targets restated on these windows (arithmetic on the rows above)."""
+    notes = []
+    if "gptq-int4-g64" in rows:
+        gptq = rows["gptq-int4-g64"]["ppl"]
+        notes.append(f"- On these windows issue 19's parity target for GPTQ W4 g64 is <= 1.02 x {gptq:.2f} = "
+                     f"{1.02 * gptq:.2f}, and its <= 0.30x-bytes target is perplexity <= {gptq:.2f}.")
+    if "rtn-int4-g64" in rows:
+        rtn = rows["rtn-int4-g64"]["ppl"]
+        notes.append(f"- RTN W4 g64 within 1 % of the peer: {0.99 * rtn:.2f} to {1.01 * rtn:.2f}.")
     return notes
 
 
