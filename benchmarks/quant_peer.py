@@ -405,10 +405,7 @@ def resumed_rows(path: Path, sizes: dict) -> list[dict]:
 
 def rerender(out: Path, counts: dict) -> None:
     """The report again from its JSON, with the value counts an older run did not store."""
-    path = out / "quant_peer.json"
-    if not path.is_file():
-        sys.exit(f"error: `{path}` not found; run the benchmark first (without --render-only)")
-    result = {**json.loads(path.read_text()), "value_counts": counts}
+    result = {**json.loads((out / "quant_peer.json").read_text()), "value_counts": counts}
     result["notes"] = protocol_notes(result, frontier_dense(out))
     write(out, result)
 
@@ -426,8 +423,11 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: unknown row label(s) {unknown}; choose from {','.join(known)}")
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
-    dense, tokenizer = load_plain_smollm2(gguf)
     out = Path(args.out)
+    if args.render_only and not (out / "quant_peer.json").is_file():
+        sys.exit(f"error: `{out / 'quant_peer.json'}` not found; run the benchmark first "
+                 "(without --render-only)")
+    dense, tokenizer = load_plain_smollm2(gguf)
     if args.render_only:
         rerender(out, value_counts(dense))
         return
