@@ -19,6 +19,7 @@ from compressor import lm_eval_bridge
 from compressor.cli.main import app
 from compressor.errors import ConfigError
 from compressor.layers.low_rank import LowRankLinear
+from compressor.testing.lm_eval_tasks import write_mini_cloze
 
 lm_eval = pytest.importorskip("lm_eval")  # the `eval` extra; CI installs it with `all`
 
@@ -40,16 +41,7 @@ def cloze_module():
 @pytest.fixture(scope="module")
 def small_task(tmp_path_factory):
     """A 12-item copy of the shipped task as a plain YAML + local .jsonl in its own folder."""
-    folder = tmp_path_factory.mktemp("tasks")
-    rows = (TASK_DIR / "tinystories_cloze.jsonl").read_text().splitlines()[:12]
-    (folder / "mini.jsonl").write_text("\n".join(rows) + "\n")
-    (folder / "mini_cloze.yaml").write_text(
-        "task: mini_cloze\ndataset_path: json\n"
-        f"dataset_kwargs:\n  data_files:\n    test: {folder / 'mini.jsonl'}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\ntarget_delimiter: ' '\n"
-        "metric_list:\n  - metric: acc\n")
-    return folder
+    return write_mini_cloze(tmp_path_factory.mktemp("tasks"))
 
 
 # -- the shipped task --------------------------------------------------------------------------
