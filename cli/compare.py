@@ -48,7 +48,7 @@ def compare(
         raise ConfigError(f"`--plot-metric {plot_metric}` is not measured; use perplexity or TASK/METRIC of a "
                           "task given with --tasks (e.g. tinystories_cloze/acc)")
     options = {"baseline": baseline, "device": resolve_device(device), "data": data, "tasks": task_names,
-               "tasks_dir": str(tasks_dir) if tasks_dir else None, "speed": speed, "sort": sort}
+               "tasks_dir": str(tasks_dir) if tasks_dir else None, "speed": speed, "sort": sort, "quiet": quiet}
     if out is None:
         rows = cmp.compare_models([str(r) for r in runs], **options)
         _print(rows, cmp)

@@ -90,7 +90,7 @@ def eval_command(
                       f"({windows.shape[0]} windows of {seq_len}{f', exit {exit_layer}' if exit_layer else ''})")
         if manager is not None and not problems:
             payload["tasks"] = lm_eval_bridge.task_scores(loaded.model, loaded.tokenizer, task_names,
-                                                          batch_size=batch_size, manager=manager)
+                                                          batch_size=batch_size, manager=manager, quiet=quiet)
             _print_scores(payload["tasks"])
         if claim is not None:
             with claim.stage() as tmp:

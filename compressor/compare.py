@@ -107,7 +107,7 @@ def baseline_of(records: dict[str, dict], baseline: str | None) -> str:
 
 def compare_models(paths: list[str], *, baseline: str | None = None, device="cpu", data: str = "default",
                    tasks: list[str] = (), tasks_dir: str | None = None, speed: bool = False,
-                   sort: str = "bytes") -> list[dict[str, Any]]:
+                   sort: str = "bytes", quiet: bool = False) -> list[dict[str, Any]]:
     """One measured row per checkpoint plus the baseline's (`baseline: True`), sorted by `sort`."""
     check_sort_key(sort, list(tasks), speed)
     missing = [p for p in paths if not Path(p).expanduser().exists()]
@@ -122,7 +122,7 @@ def compare_models(paths: list[str], *, baseline: str | None = None, device="cpu
     records = {str(p): read_record(Path(p).expanduser()) for p in paths}
     base = baseline_of(records, baseline)
     options = {"device": device, "data": data, "tasks": list(tasks), "tasks_dir": tasks_dir, "speed": speed,
-               "task_manager": manager}
+               "task_manager": manager, "quiet": quiet}
     base_record = read_record(Path(base)) if Path(base).exists() else {"method": "dense", "stages": []}
     rows = [{**measure(base, Path(base.rstrip("/")).name, base_record["method"], settings(base_record["stages"]),
                        **options), "baseline": True}]
@@ -138,7 +138,7 @@ def compare_models(paths: list[str], *, baseline: str | None = None, device="cpu
 
 
 def measure(path: str, label: str, method: str, setting: str, *, device, data: str, tasks: list[str],
-            tasks_dir: str | None, speed: bool, task_manager=None) -> dict[str, Any]:
+            tasks_dir: str | None, speed: bool, task_manager=None, quiet: bool = False) -> dict[str, Any]:
     """Load one model and measure everything asked; the model is freed before the next row."""
     loaded = load_model(None if path == str(DEFAULT_MODEL_DIR) else path, device=device)
     if not loaded.causal:
@@ -151,7 +151,7 @@ def measure(path: str, label: str, method: str, setting: str, *, device, data: s
         from .lm_eval_bridge import flat_scores, task_scores
 
         row.update(flat_scores(task_scores(loaded.model, loaded.tokenizer, tasks, tasks_dir=tasks_dir,
-                                           manager=task_manager)))
+                                           manager=task_manager, quiet=quiet)))
     if speed:
         row["tokens_per_s"] = decode_tokens_per_s(loaded.model, windows[:1, :16])
     return row

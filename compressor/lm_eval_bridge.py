@@ -13,7 +13,9 @@ Scores are {task: {metric: value}} with lm-eval's "metric,filter" keys turned in
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 import math
 import os
@@ -106,14 +108,16 @@ def _load_failure(task: str, err: Exception) -> str:
 
 
 def task_scores(model: nn.Module, tokenizer, tasks: list[str], *, tasks_dir: str | Path | None = None,
-                batch_size: int = 8, manager=None) -> dict[str, dict[str, float]]:
-    """Zero-shot lm-eval scores of `model` (used as it is) on `tasks`: {task: {metric: value}}."""
+                batch_size: int = 8, manager=None, quiet: bool = False) -> dict[str, dict[str, float]]:
+    """Zero-shot lm-eval scores of `model` (used as it is) on `tasks`: {task: {metric: value}}.
+    `quiet` hides lm-eval's progress bars (tqdm writes them to sys.stderr)."""
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     manager = manager or check_tasks(tasks, tasks_dir)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=False)
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=False)
     scores = {task: _metrics(values) for task, values in results["results"].items()}
     bad = [f"{t}/{m} = {v}" for t, ms in scores.items() for m, v in ms.items() if not math.isfinite(v)]
     if bad:

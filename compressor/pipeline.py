@@ -206,7 +206,7 @@ class Pipeline:
             report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
             if spec["tasks"]:  # lm-eval on the model as it is now (factored, pruned, adapted), unmerged
                 scores = task_scores(loaded.model, loaded.tokenizer, list(spec["tasks"]), batch_size=spec["batch_size"],
-                                     manager=self._task_manager)
+                                     manager=self._task_manager, quiet=ctx.quiet)
                 report.evaluation[when].update(flat_scores(scores))
             return None
         if spec["tasks"]:
