@@ -125,11 +125,17 @@ def test_cli_eval_task_score_equals_lm_eval_run_directly(tmp_path):
 
     model = compressor.load(ckpt)
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(ckpt)
+    factored = {name for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    seen = set()
+    for name, module in model.named_modules():
+        if name in factored:
+            module.register_forward_hook(lambda mod, args, out, name=name: seen.add(name))
     direct = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8),
                                      tasks=["tinystories_cloze"], log_samples=False,
                                      task_manager=TaskManager(include_path=str(lm_eval_bridge.SHIPPED_TASKS)))
     assert direct["results"]["tinystories_cloze"]["acc,none"] == ours["acc"]
     assert direct["results"]["tinystories_cloze"]["acc_norm,none"] == ours["acc_norm"]
+    assert len(factored) == 35 and seen == factored  # the checkpoint's factored layers, unmerged, ran
 
 
 @pytest.mark.slow
