@@ -252,10 +252,10 @@ def plot_frontier(rows: list[dict[str, Any]], metric: str, path: Path, model_nam
     ax.scatter([], [], marker="o", color="tab:blue", label="checkpoint")
     if front:
         xs, ys = zip(*(points[i] for i in front))
-        ax.plot(xs, ys, color="tab:red", linestyle="--", drawstyle="steps-post" if not higher else "steps-pre",
-                zorder=3)
+        # steps-post: the best quality reachable within x bytes holds until the next front point
+        ax.plot(xs, ys, color="tab:red", linestyle="--", drawstyle="steps-post", zorder=3)
         ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="tab:red", linewidths=1.5, zorder=5,
-                   label="Pareto front (no row smaller and better)")
+                   label="Pareto front (no other row is smaller and better)")
     if not higher:
         ax.set_yscale("log")
     ax.set_xlabel("on-disk size of the weight files (MB)")
