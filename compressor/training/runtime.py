@@ -12,7 +12,8 @@ training loop is the same code in both cases:
 On CPUs: `accelerate launch --multi_gpu --num_processes 2 ... --device cpu` (gloo). `--cpu
 --num_processes 2` starts ONE process in accelerate 1.x unless an MPI hostfile is given.
 tests/test_distributed.py proves two CPU ranks equal one process at the same global batch
-(backprop, lora, heal, mezo, resume); FSDP is not exercised there (it needs GPUs).
+(backprop, lora, heal, mezo, resume). FSDP is not exercised there: on CPUs `--use_fsdp` stops in
+torch ("sync_module_states=True is not supported on cpu"), so it needs GPUs to test.
 
 With FSDP and a parameter subset (adapters), set `fsdp_use_orig_params: true` in the accelerate
 config so the optimizer still sees the original parameters. Only rank 0 writes checkpoints.
