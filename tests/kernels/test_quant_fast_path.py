@@ -56,7 +56,8 @@ def test_fused_gemv_is_the_reference_to_float_tolerance(bits, group, asymmetric,
     in_f = 64
     qweight, scales, zeros, bias = quantized(bits, 40, in_f, group, asymmetric, dtype, seed=bits * 7 + group)
     x = torch.randn(1, in_f).to(dtype)
-    y = _cpu_quant.fused_gemv(x, qweight, scales, zeros, bias, bits, group)
+    slots = _cpu_quant.byte_slots(x, bits, group, in_f // group)
+    y = _cpu_quant.fused_gemv(slots, qweight, scales, zeros, bias, bits, group)
     target = exact(x, qweight, scales, zeros, bias, bits, group, in_f)
     assert y.dtype == dtype and y.shape == (1, 40)
     assert relative_error(y, target) < (1e-6 if dtype == torch.float32 else 8e-3)
