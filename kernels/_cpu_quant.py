@@ -15,8 +15,11 @@ a stride-2 view instead, inductor's int4 loop was measured as slow as the eager 
 
 Scope: one row of activations (batch-1 decode; prompts and batches are compute-bound, where the
 reference's one dequantize per call is amortised), b in {2, 4, 8} (whole codes per byte; 3-bit
-codes straddle bytes and take the reference), no autograd (heal trains the scales through the
-reference). Every other call returns None and the dispatcher runs the reference.
+codes straddle bytes and take the reference), groups that start on a byte boundary (a group size
+that is a multiple of 8/b, or one group per row of any width, e.g. the per-channel rank side of a
+quantized low-rank layer: the row's last byte is padded with zero codes, which meet zero inputs),
+no autograd (heal trains the scales through the reference). Every other call returns None and the
+dispatcher runs the reference.
 
 One compiled function per (bits, group size, shapes, dtype, zero points?, bias?): the function is
 traced once with `make_fx` on that key's operands and compiled by `torch._inductor.compile`, and
@@ -78,13 +81,13 @@ def _in_scope(x, qweight, scales, zeros, bias, bits, group_size, in_features) ->
         and isinstance(group_size, int)
         and isinstance(in_features, int)
         and group_size > 0
-        and group_size % (8 // bits) == 0
+        and (group_size % (8 // bits) == 0 or group_size == in_features)
         and in_features % group_size == 0
         and x.dim() > 0
         and x.numel() == in_features
         and x.shape[-1] == in_features
         and x.dtype == scales.dtype
-        and _operands_fit(qweight, scales, zeros, bias, in_features * bits // 8, in_features // group_size)
+        and _operands_fit(qweight, scales, zeros, bias, -(-in_features * bits // 8), in_features // group_size)
         and not (torch.is_grad_enabled() and _any_grad(x, scales, bias))
     )
 
@@ -142,10 +145,14 @@ def _compile(example: list[Tensor], bits: int, group_size: int, has_zeros: bool,
 
 
 def byte_slots(x: Tensor, bits: int, group_size: int, groups: int) -> Tensor:
-    """One row x (..., in) -> float32 (8/b, groups, g·b/8): slot k holds the inputs whose codes sit
-    at bits [k·b, (k+1)·b) of each packed byte (inputs k, k + 8/b, ... of every group)."""
+    """One row x (..., in) -> float32 (8/b, groups, ceil(g·b/8)): slot k holds the inputs whose
+    codes sit at bits [k·b, (k+1)·b) of each packed byte (inputs k, k + 8/b, ... of every group);
+    a single group of a width that fills no whole byte is padded with zero inputs."""
     per_byte = 8 // bits
-    slots = x.reshape(groups, group_size // per_byte, per_byte).permute(2, 0, 1)
+    row = x.reshape(groups, group_size)
+    if group_size % per_byte:  # one group per row (see _in_scope): pad to the row's whole bytes
+        row = torch.nn.functional.pad(row, (0, per_byte - group_size % per_byte))
+    slots = row.reshape(groups, -1, per_byte).permute(2, 0, 1)
     return slots.to(torch.float32).contiguous()
 
 
@@ -155,7 +162,7 @@ def fused_gemv(x_slots: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor |
     in float32 without forming the float weight, returned in scales.dtype (written for inductor to
     fuse; correct eagerly too)."""
     out_f, groups = scales.shape
-    codes = qweight.reshape(out_f, groups, group_size * bits // 8)
+    codes = qweight.reshape(out_f, groups, -(-group_size * bits // 8))
     offset = zeros.to(torch.float32)[..., None] if zeros is not None else float(2 ** (bits - 1))
     mask = (1 << bits) - 1
     dot = ((codes & mask).to(torch.float32) - offset) * x_slots[0]

@@ -65,20 +65,29 @@ def test_fused_gemv_is_the_reference_to_float_tolerance(bits, group, asymmetric,
     assert relative_error(y, reference) < (1e-6 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("bits,in_f", [(4, 251), (2, 87), (4, 86)])
+def test_fused_gemv_takes_one_group_of_a_width_that_fills_no_whole_byte(bits, in_f):
+    qweight, scales, zeros, bias = quantized(bits, 24, in_f, in_f, False, seed=in_f)
+    x = torch.randn(1, in_f)
+    y = _cpu_quant.fused_gemv(_cpu_quant.byte_slots(x, bits, in_f, 1), qweight, scales, zeros, bias, bits, in_f)
+    assert relative_error(y, exact(x, qweight, scales, zeros, bias, bits, in_f, in_f)) < 1e-6
+
+
 # -- the dispatcher: compiled on CPU decode rows, the reference elsewhere -------------------------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,group,asymmetric,dtype", [(4, 16, False, torch.float32), (8, 64, True, torch.bfloat16)])
-def test_cpu_decode_row_takes_the_compiled_gemv(fresh_cpu_quant, bits, group, asymmetric, dtype):
-    qweight, scales, zeros, bias = quantized(bits, 48, 64, group, asymmetric, dtype)
-    x = torch.randn(1, 1, 64).to(dtype)
+@pytest.mark.parametrize("bits,in_f,group,asymmetric,dtype", [
+    (4, 64, 16, False, torch.float32), (8, 64, 64, True, torch.bfloat16), (4, 251, 251, False, torch.float32)])
+def test_cpu_decode_row_takes_the_compiled_gemv(fresh_cpu_quant, bits, in_f, group, asymmetric, dtype):
+    qweight, scales, zeros, bias = quantized(bits, 48, in_f, group, asymmetric, dtype)
+    x = torch.randn(1, 1, in_f).to(dtype)
     with torch.no_grad():
-        y = kernels.quant_linear(x, qweight, scales, zeros, bias, bits, group, 64)
-        again = kernels.quant_linear(x, qweight, scales, zeros, bias, bits, group, 64)
+        y = kernels.quant_linear(x, qweight, scales, zeros, bias, bits, group, in_f)
+        again = kernels.quant_linear(x, qweight, scales, zeros, bias, bits, group, in_f)
     assert len(_cpu_quant.compiled_keys()) == 1  # compiled once, reused
     assert torch.equal(y, again) and y.shape == (1, 1, 48)
-    reference = ref.quant_linear(x, qweight, scales, zeros, bias, bits, group, 64)
+    reference = ref.quant_linear(x, qweight, scales, zeros, bias, bits, group, in_f)
     assert relative_error(y, reference) < (1e-6 if dtype == torch.float32 else 8e-3)
 
 
