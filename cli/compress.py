@@ -43,6 +43,11 @@ def compress(
     keep_bytes: Annotated[float | None, typer.Option(
         show_default=False, help="dsformer: KEEP ratio in stored bytes (sparse index metadata included), "
                                  f"0 < B ≤ 1 {METHOD_DEFAULT}")] = None,
+    bits: Annotated[int | None, typer.Option(
+        show_default=False, help=f"gptq, rtn: code width, one of 2, 3, 4, 8 {METHOD_DEFAULT}")] = None,
+    group_size: Annotated[int | None, typer.Option(
+        show_default=False, help="gptq, rtn: input columns sharing one scale, a divisor of in_features, or 0 for "
+                                 f"per-channel {METHOD_DEFAULT}")] = None,
     allocation: Annotated[str | None, typer.Option(
         show_default=False, help="uniform (one keep ratio per matrix) or welore (non-uniform ranks from the "
                                  "singular-value tails) [default: uniform]")] = None,
@@ -82,6 +87,7 @@ def compress(
     from compressor.pipeline import Pipeline
 
     flags = {"rank": rank, "keep-bytes": keep_bytes, "allocation": allocation, "calib": calib,
+             "bits": bits, "group-size": group_size,
              "calib-windows": calib_windows, "targets": targets or None, "ignore": ignore or None,
              "from-trained": from_trained}
     out = out or f"compressed-{method}"

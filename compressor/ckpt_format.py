@@ -80,13 +80,17 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
     if kind in ("low_rank", "lora", "nola", "dsee") and not (isinstance(rank, int) and 1 <= rank <= max(in_f, out_f)):
         return f"rank {rank!r} is outside 1..{max(in_f, out_f)}"
     n, m = args.get("n", 2), args.get("m", 4)
-    if kind in ("nm_sparse", "dense_sparse") and m and not (0 < n < m):
+    if kind in ("nm_sparse", "dense_sparse", "nm_sparse_quant") and m and not (0 < n < m):
         return f"pattern {n}:{m} is not N:M with 0 < N < M"
-    if kind == "nm_sparse" and in_f % m:
+    if kind in ("nm_sparse", "nm_sparse_quant") and in_f % m:
         return f"in_features {in_f} is not a multiple of M={m}"
     if kind == "dense_sparse" and not (isinstance(args.get("k"), int) and args["k"] >= 1 and (not m or args["k"] % m == 0)):
         return f"inner dimension k={args.get('k')!r} must be a positive multiple of M={m}"
-    if kind == "quant" and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
+    if kind == "low_rank_quant" and not (isinstance(rank, int) and 1 <= rank and _divides(args.get("u_group_size") or rank, rank)):
+        return f"rank {rank!r} / u_group_size {args.get('u_group_size')!r} do not fit"
+    if kind == "nm_sparse_quant" and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f // m * n)):
+        return f"group_size {args.get('group_size')!r} does not divide the {in_f // m * n} kept values per row"
+    if kind in ("quant", "low_rank_quant") and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
         return f"bits {args.get('bits')!r} / group_size {args.get('group_size')!r} are not a b-bit grid over {in_f} inputs"
     return None
 

@@ -76,6 +76,10 @@ BUILTIN: dict[str, MethodInfo] = {
     "dsformer": MethodInfo(
         "compressor.methods.dsformer", "DSFormerConfig", "compress",
         "dsformer: dense x sparse factorization W ~ D S (N:M-sparse S), refined by straight-through training."),
+    "gptq": MethodInfo(
+        "compressor.methods.gptq", "GPTQConfig", "compress",
+        "gptq: weight-only quantization with second-order error feedback (Frantar et al., \"GPTQ: Accurate "
+        "Post-Training Quantization for Generative Pre-trained Transformers\", arXiv 2210.17323)."),
     "kappatune": MethodInfo(
         "compressor.adapters.kappatune", "KappaTuneConfig", "finetune",
         "KappaTune: fine-tune only the best-conditioned tensors (O. Ludwig, arXiv 2506.16289; peft's "
@@ -97,6 +101,9 @@ BUILTIN: dict[str, MethodInfo] = {
     "prune": MethodInfo(
         "compressor.methods.prune", "PruneConfig", "compress",
         "prune: N:M (default 2:4) or unstructured pruning by magnitude, Wanda or SparseGPT."),
+    "rtn": MethodInfo(
+        "compressor.methods.rtn", "RTNConfig", "compress",
+        "rtn: round-to-nearest weight-only quantization, the data-free baseline of `gptq`."),
     "saes-svd": MethodInfo(
         "compressor.methods.saes_svd", "SAESConfig", "compress",
         "SAES-SVD: CEALC (cumulative-error-aware closed form) + ACES (per-layer β search)."),

@@ -32,11 +32,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_int_bits",
     "check_nm",
     "compress_nm_indices",
     "expand_nm_indices",
     "nm_index_bits",
-    "check_int_bits",
     "nm_mask",
     "pack_int",
     "pack_nm",

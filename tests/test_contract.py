@@ -62,6 +62,8 @@ TINY: dict[str, Case] = {
     "saes-svd": Case({"rank": 0.6, **CALIB}),
     "welore": Case({"rank": 0.6}),
     "prune": Case({"pattern": "2:4", "score": "wanda", **CALIB}),
+    "gptq": Case({"bits": 4, "group_size": 16, "correction_rank": 2, **CALIB}),
+    "rtn": Case({"bits": 3, "group_size": 16, "symmetric": False}),
     # dsformer's STF and maestro's training minimise the LM loss: causal LMs only.
     "dsformer": Case({"keep_bytes": 0.7, "stf_steps": 2, "eval_windows": 0, **CALIB}, CAUSAL),
     "maestro": Case({"rank": 0.5, "epochs": 1, "train_windows": 4, "eval_windows": 0, **CALIB}, CAUSAL),

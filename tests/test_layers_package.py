@@ -25,6 +25,10 @@ SPECS = {
     "dsee": {"in_features": 8, "out_features": 6, "rank": 2, "alpha": 4.0, "num_sparse": 5},
     "quant": {"in_features": 8, "out_features": 6, "bits": 3, "group_size": 4, "symmetric": False,
               "bias": True, "correction_rank": 2},
+    "low_rank_quant": {"in_features": 8, "out_features": 6, "rank": 4, "bits": 4, "group_size": 4,
+                       "u_group_size": 2, "symmetric": True, "bias": True},
+    "nm_sparse_quant": {"in_features": 8, "out_features": 6, "n": 2, "m": 4, "bits": 4, "group_size": 2,
+                        "symmetric": False, "bias": False},
 }
 
 FORBIDDEN = """

@@ -19,11 +19,12 @@ from .lora import LoraLinear
 from .low_rank import LowRankLinear
 from .nm_sparse import NMSparseLinear
 from .nola import NolaLinear
-from .quantized import QuantLinear
+from .quantized import QuantLinear, QuantLowRankLinear, QuantNMLinear
 
 __all__ = [
     "LAYER_TYPES", "CompressedLinear", "DenseSparseLinear", "DseeLinear", "LoraLinear",
-    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantLinear", "build_layer", "compressed_layers", "dense_linear",
+    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantLinear", "QuantLowRankLinear", "QuantNMLinear",
+    "build_layer", "compressed_layers", "dense_linear",
     "layer_manifest", "merge_compressed", "register_layer",
 ]
 

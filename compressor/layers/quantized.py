@@ -104,3 +104,115 @@ class QuantLinear(CompressedLinear):
         extra = f", correction_rank={self.correction_rank}" if self.correction_rank else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, {grid}{extra}")
+
+
+@register_layer
+class QuantLowRankLinear(CompressedLinear):
+    """y = Û (V̂ x) + b: a low-rank layer W ≈ U V with both factors quantized. V (rank, in) has
+    groups of `group_size` along in_features, U (out, rank) groups of `u_group_size` along the
+    rank; one grid (bits, symmetric) for both."""
+
+    layer_type = "low_rank_quant"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bits: int = 4, group_size: int = 64,
+                 u_group_size: int = 0, symmetric: bool = True, bias: bool = False,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__(in_features, out_features)
+        u_group_size = u_group_size or rank
+        if in_features % group_size or rank % u_group_size:
+            raise ValueError(f"QuantLowRankLinear: group sizes {group_size} / {u_group_size} must divide "
+                             f"in_features={in_features} / rank={rank}")
+        self.rank, self.bits, self.symmetric = rank, bits, symmetric
+        self.group_size, self.u_group_size = group_size, u_group_size
+        _init_codes(self, "v_", rank, in_features, bits, group_size, symmetric, dtype, device)
+        _init_codes(self, "u_", out_features, rank, bits, u_group_size, symmetric, dtype, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_factors(cls, u: QuantLinear, v: QuantLinear, bias: Tensor | None = None) -> QuantLowRankLinear:
+        """Join two quantized factors (same grid): v (rank <- in), u (out <- rank)."""
+        layer = cls(v.in_features, u.out_features, v.out_features, v.bits, v.group_size, u.group_size,
+                    v.symmetric, bias is not None, dtype=v.scales.dtype, device=v.scales.device)
+        _copy_codes(layer, "v_", v.qweight, v.scales, v.zeros)
+        _copy_codes(layer, "u_", u.qweight, u.scales, u.zeros)
+        if bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(bias)
+        return layer
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "rank": self.rank,
+                "bits": self.bits, "group_size": self.group_size, "u_group_size": self.u_group_size,
+                "symmetric": self.symmetric, "bias": self.bias is not None}
+
+    def _factor(self, prefix: str, cols: int, group: int) -> Tensor:
+        return kernels.dequantize_int(getattr(self, f"{prefix}qweight"), getattr(self, f"{prefix}scales"),
+                                      getattr(self, f"{prefix}zeros"), self.bits, group, cols)
+
+    def dense_weight(self) -> Tensor:
+        return self._factor("u_", self.rank, self.u_group_size) @ self._factor("v_", self.in_features, self.group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = kernels.quant_linear(x, self.v_qweight, self.v_scales, self.v_zeros, None, self.bits,
+                                 self.group_size, self.in_features)
+        return kernels.quant_linear(t, self.u_qweight, self.u_scales, self.u_zeros, self.bias, self.bits,
+                                    self.u_group_size, self.rank)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bits={self.bits}, group_size={self.group_size}/{self.u_group_size}")
+
+
+@register_layer
+class QuantNMLinear(CompressedLinear):
+    """y = x Wᵀ + b with W N:M-sparse along in_features (as `NMSparseLinear`) and its kept values
+    quantized: codes packed along the kept values of each row, groups of `group_size` kept values
+    (a multiple of n, so a group covers whole N:M groups); `indices` hold the positions unchanged."""
+
+    layer_type = "nm_sparse_quant"
+
+    def __init__(self, in_features: int, out_features: int, n: int = 2, m: int = 4, bits: int = 4,
+                 group_size: int = 64, symmetric: bool = True, bias: bool = False,
+                 dtype: torch.dtype | None = None, device=None) -> None:
+        super().__init__(in_features, out_features)
+        slots = in_features // m * n
+        if in_features % m or slots % group_size:
+            raise ValueError(f"QuantNMLinear: group_size={group_size} must divide the {slots} kept values per row")
+        self.n, self.m, self.bits, self.group_size, self.symmetric = n, m, bits, group_size, symmetric
+        _init_codes(self, "", out_features, slots, bits, group_size, symmetric, dtype, device)
+        packed = kernels.compress_nm_indices(torch.zeros(1, slots, dtype=torch.uint8), m).shape[-1]
+        self.register_buffer("indices", torch.zeros(out_features, packed, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_codes(cls, qweight: Tensor, scales: Tensor, zeros: Tensor | None, indices: Tensor, n: int, m: int,
+                   bits: int, group_size: int, in_features: int, bias: Tensor | None = None) -> QuantNMLinear:
+        """Packed codes of the kept values (`pack_int`), their grid, and the bit-packed positions."""
+        layer = cls(in_features, qweight.shape[0], n, m, bits, group_size, zeros is None, bias is not None,
+                    dtype=scales.dtype, device=scales.device)
+        _copy_codes(layer, "", qweight, scales, zeros)
+        with torch.no_grad():
+            layer.indices.copy_(indices)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def init_args(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "n": self.n, "m": self.m,
+                "bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "bias": self.bias is not None}
+
+    def values(self) -> Tensor:
+        """The dequantized kept values (out, in/m·n)."""
+        slots = self.in_features // self.m * self.n
+        return kernels.dequantize_int(self.qweight, self.scales, self.zeros, self.bits, self.group_size, slots)
+
+    def dense_weight(self) -> Tensor:
+        return kernels.unpack_nm(self.values(), self.indices, self.n, self.m, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.nm_linear(x, self.values(), self.indices, self.n, self.m, self.in_features, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, pattern={self.n}:{self.m}, "
+                f"bits={self.bits}, group_size={self.group_size}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from compressor.kernels.dispatch import dequantize_int, pack_int, quant_linear, unpack_int
 from compressor.layers import QuantLinear
 

@@ -1,0 +1,260 @@
+"""The integer grid of weight-only quantization, shared by `rtn` and `gptq` (METHODS.md §17.1).
+
+Per group of g consecutive input columns of one output row (g divides in_features; g =
+in_features is per-channel), unsigned b-bit codes c ∈ [0, 2^b − 1]:
+
+* symmetric (llm-compressor / compressed-tensors convention): s = max|w| / ((2^b − 1) / 2),
+  c = clamp(round(w / s) + 2^(b−1)), ŵ = s·(c − 2^(b−1)); the signed code q = c − 2^(b−1) lies
+  in [−2^(b−1), 2^(b−1) − 1];
+* asymmetric: with lo = min(min w, 0), hi = max(max w, 0) (so 0 is on the grid),
+  s = (hi − lo) / (2^b − 1), integer zero point z = clamp(round(−lo / s)), c = clamp(round(w / s + z)),
+  ŵ = s·(c − z).
+
+Scales are rounded to the storage dtype before the codes are chosen, so the stored (codes,
+scales) reproduce exactly the weight the method measured. Also here: the config fields both methods
+share, the checks every quantize stage runs on its targets, and the layer-report row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import MethodConfig
+from ..errors import ConfigError
+from ..kernels.packing import INT_BITS, expand_nm_indices, pack_int, unpack_nm
+from ..layers import (
+    CompressedLinear,
+    LowRankLinear,
+    NMSparseLinear,
+    QuantLinear,
+    QuantLowRankLinear,
+    QuantNMLinear,
+)
+from ..targeting import layer_type, linear_shape, linear_weight
+
+__all__ = ["Grid", "QuantFields", "check_targets", "factor_grids", "group_params", "quantize_codes",
+           "rtn_quantize"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantFields(MethodConfig):
+    """Args:
+    bits: code width, one of 2, 3, 4, 8.
+    group_size: consecutive input columns sharing one scale (and zero point); it must divide
+        every targeted layer's in_features; 0 = per-channel (one group per output row).
+    symmetric: symmetric grid (no zero point; llm-compressor's W4A16) or asymmetric (a uint8 zero
+        point per group).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = self.method_name or "quantize"
+        if isinstance(self.bits, bool) or self.bits not in INT_BITS:
+            raise ConfigError(f"{name}: `bits` must be one of {', '.join(map(str, INT_BITS))}, got "
+                              f"{self.bits!r}; e.g. `--bits 4`")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ConfigError(f"{name}: `group_size` must be a positive integer dividing in_features, or 0 "
+                              f"for per-channel, got {self.group_size!r}")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One layer's grid: code width, group size (resolved: divides the columns), symmetry, and
+    the dtype the scales are stored in."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    dtype: torch.dtype
+
+    @property
+    def top(self) -> int:
+        return 2**self.bits - 1
+
+    def scales_and_zeros(self, groups: Tensor) -> tuple[Tensor, Tensor | None]:
+        return group_params(groups, self.bits, self.symmetric, self.dtype)
+
+
+def group_params(groups: Tensor, bits: int, symmetric: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Scales (and zero points) of groups (..., g) -> scales (...) in groups.dtype, already rounded
+    to `dtype`; zeros (...) float integers in [0, 2^b − 1], or None when symmetric."""
+    top = 2**bits - 1
+    lo = groups.amin(-1).clamp(max=0)
+    hi = groups.amax(-1).clamp(min=0)
+    eps = torch.finfo(torch.float32).eps
+    if symmetric:
+        scales = torch.maximum(-lo, hi) / (top / 2)
+        return _stored(scales.clamp(min=eps), dtype).to(groups.dtype), None
+    scales = _stored(((hi - lo) / top).clamp(min=eps), dtype).to(groups.dtype)
+    return scales, (-lo / scales).round().clamp(0, top)
+
+
+def _stored(scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """Scales as the checkpoint stores them, kept positive (a tiny scale must not round to 0)."""
+    stored = scales.to(dtype)
+    return torch.where(stored > 0, stored, torch.finfo(dtype).tiny)
+
+
+def quantize_codes(values: Tensor, scales: Tensor, zeros: Tensor | None, bits: int) -> Tensor:
+    """Codes (float, integer-valued) of `values` on the grid (scales, zeros broadcast to values)."""
+    offset = 2 ** (bits - 1) if zeros is None else zeros
+    return (values / scales + offset).round().clamp(0, 2**bits - 1)
+
+
+def dequantize_codes(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int) -> Tensor:
+    offset = 2 ** (bits - 1) if zeros is None else zeros
+    return scales * (codes - offset)
+
+
+def rtn_quantize(weight: Tensor, grid: Grid) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Round to nearest: W (out, in) -> (codes uint8 (out, in), scales (out, in/g) in grid.dtype,
+    zeros uint8 (out, in/g) or None)."""
+    out_f, in_f = weight.shape
+    groups = weight.detach().float().reshape(out_f, in_f // grid.group_size, grid.group_size)
+    scales, zeros = grid.scales_and_zeros(groups)
+    zero_cols = None if zeros is None else zeros.unsqueeze(-1)
+    codes = quantize_codes(groups, scales.unsqueeze(-1), zero_cols, grid.bits).reshape(out_f, in_f)
+    return codes.to(torch.uint8), scales.to(grid.dtype), None if zeros is None else zeros.to(torch.uint8)
+
+
+def quant_layer(codes: Tensor, scales: Tensor, zeros: Tensor | None, grid: Grid, bias: Tensor | None,
+                correction: tuple[Tensor, Tensor] | None = None) -> QuantLinear:
+    """The QuantLinear storing these codes packed, on the scales' device."""
+    return QuantLinear.from_codes(pack_int(codes, grid.bits), scales, zeros, grid.bits, grid.group_size,
+                                  codes.shape[1], bias, correction)
+
+
+def resolve_group(group_size: int, in_features: int) -> int:
+    return in_features if group_size == 0 else group_size
+
+
+def layer_grid(config: QuantFields, weight: Tensor) -> Grid:
+    """The grid of one (out, in) matrix: the config's, per-channel when group_size is 0."""
+    return Grid(config.bits, resolve_group(config.group_size, weight.shape[1]), config.symmetric, weight.dtype)
+
+
+def factor_grids(config: QuantFields, module: LowRankLinear) -> tuple[Grid, Grid]:
+    """(V's grid, U's grid) of a low-rank layer: V grouped along in_features as configured, U along
+    the rank with the same group size when it divides the rank, else per-channel."""
+    v_grid = layer_grid(config, module.v)
+    rank = module.rank
+    u_group = config.group_size if config.group_size and rank % config.group_size == 0 else rank
+    return v_grid, Grid(config.bits, u_group, config.symmetric, module.u.dtype)
+
+
+def nm_grids(config: QuantFields, module: NMSparseLinear) -> tuple[Grid, Grid]:
+    """(grid of the kept values, the same grid over dense columns) of an N:M layer: a group of g
+    kept values covers g·m/n consecutive columns (g a multiple of n: whole N:M groups)."""
+    slots = module.in_features // module.m * module.n
+    group = config.group_size or slots
+    dtype = module.values.dtype
+    return (Grid(config.bits, group, config.symmetric, dtype),
+            Grid(config.bits, group // module.n * module.m, config.symmetric, dtype))
+
+
+def nm_keep_mask(module: NMSparseLinear) -> Tensor:
+    """bool (out, in): the positions an N:M layer stores (padding slots included)."""
+    ones = torch.ones_like(module.values)
+    return unpack_nm(ones, module.indices, module.n, module.m, module.in_features) > 0
+
+
+def nm_slots(codes: Tensor, module: NMSparseLinear) -> Tensor:
+    """The entries of a dense (out, in) tensor at the layer's stored positions, in slot order."""
+    slots = module.in_features // module.m * module.n
+    positions = expand_nm_indices(module.indices, module.n, module.m, slots).long()
+    columns = torch.arange(slots, device=codes.device) // module.n * module.m + positions
+    return codes.gather(1, columns)
+
+
+def quant_nm(codes: Tensor, scales: Tensor, zeros: Tensor | None, module: NMSparseLinear, grid: Grid) -> QuantNMLinear:
+    """The QuantNMLinear of quantized kept values (codes in slot order), positions unchanged."""
+    return QuantNMLinear.from_codes(pack_int(codes, grid.bits), scales, zeros, module.indices, module.n, module.m,
+                                    grid.bits, grid.group_size, module.in_features, module.bias)
+
+
+def quant_low_rank(u: tuple, v: tuple, u_grid: Grid, v_grid: Grid, bias: Tensor | None) -> QuantLowRankLinear:
+    """The QuantLowRankLinear of quantized factors u, v = (codes, scales, zeros) each."""
+    return QuantLowRankLinear.from_factors(quant_layer(*u, u_grid, None), quant_layer(*v, v_grid, None), bias)
+
+
+def round_to_nearest(name: str, module: nn.Module, config: QuantFields, rows: list[dict[str, Any]],
+                     **extra: Any) -> nn.Module:
+    """One linear (both factors of a low-rank layer) rounded to nearest; appends the report row."""
+    weight = linear_weight(module).detach()
+    bias = getattr(module, "bias", None)
+    if isinstance(module, NMSparseLinear):
+        grid, _ = nm_grids(config, module)
+        layer = quant_nm(*rtn_quantize(module.values.detach(), grid), module, grid)
+    elif isinstance(module, LowRankLinear):
+        v_grid, u_grid = factor_grids(config, module)
+        u, v = rtn_quantize(module.u.detach(), u_grid), rtn_quantize(module.v.detach(), v_grid)
+        layer = quant_low_rank(u, v, u_grid, v_grid, bias)
+    else:
+        grid = layer_grid(config, weight)
+        layer = quant_layer(*rtn_quantize(weight, grid), grid, bias)
+    rows.append(quant_row(name, weight, layer, **extra))
+    return layer
+
+
+def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) -> None:
+    """ConfigError, before anything changes, for a target already quantized, a compressed kind this
+    method cannot quantize, or a group size that does not divide in_features."""
+    for name, module in selected.items():
+        if isinstance(module, (QuantLinear, QuantLowRankLinear, QuantNMLinear)):
+            raise ConfigError(f"{method}: `{name}` is already quantized ({module.bits} bits); quantize each "
+                              "layer once: drop this stage or add the layer to `ignore`")
+        if isinstance(module, CompressedLinear) and not isinstance(module, (LowRankLinear, NMSparseLinear)):
+            raise ConfigError(f"{method}: `{name}` is a `{module.layer_type}` layer, which {method} cannot "
+                              "quantize yet; quantize before that stage or add it to `ignore`")
+    bad = [f"{n} ({_grouped_width(m)})" for n, m in selected.items() if group_size and _misfit(m, group_size)]
+    if bad:
+        raise ConfigError(f"{method}: `group_size`={group_size} does not divide in_features of {len(bad)} "
+                          f"layer(s): {', '.join(bad[:4])}; choose a divisor or `group_size: 0` (per-channel)")
+
+
+def _grouped_width(module: nn.Module) -> str:
+    if isinstance(module, NMSparseLinear):
+        return f"{module.in_features // module.m * module.n} kept values per row, N={module.n}"
+    return f"in_features={linear_shape(module)[1]}"
+
+
+def _misfit(module: nn.Module, group_size: int) -> bool:
+    """True when groups of `group_size` do not tile the quantized rows (for N:M: the kept values,
+    in whole N:M groups)."""
+    if isinstance(module, NMSparseLinear):
+        return (module.in_features // module.m * module.n) % group_size != 0 or group_size % module.n != 0
+    return linear_shape(module)[1] % group_size != 0
+
+
+def quant_row(name: str, weight: Tensor, layer: QuantLinear | QuantLowRankLinear, **extra: Any) -> dict[str, Any]:
+    """The per-module report row: shape, grid, stored bytes (as the checkpoint stores them)."""
+    out_f, in_f = weight.shape
+    dense_bytes = out_f * in_f * weight.element_size()
+    stored = sum(t.numel() * (t.element_size() if not t.is_floating_point() else weight.element_size())
+                 for key, t in layer.state_dict().items() if key != "bias")
+    quantized = layer.dense_weight().detach().float()
+    return {"module": name, "type": layer_type(name), "shape": f"{out_f}x{in_f}", "bits": layer.bits,
+            "group_size": layer.group_size, "dense_bytes": dense_bytes, "stored_bytes": stored,
+            "keep_bytes": round(stored / dense_bytes, 4),
+            "relative_error": float((weight.float() - quantized).norm() / weight.float().norm().clamp_min(1e-30)),
+            **extra}
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    dense = sum(r["dense_bytes"] for r in rows)
+    stored = sum(r["stored_bytes"] for r in rows)
+    metrics = {"layers": len(rows), "stored_bytes": stored, "dense_bytes": dense,
+               "keep_ratio_bytes": round(stored / max(dense, 1), 4),
+               "mean_relative_error": round(sum(r["relative_error"] for r in rows) / max(len(rows), 1), 6)}
+    calibrated = [r["output_error"] for r in rows if "output_error" in r]
+    if calibrated:
+        metrics["output_error"] = round(sum(calibrated) / len(calibrated), 6)
+    return metrics

@@ -1,0 +1,261 @@
+"""gptq: weight-only quantization with second-order error feedback (Frantar et al., "GPTQ:
+Accurate Post-Training Quantization for Generative Pre-trained Transformers", arXiv 2210.17323).
+
+Columns are rounded to the grid (METHODS.md §17.1, `_quant_grid`) left to right, and each
+column's rounding error is fed into the columns not yet quantized by the Optimal Brain Surgeon
+update over H = XᵀX (dampened by `dampening`·mean diag H) — the same lazy-block sweep as SparseGPT
+(`_obs.obs_sweep`); only the per-column operation differs (§17.2). A group's scale (and zero
+point) is fixed when its first column is reached, from the columns as updated so far; with
+`act_order` columns are visited by descending diag(H) and the group parameters come from the
+original weight (static groups, as llm-compressor does), so codes stay in storage order.
+
+Runs on the calibration engine like sparsegpt: block by block, each block calibrated on the
+outputs of the already-quantized blocks before it (offloadable). `correction_rank` r > 0 adds
+W ≈ Q + U·V with U·V the rank-r SVD-LLM-whitened SVD of the residual W − Q (§17.3; the whitening
+code is svd-llm's), which minimises the residual's calibration output error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..calibration import CalibrationHooks, LayerStats, compress_blocks
+from ..config import CalibrationConfig
+from ..context import Context
+from ..errors import ConfigError
+from ..layers import LowRankLinear, NMSparseLinear
+from ..numerics import cholesky_with_shift
+from ..registry import register
+from ..report.records import StageResult
+from ..targeting import linear_shape, linear_weight, select_linears
+from ._obs import inverse_hessian_factor, obs_sweep, output_error
+from ._quant_grid import (
+    Grid,
+    QuantFields,
+    check_targets,
+    dequantize_codes,
+    factor_grids,
+    layer_grid,
+    nm_grids,
+    nm_keep_mask,
+    nm_slots,
+    quant_layer,
+    quant_low_rank,
+    quant_nm,
+    quant_row,
+    quantize_codes,
+    round_to_nearest,
+    rtn_quantize,
+    summary,
+)
+from .svd_llm import whitened_factors
+
+__all__ = ["GPTQConfig", "gptq_quantize", "low_rank_correction"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
+    """GPTQ weight-only quantization (see QuantFields for bits, group_size, symmetric).
+
+    Args:
+        act_order: quantize columns by descending diag(H) (the paper's act-order heuristic), group
+            parameters from the original weight (static groups).
+        dampening: λ added to diag(H) as a fraction of its mean (the paper's 0.01).
+        block_size: columns per lazy-update block (the paper's 128; rounded to whole groups).
+        correction_rank: r > 0 stores a rank-r low-rank correction of the quantization residual
+            (W ≈ Q + U·V, whitened by the calibration inputs); 0 = none.
+    """
+
+    act_order: bool = False
+    dampening: float = 0.01
+    block_size: int = 128
+    correction_rank: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.dampening, bool) or not 0 <= self.dampening < 10:
+            raise ConfigError(f"gptq: `dampening` is a fraction of the mean Hessian diagonal and must be in "
+                              f"[0, 10), got {self.dampening!r}; the paper uses 0.01")
+        for key in ("block_size", "correction_rank"):
+            value, low = getattr(self, key), 1 if key == "block_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"gptq: `{key}` must be an integer >= {low}, got {value!r}")
+
+
+# -- pure tensor functions ---------------------------------------------------------------------
+
+
+@torch.no_grad()
+def gptq_quantize(weight: Tensor, hessian: Tensor, grid: Grid, *, act_order: bool = False,
+                  block_size: int = 128, dampening: float = 0.01,
+                  mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Quantize W (out, in) against H (in, in) ∝ XᵀX -> (codes uint8 (out, in), scales (out, in/g)
+    in grid.dtype, zeros uint8 or None, Ŵ = the dequantized codes (out, in) in fp32 or wider).
+
+    `mask` (bool keep-mask (out, in), e.g. an N:M pattern) stays fixed: only kept entries are
+    quantized (group parameters from them alone), the others are zero in Ŵ and their share of the
+    error feedback is compensated like any rounding error."""
+    precision = torch.promote_types(weight.dtype, torch.float32)
+    columns = weight.shape[1]
+    perm = torch.argsort(torch.diag(hessian), descending=True) if act_order else None
+    h = hessian if perm is None else hessian[perm][:, perm]
+    upper, dead = inverse_hessian_factor(h, dampening)
+    original = weight.detach().to(precision).clone()
+    original[:, dead if perm is None else perm[dead]] = 0.0  # never-active inputs never reach the output
+    if mask is not None:
+        original = original * mask
+    work = original.clone() if perm is None else original[:, perm].clone()
+    static = perm is not None or grid.group_size > block_size  # per-channel wider than a block: up front
+    rule = _GridRule(grid, original, perm, static, mask)
+    block = max(block_size // grid.group_size, 1) * grid.group_size if not static else block_size
+    obs_sweep(work, upper.to(precision), min(block, columns), rule)
+    if perm is not None:
+        work = work[:, torch.argsort(perm)]
+    zeros = None if rule.zeros is None else rule.zeros.to(torch.uint8)
+    return rule.codes, rule.scales.to(grid.dtype), zeros, work
+
+
+class _GridRule:
+    """GPTQ's column operation: round to the group's grid; a group's parameters are fixed when its
+    first column is reached (or up front from the original weight, `static`)."""
+
+    def __init__(self, grid: Grid, original: Tensor, perm: Tensor | None, static: bool, mask: Tensor | None) -> None:
+        out_f, in_f = original.shape
+        self.grid, self.perm, self.mask = grid, None if perm is None else perm.tolist(), mask
+        self.codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=original.device)
+        groups = original.reshape(out_f, in_f // grid.group_size, grid.group_size)
+        scales, zeros = grid.scales_and_zeros(groups)  # static parameters; else overwritten per group
+        self.static, self.scales, self.zeros = static, scales, zeros
+
+    def begin_block(self, block: Tensor, scale: Tensor, start: int, stop: int) -> None:
+        pass
+
+    def column(self, block: Tensor, scale: Tensor, col: int, start: int) -> Tensor:
+        index = start + col if self.perm is None else self.perm[start + col]
+        group = index // self.grid.group_size
+        if not self.static and index % self.grid.group_size == 0:
+            columns = block[:, col:col + self.grid.group_size]
+            if self.mask is not None:  # the parameters of the kept entries only
+                columns = columns * self.mask[:, index:index + self.grid.group_size]
+            self.scales[:, group], zeros = self.grid.scales_and_zeros(columns)
+            if zeros is not None:
+                self.zeros[:, group] = zeros
+        s = self.scales[:, group]
+        z = None if self.zeros is None else self.zeros[:, group]
+        codes = quantize_codes(block[:, col], s, z, self.grid.bits)
+        self.codes[:, index] = codes.to(torch.uint8)
+        new = dequantize_codes(codes, s, z, self.grid.bits)
+        return new if self.mask is None else torch.where(self.mask[:, index], new, torch.zeros_like(new))
+
+    def end_block(self, start: int, stop: int) -> None:
+        pass
+
+
+def low_rank_correction(residual: Tensor, hessian: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """(U (out, r), V (r, in)) fp64: the rank-r SVD of the residual whitened by the Cholesky
+    factor of H (SVD-LLM's whitening), un-whitened; minimises ‖(E − UV)X‖ over rank-r UV."""
+    chol, _ = cholesky_with_shift(hessian)
+    left, right, _ = whitened_factors(residual, chol, rank)
+    return left, right
+
+
+# -- wiring ------------------------------------------------------------------------------------
+
+
+def _quantize_one(name: str, module: nn.Module, stats: LayerStats | None, config: GPTQConfig,
+                  rows: list[dict[str, Any]]) -> nn.Module:
+    """One linear: GPTQ against its calibration Hessian (RTN when it has none), plus the
+    correction; appends the report row."""
+    if isinstance(module, LowRankLinear) and stats is not None:
+        return _quantize_low_rank(name, module, stats.second_moment(), config, rows)
+    if isinstance(module, NMSparseLinear) and stats is not None:
+        return _quantize_nm(name, module, stats.second_moment(), config, rows)
+    weight = linear_weight(module).detach()
+    grid = layer_grid(config, weight)
+    if stats is None or isinstance(module, (LowRankLinear, NMSparseLinear)):  # outside every block (no calibration inputs): round to nearest
+        return round_to_nearest(name, module, config, rows, solver="rtn")
+    hessian = stats.second_moment()
+    codes, scales, zeros, quantized = gptq_quantize(weight, hessian, grid, act_order=config.act_order,
+                                                    block_size=config.block_size, dampening=config.dampening)
+    correction = None
+    if config.correction_rank:
+        u, v = low_rank_correction(weight.double() - quantized.double(), stats.hessian(), config.correction_rank)
+        correction = (u.to(weight.dtype), v.to(weight.dtype))
+    layer = quant_layer(codes, scales, zeros, grid, getattr(module, "bias", None), correction)
+    rows.append(quant_row(name, weight, layer, solver="gptq", correction_rank=config.correction_rank,
+                          output_error=round(output_error(weight, layer.dense_weight().detach(), hessian), 6),
+                          output_error_rtn=round(output_error(weight, _rtn_weight(weight, grid), hessian), 6)))
+    return layer
+
+
+def _quantize_low_rank(name: str, module: LowRankLinear, hessian: Tensor, config: GPTQConfig,
+                       rows: list[dict[str, Any]]) -> nn.Module:
+    """Both factors of W ≈ U V (§17.4): V against the Hessian of x, then U against the Hessian of
+    its actual input V̂ x, E[(V̂x)(V̂x)ᵀ] = V̂ H V̂ᵀ, so U's error feedback sees the quantized V."""
+    v_grid, u_grid = factor_grids(config, module)
+    solve = {"act_order": config.act_order, "block_size": config.block_size, "dampening": config.dampening}
+    *v, v_hat = gptq_quantize(module.v.detach(), hessian, v_grid, **solve)
+    inner = v_hat.double() @ hessian.double() @ v_hat.double().T
+    *u, _ = gptq_quantize(module.u.detach(), inner, u_grid, **solve)
+    layer = quant_low_rank(u, v, u_grid, v_grid, module.bias)
+    weight = module.dense_weight().detach()
+    rows.append(quant_row(name, weight, layer, solver="gptq", output_error=round(
+        output_error(weight, layer.dense_weight().detach(), hessian), 6)))
+    return layer
+
+
+def _quantize_nm(name: str, module: NMSparseLinear, hessian: Tensor, config: GPTQConfig,
+                 rows: list[dict[str, Any]]) -> nn.Module:
+    """The kept values of an N:M layer (§17.4), its mask fixed: GPTQ over the dense columns with
+    groups of whole N:M groups, then the kept entries' codes in slot order."""
+    weight = module.dense_weight().detach()
+    slot_grid, column_grid = nm_grids(config, module)
+    keep = nm_keep_mask(module)
+    codes, scales, zeros, _ = gptq_quantize(weight, hessian, column_grid, act_order=config.act_order,
+                                            block_size=config.block_size, dampening=config.dampening, mask=keep)
+    layer = quant_nm(nm_slots(codes, module), scales, zeros, module, slot_grid)
+    rows.append(quant_row(name, weight, layer, solver="gptq", output_error=round(
+        output_error(weight, layer.dense_weight().detach(), hessian), 6)))
+    return layer
+
+
+def _rtn_weight(weight: Tensor, grid: Grid) -> Tensor:
+    """RTN's dequantized weight on the same grid: the reference GPTQ's error feedback must beat."""
+    codes, scales, zeros = rtn_quantize(weight, grid)
+    groups = codes.float().reshape(weight.shape[0], -1, grid.group_size)
+    zero_cols = None if zeros is None else zeros.float().unsqueeze(-1)
+    return dequantize_codes(groups, scales.float().unsqueeze(-1), zero_cols, grid.bits).reshape(weight.shape)
+
+
+def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
+    factored = [n for n, m in selected.items() if isinstance(m, (LowRankLinear, NMSparseLinear))]
+    if rank and factored:
+        raise ConfigError(f"gptq: `correction_rank` applies to dense linears, but {factored[0]} is already "
+                          "compressed; drop `correction_rank` or add the compressed layers to `ignore`")
+    bad = [n for n, m in selected.items() if rank > min(linear_shape(m))]
+    if bad:
+        raise ConfigError(f"gptq: `correction_rank`={rank} exceeds min(out, in) of {len(bad)} layer(s), e.g. "
+                          f"{bad[0]} {linear_shape(selected[bad[0]])}; choose at most the smaller dimension")
+
+
+@register("gptq", GPTQConfig, kind="compress")
+def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
+    """Quantize every targeted linear with GPTQ, block by block on the calibration engine."""
+    selected = select_linears(model, config.targets, config.ignore)
+    check_targets("gptq", selected, config.group_size)
+    _check_rank(selected, config.correction_rank)
+    rows: list[dict[str, Any]] = []
+
+    def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
+        return _quantize_one(name, module, stats, config, rows)
+
+    windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows)
+    outside = compress_blocks(model, selected, CalibrationHooks("hessian", compress), windows, ctx,
+                              batch_size=config.batch_size, description="gptq").outside
+    notes = [(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
+              f"{', '.join(outside[:4])}")] if outside else []
+    return StageResult(metrics=summary(rows), per_module=rows, notes=notes)
