@@ -68,6 +68,9 @@ WHY_NOT = {
                       "compressed-tensors stores one weight tensor per linear (dense, quantized or sparse)",
     "dense_sparse": "dsformer stores each linear as a product D S of two factors, and compressed-tensors "
                     "stores one weight tensor per linear",
+    "nm_sparse_quant": "2:4 with quantized kept values is compressed-tensors' marlin-24 layout, which vLLM "
+                       "dropped in 2026 (and compressed-tensors after 0.14); export the 2:4 model before "
+                       "quantizing, or quantize a dense model",
     "lora": "a LoRA adapter is not a weight format; merge it first (--merge)",
     "nola": "a NOLA adapter is not a weight format; merge it first (--merge)",
     "dsee": "a DSEE adapter is not a weight format; merge it first (--merge)",

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from compressor.errors import ConfigError, ModelError
-from compressor.export import export
+from compressor.export import check_stages, export
+from compressor.pipeline import Pipeline
 from compressor.kernels.dispatch import pack_int
 from compressor.layers import NMSparseLinear, QuantLinear
 from compressor.models import load, save
@@ -220,3 +221,41 @@ def test_bitsandbytes_format_says_why_it_is_not_written(tmp_path):
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and "nf4" in result.output and not (tmp_path / "b").exists()
 
+
+
+def test_an_rtn_run_exports_beside_its_checkpoint_and_decompresses_to_its_weights(tmp_path):
+    source = tmp_path / "src"
+    tiny_llama(layers=1).save_pretrained(source)
+    recipe = {"model": str(source), "out": str(tmp_path / "run"), "evaluate": False,
+              "stages": [{"method": "rtn", "bits": 4, "group_size": 16}], "export": "compressed-tensors"}
+    Pipeline.from_recipe(recipe).run(quiet=True)
+    out = tmp_path / "run" / "compressed-tensors"
+    config = json.loads((out / "config.json").read_text())
+    decompressor = ct_pack.PackedQuantizationCompressor(config=None)
+    decompressed = {name: data["weight"] for name, data in decompressor.decompress(str(out), scheme_of(config))}
+    expected = dense_weights(tmp_path / "run")
+    assert len(expected) == 7 and set(decompressed) == set(expected)
+    for name, weight in expected.items():
+        assert torch.equal(decompressed[name], weight), name
+
+
+def test_recipe_export_is_checked_against_the_quantize_stages_before_loading():
+    check_stages("compressed-tensors", [("rtn", {"bits": 8}), ("gptq", {"bits": 4, "correction_rank": 0})])
+    with pytest.raises(ConfigError, match="output of `gptq`: its layer is 3-bit"):
+        Pipeline.from_recipe({"stages": [{"method": "gptq", "bits": 3}], "export": "compressed-tensors"})
+    with pytest.raises(ConfigError, match="output of `gptq`: its layer carries a rank-4 low-rank correction"):
+        Pipeline.from_recipe({"stages": [{"method": "gptq", "correction_rank": 4}], "export": "compressed-tensors"})
+    with pytest.raises(ConfigError, match="cannot hold 2:4 and quantized layers together"):
+        Pipeline.from_recipe({"stages": [{"method": "prune", "pattern": "2:4"}, {"method": "rtn"}],
+                              "export": "compressed-tensors"})
+    with pytest.raises(ConfigError, match="output of `svd`"):
+        Pipeline.from_recipe({"stages": [{"method": "svd"}, {"method": "rtn"}], "export": "compressed-tensors"})
+
+
+def test_a_2_4_model_with_quantized_values_is_refused_as_marlin_24(tmp_path):
+    source = tmp_path / "src"
+    tiny_llama(layers=1).save_pretrained(source)
+    recipe = {"model": str(source), "out": str(tmp_path / "run"), "evaluate": False,
+              "stages": [{"method": "prune", "pattern": "2:4"}, {"method": "rtn", "group_size": 8}]}
+    Pipeline.from_recipe(recipe).run(quiet=True)
+    _one_line_refusal(tmp_path, tmp_path / "run", "nm_sparse_quant: .*marlin-24 layout, which vLLM dropped")
