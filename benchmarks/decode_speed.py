@@ -581,7 +581,11 @@ def notes(args, random_init: bool, dtype) -> list[str]:
               f"Weights: {Path(args.smollm2).name} dequantized to float32; saes-svd and Wanda 2:4 calibrated "
               f"on {args.calib_windows} x {args.calib_seq} tokens of WikiText-2 (small on purpose: decode "
               "speed depends on the layer shapes, not on the calibration quality).")
-    return [spread, memory, source,
+    quantized = ("int8 / int4 / lowrank-0.6+int4: symmetric RTN codes in groups of 64 inputs (the rank side of "
+                 "a quantized low-rank factor per-channel where 64 does not divide it) with scales in the model "
+                 "dtype, on the block linears only: the tied embedding / lm_head stays float (49152 x 576, "
+                 "113 MB in float32), which bounds how far their memory ratio can fall.")
+    return [spread, memory, source, quantized,
             f"dtype {str(dtype).removeprefix('torch.')} for every variant (dense and compressed alike)."]
 
 
