@@ -71,6 +71,8 @@ PARITY_STAGES = {
               {"score": "magnitude", "pattern": "unstructured"}],
     "dsformer": [{"keep_bytes": 0.8, "stf_steps": 2, "eval_windows": 0, **CALIBRATION}],
     "maestro": [{"init": "whitened", "epochs": 1, "train_windows": 4, "eval_windows": 0, **CALIBRATION}],
+    "gptq": [{"bits": 4, "group_size": 16, "correction_rank": 2, **CALIBRATION}],
+    "rtn": [{"bits": 3, "group_size": 16, "symmetric": False}],
 }
 
 

@@ -52,7 +52,7 @@ from ._quant_grid import (
     rtn_quantize,
     summary,
 )
-from .svd_llm import whitened_factors
+from ._factors import whitened_factors
 
 __all__ = ["GPTQConfig", "gptq_quantize", "low_rank_correction"]
 

@@ -81,7 +81,7 @@ class MezoConfig(TrainConfig):
 def _train_lora(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
     """MeZO on LoRA adapters via the `lora` stage's own injection, so the result saves and reloads
     exactly like a `lora` run (peft adapter folder + LoraLinear layers)."""
-    from compressor.adapters.lora import train_lora
+    from compressor.adapters._peft_lora import train_lora
     from compressor.targeting import select_linears
 
     names = list(select_linears(model, config.targets, config.ignore))
