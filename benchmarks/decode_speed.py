@@ -6,7 +6,11 @@
 Variants: `dense`, saes-svd at keep 0.6 and 0.8 (`lowrank-0.6`, `lowrank-0.8`), `prune-2:4`
 (Wanda 2:4 on every linear, stored packed, unpacked on every call on CPU) and `prune-2:4-cached`
 (the same model run inside `compressor.kernels.dispatch.cached_unpack()`: each weight unpacked once and kept
-beside the packed one; CPU only, the CUDA path has a 2:4 kernel and unpacks nothing). Every variant
+beside the packed one; CPU only, the CUDA path has a 2:4 kernel and unpacks nothing); weight-only
+quantization of every linear, symmetric RTN in groups of 64 inputs: `int8`, `int4`, and
+`lowrank-0.6+int4` (saes-svd keep 0.6, then both factors quantized to int4). Quantized layers
+decode through `compressor.kernels.dispatch.quant_linear`: on CPU the compiled fused GEMV
+(`kernels/_cpu_quant.py`; compiled during the untimed warm-up), on CUDA the Triton kernel. Every variant
 decodes the same prompts with `model.generate(do_sample=False)`, exactly `--new-tokens` tokens (min
 = max, so no early EOS), at each batch size; the variants are interleaved inside every repeat (the
 order rotates) so load noise from other processes on the machine spreads over all of them.
@@ -57,7 +61,11 @@ from compressor.report.env import collect_env
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_DATA = "/work/shared/data"
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
-VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached")
+VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached", "int8", "int4",
+            "lowrank-0.6+int4")
+# Weight-only quantization: bits by variant suffix, one group size for every quantized matrix.
+QUANT_BITS = {"int8": 8, "int4": 4}
+QUANT_GROUP = 64
 # Variants that run another variant's model (same folder, same weights) inside cached_unpack().
 CACHED_UNPACK = {"prune-2:4-cached": "prune-2:4"}
 
@@ -102,7 +110,15 @@ def resolve_dtype(args) -> torch.dtype:
 
 
 def keep_of(variant: str) -> float:
-    return float(variant.split("-")[1])
+    return float(variant.split("-")[1].split("+")[0])
+
+
+def split_variant(variant: str) -> tuple[str, int | None]:
+    """("lowrank-0.6", 4) for "lowrank-0.6+int4"; ("dense", 8) for "int8"; (variant, None) else."""
+    base, _, quant = variant.partition("+")
+    if base in QUANT_BITS:
+        return "dense", QUANT_BITS[base]
+    return base, QUANT_BITS.get(quant)
 
 
 # ---------------------------------------------------------------- the real model: a cache of folders
@@ -136,13 +152,17 @@ def compress_into(args, dense: Path, out: Path, variant: str) -> None:
     calib = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
     shared = {"calibration": calib, "num_windows": args.calib_windows, "seq_len": args.calib_seq,
               "batch_size": 4}
-    if variant.startswith("lowrank"):
-        stage = {"method": "saes-svd", "rank": keep_of(variant), **shared}
-    else:
-        stage = {"method": "prune", "pattern": "2:4", "score": "wanda", **shared}
+    base, bits = split_variant(variant)
+    stages = []
+    if base.startswith("lowrank"):
+        stages.append({"method": "saes-svd", "rank": keep_of(base), **shared})
+    elif base.startswith("prune"):
+        stages.append({"method": "prune", "pattern": "2:4", "score": "wanda", **shared})
+    if bits:  # RTN is data-free: the speed depends on the packed shapes, not on the rounding
+        stages.append({"method": "rtn", "bits": bits, "group_size": QUANT_GROUP})
     log(f"compressing {variant} -> {out}")
     started = time.perf_counter()
-    Pipeline.from_recipe({"model": str(dense), "out": str(out), "evaluate": False, "stages": [stage]}).run()
+    Pipeline.from_recipe({"model": str(dense), "out": str(out), "evaluate": False, "stages": stages}).run()
     log(f"  {variant}: {time.perf_counter() - started:.0f} s")
 
 
@@ -173,7 +193,8 @@ def random_models(config_json: str, variants: list[str], dtype, device, seed: in
 
 
 def _compressed_copy(dense, variant: str, svds: dict):
-    """Plain truncated SVD at uniform ranks (lowrank-*) or magnitude 2:4 (prune-2:4) of a copy."""
+    """Plain truncated SVD at uniform ranks (lowrank-*) or magnitude 2:4 (prune-2:4) of a copy,
+    then (int8 / int4 / lowrank-*+int4) symmetric RTN codes of every linear or factor."""
     import copy
 
     from compressor.layers import LowRankLinear
@@ -181,9 +202,10 @@ def _compressed_copy(dense, variant: str, svds: dict):
     from compressor.methods.prune import NMSparseLinear, magnitude_mask
     from compressor.targeting import replace_module, select_linears
 
+    base, bits = split_variant(variant)
     model = copy.deepcopy(dense)
     linears = select_linears(model, (), ())
-    if variant.startswith("lowrank"):
+    if base.startswith("lowrank"):
         shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
         for name, plan in plan_uniform(shapes, keep_of(variant)).items():
             if plan.rank is None:
@@ -194,12 +216,54 @@ def _compressed_copy(dense, variant: str, svds: dict):
             u, v = split_singular(*svds[name], plan.rank)
             layer = LowRankLinear.from_factors(u.contiguous(), v.contiguous(), linear.bias)
             replace_module(model, name, layer)
-    else:
+    elif base.startswith("prune"):
         for name, linear in linears.items():
             weight = linear.weight.detach()
             pruned = weight * magnitude_mask(weight, pattern="2:4")
             layer = NMSparseLinear.from_dense(pruned, 2, 4, linear.bias)
             replace_module(model, name, layer.to(weight.device))
+    return quantize_all(model, bits) if bits else model
+
+
+def rtn_layer(weight: torch.Tensor, bits: int, bias=None):
+    """QuantLinear of symmetric round-to-nearest codes of `weight` (out, in), groups of QUANT_GROUP
+    inputs (per-channel where the width is not a multiple of it, e.g. a factor's rank)."""
+    from compressor.kernels.packing import pack_int
+    from compressor.layers import QuantLinear
+
+    out_f, in_f = weight.shape
+    group = QUANT_GROUP if in_f % QUANT_GROUP == 0 else in_f
+    groups = weight.detach().float().reshape(out_f, in_f // group, group)
+    half = 2 ** (bits - 1)
+    scales = groups.abs().amax(-1).clamp_min(1e-12) / half
+    codes = (groups / scales[..., None]).round().clamp(-half, half - 1) + half
+    codes = pack_int(codes.reshape(out_f, in_f).to(torch.uint8), bits)
+    return QuantLinear.from_codes(codes, scales.to(weight.dtype), None, bits, group, in_f, bias)
+
+
+class QuantFactors(torch.nn.Module):
+    """A low-rank layer with both factors quantized, as two QuantLinear (x -> V x -> U (V x)):
+    the same two quantized matmuls per call as a stored quantized low-rank layer."""
+
+    def __init__(self, low_rank, bits: int) -> None:
+        super().__init__()
+        self.v = rtn_layer(low_rank.v, bits)
+        self.u = rtn_layer(low_rank.u, bits, low_rank.bias)
+
+    def forward(self, x):
+        return self.u(self.v(x))
+
+
+def quantize_all(model, bits: int):
+    """Every nn.Linear (lm_head excluded) and both factors of every low-rank layer, in place."""
+    from compressor.layers import LowRankLinear
+    from compressor.targeting import replace_module, select_linears
+
+    for name, layer in select_linears(model, (), ()).items():
+        if isinstance(layer, LowRankLinear):
+            replace_module(model, name, QuantFactors(layer, bits))
+        elif isinstance(layer, torch.nn.Linear):
+            replace_module(model, name, rtn_layer(layer.weight, bits, layer.bias))
     return model
 
 
@@ -225,6 +289,8 @@ def layer_shapes(models: dict) -> dict:
         counts: dict = {}
         for layer in compressed_layers(model).values():
             kind = f"rank {layer.rank}" if hasattr(layer, "rank") else layer.layer_type
+            if hasattr(layer, "bits"):
+                kind = f"{layer.layer_type} int{layer.bits} g{layer.group_size}"
             key = f"{layer.out_features}x{layer.in_features} {kind}"
             counts[key] = counts.get(key, 0) + 1
         shapes[variant] = counts
@@ -272,6 +338,9 @@ def warm_up_libraries(args, cached_unpack) -> None:
     with torch.inference_mode(), cached_unpack():
         tiny.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
                       min_new_tokens=4, pad_token_id=0)
+        # One quantized decode row: the compiled CPU GEMV imports inductor and its compiler
+        # stack, a once-per-process cost that is not the model's.
+        rtn_layer(torch.randn(64, 64, dtype=resolve_dtype(args)), 4)(torch.randn(1, 64, dtype=resolve_dtype(args)))
     del tiny
 
 
@@ -450,6 +519,11 @@ CPU_PATHS = [
     "checked by tests/kernels/test_cpu_fast_path.py), dispatched without per-call backend resolution "
     "or operand re-checks. Pre-transposed (in, out) copies were not measurably faster at these shapes "
     "in a micro-benchmark on this machine and would double the factors' memory, so there are none.",
+    "- int8 / int4 (weight-only, packed codes + one scale per 64 inputs): one decode row runs a "
+    "dequantize-fused GEMV compiled by inductor (`kernels/_cpu_quant.py`), which reads only the packed "
+    "bytes; prompts (several rows) take the reference, one dequantize + `F.linear` per call. torch's "
+    "`_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` were 15-22x slower than float32 `F.linear` on "
+    "this CPU (issue 19), so they are not used.",
     "- 2:4: torch has no CPU kernel for a packed 2:4 weight, so `prune-2:4` unpacks values + 2-bit "
     "positions to a dense matrix on every call (the reference's definition): one unpack per layer per "
     "decode step, slower than dense. `prune-2:4-cached` runs the same model inside "
@@ -507,7 +581,11 @@ def notes(args, random_init: bool, dtype) -> list[str]:
               f"Weights: {Path(args.smollm2).name} dequantized to float32; saes-svd and Wanda 2:4 calibrated "
               f"on {args.calib_windows} x {args.calib_seq} tokens of WikiText-2 (small on purpose: decode "
               "speed depends on the layer shapes, not on the calibration quality).")
-    return [spread, memory, source,
+    quantized = ("int8 / int4 / lowrank-0.6+int4: symmetric RTN codes in groups of 64 inputs (the rank side of "
+                 "a quantized low-rank factor per-channel where 64 does not divide it) with scales in the model "
+                 "dtype, on the block linears only: the tied embedding / lm_head stays float (49152 x 576, "
+                 "113 MB in float32), which bounds how far their memory ratio can fall.")
+    return [spread, memory, source, quantized,
             f"dtype {str(dtype).removeprefix('torch.')} for every variant (dense and compressed alike)."]
 
 

@@ -91,7 +91,7 @@ class RunConfig(Config):
             refused).
         merge: write dense nn.Linear weights instead of factored layers.
         export: also write the checkpoint in a standard format into <out>/<format>:
-            compressed-tensors (2:4 prune).
+            compressed-tensors (int4/int8 gptq/rtn -> pack-quantized, 2:4 prune -> sparse-24-bitmask).
         text_column: column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet,
             datasets).
         evaluate: {data, seq_len, num_windows, batch_size, text_column, tasks, tasks_dir} or false.

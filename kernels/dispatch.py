@@ -23,6 +23,10 @@ CPU inference: when the reference is the answer (CPU tensors, no `backend` argum
 unset / "auto" / "ref"), `low_rank_linear`, `nm_linear` and `dense_sparse_linear` skip the backend
 resolution and the operand checks that cannot change between calls of one layer (`_cpu`): same
 torch calls as `ref`, same result. `cached_unpack()` keeps unpacked N:M weights between calls.
+`quant_linear` on one CPU row without autograd (batch-1 decoding) runs a dequantize-fused GEMV
+compiled by inductor (`_cpu_quant`; int8 / int4 / int2 codes, the reference's result to float
+tolerance) unless COMPRESSOR_KERNELS=ref; other calls, and every call after a compiler failure,
+take the reference.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import _cpu, ref
+from . import _cpu, _cpu_quant, ref
 from .errors import INSTALL_HINT, KernelUnavailable
 from .packing import (
     compress_nm_indices,
@@ -91,6 +95,13 @@ def _cpu_reference(x: Tensor) -> bool:
     """True when the op on CPU tensor `x` resolves to the reference without an explicit backend:
     the fast path's precondition (read per call, so changing the variable takes effect at once)."""
     return isinstance(x, Tensor) and x.is_cpu and os.environ.get(ENV_VAR) in _REFERENCE_ON_CPU
+
+
+def _cpu_fused_quant(x: Tensor) -> bool:
+    """True when a quantized linear on `x` may take the compiled CPU GEMV: a CPU tensor, no
+    explicit backend (checked by the caller) and COMPRESSOR_KERNELS unset or "auto" ("ref" asks
+    for the reference's exact arithmetic)."""
+    return isinstance(x, Tensor) and x.is_cpu and os.environ.get(ENV_VAR) in (None, "", "auto")
 
 
 @contextlib.contextmanager
@@ -258,9 +269,15 @@ def quant_linear(
     backend: str | None = None,
 ) -> Tensor:
     """Weight-only quantized y = x @ Ŵ.T + bias, Ŵ the packed b-bit codes dequantized per group
-    (`ref.quant_linear`). Every backend runs the reference for now."""
-    resolve_backend(backend, x, scales, bias)  # validates `backend` / COMPRESSOR_KERNELS alike
-    return ref.quant_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+    (`ref.quant_linear`). CPU decoding (one row, no autograd, COMPRESSOR_KERNELS unset or "auto")
+    takes the compiled fused GEMV of `_cpu_quant` (the reference's result to float tolerance);
+    COMPRESSOR_KERNELS=ref keeps the reference itself."""
+    if backend is None and _cpu_fused_quant(x):
+        y = _cpu_quant.quant_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
+        if y is not None:
+            return y
+    impl = _backend_module(backend, x, scales, bias)
+    return impl.quant_linear(x, qweight, scales, zeros, bias, bits, group_size, in_features)
 
 
 def lora_linear(

@@ -12,6 +12,7 @@ from .lora import lora_linear
 from .low_rank import low_rank_linear
 from .mezo import mezo_axpy_
 from .nm_linear import nm_linear
+from .quant_linear import quant_linear
 
 __all__ = [
     "dense_sparse_linear",
@@ -21,4 +22,5 @@ __all__ = [
     "low_rank_linear",
     "mezo_axpy_",
     "nm_linear",
+    "quant_linear",
 ]
