@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated
 
 import click
@@ -18,6 +19,7 @@ import typer
 
 from . import analyze, compress, eval, export, finetune, generate, methods, run
 from .common import report_failure
+from .outcome import SHOWN_WARNINGS
 from .failures import DEBUG_ENV
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,6 +51,22 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
                                                 show_default=False, help="print the version and exit")] = False):
     """Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`;
     MODEL defaults to the embedded stories260K everywhere."""
+    plain_warnings()
+
+
+def plain_warnings() -> None:
+    """Python warnings as one plain `warning:` line each, once per message (no source line);
+    libraries' deprecation notices, which a CLI user cannot act on, are not shown."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = show_warning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message)
+    if text not in SHOWN_WARNINGS:
+        SHOWN_WARNINGS.add(text)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def main() -> None:

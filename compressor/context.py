@@ -52,19 +52,23 @@ class MeanEtaColumn(ProgressColumn):
 
 
 class ProgressLog:
-    """Progress for output that is not a terminal (CI logs, files): one line per item when there are
-    few (blocks, layers), else one per ~5 % of them, each with elapsed time and ETA."""
+    """Progress for output that is not a terminal (CI logs, files): a line with elapsed time and
+    ETA at most every `every_s` seconds, and one when the last item is done, so a fast loop logs
+    one line and a slow one logs each item."""
+
+    every_s = 5.0
 
     def __init__(self, description: str, total: int | None, stream=None):
         self.description, self.total = description, total
-        self.every = 1 if not total or total <= 50 else math.ceil(total / 20)
         self.stream = stream or sys.stderr
-        self.started = time.perf_counter()
+        self.started = self.last = time.perf_counter()
 
     def update(self, done: int, extra: str = "") -> None:
-        if done % self.every and done != self.total:
+        now = time.perf_counter()
+        if now - self.last < self.every_s and done != self.total:
             return
-        elapsed = time.perf_counter() - self.started
+        self.last = now
+        elapsed = now - self.started
         eta = eta_seconds(elapsed, done, self.total)
         count = f"{done}/{self.total}" if self.total else str(done)
         line = f"{self.description}: {count}, elapsed {clock(elapsed)}" + (f", ETA {clock(eta)}" if eta is not None
