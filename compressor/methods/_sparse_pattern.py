@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels import nm_mask
+from ..kernels.dispatch import nm_mask
 
 
 def nm_column_mask(s: Tensor, n: int, m: int) -> Tensor:

@@ -7,7 +7,7 @@ Alistarh, arXiv 2301.00774; maths in `_sparsegpt.py`) both chooses the mask and 
 weights with the OBS rule over the inverse of H = XᵀX, gathered the same way. N:M keeps the N best
 scores of every M consecutive weights along the input dim of each row (the layout of NVIDIA's
 2:4 sparse tensor cores) and stores the result packed in an `NMSparseLinear` (values + bit-packed
-positions, forward via `compressor.kernels.nm_linear`). Unstructured pruning zeroes weights of the
+positions, forward via `compressor.kernels.dispatch.nm_linear`). Unstructured pruning zeroes weights of the
 nn.Linear in place (a dense tensor holding zeros: no bytes are saved on disk).
 
 The mask functions are pure and shared: DSEE imports `magnitude_mask`, `wanda_scores`, `nm_mask`.
@@ -25,7 +25,7 @@ from ..calibration import CalibrationHooks, LayerStats, compress_blocks, compres
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
-from ..kernels import compress_nm_indices, nm_mask
+from ..kernels.dispatch import compress_nm_indices, nm_mask
 from ..layers import CompressedLinear, NMSparseLinear, dense_linear
 from ..registry import register
 from ..report.records import StageResult
