@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -57,23 +58,52 @@ class ProgressLog:
     one line and a slow one logs each item."""
 
     every_s = 5.0
+    heartbeat_s = 30.0  # with `beating()`, a line at least this often even while one item runs long
 
     def __init__(self, description: str, total: int | None, stream=None):
         self.description, self.total = description, total
         self.stream = stream or sys.stderr
         self.started = self.last = time.perf_counter()
+        self.done = 0
+        self._lock = threading.Lock()
 
     def update(self, done: int, extra: str = "") -> None:
-        now = time.perf_counter()
-        if now - self.last < self.every_s and done != self.total:
-            return
+        with self._lock:
+            self.done = done
+            now = time.perf_counter()
+            if now - self.last < self.every_s and done != self.total:
+                return
+            self._print(now, extra)
+
+    def _print(self, now: float, extra: str = "") -> None:
         self.last = now
         elapsed = now - self.started
-        eta = eta_seconds(elapsed, done, self.total)
-        count = f"{done}/{self.total}" if self.total else str(done)
-        line = f"{self.description}: {count}, elapsed {clock(elapsed)}" + (f", ETA {clock(eta)}" if eta is not None
-                                                                           else "")
+        eta = eta_seconds(elapsed, self.done, self.total)
+        count = f"{self.done}/{self.total}, " if self.total else f"{self.done}, " if self.done else ""
+        line = f"{self.description}: {count}elapsed {clock(elapsed)}" + (f", ETA {clock(eta)}" if eta is not None
+                                                                         else "")
         print(line + (f", {extra}" if extra else ""), file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def beating(self):
+        """While inside, a status line every `heartbeat_s` seconds when no item finished meanwhile
+        (one forward batch of a large model on one CPU thread can take minutes)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                with self._lock:
+                    now = time.perf_counter()
+                    if now - self.last >= self.heartbeat_s:
+                        self._print(now, "running")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -140,9 +170,10 @@ class Context:
             total = len(iterable)  # type: ignore[arg-type]
         if not self.console.is_terminal:
             log_lines = ProgressLog(description, total, self.console.file)
-            for done, item in enumerate(iterable, start=1):
-                yield item
-                log_lines.update(done)
+            with log_lines.beating():
+                for done, item in enumerate(iterable, start=1):
+                    yield item
+                    log_lines.update(done)
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), MeanEtaColumn())
@@ -151,6 +182,21 @@ class Context:
             for item in iterable:
                 yield item
                 bar.advance(task)
+
+    @contextlib.contextmanager
+    def waiting(self, description: str):
+        """A step with no items to count (loading a model): a spinner on a terminal, else a
+        line now and one every ProgressLog.heartbeat_s seconds until it ends."""
+        if self.quiet:
+            yield
+        elif self.console.is_terminal:
+            with self.console.status(description):
+                yield
+        else:
+            log_lines = ProgressLog(description, None, self.console.file)
+            print(description, file=log_lines.stream, flush=True)
+            with log_lines.beating():
+                yield
 
     def note(self, message: str) -> None:
         """Record a run-level remark (also logged)."""

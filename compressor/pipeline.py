@@ -43,10 +43,10 @@ from .preflight import (
 )
 from .recipe import RunConfig, apply_overrides, load_recipe
 from .registry import get_method, method_info
-from .targeting import is_selected
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 from .report.size import folder_bytes, model_size, size_summary, weight_file_bytes
+from .targeting import is_selected
 
 
 @dataclass
@@ -110,9 +110,11 @@ class Pipeline:
             torch.manual_seed(self.config.seed)
             started = time.perf_counter()
             device = resolve_device(self.config.device)
-            loaded = loaded or load_model(self.config.model, device=device, dtype="float32",
-                                          trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
-                                          max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
+            if loaded is None:  # loading a large or GGUF model can take minutes
+                with Context(quiet=quiet).waiting(f"loading {self.config.model or 'the embedded stories260K'}"):
+                    loaded = load_model(self.config.model, device=device, dtype="float32",
+                                        trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
+                                        max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
             check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
             check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
             report = Report(run={**collect_env(device, self.config.seed), "model": loaded.source,
@@ -215,7 +217,8 @@ class Pipeline:
         if not written or in_place:
             self._evaluate(loaded, ctx, report, "after", reference)
             return
-        reloaded = load_model(str(ctx.out_dir), device=ctx.device, trust_remote_code=self.config.trust_remote_code)
+        with ctx.waiting("loading what was written, to score it"):
+            reloaded = load_model(str(ctx.out_dir), device=ctx.device, trust_remote_code=self.config.trust_remote_code)
         self._evaluate(reloaded, ctx, report, "after", reference)
 
     def _run_stage(self, stage: Stage, loaded: LoadedModel, ctx: Context) -> StageRecord:

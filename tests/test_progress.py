@@ -56,3 +56,32 @@ def test_a_fast_loop_logs_one_line_when_not_a_terminal():
     quiet = io.StringIO()
     assert list(Context(quiet=True, console=Console(file=quiet)).progress(range(3), "x")) == [0, 1, 2]
     assert quiet.getvalue() == ""
+
+
+def test_a_long_item_still_logs_a_line_every_heartbeat():
+    import time
+
+    stream = io.StringIO()
+    log = ProgressLog("perplexity after", 8, stream)
+    log.heartbeat_s = 0.05
+    with log.beating():
+        log.update(1)  # under every_s: not printed
+        time.sleep(0.3)  # one long batch
+    lines = stream.getvalue().splitlines()
+    assert len(lines) >= 2
+    assert re.fullmatch(r"perplexity after: 1/8, elapsed 0:00:00, ETA 0:00:0\d, running", lines[0])
+    printed = len(lines)
+    time.sleep(0.15)
+    assert len(stream.getvalue().splitlines()) == printed  # the beat stops with the loop
+
+
+def test_waiting_logs_a_line_then_a_heartbeat_until_done(monkeypatch):
+    import time
+
+    monkeypatch.setattr(ProgressLog, "heartbeat_s", 0.05)
+    stream = io.StringIO()
+    with Context(console=Console(file=stream, force_terminal=False)).waiting("loading model.gguf"):
+        time.sleep(0.3)
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "loading model.gguf" and len(lines) >= 3
+    assert re.fullmatch(r"loading model.gguf: elapsed 0:00:00, running", lines[1])
