@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .ckpt_format import IMPORT_HINT
 from .errors import ConfigError, ModelError
 from .kernels.dispatch import expand_nm_indices, unpack_nm
 from .kernels.packing import pack_bits
@@ -112,6 +113,7 @@ def write_sparse24(source: Path, layers: dict[str, dict[str, Any]], folder: Path
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(source.glob("model*.safetensors")):
         state.update(load_file(shard))
+    state.pop(IMPORT_HINT, None)  # compressor's own marker: compressed-tensors loaders need no hint
     for name, spec in layers.items():
         state.update(sparse24_tensors(name, state, spec["args"]))
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
