@@ -19,8 +19,8 @@ import typer
 
 from . import analyze, compress, eval, export, finetune, generate, methods, run
 from .common import report_failure
-from .outcome import SHOWN_WARNINGS
 from .failures import DEBUG_ENV
+from .outcome import SHOWN_WARNINGS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -60,6 +60,9 @@ def plain_warnings() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.showwarning = show_warning
+    # bitsandbytes (imported by peft when installed) logs on CPU that Hugging Face's optional
+    # `kernels` package or its CPU kernel is missing; it changes nothing for us.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -71,9 +74,6 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    # bitsandbytes (imported by peft when installed) warns on CPU that Hugging Face's optional
-    # `kernels` package is missing; it changes nothing for us, so keep it off the CLI's output.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # `kill` / a job scheduler's SIGTERM stops a run exactly like Ctrl-C: training checkpoints
     # are kept, staging folders removed, and the command exits 130 with one line.
     signal.signal(signal.SIGTERM, _interrupt)

@@ -370,3 +370,6 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
 
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+# bitsandbytes (imported by peft) logs on CPU that its optional CPU kernel from Hugging Face's
+# kernels hub did not load; nothing uses it here, and the line reads like a failure.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
