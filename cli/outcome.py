@@ -28,7 +28,7 @@ def print_outcome(report, out: Path | str | None, command: str) -> None:
     if hint:
         console.print(hint, style="yellow", highlight=False, soft_wrap=True)
     for line in size_lines(report.size):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(closing_line(out), highlight=False, soft_wrap=True)
 
 

@@ -91,7 +91,8 @@ class ProgressLog:
         stop = threading.Event()
 
         def beat() -> None:
-            while not stop.wait(self.heartbeat_s):
+            # Wake when `heartbeat_s` will have passed since the last line, whoever printed it.
+            while not stop.wait(max(self.heartbeat_s - (time.perf_counter() - self.last), 0.01)):
                 with self._lock:
                     now = time.perf_counter()
                     if now - self.last >= self.heartbeat_s:

@@ -85,3 +85,25 @@ def test_waiting_logs_a_line_then_a_heartbeat_until_done(monkeypatch):
     lines = stream.getvalue().splitlines()
     assert lines[0] == "loading model.gguf" and len(lines) >= 3
     assert re.fullmatch(r"loading model.gguf: elapsed 0:00:00, running", lines[1])
+
+
+def test_the_heartbeat_counts_from_the_last_line_printed():
+    import time
+
+    class Stamped(io.StringIO):
+        def write(self, text):
+            if text.strip():
+                times.append(time.perf_counter())
+            return super().write(text)
+
+    times: list[float] = []
+    stream = Stamped()
+    log = ProgressLog("blocks", 8, stream)
+    log.heartbeat_s, log.every_s = 0.5, 0.0
+    with log.beating():
+        time.sleep(0.3)
+        log.update(1)  # printed at 0.3 s: the next beat is due at 0.8 s, not at 1.0 s
+        time.sleep(0.65)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("blocks: 1/8") and lines[1].endswith("running")
+    assert 0.45 < times[1] - times[0] < 0.65
