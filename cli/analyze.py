@@ -63,6 +63,8 @@ def analyze(
                   f"{m['welore_reduction_reached']:.1%} of ranks ({m['welore_lrc_layers']} LRC layers); "
                   f"KappaTune selects {m['kappatune_selected']}; SVD sweep {m['svd_seconds']:.2f} s "
                   f"({m['cache_hits']} cached)")
+    for line in record.notes:
+        console.print(line, highlight=False, soft_wrap=True)
     if out:
         console.print(f"wrote {out}/report.json, report.md and plots")
     else:

@@ -123,20 +123,6 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
     console.print(table)
 
 
-def print_evaluation(evaluation: dict[str, dict[str, Any]]) -> None:
-    if not evaluation:
-        return
-    from rich.table import Table
-
-    table = Table(title="quality (held-out text)", title_justify="left")
-    keys = sorted({k for v in evaluation.values() for k in v})
-    table.add_column("when")
-    for key in keys:
-        table.add_column(key, justify="right")
-    for when, values in evaluation.items():
-        table.add_row(when, *[f"{values[k]:.4g}" if isinstance(values.get(k), float) else str(values.get(k, ""))
-                              for k in keys])
-    console.print(table)
 
 
 def stage_fields(method: str, kind: str, flags: dict[str, object]) -> dict[str, object]:
@@ -157,37 +143,3 @@ def method_help(kind: str) -> str:
     from compressor.registry import method_names
 
     return f"{', '.join(method_names(kind))} (see `compressor methods`)"
-
-
-def quality_hint(evaluation: dict[str, dict[str, Any]], kinds: set[str]) -> str | None:
-    """One line of advice when held-out perplexity did not move (< 0.1 %) or rose more than 10×."""
-    before = evaluation.get("before", {}).get("perplexity")
-    after = evaluation.get("after", {}).get("perplexity")
-    if before is None or after is None or not before > 0:
-        return None
-    ratio = after / before
-    if ratio > 10:
-        advice = []
-        if "compress" in kinds:
-            advice.append("keep more (a higher --rank, e.g. 0.8) or add a healing stage after compressing "
-                          "(`compressor finetune --method heal MODEL`, or a `heal` stage in the recipe, see "
-                          "recipes/compress-heal.yaml)")
-        if "finetune" in kinds:
-            advice.append("lower --lr (the run diverged)")
-        return f"hint: held-out perplexity rose {ratio:.0f}× ({before:.4g} → {after:.4g}); " + "; or ".join(advice)
-    if abs(ratio - 1) < 1e-3 and "finetune" in kinds:
-        return (f"hint: held-out perplexity did not move ({before:.4g} → {after:.4g}); use a larger --lr "
-                "(e.g. 10×) or more --steps")
-    return None
-
-
-def print_outcome(report, out: Path | str | None) -> None:
-    """The quality table, a hint when quality did not move or collapsed, and where outputs went."""
-    print_evaluation(report.evaluation)
-    hint = quality_hint(report.evaluation, {r.kind for r in report.stages})
-    if hint:
-        console.print(hint, style="yellow", highlight=False)
-    if out:
-        console.print(f"wrote {out} (reload with compressor.load('{out}') or pass it as MODEL)")
-    else:
-        console.print("nothing written (no --out)")

@@ -20,13 +20,12 @@ from .common import (
     SetOpt,
     TextColumnOpt,
     TrustOpt,
-    console,
     handle_errors,
     method_help,
     print_metrics,
-    print_outcome,
     stage_fields,
 )
+from .outcome import print_notes, print_outcome
 
 # Shown in --help; the values come from the method's config (`compressor methods NAME`).
 METHOD_DEFAULT = "[default: the method's own, see `compressor methods METHOD`]"
@@ -49,8 +48,10 @@ def compress(
         show_default=False, help="gptq, rtn: input columns sharing one scale, a divisor of in_features, or 0 for "
                                  f"per-channel {METHOD_DEFAULT}")] = None,
     allocation: Annotated[str | None, typer.Option(
-        show_default=False, help="uniform (one keep ratio per matrix) or welore (non-uniform ranks from the "
-                                 "singular-value tails) [default: uniform]")] = None,
+        show_default=False, help="uniform (one keep ratio per matrix), welore (non-uniform ranks from the "
+                                 "singular-value tails) or aware (svd-llm, saes-svd: one rank multiplier per block, "
+                                 "chosen from the calibration loss under the same budget; `compressor methods "
+                                 "saes-svd` lists its fields) [default: uniform]")] = None,
     calib: Annotated[str | None, typer.Option(
         show_default=False, help="calibration text (its first half): default, a file, or a datasets name "
                                  "[default: default, the embedded TinyStories excerpt]")] = None,
@@ -98,6 +99,5 @@ def compress(
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]
     print_metrics(f"{method} ({record.seconds:.1f} s)", record.metrics)
-    for note in record.notes[:20]:
-        console.print(f"note: {note}")
-    print_outcome(report, out)
+    print_notes(record)
+    print_outcome(report, out, "compress")

@@ -24,6 +24,7 @@ from .common import (
     TextColumnOpt,
     TrustOpt,
     console,
+    err_console,
     handle_errors,
 )
 
@@ -35,8 +36,9 @@ def eval_command(
     text_column: TextColumnOpt = None,
     split: Annotated[str, typer.Option(help="eval (the held-out second half), train (the first half), or all")] = "eval",
     seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
-    num_windows: Annotated[int | None, typer.Option(
+    eval_windows: Annotated[int | None, typer.Option(
         help="windows to score, the first ones of the split; 0 = all of them")] = 64,
+    num_windows: Annotated[int | None, typer.Option(hidden=True, help="deprecated name of --eval-windows")] = None,
     batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
     exit_layer: Annotated[int | None, typer.Option(
         show_default=False, help="score the sub-model of the first n blocks + shared final norm and head "
@@ -61,9 +63,13 @@ def eval_command(
     from compressor.models import load_model
     from compressor.outdir import claim_output
 
+    if num_windows is not None:
+        err_console.print("warning: --num-windows is deprecated; use --eval-windows (the name compress, finetune and "
+                          "run use)", highlight=False)
+        eval_windows = num_windows
     if split not in ("eval", "train", "all"):
         raise ConfigError(f"`--split` must be eval, train or all, got {split!r}")
-    preflight.check_flags(device, {"--batch-size": batch_size, "--seq-len": seq_len, "--num-windows": num_windows or None,
+    preflight.check_flags(device, {"--batch-size": batch_size, "--seq-len": seq_len, "--eval-windows": eval_windows or None,
                                    "--exit-layer": exit_layer}, seq_len=seq_len, model=model)
     task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
     if task_names and exit_layer is not None:
@@ -80,7 +86,7 @@ def eval_command(
                               "with `evaluate:` (embedding cosine) or benchmarks/quality.py")
         ctx = Context(tokenizer=loaded.tokenizer, device=resolve_device(device), seed=seed, quiet=quiet,
                       text_column=text_column)
-        windows = _windows(ctx, data, split, seq_len, num_windows or None)
+        windows = _windows(ctx, data, split, seq_len, eval_windows or None)
         result = evaluation.perplexity(loaded.model, windows, batch_size=batch_size, exit_layer=exit_layer,
                                        progress=None if quiet else lambda it, d: ctx.progress(it, d))
         payload = {"model": loaded.source, "data": data, "split": split, "seq_len": seq_len,

@@ -22,13 +22,12 @@ from .common import (
     SetOpt,
     TextColumnOpt,
     TrustOpt,
-    console,
     handle_errors,
     method_help,
     print_metrics,
-    print_outcome,
     stage_fields,
 )
+from .outcome import print_notes, print_outcome
 
 LOAD_IN = ("4bit", "8bit")
 TRAIN_DEFAULTS = "see `compressor methods METHOD`"
@@ -104,6 +103,5 @@ def finetune(
     report, _ = pipeline.run(quiet=quiet)
     record = report.stages[0]
     print_metrics(f"{method} ({record.seconds:.1f} s)", record.metrics)
-    for note in record.notes[:20]:
-        console.print(f"note: {note}")
-    print_outcome(report, out)
+    print_notes(record)
+    print_outcome(report, out, "finetune")

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated
 
 import click
@@ -19,6 +20,7 @@ import typer
 from . import analyze, compare, compress, eval, export, finetune, generate, methods, run
 from .common import report_failure
 from .failures import DEBUG_ENV
+from .outcome import SHOWN_WARNINGS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -50,13 +52,29 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
                                                 show_default=False, help="print the version and exit")] = False):
     """Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`;
     MODEL defaults to the embedded stories260K everywhere."""
+    plain_warnings()
+
+
+def plain_warnings() -> None:
+    """Python warnings as one plain `warning:` line each, once per message (no source line);
+    libraries' deprecation notices, which a CLI user cannot act on, are not shown."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.showwarning = show_warning
+    # bitsandbytes (imported by peft when installed) logs on CPU that Hugging Face's optional
+    # `kernels` package or its CPU kernel is missing; it changes nothing for us.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = str(message)
+    if text not in SHOWN_WARNINGS:
+        SHOWN_WARNINGS.add(text)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    # bitsandbytes (imported by peft when installed) warns on CPU that Hugging Face's optional
-    # `kernels` package is missing; it changes nothing for us, so keep it off the CLI's output.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # `kill` / a job scheduler's SIGTERM stops a run exactly like Ctrl-C: training checkpoints
     # are kept, staging folders removed, and the command exits 130 with one line.
     signal.signal(signal.SIGTERM, _interrupt)

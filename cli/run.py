@@ -16,8 +16,8 @@ from .common import (
     console,
     handle_errors,
     print_metrics,
-    print_outcome,
 )
+from .outcome import print_outcome
 
 
 @handle_errors
@@ -54,4 +54,4 @@ def run(
         print_metrics(f"stage {record.stage} ({record.seconds:.1f} s)", record.metrics)
     for gate in report.gates:
         console.print(f"gate {gate['gate']}: {gate['value']:.4g} (limit {gate['limit']}) passed")
-    print_outcome(report, pipeline.out)
+    print_outcome(report, pipeline.out, "run")

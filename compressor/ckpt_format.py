@@ -4,7 +4,8 @@
 `hf_quantizer` (the quantizer), both built on the constants and checks here.
 
 * Placeholders: every compressed layer that has no dense-shaped `weight` of its own (low-rank,
-  N:M, dense x sparse) is also written as an empty `<name>.weight` tensor. Plain transformers
+  N:M, dense x sparse) is also written as an empty `<name>.weight` tensor, and the checkpoint holds
+  one more empty tensor, IMPORT_HINT, named after the fix. Plain transformers
   (compressor not imported: the quant_method is unknown, so it skips quantization) then meets a
   size mismatch for that key and raises, instead of loading random weights; compressor's
   quantizer ignores those keys.
@@ -22,6 +23,9 @@ if TYPE_CHECKING:  # `import compressor` imports this module and must not pay fo
     from torch import nn
 
 QUANT_METHOD = "compressor"
+# An empty tensor in every compressed checkpoint: plain transformers (which only prints the unknown
+# quant_method and a load report of key names) lists it as UNEXPECTED, so its name carries the fix.
+IMPORT_HINT = "import_compressor_first_to_load_this_checkpoint"
 FORMAT_VERSION = 2  # 1 = compression.json beside a plain config.json (still read by compressor.load)
 
 
@@ -42,8 +46,10 @@ def check_version(version: Any, where: str = "this checkpoint") -> None:
 
 
 def placeholder_names(layers: dict[str, nn.Module]) -> list[str]:
-    """`<name>.weight` keys written empty for layers without a dense-shaped weight of their own."""
-    return [f"{name}.weight" for name, layer in layers.items() if "weight" not in layer.state_dict()]
+    """`<name>.weight` keys written empty for layers without a dense-shaped weight of their own,
+    plus IMPORT_HINT, whose name plain transformers prints in its load report."""
+    names = [f"{name}.weight" for name, layer in layers.items() if "weight" not in layer.state_dict()]
+    return names + [IMPORT_HINT] if layers else names
 
 
 # -- validation: before anything is allocated ----------------------------------------------------

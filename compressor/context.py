@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -52,24 +53,58 @@ class MeanEtaColumn(ProgressColumn):
 
 
 class ProgressLog:
-    """Progress for output that is not a terminal (CI logs, files): one line per item when there are
-    few (blocks, layers), else one per ~5 % of them, each with elapsed time and ETA."""
+    """Progress for output that is not a terminal (CI logs, files): a line with elapsed time and
+    ETA at most every `every_s` seconds, and one when the last item is done, so a fast loop logs
+    one line and a slow one logs each item."""
+
+    every_s = 5.0
+    heartbeat_s = 25.0  # with `beating()`, a line at least this often (under 30 s with jitter) while one item runs long
 
     def __init__(self, description: str, total: int | None, stream=None):
         self.description, self.total = description, total
-        self.every = 1 if not total or total <= 50 else math.ceil(total / 20)
         self.stream = stream or sys.stderr
-        self.started = time.perf_counter()
+        self.started = self.last = time.perf_counter()
+        self.done = 0
+        self._lock = threading.Lock()
 
     def update(self, done: int, extra: str = "") -> None:
-        if done % self.every and done != self.total:
-            return
-        elapsed = time.perf_counter() - self.started
-        eta = eta_seconds(elapsed, done, self.total)
-        count = f"{done}/{self.total}" if self.total else str(done)
-        line = f"{self.description}: {count}, elapsed {clock(elapsed)}" + (f", ETA {clock(eta)}" if eta is not None
-                                                                           else "")
+        with self._lock:
+            self.done = done
+            now = time.perf_counter()
+            if now - self.last < self.every_s and done != self.total:
+                return
+            self._print(now, extra)
+
+    def _print(self, now: float, extra: str = "") -> None:
+        self.last = now
+        elapsed = now - self.started
+        eta = eta_seconds(elapsed, self.done, self.total)
+        count = f"{self.done}/{self.total}, " if self.total else f"{self.done}, " if self.done else ""
+        line = f"{self.description}: {count}elapsed {clock(elapsed)}" + (f", ETA {clock(eta)}" if eta is not None
+                                                                         else "")
         print(line + (f", {extra}" if extra else ""), file=self.stream, flush=True)
+
+    @contextlib.contextmanager
+    def beating(self):
+        """While inside, a status line every `heartbeat_s` seconds when no item finished meanwhile
+        (one forward batch of a large model on one CPU thread can take minutes)."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            # Wake when `heartbeat_s` will have passed since the last line, whoever printed it.
+            while not stop.wait(max(self.heartbeat_s - (time.perf_counter() - self.last), 0.01)):
+                with self._lock:
+                    now = time.perf_counter()
+                    if now - self.last >= self.heartbeat_s:
+                        self._print(now, "running")
+
+        thread = threading.Thread(target=beat, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
+            thread.join()
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -135,9 +170,10 @@ class Context:
             total = len(iterable)  # type: ignore[arg-type]
         if not self.console.is_terminal:
             log_lines = ProgressLog(description, total, self.console.file)
-            for done, item in enumerate(iterable, start=1):
-                yield item
-                log_lines.update(done)
+            with log_lines.beating():
+                for done, item in enumerate(iterable, start=1):
+                    yield item
+                    log_lines.update(done)
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), MeanEtaColumn())
@@ -147,3 +183,17 @@ class Context:
                 yield item
                 bar.advance(task)
 
+    @contextlib.contextmanager
+    def waiting(self, description: str):
+        """A step with no items to count (loading a model): a spinner on a terminal, else a
+        line now and one every ProgressLog.heartbeat_s seconds until it ends."""
+        if self.quiet:
+            yield
+        elif self.console.is_terminal:
+            with self.console.status(description):
+                yield
+        else:
+            log_lines = ProgressLog(description, None, self.console.file)
+            print(description, file=log_lines.stream, flush=True)
+            with log_lines.beating():
+                yield

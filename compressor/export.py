@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from .ckpt_format import IMPORT_HINT
 from .errors import ConfigError, ModelError
 from .kernels.dispatch import expand_nm_indices, unpack_nm
 from .kernels.packing import pack_bits
@@ -190,6 +191,7 @@ def write_compressed_tensors(source: Path, layers: dict[str, dict[str, Any]], la
     for shard in sorted(source.glob("model*.safetensors")):
         state.update(load_file(shard))
     layer_tensors: Callable[..., dict[str, torch.Tensor]] = sparse24_tensors if layout == SPARSE24 else packed_tensors
+    state.pop(IMPORT_HINT, None)  # compressor's own marker: compressed-tensors loaders need no hint
     for name, spec in layers.items():
         state.update(layer_tensors(name, state, spec["args"]))
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})

@@ -10,6 +10,7 @@ Remote code runs only with trust_remote_code=True.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -29,6 +30,9 @@ from .outdir import staged_output
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
 MANIFEST = "compression.json"  # format version 1; version 2 keeps the layer table in config.json
+# Loads adapter folders (LoRA, NOLA, DSEE runs) as base + adapter; by name, because it imports the
+# adapter modules, which import this one.
+ADAPTER_LOADER = "compressor.adapter_folders"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -88,8 +92,12 @@ def _load_named(name: str, kwargs: dict[str, Any]) -> LoadedModel:
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
             return _load_gguf(path, ggufs[0].name, kwargs, name)
-        raise ModelError(f"folder `{name}` is not a model (no config.json, compression.json or single .gguf); "
-                         "pass a Hugging Face model folder, a .gguf file or a model id")
+        adapters = importlib.import_module(ADAPTER_LOADER)
+        if (adapter := adapters.find_adapter(path)) is not None:
+            return adapters.load_adapter_folder(adapter, lambda base: _load_named(base, kwargs))
+        raise ModelError(f"folder `{name}` is not a model (no config.json, compression.json, adapter_config.json "
+                         "or single .gguf); pass a Hugging Face model folder, a .gguf file, an adapter folder or "
+                         "a model id")
     if name.startswith((".", "/", "~")) or name.endswith(".gguf") or not HUB_ID.match(name):
         raise ModelError(f"model path `{name}` does not exist; check the path, or pass a Hugging Face id like "
                          "`HuggingFaceTB/SmolLM2-135M`")
@@ -362,3 +370,6 @@ def load(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype
 
 
 logging.getLogger("transformers").setLevel(logging.ERROR)
+# bitsandbytes (imported by peft) logs on CPU that its optional CPU kernel from Hugging Face's
+# kernels hub did not load; nothing uses it here, and the line reads like a failure.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

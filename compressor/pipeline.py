@@ -29,6 +29,7 @@ from .models import (
     LoadedModel,
     cast_safetensors_file,
     load_model,
+    read_manifest,
     save_checkpoint,
 )
 from .offload import check_offload_ready, gather_to_cpu, nonfinite_tensors, parse_max_memory
@@ -46,6 +47,7 @@ from .registry import get_method, method_info
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 from .report.size import folder_bytes, model_size, size_summary, weight_file_bytes
+from .targeting import is_selected
 
 
 @dataclass
@@ -110,9 +112,11 @@ class Pipeline:
             torch.manual_seed(self.config.seed)
             started = time.perf_counter()
             device = resolve_device(self.config.device)
-            loaded = loaded or load_model(self.config.model, device=device, dtype="float32",
-                                          trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
-                                          max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
+            if loaded is None:  # loading a large or GGUF model can take minutes
+                with Context(quiet=quiet).waiting(f"loading {self.config.model or 'the embedded stories260K'}"):
+                    loaded = load_model(self.config.model, device=device, dtype="float32",
+                                        trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
+                                        max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
             check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
             check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
             report = Report(run={**collect_env(device, self.config.seed), "model": loaded.source,
@@ -129,10 +133,13 @@ class Pipeline:
                 self._raise_missed_gates(report)
                 return report, loaded
             with claim.stage() as tmp:
-                self._run_stages(loaded, report, tmp, device, quiet)
+                ctx, reference = self._run_stages(loaded, report, tmp, device, quiet, after=False)
+                written = self._write_model(loaded, report, tmp)
+                if self._measures(loaded):  # "after" is scored on what was written, as `eval OUT` scores it
+                    self._evaluate_written(written, loaded, ctx, report, reference)
                 report.run["seconds"] = time.perf_counter() - started
                 report.gates = evaluate_gates(self.config.gates.active(), report.evaluation)  # judged now so report.md shows them
-                self._write(loaded, report, tmp)
+                self._write_report(report, tmp)
                 claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
                               problems=result_problems(loaded, report))
             for resume in self._resumes():  # its checkpoints were copied into `out`
@@ -149,6 +156,7 @@ class Pipeline:
         if self.config.max_memory is not None or self.config.offload_folder is not None:
             check_offload_ready({s.name: method_info(s.name) for s in self.stages})
         check_seq_lens(self._seq_lens(), model_context(self.config.model))
+        refuse_adapter_on_compressed(self.stages, self.config.model)
         if self.evaluate and self.evaluate["tasks"]:  # lm-eval installed, tasks known, data readable
             self._task_manager = check_tasks(list(self.evaluate["tasks"]), self.evaluate["tasks_dir"])
 
@@ -166,7 +174,15 @@ class Pipeline:
         inputs = [self.config.model, *(v for f in fields for k, v in f.items() if isinstance(v, str) and k != "resume")]
         return claim_output(self.out, overwrite=overwrite, inputs=inputs)
 
-    def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool) -> None:
+    def _measures(self, loaded: LoadedModel) -> bool:
+        """Whether quality is scored before and after (stages that change the model, a tokenizer)."""
+        modifies = any(s.kind != "analyze" for s in self.stages)
+        return modifies and self.evaluate is not None and loaded.tokenizer is not None
+
+    def _run_stages(self, loaded: LoadedModel, report: Report, tmp: Path | None, device, quiet: bool,
+                    after: bool = True) -> tuple[Context, Any]:
+        """Score "before", run the stages, and score "after" in memory when `after` (nothing is
+        written). Returns the context and the "before" reference (an encoder's embeddings)."""
         ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.config.seed, out_dir=tmp,
                       model_source=loaded.source, quiet=quiet, text_column=self.config.text_column,
                       evaluate=self.evaluate)
@@ -176,12 +192,38 @@ class Pipeline:
             if bad:
                 raise ModelError(f"{len(bad)} parameter(s) hold NaN/Inf: {', '.join(bad[:5])}; the checkpoint is "
                                  "corrupt — re-export it or restore the original weights")
-        measure = modifies and self.evaluate is not None and loaded.tokenizer is not None
-        reference = self._evaluate(loaded, ctx, report, "before") if measure else None
+        measure = self._measures(loaded)
+        blocks = int(getattr(getattr(loaded.model, "config", None), "num_hidden_layers", 0) or 0)
+        reference = None
+        if measure:  # the plan, then an estimate from the timed "before" pass
+            self._say(ctx, "plan: " + " → ".join(plan_steps(self.stages, self.evaluate, blocks)))
+            started = time.perf_counter()
+            reference = self._evaluate(loaded, ctx, report, "before")
+            per_window = (time.perf_counter() - started) / max(self.evaluate["num_windows"], 1)
+            self._say(ctx, estimate_line(self.stages, self.evaluate, blocks, per_window))
         for stage in self.stages:
             report.add(self._run_stage(stage, loaded, ctx))
-        if measure:
+        if measure and after:
             self._evaluate(loaded, ctx, report, "after", reference)
+        return ctx, reference
+
+    @staticmethod
+    def _say(ctx: Context, line: str) -> None:
+        if not ctx.quiet:
+            ctx.console.print(line, highlight=False, soft_wrap=True)
+
+    def _evaluate_written(self, written: bool, loaded: LoadedModel, ctx: Context, report: Report,
+                          reference) -> None:
+        """Score "after" on the folder just written (checkpoint or base + adapter), loaded as
+        `compressor eval` loads it, so its dtype rounding counts. A model offloaded or loaded in
+        4/8 bit is scored in memory: reloading it whole may not fit."""
+        in_place = self.config.max_memory or self.config.offload_folder or self.config.load_in
+        if not written or in_place:
+            self._evaluate(loaded, ctx, report, "after", reference)
+            return
+        with ctx.waiting("loading what was written, to score it"):
+            reloaded = load_model(str(ctx.out_dir), device=ctx.device, trust_remote_code=self.config.trust_remote_code)
+        self._evaluate(reloaded, ctx, report, "after", reference)
 
     def _run_stage(self, stage: Stage, loaded: LoadedModel, ctx: Context) -> StageRecord:
         method = get_method(stage.name)
@@ -201,8 +243,9 @@ class Pipeline:
         windows = evaluation.heldout_windows(ctx.tokenizer, spec["data"], seq_len=spec["seq_len"],
                                              num_windows=spec["num_windows"],
                                              text_column=spec.get("text_column") or self.config.text_column)
+        progress = None if ctx.quiet else lambda items, _: ctx.progress(items, f"perplexity {when}")
         if loaded.causal:
-            result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"])
+            result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"], progress=progress)
             report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
             if spec["tasks"]:  # lm-eval on the model as it is now (factored, pruned, adapted), unmerged
                 scores = task_scores(loaded.model, loaded.tokenizer, list(spec["tasks"]), batch_size=spec["batch_size"],
@@ -216,7 +259,8 @@ class Pipeline:
         report.evaluation[when] = {"embedding_cosine_to_dense": cosine, "windows": int(windows.shape[0])}
         return embeddings
 
-    def _write(self, loaded: LoadedModel, report: Report, tmp: Path) -> None:
+    def _write_model(self, loaded: LoadedModel, report: Report, tmp: Path) -> bool:
+        """Write the checkpoint or the adapters the stages produced; True when a model was written."""
         dtype = output_dtype(self.config.dtype, loaded.source_dtype)
         adapters = [Path(r.artifacts["adapter"]) for r in report.stages
                     if str(r.artifacts.get("adapter", "")).endswith(".safetensors")]
@@ -235,9 +279,13 @@ class Pipeline:
             report.size = size_summary(report.size["before"], after, dtype)
             if self.config.export is not None:
                 export_beside(tmp, self.config.export)
-        elif adapters:  # adapter-only output: its files are what the run adds on disk
+            return True
+        if adapters:  # adapter-only output: its files are what the run adds on disk
             after = {"disk_bytes": sum(folder_bytes(a.parent) for a in adapters)}
             report.size = size_summary(report.size["before"], after, dtype)
+        return bool(adapters)
+
+    def _write_report(self, report: Report, tmp: Path) -> None:
         (tmp / "recipe.resolved.yaml").write_text(yaml.safe_dump(self.to_recipe(), sort_keys=False))
         write_report(report, tmp)
 
@@ -255,6 +303,69 @@ class Pipeline:
 def _source_disk_bytes(source: str) -> int | None:
     """Bytes of the source's weight files when it is a local path (None for a Hub id)."""
     return weight_file_bytes(DEFAULT_MODEL_DIR if source == "default" else source)
+
+
+# Fine-tuning stages that wrap plain linears (adapters._common.refuse_compressed refuses the rest).
+WRAPS_PLAIN_LINEARS = ("lora", "nola", "dsee")
+
+
+def refuse_adapter_on_compressed(stages: list[Stage], model: str | None) -> None:
+    """Refuse, before anything loads, an adapter stage whose targets in the checkpoint `model`
+    are compressed layers (read from its layer table), naming the stage that trains them."""
+    if not stages or stages[0].name not in WRAPS_PLAIN_LINEARS or not model or not Path(model).is_dir():
+        return
+    manifest = read_manifest(model) or {}
+    config = stages[0].config
+    hit = [n for n in manifest.get("layers", {})
+           if is_selected(n, tuple(config.targets or ()), tuple(getattr(config, "ignore", ()) or ()))]
+    if hit:
+        method = stages[0].name
+        raise ConfigError(f"{method} wraps plain linears, and {len(hit)} of its targets in `{model}` are compressed "
+                          f"layers (e.g. {hit[0]}); train the compressed layers themselves with `compressor "
+                          f"finetune --method heal {model}`, or fine-tune the dense model with {method} before "
+                          "compressing it")
+
+
+def plan_steps(stages: list[Stage], evaluate: dict[str, Any] | None, blocks: int) -> list[str]:
+    """The phases of a run, in order, with their sizes (the start-of-run line)."""
+    scored = [f"perplexity before ({evaluate['num_windows']} windows)"] if evaluate else []
+    steps = [stage_size(s, blocks) for s in stages]
+    after = [f"perplexity after ({evaluate['num_windows']} windows)"] if evaluate else []
+    return scored + steps + after
+
+
+def stage_size(stage: Stage, blocks: int) -> str:
+    fields = stage.config.to_dict()
+    if "steps" in fields:
+        return f"{stage.name} ({fields['steps']} steps × {fields.get('batch_size', '?')} windows)"
+    if calibrates(stage):
+        return f"{stage.name} calibration ({blocks} blocks × {fields['num_windows']} windows)"
+    return stage.name
+
+
+def calibrates(stage: Stage) -> bool:
+    """A compression stage that reads calibration windows (magnitude pruning is data-free)."""
+    fields = stage.config.to_dict()
+    return stage.kind == "compress" and "num_windows" in fields and fields.get("score") != "magnitude"
+
+
+def estimate_line(stages: list[Stage], evaluate: dict[str, Any], blocks: int, per_window: float) -> str:
+    """A rough total from the timed "before" pass: a calibration replays each window about 3
+    times (two phases and the propagated output), a training step costs ~3 forward passes of its
+    batch (2 for MeZO); factorisation time (SVD, Cholesky) is not included."""
+    seconds = 2 * per_window * evaluate["num_windows"]  # the two perplexity passes
+    for stage in stages:
+        fields = stage.config.to_dict()
+        tokens = fields.get("seq_len", evaluate["seq_len"]) / evaluate["seq_len"]
+        if "steps" in fields:
+            passes = 2 if fields.get("optimizer") == "mezo" or stage.name == "mezo" else 3
+            seconds += passes * per_window * tokens * fields["steps"] * fields.get("batch_size", 1)
+        elif calibrates(stage):
+            seconds += 3 * per_window * tokens * fields["num_windows"]
+    minutes = seconds / 60
+    when = f"≈ {minutes:.0f} min" if minutes >= 1 else f"≈ {seconds:.0f} s"
+    return (f"estimate: {when} on this machine for the forward passes ({per_window:.2g} s per window of "
+            f"{evaluate['seq_len']} tokens measured; factorisation adds to it)")
 
 
 def result_problems(loaded: LoadedModel, report: Report) -> list[str]:

@@ -43,22 +43,19 @@ def select_linears(
                 re.compile(pattern[3:])
             except re.error as err:
                 raise ConfigError(f"invalid regex `{pattern}` in targets/ignore: {err}") from None
-    chosen = {}
-    for name, module in find_linears(model).items():
-        if targets:
-            if not any(matches(name, t) for t in targets):
-                continue
-        elif _is_default_excluded(name):
-            continue
-        if any(matches(name, i) for i in ignore):
-            continue
-        chosen[name] = module
+    chosen = {name: module for name, module in find_linears(model).items() if is_selected(name, targets, ignore)}
     if not chosen:
         raise ConfigError(
             f"`targets` {list(targets)} (ignore={list(ignore)}) matched no linear layer; "
             f"the model has e.g. {example_names(model)}"
         )
     return chosen
+
+
+def is_selected(name: str, targets=(), ignore=()) -> bool:
+    """Whether the linear `name` is one `targets` / `ignore` select (the module docstring's rule)."""
+    chosen = any(matches(name, t) for t in targets) if targets else not _is_default_excluded(name)
+    return chosen and not any(matches(name, i) for i in ignore)
 
 
 def example_names(model: nn.Module, limit: int = 8) -> list[str]:

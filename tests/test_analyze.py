@@ -80,3 +80,17 @@ def test_nan_weights_name_the_layers():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(ModelError, match=r"1 layer\(s\) hold NaN/Inf weights: model.layers.1.mlp.up_proj"):
         apply(model, AnalyzeConfig(), Context(quiet=True))
+
+
+def test_next_steps_name_the_low_rank_matrices_and_the_commands_that_factor_them():
+    from compressor.analysis.analyze import AnalyzeConfig, next_steps
+
+    rows = [{"type": t, "lrc": lrc} for t, lrc in [("q_proj", True), ("k_proj", True), ("up_proj", True),
+                                                  ("q_proj", True), ("k_proj", False), ("up_proj", False)]]
+    lines = next_steps(rows, "runs/my model", AnalyzeConfig())
+    assert lines[0] == ("next: 4 of 6 matrices are low-rank enough to factor (more than 50% of their rank "
+                        "removable): q_proj 2/2, k_proj 1/2, up_proj 1/2")
+    assert "`compressor compress 'runs/my model' --method welore --rank 0.5 --out compressed-welore`" in lines[1]
+    assert lines[2].endswith("--method saes-svd --rank 0.6 --targets q_proj --out compressed-saes-svd`")
+    none = next_steps([{"type": "q_proj", "lrc": False}], "default", AnalyzeConfig())
+    assert len(none) == 1 and "`compressor compress --method saes-svd --rank 0.8" in none[0]

@@ -145,7 +145,7 @@ def test_newer_format_version_and_bad_table_fail_before_loading(tiny_checkpoints
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match=r"format version 99, newer than this compressor reads \(2\); upgrade"):
         load(folder)
-    result = CliRunner().invoke(app, ["eval", str(folder), "--num-windows", "2"])
+    result = CliRunner().invoke(app, ["eval", str(folder), "--eval-windows", "2"])
     assert result.exit_code != 0 and "format version 99" in result.output
     assert result.output.strip().count("\n") == 0  # one line
     config["quantization_config"]["format_version"] = 2

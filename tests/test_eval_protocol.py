@@ -53,5 +53,15 @@ def test_eval_reads_a_jsonl_text_column(tmp_path):
              for i in range(400)]
     (tmp_path / "t.jsonl").write_text("\n".join(lines))
     result = invoke("eval", "--data", tmp_path / "t.jsonl", "--text-column", "body", "--seq-len", "64",
-                    "--num-windows", "4", "--device", "cpu", "-q")
+                    "--eval-windows", "4", "--device", "cpu", "-q")
     assert "over 252 tokens (4 windows of 64)" in result.output
+    assert "deprecated" not in result.output
+
+
+def test_eval_num_windows_is_a_deprecated_alias_of_eval_windows():
+    result = invoke("eval", "--num-windows", "2", "--device", "cpu", "-q")
+    assert result.exit_code == 0
+    lines = result.output.strip().splitlines()
+    assert lines[0] == ("warning: --num-windows is deprecated; use --eval-windows (the name compress, finetune and "
+                        "run use)")
+    assert "(2 windows of 256)" in lines[-1]

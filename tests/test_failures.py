@@ -72,10 +72,10 @@ def test_out_holds_user_files(user):
 
 
 def test_previous_output_needs_overwrite(user):
-    assert runner.invoke(app, ["eval", "--num-windows", "1", "--out", "e", "-q"]).exit_code == 0
-    fails(user, ["eval", "--num-windows", "1", "--out", "e", "-q"], 2, "--overwrite")
+    assert runner.invoke(app, ["eval", "--eval-windows", "1", "--out", "e", "-q"]).exit_code == 0
+    fails(user, ["eval", "--eval-windows", "1", "--out", "e", "-q"], 2, "--overwrite")
     (user / "e" / "mine.txt").write_text("mine")
-    fails(user, ["eval", "--num-windows", "1", "--out", "e", "--overwrite", "-q"], 2, "mine.txt")
+    fails(user, ["eval", "--eval-windows", "1", "--out", "e", "--overwrite", "-q"], 2, "mine.txt")
 
 
 def test_a_concurrent_run_into_the_same_out(user):

@@ -3,7 +3,9 @@ stable rank, WeLore's normalised tail, the ranks WeLore would remove and its LRC
 
 from __future__ import annotations
 
+import shlex
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +79,7 @@ def apply(model: nn.Module, config: AnalyzeConfig, ctx: Context) -> StageResult:
         row["kappatune_selected"] = row["module"] in selected
     removed = sum(r["welore_removed"] for r in rows)
     return StageResult(
+        notes=next_steps(rows, ctx.model_source if ctx is not None else "default", config),
         metrics={
             "layers": len(rows), "welore_tau": tau,
             "welore_reduction_reached": removed / max(sum(r["full_rank"] for r in rows), 1),
@@ -85,3 +88,27 @@ def apply(model: nn.Module, config: AnalyzeConfig, ctx: Context) -> StageResult:
         },
         per_module=rows, modified_model=False,
     )
+
+
+def next_steps(rows: list[dict], model_source: str, config: AnalyzeConfig) -> list[str]:
+    """What to do with the sweep: which matrices are low-rank enough to factor (WeLore's
+    low-rank components) and the commands that factor them."""
+    model = "" if model_source in ("default", "", None) else " " + shlex.quote(str(model_source))
+    low_rank = Counter(r["type"] for r in rows if r["lrc"])
+    totals = Counter(r["type"] for r in rows)
+    if not low_rank:
+        return [(f"next: no matrix is low-rank by its spectrum alone (WeLore finds no low-rank component at a "
+                 f"{config.welore_reduction:.0%} rank reduction); calibrated methods may still compress it: "
+                 f"`compressor compress{model} --method saes-svd --rank 0.8 --out compressed-saes-svd`")]
+    mostly = [t for t in totals if low_rank[t] * 2 > totals[t]]  # layer types, in model order
+    summary = ", ".join(f"{t} {low_rank[t]}/{totals[t]}" for t in totals if low_rank[t])
+    found = (f"next: {sum(low_rank.values())} of {len(rows)} matrices are low-rank enough to factor (more than "
+             f"{config.lrc_min_ratio:.0%} of their rank removable): {summary}")
+    welore = (f"next: factor each with its own rank (WeLore): `compressor compress{model} --method welore --rank 0.5 "
+              "--out compressed-welore`")
+    lines = [found, welore]
+    if mostly:
+        targets = " ".join(f"--targets {t}" for t in mostly)
+        lines.append(f"next: or only the mostly low-rank types, calibrated: `compressor compress{model} --method "
+                     f"saes-svd --rank 0.6 {targets} --out compressed-saes-svd`")
+    return lines

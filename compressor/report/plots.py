@@ -125,26 +125,35 @@ def _bar_labels(rows: list[dict]) -> tuple[list[int], list[str], str]:
     if len(rows) <= MAX_LABELLED_BARS:
         labels = [f"{_block(r)}.{_row_type(r)}" if _block(r) is not None else _row_type(r) for r in rows]
         return list(range(len(rows))), labels, "linear layer (block.type, model order)"
-    firsts: dict[int, int] = {}
+    spans: dict[int, list[int]] = {}  # block -> [first bar, last bar]
     for i, row in enumerate(rows):
         block = _block(row)
         if block is not None:
-            firsts.setdefault(block, i)
-    return list(firsts.values()), [str(b) for b in firsts], "transformer block (bars in model order)"
+            spans.setdefault(block, [i, i])[1] = i
+    # One label under the middle of each block's group of bars.
+    return [(a + b) / 2 for a, b in spans.values()], [str(b) for b in spans], "transformer block (bars in model order)"
+
+
+def _types_in_order(types: list[str]) -> list[str]:
+    """Layer types in the order their first bar appears: the legend reads like the bars."""
+    return list(dict.fromkeys(types))
 
 
 def plot_per_layer(record: StageRecord, folder: Path, key: str, ylabel: str, filename: str, log: bool = False,
-                   title: str = "") -> str:
-    """One bar per linear, in model order, coloured by layer type (with a legend)."""
+                   title: str = "", reference: tuple[float, str] | None = None) -> str:
+    """One bar per linear, in model order, coloured by layer type (legend in bar order);
+    `reference` = (value, label) draws a dashed horizontal line."""
     plt = _pyplot()
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     rows = record.per_module
     fig, ax = plt.subplots(figsize=(max(7.0, min(len(rows) * 0.22, 18.0)), 4.2))
     types = [_row_type(row) for row in rows]
-    order = sorted(set(types))
+    order = _types_in_order(types)
     colors = [f"C{order.index(kind) % 10}" for kind in types]
     ax.bar(range(len(rows)), [row[key] for row in rows], color=colors)
+    ax.set_xlim(-0.75, len(rows) - 0.25)
     if log:
         ax.set_yscale("log")
     ticks, labels, xlabel = _bar_labels(rows)
@@ -152,8 +161,12 @@ def plot_per_layer(record: StageRecord, folder: Path, key: str, ylabel: str, fil
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(handles=[Patch(color=f"C{i % 10}", label=kind) for i, kind in enumerate(order)], title="layer type",
-              fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    handles = [Patch(color=f"C{i % 10}", label=kind) for i, kind in enumerate(order)]
+    if reference is not None:
+        ax.axhline(reference[0], color="black", ls="--", lw=1)
+        handles.append(Line2D([], [], color="black", ls="--", lw=1, label=reference[1]))
+    ax.legend(handles=handles, title="layer type", fontsize=7, title_fontsize=8, loc="upper left",
+              bbox_to_anchor=(1.0, 1.0))
     ax.set_title(title or ylabel)
     return _save(fig, folder / filename)
 
@@ -228,6 +241,20 @@ def plot_keep_curve(record: StageRecord, index: int, folder: Path, title: str = 
     return _save(fig, folder / f"keep_curve_{index}_{record.stage}.png")
 
 
+def plot_kept_fraction(record: StageRecord, index: int, folder: Path, name: str) -> str:
+    """Per linear, parameters kept / its dense parameters (1 = kept dense), against the keep ratio
+    asked for: flat under uniform allocation but for layers kept dense, varied under welore/aware."""
+    rows = [{**row, "kept_fraction": row["params_kept"] / max(row["params_dense"], 1)} for row in record.per_module]
+    keep, allocation = record.config.get("rank"), record.config.get("allocation")
+    what = "kept / dense parameters per linear"
+    if isinstance(keep, (int, float)):
+        what += f" (keep {keep:g}" + (f", {allocation})" if allocation else ")")
+    reference = (float(keep), f"keep ratio asked ({keep:g})") if isinstance(keep, (int, float)) else None
+    trimmed = StageRecord(**{**record.__dict__, "per_module": rows})
+    return plot_per_layer(trimmed, folder, "kept_fraction", "kept / dense parameters\n(1 = kept dense)",
+                          f"ranks_{index}_{record.stage}.png", title=f"{name}: {what}", reference=reference)
+
+
 def render_plots(report: Report, folder: Path) -> list[str]:
     """Write every applicable PNG into `folder`; returns file names."""
     model = model_label(report)
@@ -242,15 +269,13 @@ def render_plots(report: Report, folder: Path) -> list[str]:
             written.append(plot_per_layer(record, folder, "welore_kept", "rank WeLore keeps (singular values)",
                                           "welore_ranks.png", title=f"{name}: ranks WeLore keeps for a "
                                           f"{record.config.get('welore_reduction', 0.5):.0%} total rank reduction"))
-        elif rows and "rank" in rows[0]:
+        elif rows and "params_kept" in rows[0] and "params_dense" in rows[0]:
+            written.append(plot_kept_fraction(record, index, folder, name))
+        elif rows and "rank" in rows[0] and len({row["rank"] for row in rows}) > 1:  # one r for all: the table says it
             if record.kind == "finetune":
                 ylabel, what = "adapter rank r", "adapter rank r per linear (r·(in + out) trained parameters each)"
             else:
                 ylabel, what = "rank r kept (inner dimension of the factors)", "rank kept per linear"
-                if isinstance(record.config.get("rank"), (int, float)):
-                    allocation = record.config.get("allocation")
-                    what += f" (keep ratio {record.config['rank']:g}" + (f", {allocation} allocation)" if allocation
-                                                                          else ")")
             written.append(plot_per_layer(record, folder, "rank", ylabel, f"ranks_{index}_{record.stage}.png",
                                           title=f"{name}: {what}"))
         curves = {k: v for k, v in record.curves.items() if k not in ("curve_keep", "curve_ppl")}

@@ -39,10 +39,13 @@ def table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
 def render_stage(index: int, record: StageRecord) -> str:
     parts = [f"## Stage {index}: `{record.stage}` ({record.kind}, {record.seconds:.2f} s)\n"]
     parts.append(table([{"metric": k, "value": v} for k, v in record.metrics.items()]))
-    if record.notes:
-        parts.append("\nNotes:\n" + "\n".join(f"- {n}" for n in record.notes) + "\n")
+    notes = "\nNotes:\n" + "\n".join(f"- {n}" for n in record.notes) + "\n" if record.notes else ""
+    if record.kind != "analyze":
+        parts.append(notes)
     if record.per_module:
         parts.append("\n### Per module\n\n" + table(record.per_module))
+    if record.kind == "analyze" and notes:  # what to do next, after the table it reads from
+        parts.append(notes.replace("Notes:", "### What to do next", 1))
     if record.curves:
         parts.append("\nCurves: " + ", ".join(f"`{k}` ({len(v)} points)" for k, v in record.curves.items()) + "\n")
     return "\n".join(parts)
