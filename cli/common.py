@@ -15,6 +15,7 @@ import click
 import typer
 
 from compressor.errors import ConfigError
+from compressor.protocol import PROTOCOL
 
 from .failures import debug_enabled, explain, unexpected
 
@@ -75,7 +76,7 @@ TextColumnOpt = Annotated[str | None, typer.Option(
     show_default=False, help="column holding the text in .jsonl/.json/.csv/.tsv/.parquet or datasets input "
                              "[default: the first of text, sentence, content, document]")]
 EvalWindowsOpt = Annotated[int, typer.Option(
-    help="held-out windows of 256 tokens scored before and after (the first ones of the held-out half, the "
+    help=f"held-out windows of {PROTOCOL['seq_len']} tokens scored before and after (the first ones of the held-out half, the "
          "same windows `compressor eval` scores)")]
 
 

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from compressor.protocol import PROTOCOL
+
 from .common import DATA_HELP, DeviceOpt, OutOpt, OverwriteOpt, QuietOpt, console, handle_errors
 
 
@@ -80,7 +82,7 @@ def _write(folder: Path, rows, cmp, plot_metric: str, options: dict) -> None:
     title = f"Checkpoints of {base['name']}: one protocol (compressor eval, data `{options['data']}`)"
     (folder / "compare.md").write_text(cmp.markdown(rows, cmp.columns_for(rows), title) +
                                        "\n![frontier](compare.png)\n")
-    protocol = {**cmp.evaluation.PROTOCOL, "data": options["data"]}
+    protocol = {**PROTOCOL, "data": options["data"]}
     payload = {"protocol": protocol, "baseline": base["name"], "sort": options["sort"], "plot_metric": plot_metric,
                "tasks": options["tasks"], "rows": rows}
     (folder / "compare.json").write_text(json.dumps(payload, indent=2, default=str))

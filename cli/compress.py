@@ -6,6 +6,8 @@ from typing import Annotated
 
 import typer
 
+from compressor.protocol import PROTOCOL
+
 from .common import (
     DeviceOpt,
     DtypeOpt,
@@ -75,7 +77,7 @@ def compress(
     overwrite: OverwriteOpt = False,
     eval_data: EvalDataOpt = "default",
     text_column: TextColumnOpt = None,
-    eval_windows: EvalWindowsOpt = 64,
+    eval_windows: EvalWindowsOpt = PROTOCOL["num_windows"],
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     set_: SetOpt = None,

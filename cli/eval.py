@@ -1,6 +1,6 @@
 """`compressor eval [MODEL] --data PATH`: perplexity (causal LMs) over non-overlapping windows.
 
-The defaults are the evaluation protocol of compressor.evaluation: the first 64 windows of 256
+The defaults are the evaluation protocol (compressor.protocol.PROTOCOL): the first 64 windows of 256
 tokens of the held-out half of the text, the same windows compress / finetune / run score.
 """
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from compressor.protocol import PROTOCOL
 
 from .common import (
     DATA_HELP,
@@ -35,11 +37,11 @@ def eval_command(
     data: Annotated[str, typer.Option("--data", "--eval-data", help=f"text to score: {DATA_HELP}")] = "default",
     text_column: TextColumnOpt = None,
     split: Annotated[str, typer.Option(help="eval (the held-out second half), train (the first half), or all")] = "eval",
-    seq_len: Annotated[int, typer.Option(help="tokens per window")] = 256,
+    seq_len: Annotated[int, typer.Option(help="tokens per window")] = PROTOCOL["seq_len"],
     eval_windows: Annotated[int | None, typer.Option(
-        help="windows to score, the first ones of the split; 0 = all of them")] = 64,
+        help="windows to score, the first ones of the split; 0 = all of them")] = PROTOCOL["num_windows"],
     num_windows: Annotated[int | None, typer.Option(hidden=True, help="deprecated name of --eval-windows")] = None,
-    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = 8,
+    batch_size: Annotated[int, typer.Option(help="windows per forward pass")] = PROTOCOL["batch_size"],
     exit_layer: Annotated[int | None, typer.Option(
         show_default=False, help="score the sub-model of the first n blocks + shared final norm and head "
                                  "(Sorted FT exits) [default: the full model]")] = None,

@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from compressor.protocol import PROTOCOL
+
 from .common import (
     DATA_HELP,
     DeviceOpt,
@@ -70,7 +72,7 @@ def finetune(
     out: Annotated[str | None, typer.Option("--out", "-o", show_default=False,
                                             help="output folder, written atomically [default: finetuned-METHOD]")] = None,
     overwrite: OverwriteOpt = False,
-    eval_windows: EvalWindowsOpt = 64,
+    eval_windows: EvalWindowsOpt = PROTOCOL["num_windows"],
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     set_: SetOpt = None,

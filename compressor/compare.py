@@ -23,6 +23,7 @@ from . import evaluation
 from .errors import ConfigError
 from .models import DEFAULT_MODEL_DIR, load_model
 from .offload import input_device
+from .protocol import PROTOCOL
 from .registry import get_method
 from .report.size import model_size, weight_file_bytes
 
@@ -144,7 +145,7 @@ def measure(path: str, label: str, method: str, setting: str, *, device, data: s
     if not loaded.causal:
         raise ConfigError(f"`{label}` is not a causal LM; compare measures perplexity and needs causal LMs")
     windows = evaluation.heldout_windows(loaded.tokenizer, data)
-    ppl = evaluation.perplexity(loaded.model, windows, batch_size=evaluation.PROTOCOL["batch_size"])
+    ppl = evaluation.perplexity(loaded.model, windows, batch_size=PROTOCOL["batch_size"])
     row = {"name": label, "path": path, "method": method, "settings": setting, "bytes": weight_file_bytes(path),
            "parameters": model_size(loaded.model, torch.float32)["parameters"], "perplexity": ppl["perplexity"]}
     if tasks:

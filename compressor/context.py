@@ -123,7 +123,7 @@ class Context:
     write artifacts into (renamed into place when the whole run succeeds); None = nothing is saved.
     model_source: how the model was named (id, folder, file). quiet: no progress bars.
     text_column: the column read from tabular text sources when a stage names none.
-    evaluate: the run's evaluation settings (compressor.evaluation.PROTOCOL and the recipe's
+    evaluate: the run's evaluation settings (compressor.protocol.PROTOCOL and the recipe's
         `evaluate:`); stages that score held-out text use its `seq_len`, so their numbers are the run's.
     """
 

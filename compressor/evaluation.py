@@ -18,11 +18,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .offload import input_device
-
-# The held-out protocol: text source, tokens per window, windows scored (the first ones, in text
-# order; fewer when the text has fewer), windows per forward pass. 64 x 256 tokens keeps a CPU
-# run of a small model short.
-PROTOCOL = {"data": "default", "seq_len": 256, "num_windows": 64, "batch_size": 8}
+from .protocol import PROTOCOL  # noqa: F401  (the protocol, defined in compressor/protocol.py)
 
 
 def heldout_windows(tokenizer, data: str = "default", *, seq_len: int = PROTOCOL["seq_len"],

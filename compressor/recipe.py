@@ -13,10 +13,10 @@ import yaml
 from .config import Config, did_you_mean
 from .dtypes import AUTO, check_output_dtype
 from .errors import ConfigError
-from .evaluation import PROTOCOL
 from .export import check_format
 from .offload import parse_max_memory
 from .preflight import check_int
+from .protocol import PROTOCOL
 
 
 @dataclass(frozen=True, kw_only=True)

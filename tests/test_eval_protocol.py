@@ -1,6 +1,7 @@
 """One evaluation protocol: the same checkpoint gets the same perplexity from `eval`, `compress`,
 `run` and `finetune` (its quality table and its own stage metrics)."""
 
+import dataclasses
 import json
 import math
 
@@ -65,3 +66,26 @@ def test_eval_num_windows_is_a_deprecated_alias_of_eval_windows():
     assert lines[0] == ("warning: --num-windows is deprecated; use --eval-windows (the name compress, finetune and "
                         "run use)")
     assert "(2 windows of 256)" in lines[-1]
+
+
+def test_every_default_of_the_protocol_comes_from_compressor_protocol():
+    """The CLI options, recipe `evaluate:` defaults and the evaluation functions read one dict."""
+    import inspect
+
+    from compressor import evaluation
+    from compressor.cli.compress import compress as compress_command
+    from compressor.cli.eval import eval_command
+    from compressor.cli.finetune import finetune as finetune_command
+    from compressor.protocol import PROTOCOL
+    from compressor.recipe import EvaluateConfig
+
+    assert evaluation.PROTOCOL is PROTOCOL
+    defaults = {f.name: f.default for f in dataclasses.fields(EvaluateConfig)}
+    assert {k: defaults[k] for k in PROTOCOL} == PROTOCOL
+    options = inspect.signature(eval_command).parameters
+    assert (options["seq_len"].default, options["eval_windows"].default, options["batch_size"].default) == (
+        PROTOCOL["seq_len"], PROTOCOL["num_windows"], PROTOCOL["batch_size"])
+    for command in (compress_command, finetune_command):
+        assert inspect.signature(command).parameters["eval_windows"].default == PROTOCOL["num_windows"]
+    heldout = inspect.signature(evaluation.heldout_windows).parameters
+    assert (heldout["seq_len"].default, heldout["num_windows"].default) == (PROTOCOL["seq_len"], PROTOCOL["num_windows"])

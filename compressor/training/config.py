@@ -53,7 +53,7 @@ class TrainConfig(MethodConfig):
     k_shot: training examples drawn per label (seeded); None = every training row.
     num_train: cap on training examples (classification) or windows (lm); None = all of them.
     num_eval: held-out examples (classification), or windows (lm) of 256 tokens: the first ones of the
-        held-out half, as every evaluation scores them (compressor.evaluation.PROTOCOL).
+        held-out half, as every evaluation scores them (compressor.protocol.PROTOCOL).
     eval_every: evaluate on the held-out data every N steps (curves["eval"]); 0 = only before
         and after training.
     checkpoint_every: save a resumable checkpoint to `<out>/checkpoints` every N steps; 0 = never

@@ -25,8 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from compressor.errors import DataError
-from compressor.evaluation import PROTOCOL, heldout_windows
+from compressor.evaluation import heldout_windows
 from compressor.preflight import context_of
+from compressor.protocol import PROTOCOL
 from compressor.training.config import TrainConfig
 
 LABELLED_SUFFIXES = (".tsv", ".csv", ".jsonl")
