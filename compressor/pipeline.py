@@ -112,41 +112,64 @@ class Pipeline:
             torch.manual_seed(self.config.seed)
             started = time.perf_counter()
             device = resolve_device(self.config.device)
-            if loaded is None:  # loading a large or GGUF model can take minutes
-                with Context(quiet=quiet).waiting(f"loading {self.config.model or 'the embedded stories260K'}"):
-                    loaded = load_model(self.config.model, device=device, dtype="float32",
-                                        trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
-                                        max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
-            check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
-            check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
-            report = Report(run={**collect_env(device, self.config.seed), "model": loaded.source,
-                                 "model_class": type(loaded.model).__name__})
-            report.size = {"before": {**model_size(loaded.model, loaded.source_dtype),
-                                      "disk_bytes": _source_disk_bytes(loaded.source)}}
+            if loaded is None:
+                loaded = self._load(device, quiet)
+            self._check_loaded(loaded)
+            report = self._start_report(loaded, device)
             if claim is None:
-                # Under torchrun / accelerate launch only rank 0 writes `out`; the other ranks stage
-                # into a scratch folder (training checkpoints need one) that is deleted afterwards.
-                with scratch_dir(self.out is not None) as tmp:
-                    self._run_stages(loaded, report, tmp, device, quiet)
-                report.run["seconds"] = time.perf_counter() - started
-                report.gates = evaluate_gates(self.config.gates.active(), report.evaluation)
-                self._raise_missed_gates(report)
-                return report, loaded
-            with claim.stage() as tmp:
-                ctx, reference = self._run_stages(loaded, report, tmp, device, quiet, after=False)
-                written = self._write_model(loaded, report, tmp)
-                if self._measures(loaded):  # "after" is scored on what was written, as `eval OUT` scores it
-                    self._evaluate_written(written, loaded, ctx, report, reference)
-                report.run["seconds"] = time.perf_counter() - started
-                report.gates = evaluate_gates(self.config.gates.active(), report.evaluation)  # judged now so report.md shows them
-                self._write_report(report, tmp)
-                claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
-                              problems=result_problems(loaded, report))
-            for resume in self._resumes():  # its checkpoints were copied into `out`
-                if resume.name.endswith(".partial"):
-                    remove_if_ours(resume)
+                self._run_unwritten(loaded, report, device, quiet, started)
+            else:
+                self._run_and_publish(claim, loaded, report, device, quiet, started)
         self._raise_missed_gates(report)
         return report, loaded
+
+    def _load(self, device, quiet: bool) -> LoadedModel:
+        """The model, in float32 (loading a large or GGUF model can take minutes: a progress line)."""
+        with Context(quiet=quiet).waiting(f"loading {self.config.model or 'the embedded stories260K'}"):
+            return load_model(self.config.model, device=device, dtype="float32",
+                              trust_remote_code=self.config.trust_remote_code, load_in=self.config.load_in,
+                              max_memory=self.config.max_memory, offload_folder=self.config.offload_folder)
+
+    def _check_loaded(self, loaded: LoadedModel) -> None:
+        """What needs the loaded model to refuse: window lengths against its context, stage support."""
+        check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
+        check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
+
+    def _start_report(self, loaded: LoadedModel, device) -> Report:
+        report = Report(run={**collect_env(device, self.config.seed), "model": loaded.source,
+                             "model_class": type(loaded.model).__name__})
+        report.size = {"before": {**model_size(loaded.model, loaded.source_dtype),
+                                  "disk_bytes": _source_disk_bytes(loaded.source)}}
+        return report
+
+    def _run_unwritten(self, loaded: LoadedModel, report: Report, device, quiet: bool, started: float) -> None:
+        """Under torchrun / accelerate launch only rank 0 writes `out`; the other ranks stage into a
+        scratch folder (training checkpoints need one) that is deleted afterwards."""
+        with scratch_dir(self.out is not None) as tmp:
+            self._run_stages(loaded, report, tmp, device, quiet)
+        self._judge(report, started)
+
+    def _run_and_publish(self, claim, loaded: LoadedModel, report: Report, device, quiet: bool,
+                         started: float) -> None:
+        """The stages, the model and the report written into the claim's staging folder, which is
+        then published as `out`; checkpoints of a resumed `.partial` run were copied in, so it goes."""
+        with claim.stage() as tmp:
+            ctx, reference = self._run_stages(loaded, report, tmp, device, quiet, after=False)
+            written = self._write_model(loaded, report, tmp)
+            if self._measures(loaded):  # "after" is scored on what was written, as `eval OUT` scores it
+                self._evaluate_written(written, loaded, ctx, report, reference)
+            self._judge(report, started)  # judged before writing, so report.md shows them
+            self._write_report(report, tmp)
+            claim.publish(tmp, command=" -> ".join(s.name for s in self.stages),
+                          problems=result_problems(loaded, report))
+        for resume in self._resumes():
+            if resume.name.endswith(".partial"):
+                remove_if_ours(resume)
+
+    def _judge(self, report: Report, started: float) -> None:
+        """Wall time and the quality gates, recorded in the report (raised after writing it)."""
+        report.run["seconds"] = time.perf_counter() - started
+        report.gates = evaluate_gates(self.config.gates.active(), report.evaluation)
 
     def _preflight(self) -> None:
         """What can be refused before the model loads: device, offload budget, window lengths."""
