@@ -59,6 +59,7 @@ class ProgressLog:
 
     every_s = 5.0
     heartbeat_s = 25.0  # with `beating()`, a line at least this often (under 30 s with jitter) while one item runs long
+    first_s = 2.0  # `Context.waiting`: the first line after this long, so a step that fails at once prints only its error
 
     def __init__(self, description: str, total: int | None, stream=None):
         self.description, self.total = description, total
@@ -186,7 +187,8 @@ class Context:
     @contextlib.contextmanager
     def waiting(self, description: str):
         """A step with no items to count (loading a model): a spinner on a terminal, else a
-        line now and one every ProgressLog.heartbeat_s seconds until it ends."""
+        line after ProgressLog.first_s seconds and one every heartbeat_s seconds until it ends
+        (nothing when it ends sooner: a missing path prints its one-line error alone)."""
         if self.quiet:
             yield
         elif self.console.is_terminal:
@@ -194,6 +196,6 @@ class Context:
                 yield
         else:
             log_lines = ProgressLog(description, None, self.console.file)
-            print(description, file=log_lines.stream, flush=True)
+            log_lines.last -= log_lines.heartbeat_s - log_lines.first_s  # the first beat at first_s
             with log_lines.beating():
                 yield
