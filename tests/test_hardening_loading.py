@@ -165,3 +165,13 @@ def test_compressing_a_tied_lm_head_is_refused(tmp_path):
     refused(["compress", "--method", "svd", "--targets", "lm_head", "-q", "--out", tmp_path / "o"], 2,
             "`lm_head` shares its weight with the input embeddings", "drop it from --targets")
     assert not (tmp_path / "o").exists()
+
+
+def test_transformers_from_pretrained_names_a_missing_factor_too(outputs, tmp_path):
+    import transformers
+
+    from compressor.errors import ModelError
+
+    folder = copy_of(outputs / "svd", tmp_path / "c", drop=f"{Q_PROJ}.v")
+    with pytest.raises(ModelError, match=rf"tensor `{Q_PROJ}\.v` is missing"):
+        transformers.AutoModelForCausalLM.from_pretrained(folder)
