@@ -5,7 +5,7 @@
 
 Variants: `dense`, saes-svd at keep 0.6 and 0.8 (`lowrank-0.6`, `lowrank-0.8`), `prune-2:4`
 (Wanda 2:4 on every linear, stored packed, unpacked on every call on CPU) and `prune-2:4-cached`
-(the same model run inside `compressor.kernels.cached_unpack()`: each weight unpacked once and kept
+(the same model run inside `compressor.kernels.dispatch.cached_unpack()`: each weight unpacked once and kept
 beside the packed one; CPU only, the CUDA path has a 2:4 kernel and unpacks nothing). Every variant
 decodes the same prompts with `model.generate(do_sample=False)`, exactly `--new-tokens` tokens (min
 = max, so no early EOS), at each batch size; the variants are interleaved inside every repeat (the
@@ -236,7 +236,7 @@ def memory_worker(args) -> None:
     import transformers  # noqa: F401  (imported before the baseline, like the model load needs)
 
     import compressor
-    from compressor.kernels import cached_unpack
+    from compressor.kernels.dispatch import cached_unpack
 
     torch.set_num_threads(1)
     warm_up_libraries(args, cached_unpack)
@@ -325,7 +325,7 @@ def generate(model, input_ids: torch.Tensor, new_tokens: int, pad_id: int, cache
     """Greedy decode of exactly `new_tokens`; {tokens, total_s, decode_s (first -> last token)}."""
     from transformers import StoppingCriteriaList
 
-    from compressor.kernels import cached_unpack
+    from compressor.kernels.dispatch import cached_unpack
 
     clock = StepClock(input_ids.device)
     synchronize(input_ids.device)
@@ -453,7 +453,7 @@ CPU_PATHS = [
     "- 2:4: torch has no CPU kernel for a packed 2:4 weight, so `prune-2:4` unpacks values + 2-bit "
     "positions to a dense matrix on every call (the reference's definition): one unpack per layer per "
     "decode step, slower than dense. `prune-2:4-cached` runs the same model inside "
-    "`compressor.kernels.cached_unpack()`: each weight is unpacked once and reused, at dense speed but "
+    "`compressor.kernels.dispatch.cached_unpack()`: each weight is unpacked once and reused, at dense speed but "
     "holding the dense matrix beside the packed one (see the after-decode memory). The packed format "
     "pays off on disk and where a kernel reads it directly (the Triton 2:4 kernel on CUDA, "
     "BENCHMARKS K3), not in CPU decoding.",

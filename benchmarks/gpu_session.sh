@@ -6,7 +6,7 @@
 #
 # Needs python3 with torch, triton, transformers, safetensors (no gguf, no network). The package
 # is made importable without pip: a folder of symlinks lays the repo out as the installed
-# `compressor` package (compressor.cli -> cli/, compressor.kernels -> kernels/, as pyproject's
+# `compressor` package (compressor.cli -> cli/, compressor.kernels -> kernels/ via the compressor/kernels link) as pyproject's
 # package-dir does) and goes on PYTHONPATH. Writes flat files into OUT (at most 8):
 #   nvidia-smi.txt  kernels_gpu.{md,json}  decode_speed_cuda.{md,json}  session.log
 #
@@ -25,7 +25,6 @@ say() { echo "[$(date -u +%H:%M:%S) +$((SECONDS - started))s] $*" | tee -a "$LOG
 # -- compressor importable: symlinks, no install ------------------------------------------------
 mkdir -p "$SHIM/compressor"
 for entry in compressor/*; do ln -s "$PWD/$entry" "$SHIM/compressor/"; done
-ln -s "$PWD/kernels" "$SHIM/compressor/kernels"
 ln -s "$PWD/cli" "$SHIM/compressor/cli"
 export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -36,7 +35,7 @@ export COMPRESSOR_TRITON_AUTOTUNE="${COMPRESSOR_TRITON_AUTOTUNE:-0}"
 say "gpu_session: out=$OUT_DIR"
 nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1; say "nvidia-smi rc=$?"
 cat "$OUT_DIR/nvidia-smi.txt" | head -20 | tee -a "$LOG"
-(cd /tmp && python3 -c "import torch, triton, transformers, compressor.kernels; print('torch', \
+(cd /tmp && python3 -c "import torch, triton, transformers, compressor.kernels.dispatch; print('torch', \
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', \
 torch.cuda.is_available())") 2>&1 | tee -a "$LOG"  # from /tmp: the repo's own compressor/ would shadow
 if [ "${GPU_SESSION_CPU_CHECK:-0}" = 1 ]; then

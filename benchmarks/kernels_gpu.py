@@ -100,7 +100,7 @@ def _w(rows, cols, dtype, device):
 
 def _packed_24(rows, cols, dtype, device):
     """Random 2:4 matrix (rows, cols) -> (dense, values, bit-packed indices)."""
-    from compressor.kernels import compress_nm_indices, nm_mask, pack_nm
+    from compressor.kernels.dispatch import compress_nm_indices, nm_mask, pack_nm
 
     dense = _w(rows, cols, dtype, device)
     dense = dense * nm_mask(dense.float().abs(), 2, 4)
@@ -191,7 +191,8 @@ def check_op(op, in_f, out_f, batch, dtype, device) -> dict:
 
 def check_mezo(device, numel: int) -> list[dict]:
     """Same noise as the reference; +eps, -2eps, +eps returns to the start within rounding."""
-    from compressor.kernels import mezo_normal, ref
+    from compressor.kernels.dispatch import mezo_normal
+    from compressor.kernels import ref
     from compressor.kernels import triton as tri
 
     rows, eps = [], 1e-3

@@ -32,8 +32,8 @@ from compressor.models import load_model
 from compressor.report.env import collect_env
 from compressor.training.sorted_ft import SortedConfig, default_exits
 from compressor.training.sorted_ft import apply as sorted_apply
-from compressor.training.trainer import BackpropConfig
-from compressor.training.trainer import apply as backprop_apply
+from compressor.training.backprop import BackpropConfig
+from compressor.training.backprop import apply as backprop_apply
 
 DEFAULT_DATA = "/work/shared/data"
 REPORTS = Path(__file__).resolve().parent.parent / "reports"

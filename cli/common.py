@@ -165,10 +165,6 @@ def print_evaluation(evaluation: dict[str, dict[str, Any]]) -> None:
     console.print(table)
 
 
-def stdout_is_tty() -> bool:
-    return sys.stdout.isatty()
-
-
 def stage_fields(method: str, kind: str, flags: dict[str, object]) -> dict[str, object]:
     """The stage fields `flags` fill (registry.FLAG_FIELDS), after checking `method` is a `kind`
     method: a compression method given to `finetune` names the command that runs it."""

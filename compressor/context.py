@@ -101,7 +101,6 @@ class Context:
     text_column: str | None = None
     evaluate: dict[str, Any] | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True))
-    notes: list[str] = field(default_factory=list)
 
     @classmethod
     def for_model(cls, model, tokenizer=None, **kwargs) -> Context:
@@ -148,7 +147,3 @@ class Context:
                 yield item
                 bar.advance(task)
 
-    def note(self, message: str) -> None:
-        """Record a run-level remark (also logged)."""
-        self.notes.append(message)
-        log.info(message)

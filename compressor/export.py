@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ConfigError, ModelError
-from .kernels import expand_nm_indices, unpack_nm
+from .kernels.dispatch import expand_nm_indices, unpack_nm
 from .kernels.packing import pack_bits
 from .models import read_manifest
 from .outdir import staged_output

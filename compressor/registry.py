@@ -67,8 +67,9 @@ BUILTIN: dict[str, MethodInfo] = {
         "compressor.methods.asvd", "ASVDConfig", "compress",
         "ASVD: activation-aware SVD — scale input channels by their typical magnitude before truncating."),
     "backprop": MethodInfo(
-        "compressor.training.trainer", "BackpropConfig", "finetune",
-        "Backprop fine-tuning (the `backprop` stage) and `fit`, the loop every fine-tuning stage calls."),
+        "compressor.training.backprop", "BackpropConfig", "finetune",
+        "Backprop fine-tuning: the `backprop` stage, full fine-tuning of the selected weights with AdamW "
+        "through `fit` (training/trainer.py)."),
     "dsee": MethodInfo(
         "compressor.adapters.dsee", "DseeConfig", "finetune",
         "DSEE: dually sparsity-embedded efficient tuning (Chen et al., ACL 2023, arXiv 2111.00160; reference "

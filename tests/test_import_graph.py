@@ -1,4 +1,11 @@
-"""The library's import graph has no cycle.
+"""The library's import graph has no cycle, and method modules are leaves.
+
+Rules (docs/ARCHITECTURE.md, "Import layering"):
+1. importing one method module imports no other method module, counting the parent packages that
+   every import runs (`import compressor.methods.svd_llm` runs `compressor/methods/__init__.py`);
+2. no cycle;
+3. no library module imports a method module (helpers, package `__init__`s and methods alike): the
+   registry imports them by name only.
 
 Every import statement counts, including those inside functions and under `if TYPE_CHECKING:`:
 an import hidden in a function is still a dependency, and a cycle through it only moves the
@@ -27,6 +34,8 @@ def module_files() -> dict[str, Path]:
     files = {}
     for folder, package in PACKAGE_DIRS.items():
         for path in sorted((ROOT / folder).rglob("*.py")):
+            if folder == "compressor" and path.relative_to(ROOT / folder).parts[0] == "kernels":
+                continue  # compressor/kernels is a link to kernels/, walked under its own name
             parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
             if parts[-1] == "__init__":
                 parts = parts[:-1]
@@ -121,9 +130,9 @@ def test_the_walker_sees_imports_inside_functions_and_relative_ones():
     # Known edges of each syntax, so a walker that silently finds nothing cannot pass.
     assert "compressor.errors" in graph["compressor.config"]  # absolute, top level
     assert "compressor.layers.base" in graph["compressor.layers.low_rank"]  # relative `from .base`
-    assert "compressor.kernels" in graph["compressor.layers.low_rank"]
-    assert "compressor.kernels.ref" in graph["compressor.kernels"]  # `from . import ref`: the submodule
-    assert "compressor.kernels" not in graph["compressor.kernels.ref"]  # ... not the package as well
+    assert "compressor.kernels.dispatch" in graph["compressor.layers.low_rank"]
+    assert "compressor.kernels.ref" in graph["compressor.kernels.dispatch"]  # `from . import ref`
+    assert "compressor.kernels.dispatch" not in graph["compressor.kernels.ref"]
     assert "compressor.errors" in graph["compressor.cli.common"]  # cli/ is compressor.cli
     assert "compressor.cli.compress" in graph["compressor.cli.main"]
     inside_functions = graph["compressor.models"]  # load_model imports the checkpoint format lazily
@@ -143,3 +152,83 @@ def test_the_library_has_no_import_cycle():
     cycles = strongly_connected(graph)
     assert not cycles, "import cycles (move the shared code down a layer; see docs/ARCHITECTURE.md):\n" + \
         "\n".join(describe(c, graph) for c in cycles)
+
+
+# -- method modules are leaves -----------------------------------------------------------------
+
+PARENT = "parent package"
+
+
+def method_modules() -> set[str]:
+    from compressor.registry import BUILTIN
+
+    return {info.module for info in BUILTIN.values()}
+
+
+def with_parent_packages(graph: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The graph plus an edge from every module to each of its parent packages: importing a module
+    runs their `__init__`s first, so whatever they import comes with it."""
+    full = {module: dict(edges) for module, edges in graph.items()}
+    for module in graph:
+        parts = module.split(".")
+        for depth in range(1, len(parts)):
+            parent = ".".join(parts[:depth])
+            if parent in graph:
+                full[module].setdefault(parent, PARENT)
+    return full
+
+
+def reachable_methods(graph: dict[str, dict[str, str]], start: str, methods: set[str]) -> dict[str, list[str]]:
+    """Other method modules that importing `start` imports, each with the chain of edges to it."""
+    chains = {start: []}
+    queue = [start]
+    while queue:
+        module = queue.pop(0)
+        for target, where in sorted(graph.get(module, {}).items()):
+            if target not in chains:
+                chains[target] = [*chains[module], f"{module} -> {target} ({where})"]
+                queue.append(target)
+    return {m: chain for m, chain in chains.items() if m in methods and m != start}
+
+
+def leaf_violations(graph: dict[str, dict[str, str]], methods: set[str]) -> list[str]:
+    """Rule 1: one line per method module that imports another, with the import chain."""
+    full = with_parent_packages(graph)
+    return [f"{start} imports {other}: " + "; ".join(chain)
+            for start in sorted(methods) for other, chain in sorted(reachable_methods(full, start, methods).items())]
+
+
+def method_importers(graph: dict[str, dict[str, str]], methods: set[str]) -> list[str]:
+    """Rule 3: every static import of a method module, by any library module."""
+    return [f"{module} -> {target} ({where})" for module, edges in sorted(graph.items())
+            for target, where in sorted(edges.items()) if target in methods and target != module]
+
+
+def test_the_leaf_rules_catch_method_to_method_helper_and_parent_package_imports():
+    methods = {"pkg.m.a", "pkg.m.b"}
+    direct = {"pkg.m.a": {"pkg.m.b": "a.py:3"}, "pkg.m.b": {}, "pkg.m": {}, "pkg": {}}
+    via_helper = {"pkg.m.a": {"pkg.m._h": "a.py:5"}, "pkg.m._h": {"pkg.m.b": "_h.py:9"}, "pkg.m.b": {},
+                  "pkg.m": {}, "pkg": {}}
+    via_parent = {"pkg.m.a": {}, "pkg.m.b": {}, "pkg.m": {"pkg.m.b": "m/__init__.py:2"}, "pkg": {}}
+    clean = {"pkg.m.a": {"pkg.m._h": "a.py:5"}, "pkg.m._h": {}, "pkg.m.b": {"pkg.m._h": "b.py:4"},
+             "pkg.m": {}, "pkg": {}}
+    assert leaf_violations(direct, methods) == ["pkg.m.a imports pkg.m.b: pkg.m.a -> pkg.m.b (a.py:3)"]
+    assert leaf_violations(via_helper, methods) == [
+        "pkg.m.a imports pkg.m.b: pkg.m.a -> pkg.m._h (a.py:5); pkg.m._h -> pkg.m.b (_h.py:9)"]
+    assert "pkg.m.a -> pkg.m (parent package); pkg.m -> pkg.m.b (m/__init__.py:2)" in " ".join(
+        leaf_violations(via_parent, methods))
+    assert method_importers(via_helper, methods) == ["pkg.m._h -> pkg.m.b (_h.py:9)"]
+    assert leaf_violations(clean, methods) == [] and method_importers(clean, methods) == []
+
+
+def test_importing_one_method_module_imports_no_other():
+    graph = import_edges(module_files())
+    methods = method_modules()
+    assert methods <= set(graph), sorted(methods - set(graph))
+    problems = leaf_violations(graph, methods)
+    assert not problems, "method modules must be leaves; move the shared code into a helper:\n" + "\n".join(problems)
+
+
+def test_no_library_module_imports_a_method_module():
+    problems = method_importers(import_edges(module_files()), method_modules())
+    assert not problems, "only the registry imports method modules (by name):\n" + "\n".join(problems)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..layers.dsee import sparse_dense  # noqa: F401  (re-exported)
-from ..methods.prune import unstructured_mask
+from ..methods._sparse_pattern import unstructured_mask
 
 
 def hard_threshold(x: Tensor, threshold: float) -> Tensor:

@@ -32,7 +32,7 @@ from ..context import Context
 from ..errors import ConfigError
 from ..kernels.packing import pack_bits, unpack_bits
 from ..layers import DseeLinear
-from ..methods.prune import magnitude_scores, prune_mask
+from ..methods._sparse_pattern import magnitude_scores, prune_mask
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import linear_shape, linear_weight, replace_module

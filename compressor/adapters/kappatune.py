@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from ..analysis import spectra
-from ..analysis.analyze import layer_spectra
+from ..analysis.sweep import layer_spectra
 from ..context import Context
 from ..errors import ConfigError
 from ..registry import register
@@ -39,7 +39,7 @@ from ._common import (
     with_default_lr,
     with_layer_type,
 )
-from .lora import check_lora_fields, train_lora
+from ._peft_lora import check_lora_fields, train_lora
 
 DEFAULT_TOP_P = 0.2
 

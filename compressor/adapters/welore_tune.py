@@ -20,11 +20,11 @@ from ..registry import register
 from ..report.records import StageResult
 from ..targeting import matches
 from ._common import with_default_lr
-from .heal import HealConfig, heal
+from ._heal_train import HealFields, heal
 
 
 @dataclass(frozen=True, kw_only=True)
-class WeLoreTuneConfig(HealConfig):
+class WeLoreTuneConfig(HealFields):
     """Args (plus every `HealConfig` / `TrainConfig` field):
     targets: restrict training to these low-rank layers (same syntax); empty = every one.
     ignore: low-rank layers to keep frozen.

@@ -1,4 +1,3 @@
-"""Read-only analysis: spectra (pure maths), the spectra cache, and the `analyze` stage."""
-
-from . import analyze, spectra  # noqa: F401
-from .analyze import AnalyzeConfig, layer_spectra  # noqa: F401
+"""Read-only analysis: spectra.py (pure maths), cache.py (spectra by weight hash), sweep.py (σ of
+every selected linear) and the `analyze` stage (analyze.py). Importing the package registers
+nothing: the registry imports analyze.py by name."""

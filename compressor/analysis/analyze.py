@@ -4,7 +4,6 @@ stable rank, WeLore's normalised tail, the ranks WeLore would remove and its LRC
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,12 +11,12 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..context import Context
-from ..errors import ConfigError, ModelError
-from ..offload import MaterializedWeights
+from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, select_linears
-from . import cache, spectra
+from . import spectra
+from .sweep import layer_spectra
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,40 +46,6 @@ class AnalyzeConfig(MethodConfig):
             raise ConfigError(f"analyze: `welore_reduction` must be in [0, 1), got {self.welore_reduction}")
         if not 0.0 <= self.lrc_min_ratio < 1.0:
             raise ConfigError(f"analyze: `lrc_min_ratio` must be in [0, 1), got {self.lrc_min_ratio}")
-
-
-def layer_spectra(model: nn.Module, targets=(), ignore=(), *, ctx: Context | None = None, use_cache: bool = True,
-                  max_dim: int = 16384) -> tuple[dict[str, torch.Tensor], int]:
-    """σ (descending, fp32, CPU) for each selected linear; returns (spectra, cache hits)."""
-    modules = select_linears(model, targets, ignore)
-    weights = MaterializedWeights(modules)  # reads accelerate-offloaded weights one at a time
-    check_finite(weights)
-    device = ctx.device if ctx is not None else torch.device("cpu")
-    result, hits = {}, 0
-    names = list(modules)
-    iterator = ctx.progress(names, "SVD sweep") if ctx is not None else names
-    for name in iterator:
-        weight = weights[name]
-        if max(weight.shape) > max_dim:
-            continue
-        key = cache.weight_key(weight) if use_cache else None
-        sigma = cache.load_spectrum(key) if key else None
-        if sigma is None:
-            sigma = spectra.singular_values(weight.to(device)).cpu()
-            if key:
-                cache.store_spectrum(key, sigma)
-        else:
-            hits += 1
-        result[name] = sigma
-    return result, hits
-
-
-def check_finite(weights: Mapping[str, torch.Tensor]) -> None:
-    bad = [n for n, w in weights.items() if not torch.isfinite(w).all()]
-    if bad:
-        shown = ", ".join(bad[:6]) + (f" (+{len(bad) - 6} more)" if len(bad) > 6 else "")
-        raise ModelError(f"{len(bad)} layer(s) hold NaN/Inf weights: {shown}; the checkpoint is corrupt — "
-                         "re-export it or restore the original weights")
 
 
 def layer_record(name: str, shape: tuple[int, int], sigma: torch.Tensor, config: AnalyzeConfig, tau: float) -> dict:

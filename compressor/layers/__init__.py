@@ -1,7 +1,7 @@
 """Compressed layer classes, one module per kind, and the table that rebuilds them by type name.
 
 Importing this package fills `LAYER_TYPES` with every kind (low-rank, N:M sparse, dense x sparse,
-LoRA, NOLA, DSEE). The kinds import only torch and `compressor.kernels`, so rebuilding a
+LoRA, NOLA, DSEE). The kinds import only torch and `compressor.kernels.dispatch`, so rebuilding a
 checkpoint's layers never imports the method registry, peft or a method module.
 """
 

@@ -43,9 +43,6 @@ class CompressedLinear(nn.Module):
         """The (out, in) weight this layer represents."""
         raise NotImplementedError
 
-    def num_stored_params(self) -> int:
-        return sum(t.numel() for t in self.state_dict().values())
-
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear with the same outputs (up to rounding)."""
         return dense_linear(self.dense_weight().detach(), getattr(self, "bias", None))

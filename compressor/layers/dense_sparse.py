@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..kernels import compress_nm_indices, dense_sparse_linear, pack_nm, unpack_nm
+from ..kernels.dispatch import compress_nm_indices, dense_sparse_linear, pack_nm, unpack_nm
 from .base import CompressedLinear, register_layer
 
 
@@ -28,9 +28,9 @@ class SparsePattern(Protocol):
 class DenseSparseLinear(CompressedLinear):
     """W = D S with D (out, k) dense and S (k, in) sparse per column, stored packed.
 
-    N:M (m > 0): S^T (in, k) packed along k as `compressor.kernels.pack_nm` lays it out:
+    N:M (m > 0): S^T (in, k) packed along k as `compressor.kernels.dispatch.pack_nm` lays it out:
     s_values (in, k/m*n) and s_indices = the positions bit-packed by `compress_nm_indices`
-    (2 bits each for 2:4); forward runs `compressor.kernels.dense_sparse_linear`.
+    (2 bits each for 2:4); forward runs `compressor.kernels.dispatch.dense_sparse_linear`.
     Unstructured (m == 0): `nnz` entries per column, s_values (in, nnz) and their row ids in k
     (s_indices uint8 if k <= 256 else int16); forward scatters S^T and runs two matmuls.
     """

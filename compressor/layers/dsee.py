@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from ..kernels import dispatch as kernels
 from .base import CompressedLinear, frozen_zeros, linear_shape, linear_weight, register_layer
 
 
@@ -22,7 +22,7 @@ class DseeLinear(CompressedLinear):
     """y = x W₀ᵀ + b + (α/r)·[(x Aᵀ) Bᵀ + x S₂ᵀ], S₂ = N values on Ω (two int64 buffers).
 
     W₀ is frozen (and holds the pruning zeros); A (r, in), B (out, r) and the N values train.
-    The forward is `compressor.kernels.dsee_linear` (fused Triton on CUDA, torch elsewhere).
+    The forward is `compressor.kernels.dispatch.dsee_linear` (fused Triton on CUDA, torch elsewhere).
     """
 
     layer_type = "dsee"

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from ..kernels import dispatch as kernels
 from .base import CompressedLinear, frozen_zeros, linear_weight, register_layer
 
 

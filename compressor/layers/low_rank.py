@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import dispatch as kernels
 from .base import CompressedLinear, register_layer
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..kernels import compress_nm_indices, nm_linear, pack_nm, unpack_nm
+from ..kernels.dispatch import compress_nm_indices, nm_linear, pack_nm, unpack_nm
 from .base import CompressedLinear, register_layer
 
 

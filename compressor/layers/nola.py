@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import kernels
+from ..kernels import dispatch as kernels
 from ._nola_bases import (
     BASES_A,
     BASES_B,

@@ -2,7 +2,7 @@
 
 Shapes: W is (out, in), D is (out, k) dense, S is (k, in) with a per-column sparsity pattern:
 `N:M` keeps exactly N of every M consecutive entries along k in each column (hardware friendly,
-packable with `compressor.kernels.pack_nm(S.T)`), `unstructured` keeps the s largest entries of each
+packable with `compressor.kernels.dispatch.pack_nm(S.T)`), `unstructured` keeps the s largest entries of each
 column. Everything here is tensors in, tensors out; `dsformer.py` does the wiring.
 
 The fit minimises the (optionally whitened) reconstruction error
@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..kernels import nm_index_bits
+from ..kernels.dispatch import nm_index_bits
 from ..numerics import add_relative_ridge, cholesky_lower
 
 # S's pattern lives below both this module and SparseGPT's solver (which parses it too); dsformer,
@@ -43,7 +43,7 @@ _DAMP = 1e-2  # relative ridge on H (fraction of its mean diagonal), as GPTQ-sty
 def index_bits_per_value(pattern: SparsePattern, k: int) -> int:
     """Bits of index metadata the checkpoint stores per value of S.
 
-    N:M: the position inside the group, bit-packed by `compressor.kernels.compress_nm_indices`
+    N:M: the position inside the group, bit-packed by `compressor.kernels.dispatch.compress_nm_indices`
     (`nm_index_bits(M)`: 2 bits for 2:4, 4 bits for M = 8 or 16). Unstructured: the row id in k,
     stored as uint8 when k <= 256 and int16 above.
     """

@@ -1,5 +1,6 @@
-"""Column sparsity patterns of a sparse factor S (k, in): N:M groups along k, or the top
-fraction of each column (unstructured). Shared by DSFormer's factorization and SparseGPT's solver."""
+"""Sparsity patterns and keep-masks: the column patterns of a sparse factor S (k, in) (N:M groups along
+k, or the top fraction of each column), shared by DSFormer's factorization and SparseGPT's solver,
+and the weight masks of `prune` (magnitude, Wanda; N:M or unstructured), which DSEE uses too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels import nm_mask
+from ..kernels.dispatch import nm_mask
 
 
 def nm_column_mask(s: Tensor, n: int, m: int) -> Tensor:
@@ -68,3 +69,41 @@ def parse_pattern(pattern: str, density: float = 0.5) -> SparsePattern:
     if m > 256:
         raise ValueError(f"got {pattern!r}: M must be <= 256 so an index fits the stored uint8")
     return SparsePattern(n=n, m=m)
+
+
+def magnitude_scores(weight: Tensor) -> Tensor:
+    """|W| (out, in)."""
+    return weight.detach().abs()
+
+
+def wanda_scores(weight: Tensor, input_norms: Tensor) -> Tensor:
+    """Wanda's |W_ij| * ||X_j||_2: weight (out, in), input_norms (in,) L2 norms -> (out, in)."""
+    return weight.detach().abs() * input_norms.to(weight.dtype)[None, :]
+
+
+def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = False) -> Tensor:
+    """Bool mask removing the floor(sparsity * count) lowest scores (per row or over the matrix)."""
+    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)
+    drop = int(sparsity * flat.shape[1])
+    mask = torch.ones_like(flat, dtype=torch.bool)
+    if drop > 0:
+        lowest = flat.topk(drop, dim=1, largest=False).indices
+        mask.scatter_(1, lowest, False)
+    return mask.reshape(scores.shape)
+
+
+def prune_mask(
+    scores: Tensor, pattern: str = "2:4", sparsity: float = 0.5, per_row: bool = False
+) -> Tensor:
+    """Bool keep-mask (out, in): N:M along in_features, or unstructured at `sparsity`."""
+    parsed = parse_pattern(pattern)
+    if parsed.structured:
+        return nm_mask(scores, parsed.n, parsed.m)
+    return unstructured_mask(scores, sparsity, per_row)
+
+
+def magnitude_mask(
+    weight: Tensor, sparsity: float = 0.5, pattern: str = "unstructured", per_row: bool = False
+) -> Tensor:
+    """Bool keep-mask of W by |W| (the data-free default DSEE prunes with)."""
+    return prune_mask(magnitude_scores(weight), pattern, sparsity, per_row)

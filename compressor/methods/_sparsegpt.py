@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernels import nm_mask
+from ..kernels.dispatch import nm_mask
 from ..numerics import cholesky_lower
 from ._sparse_pattern import parse_pattern
 

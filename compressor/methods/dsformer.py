@@ -21,7 +21,7 @@ metadata.)
 2. STF (`stf_steps` > 0): train D and a dense latent S~ end to end on the LM loss (+ KL to the dense
    teacher with `distill: true`); forward uses the projection of S~, backward is straight-through.
 3. Pack: `DenseSparseLinear` stores D and S packed (values + bit-packed positions) and runs
-   `compressor.kernels.dense_sparse_linear`.
+   `compressor.kernels.dispatch.dense_sparse_linear`.
 """
 
 from __future__ import annotations

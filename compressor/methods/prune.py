@@ -7,10 +7,11 @@ Alistarh, arXiv 2301.00774; maths in `_sparsegpt.py`) both chooses the mask and 
 weights with the OBS rule over the inverse of H = XᵀX, gathered the same way. N:M keeps the N best
 scores of every M consecutive weights along the input dim of each row (the layout of NVIDIA's
 2:4 sparse tensor cores) and stores the result packed in an `NMSparseLinear` (values + bit-packed
-positions, forward via `compressor.kernels.nm_linear`). Unstructured pruning zeroes weights of the
+positions, forward via `compressor.kernels.dispatch.nm_linear`). Unstructured pruning zeroes weights of the
 nn.Linear in place (a dense tensor holding zeros: no bytes are saved on disk).
 
-The mask functions are pure and shared: DSEE imports `magnitude_mask`, `wanda_scores`, `nm_mask`.
+The mask functions are pure and live in `_sparse_pattern.py` (DSEE uses them without registering
+`prune`); they are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ from ..calibration import CalibrationHooks, LayerStats, compress_blocks, compres
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
-from ..kernels import compress_nm_indices, nm_mask
+from ..kernels.dispatch import compress_nm_indices, nm_mask  # noqa: F401  (nm_mask: re-exported)
 from ..layers import CompressedLinear, NMSparseLinear, dense_linear
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, select_linears
 from ._dsformer_factor import parse_pattern
+from ._sparse_pattern import (  # noqa: F401  (the masks prune applies; re-exported)
+    magnitude_mask,
+    magnitude_scores,
+    prune_mask,
+    unstructured_mask,
+    wanda_scores,
+)
 from ._sparsegpt import output_error, sparsegpt_prune
 
 __all__ = [
@@ -97,44 +105,6 @@ class PruneConfig(CalibrationConfig):
 
 
 # -- pure scores and masks ---------------------------------------------------------------------
-
-
-def magnitude_scores(weight: Tensor) -> Tensor:
-    """|W| (out, in)."""
-    return weight.detach().abs()
-
-
-def wanda_scores(weight: Tensor, input_norms: Tensor) -> Tensor:
-    """Wanda's |W_ij| * ||X_j||_2: weight (out, in), input_norms (in,) L2 norms -> (out, in)."""
-    return weight.detach().abs() * input_norms.to(weight.dtype)[None, :]
-
-
-def unstructured_mask(scores: Tensor, sparsity: float, per_row: bool = False) -> Tensor:
-    """Bool mask removing the floor(sparsity * count) lowest scores (per row or over the matrix)."""
-    flat = scores.reshape(scores.shape[0], -1) if per_row else scores.reshape(1, -1)
-    drop = int(sparsity * flat.shape[1])
-    mask = torch.ones_like(flat, dtype=torch.bool)
-    if drop > 0:
-        lowest = flat.topk(drop, dim=1, largest=False).indices
-        mask.scatter_(1, lowest, False)
-    return mask.reshape(scores.shape)
-
-
-def prune_mask(
-    scores: Tensor, pattern: str = "2:4", sparsity: float = 0.5, per_row: bool = False
-) -> Tensor:
-    """Bool keep-mask (out, in): N:M along in_features, or unstructured at `sparsity`."""
-    parsed = parse_pattern(pattern)
-    if parsed.structured:
-        return nm_mask(scores, parsed.n, parsed.m)
-    return unstructured_mask(scores, sparsity, per_row)
-
-
-def magnitude_mask(
-    weight: Tensor, sparsity: float = 0.5, pattern: str = "unstructured", per_row: bool = False
-) -> Tensor:
-    """Bool keep-mask of W by |W| (the data-free default DSEE prunes with)."""
-    return prune_mask(magnitude_scores(weight), pattern, sparsity, per_row)
 
 
 def nm_sparse_bytes(out_f: int, in_f: int, n: int, m: int, value_bytes: int) -> dict[str, int]:

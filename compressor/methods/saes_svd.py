@@ -38,8 +38,8 @@ from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
+from ._factors import unwhiten
 from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
-from .svd_llm import unwhiten
 
 
 @dataclass(frozen=True, kw_only=True)

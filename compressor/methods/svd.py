@@ -10,27 +10,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import LayerStats, LowRankConfig, compress_model, split_singular
+from ._factors import svd_factors
+from .lowrank import LayerStats, LowRankConfig, compress_model
 
 
 @dataclass(frozen=True, kw_only=True)
 class SVDConfig(LowRankConfig):
     """Plain truncated SVD of every targeted linear (see LowRankConfig for the shared fields)."""
-
-
-def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-`rank` approximation of W (m, n) in Frobenius norm -> (u (m, r), v (r, n)), fp64.
-
-    √Σ is fused into both factors so they have comparable scales (as SVD-LLM and ASVD do).
-    """
-    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    return split_singular(u, s, vh, rank)
 
 
 def _factorize(name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: SVDConfig):

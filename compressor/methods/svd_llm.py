@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
 from torch import Tensor, nn
 
 from ..context import Context
@@ -37,7 +36,8 @@ from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
+from ._factors import least_squares_left, whitened_factors
+from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model
 
 UPDATE_AUTO_BELOW = 0.7
 
@@ -69,32 +69,6 @@ class SVDLLMConfig(CalibratedLowRankConfig):
 
     def use_update(self) -> bool:
         return self.update == "true" or (self.update == "auto" and self.rank < UPDATE_AUTO_BELOW)
-
-
-def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """SVD of W L, truncated: (W (m, n), L (n, n), r) -> (u (m, r), v (r, n), σ (min(m, n),)).
-
-    u v = U_r Σ_r V_rᵀ L⁻¹; σ are all singular values of W L (σ_{>r}² is the dropped output error).
-    """
-    u, s, vh = torch.linalg.svd(weight.double() @ chol, full_matrices=False)
-    left, right = split_singular(u, s, vh, rank)
-    return left, unwhiten(right, chol), s
-
-
-def unwhiten(right: Tensor, chol: Tensor) -> Tensor:
-    """right L⁻¹ (r, n) by a triangular solve of Z L = right (no explicit inverse)."""
-    return torch.linalg.solve_triangular(chol, right, upper=False, left=False)
-
-
-def least_squares_left(weight: Tensor, right: Tensor, hessian: Tensor, cross: Tensor) -> Tensor:
-    """U (m, r) = argmin ‖U V̂ X − W X_f‖² = W C V̂ᵀ (V̂ H V̂ᵀ)⁻¹ with C = X_f Xᵀ/N, H = X Xᵀ/N."""
-    w, v = weight.double(), right.double()
-    gram = v @ hessian.double() @ v.T  # (r, r)
-    rhs = w @ cross.double() @ v.T  # (m, r)
-    solution, info = torch.linalg.solve_ex(gram, rhs.T)
-    if info.item() != 0 or not torch.isfinite(solution).all():
-        solution = torch.linalg.lstsq(gram, rhs.T).solution
-    return solution.T
 
 
 def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: SVDLLMConfig):

@@ -29,9 +29,9 @@ from ..context import Context
 from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
+from ._factors import svd_factors
 from ._lowrank_plan import layer_plan_at, welore_allocation, welore_plan  # noqa: F401  (the allocation; re-exported)
 from .lowrank import LayerStats, LowRankConfig, compress_model
-from .svd import svd_factors
 
 
 @dataclass(frozen=True, kw_only=True)

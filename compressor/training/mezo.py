@@ -4,7 +4,7 @@ One step, for a fresh seed s and the trainable parameters in a fixed order:
   theta += eps*z; l+ = L(theta); theta -= 2*eps*z; l- = L(theta); theta += eps*z   (restored)
   g = (l+ - l-) / (2*eps)                                                          (a scalar)
   theta <- theta - lr * (g*z + wd*theta)       (wd only on weight matrices: no bias, no norm)
-z ~ N(0, I) is never stored: `compressor.kernels.mezo_axpy_` regenerates it from (s, offset),
+z ~ N(0, I) is never stored: `compressor.kernels.dispatch.mezo_axpy_` regenerates it from (s, offset),
 where a tensor's offset is the number of trainable elements before it, so the whole parameter
 list reads one noise stream. Losses run under no_grad with the model in eval mode (dropout off),
 so memory is that of inference plus one chunk of noise.
@@ -81,7 +81,7 @@ class MezoConfig(TrainConfig):
 def _train_lora(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
     """MeZO on LoRA adapters via the `lora` stage's own injection, so the result saves and reloads
     exactly like a `lora` run (peft adapter folder + LoraLinear layers)."""
-    from compressor.adapters.lora import train_lora
+    from compressor.adapters._peft_lora import train_lora
     from compressor.targeting import select_linears
 
     names = list(select_linears(model, config.targets, config.ignore))

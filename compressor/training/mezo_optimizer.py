@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from compressor.errors import ConfigError
-from compressor.kernels import mezo_axpy_, mezo_normal
+from compressor.kernels.dispatch import mezo_axpy_, mezo_normal
 from compressor.training.checkpoint import check_identity, check_trajectory, progress_folder
 from compressor.training.run import TrainRun, checksum, decays
 

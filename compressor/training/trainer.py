@@ -1,4 +1,6 @@
-"""Backprop fine-tuning (the `backprop` stage) and `fit`, the loop every fine-tuning stage calls.
+"""`fit`, the loop every fine-tuning stage calls (the `backprop` stage itself is training/backprop.py).
+
+This module registers no method, so the stages built on it import it without registering others.
 
 Contract (adapter stages call this; it trains `params` of `model` in place):
 
@@ -52,7 +54,6 @@ from compressor.config import MethodConfig
 from compressor.errors import ConfigError
 from compressor.offload import input_device, is_dispatched
 from compressor.outdir import preserve_progress, signals_deferred
-from compressor.registry import register
 from compressor.report.records import StageResult
 from compressor.targeting import select_linears
 from compressor.training.checkpoint import (
@@ -347,15 +348,6 @@ def _checkpoint(run: TrainRun, step: int, optimizer, scheduler) -> None:
     save_checkpoint(run.out_dir, step, run.meta(), run.params, optimizer, scheduler)
 
 
-# -- the `backprop` stage ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True)
-class BackpropConfig(TrainConfig):
-    """Full fine-tuning with AdamW. All `TrainConfig` fields apply; `targets` / `ignore` pick the
-    linears whose weights (and biases) train; empty `targets` = every parameter of the model."""
-
-
 def trainable_for_targets(model: nn.Module, config: MethodConfig) -> dict[str, nn.Parameter]:
     """Every parameter (no `targets`), or the weights and biases of the selected linears."""
     if not config.targets:
@@ -364,14 +356,3 @@ def trainable_for_targets(model: nn.Module, config: MethodConfig) -> dict[str, n
     return {
         f"{name}.{pname}": p for name, mod in modules.items() for pname, p in mod.named_parameters()
     }
-
-
-@register("backprop", BackpropConfig, kind="finetune")
-def apply(model: nn.Module, config: BackpropConfig, ctx) -> StageResult:
-    """Fine-tune `model` in place by backpropagation."""
-    if config.optimizer != "adamw":
-        raise ConfigError(
-            f"backprop: `optimizer` must be 'adamw', got {config.optimizer!r}; use the `mezo` stage"
-        )
-    result = fit(model, trainable_for_targets(model, config), config, ctx, method="backprop")
-    return result.stage_result()

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from compressor.adapters.heal import HealConfig, distillation_loss, heal, healable_layers
+from compressor.adapters._heal_train import distillation_loss, healable_layers
+from compressor.adapters.heal import HealConfig, heal
 from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.layers import LowRankLinear
@@ -105,7 +106,7 @@ def test_a_compressed_teacher_and_an_uncompressed_model_are_refused(tmp_path):
     compressed = tiny_llama()
     svd_apply(compressed, SVDConfig(rank=0.5), Context.for_model(compressed))
     save(compressed, tmp_path / "c")
-    from compressor.adapters.heal import load_teacher
+    from compressor.adapters._heal_train import load_teacher
 
     with pytest.raises(ConfigError, match="teacher .* holds compressed layers"):
         load_teacher(HealConfig(loss="kl", teacher=str(tmp_path / "c")), Context(quiet=True), compressed)

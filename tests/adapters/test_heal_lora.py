@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from compressor.adapters.heal import HealConfig, heal, lora_hosts, lora_pairs
+from compressor.adapters._heal_train import lora_hosts, lora_pairs
+from compressor.adapters.heal import HealConfig, heal
 from compressor.errors import ConfigError
 from compressor.layers import LowRankLinear
 from compressor.methods.prune import NMSparseLinear, PruneConfig

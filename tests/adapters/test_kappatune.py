@@ -5,9 +5,9 @@ import torch
 
 from compressor.adapters import kappatune
 from compressor.adapters.kappatune import KappaTuneConfig
-from compressor.adapters.lora import LoraLinear
 from compressor.context import Context
 from compressor.errors import ConfigError
+from compressor.layers import LoraLinear
 from compressor.models import load_model
 from compressor.testing.tiny import tiny_llama
 

@@ -4,10 +4,10 @@ import peft
 import pytest
 import torch
 
-from compressor.adapters import lora
-from compressor.adapters.lora import LoraConfig, LoraLinear
+from compressor.adapters import _peft_lora, lora
+from compressor.adapters.lora import LoraConfig
 from compressor.errors import ConfigError
-from compressor.layers import LowRankLinear, merge_compressed
+from compressor.layers import LoraLinear, LowRankLinear, merge_compressed
 from compressor.models import load_model
 from compressor.targeting import replace_module
 from compressor.testing.tiny import example_input_ids, tiny_llama
@@ -21,8 +21,8 @@ def _logits(model, ids):
 def test_init_leaves_outputs_unchanged():
     model, ids = tiny_llama(), example_input_ids()
     before = _logits(model, ids)
-    lora.inject_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, dropout=0.0)
-    assert len(lora.peft_layers(model)) == 6
+    _peft_lora.inject_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, alpha=8, dropout=0.0)
+    assert len(_peft_lora.peft_layers(model)) == 6
     assert torch.equal(_logits(model, ids), before)
 
 
@@ -51,13 +51,13 @@ def test_stage_writes_a_peft_adapter_that_plain_peft_loads_with_the_same_logits(
 
 def test_merge_gives_plain_linears_with_unchanged_outputs():
     model, ids = tiny_llama(), example_input_ids()
-    peft_model = lora.inject_lora(model, ["q_proj", "up_proj"], rank=4, alpha=8, dropout=0.0)
+    peft_model = _peft_lora.inject_lora(model, ["q_proj", "up_proj"], rank=4, alpha=8, dropout=0.0)
     with torch.no_grad():
-        for param in lora.lora_params(model).values():
+        for param in _peft_lora.lora_params(model).values():
             param.normal_(std=0.2)
     adapted = _logits(model, ids)
-    assert lora.finish_peft(model, peft_model, merge=True) == "merged"
-    assert not lora.peft_layers(model) and all(
+    assert _peft_lora.finish_peft(model, peft_model, merge=True) == "merged"
+    assert not _peft_lora.peft_layers(model) and all(
         type(m) is torch.nn.Linear
         for n, m in model.named_modules()
         if n.endswith(("q_proj", "up_proj"))
@@ -67,12 +67,12 @@ def test_merge_gives_plain_linears_with_unchanged_outputs():
 
 def test_lora_linear_merge_matches_the_adapter():
     model, ids = tiny_llama(), example_input_ids()
-    peft_model = lora.inject_lora(model, ["k_proj"], rank=2, alpha=4, dropout=0.0)
+    peft_model = _peft_lora.inject_lora(model, ["k_proj"], rank=2, alpha=4, dropout=0.0)
     with torch.no_grad():
-        for param in lora.lora_params(model).values():
+        for param in _peft_lora.lora_params(model).values():
             param.normal_(std=0.3)
     adapted = _logits(model, ids)
-    assert lora.finish_peft(model, peft_model, merge=False) == "lora_linear"
+    assert _peft_lora.finish_peft(model, peft_model, merge=False) == "lora_linear"
     torch.testing.assert_close(_logits(model, ids), adapted, rtol=0, atol=1e-6)
     assert merge_compressed(model) == 2
     torch.testing.assert_close(_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)

@@ -5,7 +5,7 @@ pipeline's own `load_in` path (which needs CUDA) is the lead's models.load_model
 import pytest
 import torch
 
-from compressor.adapters import dsee, lora, nola
+from compressor.adapters import _peft_lora, dsee, nola
 from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.targeting import replace_module, select_linears
@@ -59,9 +59,9 @@ def test_nola_wraps_a_4bit_base_unchanged_and_trains_coefficients():
 def test_lora_keeps_peft_layers_over_a_4bit_base():
     model, ids = quantized_tiny_llama(), example_input_ids()
     before = _logits(model, ids)
-    peft_model = lora.inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.0)
+    peft_model = _peft_lora.inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8, dropout=0.0)
     assert torch.equal(_logits(model, ids), before)
-    assert lora.finish_peft(model, peft_model, merge=False) == "peft"
+    assert _peft_lora.finish_peft(model, peft_model, merge=False) == "peft"
 
 
 def test_dsee_refuses_a_quantized_base_with_the_fix():

@@ -29,7 +29,7 @@ def relative_max_error(y: torch.Tensor, exact: torch.Tensor) -> float:
 
 def random_nm(rows: int, cols: int, n: int, m: int, dtype=torch.float32, generator=None):
     """Dense (rows, cols) with exactly n non-zeros per group of m along the last dim."""
-    from compressor.kernels import nm_mask
+    from compressor.kernels.dispatch import nm_mask
 
     dense = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
     dense = dense.masked_fill(dense == 0, 1.0)

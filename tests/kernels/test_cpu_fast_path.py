@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import sys
 
-import compressor.kernels as kernels
+import compressor.kernels.dispatch as kernels
 import pytest
 import torch
-from compressor.kernels import _cpu, compress_nm_indices, pack_nm, ref
+from compressor.kernels.dispatch import compress_nm_indices, pack_nm
+from compressor.kernels import _cpu, ref
 from torch.profiler import ProfilerActivity, profile
 
 # The only aten ops a factor may pass through in a forward: views and the matmuls reading it.

@@ -7,10 +7,10 @@ import subprocess
 import sys
 import warnings
 
-import compressor.kernels as kernels
+import compressor.kernels.dispatch as kernels
 import pytest
 import torch
-from compressor.kernels import KernelUnavailable, available_backends, resolve_backend
+from compressor.kernels.dispatch import KernelUnavailable, available_backends, resolve_backend
 
 CPU = torch.zeros(2)
 
@@ -102,7 +102,7 @@ def test_auto_on_cuda_tensors_is_triton(no_env):
 def test_import_works_without_triton_and_does_not_load_it():
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import compressor.kernels as k, torch\n"
+        "import compressor.kernels.dispatch as k, torch\n"
         "assert k.available_backends() == ['ref']\n"
         "x = torch.ones(1, 4)\n"
         "print(k.low_rank_linear(x, torch.ones(2, 1), torch.ones(1, 4)).tolist())\n"

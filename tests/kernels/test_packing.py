@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compressor.kernels import (
+from compressor.kernels.dispatch import (
     compress_nm_indices,
     expand_nm_indices,
     nm_index_bits,

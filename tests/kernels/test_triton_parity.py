@@ -15,9 +15,10 @@ import torch
 
 pytest.importorskip("triton")
 
-import compressor.kernels as kernels  # noqa: E402
+import compressor.kernels.dispatch as kernels  # noqa: E402
 import compressor.kernels.triton as tri  # noqa: E402
-from compressor.kernels import compress_nm_indices, pack_nm, ref  # noqa: E402
+from compressor.kernels.dispatch import compress_nm_indices, pack_nm  # noqa: E402
+from compressor.kernels import ref  # noqa: E402
 from compressor.kernels.triton._linear import nm_fast_path, plan  # noqa: E402
 
 F64 = torch.float64

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from compressor.errors import ModelError
+from compressor.methods._factors import least_squares_left, svd_factors, whitened_factors
 from compressor.methods.asvd import activation_scales, asvd_factors
 from compressor.methods.lowrank import (
     LayerStats,
@@ -25,9 +26,8 @@ from compressor.methods.saes_svd import (
     cealc_parts,
     retained_energy_ratio,
 )
-from compressor.methods.svd import svd_factors
-from compressor.methods.svd_llm import cholesky_with_shift, least_squares_left, whitened_factors
 from compressor.methods.welore import welore_allocation
+from compressor.numerics import cholesky_with_shift
 
 # stories260K's and SmolLM2-135M's linear shapes (out, in): q, k/v (GQA), o, gate/up, down.
 STORIES = [(64, 64), (32, 64), (32, 64), (64, 64), (172, 64), (172, 64), (64, 172)]

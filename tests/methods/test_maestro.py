@@ -13,6 +13,7 @@ from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.layers import LowRankLinear
 from compressor.methods import maestro
+from compressor.methods._factors import svd_factors
 from compressor.methods._maestro_layer import (
     MaestroLinear,
     SingleLayerSampler,
@@ -25,9 +26,7 @@ from compressor.methods._maestro_layer import (
     rank_importance,
 )
 from compressor.methods._maestro_train import MaestroSchedule, maestro_step, shrink
-from compressor.methods.svd import svd_factors
 from compressor.testing.tiny import example_input_ids, tiny_llama
-
 
 
 def test_full_width_reproduces_the_svd_factorisation():

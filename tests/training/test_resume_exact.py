@@ -8,9 +8,9 @@ import torch
 from compressor.context import Context
 from compressor.errors import ConfigError
 from compressor.testing import tiny_llama
+from compressor.training.backprop import BackpropConfig, apply
 from compressor.training.mezo import MezoConfig
 from compressor.training.mezo import apply as mezo_apply
-from compressor.training.trainer import BackpropConfig, apply
 
 
 @pytest.fixture

@@ -12,11 +12,11 @@ from compressor.errors import ConfigError
 from compressor.testing import tiny_bert, tiny_llama
 from compressor.testing.tiny import example_input_ids, tiny_gpt2
 from compressor.training import TrainConfig, fit
+from compressor.training.backprop import BackpropConfig, apply
 from compressor.training.losses import lm_loss
 from compressor.training.run import lr_factor
 from compressor.training.sorted_ft import SortedConfig
 from compressor.training.sorted_ft import apply as sorted_apply
-from compressor.training.trainer import BackpropConfig, apply
 
 
 def _snapshot(model):

@@ -189,7 +189,7 @@ def _autograd_fallback(source: str) -> str:
 def _backend_module(backend: str | None, *tensors: Tensor | None) -> ModuleType:
     if resolve_backend(backend, *tensors) == "ref":
         return ref
-    return importlib.import_module(".triton", __name__)
+    return importlib.import_module(".triton", __package__)
 
 
 # -- public ops: same arguments as ref.<op>, plus `backend` ----------------------------------------

@@ -1,0 +1,391 @@
+"""QF peer rows (issue 19): llm-compressor's weight-only int quantization of SmolLM2-135M on our protocol.
+
+Runs in llm-compressor's own venv (it pins its own transformers), without importing compressor:
+    python -m venv /work/venvs/llmc-peer
+    /work/venvs/llmc-peer/bin/pip install torch==2.13.0 'llmcompressor==0.14.*' gguf
+    OMP_NUM_THREADS=1 nohup /work/venvs/llmc-peer/bin/python benchmarks/quant_peer.py \
+        > /tmp/quant_peer.log 2>&1 &
+
+Protocol (benchmarks/frontier.py and benchmarks/sparse_p1.py): SmolLM2-135M read from its GGUF, rebuilt
+as a plain float32 LlamaForCausalLM (quantization_config removed); wiki.test.raw read as one document
+(newline="", CRLF normalised) and tokenized once with special tokens, as compressor.data does; the
+stream's first half calibrates (its first 32 x 256 tokens, in order), perplexity is measured on 16
+non-overlapping windows of 512 from the start of its second half (disjoint).
+
+Rows: dense; RTN (QuantizationModifier) and GPTQ (GPTQModifier, its defaults: block 128, dampening
+0.01, actorder static) with symmetric int weights in groups of 64 (576 is not a multiple of 128),
+activations float (W4A16-style), every Linear but lm_head (tied to the embedding, kept float).
+Perplexity is measured on llm-compressor's in-memory fake-quantized model; then the model is saved
+compressed (compressed-tensors), reloaded with transformers (decompressed) and measured again.
+
+Bytes are counted from the saved checkpoint's safetensors: every stored tensor once, floating values
+at 2 bytes (bfloat16, as the project's frontier counts them; llm-compressor writes this float32
+model's scales and embedding in float32), integer tensors (packed codes, shapes) at their own width.
+The denominator is the dense checkpoint counted the same way (= its bfloat16 copy).
+
+Writes reports/quant_peer.{json,md} after every row; --resume keeps the rows of an earlier run with
+the same sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_DATA = "/work/shared/data"
+REPO = Path(__file__).resolve().parent.parent
+REPORTS = REPO / "reports"
+# (label, llm-compressor modifier or None for dense, weight bits); run in this order.
+ROWS = [
+    ("dense", None, None),
+    ("rtn-int4-g64", "QuantizationModifier", 4),
+    ("gptq-int4-g64", "GPTQModifier", 4),
+    ("rtn-int8-g64", "QuantizationModifier", 8),
+    ("gptq-int3-g64", "GPTQModifier", 3),
+]
+GROUP_SIZE = 64
+# issue 19's table (llm-compressor 0.14, its own held-out split, dense 26.84 there)
+ISSUE_TABLE = {"dense": 26.84, "rtn-int8-g64": 26.94, "gptq-int4-g64": 37.07, "rtn-int4-g64": 39.13,
+               "gptq-int3-g64": 175.3}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
+    p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
+    p.add_argument("--rows", default=None, help="comma-separated row labels (default: all, in order)")
+    p.add_argument("--calib-windows", type=int, default=32)
+    p.add_argument("--calib-seq", type=int, default=256)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seq", type=int, default=512)
+    p.add_argument("--no-reload", action="store_true", help="skip the compressed save + reload check")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="keep rows of an earlier run with the same sizes")
+    p.add_argument("--out", default=str(REPORTS))
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- model and text (our protocol)
+
+
+def load_plain_smollm2(gguf: Path):
+    """The GGUF dequantized by transformers, rebuilt as a plain float32 LlamaForCausalLM (a model
+    loaded from GGUF refuses save_pretrained, which llm-compressor's save needs)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or any(k != "lm_head.weight" for k in missing):  # lm_head is tied to the embedding
+        sys.exit(f"error: the GGUF state dict does not fit LlamaForCausalLM "
+                 f"(missing {missing}, unexpected {unexpected})")
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def token_stream(tokenizer, path: Path) -> torch.Tensor:
+    """compressor.data for a .txt source: the whole file is one document, CRLF normalised, tokenized
+    with special tokens (one document, so no EOS is appended)."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        text = handle.read().replace("\r\n", "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def halves_windows(stream: torch.Tensor, sizes: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressor.data.split_stream + make_windows: calibration = the first windows of the first
+    half, in order (sparse_p1's start_windows); evaluation = the first windows of the second half."""
+    cut = int(len(stream) * 0.5)
+    calib = first_windows(stream[:cut], sizes["calib_seq"], sizes["calib_windows"], "calibration")
+    evaluation = first_windows(stream[cut:], sizes["eval_seq"], sizes["eval_windows"], "evaluation")
+    return calib, evaluation
+
+
+def first_windows(part: torch.Tensor, seq_len: int, num: int, what: str) -> torch.Tensor:
+    if len(part) // seq_len < num:
+        sys.exit(f"error: the {what} half holds only {len(part) // seq_len} windows of {seq_len}; "
+                 "ask for fewer")
+    return part[: num * seq_len].view(num, seq_len)
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
+    """compressor.evaluation.perplexity: exp(mean next-token NLL over every window position)."""
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        total_nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+        total_tokens += batch[:, 1:].numel()
+    return math.exp(total_nll / total_tokens)
+
+
+# ---------------------------------------------------------------- llm-compressor
+
+
+def recipe_for(modifier: str, bits: int):
+    """Symmetric int `bits` weights in groups of GROUP_SIZE, float activations, lm_head ignored."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
+                               group_size=GROUP_SIZE)
+    groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    cls = {"QuantizationModifier": QuantizationModifier, "GPTQModifier": GPTQModifier}[modifier]
+    return cls(config_groups=groups, ignore=["lm_head"])
+
+
+def quantize(model, tokenizer, modifier: str, bits: int, calib: torch.Tensor, plain_dir: str):
+    """llm-compressor's oneshot on `model` in place with the fixed calibration windows."""
+    from datasets import Dataset
+
+    from llmcompressor import oneshot
+
+    data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    model.config._name_or_path = plain_dir  # oneshot re-reads the config from there
+    oneshot(model=model, dataset=data, processor=tokenizer, recipe=recipe_for(modifier, bits),
+            num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+            shuffle_calibration_samples=False)
+
+
+def checkpoint_bytes(folder: Path) -> dict:
+    """Bytes of every tensor in the folder's safetensors, floats at 2 B (bf16), integers at their
+    width, plus the files' size on disk. The tied lm_head is saved once (llm-compressor re-ties
+    it on save); `lm_head_stored` records whether a separate copy was written."""
+    from safetensors import safe_open
+
+    stored, disk, names, dtypes = 0, 0, [], {}
+    for path in sorted(folder.glob("*.safetensors")):
+        disk += path.stat().st_size
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                dtype, numel = piece.get_dtype(), math.prod(piece.get_shape())
+                width = 2 if dtype in ("F32", "F16", "BF16", "F64") else int(dtype.lstrip("IU")) // 8
+                stored += numel * width
+                names.append(name)
+                dtypes[dtype] = dtypes.get(dtype, 0) + numel
+    return {"stored_bytes": stored, "file_bytes": disk, "tensors": len(names), "dtype_values": dtypes,
+            "lm_head_stored": any(n.startswith("lm_head") for n in names)}
+
+
+def reload_decompressed(folder: Path):
+    """transformers' compressed-tensors reader, decompressing to float on load (CPU)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import CompressedTensorsConfig
+
+    decompress = CompressedTensorsConfig(dequantize=True)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=decompress)
+
+
+def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None, calib, eval_windows, args,
+            plain_dir: str) -> dict:
+    model = copy.deepcopy(dense)
+    started = time.perf_counter()
+    if modifier is not None:
+        quantize(model, tokenizer, modifier, bits, calib, plain_dir)
+    seconds = time.perf_counter() - started
+    value = perplexity(model, eval_windows)
+    finite_or_exit(label, value)
+    row = {"label": label, "modifier": modifier or "dense", "bits": bits,
+           "group_size": GROUP_SIZE if bits else None, "symmetric": True if bits else None,
+           "ppl": value, "seconds": round(seconds, 1)}
+    if modifier is not None:
+        row["linear_weights_quantized"] = count_quantized(model)
+    with tempfile.TemporaryDirectory(prefix="quant_peer_") as folder:
+        model.save_pretrained(folder)  # llm-compressor's wrapper: compressed-tensors when quantized
+        row.update(checkpoint_bytes(Path(folder)))
+        row["format"] = json.loads((Path(folder) / "config.json").read_text()).get(
+            "quantization_config", {}).get("format", "dense")
+        del model
+        if modifier is not None and not args.no_reload:
+            reloaded = reload_decompressed(Path(folder))
+            row["ppl_reloaded"] = perplexity(reloaded, eval_windows)
+            finite_or_exit(f"{label} (reloaded)", row["ppl_reloaded"])
+            del reloaded
+    reloaded = row.get("ppl_reloaded", float("nan"))
+    print(f"{time.strftime('%H:%M:%S')} {label:16s} ppl {value:9.3f}  reloaded {reloaded:9.3f}  "
+          f"bytes {row['stored_bytes']:,}  {seconds:.0f}s", flush=True)
+    return row
+
+
+def count_quantized(model) -> str:
+    """`k/n`: Linear modules carrying a weight quantization scheme over all Linear modules."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    schemed = [m for m in linears if getattr(m, "quantization_scheme", None) is not None]
+    return f"{len(schemed)}/{len(linears)}"
+
+
+def finite_or_exit(label: str, value: float) -> None:
+    if not math.isfinite(value):
+        sys.exit(f"error: row {label} gave a non-finite perplexity {value}")
+
+
+# ---------------------------------------------------------------- report
+
+
+def environment() -> dict:
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+
+    def git(*cmd):
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "git_sha": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "benchmarks") else ""),
+        "python": platform.python_version(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "llmcompressor": llmcompressor.__version__,
+                     "compressed-tensors": compressed_tensors.__version__},
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def frontier_dense(out: Path) -> float | None:
+    """The dense perplexity of reports/frontier.json (same windows): the protocol check."""
+    path = out / "frontier.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    return next((r["ppl"] for r in rows if r["label"] == "dense"), None)
+
+
+def render(result: dict) -> str:
+    env, s = result["env"], result["sizes"]
+    dense = next((r for r in result["rows"] if r["label"] == "dense"), None)
+    lines = [
+        "# QF peer: llm-compressor weight-only int quantization of SmolLM2-135M, WikiText-2 (issue 19)",
+        "",
+        f"Run {env['date']} on {env['host']}, git {env['git_sha']}, python {env['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+        + f"; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, torch threads {env['torch_threads']}. "
+        "Script: benchmarks/quant_peer.py in its own venv.",
+        "",
+        f"Model: {result['model']} rebuilt as a plain float32 LlamaForCausalLM. Calibration: the first "
+        f"{s['calib_windows']} x {s['calib_seq']} tokens of the first half of wiki.test.raw. Evaluation: "
+        f"{s['eval_windows']} non-overlapping windows of {s['eval_seq']} tokens from the start of the second "
+        f"half ({result['eval_tokens_scored']} tokens scored) — the windows of reports/frontier.md and "
+        "reports/sparse_p1.md. Symmetric int weights in groups of 64, float activations, every Linear but "
+        "the tied lm_head; GPTQ with llm-compressor's defaults (block 128, dampening 0.01, actorder static).",
+        "",
+        "Bytes: counted from each saved checkpoint's safetensors (compressed-tensors for the quantized "
+        "rows): "
+        "every stored tensor once, floating values (embedding, norms, group scales) at 2 bytes as bfloat16, "
+        "integer tensors (packed codes, weight shapes) at their width; `file MB` is the files' real size "
+        "(llm-compressor writes this float32 model's embedding and scales in float32).",
+        "",
+        "| row | perplexity (in memory) | after compressed save + reload | / dense | issue 19 table | "
+        "stored MB | bytes / dense bf16 | file MB | format | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['ppl'] / dense['ppl']:.3f}" if dense else "–"
+        byte_ratio = f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–"
+        reloaded = f"{r['ppl_reloaded']:.2f}" if "ppl_reloaded" in r else "–"
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.2f} | {reloaded} | {ratio} | "
+            f"{ISSUE_TABLE.get(r['label'], '–')} | "
+            f"{r['stored_bytes'] / 1e6:.1f} | {byte_ratio} | {r['file_bytes'] / 1e6:.1f} | {r['format']} | "
+            f"{r['seconds']:.0f} |"
+        )
+    done = {r["label"] for r in result["rows"]}
+    missing = [label for label, _, _ in ROWS if label not in done]
+    lines += ["", *result.get("notes", [])]
+    if missing:
+        lines.append(f"- Not run: {', '.join(missing)}.")
+    return "\n".join(lines) + "\n"
+
+
+def protocol_notes(result: dict, frontier: float | None) -> list[str]:
+    dense = next((r for r in result["rows"] if r["label"] == "dense"), None)
+    notes = ["- Seconds are one run on a shared 2-core machine: indicative only, not a speed result.",
+             "- The issue 19 table's perplexities were measured on a held-out split of their own "
+             "(dense 26.84 there); compare our rows with this report's, which share the frontier's windows."]
+    if dense and frontier is not None:
+        same = "equals" if abs(dense["ppl"] - frontier) < 0.01 else "DIFFERS FROM"
+        notes.insert(0, f"- Protocol check: dense perplexity {dense['ppl']:.4f} here {same} "
+                        f"reports/frontier.json's dense row {frontier:.4f}.")
+    return notes
+
+
+def write(out: Path, result: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for suffix, text in (("json", json.dumps(result, indent=2)), ("md", render(result))):
+        temp = out / f".quant_peer.{suffix}.tmp"
+        temp.write_text(text)
+        temp.replace(out / f"quant_peer.{suffix}")
+
+
+def resumed_rows(path: Path, sizes: dict) -> list[dict]:
+    """The rows of an earlier report at `path` measured with the same sizes (else none)."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    return old.get("rows", []) if old.get("sizes") == sizes else []
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    gguf, text = Path(args.smollm2), Path(args.data_dir) / "wikitext-2" / "wiki.test.raw"
+    for path, flag in ((gguf, "--smollm2 PATH"), (text, "--data-dir DIR (holding wikitext-2/wiki.test.raw)")):
+        if not path.is_file():
+            sys.exit(f"error: `{path}` not found; pass {flag}")
+    known = [label for label, _, _ in ROWS]
+    wanted = args.rows.split(",") if args.rows else known
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        sys.exit(f"error: unknown row label(s) {unknown}; choose from {','.join(known)}")
+    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+    dense, tokenizer = load_plain_smollm2(gguf)
+    calib, eval_windows = halves_windows(token_stream(tokenizer, text), sizes)
+    out = Path(args.out)
+    result = {
+        "benchmark": "quant_peer",
+        "env": environment(),
+        "model": gguf.name,
+        "sizes": sizes,
+        "eval_tokens_scored": int(eval_windows[:, 1:].numel()),
+        "rows": resumed_rows(out / "quant_peer.json", sizes) if args.resume else [],
+    }
+    with tempfile.TemporaryDirectory(prefix="quant_peer_plain_") as plain_dir:
+        dense.config.save_pretrained(plain_dir)
+        for label, modifier, bits in ROWS:
+            if label not in wanted or any(r["label"] == label for r in result["rows"]):
+                continue
+            result["rows"].append(run_row(dense, tokenizer, label, modifier, bits, calib, eval_windows, args,
+                                          plain_dir))
+            result["notes"] = protocol_notes(result, frontier_dense(out))
+            write(out, result)
+
+
+if __name__ == "__main__":
+    main()

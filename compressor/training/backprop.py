@@ -1,0 +1,31 @@
+"""Backprop fine-tuning: the `backprop` stage, full fine-tuning of the selected weights with AdamW
+through `fit` (training/trainer.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from compressor.errors import ConfigError
+from compressor.registry import register
+from compressor.report.records import StageResult
+from compressor.training.config import TrainConfig
+from compressor.training.trainer import fit, trainable_for_targets
+
+
+@dataclass(frozen=True, kw_only=True)
+class BackpropConfig(TrainConfig):
+    """Full fine-tuning with AdamW. All `TrainConfig` fields apply; `targets` / `ignore` pick the
+    linears whose weights (and biases) train; empty `targets` = every parameter of the model."""
+
+
+@register("backprop", BackpropConfig, kind="finetune")
+def apply(model: nn.Module, config: BackpropConfig, ctx) -> StageResult:
+    """Fine-tune `model` in place by backpropagation."""
+    if config.optimizer != "adamw":
+        raise ConfigError(
+            f"backprop: `optimizer` must be 'adamw', got {config.optimizer!r}; use the `mezo` stage"
+        )
+    result = fit(model, trainable_for_targets(model, config), config, ctx, method="backprop")
+    return result.stage_result()
