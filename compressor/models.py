@@ -28,6 +28,7 @@ from .offload import offload_kwargs
 from .outdir import staged_output
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
+log = logging.getLogger("compressor")
 MANIFEST = "compression.json"  # format version 1; version 2 keeps the layer table in config.json
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -159,20 +160,26 @@ def _load_hf(where: str | Path, kwargs: dict[str, Any], source: str) -> LoadedMo
         config = AutoConfig.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
         if Path(where).is_dir():
             check_local_folder(Path(where), config)
-        model, info = _auto_class(config).from_pretrained(where, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
+        # Shapes are compared by us (one line naming the tensor); bitsandbytes stores packed shapes.
+        mismatched = {"ignore_mismatched_sizes": True} if "quantization_config" not in kwargs else {}
+        model, info = _auto_class(config).from_pretrained(where, output_loading_info=True, **mismatched, **kwargs)
         tokenizer: Any = MissingTokenizer(source)
         if not _local_without_tokenizer(where):
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
     except (OSError, ValueError) as err:
         raise ModelError(_hub_hint(source, err)) from None
-    check_loading_info(info, source)
+    check_loading_info(info, source, model)
     return LoadedModel(model, tokenizer, source, is_causal_config(config), source_dtype=declared_dtype(config))
 
 
-def check_loading_info(info: dict[str, Any], source: str) -> None:
+def check_loading_info(info: dict[str, Any], source: str, model: nn.Module) -> None:
     """ModelError naming the first weight transformers reported missing, unexpected or of another
-    shape (it only warns, and fills missing weights with fresh or uninitialised values)."""
+    shape (it only warns, and fills missing weights with fresh or uninitialised values).
+
+    One exception: a whole top-level module the class adds and the weights lack entirely (BERT's
+    pooler of a checkpoint saved without one, a new classification head) is initialised fresh, as
+    transformers does for any new head, with a warning; the output embeddings never are."""
+    info = {**info, "missing_keys": _missing_that_matter(sorted(info.get("missing_keys") or []), source, model)}
     mismatched = list(info.get("mismatched_keys") or [])
     if mismatched:
         key, stored, wanted = mismatched[0]
@@ -186,6 +193,17 @@ def check_loading_info(info: dict[str, Any], source: str) -> None:
             more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
             raise ModelError(f"model `{source}`: tensor `{keys[0]}`{more} {why}; the folder is incomplete or "
                              "damaged, re-create or re-download it")
+
+
+def _missing_that_matter(missing: list[str], source: str, model: nn.Module) -> list[str]:
+    loaded_tops = {key.split(".")[0] for key in model.state_dict() if key not in set(missing)}
+    head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
+    head_names = {name for name, param in model.named_parameters(remove_duplicate=False) if param is head}
+    fresh = [key for key in missing if key.split(".")[0] not in loaded_tops and key not in head_names]
+    if fresh:
+        log.warning("model `%s`: %s not in the weights; initialised fresh (a module the class adds)", source,
+                    ", ".join(sorted({key.rsplit(".", 1)[0] for key in fresh})))
+    return [key for key in missing if key not in fresh]
 
 
 class MissingTokenizer:
