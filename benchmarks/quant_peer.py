@@ -77,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-reload", action="store_true", help="skip the compressed save + reload check")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep rows of an earlier run with the same sizes")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite reports/quant_peer.md from its JSON (adding the value counts), "
+                        "measuring nothing")
     p.add_argument("--out", default=str(REPORTS))
     return p.parse_args(argv)
 
@@ -234,6 +237,21 @@ def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None
     return row
 
 
+def value_counts(model: torch.nn.Module) -> dict:
+    """Values the quantized rows store as codes (every Linear weight but lm_head) and every other
+    stored value (embedding, norms; a tied tensor once): the analytic byte count's inputs."""
+    quantized = sum(m.weight.numel() for name, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    tensors = {t.data_ptr(): t.numel() for t in model.state_dict().values()}
+    return {"quantized_linear": quantized, "other": sum(tensors.values()) - quantized}
+
+
+def analytic_bytes(counts: dict, bits: int) -> int:
+    """bits/8 bytes per code, one 2-byte scale per group of GROUP_SIZE, other values at 2 bytes."""
+    q = counts["quantized_linear"]
+    return q * bits // 8 + q // GROUP_SIZE * 2 + counts["other"] * 2
+
+
 def count_quantized(model) -> str:
     """`k/n`: Linear modules carrying a weight quantization scheme over all Linear modules."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -260,7 +278,8 @@ def environment() -> dict:
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
-        "git_sha": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "benchmarks") else ""),
+        "git_sha": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "benchmarks")
+                                                else ""),
         "python": platform.python_version(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "llmcompressor": llmcompressor.__version__,
@@ -331,11 +350,43 @@ def protocol_notes(result: dict, frontier: float | None) -> list[str]:
     notes = ["- Seconds are one run on a shared 2-core machine: indicative only, not a speed result.",
              "- The issue 19 table's perplexities were measured on a held-out split of their own "
              "(dense 26.84 there); compare our rows with this report's, which share the frontier's windows."]
+    notes += parity_targets({r["label"]: r for r in result["rows"]})
+    counts = result.get("value_counts")
+    for r in result["rows"]:
+        if counts and r["bits"]:
+            expected = analytic_bytes(counts, r["bits"])
+            int64 = r["dtype_values"].get("I64", 0) * 8
+            notes.append(f"- Analytic check, {r['label']}: {counts['quantized_linear']:,} codes at "
+                         f"{r['bits']} bits + one bf16 scale per {GROUP_SIZE} + {counts['other']:,} other "
+                         f"values at 2 bytes = {expected:,} bytes; the checkpoint holds "
+                         f"{r['stored_bytes'] - expected:,} more, and its int64 tensors (`weight_shape`) "
+                         f"take {int64:,}." + scales_at_fp32(r, counts, dense))
     if dense and frontier is not None:
         same = "equals" if abs(dense["ppl"] - frontier) < 0.01 else "DIFFERS FROM"
         notes.insert(0, f"- Protocol check: dense perplexity {dense['ppl']:.4f} here {same} "
                         f"reports/frontier.json's dense row {frontier:.4f}.")
     return notes
+
+
+def parity_targets(rows: dict) -> list[str]:
+    """Issue 19's peer-relative targets restated on these windows (arithmetic on the rows above)."""
+    notes = []
+    if "gptq-int4-g64" in rows:
+        gptq = rows["gptq-int4-g64"]["ppl"]
+        notes.append(f"- On these windows issue 19's parity target for GPTQ W4 g64 is <= 1.02 x {gptq:.2f} = "
+                     f"{1.02 * gptq:.2f}, and its <= 0.30x-bytes target is perplexity <= {gptq:.2f}.")
+    if "rtn-int4-g64" in rows:
+        rtn = rows["rtn-int4-g64"]["ppl"]
+        notes.append(f"- RTN W4 g64 within 1 % of the peer: {0.99 * rtn:.2f} to {1.01 * rtn:.2f}.")
+    return notes
+
+
+def scales_at_fp32(row: dict, counts: dict, dense: dict | None) -> str:
+    """The byte ratio with the group scales at 32 bits, as this float32 run writes them."""
+    if dense is None:
+        return ""
+    wider = row["stored_bytes"] + counts["quantized_linear"] // GROUP_SIZE * 2
+    return f" With the scales at 32 bits, as written: {wider / dense['stored_bytes']:.3f} of dense bf16."
 
 
 def write(out: Path, result: dict) -> None:
@@ -352,6 +403,13 @@ def resumed_rows(path: Path, sizes: dict) -> list[dict]:
     return old.get("rows", []) if old.get("sizes") == sizes else []
 
 
+def rerender(out: Path, counts: dict) -> None:
+    """The report again from its JSON, with the value counts an older run did not store."""
+    result = {**json.loads((out / "quant_peer.json").read_text()), "value_counts": counts}
+    result["notes"] = protocol_notes(result, frontier_dense(out))
+    write(out, result)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -365,15 +423,22 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: unknown row label(s) {unknown}; choose from {','.join(known)}")
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
-    dense, tokenizer = load_plain_smollm2(gguf)
-    calib, eval_windows = halves_windows(token_stream(tokenizer, text), sizes)
     out = Path(args.out)
+    if args.render_only and not (out / "quant_peer.json").is_file():
+        sys.exit(f"error: `{out / 'quant_peer.json'}` not found; run the benchmark first "
+                 "(without --render-only)")
+    dense, tokenizer = load_plain_smollm2(gguf)
+    if args.render_only:
+        rerender(out, value_counts(dense))
+        return
+    calib, eval_windows = halves_windows(token_stream(tokenizer, text), sizes)
     result = {
         "benchmark": "quant_peer",
         "env": environment(),
         "model": gguf.name,
         "sizes": sizes,
         "eval_tokens_scored": int(eval_windows[:, 1:].numel()),
+        "value_counts": value_counts(dense),
         "rows": resumed_rows(out / "quant_peer.json", sizes) if args.resume else [],
     }
     with tempfile.TemporaryDirectory(prefix="quant_peer_plain_") as plain_dir:

@@ -16,7 +16,7 @@ from typing import Annotated
 import click
 import typer
 
-from . import analyze, compress, eval, export, finetune, generate, methods, run
+from . import analyze, compare, compress, eval, export, finetune, generate, methods, run
 from .common import report_failure
 from .failures import DEBUG_ENV
 
@@ -29,7 +29,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 app.command("analyze", short_help="spectra, κ, effective rank, WeLore ranks of every linear")(analyze.analyze)
 app.command("compress", short_help="compress the linears (low rank, dense×sparse, pruning) and write a checkpoint")(compress.compress)
 app.command("finetune", short_help="fine-tune (LoRA, NOLA, DSEE, KappaTune, MeZO, Sorted, backprop)")(finetune.finetune)
-app.command("eval", short_help="held-out perplexity of a causal LM")(eval.eval_command)
+app.command("eval", short_help="held-out perplexity of a causal LM, and lm-eval task scores")(eval.eval_command)
+app.command("compare", short_help="checkpoints of one model side by side: bytes, perplexity, tasks, speed")(compare.compare)
 app.command("run", short_help="run a YAML recipe (stages, evaluation, quality gates)")(run.run)
 app.command("methods", short_help="list methods, or one method's fields and defaults")(methods.methods)
 app.command("generate", short_help="continue a prompt, to eyeball a model")(generate.generate)

@@ -10,7 +10,7 @@ import os
 import resource
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from .context import Context, resolve_device
 from .dtypes import output_dtype
 from .errors import ConfigError, GateError, ModelError
 from .export import check_stages, export_beside
+from .lm_eval_bridge import check_tasks, flat_scores, task_scores
 from .models import (
     DEFAULT_MODEL_DIR,
     LoadedModel,
@@ -63,6 +64,7 @@ class Pipeline:
 
     stages: list[Stage]
     config: RunConfig
+    _task_manager: Any = field(default=None, init=False, repr=False)  # lm-eval's, set by _preflight
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -147,6 +149,8 @@ class Pipeline:
         if self.config.max_memory is not None or self.config.offload_folder is not None:
             check_offload_ready({s.name: method_info(s.name) for s in self.stages})
         check_seq_lens(self._seq_lens(), model_context(self.config.model))
+        if self.evaluate and self.evaluate["tasks"]:  # lm-eval installed, tasks known, data readable
+            self._task_manager = check_tasks(list(self.evaluate["tasks"]), self.evaluate["tasks_dir"])
 
     def _seq_lens(self) -> list[tuple[str, int]]:
         lens = [("evaluate.seq_len", self.evaluate["seq_len"])] if self.evaluate else []
@@ -200,7 +204,13 @@ class Pipeline:
         if loaded.causal:
             result = evaluation.perplexity(loaded.model, windows, batch_size=spec["batch_size"])
             report.evaluation[when] = {"perplexity": result["perplexity"], "tokens": result["tokens"]}
+            if spec["tasks"]:  # lm-eval on the model as it is now (factored, pruned, adapted), unmerged
+                scores = task_scores(loaded.model, loaded.tokenizer, list(spec["tasks"]), batch_size=spec["batch_size"],
+                                     manager=self._task_manager, quiet=ctx.quiet)
+                report.evaluation[when].update(flat_scores(scores))
             return None
+        if spec["tasks"]:
+            raise ConfigError("`evaluate.tasks` scores causal LMs with lm-eval; this model is an encoder: drop `tasks`")
         embeddings = evaluation.pooled_embeddings(loaded.model, windows, spec["batch_size"])
         cosine = 1.0 if reference is None else evaluation.embedding_cosine(reference, embeddings)
         report.evaluation[when] = {"embedding_cosine_to_dense": cosine, "windows": int(windows.shape[0])}

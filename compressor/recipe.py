@@ -29,6 +29,9 @@ class EvaluateConfig(Config):
         num_windows: windows scored: the first ones of the held-out half.
         batch_size: windows per forward pass.
         text_column: column holding the text in tabular data; null = the run's `text_column`.
+        tasks: lm-evaluation-harness tasks scored before and after, next to perplexity (needs the
+            `eval` extra), e.g. [tinystories_cloze] (shipped, offline) or [hellaswag, arc_easy].
+        tasks_dir: a folder of extra lm-eval task YAML files (tasks with local data files).
     """
 
     unknown_key: ClassVar[str] = "unknown key `{key}`"
@@ -38,10 +41,14 @@ class EvaluateConfig(Config):
     num_windows: int = PROTOCOL["num_windows"]
     batch_size: int = PROTOCOL["batch_size"]
     text_column: str | None = None
+    tasks: tuple[str, ...] = ()
+    tasks_dir: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "num_windows", "batch_size"):
             check_int(f"evaluate.{key}", getattr(self, key), 1)
+        if not all(t.strip() for t in self.tasks):
+            raise ConfigError(f"`evaluate.tasks` must be a list of lm-eval task names, got {list(self.tasks)!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,7 +94,7 @@ class RunConfig(Config):
             compressed-tensors (2:4 prune).
         text_column: column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet,
             datasets).
-        evaluate: {data, seq_len, num_windows, batch_size, text_column} or false.
+        evaluate: {data, seq_len, num_windows, batch_size, text_column, tasks, tasks_dir} or false.
         gates: {max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed.
         stages: ordered list of {method: NAME, **fields}; each is validated by its method's config.
     """

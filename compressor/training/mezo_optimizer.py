@@ -190,8 +190,9 @@ def run_mezo(run: TrainRun) -> None:
                 grad, loss_plus, loss_minus = spsa_gradient(
                     params, lambda b=batch: run.loss_fn(run.model, b).item(), seed, config.mezo_eps
                 )
-                # Distributed: same seed on every rank, own data shard; one scalar all-reduce.
-                grad = run.runtime.mean_across_ranks(grad)
+                # Distributed: same seed on every rank, own data shard; one all-reduce of the
+                # projected gradient (and of the two losses, so the log is the global batch's).
+                grad, loss_plus, loss_minus = run.runtime.means_across_ranks([grad, loss_plus, loss_minus])
                 lr = run.lr_at(step)
                 mezo_update_(params, seed, grad, lr, config.weight_decay, decay)
                 log.append({"step": step, "seed": seed, "projected_grad": grad, "lr": lr,

@@ -9,6 +9,12 @@ training loop is the same code in both cases:
     accelerate config                      # once: DDP or FSDP, number of processes, precision
     accelerate launch -m compressor.cli.main finetune --method backprop MODEL --data DATA --out OUT
 
+On CPUs: `accelerate launch --multi_gpu --num_processes 2 ... --device cpu` (gloo). `--cpu
+--num_processes 2` starts ONE process in accelerate 1.x unless an MPI hostfile is given.
+tests/test_distributed.py proves two CPU ranks equal one process at the same global batch
+(backprop, lora, heal, mezo, resume). FSDP is not exercised there: on CPUs `--use_fsdp` stops in
+torch ("sync_module_states=True is not supported on cpu"), so it needs GPUs to test.
+
 With FSDP and a parameter subset (adapters), set `fsdp_use_orig_params: true` in the accelerate
 config so the optimizer still sees the original parameters. Only rank 0 writes checkpoints.
 
@@ -110,10 +116,14 @@ class Runtime:
         return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
 
     def mean_across_ranks(self, value: float) -> float:
+        return self.means_across_ranks([value])[0]
+
+    def means_across_ranks(self, values: list[float]) -> list[float]:
+        """Each value averaged over the ranks, in one all-reduce (one process: unchanged)."""
         if self.accelerator is None:
-            return value
-        tensor = torch.tensor([value], device=self.device)
-        return float(self.accelerator.reduce(tensor, reduction="mean"))
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        return self.accelerator.reduce(tensor, reduction="mean").tolist()
 
 
 class PeakMemory:
