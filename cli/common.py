@@ -94,6 +94,7 @@ def handle_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
         try:
+            check_kernels_env()
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, click.exceptions.ClickException, SystemExit):
             raise
@@ -101,6 +102,31 @@ def handle_errors(fn):
             report_failure(err)
 
     return wrapper
+
+
+KERNEL_CHOICES = ("ref", "triton", "auto")
+
+
+def check_kernels_env() -> None:
+    """COMPRESSOR_KERNELS (read by compressor.kernels on every compressed layer's call) checked
+    once, before any work: a typo, or `triton` where Triton cannot run, is one line up front."""
+    import os
+
+    raw = os.environ.get("COMPRESSOR_KERNELS")
+    value = (raw or "").strip().lower()
+    if value in ("", "auto", "ref"):
+        return
+    if value not in KERNEL_CHOICES:
+        raise ConfigError(f"COMPRESSOR_KERNELS is {raw!r}; set it to one of {', '.join(KERNEL_CHOICES)} (auto: "
+                          "Triton on CUDA, else the pure-torch reference), or unset it")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("triton") is None or not (torch.cuda.is_available() or interpreting):
+        raise ConfigError("COMPRESSOR_KERNELS=triton needs the triton package and a CUDA GPU, and this machine "
+                          "lacks one; set COMPRESSOR_KERNELS=auto (Triton where it can run) or ref")
 
 
 def report_failure(err: BaseException) -> None:

@@ -50,9 +50,13 @@ OS_ERRORS: dict[int, Callable[[OSError], str]] = {
 def _by_name(err: BaseException) -> str | None:
     """Library errors matched by class name and module, without importing the library."""
     name, module = type(err).__name__, type(err).__module__ or ""
+    if "No space left on device" in str(err) or "os error 28" in str(err):  # safetensors' Rust I/O errors
+        return OS_ERRORS[errno.ENOSPC](OSError(errno.ENOSPC, "", None))
     if name == "SafetensorError" or "safetensors" in module or "HeaderTooLarge" in str(err):
         return (f"a .safetensors weights file is truncated or corrupt ({first_line(err, 120)}); re-download or "
                 "re-create the checkpoint")
+    if name == "KernelUnavailable":
+        return f"{first_line(err, 160)}; or set COMPRESSOR_KERNELS=auto (Triton only where it can run)"
     if name == "UnpicklingError":
         return ("refused to unpickle a weights file: it holds more than plain tensors (loaded with "
                 "weights_only=True); convert it to safetensors, or use a checkpoint you trust")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -53,9 +54,14 @@ class Config:
                 raise ConfigError(f"{label}: " * bool(label) + cls.unknown_key_message(key))
             kwargs[key] = coerce(value, hints[key], f"{prefix}`{key}`")
         try:
-            return cls(**kwargs)
+            built = cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(f"{prefix}{err}") from None
+        for key, value in kwargs.items():  # after the class's own checks, which name the field better
+            if isinstance(value, float) and not math.isfinite(value):  # `.nan` would silently switch a limit off
+                raise ConfigError(f"{prefix}`{key}` must be a finite number, got {value!r}; give a real value "
+                                  "(see `compressor methods NAME` for its meaning and default)")
+        return built
 
     @classmethod
     def unknown_key_message(cls, key: str) -> str:
@@ -160,6 +166,7 @@ def plain(value: Any) -> Any:
 
 
 _NONE = type(None)
+MAX_INT = 2**63  # torch and numpy take 64-bit integers
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
@@ -210,6 +217,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
+        if not -MAX_INT <= value < MAX_INT:
+            raise ConfigError(f"{where} is out of range, got {value}; use a value below 2**63")
         return value
     if hint is bool:
         if not isinstance(value, bool):

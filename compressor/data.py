@@ -84,7 +84,12 @@ def _read_rows(path: Path, suffix: str) -> list[dict]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except OSError as err:  # pyarrow reports a damaged footer / metadata as an OSError
+            if err.errno is not None:
+                raise  # a real I/O failure (permissions, ...) keeps its own message
+            raise ValueError(str(err)) from None
     if suffix == ".jsonl":
         return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if suffix == ".json":

@@ -42,6 +42,10 @@ def check_output_dtype(name: Any) -> None:
 
 def output_dtype(name: str | None, source: torch.dtype) -> torch.dtype:
     """The dtype a checkpoint is written in: `auto`/None = the source model's."""
+    if name in (None, AUTO) and source not in DTYPES.values():
+        raise ConfigError(f"`dtype: auto` means the source model's dtype, and its config.json declares "
+                          f"{dtype_name(source)}, which is not a float dtype; pass --dtype float32, bfloat16 or "
+                          "float16 (recipes: `dtype:`)")
     return source if name in (None, AUTO) else parse_dtype(name)
 
 

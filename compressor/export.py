@@ -171,9 +171,20 @@ def export(source: str | Path, fmt: str, out: str | Path) -> Path:
         raise ModelError(f"`{source}` is not a compressor checkpoint (no layer table in config.json); "
                          "pass the folder `compressor compress` wrote")
     layout = check_exportable(manifest.get("layers", {}), f"`{source}`")
-    with staged_output(Path(out)) as tmp:
+    check_layers_stored(source, manifest["layers"])
+    with staged_output(Path(out), inputs=[source]) as tmp:
         write_compressed_tensors(source, manifest["layers"], layout, tmp)
     return Path(out)
+
+
+def check_layers_stored(source: Path, layers: dict[str, dict[str, Any]]) -> None:
+    """ModelError naming the first layer-table entry or tensor the checkpoint's files do not back."""
+    from .ckpt_format import check_layer_spec, check_stored_tensors, stored_shapes
+
+    where = f"checkpoint `{source}`"
+    for name, spec in layers.items():
+        check_layer_spec(name, spec, where)
+    check_stored_tensors(layers, stored_shapes(source), where)
 
 
 def export_beside(checkpoint: Path, fmt: str) -> Path:

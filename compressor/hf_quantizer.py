@@ -9,6 +9,7 @@ after transformers has loaded its own quantizer table.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from .ckpt_format import (
     FORMAT_VERSION,
     QUANT_METHOD,
     check_layer_table,
+    check_stored_tensors,
     check_version,
     placeholder_names,
+    stored_shapes,
 )
 
 
@@ -47,8 +50,11 @@ class CompressorQuantizer(HfQuantizer):
         from .layers import build_layer
         from .layers.base import replace_module
 
-        where = f"checkpoint `{getattr(model.config, '_name_or_path', '') or type(model).__name__}`"
+        source = getattr(model.config, "_name_or_path", "") or ""
+        where = f"checkpoint `{source or type(model).__name__}`"
         check_layer_table(model, self.quantization_config.layers, where)
+        if source and Path(source).is_dir():  # a missing factor would otherwise stay uninitialised memory
+            check_stored_tensors(self.quantization_config.layers, stored_shapes(source), where)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         built = {}
         with torch.device("meta"):

@@ -29,6 +29,7 @@ from .offload import offload_kwargs
 from .outdir import staged_output
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "stories260K"
+log = logging.getLogger("compressor")
 MANIFEST = "compression.json"  # format version 1; version 2 keeps the layer table in config.json
 # Loads adapter folders (LoRA, NOLA, DSEE runs) as base + adapter; by name, because it imports the
 # adapter modules, which import this one.
@@ -165,13 +166,94 @@ def _load_hf(where: str | Path, kwargs: dict[str, Any], source: str) -> LoadedMo
 
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
-        model = _auto_class(config).from_pretrained(where, **kwargs)
-        tokenizer = None
+        if Path(where).is_dir():
+            check_local_folder(Path(where), config)
+        # Shapes are compared by us (one line naming the tensor); bitsandbytes stores packed shapes.
+        mismatched = {"ignore_mismatched_sizes": True} if "quantization_config" not in kwargs else {}
+        model, info = _auto_class(config).from_pretrained(where, output_loading_info=True, **mismatched, **kwargs)
+        tokenizer: Any = MissingTokenizer(source)
         if not _local_without_tokenizer(where):
             tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=kwargs["trust_remote_code"])
     except (OSError, ValueError) as err:
         raise ModelError(_hub_hint(source, err)) from None
+    check_loading_info(info, source, model)
     return LoadedModel(model, tokenizer, source, is_causal_config(config), source_dtype=declared_dtype(config))
+
+
+def check_loading_info(info: dict[str, Any], source: str, model: nn.Module) -> None:
+    """ModelError naming the first weight transformers reported missing, unexpected or of another
+    shape (it only warns, and fills missing weights with fresh or uninitialised values).
+
+    One exception: a whole top-level module the class adds and the weights lack entirely (BERT's
+    pooler of a checkpoint saved without one, a new classification head) is initialised fresh, as
+    transformers does for any new head, with a warning; the output embeddings never are."""
+    info = {**info, "missing_keys": _missing_that_matter(sorted(info.get("missing_keys") or []), source, model)}
+    mismatched = list(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, stored, wanted = mismatched[0]
+        raise ModelError(f"model `{source}`: tensor `{key}` has shape {list(stored)} in the weights but "
+                         f"{list(wanted)} in config.json; the weights do not match their config, re-create or "
+                         "re-download the model")
+    for kind, why in (("missing_keys", "is missing from the weights"),
+                      ("unexpected_keys", "is in the weights but not in the model config.json describes")):
+        keys = sorted(info.get(kind) or [])
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ModelError(f"model `{source}`: tensor `{keys[0]}`{more} {why}; the folder is incomplete or "
+                             "damaged, re-create or re-download it")
+
+
+def _missing_that_matter(missing: list[str], source: str, model: nn.Module) -> list[str]:
+    loaded_tops = {key.split(".")[0] for key in model.state_dict() if key not in set(missing)}
+    head = getattr(model.get_output_embeddings(), "weight", None) if hasattr(model, "get_output_embeddings") else None
+    head_names = {name for name, param in model.named_parameters(remove_duplicate=False) if param is head}
+    fresh = [key for key in missing if key.split(".")[0] not in loaded_tops and key not in head_names]
+    if fresh:
+        log.warning("model `%s`: %s not in the weights; initialised fresh (a module the class adds)", source,
+                    ", ".join(sorted({key.rsplit(".", 1)[0] for key in fresh})))
+    return [key for key in missing if key not in fresh]
+
+
+class MissingTokenizer:
+    """Stands in for the tokenizer of a local folder that has none: the model itself loads
+    (compressor.load), and anything that needs text fails with a one-line error that says so."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __getattr__(self, name: str):
+        raise ModelError(f"model `{self.source}` has no tokenizer (no tokenizer.json / tokenizer_config.json); "
+                         "copy the tokenizer files of the model it came from into that folder")
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return self.__getattr__("__call__")
+
+
+def check_local_folder(folder: Path, config) -> None:
+    """Before any weight is allocated: a compressed checkpoint's layer table must fit the
+    architecture (a meta-device model) and the tensors its safetensors files hold (names and
+    shapes, read from their headers)."""
+    from .ckpt_format import QUANT_METHOD, check_layer_table, check_stored_tensors, check_version, stored_shapes
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # transformers names what is wrong with config.json
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if not isinstance(qc, dict) or ("layers" not in qc and "format_version" not in qc):
+        return
+    where = f"checkpoint `{folder}`"
+    if qc.get("quant_method") != QUANT_METHOD:
+        raise ModelError(f"{where}: config.json's quantization_config holds compressor's layer table but "
+                         f"`quant_method` is {qc.get('quant_method')!r}; set it back to \"{QUANT_METHOD}\"")
+    check_version(qc.get("format_version"), where)
+    layers = qc.get("layers")
+    if not isinstance(layers, dict):
+        raise ModelError(f"{where}: `quantization_config.layers` must be a mapping of module names, got "
+                         f"{type(layers).__name__}; the checkpoint is damaged, re-create it")
+    with torch.device("meta"):
+        check_layer_table(_from_config(config), layers, where)
+    check_stored_tensors(layers, stored_shapes(folder), where)
 
 
 def _local_without_tokenizer(where: str | Path) -> bool:
@@ -179,6 +261,12 @@ def _local_without_tokenizer(where: str | Path) -> bool:
     path = Path(where)
     names = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
     return path.is_dir() and not any((path / n).exists() for n in names)
+
+
+def _from_config(config, **kwargs: Any) -> nn.Module:
+    """A freshly initialised model of `config`'s class (auto classes and concrete ones build differently)."""
+    cls = _auto_class(config)
+    return (cls.from_config if hasattr(cls, "from_config") else cls._from_config)(config, **kwargs)
 
 
 def _hub_hint(source: str, err: Exception) -> str:
@@ -249,12 +337,17 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
     if "device_map" in kwargs:
         raise ConfigError(f"`{folder}` is a compressor checkpoint, which loads whole: drop `max_memory`/"
                           "`offload_folder` (offloaded loading reads Hugging Face folders, ids and GGUF)")
+    from .ckpt_format import check_layer_table, check_stored_tensors, stored_shapes
+
     manifest = json.loads((folder / MANIFEST).read_text())
     config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.get("trust_remote_code", False))
-    cls = _auto_class(config)
-    build = cls.from_config if hasattr(cls, "from_config") else cls._from_config  # auto class or concrete one
-    model = build(config, dtype=kwargs.get("dtype", torch.float32))
-    for name, spec in manifest.get("layers", {}).items():
+    where = f"checkpoint `{folder}` ({MANIFEST})"
+    layers = manifest.get("layers", {}) if isinstance(manifest, dict) else None
+    with torch.device("meta"):  # the table is checked against the architecture before anything is allocated
+        check_layer_table(_from_config(config), layers, where)
+    check_stored_tensors(layers, stored_shapes(folder), where, placeholders=False)
+    model = _from_config(config, dtype=kwargs.get("dtype", torch.float32))
+    for name, spec in layers.items():
         replace_module(model, name, build_layer(spec))
     state = {}
     # Only the model's own shards: users sometimes drop other .safetensors files beside them.
@@ -262,10 +355,12 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
         state.update(load_file(shard))
     if not state:
         raise ModelError(f"checkpoint `{folder}` has no .safetensors weights")
+    _check_shapes(model, state, folder)
     result = model.load_state_dict(state, strict=False)
     _check_missing(model, result.missing_keys, result.unexpected_keys, folder)
     model.to(kwargs.get("dtype", torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    tokenizer = (AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists()
+                 else MissingTokenizer(str(folder)))
     return LoadedModel(model, tokenizer, str(folder), is_causal_config(config), manifest, declared_dtype(config))
 
 
@@ -279,8 +374,17 @@ def _check_missing(model: nn.Module, missing: list[str], unexpected: list[str], 
     buffers = {n for n, _ in model.named_buffers()}
     missing = [k for k in missing if k not in buffers and not (k in params and id(params[k]) in loaded)]
     if missing or unexpected:
-        raise ModelError(f"checkpoint `{folder}` does not match its compression.json "
-                         f"(missing {missing[:4]}, unexpected {unexpected[:4]}); re-create it with this version")
+        key, what = (missing[0], "is missing from the weights") if missing else (unexpected[0], "is not in the model")
+        raise ModelError(f"checkpoint `{folder}`: tensor `{key}` {what} (missing {len(missing)}, unexpected "
+                         f"{len(unexpected)}); the checkpoint does not match its compression.json, re-create it")
+
+
+def _check_shapes(model: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    own = model.state_dict()
+    for key, tensor in state.items():
+        if key in own and tuple(own[key].shape) != tuple(tensor.shape):
+            raise ModelError(f"checkpoint `{folder}`: tensor `{key}` has shape {list(tensor.shape)}, the model "
+                             f"needs {list(own[key].shape)}; the checkpoint is damaged, re-create it")
 
 
 def save_checkpoint(model: nn.Module, tokenizer, folder: Path, manifest: dict[str, Any] | None = None,
@@ -302,7 +406,7 @@ def save_checkpoint(model: nn.Module, tokenizer, folder: Path, manifest: dict[st
     state.update({key: torch.zeros(0, dtype=dtype) for key in placeholder_names(layers)})
     with _quiet_transformers():
         model.save_pretrained(folder, state_dict=state)
-        if tokenizer is not None:
+        if tokenizer is not None and not isinstance(tokenizer, MissingTokenizer):
             tokenizer.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["dtype"] = dtype_name(dtype)

@@ -3,14 +3,18 @@
 `--out` may be a new path, an empty folder, or a folder this tool wrote before (it holds the
 marker `.compressor-output.json`, listing every file written) when `overwrite` is set. Anything
 else is refused before any work starts: a file, a folder holding other files, the input model's
-folder or a folder containing it, the current folder or one of its parents.
+folder, a folder inside it or containing it, the current folder or one of its parents.
 
-Outputs are written into a staging folder beside `--out` (`.NAME.tmp-PID-XXXX`) and renamed into
-place only when the run succeeded and its result was checked (see `OutputClaim.publish`); a result
-that failed its checks is kept aside as `NAME.failed/`. A lock file (`.NAME.lock`, flock) makes a
+Outputs are written into a staging folder beside `--out` (`.NAME.tmp-PID-XXXX`, made by mkdir with
+a random suffix, holding `.compressor-staging`) and renamed into place only when the run succeeded
+and its result was checked (see `OutputClaim.publish`); a result that failed its checks is kept
+aside as `NAME.failed/` (or `NAME.failed-XXXX/` when that name holds files the tool did not
+write). A lock file (`.NAME.lock`, created with O_EXCL, never through a symlink, flock) makes a
 second concurrent run into the same `--out` fail at once. Files and folders get the umask's modes.
-Never is a file deleted that the tool did not write: an old output is replaced file by file from
-its marker's list, and anything else found in it is carried over into the new output.
+Never is a path deleted or written through that the tool did not create in this run and that no
+marker of it lists: an old output is replaced file by file from its marker's list, anything else
+found in it is carried over, and a killed run's staging folder is salvaged only when it holds the
+staging file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +34,7 @@ from pathlib import Path
 from .errors import ModelError, OutputError
 
 MARKER = ".compressor-output.json"
+STAGING_MARKER = ".compressor-staging"  # inside a staging folder while a run writes it
 log = logging.getLogger("compressor")
 
 
@@ -81,6 +87,9 @@ def check_output_dir(folder: str | os.PathLike, *, overwrite: bool = False,
         if folder == source or folder in source.parents:
             raise OutputError(f"output `{folder}` holds the input `{source}`; writing there would destroy it; "
                               "choose another --out")
+        if source in folder.parents:
+            raise OutputError(f"output `{folder}` is inside the input `{source}`; the tool never writes into its "
+                              "input; choose an --out outside it")
     if folder.is_dir() and any(folder.iterdir()):
         _check_previous_output(folder, overwrite)
     parent = next((p for p in folder.parents if p.exists()), None)
@@ -134,27 +143,65 @@ def sibling(folder: Path, suffix: str) -> Path:
 
 @contextlib.contextmanager
 def output_lock(folder: Path) -> Iterator[Path]:
-    """Hold `.NAME.lock` beside `folder`; a second holder fails at once (OutputError)."""
+    """Hold `.NAME.lock` beside `folder`; a second holder fails at once (OutputError).
+
+    The lock file is created exclusively (O_EXCL) and never through a symlink. A lock file left by
+    a killed run (it holds only a pid, and nobody holds its flock) is taken over; any other file of
+    that name is the user's: refused, never changed. Only the lock file this run holds is removed."""
     folder.parent.mkdir(parents=True, exist_ok=True, mode=umask_mode())
     path = folder.with_name(f".{folder.name}.lock")
-    handle = open(path, "a+")  # noqa: SIM115 - held for the whole run
+    fd = _open_lock(path, folder)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise OutputError(f"another compressor run is writing `{folder}` (lock `{path}`); wait for it to "
-                          "finish or choose another --out") from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield path
     finally:
         with contextlib.suppress(OSError):
-            if os.fstat(handle.fileno()).st_ino == os.stat(path).st_ino:
+            if _same_file(fd, path):
                 path.unlink()
-        handle.close()
+        os.close(fd)
+
+
+_LOCK_TEXT = re.compile(rb"^\d+\n$")
+
+
+def _open_lock(path: Path, folder: Path) -> int:
+    """A descriptor of `path`, flock-ed by this process: created new, or a dead run's lock file."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, umask_mode(0o666))
+        created = True
+    except FileExistsError:
+        try:
+            fd = os.open(path, flags)
+        except OSError:  # a symlink (ELOOP), a folder, or unreadable: not ours
+            raise _foreign_lock(path) from None
+        created = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputError(f"another compressor run is writing `{folder}` (lock `{path}`); wait for it to "
+                          "finish or choose another --out") from None
+    if not created and not (stat.S_ISREG(os.fstat(fd).st_mode) and _LOCK_TEXT.match(os.pread(fd, 64, 0))):
+        os.close(fd)
+        raise _foreign_lock(path)
+    if not _same_file(fd, path):  # a finishing run unlinked it between our open and flock
+        os.close(fd)
+        return _open_lock(path, folder)
+    return fd
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path, follow_symlinks=False).st_ino
+    except OSError:
+        return False
+
+
+def _foreign_lock(path: Path) -> OutputError:
+    return OutputError(f"`{path}` exists and is not a lock this tool wrote; move it away (the tool never "
+                       "changes it) or choose another --out")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +219,7 @@ class OutputClaim:
         """A fresh staging folder beside `--out`; removed on any failure (named if it cannot be)."""
         tmp = Path(tempfile.mkdtemp(prefix=f"{staging_name(self.folder)}{os.getpid()}-", dir=self.folder.parent))
         tmp.chmod(umask_mode())  # mkdtemp makes 0700 whatever the umask
+        (tmp / STAGING_MARKER).write_text(f"{os.getpid()}\n")  # what a later run may salvage and delete
         try:
             yield tmp
         except BaseException as err:
@@ -195,7 +243,7 @@ class OutputClaim:
         folder = self.folder
         with signals_deferred():  # Ctrl-C / SIGTERM wait until both renames are done
             self._swap_in(tmp)
-        remove_if_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
+        discard_ours(sibling(folder, ".partial"))  # training progress, superseded by this result
         return folder
 
     def _swap_in(self, tmp: Path) -> None:
@@ -216,10 +264,9 @@ class OutputClaim:
         """Keep a result that failed its checks as `NAME.failed/` (never in place of `--out`)."""
         write_marker(tmp, command, failed=reason)
         target = sibling(self.folder, ".failed")
-        if target.exists() and read_marker(target) is None:
-            target = Path(tempfile.mkdtemp(prefix=f"{self.folder.name}.failed-", dir=self.folder.parent))
-            target.rmdir()
-        remove_if_ours(target)
+        remove_if_ours(target)  # an earlier failure's result, nothing else in it
+        if target.exists() or target.is_symlink():  # someone else's, or ours plus user files: keep it
+            target = fresh_sibling(self.folder, ".failed-")
         tmp.rename(target)
         return target
 
@@ -261,14 +308,16 @@ def staged_output(folder: str | os.PathLike, *, overwrite: bool = False,
         claim.publish(tmp, command=command)
 
 
-def write_marker(folder: Path, command: str, failed: str | None = None) -> None:
+def write_marker(folder: Path, command: str, failed: str | None = None, files: Iterable[str] | None = None) -> None:
+    """The marker listing `files` (default: every file under `folder`) as this tool's."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         __version__ = version("compressor")
     except PackageNotFoundError:
         __version__ = "unknown"
-    files = sorted(_relative_files(folder))
+    (folder / STAGING_MARKER).unlink(missing_ok=True)
+    files = sorted(_relative_files(folder)) if files is None else sorted(files)
     _apply_umask(folder)
     marker = {"tool": "compressor", "version": __version__, "command": command, "files": files}
     if failed:
@@ -307,9 +356,31 @@ def _carry_over_and_remove(old: Path, new: Path) -> None:
 
 def remove_if_ours(folder: Path) -> None:
     """Delete `folder` only if this tool wrote it (it holds the marker and nothing else)."""
-    marker = read_marker(folder) if folder.is_dir() else None
+    marker = read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
     if marker is not None and not foreign_files(folder, marker):
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def discard_ours(folder: Path) -> None:
+    """Delete the files of `folder` its marker lists (and the marker); user files, and the folders
+    holding them, stay. A folder without a marker, or a symlink, is not touched."""
+    remove_if_ours(folder)
+    marker = read_marker(folder) if folder.is_dir() and not folder.is_symlink() else None
+    if marker is None:
+        return
+    for rel in marker["files"]:
+        path = folder / rel
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    _remove_empty_folders(folder, {rel.split("/")[0] for rel in marker["files"]})
+    (folder / MARKER).unlink()
+
+
+def fresh_sibling(folder: Path, suffix: str) -> Path:
+    """A new, empty folder `NAME<suffix>XXXX` beside `folder`, created exclusively (mkdir)."""
+    path = Path(tempfile.mkdtemp(prefix=f"{folder.name}{suffix}", dir=folder.parent))
+    path.chmod(umask_mode())
+    return path
 
 
 def remove_staging(tmp: Path, err: BaseException | None = None) -> None:
@@ -326,11 +397,12 @@ def salvage_stale_staging(folder: Path) -> None:
     """Staging folders of a killed run (the lock is ours, so none is in use): move their training
     progress to `NAME.partial` (resumable), then delete them."""
     for stale in folder.parent.glob(f"{staging_name(folder)}*"):
-        if stale.is_dir():
+        # Only folders a run staged (they hold its staging marker): a user's `.NAME.tmp-x` stays.
+        if stale.is_dir() and not stale.is_symlink() and (stale / STAGING_MARKER).is_file():
             preserve_progress(stale)
             remove_staging(stale)
     for old in folder.parent.glob(f".{folder.name}.old-*"):
-        if old.is_dir() and read_marker(old) is not None:
+        if old.is_dir() and not old.is_symlink() and read_marker(old) is not None:
             _carry_over_and_remove(old, folder) if folder.is_dir() else old.rename(folder)
 
 
@@ -345,7 +417,10 @@ PROGRESS_FILES = (CHECKPOINT_DIR, "mezo_log.jsonl")
 def preserve_progress(out_dir: Path | None) -> Path | None:
     """Move checkpoints and the MeZO log out of a staging folder that is about to vanish.
 
-    Returns the folder to pass as `resume`, or None when there was nothing to move.
+    Their place is `NAME.partial/`: an earlier interruption's progress there (the files its marker
+    lists) is replaced, anything else in it is left alone; a `NAME.partial` this tool did not
+    write, or whose files collide with the user's, is left untouched and `NAME.partial-XXXX/` is
+    used instead. Returns the folder to pass as `resume`, or None when there was nothing to move.
     """
     if out_dir is None:
         return None
@@ -355,12 +430,48 @@ def preserve_progress(out_dir: Path | None) -> Path | None:
     if match is None or not present:
         return out_dir if present else None  # not staged: the files stay where they are
     target = out_dir.parent / f"{match['name']}.partial"
-    if target.exists() and read_marker(target) is not None:
-        shutil.rmtree(target, ignore_errors=True)  # an older interruption's progress, ours
-    target.mkdir(parents=True, exist_ok=True)
-    for path in present:
-        shutil.rmtree(target / path.name, ignore_errors=True)
-        shutil.move(str(path), str(target / path.name))
-    write_marker(target, "training progress (resume from it)")
+    moved = [str(p.relative_to(out_dir)) for path in present for p in [path, *path.rglob("*")] if not p.is_dir()]
+    kept = _clear_our_progress(target, moved)
+    if kept is None:
+        target, kept = fresh_sibling(target.with_name(match["name"]), ".partial-"), []
+    target.mkdir(parents=True, exist_ok=True, mode=umask_mode())
+    for rel in moved:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True, mode=umask_mode())
+        os.replace(out_dir / rel, target / rel)
+    write_marker(target, "training progress (resume from it)", files=sorted(set(kept) | set(moved)))
     log.info("training stopped early; its progress is in %s (pass it as `resume` to continue)", target)
     return target
+
+
+def _clear_our_progress(target: Path, incoming: list[str]) -> list[str] | None:
+    """Make room in `target` for `incoming` files: delete the progress files its marker lists
+    (an earlier interruption's), and return the marker's other files that remain. None when
+    `target` cannot take them: not ours, a symlink, or an incoming name is a user's file."""
+    if not target.exists() and not target.is_symlink():
+        return []
+    marker = read_marker(target) if target.is_dir() and not target.is_symlink() else None
+    if marker is None:
+        return None
+    ours = set(marker["files"])
+    if any((target / rel).exists() and rel not in ours for rel in incoming):
+        return None
+    progress = [rel for rel in ours if rel.split("/")[0] in PROGRESS_FILES]
+    for rel in progress:
+        path = target / rel
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+    _remove_empty_folders(target, PROGRESS_FILES)
+    return sorted((ours - set(progress)) & set(_relative_files(target)))
+
+
+def _remove_empty_folders(root: Path, names: Iterable[str]) -> None:
+    """Delete the empty folders under root/<name> (deepest first); folders with files stay."""
+    for name in names:
+        top = root / name
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for path in sorted((p for p in top.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()

@@ -122,9 +122,30 @@ def check_supported(stages, model, causal: bool, evaluate: bool) -> None:
         if kind in ("t5", "mt5", "umt5") and stage.kind == "compress" and _targets_t5_wo(model, fields):
             raise ConfigError(f"{where}: T5's feed-forward reads `wo.weight` directly, which a compressed layer does "
                               "not have; add `--ignore wo` (recipe: `ignore: [wo]`)")
+        tied = _tied_targets(model, fields) if stage.kind == "compress" else []
+        if tied:
+            raise ConfigError(f"{where}: `{tied[0]}` shares its weight with the input embeddings (tied "
+                              "embeddings), so it cannot be compressed alone; drop it from --targets (or untie "
+                              "the embeddings in the model first: tie_word_embeddings=false)")
         if fields.get("task") == "lm" and not causal:
             raise ConfigError(f"{where}: `task: lm` (next-token loss) needs a causal LM, and `{kind}` is not one; "
                               "use `--set task=classification` with labelled data")
+
+
+def _tied_targets(model, fields: dict) -> list[str]:
+    """Targeted linears whose weight is the input embedding matrix (tied lm_head)."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    shared = getattr(embedding, "weight", None)
+    if shared is None or not fields.get("targets"):
+        return []  # lm_head and embeddings are only compressed when named
+    from .targeting import select_linears
+
+    try:
+        chosen = select_linears(model, tuple(fields.get("targets") or ()), tuple(fields.get("ignore") or ()))
+    except ConfigError:
+        return []
+    return [name for name, module in chosen.items() if getattr(module, "weight", None) is shared]
 
 
 def _targets_t5_wo(model, fields: dict) -> bool:

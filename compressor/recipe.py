@@ -135,10 +135,12 @@ class RunConfig(Config):
         if not self.stages:
             raise ConfigError("`stages` must be a non-empty list of {method: NAME, ...} mappings")
         check_output_dtype(self.dtype)
+        check_int("seed", self.seed, 0)
         if self.export is not None:
             check_format(self.export)
         if self.max_memory is not None:
-            parse_max_memory(self.max_memory)  # raises with the expected format
+            for device, size in parse_max_memory(self.max_memory).items():  # raises with the expected format
+                check_memory_size(device, size)
 
     def to_recipe(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
         """The resolved recipe: every top-level default filled in, then `stages` (resolved)."""
@@ -147,6 +149,16 @@ class RunConfig(Config):
             top["evaluate"] = False
         return {**top, "stages": stages}
 
+
+
+# What accelerate's max_memory takes: bytes, or a number with a unit (`20GiB`, `5.0GB`, `512MB`).
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)?$", re.IGNORECASE)
+
+
+def check_memory_size(device: Any, size: Any) -> None:
+    if isinstance(size, bool) or not (isinstance(size, int) and size > 0 or isinstance(size, str) and _SIZE.match(size)):
+        raise ConfigError(f"`max_memory`: the size for `{device}` is {size!r}, not a size; write e.g. "
+                          "`0=20GiB,cpu=60GiB` (bytes, or a number with KB/MB/GB/KiB/MiB/GiB)")
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -160,10 +172,43 @@ MAX_NODES = 100_000
 INT64 = 2**63
 
 
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader without YAML 1.1's base-60 numbers (`2:4` stays the string an N:M pattern
+    is spelled with, not 124), and refusing a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"{self.where}: key `{key}` is given twice (line {line}); keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _without_base60(tag: str, regexp: re.Pattern) -> re.Pattern:
+    """The int / float resolver's pattern refusing any value with a colon (YAML 1.1's `1:30`)."""
+    if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float"):
+        return regexp
+    return re.compile(r"(?!.*:)" + regexp.pattern, regexp.flags)
+
+
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, _without_base60(tag, regexp)) for tag, regexp in resolvers]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def safe_yaml(text: str, where: str) -> Any:
     """yaml.safe_load after a streaming pass that bounds depth and the alias-expanded size."""
     _check_shape(text, where)
-    value = yaml.safe_load(text)
+    loader = RecipeLoader(text)
+    loader.where = where
+    try:
+        value = loader.get_single_data()
+    finally:
+        loader.dispose()
     _check_ints(value, where)
     return value
 

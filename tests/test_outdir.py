@@ -138,6 +138,7 @@ def test_stale_staging_of_a_killed_run_is_salvaged_and_removed(tmp_path):
     (stale / "checkpoints" / "step-2").mkdir(parents=True)
     (stale / "checkpoints" / "step-2" / "meta.json").write_text("{}")
     (stale / "model.safetensors").write_text("big")
+    (stale / ".compressor-staging").write_text("999999\n")  # what every staging folder holds
     with claim_output(tmp_path / "out"):
         pass
     assert not stale.exists()

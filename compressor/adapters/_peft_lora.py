@@ -46,6 +46,16 @@ def check_lora_fields(method: str, r: int, alpha: float, dropout: float,
 def inject_lora(model: nn.Module, names: list[str], *, rank: int, alpha: float,
                 dropout: float) -> peft.PeftModel:
     """peft LoRA on exactly the modules `names` (full names), in place; returns the PeftModel."""
+    from ..layers.base import linear_shape
+
+    wanted = set(names)
+    for name, module in model.named_modules():  # peft's rule: a target is the full name or a dotted suffix
+        if not (name in wanted or any(name.endswith(f".{target}") for target in wanted)):
+            continue
+        out_f, in_f = linear_shape(module)
+        if rank > min(out_f, in_f):  # a rank above min(out, in) adds parameters and no expressiveness
+            raise ConfigError(f"LoRA rank r={rank} is larger than `{name}` ({out_f}x{in_f}) can use; pass --r "
+                              f"{min(out_f, in_f)} or less (recipes: `r` / `lora_r`)")
     config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
                              target_modules=list(names), bias="none")
     return peft.get_peft_model(model, config)

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -105,9 +106,9 @@ def save_checkpoint(
 ) -> Path:
     """Write step-`step` atomically (temp folder, then rename) and return its path."""
     root = Path(out_dir) / CHECKPOINT_DIR
-    final, tmp = root / f"{_PREFIX}{step}", root / f".{_PREFIX}{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{_PREFIX}{step}.tmp-", dir=root))  # created exclusively
     tensors = {name: p.detach().to("cpu").contiguous().clone() for name, p in params.items()}
     save_file(tensors, tmp / "trainable.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
@@ -163,21 +164,63 @@ def load_checkpoint(
     `meta_now` is this run's {method, **identity, config}. The checkpoint is copied into
     `out_dir/checkpoints` so the new output can be resumed from again."""
     folder = latest_checkpoint(resume)
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = read_meta(folder)
     check_identity(meta, meta_now["method"], meta_now, folder)
-    check_trajectory(meta.get("config"), meta_now["config"], folder, int(meta["step"]))
+    check_trajectory(meta.get("config"), meta_now["config"], folder, meta["step"])
     if sorted(meta["params"]) != sorted(params):
         missing = sorted(set(meta["params"]) ^ set(params))[:5]
         raise ConfigError(
             f"`resume`: {str(folder)!r} trained a different parameter set (differs in e.g. {missing}); "
             "resume with the same `targets` and adapter settings"
         )
-    tensors = load_file(folder / "trainable.safetensors")
+    tensors = _read_part(folder / "trainable.safetensors", load_file)
+    for name, param in params.items():
+        stored = tensors.get(name)
+        if stored is None or tuple(stored.shape) != tuple(param.shape):
+            found = "missing" if stored is None else f"of shape {list(stored.shape)}"
+            raise ConfigError(f"`resume`: tensor `{name}` in {str(folder / 'trainable.safetensors')!r} is {found}, "
+                              f"this run trains {list(param.shape)}; the checkpoint is damaged: resume from an "
+                              "earlier step or drop `resume`")
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name].to(param.device, param.dtype))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    for part, target in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler)):
+        state = _read_part(folder / part, lambda path: torch.load(path, weights_only=True))
+        try:
+            target.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
+            raise ConfigError(f"`resume`: {str(folder / part)!r} does not fit this run ({type(err).__name__}: "
+                              f"{str(err)[:80]}); resume from an earlier step or drop `resume`") from None
     if out_dir is not None and (Path(out_dir) / CHECKPOINT_DIR / folder.name).resolve() != folder.resolve():
         shutil.copytree(folder, Path(out_dir) / CHECKPOINT_DIR / folder.name, dirs_exist_ok=True)
-    return int(meta["step"])
+    return meta["step"]
+
+
+def read_meta(folder: Path) -> dict:
+    """A checkpoint's meta.json, checked: a mapping whose `step` is an integer >= 0 and whose
+    `params` is a list of names (ConfigError naming the file and the field otherwise)."""
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"`resume`: cannot read {str(path)!r} ({type(err).__name__}); the checkpoint is "
+                          "damaged: resume from an earlier step or drop `resume`") from None
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ConfigError(f"`resume`: {str(path)!r} has `step` {step!r}, not an integer >= 0; the checkpoint "
+                          "is damaged: resume from an earlier step or drop `resume`")
+    if not isinstance(meta.get("params"), list):
+        raise ConfigError(f"`resume`: {str(path)!r} has no `params` list; the checkpoint is damaged: resume "
+                          "from an earlier step or drop `resume`")
+    return meta
+
+
+def _read_part(path: Path, read):
+    """`read(path)`, with a one-line ConfigError naming the file when it is missing or unreadable."""
+    try:
+        return read(path)
+    except Exception as err:  # torch/safetensors raise many types on a truncated or empty file
+        if type(err).__name__ == "UnpicklingError":
+            raise  # the CLI's message for a pickle that is more than plain tensors
+        raise ConfigError(f"`resume`: cannot read {str(path)!r} ({type(err).__name__}: {str(err)[:80]}); the "
+                          "checkpoint is damaged: resume from an earlier step or drop `resume`") from None

@@ -21,6 +21,8 @@ PRECISIONS = ("no", "bf16", "fp16")
 # it by 0.0001 and 1e-3 diverged; tests/training/test_mezo_defaults.py). SPSA's noise grows with
 # the parameter count, so larger models want the paper's {1e-6, 1e-7}: set `lr` for them.
 DEFAULT_LR = {"adamw": 1e-4, "mezo": 1e-4}
+# At a (fast) 1000 steps a second this is more than a day: a larger count is a typo, not a run.
+MAX_STEPS = 100_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +58,8 @@ class TrainConfig(MethodConfig):
         held-out half, as every evaluation scores them (compressor.protocol.PROTOCOL).
     eval_every: evaluate on the held-out data every N steps (curves["eval"]); 0 = only before
         and after training.
-    checkpoint_every: save a resumable checkpoint to `<out>/checkpoints` every N steps; 0 = never
-        (MeZO writes its (seed, gradient) log every step regardless).
+    checkpoint_every: save a resumable checkpoint to `<out>/checkpoints` every N steps; 0 = only
+        when interrupted (Ctrl-C / SIGTERM; MeZO writes its (seed, gradient) log every step regardless).
     resume: a previous run's output folder (or its checkpoints folder) to continue from; the
         checkpoint must come from the same method and model.
     mixed_precision: "no", "bf16" or "fp16" autocast for the forward pass (backprop).
@@ -103,6 +105,11 @@ class TrainConfig(MethodConfig):
             _check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "checkpoint_every"):
             _check_nonnegative_int(name, getattr(self, name))
+        if self.steps > MAX_STEPS:
+            raise ConfigError(f"`steps` is {self.steps}, more than a run can finish (at most {MAX_STEPS:,}); "
+                              "pass a realistic --steps, e.g. 1000")
+        if self.seed is not None:
+            _check_nonnegative_int("seed", self.seed)
         for name in ("k_shot", "num_train"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))

@@ -322,8 +322,8 @@ def run_backprop(run: TrainRun) -> None:
                 if config.checkpoint_every and done % config.checkpoint_every == 0:
                     _checkpoint(run, done, optimizer, scheduler)
         except KeyboardInterrupt:
-            # Keep the finished steps: the interrupted run resumes from here.
-            if config.checkpoint_every and done > run.start_step and run.diverged_at is None:
+            # Keep the finished steps, whatever `checkpoint_every` says: the interrupted run resumes from here.
+            if done > run.start_step and run.diverged_at is None:
                 _checkpoint(run, done, optimizer, scheduler)
             raise
     run.model.eval()
