@@ -56,10 +56,10 @@ def test_values_that_can_never_finish_are_refused(home):
 
 
 def test_compressor_kernels_is_checked_at_start_up(home, monkeypatch):
-    refused(["eval", "--num-windows", "1", "-q"], 2, "COMPRESSOR_KERNELS is 'bogus'", "auto",
+    refused(["eval", "--eval-windows", "1", "-q"], 2, "COMPRESSOR_KERNELS is 'bogus'", "auto",
             env={"COMPRESSOR_KERNELS": "bogus"})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    refused(["eval", "--num-windows", "1", "-q"], 2, "COMPRESSOR_KERNELS=triton needs", "COMPRESSOR_KERNELS=auto",
+    refused(["eval", "--eval-windows", "1", "-q"], 2, "COMPRESSOR_KERNELS=triton needs", "COMPRESSOR_KERNELS=auto",
             env={"COMPRESSOR_KERNELS": "triton", "TRITON_INTERPRET": "0"})
 
 
@@ -88,7 +88,7 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left_and_counted(home)
 
 def test_a_parquet_file_with_magic_bytes_but_no_footer_is_named(home):
     (home / "d.parquet").write_bytes(b"PAR1" + b"\x00" * 4 + b"PAR1")
-    refused(["eval", "--data", "d.parquet", "--num-windows", "1", "-q"], 2, "`d.parquet` is not valid Parquet")
+    refused(["eval", "--data", "d.parquet", "--eval-windows", "1", "-q"], 2, "`d.parquet` is not valid Parquet")
 
 
 @pytest.fixture

@@ -46,7 +46,7 @@ def copy_of(source: Path, to: Path, *, drop: str | None = None, add: str | None 
 
 
 def eval_args(folder: Path) -> list:
-    return ["eval", folder, "--num-windows", "1", "-q"]
+    return ["eval", folder, "--eval-windows", "1", "-q"]
 
 
 # -- missing, unexpected and wrong-shape tensors ---------------------------------------------------

@@ -21,7 +21,7 @@ from compressor.models import DEFAULT_MODEL_DIR
 from compressor.outdir import MARKER, read_marker
 
 runner = CliRunner()
-EVAL = ["eval", "--num-windows", "1", "-q"]
+EVAL = ["eval", "--eval-windows", "1", "-q"]
 
 
 def finetune(steps: int = 6, lr: str = "1e-3", seq_len: int = 32) -> list[str]:
