@@ -27,7 +27,7 @@ def print_outcome(report, out: Path | str | None, command: str) -> None:
     hint = quality_hint(report.evaluation, report.stages, command, out)
     if hint:
         console.print(hint, style="yellow", highlight=False, soft_wrap=True)
-    for line in size_lines(report.size):
+    for line in size_lines(report.size, out):
         console.print(line, highlight=False, soft_wrap=True)
     console.print(closing_line(out), highlight=False, soft_wrap=True)
 
@@ -127,7 +127,7 @@ def megabytes(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
-def size_lines(size: dict[str, Any]) -> list[str]:
+def size_lines(size: dict[str, Any], out: Path | str | None = None) -> list[str]:
     """The Size row (bytes written; × the input file; × a dense copy in the output dtype) and a
     warning when the output is larger than the input file."""
     after, before, ratio = size.get("after", {}), size.get("before", {}), size.get("ratio", {})
@@ -143,7 +143,7 @@ def size_lines(size: dict[str, Any]) -> list[str]:
     if ratio.get("disk_bytes", 0) > 1 and ratio.get("memory_bytes", 1) < 1:
         lines.append(f"warning: the output is larger than the input file, which is stored in fewer bits "
                      f"(quantized); it is {ratio['memory_bytes']:.3g}× the dense model: compare against dense, "
-                     "or quantize the factors too (compressor does not quantize yet)")
+                     f"or quantize it too: `compressor compress {out or 'OUT'} --method gptq --bits 4` (recipes/gptq.yaml)")
     elif ratio.get("disk_bytes", 0) > 1:
         lines.append("warning: the output is larger than the input file; keep less (a lower keep ratio), "
                      "or write it in a smaller dtype (--dtype bfloat16)")

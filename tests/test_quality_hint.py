@@ -49,3 +49,15 @@ def test_no_hint_for_a_normal_run_or_missing_numbers():
     assert quality_hint(ev(3.9, 5.1), [stage("svd", rank=0.8)], "compress") is None
     assert quality_hint(ev(3.99, 3.97), [stage("lora", "finetune")], "finetune") is None
     assert quality_hint({"after": {"embedding_cosine_to_dense": 0.9}}, [stage("svd")], "compress") is None
+
+
+def test_a_factored_output_larger_than_a_quantized_input_is_told_to_quantize_it():
+    from compressor.cli.outcome import size_lines
+
+    size = {"dtype": "bfloat16", "before": {"disk_bytes": 98_400_000}, "after": {"disk_bytes": 183_900_000},
+            "ratio": {"disk_bytes": 1.87, "memory_bytes": 0.683}}
+    size_line, warning = size_lines(size, "runs/smol")
+    assert size_line == "size: 183.9 MB written (bfloat16), 1.87× the input file (98.4 MB), 0.683× the dense " \
+                        "model's in-memory bytes"
+    assert warning.startswith("warning: the output is larger than the input file")
+    assert "`compressor compress runs/smol --method gptq --bits 4`" in warning
