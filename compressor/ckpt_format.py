@@ -144,7 +144,7 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
         return f"in_features {in_f} is not a multiple of M={m}"
     if kind == "dense_sparse" and not (_is_int(args.get("k")) and (unstructured or args["k"] % m == 0)):
         return f"inner dimension k={args.get('k')!r} must be a positive multiple of M={m}"
-    if kind == "low_rank_quant" and not (isinstance(rank, int) and 1 <= rank and _divides(args.get("u_group_size") or rank, rank)):
+    if kind == "low_rank_quant" and not (_is_int(rank) and _divides(args.get("u_group_size") or rank, rank)):
         return f"rank {rank!r} / u_group_size {args.get('u_group_size')!r} do not fit"
     if kind == "nm_sparse_quant" and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f // m * n)):
         return f"group_size {args.get('group_size')!r} does not divide the {in_f // m * n} kept values per row"
@@ -154,7 +154,7 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
 
 
 def _divides(group: Any, width: int) -> bool:
-    return isinstance(group, int) and group >= 1 and width % group == 0
+    return _is_int(group) and width % group == 0
 
 
 def check_stored_tensors(layers: dict[str, Any], stored: dict[str, tuple[int, ...]], where: str,

@@ -112,9 +112,6 @@ class Runtime:
         else:
             optimizer.step()
 
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model) if self.accelerator is not None else model
-
     def mean_across_ranks(self, value: float) -> float:
         return self.means_across_ranks([value])[0]
 
