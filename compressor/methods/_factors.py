@@ -10,22 +10,22 @@ from torch import Tensor
 from .lowrank import split_singular
 
 
-def svd_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Best rank-`rank` approximation of W (m, n) in Frobenius norm -> (u (m, r), v (r, n)), fp64.
+def svd_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Best rank-r approximation of W (m, n) in Frobenius norm -> (u (m, r), v (r, n)), fp64.
 
     √Σ is fused into both factors so they have comparable scales (as SVD-LLM and ASVD do).
     """
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
-    return split_singular(u, s, vh, rank)
+    return split_singular(u, s, vh, r)
 
 
-def whitened_factors(weight: Tensor, chol: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+def whitened_factors(weight: Tensor, chol: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     """SVD of W L, truncated: (W (m, n), L (n, n), r) -> (u (m, r), v (r, n), σ (min(m, n),)).
 
     u v = U_r Σ_r V_rᵀ L⁻¹; σ are all singular values of W L (σ_{>r}² is the dropped output error).
     """
     u, s, vh = torch.linalg.svd(weight.double() @ chol, full_matrices=False)
-    left, right = split_singular(u, s, vh, rank)
+    left, right = split_singular(u, s, vh, r)
     return left, unwhiten(right, chol), s
 
 
