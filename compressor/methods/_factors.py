@@ -1,13 +1,30 @@
-"""The low-rank family's factorizations, pure maths shared by its methods (svd, svd-llm, saes-svd,
-welore): plain truncated SVD, SVD-LLM's whitened SVD and its un-whitening, and the least-squares
-update of U. Registers no method, so a method building on another's maths imports only this."""
+"""The low-rank family's factorizations, pure maths shared by its methods (svd, asvd, svd-llm,
+saes-svd, welore): √Σ split into both factors, plain truncated SVD, SVD-LLM's whitened SVD and its
+un-whitening, the least-squares update of U, and the finiteness check before installing. Registers
+no method, so a method building on another's maths imports only this."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .lowrank import split_singular
+from ..errors import ModelError
+
+
+def split_singular(u: Tensor, s: Tensor, vh: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """Fuse √Σ into both factors: (u (m, k), s (k,), vh (k, n)) -> (U_r√Σ_r (m, r), √Σ_r V_rᵀ (r, n))."""
+    root = s[:r].clamp_min(0).sqrt()
+    return u[:, :r] * root[None, :], root[:, None] * vh[:r]
+
+
+def check_finite(name: str, *tensors: Tensor) -> None:
+    """Refuse to install NaN/inf factors: a silent NaN would poison every later block."""
+    for tensor in tensors:
+        if not torch.isfinite(tensor).all():
+            raise ModelError(
+                f"non-finite low-rank factors for `{name}` (calibration statistics are degenerate); "
+                "use more calibration windows, or add the layer to `ignore`"
+            )
 
 
 def svd_factors(weight: Tensor, r: int) -> tuple[Tensor, Tensor]:

@@ -39,10 +39,10 @@ from ..memory import PeakMemory
 from ..offload import MaterializedWeights
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, linear_weight, select_linears
-from ._factors import svd_factors
+from ._factors import check_finite, svd_factors
 from ._lowrank_allocation import aware_plan
 from ._lowrank_plan import LayerPlan, LayerStatus, keep_ratio_reached, plan_uniform, welore_plan
-from .lowrank import CalibratedLowRankConfig, LowRankConfig, check_finite
+from .lowrank import CalibratedLowRankConfig, LowRankConfig
 
 OUTSIDE_BLOCKS = "outside the transformer blocks (no calibration inputs): dense"
 

@@ -25,8 +25,9 @@ from ..context import Context
 from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
+from ._factors import split_singular
 from ._lowrank_driver import Factors, LowRankDriver
-from .lowrank import CalibratedLowRankConfig, split_singular
+from .lowrank import CalibratedLowRankConfig
 
 SCALE_FLOOR = 1e-6
 

@@ -1,5 +1,5 @@
-"""The training-free low-rank family's shared configs and factor helpers (svd, asvd, svd-llm,
-saes-svd, welore); the driver that plans, factors and installs is _lowrank_driver.py.
+"""The training-free low-rank family's shared configs (svd, asvd, svd-llm, saes-svd, welore); the
+driver that plans, factors and installs is _lowrank_driver.py, the factor maths _factors.py.
 
 `rank` is always a KEEP ratio of parameters (METHODS §13.1: every SVD codebase mixes keep and
 remove up): a targeted (m, n) linear gets r = ⌊rank·m·n/(m+n)⌋ so its factors U (m, r) and
@@ -23,9 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import torch
-from torch import Tensor
-
 from ..calibration import (  # noqa: F401  (LayerStats, split_phases re-exported for tests)
     LayerStats,
     split_phases,
@@ -34,7 +31,8 @@ from ..calibration.engine import (
     DEFAULT_SECOND_PHASE,  # its defining module: config_docs reads the default
 )
 from ..config import CalibrationConfig, MethodConfig
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
+from ._factors import check_finite, split_singular  # noqa: F401  (re-exported for tests and benchmarks)
 from ._lowrank_plan import (  # noqa: F401  (re-exported for tests and benchmarks)
     LayerPlan,
     LayerStatus,
@@ -148,22 +146,3 @@ class CalibratedLowRankConfig(CalibrationConfig, LowRankConfig, num_windows=128)
     """
 
     second_phase: tuple[str, ...] = DEFAULT_SECOND_PHASE
-
-
-# ---------------------------------------------------------------- factor helpers (pure)
-
-
-def split_singular(u: Tensor, s: Tensor, vh: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """Fuse √Σ into both factors: (u (m, k), s (k,), vh (k, n)) -> (U_r√Σ_r (m, r), √Σ_r V_rᵀ (r, n))."""
-    root = s[:r].clamp_min(0).sqrt()
-    return u[:, :r] * root[None, :], root[:, None] * vh[:r]
-
-
-def check_finite(name: str, *tensors: Tensor) -> None:
-    """Refuse to install NaN/inf factors: a silent NaN would poison every later block."""
-    for tensor in tensors:
-        if not torch.isfinite(tensor).all():
-            raise ModelError(
-                f"non-finite low-rank factors for `{name}` (calibration statistics are degenerate); "
-                "use more calibration windows, or add the layer to `ignore`"
-            )

@@ -39,9 +39,9 @@ from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
-from ._factors import unwhiten
+from ._factors import split_singular, unwhiten
 from ._lowrank_driver import Factors, LowRankDriver
-from .lowrank import CalibratedLowRankConfig, split_singular
+from .lowrank import CalibratedLowRankConfig
 
 
 @dataclass(frozen=True, kw_only=True)

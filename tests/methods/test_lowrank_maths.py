@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from compressor.errors import ModelError
-from compressor.methods._factors import least_squares_left, svd_factors, whitened_factors
+from compressor.methods._factors import check_finite, least_squares_left, svd_factors, whitened_factors
 from compressor.methods.asvd import activation_scales, asvd_factors
 from compressor.methods.lowrank import (
     LayerStats,
     LayerStatus,
-    check_finite,
     factoring_saves,
     keep_ratio_reached,
     plan_uniform,
