@@ -125,12 +125,11 @@ def allocate_options(options: Mapping[str, list[tuple]], budget: float) -> dict:
     """{name: [(choice, parameters, loss)] with parameters increasing} -> {name: choice}: the
     greedy of `allocate_ranks` over arbitrary per-unit option lists, starting from each unit's
     first option. Raises ValueError when the first options alone exceed the budget."""
-    state = {name: 0 for name in options}  # index into options[name]
     spent = sum(opts[0][1] for opts in options.values())
     if spent > budget + 1e-9:
         raise ValueError(f"the floor ranks alone need {spent} parameters, more than the budget {budget:.0f}")
-    _greedy(options, state, spent, budget)
-    return {name: options[name][index][0] for name, index in state.items()}
+    chosen = _greedy(options, spent, budget)
+    return {name: options[name][index][0] for name, index in chosen.items()}
 
 
 def _options(losses, per_rank: int, dense: int, floor: int, ceiling: int) -> list[tuple]:
@@ -141,13 +140,15 @@ def _options(losses, per_rank: int, dense: int, floor: int, ceiling: int) -> lis
     return rows + [(DENSE, dense, 0.0)] if at_break_even or not rows else rows
 
 
-def _greedy(options: dict, state: dict, spent: float, budget: float) -> float:
-    """Buy steps in order of loss removed per parameter while the budget lasts.
+def _greedy(options: Mapping[str, list[tuple]], spent: float, budget: float) -> dict[str, int]:
+    """Buy steps in order of loss removed per parameter while the budget lasts, from every unit's
+    first option (`spent` parameters); returns {name: index of its chosen option}.
 
     Each matrix first offers the step to the next vertex of its lower convex hull of
     (parameters, loss), so its successive ratios fall and the global order is right. A hull step
     that no longer fits is replaced by the matrix's single next rank (then that matrix walks
     single ranks), so what is left of the budget is spent within one rank step."""
+    state = {name: 0 for name in options}  # index into options[name]
     hull_next = {name: _hull_next(opts) for name, opts in options.items()}
     fine: set[str] = set()
     heap: list[tuple[float, str, int]] = []
@@ -172,7 +173,7 @@ def _greedy(options: dict, state: dict, spent: float, budget: float) -> float:
         spent += cost
         state[name] = target
         push(name)
-    return spent
+    return state
 
 
 def _hull_next(opts: list[tuple]) -> list[int]:
