@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from ._factors import svd_factors
-from .lowrank import LayerStats, LowRankConfig, compress_model
+from ._lowrank_driver import LowRankDriver, TruncatedSVD
+from .lowrank import LowRankConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,11 +24,7 @@ class SVDConfig(LowRankConfig):
     """Plain truncated SVD of every targeted linear (see LowRankConfig for the shared fields)."""
 
 
-def _factorize(name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: SVDConfig):
-    return (*svd_factors(weight, rank), {})
-
-
 @register("svd", SVDConfig, kind="compress")
 def apply(model: nn.Module, config: SVDConfig, ctx: Context) -> StageResult:
     """Replace every targeted linear by its rank-r truncated SVD (no calibration)."""
-    return compress_model(model, config, ctx, _factorize, stats_kind=None)
+    return LowRankDriver(model, config, ctx, TruncatedSVD()).run()
