@@ -210,6 +210,17 @@ def arguments(doc: str, *, smollm2=False, data=False, threads: int | None = 1, r
     return p
 
 
+def run_worker(script: str, argv: list[str]) -> dict:
+    """Run `script` in a fresh interpreter (so its memory readings are its own); the JSON object
+    its last stdout line holds."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"error: worker `{' '.join(argv)}` failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def need_file(path: str, flag: str) -> None:
     if not Path(path).is_file():
         sys.exit(f"error: `{path}` not found; pass {flag}")
