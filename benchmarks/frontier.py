@@ -51,19 +51,19 @@ def parse_label(label: str) -> dict:
     return {"method": method, "allocation": allocation, "keep": float(keep), "heal": heal == "heal"}
 
 
+def sizes_and_heal_arguments(p, heal_steps: int) -> None:
+    """The protocol's sizes and heal's budget flags (benchmarks/sparse_p1.py heals the same way)."""
+    for flag, kind, default in (("calib-windows", int, 32), ("calib-seq", int, 256), ("eval-windows", int, 16),
+                                ("eval-seq", int, 512), ("heal-steps", int, heal_steps), ("heal-batch", int, 4),
+                                ("heal-seq", int, 256), ("heal-lr", float, 3e-4), ("heal-lora-r", int, 0),
+                                ("heal-eval-every", int, 0)):
+        p.add_argument(f"--{flag}", type=kind, default=default)
+    p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
+
+
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-seq", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=16, help="eval windows of --eval-seq tokens")
-    p.add_argument("--eval-seq", type=int, default=512)
-    p.add_argument("--heal-steps", type=int, default=40)
-    p.add_argument("--heal-batch", type=int, default=4)
-    p.add_argument("--heal-seq", type=int, default=256)
-    p.add_argument("--heal-lr", type=float, default=3e-4)  # the lr of the 300-step target run
-    p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
-    p.add_argument("--heal-lora-r", type=int, default=0, help="heal's `lora_r` (0 = train the factors only)")
-    p.add_argument("--heal-eval-every", type=int, default=0, help="held-out loss every N heal steps")
+    sizes_and_heal_arguments(p, heal_steps=40)
     for knob in ("aware-loss", "aware-group"):
         p.add_argument(f"--{knob}", default=None, help=f"aware rows: `{knob.replace('-', '_')}`")
     p.add_argument("--rank-spread", type=float, default=None, help="aware rows: `rank_spread`")

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from frontier import heal_row, sizes_and_heal_arguments
 from harness import (Report, apply_method, arguments, environment, finite, log, need_file, rerender,
                      stored_bytes, table, wiki, write_text)
 
@@ -40,16 +41,11 @@ PEER_ROW, DS_INIT = "llm-compressor-sparsegpt-2:4", "dsformer-init"
 
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    for flag, default in (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512),
-                          ("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)):
+    sizes_and_heal_arguments(p, heal_steps=0)  # --heal-steps N adds the rows `<label>+heal`
+    for flag, default in (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)):
         p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--ds-lr", type=float, default=1e-4, help="dsformer STF learning rate")
     p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
-    p.add_argument("--heal-steps", type=int, default=0, help="heal rows `<label>+heal` with this many steps")
-    for flag, kind, default in (("heal-batch", int, 4), ("heal-seq", int, 256), ("heal-lr", float, 3e-4),
-                                ("heal-lora-r", int, 0), ("heal-eval-every", int, 0)):
-        p.add_argument(f"--{flag}", type=kind, default=default)
-    p.add_argument("--heal-loss", choices=("kl", "lm"), default="kl")
     p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
     return p.parse_args(argv)
 
@@ -125,8 +121,6 @@ class Run:
 
     def heal(self, label: str, model, base: dict) -> None:
         """`<label>+heal`: benchmarks/frontier.py's heal of the compressed model, same budget flags."""
-        from frontier import heal_row
-
         a, config = self.args, self.heal_todo(label)
         if config is None:
             return
