@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from compressor.memory import proc_status_mb
-from harness import arguments, environment, log, rerender, table, write_text
+from harness import (apply_method, arguments, calib_fields, environment, log, rerender, run_worker, table, wiki,
+                     write_text)
 
 VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached", "int8", "int4",
             "lowrank-0.6+int4")
@@ -109,20 +110,25 @@ def build_cache(args, variants: list[str]) -> dict[str, Path]:
     return folders
 
 
+def variant_stages(variant: str, args) -> list[tuple[str, dict]]:
+    """The method stages that build `variant`: calibrated on WikiText-2 for the real model; plain SVD
+    and magnitude 2:4 (data-free, the same shapes) for --random-init. RTN is data-free either way:
+    the speed depends on the packed shapes, not on the rounding."""
+    base, bits = split_variant(variant)
+    rand = bool(args.random_init)
+    calib = {} if rand else calib_fields(wiki(args.data_dir), args.calib_windows, args.calib_seq, batch_size=4)
+    stages = []
+    if base.startswith("lowrank"):
+        stages.append(("svd" if rand else "saes-svd", {"rank": keep_of(base), **calib}))
+    elif base.startswith("prune"):
+        stages.append(("prune", {"pattern": "2:4", "score": "magnitude" if rand else "wanda", **calib}))
+    return stages + ([("rtn", {"bits": bits, "group_size": QUANT_GROUP})] if bits else [])
+
+
 def compress_into(args, dense: Path, out: Path, variant: str) -> None:
     from compressor.pipeline import Pipeline
 
-    calib = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
-    shared = {"calibration": calib, "num_windows": args.calib_windows, "seq_len": args.calib_seq,
-              "batch_size": 4}
-    base, bits = split_variant(variant)
-    stages = []
-    if base.startswith("lowrank"):
-        stages.append({"method": "saes-svd", "rank": keep_of(base), **shared})
-    elif base.startswith("prune"):
-        stages.append({"method": "prune", "pattern": "2:4", "score": "wanda", **shared})
-    if bits:  # RTN is data-free: the speed depends on the packed shapes, not on the rounding
-        stages.append({"method": "rtn", "bits": bits, "group_size": QUANT_GROUP})
+    stages = [{"method": method, **fields} for method, fields in variant_stages(variant, args)]
     log(f"compressing {variant} -> {out}")
     started = time.perf_counter()
     Pipeline.from_recipe({"model": str(dense), "out": str(out), "evaluate": False, "stages": stages}).run()
@@ -138,96 +144,21 @@ def load_variant(folder: Path, dtype: torch.dtype, device: str):
 # ---------------------------------------------------------------- random init: same shapes
 
 
-def random_models(config_json: str, variants: list[str], dtype, device, seed: int) -> dict:
+def random_models(args, variants: list[str], dtype, device) -> dict:
     """{variant: model} built from a config.json with random weights (see module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**json.loads(Path(config_json).read_text()))
-    torch.manual_seed(seed)
-    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
-    svds: dict = {}  # one SVD per linear, shared by every keep ratio
-    models = {}
-    for variant in variants:
-        built = CACHED_UNPACK.get(variant, variant)
+    from compressor.context import Context
+
+    config = AutoConfig.for_model(**json.loads(Path(args.random_init).read_text()))
+    torch.manual_seed(args.seed)
+    models = {"dense": AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()}
+    for built in dict.fromkeys(CACHED_UNPACK.get(v, v) for v in variants):
         if built not in models:
-            models[built] = dense if built == "dense" else _compressed_copy(dense, built, svds)
-        models[variant] = models[built]
-    return {v: models[v].to(dtype=dtype) for v in variants}
-
-
-def _compressed_copy(dense, variant: str, svds: dict):
-    """Plain truncated SVD at uniform ranks (lowrank-*) or magnitude 2:4 (prune-2:4) of a copy,
-    then (int8 / int4 / lowrank-*+int4) symmetric RTN codes of every linear or factor."""
-    import copy
-
-    from compressor.layers import LowRankLinear
-    from compressor.methods.lowrank import plan_uniform, split_singular
-    from compressor.methods.prune import NMSparseLinear, magnitude_mask
-    from compressor.targeting import replace_module, select_linears
-
-    base, bits = split_variant(variant)
-    model = copy.deepcopy(dense)
-    linears = select_linears(model, (), ())
-    if base.startswith("lowrank"):
-        shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
-        for name, plan in plan_uniform(shapes, keep_of(variant)).items():
-            if plan.rank is None:
-                continue
-            linear = linears[name]
-            if name not in svds:  # float32 is plenty: only the shapes matter for speed
-                svds[name] = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
-            u, v = split_singular(*svds[name], plan.rank)
-            layer = LowRankLinear.from_factors(u.contiguous(), v.contiguous(), linear.bias)
-            replace_module(model, name, layer)
-    elif base.startswith("prune"):
-        for name, linear in linears.items():
-            weight = linear.weight.detach()
-            pruned = weight * magnitude_mask(weight, pattern="2:4")
-            layer = NMSparseLinear.from_dense(pruned, 2, 4, linear.bias)
-            replace_module(model, name, layer.to(weight.device))
-    return quantize_all(model, bits) if bits else model
-
-
-def rtn_layer(weight: torch.Tensor, bits: int, bias=None):
-    """QuantLinear of symmetric round-to-nearest codes of `weight` (out, in), groups of QUANT_GROUP
-    inputs (per-channel where the width is not a multiple of it, e.g. a factor's rank)."""
-    from compressor.kernels.packing import pack_int
-    from compressor.layers import QuantLinear
-
-    out_f, in_f = weight.shape
-    group = QUANT_GROUP if in_f % QUANT_GROUP == 0 else in_f
-    groups = weight.detach().float().reshape(out_f, in_f // group, group)
-    half = 2 ** (bits - 1)
-    scales = groups.abs().amax(-1).clamp_min(1e-12) / half
-    codes = (groups / scales[..., None]).round().clamp(-half, half - 1) + half
-    codes = pack_int(codes.reshape(out_f, in_f).to(torch.uint8), bits)
-    return QuantLinear.from_codes(codes, scales.to(weight.dtype), None, bits, group, in_f, bias)
-
-
-class QuantFactors(torch.nn.Module):
-    """A low-rank layer with both factors quantized, as two QuantLinear (x -> V x -> U (V x)):
-    the same two quantized matmuls per call as a stored quantized low-rank layer."""
-
-    def __init__(self, low_rank, bits: int) -> None:
-        super().__init__()
-        self.v = rtn_layer(low_rank.v, bits)
-        self.u = rtn_layer(low_rank.u, bits, low_rank.bias)
-
-    def forward(self, x):
-        return self.u(self.v(x))
-
-
-def quantize_all(model, bits: int):
-    """Every nn.Linear (lm_head excluded) and both factors of every low-rank layer, in place."""
-    from compressor.layers import LowRankLinear
-    from compressor.targeting import replace_module, select_linears
-
-    for name, layer in select_linears(model, (), ()).items():
-        if isinstance(layer, LowRankLinear):
-            replace_module(model, name, QuantFactors(layer, bits))
-        elif isinstance(layer, torch.nn.Linear):
-            replace_module(model, name, rtn_layer(layer.weight, bits, layer.bias))
-    return model
+            models[built] = copy.deepcopy(models["dense"])
+            for method, fields in variant_stages(built, args):
+                apply_method(models[built], method, fields, Context(quiet=True, device=torch.device(device)))
+    return {v: models[CACHED_UNPACK.get(v, v)].to(dtype=dtype) for v in variants}
 
 
 # ---------------------------------------------------------------- measurements
@@ -295,6 +226,7 @@ def warm_up_libraries(args, cached_unpack) -> None:
     baseline already holds what any model pays once: the Llama modelling and generation code, the
     tokenizer stack, the BLAS workspaces. What the variant adds on top is then its own."""
     import compressor
+    from compressor.context import Context
 
     tiny = compressor.load("default", dtype=str(resolve_dtype(args)).removeprefix("torch."))
     ids = torch.arange(1, 9).unsqueeze(0)
@@ -303,7 +235,9 @@ def warm_up_libraries(args, cached_unpack) -> None:
                       min_new_tokens=4, pad_token_id=0)
         # One quantized decode row: the compiled CPU GEMV imports inductor and its compiler
         # stack, a once-per-process cost that is not the model's.
-        rtn_layer(torch.randn(64, 64, dtype=resolve_dtype(args)), 4)(torch.randn(1, 64, dtype=resolve_dtype(args)))
+        linear = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(resolve_dtype(args))
+        apply_method(linear, "rtn", {"bits": 4, "group_size": QUANT_GROUP}, Context(quiet=True))
+        linear(torch.randn(1, 64, dtype=resolve_dtype(args)))
     del tiny
 
 
@@ -316,12 +250,8 @@ def trim() -> None:
 
 
 def measure_memory_fresh(args, folder: Path, cached: bool) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(folder),
-               "--dtype", args.dtype, "--device", "cpu", *(["--cached"] if cached else [])]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory worker for {folder} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(str(Path(__file__).resolve()), ["--memory-worker", str(folder), "--dtype", args.dtype,
+                                                      "--device", "cpu", *(["--cached"] if cached else [])])
 
 
 def prompts(args, tokenizer, vocab_size: int, batch: int) -> torch.Tensor:
@@ -566,7 +496,7 @@ def remeasure_memory(args) -> None:
 def load_models(args, variants: list[str], dtype, device, memory: dict):
     """({variant: model}, tokenizer or None); the real model's memory readings go into `memory`."""
     if args.random_init:
-        return random_models(args.random_init, variants, dtype, device, args.seed), None
+        return random_models(args, variants, dtype, device), None
     from transformers import AutoTokenizer
 
     folders, models = build_cache(args, variants), {}
