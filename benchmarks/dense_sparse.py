@@ -18,7 +18,7 @@ import copy
 import time
 from pathlib import Path
 
-from harness import Report, apply_method, arguments, environment, fmt, log, need_file, provenance, rerender, table, wiki
+from harness import Report, apply_method, eval_windows, arguments, environment, fmt, log, need_file, provenance, rerender, table, wiki
 
 RENDER = {}  # part -> renderer, filled below
 
@@ -53,7 +53,7 @@ class Part:
         self.args, self.source = args, "default" if stories else wiki(args.data_dir)
         self.loaded = load_model(None if stories else args.smollm2)
         self.ctx = Context(tokenizer=self.loaded.tokenizer, quiet=True)
-        self.windows = self.ctx.windows(self.source, split="eval", seq_len=args.seq_len, num_windows=args.eval_windows)
+        self.windows = eval_windows(self.ctx, self.source, args.seq_len, args.eval_windows)
         name = f"dense_sparse_{part}" + (f"_{args.tag}" if args.tag else "")
         self.sizes = {"calib_windows": args.calib_windows, "seq_len": args.seq_len, "batch_size": args.batch_size,
                       "eval_windows": int(self.windows.shape[0]), "eval_tokens": int(self.windows.numel())}

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import (Report, apply_method, arguments, calib_fields, environment, log, need_file, stored_bytes,
+from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, log, need_file, stored_bytes,
                      table as md_table, wiki, write_text)
 
 METHODS = ("saes-svd", "svd-llm")
@@ -85,7 +85,7 @@ def run(args) -> None:
     source = "default" if args.stories else wiki(args.data_dir)
     loaded = load_model(None if args.stories else args.smollm2)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
-    windows = ctx.windows(source, split="eval", seq_len=args.eval_seq, num_windows=args.eval_windows)
+    windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq",
                                            "heal_steps", "heal_batch", "heal_seq", "heal_lr")}
     report = frontier_report(args.out, {"benchmark": "frontier", "env": environment(), "sizes": sizes,

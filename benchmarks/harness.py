@@ -3,8 +3,9 @@
 A benchmark declares its rows (a label and the config that produces it), a `measure` for one row
 and a `render(result) -> str` of its JSON. The harness gives it:
 
-- the protocol: `compressor.protocol.PROTOCOL`'s windows of a text's held-out half (`eval_windows`)
-  and the calibration fields a method config takes (`calib_fields`);
+- the protocol: `eval_windows`, the first non-overlapping windows of a text's held-out (second)
+  half, as `compressor eval` reads them (compressor.protocol), and `calib_fields`, a method
+  config's calibration fields (windows of the first half); each benchmark states its own sizes;
 - a row cache: the report's JSON is the cache. Each row carries `key`, the JSON of its config
   (label + run sizes + method fields); a row whose key is unchanged is not rerun, `--force` reruns
   it. Rows of reports written before keys existed are keyed by their label and the report's sizes;
@@ -80,12 +81,6 @@ def command_line() -> str:
 
 
 # ---------------------------------------------------------------- the protocol
-
-
-def protocol(**overrides) -> dict:
-    from compressor.protocol import PROTOCOL
-
-    return {**PROTOCOL, **overrides}
 
 
 def eval_windows(ctx, source: str, seq_len: int, num_windows: int | None):

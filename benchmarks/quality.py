@@ -21,7 +21,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from harness import Report, arguments, environment, fmt, log, provenance, rerender, table, wiki
+from harness import Report, arguments, environment, eval_windows, fmt, log, provenance, rerender, table, wiki
 
 # (label, method, extra config): the rows of Q1/Q2; `svd-llm` = whitening only (BENCHMARKS' baseline).
 LM_ROWS = [("svd", "svd", {}), ("asvd", "asvd", {}), ("svd-llm", "svd-llm", {"update": "false"}),
@@ -62,7 +62,7 @@ def run_lm(name: str, args) -> dict:
     sizes = {k: getattr(args, k) or v for k, v in defaults.items()} | {"batch_size": 8}
     loaded = load_model(args.smollm2 if model_path else None)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
-    windows = ctx.windows(source, split="eval", seq_len=sizes["eval_seq"], num_windows=sizes["eval_windows"])
+    windows = eval_windows(ctx, source, sizes["eval_seq"], sizes["eval_windows"])
     dense = loaded.model
     info = {"model": Path(args.smollm2).name, "data": "wikitext-2 wiki.test.raw: calib = first half, eval = "
             "second half"} if model_path else {"model": "stories260K (embedded)", "data": "embedded "

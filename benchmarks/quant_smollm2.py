@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Report, arguments, need_file, rerender, table, wiki
+from harness import Report, arguments, eval_windows, need_file, rerender, table, wiki
 
 LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?$")
 
@@ -57,7 +57,7 @@ def disk_bytes(model, tokenizer) -> int:
         return (Path(folder) / "model.safetensors").stat().st_size
 
 
-def run_row(label: str, dense, tokenizer, ctx, eval_windows, args) -> dict:
+def run_row(label: str, dense, tokenizer, ctx, windows, args) -> dict:
     from compressor import apply_
     from compressor.evaluation import perplexity
 
@@ -65,7 +65,7 @@ def run_row(label: str, dense, tokenizer, ctx, eval_windows, args) -> dict:
     model = copy.deepcopy(dense)
     metrics = apply_(model, stage_config(label, args), ctx).metrics if label != "dense" else {}
     size = disk_bytes(model, tokenizer)
-    ppl = perplexity(model.float(), eval_windows)
+    ppl = perplexity(model.float(), windows)
     row = {"disk_bytes": size, "ppl": ppl["perplexity"], "eval_tokens": ppl["tokens"],
            "output_error": metrics.get("output_error"), "seconds": round(time.perf_counter() - started, 1)}
     print(f"{label}: ppl {row['ppl']:.3f}, {size} bytes ({row['seconds']} s)", flush=True)
@@ -112,7 +112,7 @@ def main(argv=None) -> None:
     loaded = load_model(args.smollm2)
     dense = loaded.model.to(torch.bfloat16)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
-    eval_windows = ctx.windows(wiki(args.data_dir), split="eval", seq_len=args.eval_seq, num_windows=args.eval_windows)
+    windows = eval_windows(ctx, wiki(args.data_dir), args.eval_seq, args.eval_windows)
     report = Report(args.out, "quant_smollm2", render)
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
     report.state.update(model=Path(args.smollm2).name, sizes=sizes,
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
                         eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")
     for label in (args.rows or "dense,rtn-w4-g64,gptq-w4-g64").split(","):
         if report.cached(label, sizes, args.force) is None:
-            report.add(label, sizes, run_row(label, dense, loaded.tokenizer, ctx, eval_windows, args))
+            report.add(label, sizes, run_row(label, dense, loaded.tokenizer, ctx, windows, args))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness import Report, arguments, command_line, environment, rerender
+from harness import Report, arguments, command_line, environment, eval_windows, rerender
 
 
 def tune(kind: str, args, source: str):
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     base = load_model(None)
     exits = default_exits(base.model.config.num_hidden_layers)
     ctx = Context(tokenizer=base.tokenizer, seed=args.seed, quiet=True)
-    windows = ctx.windows(source, split="eval", seq_len=args.seq, num_windows=args.eval_windows)
+    windows = eval_windows(ctx, source, args.seq, args.eval_windows)
 
     def exit_perplexities(model) -> dict[str, float]:
         return {str(n): perplexity(model, windows, batch_size=16, exit_layer=n)["perplexity"] for n in exits}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from frontier import heal_row, sizes_and_heal_arguments
-from harness import (Report, apply_method, arguments, environment, finite, log, need_file, rerender,
+from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, rerender,
                      stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
@@ -78,8 +78,7 @@ class Run:
             sys.exit(f"error: the calibration half holds only {stream.shape[0]} windows of {args.calib_seq}")
         self.calib = stream[:args.calib_windows]
         self.ctx = fixed_calibration(self.calib, tokenizer=self.tokenizer, quiet=True)
-        self.windows = self.ctx.windows(self.source, split="eval", seq_len=args.eval_seq,
-                                        num_windows=args.eval_windows)
+        self.windows = eval_windows(self.ctx, self.source, args.eval_seq, args.eval_windows)
         name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
         self.report = Report(args.out, name, render)
         self.report.state.update(benchmark=name, env=environment(), model=Path(args.smollm2).name,
