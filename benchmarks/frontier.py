@@ -82,6 +82,10 @@ def run(args) -> None:
     from compressor.evaluation import perplexity
     from compressor.models import load_model
 
+    labels = args.rows.split(",") if args.rows else all_labels()
+    unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
+    if unknown:
+        sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
     source = "default" if args.stories else wiki(args.data_dir)
     loaded = load_model(None if args.stories else args.smollm2)
     ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
@@ -92,27 +96,29 @@ def run(args) -> None:
                                         "model": "stories260K (embedded)" if args.stories else Path(args.smollm2).name,
                                         "data": data_name(args)})
     calib = f"{data_name(args)} first half: {args.calib_windows}x{args.calib_seq} tokens"
-    labels = args.rows.split(",") if args.rows else all_labels()
-    unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
-    if unknown:
-        sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
-    config = {**sizes, **{k: getattr(args, k) for k in ("aware_loss", "aware_group", "rank_spread", "heal_loss",
-                                                       "heal_lora_r")}}
-    todo = [lab for lab in labels if report.cached(lab, config, args.force) is None]
+    configs = {lab: row_config(lab, sizes, args) for lab in labels}
+    todo = [lab for lab in labels if report.cached(lab, configs[lab], args.force) is None]
     for base in dict.fromkeys(lab.partition("+")[0] for lab in todo):
         measure = lambda model: perplexity(model, windows)  # noqa: E731
         if base == "dense":
-            report.add("dense", config, point("dense", False, loaded.model, measure(loaded.model), calib))
+            report.add("dense", configs[base], point("dense", False, loaded.model, measure(loaded.model), calib))
             continue
         spec = parse_label(base)
         model, info = cached_compress(loaded.model, spec, base, source, args, ctx, loaded.tokenizer)
         if base in todo:
-            report.add(base, config, point(spec["method"], False, model, measure(model), calib, spec, info))
+            report.add(base, configs[base], point(spec["method"], False, model, measure(model), calib, spec, info))
         if f"{base}+heal" in todo:
             healed = heal_row(model, loaded.model, source, args, ctx, windows)
-            report.add(f"{base}+heal", config, point(spec["method"], True, model, measure(model), calib, spec,
-                                                     info, healed))
+            report.add(f"{base}+heal", configs[f"{base}+heal"], point(spec["method"], True, model, measure(model),
+                                                                     calib, spec, info, healed))
     render_all(report.state)
+
+
+def row_config(label: str, sizes: dict, args) -> dict:
+    """What a row's numbers depend on: the run's sizes, aware rows' allocation knobs, heal's loss."""
+    spec = parse_label(label)
+    knobs = ("aware_loss", "aware_group", "rank_spread") if spec.get("allocation") == "aware" else ()
+    return {**sizes, **{k: getattr(args, k) for k in knobs + (("heal_loss", "heal_lora_r") if spec["heal"] else ())}}
 
 
 def frontier_report(out, fresh: dict | None = None) -> Report:
