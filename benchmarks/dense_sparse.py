@@ -58,7 +58,7 @@ class Part:
         self.sizes = {"calib_windows": args.calib_windows, "seq_len": args.seq_len, "batch_size": args.batch_size,
                       "eval_windows": int(self.windows.shape[0]), "eval_tokens": int(self.windows.numel())}
         self.report = Report(args.out, name, RENDER[part.removeprefix("stories_") if part != "stories" else "ds"])
-        self.report.state.update(benchmark=f"dense_sparse_{part}", env=environment(), sizes=self.sizes, **extra,
+        self.report.begin(self.sizes, benchmark=f"dense_sparse_{part}", env=environment(), **extra,
                                  model="stories260K (embedded)" if stories else Path(args.smollm2).name,
                                  data=("embedded TinyStories excerpt" if stories else "wikitext-2 wiki.test.raw")
                                  + ": calib/train = first half, eval = second half")
@@ -222,9 +222,8 @@ def part_minilm(args) -> None:
     calib.write_text("\n".join(a + b), encoding="utf-8")
     dense_l, dense_r = embed(model, tokenizer, left), embed(model, tokenizer, right)
     report = Report(args.out, "dense_sparse_minilm", render_minilm)
-    report.state.update(benchmark="dense_sparse_minilm", env=environment(), model=folder.name,
-                        data="STS-B dev (1500 pairs); calibration: STS-B train sentences",
-                        sizes={"calib_windows": args.calib_windows, "seq_len": 64},
+    report.begin({"calib_windows": args.calib_windows, "seq_len": 64}, benchmark="dense_sparse_minilm",
+                 env=environment(), model=folder.name, data="STS-B dev (1500 pairs); calibration: STS-B train sentences",
                         dense_spearman=float(spearmanr(scores, (dense_l * dense_r).sum(-1)).statistic))
     base = {"calibration": str(calib), "num_windows": args.calib_windows, "seq_len": 64, "batch_size": 16,
             "ignore": ["pooler"]}

@@ -92,9 +92,10 @@ def run(args) -> None:
     windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq",
                                            "heal_steps", "heal_batch", "heal_seq", "heal_lr")}
-    report = frontier_report(args.out, {"benchmark": "frontier", "env": environment(), "sizes": sizes,
-                                        "model": "stories260K (embedded)" if args.stories else Path(args.smollm2).name,
-                                        "data": data_name(args)})
+    report = frontier_report(args.out)
+    if report.state.get("sizes") != sizes:  # rows of other sizes are not this frontier's
+        report.begin(sizes, benchmark="frontier", env=environment(), data=data_name(args),
+                     model="stories260K (embedded)" if args.stories else Path(args.smollm2).name)
     calib = f"{data_name(args)} first half: {args.calib_windows}x{args.calib_seq} tokens"
     configs = {lab: row_config(lab, sizes, args) for lab in labels}
     todo = [lab for lab in labels if report.cached(lab, configs[lab], args.force) is None]
@@ -121,8 +122,8 @@ def row_config(label: str, sizes: dict, args) -> dict:
     return {**sizes, **{k: getattr(args, k) for k in knobs + (("heal_loss", "heal_lora_r") if spec["heal"] else ())}}
 
 
-def frontier_report(out, fresh: dict | None = None) -> Report:
-    return Report(out, f"frontier{SUFFIX}", lambda state: table(state), fresh, png=lambda s, p: plot(s, p))
+def frontier_report(out) -> Report:
+    return Report(out, f"frontier{SUFFIX}", lambda state: table(state), png=lambda s, p: plot(s, p))
 
 
 def cached_compress(dense, spec: dict, label: str, source: str, args, ctx, tokenizer):

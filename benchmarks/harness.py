@@ -134,12 +134,19 @@ def row_key(label: str, config: dict) -> str:
 class Report:
     """One report: its JSON state (rows included), the Markdown renderer, the row cache."""
 
-    def __init__(self, out: Path, name: str, render, fresh: dict | None = None, png=None) -> None:
+    def __init__(self, out: Path, name: str, render, png=None) -> None:
         self.out, self.name, self.render, self.png = Path(out), name, render, png
         path = self.out / f"{name}.json"
-        self.state = json.loads(path.read_text()) if path.is_file() else dict(fresh or {}, rows=[])
+        self.state = json.loads(path.read_text()) if path.is_file() else {"rows": []}
         for row in self.state.get("rows", []):  # each row keeps the provenance of the run that measured it
             row.setdefault("run", {k: (self.state.get("env") or {}).get(k) for k in ("date", "git_sha")})
+
+    def begin(self, sizes: dict, **fields) -> None:
+        """Start a run measured with `sizes`: a report of other sizes starts afresh (a report states
+        one set of sizes); `fields` (env, model, ...) describe this run."""
+        if self.state.get("sizes") != sizes:
+            self.state = {"rows": []}
+        self.state.update(fields, sizes=sizes)
 
     def cached(self, label: str, config: dict, force: bool = False) -> dict | None:
         """The row of `label` whose config is `config`, unless `force`."""

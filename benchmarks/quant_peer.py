@@ -356,8 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     dense, tokenizer = load_plain_smollm2(args.smollm2)
     calib, eval_windows = halves_windows(token_stream(tokenizer, Path(wiki(args.data_dir))), sizes)
     report = Report(out, "quant_peer", render)
-    report.state.update(benchmark="quant_peer", env=environment(), model=Path(args.smollm2).name, sizes=sizes,
-                        eval_tokens_scored=int(eval_windows[:, 1:].numel()), value_counts=value_counts(dense))
+    report.begin(sizes, benchmark="quant_peer", env=environment(), model=Path(args.smollm2).name,
+                 eval_tokens_scored=int(eval_windows[:, 1:].numel()), value_counts=value_counts(dense))
     with tempfile.TemporaryDirectory(prefix="quant_peer_plain_") as plain_dir:
         dense.config.save_pretrained(plain_dir)
         for label, modifier, bits in ROWS:

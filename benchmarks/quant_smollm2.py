@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     windows = eval_windows(ctx, wiki(args.data_dir), args.eval_seq, args.eval_windows)
     report = Report(args.out, "quant_smollm2", render)
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
-    report.state.update(model=Path(args.smollm2).name, sizes=sizes,
+    report.begin(sizes, model=Path(args.smollm2).name,
                         calib=f"wiki.test.raw first half, {args.calib_windows}x{args.calib_seq} tokens",
                         eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")
     for label in (args.rows or "dense,rtn-w4-g64,gptq-w4-g64").split(","):

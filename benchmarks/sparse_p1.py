@@ -81,8 +81,8 @@ class Run:
         self.windows = eval_windows(self.ctx, self.source, args.eval_seq, args.eval_windows)
         name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
         self.report = Report(args.out, name, render)
-        self.report.state.update(benchmark=name, env=environment(), model=Path(args.smollm2).name,
-                                 sizes=self.sizes, eval_tokens=int(self.windows.numel()), peer=PEER)
+        self.report.begin(self.sizes, benchmark=name, env=environment(), model=Path(args.smollm2).name,
+                          eval_tokens=int(self.windows.numel()), peer=PEER)
         self.wanted = set(args.rows.split(",")) if args.rows else None
 
     def todo(self, label: str, config: dict) -> bool:

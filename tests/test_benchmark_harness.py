@@ -44,6 +44,18 @@ def test_rows_written_before_keys_existed_count_as_measured_with_the_reports_siz
     assert harness.Report(tmp_path, "nosizes", render).cached("dense", {"calib_windows": 32}) is None
 
 
+def test_a_run_with_other_sizes_starts_the_report_afresh_and_one_with_the_same_sizes_keeps_its_rows(tmp_path):
+    report = harness.Report(tmp_path, "bench", render)
+    report.begin({"eval_windows": 16}, model="m")
+    report.add("dense", {"eval_windows": 16}, {"ppl": 30.78})
+    same = harness.Report(tmp_path, "bench", render)
+    same.begin({"eval_windows": 16}, model="m2")
+    assert [r["label"] for r in same.state["rows"]] == ["dense"] and same.state["model"] == "m2"
+    other = harness.Report(tmp_path, "bench", render)
+    other.begin({"eval_windows": 4}, model="m3")
+    assert other.state == {"rows": [], "model": "m3", "sizes": {"eval_windows": 4}}
+
+
 def test_reports_are_written_whole_and_render_rebuilds_the_markdown_from_the_json(tmp_path):
     report = harness.Report(tmp_path, "bench", render)
     report.add("dense", {}, {"ppl": 4.46})
