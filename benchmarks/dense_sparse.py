@@ -205,47 +205,38 @@ def render_maestro(result: dict) -> str:
 
 
 def part_minilm(args) -> None:
-    import torch
-    from scipy.stats import spearmanr
-    from transformers import AutoModel, AutoTokenizer
+    import tempfile
 
     from compressor.context import Context
-    from quality import embed, minilm_dir, read_stsb  # the Q3 helpers: STS-B reader, mean pooling
+    from quality import STSB  # Q3's MiniLM on STS-B: reader, mean pooling, scores
 
-    folder = Path(args.minilm or minilm_dir())
-    model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    stsb = Path(args.data_dir) / "stsb"
-    scores, left, right = read_stsb(stsb / "sts-dev.csv")
-    calib = Path(args.out) / ".sts-train-sentences.txt"
-    _, a, b = read_stsb(stsb / "sts-train.csv")
-    calib.parent.mkdir(parents=True, exist_ok=True)
-    calib.write_text("\n".join(a + b), encoding="utf-8")
-    dense_l, dense_r = embed(model, tokenizer, left), embed(model, tokenizer, right)
+    sts = STSB(args)
     report = Report(args.out, "dense_sparse_minilm", render_minilm)
     report.begin({"calib_windows": args.calib_windows, "seq_len": 64}, benchmark="dense_sparse_minilm",
-                 env=environment(), model=folder.name, data="STS-B dev (1500 pairs); calibration: STS-B train sentences",
-                        dense_spearman=float(spearmanr(scores, (dense_l * dense_r).sum(-1)).statistic))
-    base = {"calibration": str(calib), "num_windows": args.calib_windows, "seq_len": 64, "batch_size": 16,
-            "ignore": ["pooler"]}
-    for keep in [float(k) for k in args.keeps.split(",")]:
-        for label, method, extra in (("svd-llm (whitening)", "svd-llm", {"rank": keep, "update": "false"}),
-                                     ("dsformer 2:4 (whitened init, no STF)", "dsformer",
-                                      {"keep_bytes": keep, "stf_steps": 0, "eval_windows": 0})):
-            config = {**base, **extra, "calibration": "sts-train"}
-            if report.cached(f"{label} @ {keep}", config, args.force):
-                continue
-            compressed = copy.deepcopy(model)
-            stage, _, seconds = apply_method(compressed, method, {**base, **extra}, Context(tokenizer=tokenizer, quiet=True))
-            el, er = embed(compressed, tokenizer, left), embed(compressed, tokenizer, right)
-            rho = float(spearmanr(scores, (el * er).sum(-1)).statistic)
-            cosine = float(torch.cat([(el * dense_l).sum(-1), (er * dense_r).sum(-1)]).mean())
-            m = stage.metrics
-            report.add(f"{label} @ {keep}", config, {"method": label, "keep": keep, "spearman": rho, "seconds": seconds,
-                                                      "spearman_vs_dense": rho / report.state["dense_spearman"],
-                                                      "cosine_to_dense": cosine,
-                                                      "keep_bytes": m.get("keep_ratio_bytes", m.get("keep_ratio_reached"))})
-            log(f"minilm: keep {keep} {label:40s} spearman {rho:.4f} cos {cosine:.4f}")
-    calib.unlink()
+                 env=environment(), model=sts.folder.name, data="STS-B dev (1500 pairs); calibration: STS-B train "
+                 "sentences", dense_spearman=sts.dense_rho)
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "sts-train-sentences.txt"
+        calib.write_text(sts.train_text, encoding="utf-8")
+        base = {"calibration": str(calib), "num_windows": args.calib_windows, "seq_len": 64, "batch_size": 16,
+                "ignore": ["pooler"]}
+        for keep in [float(k) for k in args.keeps.split(",")]:
+            for label, method, extra in (("svd-llm (whitening)", "svd-llm", {"rank": keep, "update": "false"}),
+                                         ("dsformer 2:4 (whitened init, no STF)", "dsformer",
+                                          {"keep_bytes": keep, "stf_steps": 0, "eval_windows": 0})):
+                config = {**base, **extra, "calibration": "sts-train"}
+                if report.cached(f"{label} @ {keep}", config, args.force):
+                    continue
+                compressed = copy.deepcopy(sts.model)
+                stage, _, seconds = apply_method(compressed, method, {**base, **extra},
+                                                 Context(tokenizer=sts.tokenizer, quiet=True))
+                rho, cosine = sts.score(compressed)
+                m = stage.metrics
+                report.add(f"{label} @ {keep}", config, {
+                    "method": label, "keep": keep, "spearman": rho, "spearman_vs_dense": rho / sts.dense_rho,
+                    "cosine_to_dense": cosine, "keep_bytes": m.get("keep_ratio_bytes", m.get("keep_ratio_reached")),
+                    "seconds": seconds})
+                log(f"minilm: keep {keep} {label:40s} spearman {rho:.4f} cos {cosine:.4f}")
 
 
 def render_minilm(result: dict) -> str:

@@ -138,38 +138,57 @@ def render_lm(result: dict) -> str:
 # ---------------------------------------------------------------- encoder (Q3)
 
 
-def q3(args) -> dict:
-    import torch
-    from scipy.stats import spearmanr
-    from transformers import AutoModel, AutoTokenizer
+class STSB:
+    """all-MiniLM-L6-v2 on STS-B dev: the dense model and embeddings, the calibration text (STS-B
+    train sentences), and the score of a compressed copy. dense_sparse.py's minilm part uses it too."""
 
+    def __init__(self, args) -> None:
+        from scipy.stats import spearmanr
+        from transformers import AutoModel, AutoTokenizer
+
+        self.folder = Path(args.minilm or minilm_dir())
+        self.model = AutoModel.from_pretrained(self.folder).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        self.scores, self.left, self.right = read_stsb(Path(args.data_dir) / "stsb" / "sts-dev.csv")
+        _, a, b = read_stsb(Path(args.data_dir) / "stsb" / "sts-train.csv")
+        self.train_text = "\n".join(a + b)
+        self.dense = self.pairs(self.model)
+        self.dense_rho = float(spearmanr(self.scores, (self.dense[0] * self.dense[1]).sum(-1)).statistic)
+
+    def pairs(self, model):
+        return embed(model, self.tokenizer, self.left), embed(model, self.tokenizer, self.right)
+
+    def score(self, model) -> tuple[float, float]:
+        """(Spearman of the pairs' cosines against the gold scores, mean cosine to the dense embeddings)."""
+        import torch
+        from scipy.stats import spearmanr
+
+        el, er = self.pairs(model)
+        cosine = torch.cat([(el * self.dense[0]).sum(-1), (er * self.dense[1]).sum(-1)]).mean()
+        return float(spearmanr(self.scores, (el * er).sum(-1)).statistic), float(cosine)
+
+
+def q3(args) -> dict:
     from compressor.context import Context
 
-    folder = Path(args.minilm or minilm_dir())
-    model, tokenizer = AutoModel.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
-    scores, left, right = read_stsb(Path(args.data_dir) / "stsb" / "sts-dev.csv")
+    sts = STSB(args)
     sizes = {"calib_windows": args.calib_windows or 128, "calib_seq": args.calib_seq or 64, "batch_size": 16}
-    dense_l, dense_r = embed(model, tokenizer, left), embed(model, tokenizer, right)
-    dense_rho = spearmanr(scores, (dense_l * dense_r).sum(-1)).statistic
     report = Report(args.out, "quality_q3", render_q3)
-    report.state.update(benchmark="q3", env=environment(), model=f"all-MiniLM-L6-v2 ({folder})", sizes=sizes,
+    report.state.update(benchmark="q3", env=environment(), model=f"all-MiniLM-L6-v2 ({sts.folder})", sizes=sizes,
                         data="STS-B dev (1500 pairs); calibration: STS-B train sentences",
-                        dense_spearman=float(dense_rho), rows=[])
+                        dense_spearman=sts.dense_rho, rows=[])
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "sts-train-sentences.txt"
-        _, a, b = read_stsb(Path(args.data_dir) / "stsb" / "sts-train.csv")
-        calib.write_text("\n".join(a + b), encoding="utf-8")
-        ctx = Context(tokenizer=tokenizer, quiet=True)
+        calib.write_text(sts.train_text, encoding="utf-8")
+        ctx = Context(tokenizer=sts.tokenizer, quiet=True)
         for keep in keep_list(args, "0.8,0.6"):
             for label, method, extra in select(args, ENCODER_ROWS):
-                compressed = copy.deepcopy(model)
+                compressed = copy.deepcopy(sts.model)
                 _, metrics = compress(compressed, method, keep, {**extra, "ignore": ("pooler.dense",)},
                                       str(calib), sizes, ctx)
-                el, er = embed(compressed, tokenizer, left), embed(compressed, tokenizer, right)
-                rho = float(spearmanr(scores, (el * er).sum(-1)).statistic)
-                cosine = float(torch.cat([(el * dense_l).sum(-1), (er * dense_r).sum(-1)]).mean())
+                rho, cosine = sts.score(compressed)
                 report.state["rows"].append({"label": label, "keep": keep, "spearman": rho, "spearman_vs_dense":
-                                             rho / dense_rho, "cosine_to_dense": cosine, **metrics})
+                                             rho / sts.dense_rho, "cosine_to_dense": cosine, **metrics})
                 log(f"q3: keep {keep} {label:10s} spearman {rho:.4f} cos {cosine:.4f}")
                 report.write()
     return report.state
