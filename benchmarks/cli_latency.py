@@ -2,15 +2,13 @@
 `COMMAND --help`, against `python -c "import typer"` measured in the same run (the floor any Typer
 CLI pays). Each command runs in a fresh interpreter `--repeats` times; the median is reported.
 
-    python benchmarks/cli_latency.py [--repeats 7] [--out reports]
+    python benchmarks/cli_latency.py [--repeats 7] [--out reports] [--render]
 
 Writes reports/cli_latency.json and reports/cli_latency.md. Target: every ratio <= 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -18,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from compressor.report.env import collect_env
+from harness import Report, arguments, environment, rerender, table
 
 BASELINE = [sys.executable, "-c", "import typer"]
 # What any Typer CLI pays to print help (typer builds its parameter adapters with pydantic): context
@@ -59,43 +55,36 @@ def median_seconds(commands: dict[str, list[str]], repeats: int) -> dict[str, fl
 
 
 def render(result: dict) -> str:
-    env = result["env"]
-    minimal = result["minimal_app_s"]
-    lines = [
+    env, minimal, base = result["env"], result["minimal_app_s"], result["baseline_s"]
+    rows = [[f"`compressor {r['command']}`", f"{r['seconds'] * 1000:.0f}", f"{r['ratio']:.2f}",
+             "yes" if r["ratio"] <= TARGET_RATIO else "no"] for r in result["rows"]]
+    return "\n".join([
         "# CLI latency", "",
-        f"Median wall time of {result['repeats']} runs per command (taking turns), each in a fresh interpreter, against "
-        f"`python -c \"import typer\"` ({result['baseline_s'] * 1000:.0f} ms) measured in the same run. "
-        f"Target: ratio <= {TARGET_RATIO:g}. For context, a one-command Typer app printing its `--help` takes "
-        f"{minimal * 1000:.0f} ms ({minimal / result['baseline_s']:.2f}× `import typer`), the floor of any Typer CLI.",
-        "",
+        f"Median wall time of {result['repeats']} runs per command (taking turns), each in a fresh interpreter, "
+        f"against `python -c \"import typer\"` ({base * 1000:.0f} ms) measured in the same run. Target: ratio <= "
+        f"{TARGET_RATIO:g}. For context, a one-command Typer app printing its `--help` takes {minimal * 1000:.0f} ms "
+        f"({minimal / base:.2f}× `import typer`), the floor of any Typer CLI.", "",
         f"Run {env['date']} on {env['host']} ({env['device_name']}), git {env['git_sha']}, python "
         f"{env['versions']['python']}.", "",
-        "| command | median ms | ratio to `import typer` | within target |", "|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        lines.append(f"| `compressor {row['command']}` | {row['seconds'] * 1000:.0f} | {row['ratio']:.2f} | "
-                     f"{'yes' if row['ratio'] <= TARGET_RATIO else 'no'} |")
-    return "\n".join(lines) + "\n"
+        *table(["command", "median ms", "ratio to `import typer`", "within target"], rows)]) + "\n"
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, threads=None)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("reports"))
     args = parser.parse_args(argv)
+    if args.render:
+        return print(rerender(Path(args.out), "cli_latency", render))
     commands = {"baseline": BASELINE, "minimal": MINIMAL_APP, **{" ".join(a): cli(a) for a in COMMANDS}}
     medians = median_seconds(commands, args.repeats)
     baseline, minimal = medians.pop("baseline"), medians.pop("minimal")
     rows = [{"command": name, "seconds": seconds, "ratio": seconds / baseline} for name, seconds in medians.items()]
     for row in rows:
         print(f"compressor {row['command']:<18} {row['seconds'] * 1000:6.0f} ms  {row['ratio']:.2f}x", flush=True)
-    result = {"benchmark": "cli_latency", "repeats": args.repeats, "baseline_s": baseline, "minimal_app_s": minimal,
-              "rows": rows,
-              "env": collect_env(torch.device("cpu"), 0)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cli_latency.json").write_text(json.dumps(result, indent=2))
-    (args.out / "cli_latency.md").write_text(render(result))
-    print(f"wrote {args.out}/cli_latency.json and .md (typer baseline {baseline * 1000:.0f} ms)")
+    report = Report(args.out, "cli_latency", render)
+    report.state = {"benchmark": "cli_latency", "repeats": args.repeats, "baseline_s": baseline,
+                    "minimal_app_s": minimal, "rows": rows, "env": environment()}
+    report.write()
 
 
 if __name__ == "__main__":

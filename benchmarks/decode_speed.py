@@ -2,53 +2,35 @@
 
     nice -n 5 python benchmarks/decode_speed.py                       # CPU, the real GGUF model
     python benchmarks/decode_speed.py --device cuda --random-init benchmarks/smollm2_135m_config.json
+    python benchmarks/decode_speed.py --render [--tag quant]          # the .md again from the .json
 
-Variants: `dense`, saes-svd at keep 0.6 and 0.8 (`lowrank-0.6`, `lowrank-0.8`), `prune-2:4`
-(Wanda 2:4 on every linear, stored packed, unpacked on every call on CPU) and `prune-2:4-cached`
-(the same model run inside `compressor.kernels.dispatch.cached_unpack()`: each weight unpacked once and kept
-beside the packed one; CPU only, the CUDA path has a 2:4 kernel and unpacks nothing); weight-only
-quantization of every linear, symmetric RTN in groups of 64 inputs: `int8`, `int4`, and
-`lowrank-0.6+int4` (saes-svd keep 0.6, then both factors quantized to int4). Quantized layers
-decode through `compressor.kernels.dispatch.quant_linear`: on CPU the compiled fused GEMV
-(`kernels/_cpu_quant.py`; compiled during the untimed warm-up), on CUDA the Triton kernel. Every variant
-decodes the same prompts with `model.generate(do_sample=False)`, exactly `--new-tokens` tokens (min
-= max, so no early EOS), at each batch size; the variants are interleaved inside every repeat (the
-order rotates) so load noise from other processes on the machine spreads over all of them.
-Decode tokens/s = batch * (new_tokens - 1) / time from the first generated token to the last (a
-stopping-criteria hook stamps each step), so the prompt's prefill is excluded; end-to-end tokens/s
-(prefill included) is reported beside it. The table gives medians over repeats and their ratio to
-the dense median of the same run.
+Variants: `dense`; saes-svd at keep 0.6 / 0.8 (`lowrank-0.6`, `lowrank-0.8`); `prune-2:4` (Wanda 2:4,
+stored packed, unpacked on every call on CPU) and `prune-2:4-cached` (the same model inside
+`compressor.kernels.dispatch.cached_unpack()`; CPU only); symmetric RTN in groups of 64 of every
+linear: `int8`, `int4`, `lowrank-0.6+int4` (both factors quantized), decoded through
+`compressor.kernels.dispatch.quant_linear`. Every variant decodes the same prompts with
+`model.generate(do_sample=False)`, exactly `--new-tokens` tokens, at each batch size; variants are
+interleaved inside every repeat (the order rotates) so load noise spreads over all of them. Decode
+tokens/s = batch * (new_tokens - 1) / time from the first generated token to the last (prefill
+excluded); end-to-end tokens/s beside it. Medians over repeats, ratios to the dense median.
 
-Memory: each variant is loaded in a FRESH subprocess (`compressor.load`, the user's path) that
-reports, right after loading, its resident set (VmRSS), the peak so far (VmHWM) and the same two
-minus the process's own reading after `import torch, transformers, compressor` (the model's share),
-then VmRSS again after a short decode (8 tokens, batch 1: what a cache of unpacked weights adds).
-Fresh processes make the RSS figures comparable: in the timing process the allocator keeps pages
-of every model loaded before. Parameter + buffer bytes are reported too (exact, no OS noise).
-
-Real model (default): the GGUF is dequantized once into a float HF folder, compressed once with a
-small calibration (16 x 256 tokens of WikiText-2) into `--cache-dir`, and reused by later runs.
-Decode speed depends on the layer shapes (ranks, 2:4 packing), not on calibration quality.
-
-`--random-init CONFIG_JSON`: the same architecture built from SmolLM2's config.json with random
-weights, factored at the same uniform ranks by plain SVD and pruned 2:4 by magnitude: the same
-shapes as the real run, for machines the 98 MB GGUF cannot reach (the GPU machine). Memory there
-is the tensor bytes (and on CUDA the allocator's figure), not RSS.
-
-dtype: float32 on CPU by default (dense and compressed always in the same dtype; `--dtype` to
-change it), bfloat16 on CUDA. Torch threads: `--threads` (default 1 on CPU, so the six processes
-sharing the 2-core machine perturb each other less).
+Memory: each variant is loaded in a FRESH subprocess (`compressor.load`) that reports VmRSS / VmHWM
+after loading and VmRSS after a short decode, minus its own reading after imports (see the notes).
+Real model: the GGUF is dequantized once into a float HF folder, compressed once with 16 x 256
+tokens of WikiText-2 into `--cache-dir` and reused. `--random-init CONFIG_JSON`: the same shapes
+with random weights (plain SVD, magnitude 2:4) for machines the GGUF cannot reach; memory there is
+tensor bytes. dtype float32 on CPU (`--dtype`), bfloat16 on CUDA; `--threads` default 1 on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,51 +38,33 @@ from pathlib import Path
 import torch
 
 from compressor.memory import proc_status_mb
-from compressor.report.env import collect_env
+from harness import (apply_method, arguments, calib_fields, environment, log, rerender, run_worker, table, wiki,
+                     write_text)
 
-DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DATA = "/work/shared/data"
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
 VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached", "int8", "int4",
             "lowrank-0.6+int4")
-# Weight-only quantization: bits by variant suffix, one group size for every quantized matrix.
-QUANT_BITS = {"int8": 8, "int4": 4}
-QUANT_GROUP = 64
-# Variants that run another variant's model (same folder, same weights) inside cached_unpack().
-CACHED_UNPACK = {"prune-2:4-cached": "prune-2:4"}
+QUANT_BITS = {"int8": 8, "int4": 4}  # weight-only quantization: bits by variant suffix
+QUANT_GROUP = 64  # one group size for every quantized matrix
+CACHED_UNPACK = {"prune-2:4-cached": "prune-2:4"}  # runs the other variant's model inside cached_unpack()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
-    p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
-    p.add_argument("--random-init", metavar="CONFIG_JSON",
-                   help="random weights from this config.json; plain SVD / magnitude 2:4 at the same shapes")
+    p = arguments(__doc__, smollm2=True, data=True, threads=None)
+    p.add_argument("--random-init", metavar="CONFIG_JSON", help="random weights from this config.json")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--calib-windows", type=int, default=16)
-    p.add_argument("--calib-seq", type=int, default=256)
+    for flag, default in (("new-tokens", 128), ("prompt-tokens", 32), ("repeats", 5), ("calib-windows", 16),
+                          ("calib-seq", 256), ("seed", 0)):
+        p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--cache-dir", default="/tmp/compressor-decode-cache")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(REPORTS))
     p.add_argument("--tag", default="", help="report names become decode_speed_<tag>.*")
-    p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
-    p.add_argument("--memory-only", action="store_true",
-                   help="re-measure the memory columns of an existing report (same --out/--tag)")
+    p.add_argument("--memory-only", action="store_true", help="re-measure the memory columns of a report")
     p.add_argument("--memory-worker", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-def log(message: str) -> None:
-    print(time.strftime("%H:%M:%S"), message, flush=True)
 
 
 def resolve_dtype(args) -> torch.dtype:
@@ -146,20 +110,25 @@ def build_cache(args, variants: list[str]) -> dict[str, Path]:
     return folders
 
 
+def variant_stages(variant: str, args) -> list[tuple[str, dict]]:
+    """The method stages that build `variant`: calibrated on WikiText-2 for the real model; plain SVD
+    and magnitude 2:4 (data-free, the same shapes) for --random-init. RTN is data-free either way:
+    the speed depends on the packed shapes, not on the rounding."""
+    base, bits = split_variant(variant)
+    rand = bool(args.random_init)
+    calib = {} if rand else calib_fields(wiki(args.data_dir), args.calib_windows, args.calib_seq, batch_size=4)
+    stages = []
+    if base.startswith("lowrank"):
+        stages.append(("svd" if rand else "saes-svd", {"rank": keep_of(base), **calib}))
+    elif base.startswith("prune"):
+        stages.append(("prune", {"pattern": "2:4", "score": "magnitude" if rand else "wanda", **calib}))
+    return stages + ([("rtn", {"bits": bits, "group_size": QUANT_GROUP})] if bits else [])
+
+
 def compress_into(args, dense: Path, out: Path, variant: str) -> None:
     from compressor.pipeline import Pipeline
 
-    calib = str(Path(args.data_dir) / "wikitext-2" / "wiki.test.raw")
-    shared = {"calibration": calib, "num_windows": args.calib_windows, "seq_len": args.calib_seq,
-              "batch_size": 4}
-    base, bits = split_variant(variant)
-    stages = []
-    if base.startswith("lowrank"):
-        stages.append({"method": "saes-svd", "rank": keep_of(base), **shared})
-    elif base.startswith("prune"):
-        stages.append({"method": "prune", "pattern": "2:4", "score": "wanda", **shared})
-    if bits:  # RTN is data-free: the speed depends on the packed shapes, not on the rounding
-        stages.append({"method": "rtn", "bits": bits, "group_size": QUANT_GROUP})
+    stages = [{"method": method, **fields} for method, fields in variant_stages(variant, args)]
     log(f"compressing {variant} -> {out}")
     started = time.perf_counter()
     Pipeline.from_recipe({"model": str(dense), "out": str(out), "evaluate": False, "stages": stages}).run()
@@ -175,96 +144,21 @@ def load_variant(folder: Path, dtype: torch.dtype, device: str):
 # ---------------------------------------------------------------- random init: same shapes
 
 
-def random_models(config_json: str, variants: list[str], dtype, device, seed: int) -> dict:
+def random_models(args, variants: list[str], dtype, device) -> dict:
     """{variant: model} built from a config.json with random weights (see module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**json.loads(Path(config_json).read_text()))
-    torch.manual_seed(seed)
-    dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
-    svds: dict = {}  # one SVD per linear, shared by every keep ratio
-    models = {}
-    for variant in variants:
-        built = CACHED_UNPACK.get(variant, variant)
+    from compressor.context import Context
+
+    config = AutoConfig.for_model(**json.loads(Path(args.random_init).read_text()))
+    torch.manual_seed(args.seed)
+    models = {"dense": AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()}
+    for built in dict.fromkeys(CACHED_UNPACK.get(v, v) for v in variants):
         if built not in models:
-            models[built] = dense if built == "dense" else _compressed_copy(dense, built, svds)
-        models[variant] = models[built]
-    return {v: models[v].to(dtype=dtype) for v in variants}
-
-
-def _compressed_copy(dense, variant: str, svds: dict):
-    """Plain truncated SVD at uniform ranks (lowrank-*) or magnitude 2:4 (prune-2:4) of a copy,
-    then (int8 / int4 / lowrank-*+int4) symmetric RTN codes of every linear or factor."""
-    import copy
-
-    from compressor.layers import LowRankLinear
-    from compressor.methods.lowrank import plan_uniform, split_singular
-    from compressor.methods.prune import NMSparseLinear, magnitude_mask
-    from compressor.targeting import replace_module, select_linears
-
-    base, bits = split_variant(variant)
-    model = copy.deepcopy(dense)
-    linears = select_linears(model, (), ())
-    if base.startswith("lowrank"):
-        shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
-        for name, plan in plan_uniform(shapes, keep_of(variant)).items():
-            if not plan.factored:
-                continue
-            linear = linears[name]
-            if name not in svds:  # float32 is plenty: only the shapes matter for speed
-                svds[name] = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
-            u, v = split_singular(*svds[name], plan.r)
-            layer = LowRankLinear.from_factors(u.contiguous(), v.contiguous(), linear.bias)
-            replace_module(model, name, layer)
-    elif base.startswith("prune"):
-        for name, linear in linears.items():
-            weight = linear.weight.detach()
-            pruned = weight * magnitude_mask(weight, pattern="2:4")
-            layer = NMSparseLinear.from_dense(pruned, 2, 4, linear.bias)
-            replace_module(model, name, layer.to(weight.device))
-    return quantize_all(model, bits) if bits else model
-
-
-def rtn_layer(weight: torch.Tensor, bits: int, bias=None):
-    """QuantLinear of symmetric round-to-nearest codes of `weight` (out, in), groups of QUANT_GROUP
-    inputs (per-channel where the width is not a multiple of it, e.g. a factor's rank)."""
-    from compressor.kernels.packing import pack_int
-    from compressor.layers import QuantLinear
-
-    out_f, in_f = weight.shape
-    group = QUANT_GROUP if in_f % QUANT_GROUP == 0 else in_f
-    groups = weight.detach().float().reshape(out_f, in_f // group, group)
-    half = 2 ** (bits - 1)
-    scales = groups.abs().amax(-1).clamp_min(1e-12) / half
-    codes = (groups / scales[..., None]).round().clamp(-half, half - 1) + half
-    codes = pack_int(codes.reshape(out_f, in_f).to(torch.uint8), bits)
-    return QuantLinear.from_codes(codes, scales.to(weight.dtype), None, bits, group, in_f, bias)
-
-
-class QuantFactors(torch.nn.Module):
-    """A low-rank layer with both factors quantized, as two QuantLinear (x -> V x -> U (V x)):
-    the same two quantized matmuls per call as a stored quantized low-rank layer."""
-
-    def __init__(self, low_rank, bits: int) -> None:
-        super().__init__()
-        self.v = rtn_layer(low_rank.v, bits)
-        self.u = rtn_layer(low_rank.u, bits, low_rank.bias)
-
-    def forward(self, x):
-        return self.u(self.v(x))
-
-
-def quantize_all(model, bits: int):
-    """Every nn.Linear (lm_head excluded) and both factors of every low-rank layer, in place."""
-    from compressor.layers import LowRankLinear
-    from compressor.targeting import replace_module, select_linears
-
-    for name, layer in select_linears(model, (), ()).items():
-        if isinstance(layer, LowRankLinear):
-            replace_module(model, name, QuantFactors(layer, bits))
-        elif isinstance(layer, torch.nn.Linear):
-            replace_module(model, name, rtn_layer(layer.weight, bits, layer.bias))
-    return model
+            models[built] = copy.deepcopy(models["dense"])
+            for method, fields in variant_stages(built, args):
+                apply_method(models[built], method, fields, Context(quiet=True, device=torch.device(device)))
+    return {v: models[CACHED_UNPACK.get(v, v)].to(dtype=dtype) for v in variants}
 
 
 # ---------------------------------------------------------------- measurements
@@ -332,6 +226,7 @@ def warm_up_libraries(args, cached_unpack) -> None:
     baseline already holds what any model pays once: the Llama modelling and generation code, the
     tokenizer stack, the BLAS workspaces. What the variant adds on top is then its own."""
     import compressor
+    from compressor.context import Context
 
     tiny = compressor.load("default", dtype=str(resolve_dtype(args)).removeprefix("torch."))
     ids = torch.arange(1, 9).unsqueeze(0)
@@ -340,7 +235,9 @@ def warm_up_libraries(args, cached_unpack) -> None:
                       min_new_tokens=4, pad_token_id=0)
         # One quantized decode row: the compiled CPU GEMV imports inductor and its compiler
         # stack, a once-per-process cost that is not the model's.
-        rtn_layer(torch.randn(64, 64, dtype=resolve_dtype(args)), 4)(torch.randn(1, 64, dtype=resolve_dtype(args)))
+        linear = torch.nn.Sequential(torch.nn.Linear(64, 64)).to(resolve_dtype(args))
+        apply_method(linear, "rtn", {"bits": 4, "group_size": QUANT_GROUP}, Context(quiet=True))
+        linear(torch.randn(1, 64, dtype=resolve_dtype(args)))
     del tiny
 
 
@@ -353,12 +250,8 @@ def trim() -> None:
 
 
 def measure_memory_fresh(args, folder: Path, cached: bool) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", str(folder),
-               "--dtype", args.dtype, "--device", "cpu", *(["--cached"] if cached else [])]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory worker for {folder} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(str(Path(__file__).resolve()), ["--memory-worker", str(folder), "--dtype", args.dtype,
+                                                      "--device", "cpu", *(["--cached"] if cached else [])])
 
 
 def prompts(args, tokenizer, vocab_size: int, batch: int) -> torch.Tensor:
@@ -466,48 +359,34 @@ def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
 
 def render(result: dict) -> str:
     env, cfg = result["env"], result["config"]
-    lines = [
+    dense_rows = {r["batch"]: r for r in result["rows"] if r["variant"] == "dense"}
+    rows = [[r["variant"], r["batch"], f"{r['decode_tokens_per_s']:.2f}", fmt(r.get("decode_ratio_to_dense")),
+             per_repeat_ratios(r, base), f"{r['spread'] * 100:.0f} %", f"{r['e2e_tokens_per_s']:.2f}",
+             fmt(r.get("e2e_ratio_to_dense")), fmt(r["same_tokens_as_dense"], pct=True), f"{r['tensor_mb']:.0f}",
+             fmt(r.get("model_rss_after_decode_mb"), 0), ratio(r, base, "model_rss_after_decode_mb"),
+             fmt(r.get("model_rss_mb"), 0), fmt(r.get("model_hwm_mb"), 0)]
+            for r in result["rows"] for base in [dense_rows.get(r["batch"], {})]]
+    baselines = sorted({f"{r['rss_after_import_mb']:.0f}" for r in result["rows"] if "rss_after_import_mb" in r})
+    remeasured = cfg.get("memory_measured")
+    return "\n".join([
         f"# Decode speed — SmolLM2-135M{' (random init, same shapes)' if cfg['random_init'] else ''}, "
-        f"{cfg['device']} {cfg['dtype']}",
-        "",
+        f"{cfg['device']} {cfg['dtype']}", "",
         f"Run {env['date']} on {env['host']} ({env['device_name']}, {cfg['threads']} torch thread(s), "
         f"{cfg['cpu_count']} CPUs, load average {cfg['loadavg_before']} before / {cfg['loadavg_after']} "
         f"after), git {env['git_sha']}, torch {env['versions']['torch']}, transformers "
-        f"{env['versions']['transformers']}.",
-        "",
-        f"Command: `{cfg['command']}`"
-        + (f" (memory columns re-measured {cfg['memory_measured']} with `--memory-only`)"
-           if cfg.get("memory_measured") else ""),
-        "",
+        f"{env['versions']['transformers']}.", "",
+        f"Command: `{cfg['command']}`" + (f" (memory columns re-measured {remeasured} with `--memory-only`)"
+                                          if remeasured else ""), "",
         f"Greedy `generate`, {cfg['prompt_tokens']}-token prompts, exactly {cfg['new_tokens']} new tokens, "
         f"median of {cfg['repeats']} repeats, variants interleaved per repeat. Decode tok/s = batch x "
         f"{cfg['new_tokens'] - 1} / time from the first to the last generated token (prefill excluded); "
         "end-to-end tok/s = batch x new tokens / wall time of `generate` (prefill included). Ratios are "
-        "against dense in this run.",
-        "",
-        "| variant | batch | decode tok/s | × dense | × dense per repeat | spread | end-to-end tok/s | "
-        "× dense | same tokens as dense | tensor MB | RSS after decode MB | × dense | RSS after load MB "
-        "| load peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    dense_rows = {r["batch"]: r for r in result["rows"] if r["variant"] == "dense"}
-    for r in result["rows"]:
-        base = dense_rows.get(r["batch"], {})
-        lines.append(
-            f"| {r['variant']} | {r['batch']} | {r['decode_tokens_per_s']:.2f} | "
-            f"{fmt(r.get('decode_ratio_to_dense'))} | {per_repeat_ratios(r, base)} | "
-            f"{r['spread'] * 100:.0f} % | "
-            f"{r['e2e_tokens_per_s']:.2f} | {fmt(r.get('e2e_ratio_to_dense'))} | "
-            f"{fmt(r['same_tokens_as_dense'], pct=True)} | {r['tensor_mb']:.0f} | "
-            f"{fmt(r.get('model_rss_after_decode_mb'), 0)} | {ratio(r, base, 'model_rss_after_decode_mb')} | "
-            f"{fmt(r.get('model_rss_mb'), 0)} | {fmt(r.get('model_hwm_mb'), 0)} |"
-        )
-    baselines = sorted({f"{r['rss_after_import_mb']:.0f}" for r in result["rows"] if "rss_after_import_mb" in r})
-    lines += ["", *(n.replace("{baseline}", "/".join(baselines) + " MB") for n in result["notes"])]
-    lines += ["", RATIO_LEGEND]
-    if cfg["device"] == "cpu":
-        lines += ["", *CPU_PATHS]
-    return "\n".join(lines) + "\n"
+        "against dense in this run.", "",
+        *table(["variant", "batch", "decode tok/s", "× dense", "× dense per repeat", "spread", "end-to-end tok/s",
+                "× dense", "same tokens as dense", "tensor MB", "RSS after decode MB", "× dense",
+                "RSS after load MB", "load peak MB"], rows), "",
+        *(n.replace("{baseline}", "/".join(baselines) + " MB") for n in result["notes"]), "", RATIO_LEGEND,
+        *(["", *CPU_PATHS] if cfg["device"] == "cpu" else [])]) + "\n"
 
 
 RATIO_LEGEND = ("× dense = ratio of the medians; × dense per repeat = median (min–max) of the "
@@ -589,98 +468,88 @@ def notes(args, random_init: bool, dtype) -> list[str]:
             f"dtype {str(dtype).removeprefix('torch.')} for every variant (dense and compressed alike)."]
 
 
-def report_path(args, suffix: str) -> Path:
-    return Path(args.out) / (f"decode_speed_{args.tag}{suffix}" if args.tag else f"decode_speed{suffix}")
+def report_name(args) -> str:
+    return f"decode_speed_{args.tag}" if args.tag else "decode_speed"
 
 
-def write_report(args, result: dict) -> Path:
+def write_report(args, result: dict) -> str:
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    report_path(args, ".json").write_text(json.dumps(result, indent=2, default=str))
-    report_path(args, ".md").write_text(render(result))
-    return report_path(args, ".md")
+    write_text(Path(args.out) / f"{report_name(args)}.json", json.dumps(result, indent=2, default=str))
+    write_text(Path(args.out) / f"{report_name(args)}.md", render(result))
+    return render(result)
 
 
-# ---------------------------------------------------------------- main
+def remeasure_memory(args) -> None:
+    """--memory-only: the memory columns of an existing report again, each variant in a fresh process."""
+    result = json.loads((Path(args.out) / f"{report_name(args)}.json").read_text())
+    folders = build_cache(args, sorted({r["variant"] for r in result["rows"]}))
+    for variant in folders:
+        log(f"memory of {variant} in a fresh process")
+        fresh = measure_memory_fresh(args, folders[variant], variant in CACHED_UNPACK)
+        for row in (r for r in result["rows"] if r["variant"] == variant):
+            row.update(fresh)
+    result["notes"] = notes(args, False, resolve_dtype(args))
+    result["config"]["memory_measured"] = f"separately, git {environment()['git_sha']}"
+    write_report(args, result)
+
+
+def load_models(args, variants: list[str], dtype, device, memory: dict):
+    """({variant: model}, tokenizer or None); the real model's memory readings go into `memory`."""
+    if args.random_init:
+        return random_models(args, variants, dtype, device), None
+    from transformers import AutoTokenizer
+
+    folders, models = build_cache(args, variants), {}
+    for variant in variants:
+        log(f"memory of {variant} in a fresh process")
+        memory[variant] = measure_memory_fresh(args, folders[variant], variant in CACHED_UNPACK)
+    for variant in variants:
+        built = CACHED_UNPACK.get(variant, variant)
+        if built not in models:
+            models[built] = load_variant(folders[variant], dtype, args.device).eval()
+        models[variant] = models[built]
+    return {v: models[v] for v in variants}, AutoTokenizer.from_pretrained(folders["dense"])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_worker:
-        memory_worker(args)
-        return 0
+        return memory_worker(args) or 0
     if args.memory_only:
-        result = json.loads(report_path(args, ".json").read_text())
-        folders = build_cache(args, sorted({r["variant"] for r in result["rows"]}))
-        for variant in folders:
-            log(f"memory of {variant} in a fresh process")
-            fresh = measure_memory_fresh(args, folders[variant], variant in CACHED_UNPACK)
-            for row in result["rows"]:
-                if row["variant"] == variant:
-                    row.update(fresh)
-        result["notes"] = notes(args, False, resolve_dtype(args))
-        result["config"]["memory_measured"] = f"separately, git {collect_env(torch.device('cpu'), 0)['git_sha']}"
-        args.render = True
-        write_report(args, result)
-    if args.render:
-        path = write_report(args, json.loads(report_path(args, ".json").read_text()))
-        print(path.read_text())
+        remeasure_memory(args)
+    if args.render or args.memory_only:
+        print(rerender(Path(args.out), report_name(args), render))
         return 0
-    device = torch.device(args.device)
-    dtype = resolve_dtype(args)
+    from compressor.report.env import collect_env
+
+    device, dtype = torch.device(args.device), resolve_dtype(args)
     threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
-    variants = [v for v in args.variants.split(",") if v]
-    if device.type == "cuda":  # the CUDA 2:4 kernel reads the packed weight: nothing to cache
-        variants = [v for v in variants if v not in CACHED_UNPACK]
-    unknown = [v for v in variants if v not in VARIANTS]
+    variants = [v for v in args.variants.split(",") if v and not (device.type == "cuda" and v in CACHED_UNPACK)]
+    unknown = [v for v in variants if v not in VARIANTS]  # on CUDA the 2:4 kernel reads the packed weight
     if unknown:
-        print(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}", file=sys.stderr)
-        return 2
-    loadavg_before = os.getloadavg()[0]
-    memory: dict = {}
-    if args.random_init:
-        models = random_models(args.random_init, variants, dtype, device, args.seed)
-        tokenizer = None
-    else:
-        folders = build_cache(args, variants)
-        for variant in variants:
-            log(f"memory of {variant} in a fresh process")
-            memory[variant] = measure_memory_fresh(args, folders[variant], variant in CACHED_UNPACK)
-        models = {}
-        for variant in variants:
-            built = CACHED_UNPACK.get(variant, variant)
-            if built not in models:
-                models[built] = load_variant(folders[variant], dtype, args.device).eval()
-            models[variant] = models[built]
-        models = {v: models[v] for v in variants}
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(folders["dense"])
+        sys.exit(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    loadavg_before, memory = os.getloadavg()[0], {}
+    models, tokenizer = load_models(args, variants, dtype, device, memory)
     some = next(iter(models.values()))
     pad_id = some.config.eos_token_id if isinstance(some.config.eos_token_id, int) else 0
     inputs = {b: prompts(args, tokenizer, some.config.vocab_size, b).to(device)
               for b in (int(x) for x in args.batches.split(","))}
     tensor_mb = {v: tensor_bytes(m) / 2**20 for v, m in models.items()}
-    config = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
-        "dtype": str(dtype).removeprefix("torch."), "threads": threads, "cpu_count": os.cpu_count(),
-        "random_init": args.random_init, "new_tokens": args.new_tokens,
-        "prompt_tokens": args.prompt_tokens, "repeats": args.repeats,
-        "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}",
-        "loadavg_before": f"{loadavg_before:.2f}", "machine": platform.machine(),
-    }
+    config = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": str(device),
+              "dtype": str(dtype).removeprefix("torch."), "threads": threads, "cpu_count": os.cpu_count(),
+              "random_init": args.random_init, "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+              "repeats": args.repeats, "loadavg_before": f"{loadavg_before:.2f}", "machine": platform.machine(),
+              "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}"}
 
-    def report(runs: dict, repeats_done: int) -> Path:
+    def report(runs: dict, repeats_done: int) -> str:  # rewritten after every decode
         config.update(repeats=repeats_done, loadavg_after=f"{os.getloadavg()[0]:.2f}")
-        return write_report(args, {
-            "benchmark": "decode_speed", "env": collect_env(device, args.seed), "config": config,
-            "rows": summarize(args, runs, memory, tensor_mb), "layer_shapes": layer_shapes(models),
-            "notes": notes(args, bool(args.random_init), dtype),
-        })
+        return write_report(args, {"benchmark": "decode_speed", "env": collect_env(device, args.seed),
+                                   "config": config, "rows": summarize(args, runs, memory, tensor_mb),
+                                   "layer_shapes": layer_shapes(models),
+                                   "notes": notes(args, bool(args.random_init), dtype)})
 
-    runs = time_decodes(args, models, inputs, pad_id, report)
-    path = report(runs, args.repeats)
-    print(path.read_text())
+    print(report(time_decodes(args, models, inputs, pad_id, report), args.repeats))
     return 0
 
 

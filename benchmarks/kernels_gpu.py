@@ -20,19 +20,19 @@ Writes <out>/kernels_gpu.json and <out>/kernels_gpu.md (date, GPU, torch/triton/
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from harness import arguments, write_text
 
 L2_BYTES = 60e6
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (in, out)
@@ -44,46 +44,23 @@ LORA_RANK, DSEE_NNZ, SCALING = 16, 64, 2.0
 # -- setup -----------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("reports"), help="output folder")
+def parse_args(argv: list[str] | None):
+    parser = arguments(__doc__, threads=None)
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--check-only", action="store_true", help="correctness checks only")
-    parser.add_argument(
-        "--cpu-smoke",
-        action="store_true",
-        help="CPU, TRITON_INTERPRET=1, tiny shapes, correctness only",
-    )
+    parser.add_argument("--cpu-smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, checks")
     return parser.parse_args(argv)
 
 
 def environment(device: torch.device) -> dict:
     import triton
 
+    from compressor.report.env import git_sha
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU interpreter)"
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": sys.version.split()[0],
-        "git": _git_sha(),
-    }
-
-
-def _git_sha() -> str:
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).parent,
-            timeout=10,
-        )
-        return done.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"date": date, "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "git": git_sha()[:10]}
 
 
 # -- inputs: one builder per op, shared by checks and timings --------------------------------------
@@ -128,12 +105,7 @@ def build(op: str, in_f: int, out_f: int, dtype, device, keep: float = 0.5, bias
         k = max(4, in_f // 4 // 4 * 4)
         s_t, s_values, s_indices = _packed_24(in_f, k, dtype, device)  # S.T (in, k)
         d = _w(out_f, k, dtype, device)
-        return {
-            "args": (d, s_values, s_indices, 2, 4, k, b),
-            "d": d,
-            "s": s_t.T.contiguous(),
-            "k": k,
-        }
+        return {"args": (d, s_values, s_indices, 2, 4, k, b), "d": d, "s": s_t.T.contiguous(), "k": k}
     a, lb = _w(LORA_RANK, in_f, dtype, device), _w(out_f, LORA_RANK, dtype, device)
     if op == "lora_linear":
         w = _w(out_f, in_f, dtype, device)
@@ -143,23 +115,11 @@ def build(op: str, in_f: int, out_f: int, dtype, device, keep: float = 0.5, bias
         w = _w(out_f, in_f, dtype, device)
         return {"args": (w, a, lb, SCALING, *delta, b), "w": w, "a": a, "b": lb, "delta": delta}
     dense, values, indices = _packed_24(out_f, in_f, dtype, device)
-    return {
-        "args": (values, indices, 2, 4, in_f, a, lb, SCALING, *delta, b),
-        "w": dense,
-        "a": a,
-        "b": lb,
-        "delta": delta,
-    }
+    return {"args": (values, indices, 2, 4, in_f, a, lb, SCALING, *delta, b), "w": dense, "a": a, "b": lb,
+            "delta": delta}
 
 
-OPS = [
-    "low_rank_linear",
-    "nm_linear",
-    "dense_sparse_linear",
-    "lora_linear",
-    "dsee_linear",
-    "dsee_nm_linear",
-]
+OPS = ["low_rank_linear", "nm_linear", "dense_sparse_linear", "lora_linear", "dsee_linear", "dsee_nm_linear"]
 
 
 # -- 1. correctness --------------------------------------------------------------------------------
@@ -172,21 +132,11 @@ def check_op(op, in_f, out_f, batch, dtype, device) -> dict:
     case = build(op, in_f, out_f, dtype, device)
     x = torch.randn(batch, in_f, device=device).to(dtype)
     got = getattr(tri, op)(x, *case["args"])
-    up = tuple(
-        a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in case["args"]
-    )
+    up = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in case["args"])
     exact = getattr(ref, op)(x.double(), *up)
     error = float((got.double() - exact).abs().max() / exact.abs().max().clamp_min(1e-30))
-    return {
-        "op": op,
-        "in": in_f,
-        "out": out_f,
-        "batch": batch,
-        "dtype": str(dtype).split(".")[-1],
-        "max_rel_error": error,
-        "tolerance": TOLERANCE[dtype],
-        "ok": error <= TOLERANCE[dtype],
-    }
+    return {"op": op, "in": in_f, "out": out_f, "batch": batch, "dtype": str(dtype).split(".")[-1],
+            "max_rel_error": error, "tolerance": TOLERANCE[dtype], "ok": error <= TOLERANCE[dtype]}
 
 
 def check_mezo(device, numel: int) -> list[dict]:
@@ -205,37 +155,17 @@ def check_mezo(device, numel: int) -> list[dict]:
         tri.mezo_axpy_(b, 1234, 7, 0.5)
         # fp32: libm vs GPU log/cos differ by ulps; 16-bit: one rounding of nearly equal values
         diff = (a.double() - b.double()).abs()
-        diff = (
-            diff.max()
-            if dtype == torch.float32
-            else (diff / a.double().abs().clamp_min(1e-30)).max()
-        )
+        diff = diff.max() if dtype == torch.float32 else (diff / a.double().abs().clamp_min(1e-30)).max()
         allowed = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-        rows.append(
-            {
-                "op": "mezo_axpy_ vs ref",
-                "dtype": name,
-                "numel": numel,
-                "max_abs_diff": float(diff),
-                "tolerance": allowed,
-                "ok": float(diff) <= allowed,
-            }
-        )
+        rows.append({"op": "mezo_axpy_ vs ref", "dtype": name, "numel": numel, "max_abs_diff": float(diff),
+                     "tolerance": allowed, "ok": float(diff) <= allowed})
         p = start.clone()
         for scale in (eps, -2 * eps, eps):
             tri.mezo_axpy_(p, 31337, 0, scale)
         drift = (p.double() - start.double()).abs()
         bound = 1.5 * torch.finfo(dtype).eps * (start.double().abs() + 2 * eps * z.abs())
-        rows.append(
-            {
-                "op": "mezo +e,-2e,+e drift",
-                "dtype": name,
-                "numel": numel,
-                "max_abs_diff": float(drift.max()),
-                "tolerance": float(bound.max()),
-                "ok": bool((drift <= bound).all()),
-            }
-        )
+        rows.append({"op": "mezo +e,-2e,+e drift", "dtype": name, "numel": numel, "max_abs_diff": float(drift.max()),
+                     "tolerance": float(bound.max()), "ok": bool((drift <= bound).all())})
     return rows
 
 
@@ -243,23 +173,13 @@ def run_checks(device, quick: bool, smoke: bool) -> list[dict]:
     """Checks on (in, out, batch, dtypes) cases: ragged ones in every dtype, large ones in bf16."""
     every = (torch.bfloat16, torch.float16, torch.float32)
     if smoke:
-        cases = [
-            (40, 24, 1, (torch.float32, torch.bfloat16)),
-            (72, 70, 37, (torch.float32, torch.bfloat16)),
-        ]
+        cases = [(40, 24, 1, (torch.float32, torch.bfloat16)), (72, 70, 37, (torch.float32, torch.bfloat16))]
     else:
         cases = [(1000, 3000, 3, every), (520, 136, 77, every), (4096, 4096, 1, (torch.bfloat16,))]
-        cases += (
-            []
-            if quick
-            else [(4096, 11008, 16, (torch.bfloat16,)), (11008, 4096, 512, (torch.bfloat16,))]
-        )
-    rows = []
-    for op, (in_f, out_f, batch, dtypes) in itertools.product(OPS, cases):
-        for dtype in dtypes:
-            rows.append(check_op(op, in_f, out_f, batch, dtype, device))
-    rows += check_mezo(device, 10_000 if smoke else 3_000_001)
-    return rows
+        cases += [] if quick else [(4096, 11008, 16, (torch.bfloat16,)), (11008, 4096, 512, (torch.bfloat16,))]
+    rows = [check_op(op, in_f, out_f, batch, dtype, device)
+            for op, (in_f, out_f, batch, dtypes) in itertools.product(OPS, cases) for dtype in dtypes]
+    return rows + check_mezo(device, 10_000 if smoke else 3_000_001)
 
 
 # -- 2./3. timing ----------------------------------------------------------------------------------
@@ -277,9 +197,7 @@ class Timer:
 
         cycle = itertools.cycle(copies)
         warmup, rep = (5, 20) if self.quick else (25, 100)
-        return 1e3 * triton.testing.do_bench(
-            lambda: fn(*next(cycle)), warmup=warmup, rep=rep, return_mode="median"
-        )
+        return 1e3 * triton.testing.do_bench(lambda: fn(*next(cycle)), warmup=warmup, rep=rep, return_mode="median")
 
     def graph_ms(self, forward, x, replays: int = 20) -> float:
         """One forward captured in a CUDA graph (no launch overhead, as in a decode loop)."""
@@ -330,23 +248,10 @@ def measure_ceilings(timer: Timer, device) -> dict:
 
 def _row(kernel, op, in_f, out_f, batch, us, nbytes, flops, baselines, ceilings, **extra) -> dict:
     tbps = nbytes / us / 1e6
-    row = {
-        "kernel": kernel,
-        "op": op,
-        "in": in_f,
-        "out": out_f,
-        "batch": batch,
-        "us": us,
-        "bytes": nbytes,
-        "TBps": tbps,
-        "pct_copy": 100 * tbps / ceilings["copy_TBps"],
-        "TFLOPs": flops / us / 1e6,
-        "pct_gemm": 100 * flops / us / 1e6 / ceilings["gemm_TFLOPs"],
-        "baselines_us": baselines,
-        "speedup": {k: v / us for k, v in baselines.items()},
-    }
-    row.update(extra)
-    return row
+    return {"kernel": kernel, "op": op, "in": in_f, "out": out_f, "batch": batch, "us": us, "bytes": nbytes,
+            "TBps": tbps, "pct_copy": 100 * tbps / ceilings["copy_TBps"], "TFLOPs": flops / us / 1e6,
+            "pct_gemm": 100 * flops / us / 1e6 / ceilings["gemm_TFLOPs"], "baselines_us": baselines,
+            "speedup": {k: v / us for k, v in baselines.items()}, **extra}
 
 
 def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list[dict]:
@@ -361,20 +266,7 @@ def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list
     dense = [(_w(out_f, in_f, bf16, device),) for _ in range(copies_for(dense_bytes))]
     dense_us = timer.us(lambda w: F.linear(x, w), dense)
     dense_flops = 2 * batch * in_f * out_f
-    rows = [
-        _row(
-            "dense",
-            "F.linear",
-            in_f,
-            out_f,
-            batch,
-            dense_us,
-            dense_bytes + io,
-            dense_flops,
-            {},
-            ceil,
-        )
-    ]
+    rows = [_row("dense", "F.linear", in_f, out_f, batch, dense_us, dense_bytes + io, dense_flops, {}, ceil)]
     del dense
 
     def timed(op, make, ours, baselines, nbytes, flops, kernel, **extra):
@@ -386,90 +278,35 @@ def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list
                 base[name] = timer.us(lambda c, f=baseline: f(x, c), cases)
             except Exception as error:  # noqa: BLE001
                 errors[name] = f"{type(error).__name__}: {error}"[:200]
-        rows.append(
-            _row(
-                kernel,
-                op,
-                in_f,
-                out_f,
-                batch,
-                us,
-                nbytes + io,
-                flops,
-                base,
-                ceil,
-                baseline_errors=errors,
-                **extra,
-            )
-        )
+        rows.append(_row(kernel, op, in_f, out_f, batch, us, nbytes + io, flops, base, ceil,
+                         baseline_errors=errors, **extra))
 
     small = batch <= 16
     for keep in (0.5, 0.25):
         r = rank_for(keep, in_f, out_f)
-        timed(
-            "low_rank_linear",
-            lambda keep=keep: build("low_rank_linear", in_f, out_f, bf16, device, keep, False),
-            tri.low_rank_linear,
-            {"two F.linear": lambda x, c: F.linear(F.linear(x, c["v"]), c["u"])},
-            2 * r * (in_f + out_f) + 8 * batch * r,
-            2 * batch * r * (in_f + out_f),
-            "K1" if small else "K2",
-            keep=keep,
-            rank=r,
-        )
+        timed("low_rank_linear", lambda keep=keep: build("low_rank_linear", in_f, out_f, bf16, device, keep, False),
+              tri.low_rank_linear, {"two F.linear": lambda x, c: F.linear(F.linear(x, c["v"]), c["u"])},
+              2 * r * (in_f + out_f) + 8 * batch * r, 2 * batch * r * (in_f + out_f), "K1" if small else "K2",
+              keep=keep, rank=r)
     packed_bytes = in_f * out_f * (1 + 0.125)  # bf16 values for half the entries + 2-bit indices
-    timed(
-        "nm_linear",
-        lambda: build("nm_linear", in_f, out_f, bf16, device, bias=False),
-        tri.nm_linear,
-        {"torch 2:4": _torch_semi_structured()},
-        packed_bytes,
-        dense_flops // 2,
-        "K3",
-    )
+    timed("nm_linear", lambda: build("nm_linear", in_f, out_f, bf16, device, bias=False), tri.nm_linear,
+          {"torch 2:4": _torch_semi_structured()}, packed_bytes, dense_flops // 2, "K3")
     k = max(4, in_f // 4 // 4 * 4)
     factor_bytes = 2 * out_f * k + in_f * k * 1.125
-    timed(
-        "dense_sparse_linear",
-        lambda: build("dense_sparse_linear", in_f, out_f, bf16, device, bias=False),
-        tri.dense_sparse_linear,
-        {
-            "merged dense": _merged_ds(),
-            "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"]),
-        },
-        factor_bytes + 8 * batch * k,
-        2 * batch * k * (in_f // 2 + out_f),
-        "K5",
-        bytes_ratio=dense_bytes / factor_bytes,
-    )
+    timed("dense_sparse_linear", lambda: build("dense_sparse_linear", in_f, out_f, bf16, device, bias=False),
+          tri.dense_sparse_linear,
+          {"merged dense": _merged_ds(), "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
+          factor_bytes + 8 * batch * k, 2 * batch * k * (in_f // 2 + out_f), "K5",
+          bytes_ratio=dense_bytes / factor_bytes)
     lora_bytes = 2 * LORA_RANK * (in_f + out_f)
-    timed(
-        "lora_linear",
-        lambda: build("lora_linear", in_f, out_f, bf16, device, bias=False),
-        tri.lora_linear,
-        {
-            "base + separate LoRA": lambda x, c: (
-                F.linear(x, c["w"]) + SCALING * F.linear(F.linear(x, c["a"]), c["b"])
-            )
-        },
-        dense_bytes + lora_bytes + 2 * batch * in_f,
-        dense_flops + 2 * batch * LORA_RANK * (in_f + out_f),
-        "K6",
-    )
-    timed(
-        "dsee_nm_linear",
-        lambda: build("dsee_nm_linear", in_f, out_f, bf16, device, bias=False),
-        tri.dsee_nm_linear,
-        {
-            "merged dense": _merged_dsee(),
-            "unfused": lambda x, c: ref.dsee_linear(
-                x, c["w"], c["a"], c["b"], SCALING, *c["delta"]
-            ),
-        },
-        packed_bytes + lora_bytes + 18 * DSEE_NNZ + 2 * batch * in_f,
-        dense_flops // 2 + 2 * batch * LORA_RANK * (in_f + out_f),
-        "K4",
-    )
+    timed("lora_linear", lambda: build("lora_linear", in_f, out_f, bf16, device, bias=False), tri.lora_linear,
+          {"base + separate LoRA": lambda x, c: F.linear(x, c["w"]) + SCALING * F.linear(F.linear(x, c["a"]), c["b"])},
+          dense_bytes + lora_bytes + 2 * batch * in_f, dense_flops + 2 * batch * LORA_RANK * (in_f + out_f), "K6")
+    timed("dsee_nm_linear", lambda: build("dsee_nm_linear", in_f, out_f, bf16, device, bias=False),
+          tri.dsee_nm_linear, {"merged dense": _merged_dsee(), "unfused": lambda x, c: ref.dsee_linear(
+              x, c["w"], c["a"], c["b"], SCALING, *c["delta"])},
+          packed_bytes + lora_bytes + 18 * DSEE_NNZ + 2 * batch * in_f,
+          dense_flops // 2 + 2 * batch * LORA_RANK * (in_f + out_f), "K4")
     return rows
 
 
@@ -514,9 +351,7 @@ def layer_shapes(hidden: int = 4096, ffn: int = 11008) -> list[tuple[int, int]]:
     return [(hidden, hidden)] * 4 + [(hidden, ffn)] * 2 + [(ffn, hidden)]
 
 
-def layer_like_shapes(
-    total_elements: int, hidden: int = 4096, ffn: int = 11008
-) -> list[tuple[int, int]]:
+def layer_like_shapes(total_elements: int, hidden: int = 4096, ffn: int = 11008) -> list[tuple[int, int]]:
     """Layer shapes repeated while they fit in `total_elements`."""
     shapes, used = [], 0
     for shape in itertools.cycle(layer_shapes(hidden, ffn)):
@@ -546,23 +381,16 @@ def kernel_loop(axpy):
 def _mezo_drift(params, axpy, eps=1e-3) -> dict:
     """max / mean |theta - theta0| after +eps, -2eps, +eps with one seed."""
     start = [p.clone() for p in params]
-    step = (
-        axpy
-        if axpy is torch_normal_loop
-        else (kernel_loop(axpy) if len(params) > 1 else lambda ps, s, e: axpy(ps[0], s, 0, e))
-    )
+    step = axpy if axpy is torch_normal_loop else (
+        kernel_loop(axpy) if len(params) > 1 else lambda ps, s, e: axpy(ps[0], s, 0, e))
     for scale in (eps, -2 * eps, eps):
         step(params, 31337, scale)
     diffs = [(p.double() - s.double()).abs() for p, s in zip(params, start, strict=True)]
-    return {
-        "max": max(float(d.max()) for d in diffs),
-        "mean": sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs),
-    }
+    return {"max": max(float(d.max()) for d in diffs),
+            "mean": sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)}
 
 
-def bench_mezo(
-    timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=11008
-) -> list[dict]:
+def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=11008) -> list[dict]:
     """K7 on a flat bf16 buffer (default 1e9 bytes) and on that memory as layer-shaped tensors."""
     from compressor.kernels import triton as tri
 
@@ -575,23 +403,12 @@ def bench_mezo(
     ours = _mezo_drift([p.clone() for p in params], tri.mezo_axpy_)
     theirs = _mezo_drift([p.clone() for p in params], torch_normal_loop)
     ceil = timer.ceilings["copy_TBps"]
-    row = {
-        "kernel": "K7",
-        "op": "mezo_axpy_",
-        "numel": flat.numel(),
-        "us_flat": flat_us,
-        "us_per_tensor_loop": loop_us,
-        "us_torch_normal_loop": ref_us,
-        "TBps": nbytes / flat_us / 1e6,
-        "pct_copy": 100 * nbytes / flat_us / 1e6 / ceil,
-        "speedup_vs_torch_normal_loop": ref_us / loop_us,
-        "drift": ours,
-        "torch_drift": theirs,
-    }
-    row["targets"] = [
-        ("flat update >= 80 % of copy bandwidth", row["pct_copy"] >= 80),
-        ("drift <= torch.normal loop's", ours["max"] <= theirs["max"]),
-    ]
+    row = {"kernel": "K7", "op": "mezo_axpy_", "numel": flat.numel(), "us_flat": flat_us,
+           "us_per_tensor_loop": loop_us, "us_torch_normal_loop": ref_us, "TBps": nbytes / flat_us / 1e6,
+           "pct_copy": 100 * nbytes / flat_us / 1e6 / ceil, "speedup_vs_torch_normal_loop": ref_us / loop_us,
+           "drift": ours, "torch_drift": theirs}
+    row["targets"] = [("flat update >= 80 % of copy bandwidth", row["pct_copy"] >= 80),
+                      ("drift <= torch.normal loop's", ours["max"] <= theirs["max"])]
     return [row]
 
 
@@ -614,15 +431,11 @@ def targets(row: dict) -> list[tuple[str, bool]]:
         return f">= {want:.2f}x {name}", got is not None and got >= want
 
     if k == "K1":
-        return [
-            ("factor bytes >= 75 % of copy bandwidth", row["pct_copy"] >= 75),
-            faster("dense F.linear", 0.8 / row["keep"]),
-        ]
+        return [("factor bytes >= 75 % of copy bandwidth", row["pct_copy"] >= 75),
+                faster("dense F.linear", 0.8 / row["keep"])]
     if k == "K2":
-        out = [faster("two F.linear", 1.0)]
-        return out + (
-            [(">= 70 % of GEMM peak", row["pct_gemm"] >= 70)] if row["rank"] >= 512 else []
-        )
+        return [faster("two F.linear", 1.0)] + ([(">= 70 % of GEMM peak", row["pct_gemm"] >= 70)]
+                                                if row["rank"] >= 512 else [])
     if k == "K3" and (b <= 16 or b >= 512):
         return [faster("dense F.linear", 1.4 if b <= 16 else 0.9)]
     if k == "K4" and b == 1:
@@ -645,13 +458,8 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
     bf16, keep = torch.bfloat16, 0.6
     shapes = layer_shapes(hidden, ffn)
     dense = [[_w(o, i, bf16, device) for i, o in shapes] for _ in range(layers)]
-    factors = [
-        [
-            (_w(o, rank_for(keep, i, o), bf16, device), _w(rank_for(keep, i, o), i, bf16, device))
-            for i, o in shapes
-        ]
-        for _ in range(layers)
-    ]
+    factors = [[(_w(o, rank_for(keep, i, o), bf16, device), _w(rank_for(keep, i, o), i, bf16, device))
+                for i, o in shapes] for _ in range(layers)]
     dense_bytes = sum(w.numel() * 2 for layer in dense for w in layer)
     factor_bytes = sum((u.numel() + v.numel()) * 2 for layer in factors for u, v in layer)
 
@@ -667,17 +475,9 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
     x = torch.randn(1, hidden, device=device).to(bf16)
     ours = stack(lambda h, uv: tri.low_rank_linear(h, *uv), factors)
     two = stack(lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors)
-    result = {
-        "layers": layers,
-        "keep": keep,
-        "dense_GB": dense_bytes / 1e9,
-        "lowrank_GB": factor_bytes / 1e9,
-    }
-    for name, forward in (
-        ("dense F.linear", stack(F.linear, dense)),
-        ("low rank, Triton", ours),
-        ("low rank, two F.linear", two),
-    ):
+    result = {"layers": layers, "keep": keep, "dense_GB": dense_bytes / 1e9, "lowrank_GB": factor_bytes / 1e9}
+    for name, forward in (("dense F.linear", stack(F.linear, dense)), ("low rank, Triton", ours),
+                          ("low rank, two F.linear", two)):
         result[f"{name} ms/token"] = timer.graph_ms(forward, x)
     ceil = timer.ceilings["copy_TBps"] * 1e12
     result["floor dense ms"] = dense_bytes / ceil * 1e3
@@ -689,59 +489,32 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
 
 
 def write_report(out: Path, report: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels_gpu.json").write_text(json.dumps(report, indent=1, default=str))
-    (out / "kernels_gpu.md").write_text(render_markdown(report))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_text(Path(out) / "kernels_gpu.json", json.dumps(report, indent=1, default=str))
+    write_text(Path(out) / "kernels_gpu.md", render_markdown(report))
 
 
 def render_markdown(report: dict) -> str:
-    env = report["env"]
-    lines = [
-        "# Kernel benchmarks (BENCHMARKS.md K, E1)",
-        "",
-        " | ".join(f"{k}: {v}" for k, v in env.items()),
-        "",
-        f"mode: {report['mode']}",
-        "",
-    ]
-    if report.get("ceilings"):
-        c = report["ceilings"]
-        lines += [
-            f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s",
-            "",
-        ]
-    lines += [
-        "## Correctness (max |y - y64| / max |y64|)",
-        "",
-        "| op | shape / numel | batch | dtype | error | tol | ok |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    c = report.get("ceilings")
+    lines = ["# Kernel benchmarks (BENCHMARKS.md K, E1)", "", " | ".join(f"{k}: {v}" for k, v in report["env"].items()),
+             "", f"mode: {report['mode']}", "",
+             *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""] if c else []),
+             "## Correctness (max |y - y64| / max |y64|)", "",
+             "| op | shape / numel | batch | dtype | error | tol | ok |", "|---|---|---|---|---|---|---|"]
     for r in report["checks"]:
-        err = r.get("max_rel_error", r.get("max_abs_diff"))
         shape = f"{r['in']}x{r['out']}" if "in" in r else r["numel"]
-        lines.append(
-            f"| {r['op']} | {shape} | {r.get('batch', '')} | {r['dtype']} | {err:.2e} | "
-            f"{r['tolerance']:.1e} | {'yes' if r['ok'] else '**NO**'} |"
-        )
+        lines.append(f"| {r['op']} | {shape} | {r.get('batch', '')} | {r['dtype']} | "
+                     f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e} | {r['tolerance']:.1e} | "
+                     f"{'yes' if r['ok'] else '**NO**'} |")
     if report.get("timings"):
-        lines += [
-            "",
-            "## Kernels (bf16, in x out, us = do_bench median)",
-            "",
-            "| kernel | op | in x out | batch | us | TB/s | % copy | TFLOP/s | speedups "
-            "| targets |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for r in report["timings"]:
-            lines.append(_timing_line(r))
+        lines += ["", "## Kernels (bf16, in x out, us = do_bench median)", "",
+                  "| kernel | op | in x out | batch | us | TB/s | % copy | TFLOP/s | speedups | targets |",
+                  "|---|---|---|---|---|---|---|---|---|---|", *map(_timing_line, report["timings"])]
     for r in report.get("mezo", []):
         lines += ["", "## K7 MeZO", "", "```", json.dumps(r, indent=1, default=str), "```"]
     if report.get("e1"):
-        lines += ["", "## E1 decode, batch 1, CUDA graph", ""]
-        lines += [
-            f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
-            for k, v in report["e1"].items()
-        ]
+        lines += ["", "## E1 decode, batch 1, CUDA graph", "",
+                  *(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["e1"].items())]
     return "\n".join(lines) + "\n"
 
 
@@ -752,10 +525,8 @@ def _timing_line(r: dict) -> str:
     speed = ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items())
     errors = "; ".join(f"{k}: {v}" for k, v in r.get("baseline_errors", {}).items())
     goals = ", ".join(f"{t} {'met' if ok else '**missed**'}" for t, ok in r.get("targets", []))
-    return (
-        f"| {r['kernel']} | {label} | {r['in']}x{r['out']} | {r['batch']} | {r['us']:.1f} | "
-        f"{r['TBps']:.2f} | {r['pct_copy']:.0f} | {r['TFLOPs']:.1f} | {speed} {errors} | {goals} |"
-    )
+    return (f"| {r['kernel']} | {label} | {r['in']}x{r['out']} | {r['batch']} | {r['us']:.1f} | "
+            f"{r['TBps']:.2f} | {r['pct_copy']:.0f} | {r['TFLOPs']:.1f} | {speed} {errors} | {goals} |")
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -766,23 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the Triton kernels
     elif not torch.cuda.is_available():
-        print(
-            "kernels_gpu: no CUDA device; use --cpu-smoke for the CPU correctness run",
-            file=sys.stderr,
-        )
+        print("kernels_gpu: no CUDA device; use --cpu-smoke for the CPU correctness run", file=sys.stderr)
         return 2
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     torch.manual_seed(0)
-    mode = (
-        "cpu-smoke"
-        if args.cpu_smoke
-        else ("check-only" if args.check_only else ("quick" if args.quick else "full"))
-    )
-    report = {
-        "env": environment(device),
-        "mode": mode,
-        "checks": run_checks(device, args.quick, args.cpu_smoke),
-    }
+    mode = "cpu-smoke" if args.cpu_smoke else ("check-only" if args.check_only else ("quick" if args.quick else "full"))
+    report = {"env": environment(device), "mode": mode, "checks": run_checks(device, args.quick, args.cpu_smoke)}
     _print_checks(report["checks"])
     write_report(args.out, report)  # rewritten as results come in: a timeout keeps what was done
     failed = [c for c in report["checks"] if not c["ok"]]
@@ -791,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not (args.check_only or failed):
         run_timings(report, device, args.quick, save=lambda: write_report(args.out, report))
     write_report(args.out, report)
-    print(f"kernels_gpu: wrote {args.out / 'kernels_gpu.json'} and kernels_gpu.md")
+    print(f"kernels_gpu: wrote {Path(args.out) / 'kernels_gpu.json'} and kernels_gpu.md")
     return 1 if failed or report.get("dry_run", {}).get("errors") else 0
 
 
@@ -819,12 +579,8 @@ def dry_run(device) -> dict:
     timer = DryTimer(quick=True, ceilings={"copy_TBps": float("nan"), "gemm_TFLOPs": float("nan")})
     rows = [row for batch in (1, 20) for row in bench_rows(timer, 64, 48, batch, device)]
     errors = [row["error"] for row in rows if row["kernel"] == "error"]
-    errors += [
-        f"{row['op']} / {name}: {e}"
-        for row in rows
-        for name, e in row.get("baseline_errors", {}).items()
-        if name != "torch 2:4"
-    ]  # torch's 2:4 needs CUDA; on a GPU its failure is a result
+    errors += [f"{row['op']} / {name}: {e}" for row in rows for name, e in row.get("baseline_errors", {}).items()
+               if name != "torch 2:4"]  # torch's 2:4 needs CUDA; on a GPU its failure is a result
     bench_mezo(timer, device, numel=3 * 64 * 96, hidden=64, ffn=96)
     e1_decode(timer, device, layers=2, hidden=64, ffn=96)
     print(f"dry run of the timing code: {len(rows)} rows, errors: {errors or 'none'}")
@@ -836,15 +592,8 @@ def bench_rows(timer, in_f, out_f, batch, device) -> list[dict]:
     try:
         rows = bench_shape(timer, in_f, out_f, batch, device)
     except Exception as error:  # noqa: BLE001 - report and continue with the next shape
-        return [
-            {
-                "kernel": "error",
-                "in": in_f,
-                "out": out_f,
-                "batch": batch,
-                "error": f"{type(error).__name__}: {error}"[:300],
-            }
-        ]
+        return [{"kernel": "error", "in": in_f, "out": out_f, "batch": batch,
+                 "error": f"{type(error).__name__}: {error}"[:300]}]
     for row in rows:
         row["targets"] = targets(row) if row["kernel"] != "dense" else []
     return rows
@@ -854,11 +603,8 @@ def _print_checks(checks: list[dict]) -> None:
     for c in checks:
         err = c.get("max_rel_error", c.get("max_abs_diff"))
         where = f"{c['in']}x{c['out']} b{c['batch']}" if "in" in c else f"n={c['numel']}"
-        print(
-            f"check {c['op']:<22} {where:<16} {c['dtype']:<9} err {err:.2e} "
-            f"tol {c['tolerance']:.1e} "
-            f"{'ok' if c['ok'] else 'FAIL'}"
-        )
+        print(f"check {c['op']:<22} {where:<16} {c['dtype']:<9} err {err:.2e} tol {c['tolerance']:.1e} "
+              f"{'ok' if c['ok'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

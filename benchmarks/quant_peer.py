@@ -6,30 +6,20 @@ Runs in llm-compressor's own venv (it pins its own transformers), without import
     OMP_NUM_THREADS=1 nohup /work/venvs/llmc-peer/bin/python benchmarks/quant_peer.py \
         > /tmp/quant_peer.log 2>&1 &
 
-Protocol (benchmarks/frontier.py and benchmarks/sparse_p1.py): SmolLM2-135M read from its GGUF, rebuilt
-as a plain float32 LlamaForCausalLM (quantization_config removed); wiki.test.raw read as one document
-(newline="", CRLF normalised) and tokenized once with special tokens, as compressor.data does; the
-stream's first half calibrates (its first 32 x 256 tokens, in order), perplexity is measured on 16
-non-overlapping windows of 512 from the start of its second half (disjoint).
-
-Rows: dense; RTN (QuantizationModifier) and GPTQ (GPTQModifier, its defaults: block 128, dampening
-0.01, actorder static) with symmetric int weights in groups of 64 (576 is not a multiple of 128),
-activations float (W4A16-style), every Linear but lm_head (tied to the embedding, kept float).
-Perplexity is measured on llm-compressor's in-memory fake-quantized model; then the model is saved
-compressed (compressed-tensors), reloaded with transformers (decompressed) and measured again.
-
-Bytes are counted from the saved checkpoint's safetensors: every stored tensor once, floating values
-at 2 bytes (bfloat16, as the project's frontier counts them; llm-compressor writes this float32
-model's scales and embedding in float32), integer tensors (packed codes, shapes) at their own width.
-The denominator is the dense checkpoint counted the same way (= its bfloat16 copy).
-
-Writes reports/quant_peer.{json,md} after every row; --resume keeps the rows of an earlier run with
-the same sizes.
+Protocol (benchmarks/frontier.py, sparse_p1.py): SmolLM2-135M from its GGUF rebuilt as a plain
+float32 LlamaForCausalLM; wiki.test.raw read as one document (CRLF normalised) and tokenized once,
+as compressor.data does; the first 32 x 256 tokens of its first half calibrate, 16 windows of 512
+from the start of its second half evaluate. Rows: dense; RTN (QuantizationModifier) and GPTQ
+(GPTQModifier, its defaults) with symmetric int weights in groups of 64, float activations, every
+Linear but the tied lm_head. Perplexity on the in-memory fake-quantized model, then again after a
+compressed-tensors save + reload. Bytes from the saved safetensors: floating values at 2 bytes
+(bfloat16), integer tensors at their width; the denominator is the dense checkpoint counted alike.
+Writes reports/quant_peer.{json,md} after every row; a row already there with the same sizes is
+not rerun (--force reruns it); --render rewrites the .md from the .json.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -46,41 +36,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_DATA = "/work/shared/data"
-REPO = Path(__file__).resolve().parent.parent
-REPORTS = REPO / "reports"
+from harness import ROOT, Report, arguments, finite, need_file, rerender, table, wiki
 # (label, llm-compressor modifier or None for dense, weight bits); run in this order.
-ROWS = [
-    ("dense", None, None),
-    ("rtn-int4-g64", "QuantizationModifier", 4),
-    ("gptq-int4-g64", "GPTQModifier", 4),
-    ("rtn-int8-g64", "QuantizationModifier", 8),
-    ("gptq-int3-g64", "GPTQModifier", 3),
-]
+ROWS = [("dense", None, None), ("rtn-int4-g64", "QuantizationModifier", 4), ("gptq-int4-g64", "GPTQModifier", 4),
+        ("rtn-int8-g64", "QuantizationModifier", 8), ("gptq-int3-g64", "GPTQModifier", 3)]
 GROUP_SIZE = 64
 # issue 19's table (llm-compressor 0.14, its own held-out split, dense 26.84 there)
 ISSUE_TABLE = {"dense": 26.84, "rtn-int8-g64": 26.94, "gptq-int4-g64": 37.07, "rtn-int4-g64": 39.13,
                "gptq-int3-g64": 175.3}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smollm2", default=os.environ.get("COMPRESSOR_SMOLLM2", DEFAULT_SMOLLM2))
-    p.add_argument("--data-dir", default=os.environ.get("COMPRESSOR_DATA", DEFAULT_DATA))
-    p.add_argument("--rows", default=None, help="comma-separated row labels (default: all, in order)")
-    p.add_argument("--calib-windows", type=int, default=32)
-    p.add_argument("--calib-seq", type=int, default=256)
-    p.add_argument("--eval-windows", type=int, default=16)
-    p.add_argument("--eval-seq", type=int, default=512)
+def parse_args(argv: list[str] | None = None):
+    p = arguments(__doc__, smollm2=True, data=True, rows=True)
+    for flag, default in (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)):
+        p.add_argument(f"--{flag}", type=int, default=default)
     p.add_argument("--no-reload", action="store_true", help="skip the compressed save + reload check")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--resume", action="store_true", help="keep rows of an earlier run with the same sizes")
-    p.add_argument("--render-only", action="store_true",
-                   help="rewrite reports/quant_peer.md from its JSON (adding the value counts), "
-                        "measuring nothing")
-    p.add_argument("--out", default=str(REPORTS))
     return p.parse_args(argv)
 
 
@@ -92,6 +62,7 @@ def load_plain_smollm2(gguf: Path):
     loaded from GGUF refuses save_pretrained, which llm-compressor's save needs)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    gguf = Path(gguf)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     config = copy.deepcopy(loaded.config)
@@ -213,11 +184,9 @@ def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None
     if modifier is not None:
         quantize(model, tokenizer, modifier, bits, calib, plain_dir)
     seconds = time.perf_counter() - started
-    value = perplexity(model, eval_windows)
-    finite_or_exit(label, value)
-    row = {"label": label, "modifier": modifier or "dense", "bits": bits,
-           "group_size": GROUP_SIZE if bits else None, "symmetric": True if bits else None,
-           "ppl": value, "seconds": round(seconds, 1)}
+    value = finite(label, perplexity(model, eval_windows))
+    row = {"modifier": modifier or "dense", "bits": bits, "group_size": GROUP_SIZE if bits else None,
+           "symmetric": True if bits else None, "ppl": value, "seconds": round(seconds, 1)}
     if modifier is not None:
         row["linear_weights_quantized"] = count_quantized(model)
     with tempfile.TemporaryDirectory(prefix="quant_peer_") as folder:
@@ -228,8 +197,7 @@ def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None
         del model
         if modifier is not None and not args.no_reload:
             reloaded = reload_decompressed(Path(folder))
-            row["ppl_reloaded"] = perplexity(reloaded, eval_windows)
-            finite_or_exit(f"{label} (reloaded)", row["ppl_reloaded"])
+            row["ppl_reloaded"] = finite(f"{label} (reloaded)", perplexity(reloaded, eval_windows))
             del reloaded
     reloaded = row.get("ppl_reloaded", float("nan"))
     print(f"{time.strftime('%H:%M:%S')} {label:16s} ppl {value:9.3f}  reloaded {reloaded:9.3f}  "
@@ -259,11 +227,6 @@ def count_quantized(model) -> str:
     return f"{len(schemed)}/{len(linears)}"
 
 
-def finite_or_exit(label: str, value: float) -> None:
-    if not math.isfinite(value):
-        sys.exit(f"error: row {label} gave a non-finite perplexity {value}")
-
-
 # ---------------------------------------------------------------- report
 
 
@@ -272,21 +235,16 @@ def environment() -> dict:
     import llmcompressor
     import transformers
 
-    def git(*cmd):
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    def git(*cmd):  # this venv has no compressor: its provenance is read here
+        return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": platform.node(),
-        "git_sha": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "benchmarks")
-                                                else ""),
-        "python": platform.python_version(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "llmcompressor": llmcompressor.__version__,
-                     "compressed-tensors": compressed_tensors.__version__},
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "torch_threads": torch.get_num_threads(),
-    }
+    dirty = "-dirty" if git("status", "--porcelain", "benchmarks") else ""
+    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+            "git_sha": git("rev-parse", "HEAD") + dirty, "python": platform.python_version(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "llmcompressor": llmcompressor.__version__,
+                         "compressed-tensors": compressed_tensors.__version__},
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
 
 
 def frontier_dense(out: Path) -> float | None:
@@ -323,20 +281,13 @@ def render(result: dict) -> str:
         "integer tensors (packed codes, weight shapes) at their width; `file MB` is the files' real size "
         "(llm-compressor writes this float32 model's embedding and scales in float32).",
         "",
-        "| row | perplexity (in memory) | after compressed save + reload | / dense | issue 19 table | "
-        "stored MB | bytes / dense bf16 | file MB | format | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table(["row", "perplexity (in memory)", "after compressed save + reload", "/ dense", "issue 19 table",
+                "stored MB", "bytes / dense bf16", "file MB", "format", "seconds"],
+               [[r["label"], f"{r['ppl']:.2f}", f"{r['ppl_reloaded']:.2f}" if "ppl_reloaded" in r else "–",
+                 f"{r['ppl'] / dense['ppl']:.3f}" if dense else "–", ISSUE_TABLE.get(r["label"], "–"),
+                 f"{r['stored_bytes'] / 1e6:.1f}", f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–",
+                 f"{r['file_bytes'] / 1e6:.1f}", r["format"], f"{r['seconds']:.0f}"] for r in result["rows"]]),
     ]
-    for r in result["rows"]:
-        ratio = f"{r['ppl'] / dense['ppl']:.3f}" if dense else "–"
-        byte_ratio = f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–"
-        reloaded = f"{r['ppl_reloaded']:.2f}" if "ppl_reloaded" in r else "–"
-        lines.append(
-            f"| {r['label']} | {r['ppl']:.2f} | {reloaded} | {ratio} | "
-            f"{ISSUE_TABLE.get(r['label'], '–')} | "
-            f"{r['stored_bytes'] / 1e6:.1f} | {byte_ratio} | {r['file_bytes'] / 1e6:.1f} | {r['format']} | "
-            f"{r['seconds']:.0f} |"
-        )
     done = {r["label"] for r in result["rows"]}
     missing = [label for label, _, _ in ROWS if label not in done]
     lines += ["", *result.get("notes", [])]
@@ -389,67 +340,33 @@ def scales_at_fp32(row: dict, counts: dict, dense: dict | None) -> str:
     return f" With the scales at 32 bits, as written: {wider / dense['stored_bytes']:.3f} of dense bf16."
 
 
-def write(out: Path, result: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for suffix, text in (("json", json.dumps(result, indent=2)), ("md", render(result))):
-        temp = out / f".quant_peer.{suffix}.tmp"
-        temp.write_text(text)
-        temp.replace(out / f"quant_peer.{suffix}")
-
-
-def resumed_rows(path: Path, sizes: dict) -> list[dict]:
-    """The rows of an earlier report at `path` measured with the same sizes (else none)."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    return old.get("rows", []) if old.get("sizes") == sizes else []
-
-
-def rerender(out: Path, counts: dict) -> None:
-    """The report again from its JSON, with the value counts an older run did not store."""
-    result = {**json.loads((out / "quant_peer.json").read_text()), "value_counts": counts}
-    result["notes"] = protocol_notes(result, frontier_dense(out))
-    write(out, result)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.render:
+        return print(rerender(out, "quant_peer", render))
     torch.set_num_threads(args.threads)
-    gguf, text = Path(args.smollm2), Path(args.data_dir) / "wikitext-2" / "wiki.test.raw"
-    for path, flag in ((gguf, "--smollm2 PATH"), (text, "--data-dir DIR (holding wikitext-2/wiki.test.raw)")):
-        if not path.is_file():
-            sys.exit(f"error: `{path}` not found; pass {flag}")
+    need_file(args.smollm2, "--smollm2 PATH")
+    need_file(wiki(args.data_dir), "--data-dir DIR (holding wikitext-2/wiki.test.raw)")
     known = [label for label, _, _ in ROWS]
     wanted = args.rows.split(",") if args.rows else known
-    unknown = sorted(set(wanted) - set(known))
-    if unknown:
-        sys.exit(f"error: unknown row label(s) {unknown}; choose from {','.join(known)}")
+    if sorted(set(wanted) - set(known)):
+        sys.exit(f"error: unknown row label(s) {sorted(set(wanted) - set(known))}; choose from {','.join(known)}")
     sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
-    out = Path(args.out)
-    if args.render_only and not (out / "quant_peer.json").is_file():
-        sys.exit(f"error: `{out / 'quant_peer.json'}` not found; run the benchmark first "
-                 "(without --render-only)")
-    dense, tokenizer = load_plain_smollm2(gguf)
-    if args.render_only:
-        rerender(out, value_counts(dense))
-        return
-    calib, eval_windows = halves_windows(token_stream(tokenizer, text), sizes)
-    result = {
-        "benchmark": "quant_peer",
-        "env": environment(),
-        "model": gguf.name,
-        "sizes": sizes,
-        "eval_tokens_scored": int(eval_windows[:, 1:].numel()),
-        "value_counts": value_counts(dense),
-        "rows": resumed_rows(out / "quant_peer.json", sizes) if args.resume else [],
-    }
+    dense, tokenizer = load_plain_smollm2(args.smollm2)
+    calib, eval_windows = halves_windows(token_stream(tokenizer, Path(wiki(args.data_dir))), sizes)
+    report = Report(out, "quant_peer", render)
+    report.begin(sizes, benchmark="quant_peer", env=environment(), model=Path(args.smollm2).name,
+                 eval_tokens_scored=int(eval_windows[:, 1:].numel()), value_counts=value_counts(dense))
     with tempfile.TemporaryDirectory(prefix="quant_peer_plain_") as plain_dir:
         dense.config.save_pretrained(plain_dir)
         for label, modifier, bits in ROWS:
-            if label not in wanted or any(r["label"] == label for r in result["rows"]):
-                continue
-            result["rows"].append(run_row(dense, tokenizer, label, modifier, bits, calib, eval_windows, args,
-                                          plain_dir))
-            result["notes"] = protocol_notes(result, frontier_dense(out))
-            write(out, result)
+            if label in wanted and report.cached(label, sizes, args.force) is None:
+                row = run_row(dense, tokenizer, label, modifier, bits, calib, eval_windows, args, plain_dir)
+                report.state["rows"] = [r for r in report.state["rows"] if r["label"] != label] + [
+                    {"label": label, **row}]
+                report.state["notes"] = protocol_notes(report.state, frontier_dense(out))
+                report.add(label, sizes, row)
 
 
 if __name__ == "__main__":

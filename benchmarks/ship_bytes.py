@@ -9,20 +9,13 @@ to a temporary folder and compares file sizes. Writes reports/ship_bytes.{json,m
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
+from harness import Report, arguments, environment, rerender
+
 DEFAULT_CHECKPOINT = "/tmp/ship-smol-saes"
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a compressor compress output folder")
-    p.add_argument("--source", default=None, help="the source model (default: the one report.json names)")
-    p.add_argument("--out", default="reports", help="folder for ship_bytes.json / .md")
-    return p.parse_args(argv)
 
 
 def tensor_keys(path: Path) -> list[str]:
@@ -90,18 +83,18 @@ def render(r: dict) -> str:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    import torch
-
-    from compressor.report.env import collect_env
-
-    env = collect_env(torch.device("cpu"), 0)
-    result = measure(Path(args.checkpoint), args.source)
-    result["env"] = {"date": env["date"], "host": env["host"], "git": env["git_sha"][:10]}
-    out = Path(args.out)
-    (out / "ship_bytes.json").write_text(json.dumps(result, indent=1))
-    (out / "ship_bytes.md").write_text(render(result))
-    print(render(result))
+    p = arguments(__doc__, threads=None)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a compressor compress output folder")
+    p.add_argument("--source", default=None, help="the source model (default: the one report.json names)")
+    args = p.parse_args(argv)
+    if args.render:
+        return print(rerender(Path(args.out), "ship_bytes", render))
+    env = environment()
+    report = Report(args.out, "ship_bytes", render)
+    report.state = {**measure(Path(args.checkpoint), args.source),
+                    "env": {"date": env["date"], "host": env["host"], "git": env["git_sha"][:10]}}
+    report.write()
+    print(render(report.state))
 
 
 if __name__ == "__main__":
