@@ -1,4 +1,5 @@
-"""In a fresh process, importing one method module registers exactly that method.
+"""In a fresh process, importing one method module registers exactly that method, and importing
+a config module (compressor/configs/, the registry's BUILTIN lines) registers none.
 
 One subprocess imports the heavy third-party packages once (no compressor module), then forks a
 child per method module: each child starts with no compressor module loaded, imports its one
@@ -13,7 +14,7 @@ import sys
 
 import pytest
 
-from compressor.registry import BUILTIN
+from compressor.registry import BUILTIN, declared_configs
 
 CODE = """
 import importlib, json, os, sys
@@ -41,9 +42,11 @@ print(json.dumps(found))
 
 @pytest.mark.slow
 def test_importing_a_method_module_registers_exactly_that_method():
-    modules = {info.module: name for name, info in BUILTIN.items()}
+    modules = {config_cls.apply_module: [name] for name, config_cls in declared_configs().items()}
+    modules.update({module: [] for module in BUILTIN})
+    assert len(modules) == 40
     done = subprocess.run([sys.executable, "-c", CODE, *modules], capture_output=True, text=True,
                           timeout=600, cwd="/")
     assert done.returncode == 0, done.stderr[-2000:]
     registered = json.loads(done.stdout.strip().splitlines()[-1])
-    assert registered == {module: [name] for module, name in modules.items()}
+    assert registered == modules

@@ -14,37 +14,16 @@ usable), so S⁻¹ stays finite; how many were fixed is reported per layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
+from ..configs.asvd import ASVDConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
-from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import CalibratedLowRankConfig, LayerStats, compress_model, split_singular
+from .lowrank import LayerStats, compress_model, split_singular
 
 SCALE_FLOOR = 1e-6
-
-
-@dataclass(frozen=True, kw_only=True)
-class ASVDConfig(CalibratedLowRankConfig):
-    """ASVD (see CalibratedLowRankConfig for the shared fields).
-
-    Args:
-        alpha: exponent α of the activation scale s_j = (mean |x_j|)^α; 0 = plain SVD, the paper
-            uses 0.5.
-    """
-
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.alpha <= 2:
-            raise ConfigError(
-                f"asvd: `alpha` must be in [0, 2], got {self.alpha!r}; the paper uses 0.5"
-            )
 
 
 def activation_scales(abs_mean: Tensor, alpha: float = 0.5) -> tuple[Tensor, int]:
@@ -75,7 +54,7 @@ def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: 
     return (*asvd_factors(weight, scales, rank), info)
 
 
-@register("asvd", ASVDConfig, kind="compress")
+@register(ASVDConfig)
 def apply(model: nn.Module, config: ASVDConfig, ctx: Context) -> StageResult:
     """Activation-scaled truncated SVD of every targeted linear, calibrated block by block."""
     return compress_model(model, config, ctx, _factorize, stats_kind="abs_mean")
