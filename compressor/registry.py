@@ -141,9 +141,12 @@ def summary_of(docstring: str | None) -> str:
     return text
 
 
-def register(config_cls: type[MethodConfig]):
+def register(config_cls: type[MethodConfig], *old_style: Any, **old_keywords: Any):
     """Decorator registering `apply(model, config, ctx) -> StageResult` for the method that
     `config_cls` declares (name and kind are read from it; nothing is written onto it)."""
+    if old_style or old_keywords or isinstance(config_cls, str):  # register("foo", FooConfig, kind=...)
+        raise TypeError('register("name", Config, kind=...) is now register(Config): declare the method on the '
+                        'config, class FooConfig(MethodConfig, method="foo", kind="compress", apply=__name__)')
     if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig) and config_cls.declares_method()):
         raise TypeError(f"register({getattr(config_cls, '__name__', config_cls)!r}): not a config that declares a "
                         'method; declare it with class keywords: class FooConfig(MethodConfig, method="foo", '

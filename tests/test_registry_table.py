@@ -135,6 +135,8 @@ def test_register_reads_the_declaration_and_writes_nothing_onto_the_class(clean_
 
 
 def test_bad_declarations_are_refused(clean_registry):
+    with pytest.raises(TypeError, match=r"is now register\(Config\): declare the method on the config"):
+        register("toy-declared", ToyConfig, kind="transform")
     with pytest.raises(TypeError, match="missing or not a string: apply"):
         type("NoApply", (MethodConfig,), {}, method="x", kind="compress")
     with pytest.raises(TypeError, match="kind='quantize' must be one of analyze, compress"):

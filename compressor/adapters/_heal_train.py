@@ -1,6 +1,7 @@
 """The healing loop behind `heal` and `welore-tune`: which parameters of a compressed model train,
 optional LoRA pairs merged back, the distillation loss, and `heal()`. Registers no method; the
-stages' configs extend `HealFields` (see compressor/adapters/heal.py for what healing does)."""
+stages' configs extend `HealFields` (compressor/configs/heal.py; see compressor/adapters/heal.py
+for what healing does)."""
 
 from __future__ import annotations
 

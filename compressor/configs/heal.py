@@ -52,4 +52,5 @@ class HealFields(TrainConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class HealConfig(HealFields, method="heal", kind="finetune", apply="compressor.adapters.heal"):
-    """The `heal` stage's fields (`HealFields`, compressor/adapters/_heal_train.py)."""
+    """The `heal` stage's fields (`HealFields`, above; the training is
+    compressor/adapters/_heal_train.py)."""
