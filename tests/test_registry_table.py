@@ -157,9 +157,9 @@ from compressor.cli.main import app
 from compressor.registry import _BY_NAME
 listing = CliRunner().invoke(app, ["methods", "saes-svd"])
 helped = CliRunner().invoke(app, ["compress", "--help"])
-print(json.dumps({"codes": [listing.exit_code, helped.exit_code], "torch": "torch" in sys.modules,
-                  "registered": sorted(_BY_NAME), "fields": listing.output.count("\\n"),
-                  "listed": "saes-svd" in helped.output}))
+result = {"codes": [listing.exit_code, helped.exit_code], "torch": "torch" in sys.modules,
+          "registered": sorted(_BY_NAME), "fields": listing.output.count("\\n"), "listed": "saes-svd" in helped.output}
+print(json.dumps(result))
 """
 
 
