@@ -208,12 +208,12 @@ def _compressed_copy(dense, variant: str, svds: dict):
     if base.startswith("lowrank"):
         shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
         for name, plan in plan_uniform(shapes, keep_of(variant)).items():
-            if plan.rank is None:
+            if not plan.factored:
                 continue
             linear = linears[name]
             if name not in svds:  # float32 is plenty: only the shapes matter for speed
                 svds[name] = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
-            u, v = split_singular(*svds[name], plan.rank)
+            u, v = split_singular(*svds[name], plan.r)
             layer = LowRankLinear.from_factors(u.contiguous(), v.contiguous(), linear.bias)
             replace_module(model, name, layer)
     elif base.startswith("prune"):

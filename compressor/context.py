@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from rich.console import Console
@@ -26,6 +26,9 @@ from rich.text import Text
 
 from . import data
 from .offload import execution_device
+
+if TYPE_CHECKING:  # annotation only: a Context for a bare nn.Module has no tokenizer
+    from transformers import PreTrainedTokenizerBase
 
 T = TypeVar("T")
 log = logging.getLogger("compressor")
@@ -128,7 +131,7 @@ class Context:
         `evaluate:`); stages that score held-out text use its `seq_len`, so their numbers are the run's.
     """
 
-    tokenizer: Any = None
+    tokenizer: PreTrainedTokenizerBase | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     out_dir: Path | None = None

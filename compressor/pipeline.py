@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import os
 import resource
@@ -43,7 +44,7 @@ from .preflight import (
     model_context,
 )
 from .recipe import RunConfig, apply_overrides, load_recipe
-from .registry import get_method, method_info
+from .registry import Method, get_method, method_info
 from .report import Report, StageRecord, write_report
 from .report.env import collect_env
 from .report.size import folder_bytes, model_size, size_summary, weight_file_bytes
@@ -52,12 +53,20 @@ from .targeting import is_selected
 
 @dataclass
 class Stage:
+    """One parsed stage: its method (looked up once, when the recipe is parsed) and its config."""
+
     name: str
     config: MethodConfig
+    method: Method
 
     @property
     def kind(self) -> str:
-        return get_method(self.name).kind
+        return self.method.kind
+
+    @functools.cached_property
+    def fields(self) -> dict[str, Any]:
+        """The config as plain values, computed once (the config is frozen); read-only."""
+        return self.config.to_dict()
 
 
 @dataclass
@@ -75,7 +84,7 @@ class Pipeline:
         config = RunConfig.from_dict(copy.deepcopy(recipe))
         stages = [parse_stage(i, spec) for i, spec in enumerate(config.stages)]
         if config.export is not None:
-            check_stages(config.export, [(s.name, s.config.to_dict()) for s in stages])
+            check_stages(config.export, [(s.name, s.fields) for s in stages])
         return cls(stages=stages, config=config)
 
     @classmethod
@@ -92,7 +101,7 @@ class Pipeline:
 
     def to_recipe(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in), saved beside the outputs."""
-        return self.config.to_recipe([{"method": s.name, **s.config.to_dict()} for s in self.stages])
+        return self.config.to_recipe([{"method": s.name, **copy.deepcopy(s.fields)} for s in self.stages])
 
     @property
     def out(self) -> Path | None:
@@ -186,12 +195,12 @@ class Pipeline:
     def _seq_lens(self) -> list[tuple[str, int]]:
         lens = [("evaluate.seq_len", self.evaluate["seq_len"])] if self.evaluate else []
         return lens + [(f"stages[{i}].{key}", value) for i, s in enumerate(self.stages)
-                       for key, value in s.config.to_dict().items() if key == "seq_len" or key.endswith("_seq_len")]
+                       for key, value in s.fields.items() if key == "seq_len" or key.endswith("_seq_len")]
 
     def _claim(self):
         if self.out is None or secondary_rank():
             return contextlib.nullcontext()
-        fields = [s.config.to_dict() for s in self.stages]
+        fields = [s.fields for s in self.stages]
         # Resuming a run into its own output folder replaces it: that is what was asked for.
         overwrite = self.config.overwrite or resolved(self.out) in self._resumes()
         inputs = [self.config.model, *(v for f in fields for k, v in f.items() if isinstance(v, str) and k != "resume")]
@@ -249,7 +258,7 @@ class Pipeline:
         self._evaluate(reloaded, ctx, report, "after", reference)
 
     def _run_stage(self, stage: Stage, loaded: LoadedModel, ctx: Context) -> StageRecord:
-        method = get_method(stage.name)
+        method = stage.method
         rss_before = _peak_rss_mb()
         start = time.perf_counter()
         result = method.apply(loaded.model, stage.config, ctx)
@@ -257,7 +266,7 @@ class Pipeline:
         metrics = {**result.metrics}
         metrics.setdefault("peak_rss_mb", _peak_rss_mb())
         metrics.setdefault("peak_rss_growth_mb", max(0.0, _peak_rss_mb() - rss_before))
-        return StageRecord(stage=stage.name, kind=method.kind, config=stage.config.to_dict(), metrics=metrics,
+        return StageRecord(stage=stage.name, kind=method.kind, config=copy.deepcopy(stage.fields), metrics=metrics,
                            per_module=result.per_module, notes=result.notes, curves=result.curves,
                            artifacts=result.artifacts, seconds=seconds, modified_model=result.modified_model)
 
@@ -358,7 +367,7 @@ def plan_steps(stages: list[Stage], evaluate: dict[str, Any] | None, blocks: int
 
 
 def stage_size(stage: Stage, blocks: int) -> str:
-    fields = stage.config.to_dict()
+    fields = stage.fields
     if "steps" in fields:
         return f"{stage.name} ({fields['steps']} steps × {fields.get('batch_size', '?')} windows)"
     if calibrates(stage):
@@ -368,7 +377,7 @@ def stage_size(stage: Stage, blocks: int) -> str:
 
 def calibrates(stage: Stage) -> bool:
     """A compression stage that reads calibration windows (magnitude pruning is data-free)."""
-    fields = stage.config.to_dict()
+    fields = stage.fields
     return stage.kind == "compress" and "num_windows" in fields and fields.get("score") != "magnitude"
 
 
@@ -378,7 +387,7 @@ def estimate_line(stages: list[Stage], evaluate: dict[str, Any], blocks: int, pe
     batch (2 for MeZO); factorisation time (SVD, Cholesky) is not included."""
     seconds = 2 * per_window * evaluate["num_windows"]  # the two perplexity passes
     for stage in stages:
-        fields = stage.config.to_dict()
+        fields = stage.fields
         tokens = fields.get("seq_len", evaluate["seq_len"]) / evaluate["seq_len"]
         if "steps" in fields:
             passes = 2 if fields.get("optimizer") == "mezo" or stage.name == "mezo" else 3
@@ -463,7 +472,7 @@ def parse_stage(index: int, spec: Any) -> Stage:
         method = get_method(str(spec["method"]))
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
-    return Stage(method.name, method.config_cls.from_dict(fields, where=f"{where} ({method.name})"))
+    return Stage(method.name, method.config_cls.from_dict(fields, where=f"{where} ({method.name})"), method)
 
 
 def _peak_rss_mb() -> float:

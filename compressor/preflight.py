@@ -114,7 +114,7 @@ def check_supported(stages, model, causal: bool, evaluate: bool) -> None:
         raise ConfigError(f"evaluating encoder-decoder models (`{kind}`) is not supported; turn evaluation off "
                           "with `--set evaluate=false` (recipe: `evaluate: false`)")
     for index, stage in enumerate(stages):
-        fields = stage.config.to_dict()
+        fields = stage.fields
         where = f"stages[{index}] ({stage.name})"
         if encoder_decoder and isinstance(stage.config, CalibrationConfig):
             raise ConfigError(f"{where}: calibrated methods do not support encoder-decoder models (`{kind}`) yet; "

@@ -14,6 +14,7 @@ from compressor.calibration import (
     CalibrationHooks,
     LayerStats,
     block_linears,
+    calibrated_phases,
     capture_block_inputs,
     capture_linear_inputs,
     collect_stats,
@@ -210,3 +211,17 @@ def test_a_read_only_step_leaves_an_offloaded_linear_in_place():
     compress_layer(holder, "0", layer, None, CalibrationHooks(None, lambda _n, m, _s: read.append(m.weight.clone())))
     assert holder[0] is layer and has_offloaded_weights(layer)
     assert torch.equal(read[0], weight)  # the step saw the real weight, not the meta placeholder
+
+
+def test_calibrated_phases_calls_the_step_per_phase_and_returns_its_summary():
+    """Results are returned (no summary argument filled once a generator is exhausted): one step
+    per phase of each block, in order, and the linears in no block listed in the summary."""
+    model = tiny_llama()
+    linears = select_linears(model, ("q_proj", "o_proj", "lm_head"), ())
+    phases: list[list[str]] = []
+    summary = calibrated_phases(model, linears, "sq_norm", _windows(model), Context.for_model(model),
+                                lambda phase, stats: phases.append(sorted(stats)), batch_size=BATCH)
+    blocks = len(transformer_blocks(model))
+    assert phases == [[f"model.layers.{b}.self_attn.{p}"] for b in range(blocks) for p in ("q_proj", "o_proj")]
+    assert summary.outside == ["lm_head"]
+    assert summary.metrics["calibration_windows"] == 4 and summary.metrics["calibration_tokens"] == 4 * 16

@@ -105,3 +105,22 @@ def test_only_rank_zero_writes_outputs_under_a_launcher(tmp_path, monkeypatch, r
     assert report.stages[0].metrics["layers_factored"] > 0  # every rank does the work
     assert out.exists() is writes
     assert list(tmp_path.iterdir()) == ([out] if writes else [])  # no staging leftovers
+
+
+def test_a_stage_looks_its_method_up_once_and_turns_its_config_into_a_dict_once(tmp_path, stories, monkeypatch):
+    """Issue 20: the registry lookup and the config's dict happen when the recipe is parsed, not at
+    every later step (preflight, output claim, plan line, estimate, record, resolved recipe)."""
+    import compressor.pipeline as pipeline_module
+    from compressor.methods.svd import SVDConfig
+
+    lookups, dicts = [], []
+    real_lookup, real_to_dict = pipeline_module.get_method, SVDConfig.to_dict
+    monkeypatch.setattr(pipeline_module, "get_method", lambda name: lookups.append(name) or real_lookup(name))
+    monkeypatch.setattr(SVDConfig, "to_dict", lambda self: dicts.append(1) or real_to_dict(self))
+    recipe = {"out": str(tmp_path / "o"), "evaluate": {"num_windows": 2, "seq_len": 64},
+              "stages": [{"method": "svd", "rank": 0.8}]}
+    pipeline = Pipeline.from_recipe(recipe)
+    report, _ = pipeline.run(quiet=True, loaded=stories)
+    assert lookups == ["svd"] and len(dicts) == 1
+    assert report.stages[0].config["rank"] == 0.8 and report.stages[0].kind == "compress"
+    assert yaml.safe_load((tmp_path / "o" / "recipe.resolved.yaml").read_text())["stages"][0]["rank"] == 0.8

@@ -17,8 +17,9 @@ replacement module (or None: keep `module`). `compress_blocks` then
    full-precision inputs X_f of the same tokens;
 4. gives the linears outside every block (e.g. an explicitly targeted lm_head) `stats=None`.
 
-`calibrated_phases` is that loop as a generator of (linears, statistics) per phase, for a pass
-that reads statistics without compressing (the dense first pass of `allocation: aware`).
+`calibrated_phases` is that loop with any per-phase step `each_phase(linears, statistics)`, for a
+pass that reads statistics without compressing (the dense first pass of `allocation: aware`); it
+returns what it measured (CalibrationSummary), as `compress_blocks` does.
 
 Offload: the model may live on the CPU while each block is moved to `ctx.device` for its passes,
 or be dispatched by accelerate (CPU/disk offload: compressor/offload.py), where the hooks place
@@ -31,13 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..config import DEFAULT_SECOND_PHASE
+from ..config import DEFAULT_SECOND_PHASE, CalibrationConfig
 from ..context import Context
 from ..data import MIN_CALIBRATION_WINDOWS
 from ..errors import DataError
@@ -64,6 +65,8 @@ from .stats import LayerStats, StatsCollector
 
 # compress(name, module, stats or None) -> the replacement module, or None to keep `module`.
 CompressStep = Callable[[str, nn.Module, "LayerStats | None"], "nn.Module | None"]
+# each_phase({name: module}, {name: LayerStats}): what a block loop does with one phase's linears.
+PhaseStep = Callable[[dict[str, nn.Module], dict[str, LayerStats]], None]
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,9 @@ class CalibrationHooks:
     resident: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibrationSummary:
-    """What a `compress_blocks` run measured, and the linears it found outside every block."""
+    """What a block loop measured, and the linears it found outside every block."""
 
     metrics: dict[str, float] = field(default_factory=dict)
     outside: list[str] = field(default_factory=list)
@@ -114,14 +117,15 @@ def compress_blocks(
 
     Metrics: calibration_windows, calibration_tokens, activation_memory_mb (one block's inputs,
     both streams) and stats_memory_mb (the largest phase's statistics)."""
-    summary = CalibrationSummary()
-    phases = calibrated_phases(
-        model, linears, hooks.stats, windows, ctx, summary,
-        batch_size=batch_size, second_phase=second_phase, description=description,
-    )
-    for phase, stats in phases:
+
+    def compress_phase(phase: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
         for name, module in phase.items():
             compress_layer(model, name, module, stats[name], hooks)
+
+    summary = calibrated_phases(
+        model, linears, hooks.stats, windows, ctx, compress_phase,
+        batch_size=batch_size, second_phase=second_phase, description=description,
+    )
     for name in summary.outside:
         compress_layer(model, name, linears[name], None, hooks)
     return summary
@@ -133,26 +137,26 @@ def calibrated_phases(
     kind: str,
     windows: Tensor,
     ctx: Context,
-    summary: CalibrationSummary,
+    each_phase: PhaseStep,
     *,
     batch_size: int = 8,
     second_phase: tuple[str, ...] = DEFAULT_SECOND_PHASE,
     description: str = "calibrating",
-) -> Iterator[tuple[dict[str, nn.Module], dict[str, LayerStats]]]:
-    """The block loop: yields ({name: module}, {name: LayerStats}) per phase of each block, with
-    the block on the calibration device; what the caller does to those linears before asking for
-    the next phase is what the next phase and the next block are calibrated on. Fills `summary`
-    (metrics; `outside`: the linears in no block, once the loop is done)."""
+) -> CalibrationSummary:
+    """The block loop: calls `each_phase({name: module}, {name: LayerStats})` per phase of each
+    block, with the block on the calibration device; what it does to those linears is what the
+    next phase and the next block are calibrated on. Returns the metrics (see `compress_blocks`)
+    and `outside`, the linears in no block."""
     device = ctx.device
     dispatched = is_dispatched(model)
     home = device if dispatched else execution_device(model)
     student = inputs_to(capture_block_inputs(model, windows, batch_size, home), device)
     teacher = student if kind == "hessian+cross" else None
-    summary.metrics.update(
-        calibration_windows=windows.shape[0],
-        calibration_tokens=student.num_tokens(),
-        activation_memory_mb=_inputs_bytes(student) * (2 if teacher is not None else 1) / 2**20,
-    )
+    metrics = {
+        "calibration_windows": windows.shape[0],
+        "calibration_tokens": student.num_tokens(),
+        "activation_memory_mb": _inputs_bytes(student) * (2 if teacher is not None else 1) / 2**20,
+    }
     seen: set[str] = set()
     stats_bytes = 0
     for block_name, block in ctx.progress(transformer_blocks(model), description):
@@ -167,13 +171,13 @@ def calibrated_phases(
                 stats = collect_stats(block, block_name, phase, student, kind, original, teacher, keep)
                 unique = {id(s): s for s in stats.values()}.values()
                 stats_bytes = max(stats_bytes, sum(s.nbytes() for s in unique))
-                yield phase, stats
+                each_phase(phase, stats)
             next_student = run_block(block, student)
             if teacher is not None:
                 teacher = _next_teacher(block, teacher, student, next_student, teacher_next)
             student = next_student
-    summary.metrics["stats_memory_mb"] = stats_bytes / 2**20
-    summary.outside = [name for name in linears if name not in seen]
+    metrics["stats_memory_mb"] = stats_bytes / 2**20
+    return CalibrationSummary(metrics, [name for name in linears if name not in seen])
 
 
 @torch.no_grad()
@@ -259,9 +263,10 @@ def collect_stats(
     return collector.result()
 
 
-def calibration_windows(config, ctx: Context, notes: list[str]) -> Tensor:
+def calibration_windows(config: CalibrationConfig, ctx: Context) -> tuple[Tensor, list[str]]:
     """Calibration token windows (N, seq_len) of a calibrated config's `calib` split (its
-    `calibration`, `seq_len`, `num_windows`); warns below MIN_CALIBRATION_WINDOWS windows."""
+    `calibration`, `seq_len`, `num_windows`) and the report notes about them: below
+    MIN_CALIBRATION_WINDOWS windows it warns, and says so in a note."""
     windows = ctx.windows(
         config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows
     )
@@ -276,8 +281,8 @@ def calibration_windows(config, ctx: Context, notes: list[str]) -> Tensor:
             f"(< {MIN_CALIBRATION_WINDOWS}); statistics may be poor — raise `num_windows` or use more text"
         )
         warnings.warn(message, stacklevel=2)
-        notes.append(message)
-    return windows
+        return windows, [message]
+    return windows, []
 
 
 @contextlib.contextmanager

@@ -66,12 +66,21 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..calibration import CalibrationSummary, calibrated_phases, calibration_windows
+from ..calibration import LayerStats, PhaseStep, calibrated_phases, calibration_windows
+from ..context import Context
 from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
 from ..offload import materialized
 from ..targeting import linear_shape, linear_weight
-from ._lowrank_plan import LayerPlan, factoring_saves, plan_uniform, uniform_rank
+from ._lowrank_plan import (
+    LayerPlan,
+    LayerStatus,
+    dense_plan,
+    factoring_saves,
+    plan_uniform,
+    uniform_rank,
+)
+from .lowrank import CalibratedLowRankConfig
 
 DENSE = None  # the rank of a matrix that stays dense
 
@@ -116,12 +125,11 @@ def allocate_options(options: Mapping[str, list[tuple]], budget: float) -> dict:
     """{name: [(choice, parameters, loss)] with parameters increasing} -> {name: choice}: the
     greedy of `allocate_ranks` over arbitrary per-unit option lists, starting from each unit's
     first option. Raises ValueError when the first options alone exceed the budget."""
-    state = {name: 0 for name in options}  # index into options[name]
     spent = sum(opts[0][1] for opts in options.values())
     if spent > budget + 1e-9:
         raise ValueError(f"the floor ranks alone need {spent} parameters, more than the budget {budget:.0f}")
-    _greedy(options, state, spent, budget)
-    return {name: options[name][index][0] for name, index in state.items()}
+    chosen = _greedy(options, spent, budget)
+    return {name: options[name][index][0] for name, index in chosen.items()}
 
 
 def _options(losses, per_rank: int, dense: int, floor: int, ceiling: int) -> list[tuple]:
@@ -132,13 +140,15 @@ def _options(losses, per_rank: int, dense: int, floor: int, ceiling: int) -> lis
     return rows + [(DENSE, dense, 0.0)] if at_break_even or not rows else rows
 
 
-def _greedy(options: dict, state: dict, spent: float, budget: float) -> float:
-    """Buy steps in order of loss removed per parameter while the budget lasts.
+def _greedy(options: Mapping[str, list[tuple]], spent: float, budget: float) -> dict[str, int]:
+    """Buy steps in order of loss removed per parameter while the budget lasts, from every unit's
+    first option (`spent` parameters); returns {name: index of its chosen option}.
 
     Each matrix first offers the step to the next vertex of its lower convex hull of
     (parameters, loss), so its successive ratios fall and the global order is right. A hull step
     that no longer fits is replaced by the matrix's single next rank (then that matrix walks
     single ranks), so what is left of the budget is spent within one rank step."""
+    state = {name: 0 for name in options}  # index into options[name]
     hull_next = {name: _hull_next(opts) for name, opts in options.items()}
     fine: set[str] = set()
     heap: list[tuple[float, str, int]] = []
@@ -163,7 +173,7 @@ def _greedy(options: dict, state: dict, spent: float, budget: float) -> float:
         spent += cost
         state[name] = target
         push(name)
-    return spent
+    return state
 
 
 def _hull_next(opts: list[tuple]) -> list[int]:
@@ -275,13 +285,14 @@ def block_ranks(
 FISHER_WINDOWS = 16
 
 
-def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, notes: list[str]) -> dict[str, Tensor]:
-    """{name: E_t ‖∂ℓ_t/∂y_t‖² / m}: the mean squared gradient of the next-token loss ℓ_t with
-    respect to each linear's output y_t (m features), over up to FISHER_WINDOWS calibration windows,
-    one window per backward pass. With an isotropic Fisher F ≈ (E‖g‖²/m)·I, dropping output error
-    e costs ≈ ½·eᵀF·e of loss, so this weight turns each matrix's whitened error (per token) into
-    its end-to-end effect on the loss."""
-    windows = calibration_windows(config, ctx, [])[:FISHER_WINDOWS]
+def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config: CalibratedLowRankConfig,
+                  ctx: Context) -> tuple[dict[str, Tensor], str]:
+    """({name: E_t ‖∂ℓ_t/∂y_t‖² / m}, the report note): the mean squared gradient of the next-token
+    loss ℓ_t with respect to each linear's output y_t (m features), over up to FISHER_WINDOWS
+    calibration windows, one window per backward pass. With an isotropic Fisher F ≈ (E‖g‖²/m)·I,
+    dropping output error e costs ≈ ½·eᵀF·e of loss, so this weight turns each matrix's whitened
+    error (per token) into its end-to-end effect on the loss."""
+    windows = calibration_windows(config, ctx)[0][:FISHER_WINDOWS]
     totals = {name: torch.zeros((), dtype=torch.float64) for name in linears}
     tokens = 0
 
@@ -314,27 +325,26 @@ def output_fisher(model: nn.Module, linears: dict[str, nn.Module], config, ctx, 
             handle.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(flags.get(name, p.requires_grad))
-    notes.append(f"aware allocation: output Fisher weights from {len(windows)} calibration windows")
-    return {name: totals[name] / max(tokens, 1) / linear_out_features(m) for name, m in linears.items()}
+    weights = {name: totals[name] / max(tokens, 1) / linear_out_features(m) for name, m in linears.items()}
+    return weights, f"aware allocation: output Fisher weights from {len(windows)} calibration windows"
 
 
 def linear_out_features(module: nn.Module) -> int:
     return linear_shape(module)[0]
 
 
-@torch.no_grad()  # called before compress_model's no_grad block: without it hooks would keep graphs
-def dense_layer_stats(model: nn.Module, selected: dict[str, nn.Module], config, ctx, notes: list[str],
-                      consume) -> None:
+@torch.no_grad()  # called before the driver's no_grad block: without it hooks would keep graphs
+def dense_layer_stats(model: nn.Module, selected: dict[str, nn.Module], config: CalibratedLowRankConfig,
+                      ctx: Context, consume: PhaseStep) -> list[str]:
     """The first pass of `allocation: aware`: stream the DENSE model block by block (nothing is
     compressed yet) and call consume({name: module}, {name: LayerStats}) once per block for its
     selected linears, while that block is on the calibration device (one phase: nothing changes
-    between phases). Memory: one block's inputs and the Hessians of one block's linears."""
-    windows = calibration_windows(config, ctx, notes)
-    for linears, stats in calibrated_phases(
-        model, selected, "hessian", windows, ctx, CalibrationSummary(), batch_size=config.batch_size,
-        second_phase=(), description=f"{config.method_name}: spectra",
-    ):
-        consume(linears, stats)
+    between phases). Memory: one block's inputs and the Hessians of one block's linears. Returns
+    the report notes about the calibration windows."""
+    windows, notes = calibration_windows(config, ctx)
+    calibrated_phases(model, selected, "hessian", windows, ctx, consume, batch_size=config.batch_size,
+                      second_phase=(), description=f"{config.method_name}: spectra")
+    return notes
 
 
 def whitened_spectrum(weight: Tensor, chol: Tensor) -> Tensor:
@@ -349,15 +359,15 @@ def layer_spectrum(module: nn.Module, chol: Tensor) -> Tensor:
 
 
 def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[str, tuple[int, int]],
-               config, ctx, notes: list[str]) -> dict:
-    """LayerPlans of `allocation: aware`: dense-model whitened spectra (first pass), then
-    `aware_ranks` under keep · Σ m·n parameters. Linears outside the blocks get no spectrum and
-    stay dense (the sequential engine keeps them dense too)."""
+               config: CalibratedLowRankConfig, ctx: Context) -> tuple[dict[str, LayerPlan], list[str]]:
+    """LayerPlans of `allocation: aware` and the report notes about them: dense-model whitened
+    spectra (first pass), then `aware_ranks` under keep · Σ m·n parameters. Linears outside the
+    blocks get no spectrum and stay dense (the sequential engine keeps them dense too)."""
     spectra: dict[str, Tensor] = {}
     blocks: dict[str, str] = {}  # matrix -> its block (consume is called once per block)
     block_index = itertools.count()
 
-    def consume(linears: dict[str, nn.Module], stats: dict) -> None:
+    def consume(linears: dict[str, nn.Module], stats: dict[str, LayerStats]) -> None:
         factors: dict[int, Tensor] = {}  # q/k/v (gate/up) share one Hessian: one Cholesky
         block = f"block{next(block_index)}"
         for name, module in linears.items():
@@ -367,9 +377,10 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
                 factors[key] = cholesky_with_shift(stats[name].hessian(), getattr(config, "damping", 0.0))[0]
             spectra[name] = layer_spectrum(module, factors[key]).cpu()
 
-    dense_layer_stats(model, selected, config, ctx, notes, consume)
+    notes = dense_layer_stats(model, selected, config, ctx, consume)
     if config.aware_loss == "fisher":
-        weights = output_fisher(model, {n: selected[n] for n in spectra}, config, ctx, notes)
+        weights, fisher_note = output_fisher(model, {n: selected[n] for n in spectra}, config, ctx)
+        notes.append(fisher_note)
         spectra = {n: s * weights[n].sqrt() for n, s in spectra.items()}  # σ² scales by the weight
     # The parameters the uniform plan keeps: aware ranks never hold more than uniform ones would.
     budget = sum(p.params_kept for p in plan_uniform(shapes, config.rank).values())
@@ -381,25 +392,34 @@ def aware_plan(model: nn.Module, selected: dict[str, nn.Module], shapes: dict[st
     else:
         ranks, losses = aware_ranks(spectra, {n: shapes[n] for n in spectra}, budget,
                                     config.floor_ratio, config.aware_loss, config.rank, config.rank_spread)
-    plans = {}
-    for name, (m, n) in shapes.items():
-        rank = ranks.get(name, DENSE)
-        reason = "" if rank else (
-            "outside the transformer blocks (no calibration inputs): dense" if name in outside
-            else AWARE_DENSE_REASON.format(ceiling=max_saving_rank(m, n), shape=f"{m}x{n}"))
-        plans[name] = LayerPlan(name, m, n, rank, reason)
+    plans = {name: aware_layer_plan(name, shape, ranks.get(name, DENSE), name in outside)
+             for name, shape in shapes.items()}
     uniform = {n: uniform_loss(losses[n], *shapes[n], config.rank) for n in spectra}
-    predicted = sum(float(losses[n][plans[n].rank or min(shapes[n])]) for n in spectra)
+    predicted = sum(float(losses[n][plans[n].r]) for n in spectra)
     notes.append(
         f"aware allocation ({config.aware_loss} losses, per {config.aware_group}, floor {config.floor_ratio:g}·full rank, "
         f"spread {config.rank_spread:g}): "
         f"predicted total truncation loss {predicted:.4g} vs {sum(uniform.values()):.4g} with uniform ranks; "
-        f"{sum(1 for n in spectra if plans[n].rank is None)} matrices kept dense"
+        f"{sum(1 for n in spectra if not plans[n].factored)} matrices kept dense"
     )
-    return plans
+    return plans, notes
 
 
-def aware_block_ranks(spectra, shapes, blocks, budget, config):
+def aware_layer_plan(name: str, shape: tuple[int, int], r: int | None, outside: bool) -> LayerPlan:
+    """The plan of one matrix at its aware rank `r` (None = dense: outside the blocks, or past the
+    rank where factoring would save parameters)."""
+    m, n = shape
+    if r:
+        return LayerPlan(name, m, n, r)
+    if outside:
+        return dense_plan(name, m, n, LayerStatus.SKIPPED_OUTSIDE_BLOCKS,
+                          "outside the transformer blocks (no calibration inputs): dense")
+    return dense_plan(name, m, n, LayerStatus.KEPT_DENSE_NO_SAVING,
+                      AWARE_DENSE_REASON.format(ceiling=max_saving_rank(m, n), shape=f"{m}x{n}"))
+
+
+def aware_block_ranks(spectra: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, int]],
+                      blocks: Mapping[str, str], budget: float, config: CalibratedLowRankConfig):
     """`block_ranks` on the spectra's losses; matrices with no saving rank stay dense."""
     losses = {name: truncation_losses(s, config.aware_loss) for name, s in spectra.items()}
     fixed = {n for n in spectra if max_saving_rank(*shapes[n]) < 1}
@@ -417,7 +437,6 @@ def aware_block_ranks(spectra, shapes, blocks, budget, config):
 
 AWARE_DENSE_REASON = ("aware allocation: dense (its tail costs more loss per parameter than other "
                       "layers'; any rank above {ceiling} on {shape} would not save parameters)")
-# (contains lowrank.NO_SAVING: the report's note lists these layers with the other no-saving ones)
 
 
 def uniform_loss(losses: Tensor, m: int, n: int, keep: float) -> float:

@@ -2,22 +2,33 @@
 
 `uniform` gives every (m, n) matrix r = ⌊keep·m·n/(m+n)⌋; `welore` (Jaiswal et al., arXiv
 2407.11239; see welore.py) one global threshold τ on the min-max normalised spectra, bisected so
-the kept parameters hit `keep`. Both sit below the driver (lowrank.py) that applies them and the
+the kept parameters hit `keep`. Both sit below the driver (_lowrank_driver.py) that applies them and the
 methods built on it; the calibration-aware allocation is _lowrank_allocation.py.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from ..analysis.spectra import is_low_rank_component, singular_values, welore_normalise
 
-NO_SAVING = "would not save parameters"  # in the `status` of a layer kept dense for that reason
+NO_SAVING = "would not save parameters"  # the wording of a no-saving layer's `reason`
+
+
+class LayerStatus(enum.Enum):
+    """What happens to one targeted linear; the report counts and explains dense layers by it."""
+
+    FACTORED = "factored"
+    KEPT_DENSE_KEEP_ONE = "kept dense: keep ratio 1"
+    KEPT_DENSE_NO_SAVING = "kept dense: factoring would not save parameters"
+    KEPT_DENSE_N_LRC = "kept dense: WeLore N-LRC (too little rank removed)"
+    SKIPPED_OUTSIDE_BLOCKS = "kept dense: outside the transformer blocks (no calibration inputs)"
 
 
 def uniform_rank(out_features: int, in_features: int, keep: float) -> int:
@@ -26,23 +37,27 @@ def uniform_rank(out_features: int, in_features: int, keep: float) -> int:
     return math.floor(keep * out_features * in_features / (out_features + in_features) + 1e-9)
 
 
-def factoring_saves(out_features: int, in_features: int, rank: int) -> bool:
-    """True when rank-`rank` factors are strictly smaller than the dense matrix."""
-    return (
-        0 < rank < min(out_features, in_features)
-        and rank * (out_features + in_features) < out_features * in_features
-    )
+def factoring_saves(out_features: int, in_features: int, r: int) -> bool:
+    """True when rank-`r` factors are strictly smaller than the dense matrix."""
+    return 0 < r < min(out_features, in_features) and r * (out_features + in_features) < out_features * in_features
 
 
-@dataclass
+@dataclass(frozen=True)
 class LayerPlan:
-    """What happens to one targeted linear: factored at `rank`, or kept dense (`rank` None)."""
+    """What happens to one targeted (m, n) linear: factored at the integer rank `r` (U (m, r),
+    V (r, n)), or kept dense (`status` says why, `reason` in words; `r` is then its full rank
+    min(m, n), as the report lists it)."""
 
     name: str
     out_features: int
     in_features: int
-    rank: int | None
+    r: int
+    status: LayerStatus = LayerStatus.FACTORED
     reason: str = ""
+
+    @property
+    def factored(self) -> bool:
+        return self.status is LayerStatus.FACTORED
 
     @property
     def params_dense(self) -> int:
@@ -50,25 +65,33 @@ class LayerPlan:
 
     @property
     def params_kept(self) -> int:
-        if self.rank is None:
+        if not self.factored:
             return self.params_dense
-        return self.rank * (self.out_features + self.in_features)
+        return self.r * (self.out_features + self.in_features)
+
+    def kept_dense(self, status: LayerStatus, reason: str) -> LayerPlan:
+        """This plan revised: the layer stays dense for `status` (`reason` in words)."""
+        return replace(self, r=min(self.out_features, self.in_features), status=status, reason=reason)
 
 
-def plan_layer(name: str, out_features: int, in_features: int, rank: int, keep: float) -> LayerPlan:
-    """Factor at `rank` unless keep = 1 or factoring would not save parameters."""
+def dense_plan(name: str, out_features: int, in_features: int, status: LayerStatus, reason: str) -> LayerPlan:
+    """A layer that stays dense (its full rank min(m, n) kept)."""
+    return LayerPlan(name, out_features, in_features, min(out_features, in_features), status, reason)
+
+
+def no_saving_reason(r: int, out_features: int, in_features: int) -> str:
+    return f"rank {r} {NO_SAVING} on {out_features}x{in_features}: dense"
+
+
+def plan_layer(name: str, out_features: int, in_features: int, r: int, keep: float) -> LayerPlan:
+    """Factor at rank `r` unless keep = 1 or factoring would not save parameters."""
     if keep >= 1:
-        return LayerPlan(name, out_features, in_features, None, "keep ratio 1: dense")
-    rank = max(rank, 1)
-    if not factoring_saves(out_features, in_features, rank):
-        return LayerPlan(
-            name,
-            out_features,
-            in_features,
-            None,
-            f"rank {rank} {NO_SAVING} on {out_features}x{in_features}: dense",
-        )
-    return LayerPlan(name, out_features, in_features, rank)
+        return dense_plan(name, out_features, in_features, LayerStatus.KEPT_DENSE_KEEP_ONE, "keep ratio 1: dense")
+    r = max(r, 1)
+    if not factoring_saves(out_features, in_features, r):
+        return dense_plan(name, out_features, in_features, LayerStatus.KEPT_DENSE_NO_SAVING,
+                          no_saving_reason(r, out_features, in_features))
+    return LayerPlan(name, out_features, in_features, r)
 
 
 def plan_uniform(shapes: dict[str, tuple[int, int]], keep: float) -> dict[str, LayerPlan]:
@@ -96,15 +119,12 @@ def layer_plan_at(
     m, n = shape
     full = min(m, n)
     removed = int((normalised < tau).sum())
-    rank = max(full - removed, 1)
-    if is_low_rank_component(removed, full, min_ratio) and factoring_saves(m, n, rank):
-        return LayerPlan(name, m, n, rank)
-    reason = (
-        "N-LRC (too little rank removed): dense"
-        if removed / full <= min_ratio
-        else f"rank {rank} {NO_SAVING} on {m}x{n}: dense"
-    )
-    return LayerPlan(name, m, n, None, reason)
+    r = max(full - removed, 1)
+    if is_low_rank_component(removed, full, min_ratio) and factoring_saves(m, n, r):
+        return LayerPlan(name, m, n, r)
+    if removed / full <= min_ratio:
+        return dense_plan(name, m, n, LayerStatus.KEPT_DENSE_N_LRC, "N-LRC (too little rank removed): dense")
+    return dense_plan(name, m, n, LayerStatus.KEPT_DENSE_NO_SAVING, no_saving_reason(r, m, n))
 
 
 def welore_allocation(

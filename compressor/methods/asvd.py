@@ -14,14 +14,19 @@ usable), so S⁻¹ stays finite; how many were fixed is reported per layer.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from ..calibration import LayerStats
 from ..configs.asvd import ASVDConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from .lowrank import LayerStats, compress_model, split_singular
+from ._factors import split_singular
+from ._lowrank_driver import Factors, LowRankDriver
 
 SCALE_FLOOR = 1e-6
 
@@ -36,25 +41,30 @@ def activation_scales(abs_mean: Tensor, alpha: float = 0.5) -> tuple[Tensor, int
     return torch.where(bad, torch.full_like(scales, floor), scales), int(bad.sum())
 
 
-def asvd_factors(weight: Tensor, scales: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+def asvd_factors(weight: Tensor, scales: Tensor, r: int) -> tuple[Tensor, Tensor]:
     """(W (m, n), s (n,), r) -> (u (m, r), v (r, n)) with u v = [W diag(s)]_r diag(s)⁻¹, fp64."""
     scales = scales.double()
     u, s, vh = torch.linalg.svd(weight.double() * scales[None, :], full_matrices=False)
-    left, right = split_singular(u, s, vh, rank)
+    left, right = split_singular(u, s, vh, r)
     return left, right / scales[None, :]
 
 
-def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: ASVDConfig):
-    scales, fixed = activation_scales(stats.abs_mean(), config.alpha)
-    info: dict = {"scales_floored": fixed}
-    if fixed:
-        info["notes"] = [
-            f"{name}: {fixed} input channels had zero/NaN activation scale; floored to keep S⁻¹ finite"
-        ]
-    return (*asvd_factors(weight, scales, rank), info)
+@dataclass(frozen=True)
+class ActivationScaledSVD:
+    """ASVD's factorization for the low-rank driver: SVD of W·diag(s), s from mean |x|."""
+
+    alpha: float
+    stats_kind: ClassVar[str] = "abs_mean"
+
+    def factorize(self, name: str, weight: Tensor, stats: LayerStats | None, r: int) -> Factors:
+        assert stats is not None  # the driver keeps layers without calibration inputs dense
+        scales, fixed = activation_scales(stats.abs_mean(), self.alpha)
+        notes = (f"{name}: {fixed} input channels had zero/NaN activation scale; floored to keep S⁻¹ finite",)
+        return Factors(*asvd_factors(weight, scales, r), info={"scales_floored": fixed},
+                       notes=notes if fixed else ())
 
 
 @register(ASVDConfig)
 def apply(model: nn.Module, config: ASVDConfig, ctx: Context) -> StageResult:
     """Activation-scaled truncated SVD of every targeted linear, calibrated block by block."""
-    return compress_model(model, config, ctx, _factorize, stats_kind="abs_mean")
+    return LowRankDriver(model, config, ctx, ActivationScaledSVD(config.alpha)).run()

@@ -27,16 +27,20 @@ outputs (the reproduction's order).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from ..calibration import LayerStats
 from ..configs.saes_svd import SAESConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
-from ._factors import unwhiten
-from .lowrank import LayerStats, compress_model, split_singular
+from ._factors import split_singular, unwhiten
+from ._lowrank_driver import Factors, LowRankDriver
 
 
 def cealc_parts(weight: Tensor, chol: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,46 +53,46 @@ def cealc_parts(weight: Tensor, chol: Tensor, delta: Tensor) -> tuple[Tensor, Te
 
 
 def cealc_factors(
-    g0: Tensor, g_d: Tensor, chol: Tensor, beta: float, rank: int
+    g0: Tensor, g_d: Tensor, chol: Tensor, beta: float, r: int
 ) -> tuple[Tensor, Tensor, float]:
     """W' = [G₀ + βG_d]_r L⁻¹ as (u (m, r), v (r, n)) plus the exact RER(β) of that G."""
     target = g0 if beta == 0 else g0 + beta * g_d
     u, s, vh = torch.linalg.svd(target, full_matrices=False)
-    left, right = split_singular(u, s, vh, rank)
-    return left, unwhiten(right, chol), retained_from_singular(s, rank)
+    left, right = split_singular(u, s, vh, r)
+    return left, unwhiten(right, chol), retained_from_singular(s, r)
 
 
-def retained_from_singular(sigma: Tensor, rank: int) -> float:
+def retained_from_singular(sigma: Tensor, r: int) -> float:
     energy = sigma.double().square()
-    return float(energy[:rank].sum() / energy.sum().clamp_min(1e-300))
+    return float(energy[:r].sum() / energy.sum().clamp_min(1e-300))
 
 
-def retained_energy_ratio(target: Tensor, rank: int) -> float:
+def retained_energy_ratio(target: Tensor, r: int) -> float:
     """RER = ‖[G]_r‖²_F / ‖G‖²_F (exact, by SVD)."""
-    return retained_from_singular(torch.linalg.svdvals(target.double()), rank)
+    return retained_from_singular(torch.linalg.svdvals(target.double()), r)
 
 
-def aces_coefficients(g0: Tensor, g_d: Tensor, rank: int) -> tuple[float, ...]:
+def aces_coefficients(g0: Tensor, g_d: Tensor, r: int) -> tuple[float, ...]:
     """(a, b, c, A, B, C) of tail(β) = aβ²+bβ+c and total(β) = Aβ²+Bβ+C (G₀'s top-r subspace frozen)."""
     u, s, vh = torch.linalg.svd(g0, full_matrices=False)
-    u_r, v_r = u[:, :rank], vh[:rank].T
+    u_r, v_r = u[:, :r], vh[:r].T
     # P⊥ G_d Q⊥ = G_d − U(UᵀG_d) − (G_d V)Vᵀ + U(UᵀG_d V)Vᵀ
     left = u_r.T @ g_d  # (r, n)
     d_tail = g_d - u_r @ left - (g_d @ v_r) @ v_r.T + u_r @ (left @ v_r) @ v_r.T
-    g0_tail = (u[:, rank:] * s[rank:]) @ vh[rank:]  # already inside P⊥ · Q⊥
+    g0_tail = (u[:, r:] * s[r:]) @ vh[r:]  # already inside P⊥ · Q⊥
     a = float(d_tail.square().sum())
     b = 2 * float((g0_tail * d_tail).sum())
-    c = float(s[rank:].square().sum())
+    c = float(s[r:].square().sum())
     return a, b, c, float(g_d.square().sum()), 2 * float((g0 * g_d).sum()), float(s.square().sum())
 
 
 def aces_beta(
-    g0: Tensor, g_d: Tensor, rank: int, beta_min: float, beta_max: float
+    g0: Tensor, g_d: Tensor, r: int, beta_min: float, beta_max: float
 ) -> tuple[float, float]:
     """ACES: β ∈ [beta_min, beta_max] minimising the approximate tail/total energy ratio.
 
     Returns (β, approximate 1 − tail/total at β)."""
-    a, b, c, big_a, big_b, big_c = aces_coefficients(g0, g_d, rank)
+    a, b, c, big_a, big_b, big_c = aces_coefficients(g0, g_d, r)
     candidates = [beta_min, beta_max]
     q2, q1, q0 = a * big_b - b * big_a, 2 * (a * big_c - c * big_a), b * big_c - c * big_b
     scale = max(abs(q2), abs(q1), abs(q0), 1e-300)
@@ -109,30 +113,42 @@ def aces_beta(
     return best, 1.0 - ratio(best)
 
 
-def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: SAESConfig):
-    h = stats.hessian()
-    chol, shift = cholesky_with_shift(h, config.damping)
-    g0, g_d = cealc_parts(weight, chol, stats.teacher_cross() - h)
-    info: dict = {}
-    if config.beta is None:
-        beta, info["rer_predicted"] = aces_beta(g0, g_d, rank, config.beta_min, config.beta_max)
-    else:
-        beta = config.beta
-    left, right, info["rer"] = cealc_factors(g0, g_d, chol, beta, rank)
-    info["beta"] = beta
-    if shift:
-        info["cholesky_shift"] = shift
-        info["notes"] = [
-            f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"
-        ]
-    return left, right, info
+@dataclass(frozen=True)
+class CealcFactorization:
+    """SAES-SVD's factorization for the low-rank driver: CEALC factors at a fixed β, or the β
+    ACES picks in [beta_min, beta_max] (`beta` None), from H and the teacher cross term."""
+
+    beta: float | None
+    beta_min: float
+    beta_max: float
+    damping: float
+    stats_kind: ClassVar[str] = "hessian+cross"
+
+    def factorize(self, name: str, weight: Tensor, stats: LayerStats | None, r: int) -> Factors:
+        assert stats is not None  # the driver keeps layers without calibration inputs dense
+        h = stats.hessian()
+        chol, shift = cholesky_with_shift(h, self.damping)
+        g0, g_d = cealc_parts(weight, chol, stats.teacher_cross() - h)
+        info: dict[str, float] = {}
+        if self.beta is None:
+            beta, info["rer_predicted"] = aces_beta(g0, g_d, r, self.beta_min, self.beta_max)
+        else:
+            beta = self.beta
+        left, right, info["rer"] = cealc_factors(g0, g_d, chol, beta, r)
+        info["beta"] = beta
+        notes = ()
+        if shift:
+            info["cholesky_shift"] = shift
+            notes = (f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I",)
+        return Factors(left, right, info, notes)
 
 
 @register(SAESConfig)
 def apply(model: nn.Module, config: SAESConfig, ctx: Context) -> StageResult:
     """CEALC factors with an ACES-chosen (or fixed) β per layer, calibrated block by block with a
     full-precision teacher stream."""
-    result = compress_model(model, config, ctx, _factorize, stats_kind="hessian+cross")
+    factorization = CealcFactorization(config.beta, config.beta_min, config.beta_max, config.damping)
+    result = LowRankDriver(model, config, ctx, factorization).run()
     betas = [row["beta"] for row in result.per_module if "beta" in row]
     if betas:
         result.metrics.update(

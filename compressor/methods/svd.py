@@ -8,21 +8,16 @@ No calibration data is needed. See compressor/methods/lowrank.py for `rank` (a k
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..configs.svd import SVDConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from ._factors import svd_factors
-from .lowrank import LayerStats, compress_model
-
-
-def _factorize(name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: SVDConfig):
-    return (*svd_factors(weight, rank), {})
+from ._lowrank_driver import LowRankDriver, TruncatedSVD
 
 
 @register(SVDConfig)
 def apply(model: nn.Module, config: SVDConfig, ctx: Context) -> StageResult:
     """Replace every targeted linear by its rank-r truncated SVD (no calibration)."""
-    return compress_model(model, config, ctx, _factorize, stats_kind=None)
+    return LowRankDriver(model, config, ctx, TruncatedSVD()).run()

@@ -26,41 +26,55 @@ at 0.43 for the same reason: saes-svd is the way to use the teacher's outputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
+from ..calibration import LayerStats
 from ..configs.svd_llm import UPDATE_AUTO_BELOW, SVDLLMConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
 from ._factors import least_squares_left, whitened_factors
-from .lowrank import LayerStats, compress_model
+from ._lowrank_driver import Factors, LowRankDriver
 
 
-def _factorize(name: str, weight: Tensor, stats: LayerStats, rank: int, config: SVDLLMConfig):
-    h = stats.hessian()
-    chol, shift = cholesky_with_shift(h, config.damping)
-    left, right, sigma = whitened_factors(weight, chol, rank)
-    info = {"dropped_energy": _dropped_fraction(sigma, rank)}
-    if shift:
-        info["cholesky_shift"] = shift
-        info["notes"] = [
-            f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I"
-        ]
-    if config.use_update():
-        left = least_squares_left(weight, right, h, stats.teacher_cross())
-        info["updated"] = True
-    return left, right, info
+@dataclass(frozen=True)
+class WhitenedSVD:
+    """SVD-LLM's factorization for the low-rank driver: truncated SVD of W·L (H = L Lᵀ), then
+    optionally U re-fitted to the teacher's outputs (`update`, which also streams the teacher)."""
+
+    damping: float
+    update: bool
+
+    @property
+    def stats_kind(self) -> str:
+        return "hessian+cross" if self.update else "hessian"
+
+    def factorize(self, name: str, weight: Tensor, stats: LayerStats | None, r: int) -> Factors:
+        assert stats is not None  # the driver keeps layers without calibration inputs dense
+        h = stats.hessian()
+        chol, shift = cholesky_with_shift(h, self.damping)
+        left, right, sigma = whitened_factors(weight, chol, r)
+        info: dict[str, float | bool] = {"dropped_energy": _dropped_fraction(sigma, r)}
+        notes = ()
+        if shift:
+            info["cholesky_shift"] = shift
+            notes = (f"{name}: calibration Hessian not positive definite; Cholesky used shift {shift:.3g}·I",)
+        if self.update:
+            left = least_squares_left(weight, right, h, stats.teacher_cross())
+            info["updated"] = True
+        return Factors(left, right, info, notes)
 
 
-def _dropped_fraction(sigma: Tensor, rank: int) -> float:
+def _dropped_fraction(sigma: Tensor, r: int) -> float:
     """Σ_{i>r} σ_i² / Σ σ_i²: the share of the whitened (output) energy the truncation drops."""
     energy = sigma.double().square()
-    return float(energy[rank:].sum() / energy.sum().clamp_min(1e-300))
+    return float(energy[r:].sum() / energy.sum().clamp_min(1e-300))
 
 
 @register(SVDLLMConfig)
 def apply(model: nn.Module, config: SVDLLMConfig, ctx: Context) -> StageResult:
     """Whitened truncated SVD of every targeted linear, calibrated block by block."""
-    stats_kind = "hessian+cross" if config.use_update() else "hessian"
-    return compress_model(model, config, ctx, _factorize, stats_kind=stats_kind)
+    return LowRankDriver(model, config, ctx, WhitenedSVD(config.damping, config.use_update())).run()

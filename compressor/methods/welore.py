@@ -21,26 +21,19 @@ low-rank method uses the same allocation with `allocation: welore`.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..configs.welore import WeLoreConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from ._factors import svd_factors
+from ._lowrank_driver import LowRankDriver, TruncatedSVD
 from ._lowrank_plan import layer_plan_at, welore_allocation, welore_plan  # noqa: F401  (the allocation; re-exported)
-from .lowrank import LayerStats, compress_model
-
-
-def _factorize(
-    name: str, weight: Tensor, stats: LayerStats | None, rank: int, config: WeLoreConfig
-):
-    return (*svd_factors(weight, rank), {})
 
 
 @register(WeLoreConfig)
 def apply(model: nn.Module, config: WeLoreConfig, ctx: Context) -> StageResult:
     """Factor WeLore's low-rank components (truncated SVD at their tail-derived ranks); N-LRCs stay dense."""
-    result = compress_model(model, config, ctx, _factorize, stats_kind=None)
+    result = LowRankDriver(model, config, ctx, TruncatedSVD()).run()
     result.metrics["lrc_layers"] = sum(1 for row in result.per_module if row["factored"])
     return result

@@ -17,7 +17,7 @@ from compressor.methods._lowrank_allocation import (
     max_saving_rank,
     truncation_losses,
 )
-from compressor.methods.lowrank import plan_layer, plan_uniform
+from compressor.methods.lowrank import LayerStatus, plan_layer, plan_uniform
 from compressor.methods.saes_svd import SAESConfig
 from compressor.methods.saes_svd import apply as saes_apply
 from compressor.methods.svd import SVDConfig
@@ -138,7 +138,8 @@ def test_spread_keeps_ranks_near_uniform():
 
 def test_plan_layer_keeps_a_layer_dense_when_factoring_would_be_larger():
     plan = plan_layer("x", 64, 64, 40, 0.9)  # 40·128 > 64·64
-    assert plan.rank is None and "would not save parameters" in plan.reason
+    assert plan.status is LayerStatus.KEPT_DENSE_NO_SAVING and not plan.factored
+    assert plan.r == 64 and plan.params_kept == 64 * 64 and "rank 40 would not save parameters" in plan.reason
 
 
 def test_aware_is_refused_for_methods_without_whitened_spectra():
@@ -181,7 +182,7 @@ def test_aware_ranks_lose_less_whitened_energy_than_uniform_at_the_same_paramete
     uniform = plan_uniform(shapes, 0.5)
     aware = {row["module"]: row["rank"] for row in result.per_module}
     assert sum(r["params_kept"] for r in result.per_module) <= sum(p.params_kept for p in uniform.values())
-    loss_uniform = sum(float(losses[n][uniform[n].rank]) for n in shapes)
+    loss_uniform = sum(float(losses[n][uniform[n].r]) for n in shapes)
     loss_aware = sum(float(losses[n][aware[n]]) for n in shapes)
     assert loss_aware < 0.95 * loss_uniform
     assert any("aware allocation" in note for note in result.notes)
@@ -208,6 +209,7 @@ def test_the_spectra_pass_builds_no_autograd_graph():
 
     model = tiny_llama()
     seen = []
-    dense_layer_stats(model, select_linears(model, (), ()), SVDLLMConfig(rank=0.5, num_windows=2, seq_len=16),
-                      Context.for_model(model), [], lambda linears, stats: seen.extend(stats.values()))
+    notes = dense_layer_stats(model, select_linears(model, (), ()), SVDLLMConfig(rank=0.5, num_windows=2, seq_len=16),
+                              Context.for_model(model), lambda linears, stats: seen.extend(stats.values()))
     assert seen and not any(s.gram.requires_grad for s in seen)
+    assert len(notes) == 1 and "only 2 calibration windows" in notes[0]  # returned, not appended to an argument

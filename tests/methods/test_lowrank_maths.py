@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from compressor.errors import ModelError
-from compressor.methods._factors import least_squares_left, svd_factors, whitened_factors
+from compressor.methods._factors import check_finite, least_squares_left, svd_factors, whitened_factors
 from compressor.methods.asvd import activation_scales, asvd_factors
 from compressor.methods.lowrank import (
     LayerStats,
-    check_finite,
+    LayerStatus,
     factoring_saves,
     keep_ratio_reached,
     plan_uniform,
@@ -67,7 +67,7 @@ def test_factoring_that_saves_nothing_keeps_the_layer_dense():
     assert factoring_saves(64, 64, 31)
     assert not factoring_saves(64, 64, 64)
     plans = plan_uniform({"square": (64, 64)}, 1.0)
-    assert plans["square"].rank is None and "keep ratio 1" in plans["square"].reason
+    assert plans["square"].status is LayerStatus.KEPT_DENSE_KEEP_ONE and plans["square"].r == 64
 
 
 @pytest.mark.parametrize("shapes", [STORIES, SMOLLM2])
@@ -275,7 +275,7 @@ def _spectra():
 def test_welore_keep_one_is_the_identity():
     spectra, shapes = _spectra()
     plans, tau = welore_allocation(spectra, shapes, 1.0, 0.4999)
-    assert tau == 0.0 and all(p.rank is None for p in plans.values())
+    assert tau == 0.0 and all(not p.factored for p in plans.values())
 
 
 @pytest.mark.parametrize("keep", [0.9, 0.7, 0.5, 0.3])
@@ -284,7 +284,7 @@ def test_welore_gives_heavy_tails_lower_rank_and_stays_within_budget(keep):
     plans, _ = welore_allocation(spectra, shapes, keep, 0.0)
     _, kept, reached = keep_ratio_reached(plans)
     assert reached <= keep
-    ranks = {n: p.rank or 32 for n, p in plans.items()}
+    ranks = {n: p.r for n, p in plans.items()}
     assert ranks["heavy"] < ranks["flat"]
     # smallest τ within budget: the next σ̂ step (one more rank somewhere) would exceed it
     one_rank = 64 + 32
@@ -295,6 +295,6 @@ def test_welore_min_ratio_splits_lrc_from_dense_n_lrc():
     spectra, shapes = _spectra()
     plans, _ = welore_allocation(spectra, shapes, 0.7, 0.4999)
     assert (
-        plans["heavy"].rank is not None and plans["heavy"].rank < 16
+        plans["heavy"].factored and plans["heavy"].r < 16
     )  # > 50 % of its rank removed
-    assert plans["flat"].rank is None and "N-LRC" in plans["flat"].reason
+    assert plans["flat"].status is LayerStatus.KEPT_DENSE_N_LRC and plans["flat"].r == 32
