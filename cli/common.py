@@ -166,7 +166,7 @@ def stage_fields(method: str, kind: str, flags: dict[str, object]) -> dict[str, 
 
 
 def method_help(kind: str) -> str:
-    """`--method` help listing the built-in methods of `kind` (read from the registry's table)."""
+    """`--method` help listing the methods of `kind` (read from their configs, no torch)."""
     from compressor.registry import method_names
 
     return f"{', '.join(method_names(kind))} (see `compressor methods`)"

@@ -1,8 +1,9 @@
 """`compressor methods [NAME]`: what is registered, with fields, defaults and descriptions.
 
-Answers without importing any method module (and so without torch): names, kinds and summaries
-come from `registry.BUILTIN`, fields from the config classes' source (`compressor.config_docs`).
-Output is plain wrapped text (no rich): this command is about answering at once.
+Answers without importing any method module (and so without torch): names, kinds, summaries and
+fields come from the config dataclasses, which are declared in torch-free modules
+(compressor/configs/, `registry.BUILTIN`). Output is plain wrapped text (no rich): this command is
+about answering at once.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .common import handle_errors
 def methods(name: Annotated[str | None, typer.Argument(
         help="show one method's config fields with defaults and descriptions", show_default=False)] = None) -> None:
     """List the registered methods, or one method's config fields (recipe keys / --set names) and defaults."""
+    from compressor.config import field_docs
     from compressor.registry import method_info, method_names
 
     if name is None:
@@ -32,7 +34,7 @@ def methods(name: Annotated[str | None, typer.Argument(
     typer.echo(f"{name} ({info.kind}): {info.summary}\n")
     typer.echo(f"fields of {info.config_class} (recipe keys; `--set KEY=VALUE` on the command line):\n")
     typer.echo(columns([("field", "default", "description"),
-                        *[(f.name, f.default, f.description) for f in _fields(name, info)]]))
+                        *[(f.name, f.default, f.description) for f in field_docs(info.config_cls)]]))
 
 
 def columns(rows: list[tuple[str, str, str]]) -> str:
@@ -52,21 +54,3 @@ def columns(rows: list[tuple[str, str, str]]) -> str:
         lines.extend(" " * indent + more for more in wrapped[1:])
     return "\n".join(lines)
 
-
-def _fields(name: str, info):
-    """Statically read fields for built-ins; an imported user method's dataclass otherwise."""
-    from compressor.config_docs import FieldDoc, args_section, config_fields, yaml_text
-
-    try:
-        return config_fields(info.module, info.config_class)
-    except (LookupError, OSError, SyntaxError):
-        import dataclasses
-
-        from compressor.registry import get_method
-
-        config_cls = get_method(name).config_cls
-        docs = {}
-        for klass in reversed(config_cls.__mro__):
-            docs.update(args_section(klass.__doc__ or ""))
-        return [FieldDoc(f.name, yaml_text(f.default) if f.default is not dataclasses.MISSING else "(required)",
-                         docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]

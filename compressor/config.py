@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -79,9 +80,19 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+KINDS = ("analyze", "compress", "finetune", "transform")
+# The class keywords with which a config declares its method (`MethodConfig.__init_subclass__`).
+METHOD_KEYWORDS = ("method", "kind", "apply")
+
+
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig(Config):
     """Fields shared by every stage.
+
+    A config declares its method once, with class keywords: `class SVDLLMConfig(LowRankConfig,
+    method="svd-llm", kind="compress", apply="compressor.methods.svd_llm")` (the module whose
+    `@register(SVDLLMConfig)` function runs it). The registry reads the declaration; nothing
+    writes onto the class afterwards.
 
     Args:
         targets: which linears the stage touches. A plain name matches the full module name or any
@@ -90,9 +101,31 @@ class MethodConfig(Config):
         ignore: names in the same syntax that are excluded from `targets`.
     """
 
-    method_name: ClassVar[str] = ""
+    # The declaration (class keywords); "" on the shared bases, which declare no method.
+    method_name: ClassVar[str] = ""  # the name in recipes and on `--method`
+    method_kind: ClassVar[str] = ""  # one of KINDS: the command that runs it
+    apply_module: ClassVar[str] = ""  # the module that registers its apply
     targets: tuple[str, ...] = ()
     ignore: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, *, method: str | None = None, kind: str | None = None, apply: str | None = None,
+                          **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        given = {"method": method, "kind": kind, "apply": apply}
+        if all(value is None for value in given.values()):
+            return
+        missing = [key for key, value in given.items() if not isinstance(value, str) or not value]
+        if missing:
+            raise TypeError(f"{cls.__name__}: a method is declared with all of method=, kind=, apply= (names); "
+                            f"missing or not a string: {', '.join(missing)}")
+        if kind not in KINDS:
+            raise TypeError(f"{cls.__name__}: kind={kind!r} must be one of {', '.join(KINDS)}")
+        cls.method_name, cls.method_kind, cls.apply_module = method, kind, apply
+
+    @classmethod
+    def declares_method(cls) -> bool:
+        """True for the class that declared a method itself (not a subclass inheriting it)."""
+        return "method_name" in cls.__dict__
 
     def __post_init__(self) -> None:
         for field in ("targets", "ignore"):
@@ -125,12 +158,14 @@ class CalibrationConfig(MethodConfig):
     seq_len: int = 256
     batch_size: int = 8
 
-    def __init_subclass__(cls, **defaults: Any) -> None:
+    def __init_subclass__(cls, **keywords: Any) -> None:
         """`class X(CalibrationConfig, num_windows=128)`: X's default for a calibration field.
 
         Runs before @dataclass reads the class, so the override becomes that field's default
-        (keeping its place in the field order)."""
-        super().__init_subclass__()
+        (keeping its place in the field order). The method keywords go on to MethodConfig."""
+        declaration = {key: keywords.pop(key) for key in METHOD_KEYWORDS if key in keywords}
+        super().__init_subclass__(**declaration)
+        defaults = keywords
         unknown = set(defaults) - set(CALIBRATION_FIELDS)
         if unknown:
             raise TypeError(f"{cls.__name__}: {sorted(unknown)} are not calibration fields {CALIBRATION_FIELDS}")
@@ -152,6 +187,17 @@ class CalibrationConfig(MethodConfig):
 
 
 CALIBRATION_FIELDS = ("calibration", "num_windows", "seq_len", "batch_size")
+# Linears whose inputs come from their block's other linears (attention output, MLP down): the
+# calibration engine compresses them after the rest of their block (`second_phase`).
+DEFAULT_SECOND_PHASE = (
+    "o_proj",
+    "down_proj",
+    "out_proj",
+    "output.dense",
+    "fc2",
+    "c_proj",
+    "dense_4h_to_h",
+)
 
 
 def plain(value: Any) -> Any:
@@ -241,3 +287,59 @@ def _type_name(hint: Any) -> str:
     if _is_config(hint):
         return "a mapping"
     return getattr(hint, "__name__", str(hint))
+
+
+# -- a config's fields as `compressor methods NAME` shows them -----------------------------------
+
+_ENTRY = re.compile(r"^(\s*)([A-Za-z_]\w*(?:, [A-Za-z_]\w*)*):\s?(.*)$")  # "beta_min, beta_max: ..."
+_HEADER = re.compile(r"^\s*Args\b[^:]*:")  # "Args:" or "Args (plus every `TrainConfig` field):"
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    name: str
+    default: str  # as a user writes it in a recipe or `--set`
+    description: str
+
+
+def field_docs(config_cls: type[Config]) -> list[FieldDoc]:
+    """The dataclass's fields in order, with defaults and the descriptions of the `Args:`
+    sections of its docstring and its bases' (a subclass's description wins)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config_cls.__mro__):
+        docs.update(args_section(klass.__dict__.get("__doc__") or ""))  # its own, not an inherited one
+    return [FieldDoc(f.name, "(required)" if f.default is dataclasses.MISSING else yaml_text(f.default),
+                     docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]
+
+
+def yaml_text(value: object) -> str:
+    """A default as a user writes it in a recipe or `--set`: null, true, [a, b], 1e-06."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(yaml_text(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{yaml_text(k)}: {yaml_text(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def args_section(docstring: str) -> dict[str, str]:
+    """{name: description} of a Google-style `Args:` section (continuation lines joined)."""
+    lines = docstring.expandtabs().splitlines()
+    start = next((i for i, line in enumerate(lines) if _HEADER.match(line)), None)
+    if start is None:
+        return {}
+    first = lines[start][_HEADER.match(lines[start]).end():].strip()
+    body = ([first] if first else []) + lines[start + 1:]
+    entries: dict[str, str] = {}
+    indent, current = None, ()
+    for line in body:
+        match = _ENTRY.match(line)
+        if match and (indent is None or len(match.group(1)) <= indent):
+            indent, current = len(match.group(1)), tuple(match.group(2).split(", "))
+            entries.update(dict.fromkeys(current, match.group(3).strip()))
+        elif current and line.strip():
+            entries.update({name: f"{entries[name]} {line.strip()}" for name in current})
+    return entries

@@ -1,31 +1,35 @@
 """The method registry: one `register()` call fills a by-name (YAML/CLI) and a by-config-type
 (Python API) lookup, as PEFT and torchao do respectively.
 
-`BUILTIN` names every built-in method's module, config class, kind and summary without importing
-it, so `compressor methods` and `--help` answer without loading torch; `get_method` imports only
-the module it needs. tests/test_registry_table.py checks the table against what importing the
-modules registers, so it cannot drift.
+A method is declared once, by its config class (`config.MethodConfig`'s class keywords):
+`class SVDLLMConfig(CalibratedLowRankConfig, method="svd-llm", kind="compress",
+apply="compressor.methods.svd_llm")`; the apply module registers the function with
+`@register(SVDLLMConfig)`. `BUILTIN` is one line per method, the module declaring its config.
+Built-ins keep config and apply in two modules: the configs (compressor/configs/) import no torch,
+so `compressor methods`, `methods NAME` and every `--help` read the dataclasses themselves
+(fields, defaults, `Args:` docs) and `get_method` imports only the apply module it needs. A
+plugin may hold both in one module (`apply=__name__`); its line in `BUILTIN` is all it adds
+(tests/test_add_method.py).
 
-A method's capabilities follow from its entry and its config, never from a list elsewhere:
+A method's capabilities follow from its declaration and its config, never from a list elsewhere:
 its kind says which command runs it and whether it runs offloaded (`MethodInfo.offloadable`);
 `FLAG_FIELDS` maps the commands' flags onto config fields (`fields_from_flags`), so a flag
 applies to every method whose config has the field; a calibrated method's config extends
-`config.CalibrationConfig` and states its calibration defaults once, as class keywords. Adding a
-method is its module plus its line in `BUILTIN` (tests/test_add_method.py).
+`config.CalibrationConfig` and states its calibration defaults once, as class keywords.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from .config import MethodConfig, did_you_mean
 from .errors import ConfigError
 from .report.records import StageResult
 
-Kind = Literal["analyze", "compress", "finetune", "transform"]
 # Kinds whose stages run under accelerate offload (`max_memory` / `offload_folder`): they read
 # weights through the calibration engine, which materialises offloaded ones block by block.
 OFFLOADABLE_KINDS = ("analyze", "compress")
@@ -42,92 +46,67 @@ FLAG_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The built-in methods: each line names the torch-free module that declares one method's config
+# (class keywords method=, kind=, apply=). A built-in keeps its apply in a second module (the
+# `apply=` one, imported only when the method runs), so `compressor methods` and `--help` import
+# no torch. A plugin may hold its config and its apply in ONE module (`apply=__name__`); adding a
+# method is that module plus its line here (tests/test_add_method.py).
+BUILTIN: tuple[str, ...] = (
+    "compressor.configs.analyze",
+    "compressor.configs.asvd",
+    "compressor.configs.backprop",
+    "compressor.configs.dsee",
+    "compressor.configs.dsformer",
+    "compressor.configs.gptq",
+    "compressor.configs.heal",
+    "compressor.configs.kappatune",
+    "compressor.configs.lora",
+    "compressor.configs.maestro",
+    "compressor.configs.mezo",
+    "compressor.configs.nola",
+    "compressor.configs.prune",
+    "compressor.configs.rtn",
+    "compressor.configs.saes_svd",
+    "compressor.configs.sorted_ft",
+    "compressor.configs.svd",
+    "compressor.configs.svd_llm",
+    "compressor.configs.welore",
+    "compressor.configs.welore_tune",
+)
+
+
 @dataclass(frozen=True)
 class MethodInfo:
-    """What is known about a method before its module is imported. Its capabilities follow from
-    these and from its config's fields: which CLI flags fill it (`FLAG_FIELDS`), whether it
-    calibrates (its config extends `CalibrationConfig`, whose class keywords give its defaults)."""
+    """A declared method as its config class states it, before its apply module is imported."""
 
-    module: str
-    config_class: str
-    kind: str
-    summary: str
+    config_cls: type[MethodConfig]
+
+    @property
+    def name(self) -> str:
+        return self.config_cls.method_name
+
+    @property
+    def kind(self) -> str:
+        return self.config_cls.method_kind
+
+    @property
+    def module(self) -> str:
+        """The module that registers its apply."""
+        return self.config_cls.apply_module
+
+    @property
+    def config_class(self) -> str:
+        return self.config_cls.__name__
+
+    @property
+    def summary(self) -> str:
+        """The first sentence of the declaring module's docstring (else of the config's)."""
+        module = sys.modules.get(self.config_cls.__module__)
+        return summary_of(getattr(module, "__doc__", None) or self.config_cls.__doc__)
 
     @property
     def offloadable(self) -> bool:
         return self.kind in OFFLOADABLE_KINDS
-
-
-BUILTIN: dict[str, MethodInfo] = {
-    "analyze": MethodInfo(
-        "compressor.analysis.analyze", "AnalyzeConfig", "analyze",
-        "`analyze`: one SVD sweep over the selected linears — spectra, κ (KappaTune), effective and stable rank, "
-        "WeLore's normalised tail, the ranks WeLore would remove and its LRC/N-LRC verdict."),
-    "asvd": MethodInfo(
-        "compressor.methods.asvd", "ASVDConfig", "compress",
-        "ASVD: activation-aware SVD — scale input channels by their typical magnitude before truncating."),
-    "backprop": MethodInfo(
-        "compressor.training.backprop", "BackpropConfig", "finetune",
-        "Backprop fine-tuning: the `backprop` stage, full fine-tuning of the selected weights with AdamW "
-        "through `fit` (training/trainer.py)."),
-    "dsee": MethodInfo(
-        "compressor.adapters.dsee", "DseeConfig", "finetune",
-        "DSEE: dually sparsity-embedded efficient tuning (Chen et al., ACL 2023, arXiv 2111.00160; reference "
-        "code VITA-Group/DSEE)."),
-    "dsformer": MethodInfo(
-        "compressor.methods.dsformer", "DSFormerConfig", "compress",
-        "dsformer: dense x sparse factorization W ~ D S (N:M-sparse S), refined by straight-through training."),
-    "gptq": MethodInfo(
-        "compressor.methods.gptq", "GPTQConfig", "compress",
-        "gptq: weight-only quantization with second-order error feedback (Frantar et al., \"GPTQ: Accurate "
-        "Post-Training Quantization for Generative Pre-trained Transformers\", arXiv 2210.17323)."),
-    "kappatune": MethodInfo(
-        "compressor.adapters.kappatune", "KappaTuneConfig", "finetune",
-        "KappaTune: fine-tune only the best-conditioned tensors (O. Ludwig, arXiv 2506.16289; peft's "
-        "KappaTuneSelector)."),
-    "lora": MethodInfo(
-        "compressor.adapters.lora", "LoraConfig", "finetune",
-        "LoRA through Hugging Face peft (Hu et al., arXiv 2106.09685): y = W₀x + (α/r)·B A x with A (r, in) "
-        "Kaiming-uniform and B (out, r) zero, so the model is unchanged at step 0."),
-    "maestro": MethodInfo(
-        "compressor.methods.maestro", "MaestroConfig", "compress",
-        "maestro: trainable low-rank factors with ordered dropout; learned ranks, truncatable to any budget."),
-    "mezo": MethodInfo(
-        "compressor.training.mezo", "MezoConfig", "finetune",
-        "MeZO: memory-efficient zeroth-order SGD (SPSA with the seed trick)."),
-    "nola": MethodInfo(
-        "compressor.adapters.nola", "NolaConfig", "finetune",
-        "NOLA: LoRA factors as linear combinations of frozen random bases (Koohpayegani et al., ICLR 2024, "
-        "arXiv 2310.02556; reference code UCDvision/NOLA)."),
-    "prune": MethodInfo(
-        "compressor.methods.prune", "PruneConfig", "compress",
-        "prune: N:M (default 2:4) or unstructured pruning by magnitude, Wanda or SparseGPT."),
-    "rtn": MethodInfo(
-        "compressor.methods.rtn", "RTNConfig", "compress",
-        "rtn: round-to-nearest weight-only quantization, the data-free baseline of `gptq`."),
-    "saes-svd": MethodInfo(
-        "compressor.methods.saes_svd", "SAESConfig", "compress",
-        "SAES-SVD: CEALC (cumulative-error-aware closed form) + ACES (per-layer β search)."),
-    "sorted": MethodInfo(
-        "compressor.training.sorted_ft", "SortedConfig", "finetune",
-        "Sorted Fine-Tuning (SoFT / Sorted LLaMA): train every depth sub-model at once. arXiv 2309.08968."),
-    "svd": MethodInfo(
-        "compressor.methods.svd", "SVDConfig", "compress",
-        "Plain truncated SVD: W ≈ U_r Σ_r V_rᵀ, the data-free baseline of the low-rank family."),
-    "svd-llm": MethodInfo(
-        "compressor.methods.svd_llm", "SVDLLMConfig", "compress",
-        "SVD-LLM: truncation-aware data whitening (+ optional least-squares update of U)."),
-    "welore": MethodInfo(
-        "compressor.methods.welore", "WeLoreConfig", "compress",
-        "WeLore: non-uniform ranks from each matrix's normalised singular-value tail."),
-    "heal": MethodInfo(
-        "compressor.adapters.heal", "HealConfig", "finetune",
-        "`heal`: train only the compressed parameters of a compressed model, after compression."),
-    "welore-tune": MethodInfo(
-        "compressor.adapters.welore_tune", "WeLoreTuneConfig", "finetune",
-        "WeLore LRC tuning (Jaiswal et al., arXiv 2407.11239): after WeLore compression, train only the "
-        "low-rank components' factors U', V' (`LowRankLinear.u`, `.v`)."),
-}
 
 
 @dataclass(frozen=True)
@@ -135,12 +114,19 @@ class Method:
     name: str
     config_cls: type[MethodConfig]
     apply: Callable[..., StageResult]
-    kind: str
-    summary: str
+
+    @property
+    def kind(self) -> str:
+        return self.config_cls.method_kind
+
+    @property
+    def summary(self) -> str:
+        return MethodInfo(self.config_cls).summary
 
 
 _BY_NAME: dict[str, Method] = {}
 _BY_CONFIG: dict[type, Method] = {}
+_DECLARED_IN: dict[str, type[MethodConfig]] = {}  # config module -> the config it declares
 
 
 def summary_of(docstring: str | None) -> str:
@@ -155,62 +141,106 @@ def summary_of(docstring: str | None) -> str:
     return text
 
 
-def register(name: str, config_cls: type[MethodConfig], *, kind: Kind):
-    """Decorator registering `apply(model, config, ctx) -> StageResult` under `name`."""
+def register(config_cls: type[MethodConfig], *old_style: Any, **old_keywords: Any):
+    """Decorator registering `apply(model, config, ctx) -> StageResult` for the method that
+    `config_cls` declares (name and kind are read from it; nothing is written onto it)."""
+    if old_style or old_keywords or isinstance(config_cls, str):  # register("foo", FooConfig, kind=...)
+        raise TypeError('register("name", Config, kind=...) is now register(Config): declare the method on the '
+                        'config, class FooConfig(MethodConfig, method="foo", kind="compress", apply=__name__)')
+    if not (isinstance(config_cls, type) and issubclass(config_cls, MethodConfig) and config_cls.declares_method()):
+        raise TypeError(f"register({getattr(config_cls, '__name__', config_cls)!r}): not a config that declares a "
+                        'method; declare it with class keywords: class FooConfig(MethodConfig, method="foo", '
+                        'kind="compress", apply=__name__)')
 
     def decorator(fn: Callable[..., StageResult]) -> Callable[..., StageResult]:
+        name = config_cls.method_name
         if name in _BY_NAME:
             raise KeyError(f"method `{name}` registered twice ({_BY_NAME[name].apply.__module__}, {fn.__module__})")
-        doc = fn.__module__ and importlib.import_module(fn.__module__).__doc__
-        method = Method(name, config_cls, fn, kind, summary_of(doc))
+        if fn.__module__ != config_cls.apply_module:
+            raise TypeError(f"{config_cls.__name__} declares apply={config_cls.apply_module!r} but `{name}` is "
+                            f"registered in {fn.__module__}; make them the same module")
+        method = Method(name, config_cls, fn)
         _BY_NAME[name] = method
         _BY_CONFIG[config_cls] = method
-        config_cls.method_name = name
         return fn
 
     return decorator
 
 
+def declared_config(module: str) -> type[MethodConfig]:
+    """The one method config that `module` declares (imported by name: the plugin pattern)."""
+    if module not in _DECLARED_IN:
+        namespace = vars(importlib.import_module(module))
+        found = [value for value in namespace.values() if isinstance(value, type) and issubclass(value, MethodConfig)
+                 and value.declares_method() and value.__module__ == module]
+        if len(found) != 1:
+            raise TypeError(f"{module} must declare exactly one method config (class keywords method=, kind=, "
+                            f"apply=), found {[c.__name__ for c in found]}")
+        _DECLARED_IN[module] = found[0]
+    return _DECLARED_IN[module]
+
+
+def declared_configs() -> dict[str, type[MethodConfig]]:
+    """name -> config class of every method: BUILTIN's declarations, then whatever else registered."""
+    configs: dict[str, type[MethodConfig]] = {}
+    for module in BUILTIN:
+        config_cls = declared_config(module)
+        other = configs.setdefault(config_cls.method_name, config_cls)
+        if other is not config_cls:
+            raise KeyError(f"method `{config_cls.method_name}` declared twice ({other.__module__}, {module})")
+    for name, method in _BY_NAME.items():
+        configs.setdefault(name, method.config_cls)
+    return configs
+
+
 def load_builtin_methods() -> None:
-    """Import every built-in method's module by name (the plugin pattern: the registry names its
-    plugins in BUILTIN and imports none of them statically, so no method module is below it)."""
-    for info in BUILTIN.values():
-        importlib.import_module(info.module)
+    """Import every built-in method's apply module by name (the registry imports none of them
+    statically, so no method module is below it)."""
+    for config_cls in declared_configs().values():
+        importlib.import_module(config_cls.apply_module)
 
 
 def get_method(name: str) -> Method:
-    if name not in _BY_NAME and name in BUILTIN:
-        importlib.import_module(BUILTIN[name].module)  # registers it (and whatever it imports)
     if name not in _BY_NAME:
-        names = method_names()
-        raise ConfigError(
-            f"unknown method `{name}`{did_you_mean(name, names)} (available: {', '.join(names)}); "
-            "see `compressor methods`"
-        )
+        config_cls = declared_configs().get(name) if isinstance(name, str) else None
+        if config_cls is not None:
+            importlib.import_module(config_cls.apply_module)  # registers it
+            if name not in _BY_NAME:
+                raise TypeError(f"{config_cls.apply_module} registers no apply for `{name}`; decorate it with "
+                                f"@register({config_cls.__name__})")
+    if name not in _BY_NAME:
+        raise ConfigError(_unknown(name))
     return _BY_NAME[name]
 
 
 def method_info(name: str) -> MethodInfo:
-    """A method's module, config class, kind and summary, importing nothing for built-ins."""
-    if name in BUILTIN:
-        return BUILTIN[name]
-    method = get_method(name)
-    return MethodInfo(method.apply.__module__, method.config_cls.__name__, method.kind, method.summary)
+    """A method's kind, summary, config class and apply module, importing only config modules."""
+    config_cls = declared_configs().get(name) if isinstance(name, str) else None
+    if config_cls is None:
+        raise ConfigError(_unknown(name))
+    return MethodInfo(config_cls)
+
+
+def _unknown(name: str) -> str:
+    names = method_names()
+    return (f"unknown method `{name}`{did_you_mean(name, names)} (available: {', '.join(names)}); "
+            "see `compressor methods`")
 
 
 def method_names(kind: str | None = None) -> list[str]:
-    """Built-in and user-registered method names (of one kind), without importing the built-ins."""
-    kinds = {name: info.kind for name, info in BUILTIN.items()}
-    kinds.update({name: method.kind for name, method in _BY_NAME.items()})
-    return sorted(n for n, k in kinds.items() if kind is None or k == kind)
+    """Built-in and user-registered method names (of one kind), importing only config modules."""
+    return sorted(name for name, config_cls in declared_configs().items()
+                  if kind is None or config_cls.method_kind == kind)
 
 
 def method_for_config(config: MethodConfig) -> Method:
-    load_builtin_methods()
+    config_cls = type(config)
+    if config_cls not in _BY_CONFIG and config_cls.declares_method():
+        get_method(config_cls.method_name)  # imports its apply module
     try:
-        return _BY_CONFIG[type(config)]
+        return _BY_CONFIG[config_cls]
     except KeyError:
-        raise ConfigError(f"{type(config).__name__} is not a registered method config") from None
+        raise ConfigError(f"{config_cls.__name__} is not a registered method config") from None
 
 
 def apply_(model, config: MethodConfig, ctx=None) -> StageResult:

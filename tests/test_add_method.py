@@ -1,6 +1,7 @@
-"""Adding a method is one module plus one line (its `registry.BUILTIN` entry): a dummy
-compression method written into tmp_path appears in `compressor methods`, runs from a recipe and
-from `compressor compress --method dummy` with the commands' flags, and nothing else is touched."""
+"""Adding a method is one module plus one line: a dummy compression method, its config and its
+apply in ONE module written into tmp_path, and that module's name added to `registry.BUILTIN`,
+appears in `compressor methods`, runs from a recipe and from `compressor compress --method dummy`
+with the commands' flags, and nothing else is touched."""
 
 import json
 import sys
@@ -13,7 +14,6 @@ from typer.testing import CliRunner
 from compressor import registry
 from compressor.cli.main import app
 from compressor.models import load_model
-from compressor.registry import MethodInfo
 
 DUMMY = '''"""Dummy: multiply every targeted weight by `rank` (a test of the registry)."""
 
@@ -28,7 +28,7 @@ from compressor.targeting import select_linears
 
 
 @dataclass(frozen=True, kw_only=True)
-class DummyConfig(CalibrationConfig, num_windows=4, seq_len=16):
+class DummyConfig(CalibrationConfig, num_windows=4, seq_len=16, method="dummy", kind="compress", apply=__name__):
     """Args:
         rank: the factor every targeted weight is multiplied by.
     """
@@ -36,7 +36,7 @@ class DummyConfig(CalibrationConfig, num_windows=4, seq_len=16):
     rank: float = 0.5
 
 
-@register("dummy", DummyConfig, kind="compress")
+@register(DummyConfig)
 def apply(model, config, ctx):
     windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len,
                           num_windows=config.num_windows)
@@ -54,9 +54,10 @@ def dummy(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(registry, "_BY_NAME", dict(registry._BY_NAME))  # forgotten after the test
     monkeypatch.setattr(registry, "_BY_CONFIG", dict(registry._BY_CONFIG))
-    # The one line a new method adds:
-    monkeypatch.setitem(registry.BUILTIN, "dummy", MethodInfo("dummy_method", "DummyConfig", "compress",
-                                                              "Dummy: multiply every targeted weight by `rank`."))
+    monkeypatch.setattr(registry, "_DECLARED_IN", dict(registry._DECLARED_IN))
+    assert "dummy" not in registry.method_names()  # the module alone is not enough...
+    # ...the one line a new method adds:
+    monkeypatch.setattr(registry, "BUILTIN", (*registry.BUILTIN, "dummy_method"))
     yield
     sys.modules.pop("dummy_method", None)
 
@@ -68,7 +69,8 @@ def cli(*args):
 def test_dummy_is_listed_with_its_fields_and_defaults(dummy):
     listing = cli("methods")
     assert listing.exit_code == 0, listing.output
-    assert any(line.split()[:2] == ["dummy", "compress"] for line in listing.output.splitlines())
+    summary = "Dummy: multiply every targeted weight by `rank` (a test of the registry)."  # its module docstring
+    assert ["dummy", "compress", summary] in [line.split(None, 2) for line in listing.output.splitlines()]
     fields = cli("methods", "dummy")
     assert fields.exit_code == 0, fields.output
     rows = {line.split()[0]: line.split()[1] for line in fields.output.splitlines()[3:] if line.strip()}

@@ -29,10 +29,12 @@ import pytest
 import torch
 
 import compressor
+from compressor.config import CalibrationConfig
+from compressor.configs.train import TrainConfig
 from compressor.context import Context
 from compressor.layers import CompressedLinear, compressed_layers, merge_compressed
 from compressor.models import default_tokenizer
-from compressor.registry import BUILTIN, apply_, get_method, method_names
+from compressor.registry import BUILTIN, apply_, declared_config, get_method, method_names
 from compressor.testing.tiny import example_input_ids, tiny_bert, tiny_gpt2, tiny_llama
 
 KINDS = ("compress", "finetune")
@@ -45,11 +47,12 @@ ADAPTER_RANK = {"r": 2}  # the integer adapter rank of lora / nola / dsee (peft'
 
 @dataclass(frozen=True)
 class Case:
-    """Tiny settings of one method, the architectures it runs on, and a stage run first (methods
-    that train the layers a compression made need a compressed model)."""
+    """A method's own tiny settings, the architectures it runs on (None: what its kind allows),
+    and a stage run first (methods that train the layers a compression made need a compressed
+    model). What follows from the config is not repeated here: see `case_of`."""
 
-    settings: dict
-    archs: tuple[str, ...] = tuple(ARCHS)
+    settings: dict = field(default_factory=dict)
+    archs: tuple[str, ...] | None = None
     before: tuple[str, dict] | None = None
     tolerance: dict = field(default_factory=lambda: {"rtol": 1e-5, "atol": 1e-5})
 
@@ -57,29 +60,41 @@ class Case:
 TINY: dict[str, Case] = {
     # compress
     "svd": Case({"rank": 0.6}),
-    "asvd": Case({"rank": 0.6, **CALIB}),
-    "svd-llm": Case({"rank": 0.6, **CALIB}),
-    "saes-svd": Case({"rank": 0.6, **CALIB}),
+    "asvd": Case({"rank": 0.6}),
+    "svd-llm": Case({"rank": 0.6}),
+    "saes-svd": Case({"rank": 0.6}),
     "welore": Case({"rank": 0.6}),
-    "prune": Case({"pattern": "2:4", "score": "wanda", **CALIB}),
-    "gptq": Case({"bits": 4, "group_size": 16, "correction_rank": 2, **CALIB}),
+    "prune": Case({"pattern": "2:4", "score": "wanda"}),
+    "gptq": Case({"bits": 4, "group_size": 16, "correction_rank": 2}),
     "rtn": Case({"bits": 3, "group_size": 16, "symmetric": False}),
     # dsformer's STF and maestro's training minimise the LM loss: causal LMs only.
-    "dsformer": Case({"keep_bytes": 0.7, "stf_steps": 2, "eval_windows": 0, **CALIB}, CAUSAL),
-    "maestro": Case({"rank": 0.5, "epochs": 1, "train_windows": 4, "eval_windows": 0, **CALIB}, CAUSAL),
+    "dsformer": Case({"keep_bytes": 0.7, "stf_steps": 2, "eval_windows": 0}, CAUSAL),
+    "maestro": Case({"rank": 0.5, "epochs": 1, "train_windows": 4, "eval_windows": 0}, CAUSAL),
     # finetune
-    "backprop": Case(FIT, CAUSAL),
-    "mezo": Case({**FIT, "adapter": "lora", "lora_r": 2}, CAUSAL),
-    "sorted": Case(FIT, CAUSAL),
-    "lora": Case({**FIT, **ADAPTER_RANK, "dropout": 0.0}, CAUSAL),
-    "nola": Case({**FIT, **ADAPTER_RANK, "num_basis_a": 8, "num_basis_b": 8}, CAUSAL),
+    "backprop": Case(),
+    "mezo": Case({"adapter": "lora", "lora_r": 2}),
+    "sorted": Case(),
+    "lora": Case({"dropout": 0.0}),
+    "nola": Case({"num_basis_a": 8, "num_basis_b": 8}),
     # dsee's default targets are q/v projections by name (GPT-2's fused c_attn is refused with the fix).
-    "dsee": Case({**FIT, **ADAPTER_RANK, "num_sparse": 8, "grebsmo_iterations": 4, "prune": "2:4",
-                  "prune_targets": ["re:.*mlp.*"], "retune_steps": 2}, ("llama",)),
-    "kappatune": Case({**FIT, "num_modules": 2, "lora_r": 2, "lora_dropout": 0.0}, CAUSAL),
-    "heal": Case(FIT, CAUSAL, before=("svd", {"rank": 0.6})),
-    "welore-tune": Case(FIT, CAUSAL, before=("welore", {"rank": 0.6})),
+    "dsee": Case({"num_sparse": 8, "grebsmo_iterations": 4, "prune": "2:4", "prune_targets": ["re:.*mlp.*"],
+                  "retune_steps": 2}, ("llama",)),
+    "kappatune": Case({"num_modules": 2, "lora_r": 2, "lora_dropout": 0.0}),
+    "heal": Case(before=("svd", {"rank": 0.6})),
+    "welore-tune": Case(before=("welore", {"rank": 0.6})),
 }
+
+
+def case_of(name: str) -> Case:
+    """TINY[name] completed from the method's config: tiny calibration (CalibrationConfig), tiny
+    training (TrainConfig) and adapter rank (a field `r`) settings; fine-tuning runs causal LMs."""
+    config_cls = get_method(name).config_cls
+    shared = {**(CALIB if issubclass(config_cls, CalibrationConfig) else {}),
+              **(FIT if issubclass(config_cls, TrainConfig) else {}),
+              **(ADAPTER_RANK if "r" in config_cls.field_names() else {})}
+    case = TINY[name]
+    archs = case.archs or (CAUSAL if config_cls.method_kind == "finetune" else tuple(ARCHS))
+    return dataclasses.replace(case, settings={**shared, **case.settings}, archs=archs)
 
 
 def outputs(model, ids):
@@ -139,25 +154,27 @@ def test_every_method_has_tiny_settings():
 
 
 def test_every_registering_module_is_in_the_builtin_table():
-    """Import every module of the method packages: each method any of them registers is in BUILTIN,
-    so `method_names` (which reads BUILTIN without importing) lists every method this file covers."""
+    """Import every module of the method packages: each method any of them registers is declared
+    by a BUILTIN line, so `method_names` (which reads only the config modules) lists every method
+    this file covers."""
     for package in ("analysis", "methods", "adapters", "training"):
         root = importlib.import_module(f"compressor.{package}")
         for info in pkgutil.walk_packages(root.__path__, f"{root.__name__}."):
             importlib.import_module(info.name)
-    assert set(method_names()) == set(BUILTIN)  # method_names() = BUILTIN + every registration
+    declared = {declared_config(module).method_name for module in BUILTIN}
+    assert set(method_names()) == declared  # method_names() = BUILTIN + every registration
 
 
 def contract_cells():
     for kind in KINDS:
         for name in method_names(kind):
-            for arch in TINY[name].archs if name in TINY else ():
+            for arch in case_of(name).archs if name in TINY else ():
                 yield pytest.param(name, arch, id=f"{name}-{arch}")
 
 
 @pytest.mark.parametrize("method, arch", list(contract_cells()))
 def test_apply_save_reload_merge(method, arch, tmp_path):
-    case = TINY[method]
+    case = case_of(method)
     model = ARCHS[arch]()
     ctx = Context(tokenizer=default_tokenizer(), quiet=True, out_dir=tmp_path / "run")
     if case.before:
@@ -195,7 +212,7 @@ def merge_cells():
 
 @pytest.mark.parametrize("method", list(merge_cells()))
 def test_merge_option_gives_the_unmerged_outputs(method, tmp_path):
-    case = TINY[method]
+    case = case_of(method)
     ids = example_input_ids()
     results = {}
     for merge in (False, True):
@@ -219,4 +236,4 @@ def test_training_compressors_refuse_an_encoder_in_one_line(method, tmp_path):
 
     ctx = Context(tokenizer=default_tokenizer(), quiet=True, out_dir=tmp_path / "run")
     with pytest.raises(ConfigError, match=rf"^{method}: .* needs a causal LM, and `bert` is not one"):
-        _run(method, TINY[method].settings, tiny_bert(), ctx)
+        _run(method, case_of(method).settings, tiny_bert(), ctx)

@@ -14,7 +14,12 @@ is a submodule, else to `pkg`. Parent packages are not edges (importing `a.b.c` 
 `a/__init__.py` first whoever imports it, so counting it would make every package's `__init__`
 part of every cycle through its modules; an `__init__` that imports its modules is an edge of its
 own). Plugins loaded by module
-name through `importlib` (the registry's BUILTIN table) are not edges: that is the point of them.
+name through `importlib` (the registry's BUILTIN lines, each config's `apply=`) are not edges: that is
+the point of them.
+
+4. config modules (compressor/configs/) import only `compressor.config`, `compressor.errors`, each
+   other and the standard library: no torch, no registry, no method module, so `compressor methods`
+   and `--help` read every config without them (tests/test_registry_table.py runs it).
 
 On failure the message lists every cycle with the edges that close it, as `file:line`.
 """
@@ -22,6 +27,7 @@ On failure the message lists every cycle with the edges that close it, as `file:
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -160,9 +166,14 @@ PARENT = "parent package"
 
 
 def method_modules() -> set[str]:
-    from compressor.registry import BUILTIN
+    """The modules that register an apply (named by each config's `apply=` declaration)."""
+    from compressor.registry import declared_configs
 
-    return {info.module for info in BUILTIN.values()}
+    return {config_cls.apply_module for config_cls in declared_configs().values()}
+
+
+def config_modules(files: dict[str, Path]) -> set[str]:
+    return {module for module in files if module.startswith("compressor.configs.")}
 
 
 def with_parent_packages(graph: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
@@ -232,3 +243,45 @@ def test_importing_one_method_module_imports_no_other():
 def test_no_library_module_imports_a_method_module():
     problems = method_importers(import_edges(module_files()), method_modules())
     assert not problems, "only the registry imports method modules (by name):\n" + "\n".join(problems)
+
+
+# -- config modules are torch-free and below everything ------------------------------------------
+
+CONFIG_IMPORTS = ("compressor.config", "compressor.errors", "compressor.configs")
+
+
+def config_violations(files: dict[str, Path], configs: set[str]) -> list[str]:
+    """Rule 4: every import of a config module that is neither the standard library nor one of
+    CONFIG_IMPORTS (and their submodules), as `module -> imported (file:line)`."""
+    problems = []
+    for module in sorted(configs):
+        path = files[module]
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            for name in _imported_names(node, module, path.name == "__init__.py", files):
+                top = name.split(".")[0]
+                library = name in files or top == "compressor"
+                allowed = any(name == ok or name.startswith(ok + ".") for ok in CONFIG_IMPORTS)
+                if (library and not allowed) or (not library and top not in sys.stdlib_module_names):
+                    where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+                    problems.append(f"{module} -> {name} ({where}:{node.lineno})")
+    return problems
+
+
+def test_the_config_rule_catches_torch_registry_and_method_imports(tmp_path):
+    source = tmp_path / "bad.py"
+    source.write_text("from __future__ import annotations\nimport dataclasses\nimport torch\n"
+                      "from ..registry import register\nfrom ..config import MethodConfig\n"
+                      "from .lowrank import LowRankConfig\n\ndef f():\n    from ..methods import svd\n")
+    files = {"compressor.configs.bad": source, "compressor.registry": source, "compressor.config": source,
+             "compressor.configs.lowrank": source, "compressor.methods.svd": source, "compressor.methods": source}
+    found = [line.split(" (")[0] for line in config_violations(files, {"compressor.configs.bad"})]
+    assert found == ["compressor.configs.bad -> torch", "compressor.configs.bad -> compressor.registry",
+                     "compressor.configs.bad -> compressor.methods.svd"]
+
+
+def test_config_modules_import_only_configs_errors_and_the_standard_library():
+    files = module_files()
+    configs = config_modules(files)
+    assert {"compressor.configs.svd_llm", "compressor.configs.lowrank", "compressor.configs.train"} <= configs
+    problems = config_violations(files, configs)
+    assert not problems, "config modules must stay torch-free and below the registry:\n" + "\n".join(problems)

@@ -1,63 +1,26 @@
 """The healing loop behind `heal` and `welore-tune`: which parameters of a compressed model train,
 optional LoRA pairs merged back, the distillation loss, and `heal()`. Registers no method; the
-stages' configs extend `HealFields` (see compressor/adapters/heal.py for what healing does)."""
+stages' configs extend `HealFields` (compressor/configs/heal.py; see compressor/adapters/heal.py
+for what healing does)."""
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..configs.heal import LOSSES, HealFields  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..errors import ConfigError
 from ..layers import CompressedLinear, LowRankLinear
 from ..report.records import StageResult
 from ..targeting import is_linear, matches
-from ..training import TrainConfig, fit
+from ..training import fit
 from ._common import count_params, finish, param_metrics, with_default_lr
 
 PRUNED_MIN_ZEROS = 0.2  # a plain linear this sparse is a pruned one: its zeros stay zero
-LOSSES = ("lm", "kl")
-
-
-@dataclass(frozen=True, kw_only=True)
-class HealFields(TrainConfig):
-    """Args (plus every `TrainConfig` field):
-    targets: restrict healing to these compressed layers (same syntax); empty = every one.
-    ignore: compressed layers to keep frozen.
-    loss: `lm` (next-token loss on `data`) or `kl` (distillation from the dense teacher's logits).
-    teacher: with `kl`, `source` (the model this run loaded, before compression) or a model
-        path / id; it must be dense.
-    temperature: distillation temperature (the KL is scaled by T² so gradients keep their size).
-    train_bias: also train the healed layers' biases.
-    pruned_linears: also heal plain linears that are ≥ 20 % exact zeros (unstructured pruning),
-        non-zeros only.
-    lora_r: rank of the optional LoRA pairs (see the module docstring); 0 = none.
-    lr: None = 1e-4 with adamw, 1e-6 with mezo.
-    """
-
-    loss: str = "lm"
-    teacher: str = "source"
-    temperature: float = 1.0
-    train_bias: bool = False
-    pruned_linears: bool = True
-    schedule: str = "cosine"
-    lora_r: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = self.method_name or "heal"
-        if self.loss not in LOSSES:
-            raise ConfigError(f"{name}: `loss` must be `lm` or `kl`, got {self.loss!r}")
-        if not self.temperature > 0:
-            raise ConfigError(f"{name}: `temperature` must be > 0, got {self.temperature!r}")
-        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
-            raise ConfigError(f"{name}: `lora_r` must be an integer >= 0 (0 = no LoRA), got {self.lora_r!r}")
-        if self.loss == "kl" and self.task != "lm":
-            raise ConfigError(f"{name}: `loss: kl` distils next-token logits and needs `task: lm`")
 
 
 def healable_layers(model: nn.Module, targets=(), ignore=(), pruned_linears: bool = True) -> dict[str, nn.Module]:

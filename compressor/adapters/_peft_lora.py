@@ -11,6 +11,7 @@ from typing import Any
 import peft
 from torch import nn
 
+from ..configs.lora import check_lora_fields  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..errors import ConfigError
 from ..layers import LoraLinear
@@ -26,19 +27,6 @@ from ._common import (
     is_quantized,
     param_metrics,
 )
-
-
-def check_lora_fields(method: str, r: int, alpha: float, dropout: float,
-                      prefix: str = "") -> None:
-    """ConfigError for a bad LoRA r / alpha / dropout (`prefix` names kappatune's fields)."""
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise ConfigError(f"{method}: `{prefix}r` must be an integer >= 1, got {r!r}; e.g. 8")
-    if not alpha > 0:
-        raise ConfigError(f"{method}: `{prefix}alpha` must be > 0, got {alpha}; the update is "
-                          "scaled by alpha / r")
-    if not 0 <= dropout < 1:
-        raise ConfigError(f"{method}: `{prefix}dropout` must be in [0, 1), got {dropout}")
-
 
 # -- wiring (shared with kappatune's LoRA mode and MeZO's adapter mode) ------------------------
 

@@ -31,22 +31,16 @@ to low-rank layers with WeLore's defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from ..configs.heal import HealConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from ._heal_train import HealFields, heal
+from ._heal_train import heal
 
 
-@dataclass(frozen=True, kw_only=True)
-class HealConfig(HealFields):
-    """The `heal` stage's fields (`HealFields`, compressor/adapters/_heal_train.py)."""
-
-
-@register("heal", HealConfig, kind="finetune")
+@register(HealConfig)
 def apply(model: nn.Module, config: HealConfig, ctx: Context) -> StageResult:
     """Train only the compressed parameters (factors, packed sparse values) of a compressed model."""
     return heal(model, config, ctx)

@@ -13,46 +13,21 @@ top-level `merge` folds. A base loaded in 4/8 bit (`load_in`) keeps peft's layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from torch import nn
 
+from ..configs.lora import LoraConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
-from ..training import TrainConfig
 from ._common import (
     adapter_targets,
     refuse_compressed,
     with_default_lr,
 )
-from ._peft_lora import check_lora_fields, train_lora
+from ._peft_lora import train_lora
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoraConfig(TrainConfig):
-    """Args (plus every `TrainConfig` field; `targets` default to every attention and MLP linear):
-    r: the adapter rank (peft's name; METHODS default 8).
-    alpha: lora_alpha; the update is scaled by alpha / r (default 16; peft's own is 8).
-    dropout: dropout on the adapter's input during training (0.05).
-    merge: after training, fold B A into the weights (plain nn.Linear, outputs unchanged).
-    lr: None = 2e-4 with adamw (the QLoRA/KappaTune-peft rate), 5e-5 with mezo (MeZO-LoRA).
-    """
-
-    renamed: ClassVar[dict[str, str]] = {"rank": "r (peft's name for the adapter rank)"}
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    merge: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_lora_fields("lora", self.r, self.alpha, self.dropout)
-
-
-@register("lora", LoraConfig, kind="finetune")
+@register(LoraConfig)
 def apply(model: nn.Module, config: LoraConfig, ctx: Context) -> StageResult:
     """LoRA on the target linears via peft; the module docstring says what the model holds after."""
     config = with_default_lr(config, adamw=2e-4, mezo=5e-5)

@@ -23,15 +23,14 @@ writes the merged dense model instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ..configs.nola import NolaConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
-from ..errors import ConfigError
 from ..layers import NolaLinear
 from ..layers._nola_bases import (  # noqa: F401  (re-exported: the pure maths of this method)
     BASES_A,
@@ -48,7 +47,7 @@ from ..layers._nola_bases import (  # noqa: F401  (re-exported: the pure maths o
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import replace_module
-from ..training import TrainConfig, fit
+from ..training import fit
 from ._common import (
     adapter_folder,
     adapter_targets,
@@ -65,40 +64,6 @@ from ._common import (
 )  # fmt: skip
 
 ADAPTER_FILE = "nola_adapter.safetensors"
-
-
-@dataclass(frozen=True, kw_only=True)
-class NolaConfig(TrainConfig):
-    """Args (plus every `TrainConfig` field; `targets` default to every linear but `lm_head`):
-    r: the rank, the inner dimension of A and B (official LLaMA setting 16).
-    alpha: ΔW is scaled by alpha / r (official LLaMA setting 4).
-    num_basis_a: k, random bases (= trainable coefficients) for A per layer (paper: 512).
-    num_basis_b: l, the same for B.
-    cache_bases: keep the bases in memory instead of regenerating them in every forward and
-        backward pass (faster; k·r·in + l·out·r more floats per layer).
-    merge: after training, fold ΔW into the weights (plain nn.Linear, outputs unchanged).
-    lr: None = 1e-3 with adamw (NOLA's LLaMA recipe), 5e-5 with mezo.
-    """
-
-    renamed: ClassVar[dict[str, str]] = {"rank": "r (peft's name for the adapter rank)"}
-
-    r: int = 16
-    alpha: float = 4.0
-    num_basis_a: int = 512
-    num_basis_b: int = 512
-    cache_bases: bool = False
-    merge: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for key in ("r", "num_basis_a", "num_basis_b"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"nola: `{key}` must be an integer >= 1, got {value!r}; the "
-                                  "paper uses r 16 with 512 bases per factor")
-        if not self.alpha > 0:
-            raise ConfigError(f"nola: `alpha` must be > 0, got {self.alpha}; ΔW is scaled by "
-                              "alpha / r (official LLaMA setting: 4)")
 
 
 # -- wiring ------------------------------------------------------------------------------------
@@ -158,7 +123,7 @@ def load_nola_adapter(model: nn.Module, folder: str | Path, *,
     return layers
 
 
-@register("nola", NolaConfig, kind="finetune")
+@register(NolaConfig)
 def apply(model: nn.Module, config: NolaConfig, ctx: Context) -> StageResult:
     """Install NOLA on the targets, train only the coefficients, save them, optionally merge."""
     config = with_default_lr(config, adamw=1e-3, mezo=5e-5)

@@ -9,10 +9,9 @@ with WeLore's learning rate; `welore-tune` stays as the name recipes already use
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from ..configs.welore_tune import WeLoreTuneConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..errors import ConfigError
 from ..layers import LowRankLinear
@@ -20,18 +19,7 @@ from ..registry import register
 from ..report.records import StageResult
 from ..targeting import matches
 from ._common import with_default_lr
-from ._heal_train import HealFields, heal
-
-
-@dataclass(frozen=True, kw_only=True)
-class WeLoreTuneConfig(HealFields):
-    """Args (plus every `HealConfig` / `TrainConfig` field):
-    targets: restrict training to these low-rank layers (same syntax); empty = every one.
-    ignore: low-rank layers to keep frozen.
-    train_bias: also train the low-rank layers' biases.
-    schedule: "cosine" by default (WeLore's continual fine-tuning).
-    lr: None = 5e-5 with adamw (WeLore), 1e-6 with mezo.
-    """
+from ._heal_train import heal
 
 
 def low_rank_components(model: nn.Module, targets=(), ignore=()) -> dict[str, LowRankLinear]:
@@ -56,7 +44,7 @@ def low_rank_components(model: nn.Module, targets=(), ignore=()) -> dict[str, Lo
     return chosen
 
 
-@register("welore-tune", WeLoreTuneConfig, kind="finetune")
+@register(WeLoreTuneConfig)
 def apply(model: nn.Module, config: WeLoreTuneConfig, ctx: Context) -> StageResult:
     """Fine-tune only the LRC factors of a WeLore-compressed model (`heal` on low-rank layers)."""
     config = with_default_lr(config, adamw=5e-5, mezo=1e-6)

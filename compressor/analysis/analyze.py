@@ -6,48 +6,17 @@ from __future__ import annotations
 import shlex
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..config import MethodConfig
+from ..configs.analyze import AnalyzeConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
-from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import layer_type, linear_shape, select_linears
 from . import spectra
 from .sweep import layer_spectra
-
-
-@dataclass(frozen=True, kw_only=True)
-class AnalyzeConfig(MethodConfig):
-    """Args:
-        top_p: KappaTune selects the lowest-κ fraction of tensors (paper and peft default 0.2).
-        welore_reduction: the total rank reduction WeLore targets; τ is found by bisection.
-        lrc_min_ratio: a matrix is a low-rank component when more than this fraction of its rank
-            is removed (WeLore's continual fine-tuning default, 0.5).
-        max_dim: skip tensors with a dimension above this (KappaTune's 16384 default).
-        kappa_eps: κ = σmax / (σmin + eps).
-        use_cache: reuse spectra cached from an earlier run on identical weights.
-    """
-
-    top_p: float = 0.2
-    welore_reduction: float = 0.5
-    lrc_min_ratio: float = 0.5
-    max_dim: int = 16384
-    kappa_eps: float = spectra.KAPPA_EPS
-    use_cache: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"analyze: `top_p` must be in (0, 1], got {self.top_p}")
-        if not 0.0 <= self.welore_reduction < 1.0:
-            raise ConfigError(f"analyze: `welore_reduction` must be in [0, 1), got {self.welore_reduction}")
-        if not 0.0 <= self.lrc_min_ratio < 1.0:
-            raise ConfigError(f"analyze: `lrc_min_ratio` must be in [0, 1), got {self.lrc_min_ratio}")
 
 
 def layer_record(name: str, shape: tuple[int, int], sigma: torch.Tensor, config: AnalyzeConfig, tau: float) -> dict:
@@ -64,7 +33,7 @@ def layer_record(name: str, shape: tuple[int, int], sigma: torch.Tensor, config:
     }
 
 
-@register("analyze", AnalyzeConfig, kind="analyze")
+@register(AnalyzeConfig)
 def apply(model: nn.Module, config: AnalyzeConfig, ctx: Context) -> StageResult:
     start = time.perf_counter()
     sigmas, hits = layer_spectra(model, config.targets, config.ignore, ctx=ctx, use_cache=config.use_cache,

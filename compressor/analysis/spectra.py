@@ -9,7 +9,7 @@ import math
 
 import torch
 
-KAPPA_EPS = 1e-8  # peft's KappaTuneSelector and the paper's experiments: s0 / (s_last + 1e-8)
+from ..configs.analyze import KAPPA_EPS  # noqa: F401  (the config, declared there; re-exported)
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:

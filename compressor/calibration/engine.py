@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..config import CalibrationConfig
+from ..config import DEFAULT_SECOND_PHASE, CalibrationConfig
 from ..context import Context
 from ..data import MIN_CALIBRATION_WINDOWS
 from ..errors import DataError
@@ -62,17 +62,6 @@ from .blocks import (
     transformer_blocks,
 )
 from .stats import LayerStats, StatsCollector
-
-# Linears whose inputs come from their block's other linears (attention output, MLP down).
-DEFAULT_SECOND_PHASE = (
-    "o_proj",
-    "down_proj",
-    "out_proj",
-    "output.dense",
-    "fc2",
-    "c_proj",
-    "dense_4h_to_h",
-)
 
 # compress(name, module, stats or None) -> the replacement module, or None to keep `module`.
 CompressStep = Callable[[str, nn.Module, "LayerStats | None"], "nn.Module | None"]

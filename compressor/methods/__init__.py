@@ -1,2 +1,3 @@
 """Compression methods, one module each. They register when the registry imports them by name
-(registry.BUILTIN), so importing one method imports no other."""
+(the `apply=` their configs in compressor/configs/ declare), so importing one method imports no
+other."""

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import MethodConfig
+from ..configs.quant import QuantFields  # noqa: F401  (the config, declared there; re-exported)
 from ..errors import ConfigError
-from ..kernels.packing import INT_BITS, expand_nm_indices, pack_int, unpack_nm
+from ..kernels.packing import expand_nm_indices, pack_int, unpack_nm
 from ..layers import (
     CompressedLinear,
     LowRankLinear,
@@ -38,31 +38,6 @@ from ..targeting import layer_type, linear_shape, linear_weight
 
 __all__ = ["Grid", "QuantFields", "check_targets", "factor_grids", "group_params", "quantize_codes",
            "rtn_quantize"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class QuantFields(MethodConfig):
-    """Args:
-    bits: code width, one of 2, 3, 4, 8.
-    group_size: consecutive input columns sharing one scale (and zero point); it must divide
-        every targeted layer's in_features; 0 = per-channel (one group per output row).
-    symmetric: symmetric grid (no zero point; llm-compressor's W4A16) or asymmetric (a uint8 zero
-        point per group).
-    """
-
-    bits: int = 4
-    group_size: int = 64
-    symmetric: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        name = self.method_name or "quantize"
-        if isinstance(self.bits, bool) or self.bits not in INT_BITS:
-            raise ConfigError(f"{name}: `bits` must be one of {', '.join(map(str, INT_BITS))}, got "
-                              f"{self.bits!r}; e.g. `--bits 4`")
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
-            raise ConfigError(f"{name}: `group_size` must be a positive integer dividing in_features, or 0 "
-                              f"for per-channel, got {self.group_size!r}")
 
 
 @dataclass(frozen=True)

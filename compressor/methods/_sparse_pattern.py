@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..configs.patterns import parse_nm
 from ..kernels.dispatch import nm_mask
 
 
@@ -58,17 +59,8 @@ def parse_pattern(pattern: str, density: float = 0.5) -> SparsePattern:
 
     Raises ValueError with the reason; the config turns it into a ConfigError.
     """
-    if pattern == "unstructured":
-        return SparsePattern(n=0, m=0, nnz_ratio=density)
-    parts = pattern.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"got {pattern!r}; use 'N:M' such as '2:4', or 'unstructured'")
-    n, m = int(parts[0]), int(parts[1])
-    if not 0 < n < m:
-        raise ValueError(f"got {pattern!r}: need 0 < N < M (N = M would make S dense; use svd)")
-    if m > 256:
-        raise ValueError(f"got {pattern!r}: M must be <= 256 so an index fits the stored uint8")
-    return SparsePattern(n=n, m=m)
+    nm = parse_nm(pattern)
+    return SparsePattern(n=0, m=0, nnz_ratio=density) if nm is None else SparsePattern(*nm)
 
 
 def magnitude_scores(weight: Tensor) -> Tensor:

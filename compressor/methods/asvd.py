@@ -21,34 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from ..calibration import LayerStats
+from ..configs.asvd import ASVDConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
-from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
 from ._factors import split_singular
 from ._lowrank_driver import Factors, LowRankDriver
-from .lowrank import CalibratedLowRankConfig
 
 SCALE_FLOOR = 1e-6
-
-
-@dataclass(frozen=True, kw_only=True)
-class ASVDConfig(CalibratedLowRankConfig):
-    """ASVD (see CalibratedLowRankConfig for the shared fields).
-
-    Args:
-        alpha: exponent α of the activation scale s_j = (mean |x_j|)^α; 0 = plain SVD, the paper
-            uses 0.5.
-    """
-
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 <= self.alpha <= 2:
-            raise ConfigError(
-                f"asvd: `alpha` must be in [0, 2], got {self.alpha!r}; the paper uses 0.5"
-            )
 
 
 def activation_scales(abs_mean: Tensor, alpha: float = 0.5) -> tuple[Tensor, int]:
@@ -84,7 +64,7 @@ class ActivationScaledSVD:
                        notes=notes if fixed else ())
 
 
-@register("asvd", ASVDConfig, kind="compress")
+@register(ASVDConfig)
 def apply(model: nn.Module, config: ASVDConfig, ctx: Context) -> StageResult:
     """Activation-scaled truncated SVD of every targeted linear, calibrated block by block."""
     return LowRankDriver(model, config, ctx, ActivationScaledSVD(config.alpha)).run()

@@ -26,14 +26,13 @@ metadata.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..calibration import CalibrationHooks, LayerStats, compress_blocks, compress_each
-from ..config import CalibrationConfig
+from ..configs.dsformer import DSFormerConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..errors import ConfigError
 from ..evaluation import perplexity
@@ -61,95 +60,6 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, kw_only=True)
-class DSFormerConfig(CalibrationConfig):
-    """Args:
-    keep_bytes: KEEP ratio in stored bytes (D + S values + S index metadata) of each targeted
-        layer, 0 < keep_bytes <= 1; the inner dimension k is solved from it (a multiple of M).
-    k: explicit inner dimension for every targeted layer (overrides `keep_bytes`); a multiple of M.
-    pattern: "N:M" (N of every M consecutive entries along k in each column of S; default
-        "2:4") or "unstructured" (the `density` * k largest entries of each column).
-    density: fraction of k kept per column of S with `pattern: unstructured`.
-    init: "whitened" (fit ||(W - D S) X|| with calibration statistics) or "plain" (||W - D S||,
-        no data).
-    coding: how each sparse-coding step picks S's support (N:M patterns; unstructured always
-        projects): "sparsegpt" (sweep S's input columns against H, choosing each column's N of
-        M atoms as it is reached and folding the removed values into the later columns with
-        SparseGPT's OBS update) or "projection" (top-N-of-M of the least-squares S).
-    init_iters: alternations of sparse coding (S) and least squares (D).
-    cg_iters: conjugate-gradient iterations refining S's values on its support per alternation.
-    num_windows: calibration windows for `init: whitened`.
-    seq_len: tokens per window (calibration and STF).
-    batch_size: windows per forward pass (calibration and STF).
-    stf_steps: Straight-Through Factorizer training steps after the initialisation; 0 = none.
-    lr: AdamW learning rate of the STF (D and S~ only; everything else is frozen).
-    distill: add KL(dense teacher || student) on the logits to the STF loss (keeps a frozen
-        copy of the dense model in memory).
-    data: STF training text (its `train` split; defaults to the calibration source).
-    eval_windows: held-out windows (`eval` split of `data`) on which perplexity is measured
-        after the initialisation and after STF; 0 = skip.
-    """
-
-    renamed: ClassVar[dict[str, str]] = {
-        "rank": "keep_bytes (dsformer's budget counts stored bytes, not parameters)"}
-
-    keep_bytes: float = 0.6
-    k: int | None = None
-    pattern: str = "2:4"
-    density: float = 0.5
-    init: Literal["whitened", "plain"] = "whitened"
-    coding: Literal["sparsegpt", "projection"] = "sparsegpt"
-    init_iters: int = 4
-    cg_iters: int = 10
-    stf_steps: int = 100
-    lr: float = 1e-4
-    distill: bool = False
-    data: str | None = None
-    eval_windows: int = 16
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        try:
-            parsed = parse_pattern(self.pattern, self.density)
-        except ValueError as err:
-            raise ConfigError(f"dsformer: `pattern` {err}") from None
-        if not 0 < self.keep_bytes <= 1:
-            raise ConfigError(
-                f"dsformer: `keep_bytes` is the keep ratio in bytes and must be in (0, 1], got "
-                f"{self.keep_bytes!r}; e.g. `keep_bytes: 0.6` keeps 60 % of each layer's bytes"
-            )
-        if not 0 < self.density <= 1:
-            raise ConfigError(
-                f"dsformer: `density` must be in (0, 1], got {self.density!r}; e.g. 0.5"
-            )
-        if self.k is not None:
-            _check_explicit_k(self.k, parsed)
-        _check_int("init_iters", self.init_iters, 1)
-        for key in ("cg_iters", "stf_steps", "eval_windows"):
-            _check_int(key, getattr(self, key), 0)
-        if not self.lr > 0:
-            raise ConfigError(f"dsformer: `lr` must be > 0, got {self.lr!r}; e.g. 1e-4")
-
-    @property
-    def sparse_pattern(self) -> SparsePattern:
-        return parse_pattern(self.pattern, self.density)
-
-
-def _check_int(key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"dsformer: `{key}` must be an integer >= {low}, got {value!r}")
-
-
-def _check_explicit_k(k: int, pattern: SparsePattern) -> None:
-    _check_int("k", k, 1)
-    if pattern.structured and k % pattern.m:
-        lower, upper = k // pattern.m * pattern.m, (k // pattern.m + 1) * pattern.m
-        raise ConfigError(
-            f"dsformer: `k`={k} is not a multiple of M={pattern.m} (pattern "
-            f"{pattern.describe()}); use k={upper}" + (f" or k={lower}" if lower else "")
-        )
-
-
 # -- planning: k per layer, with every impossible layer reported at once -----------------------
 
 
@@ -157,7 +67,7 @@ def plan_inner_dims(
     shapes: dict[str, tuple[int, int]], config: DSFormerConfig, value_bytes: int
 ) -> dict[str, int]:
     """k per layer from `keep_bytes` (or `k`); raises one ConfigError listing every layer that cannot fit."""
-    pattern = config.sparse_pattern
+    pattern = parse_pattern(config.pattern, config.density)
     plan, problems = {}, []
     for name, (out_f, in_f) in shapes.items():
         k = config.k or solve_inner_dim(out_f, in_f, config.keep_bytes, pattern, value_bytes)
@@ -210,7 +120,7 @@ def _factor_one(
     rows: dict[str, dict],
 ) -> nn.Module:
     weight = linear_weight(module).detach()
-    pattern = config.sparse_pattern
+    pattern = parse_pattern(config.pattern, config.density)
     d, s, history = fit_dense_sparse(
         weight,
         k,
@@ -252,7 +162,7 @@ def _eval(model: nn.Module, windows: Tensor | None, batch_size: int) -> float | 
     )
 
 
-@register("dsformer", DSFormerConfig, kind="compress")
+@register(DSFormerConfig)
 def apply(model: nn.Module, config: DSFormerConfig, ctx: Context) -> StageResult:
     """Factor every targeted linear into D @ S (init), refine with STF, pack for inference."""
     if config.stf_steps or config.eval_windows:
@@ -270,10 +180,11 @@ def apply(model: nn.Module, config: DSFormerConfig, ctx: Context) -> StageResult
     teacher = frozen_teacher(model) if config.distill and config.stf_steps else None
     rows: dict[str, dict] = {}
     notes = _initialise(model, selected, plan, config, ctx, rows)
-    if config.k is None and config.sparse_pattern.structured:
+    pattern = parse_pattern(config.pattern, config.density)
+    if config.k is None and pattern.structured:
         notes.append(
             f"k solved per layer from `keep_bytes`={config.keep_bytes} as the largest multiple of "
-            f"M={config.sparse_pattern.m} whose bytes fit (rounded down; see the per-module `k`)"
+            f"M={pattern.m} whose bytes fit (rounded down; see the per-module `k`)"
         )
     metrics["ppl_init"] = _eval(model, eval_windows, config.batch_size)
     curves = _stf(model, config, ctx, data, teacher, metrics) if config.stf_steps else {}

@@ -17,14 +17,13 @@ code is svd-llm's), which minimises the residual's calibration output error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..calibration import CalibrationHooks, LayerStats, compress_blocks
-from ..config import CalibrationConfig
+from ..configs.gptq import GPTQConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..errors import ConfigError
 from ..layers import LowRankLinear, NMSparseLinear
@@ -35,7 +34,6 @@ from ..targeting import linear_shape, linear_weight, select_linears
 from ._obs import inverse_hessian_factor, obs_sweep, output_error
 from ._quant_grid import (
     Grid,
-    QuantFields,
     check_targets,
     dequantize_codes,
     factor_grids,
@@ -55,35 +53,6 @@ from ._quant_grid import (
 from ._factors import whitened_factors
 
 __all__ = ["GPTQConfig", "gptq_quantize", "low_rank_correction"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
-    """GPTQ weight-only quantization (see QuantFields for bits, group_size, symmetric).
-
-    Args:
-        act_order: quantize columns by descending diag(H) (the paper's act-order heuristic), group
-            parameters from the original weight (static groups).
-        dampening: λ added to diag(H) as a fraction of its mean (the paper's 0.01).
-        block_size: columns per lazy-update block (the paper's 128; rounded to whole groups).
-        correction_rank: r > 0 stores a rank-r low-rank correction of the quantization residual
-            (W ≈ Q + U·V, whitened by the calibration inputs); 0 = none.
-    """
-
-    act_order: bool = False
-    dampening: float = 0.01
-    block_size: int = 128
-    correction_rank: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.dampening, bool) or not 0 <= self.dampening < 10:
-            raise ConfigError(f"gptq: `dampening` is a fraction of the mean Hessian diagonal and must be in "
-                              f"[0, 10), got {self.dampening!r}; the paper uses 0.01")
-        for key in ("block_size", "correction_rank"):
-            value, low = getattr(self, key), 1 if key == "block_size" else 0
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"gptq: `{key}` must be an integer >= {low}, got {value!r}")
 
 
 # -- pure tensor functions ---------------------------------------------------------------------
@@ -242,7 +211,7 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
                           f"{bad[0]} {linear_shape(selected[bad[0]])}; choose at most the smaller dimension")
 
 
-@register("gptq", GPTQConfig, kind="compress")
+@register(GPTQConfig)
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
     """Quantize every targeted linear with GPTQ, block by block on the calibration engine."""
     selected = select_linears(model, config.targets, config.ignore)

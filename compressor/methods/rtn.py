@@ -8,25 +8,20 @@ a low-rank layer's two factors are both quantized (`QuantLowRankLinear`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ..calibration import CalibrationHooks, LayerStats, compress_each
+from ..configs.rtn import RTNConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import select_linears
-from ._quant_grid import QuantFields, check_targets, round_to_nearest, summary
+from ._quant_grid import check_targets, round_to_nearest, summary
 
 
-@dataclass(frozen=True, kw_only=True)
-class RTNConfig(QuantFields):
-    """Round-to-nearest weight-only quantization (see QuantFields for bits, group_size, symmetric)."""
-
-
-@register("rtn", RTNConfig, kind="compress")
+@register(RTNConfig)
 def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageResult:
     """Replace every targeted linear by its round-to-nearest QuantLinear (no calibration)."""
     selected = select_linears(model, config.targets, config.ignore)

@@ -8,23 +8,16 @@ No calibration data is needed. See compressor/methods/lowrank.py for `rank` (a k
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from ..configs.svd import SVDConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
 from ._lowrank_driver import LowRankDriver, TruncatedSVD
-from .lowrank import LowRankConfig
 
 
-@dataclass(frozen=True, kw_only=True)
-class SVDConfig(LowRankConfig):
-    """Plain truncated SVD of every targeted linear (see LowRankConfig for the shared fields)."""
-
-
-@register("svd", SVDConfig, kind="compress")
+@register(SVDConfig)
 def apply(model: nn.Module, config: SVDConfig, ctx: Context) -> StageResult:
     """Replace every targeted linear by its rank-r truncated SVD (no calibration)."""
     return LowRankDriver(model, config, ctx, TruncatedSVD()).run()

@@ -27,50 +27,17 @@ at 0.43 for the same reason: saes-svd is the way to use the teacher's outputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
 
 from torch import Tensor, nn
 
 from ..calibration import LayerStats
+from ..configs.svd_llm import UPDATE_AUTO_BELOW, SVDLLMConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
-from ..errors import ConfigError
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
 from ._factors import least_squares_left, whitened_factors
 from ._lowrank_driver import Factors, LowRankDriver
-from .lowrank import CalibratedLowRankConfig
-
-UPDATE_AUTO_BELOW = 0.7
-
-
-@dataclass(frozen=True, kw_only=True)
-class SVDLLMConfig(CalibratedLowRankConfig):
-    """SVD-LLM whitening (see CalibratedLowRankConfig for the shared fields).
-
-    Args:
-        update: least-squares update of U against the full-precision outputs: `false` (default,
-            whitening only; the update measured worse, see the module docstring), `true`, or
-            `auto` (on when rank < 0.7, the reference code's rule).
-        damping: absolute ridge λ added to H's diagonal before Cholesky (0 = the paper's whitening;
-            the eigen-shift fallback still guards non-definite H).
-    """
-
-    supports_aware_allocation: ClassVar[bool] = True
-    update: Literal["auto", "true", "false"] | bool = "false"
-    damping: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.update, bool):
-            object.__setattr__(self, "update", "true" if self.update else "false")
-        if self.update not in ("auto", "true", "false"):
-            raise ConfigError(f"svd-llm: `update` must be auto, true or false, got {self.update!r}")
-        if not self.damping >= 0:
-            raise ConfigError(f"svd-llm: `damping` must be ≥ 0, got {self.damping!r}")
-
-    def use_update(self) -> bool:
-        return self.update == "true" or (self.update == "auto" and self.rank < UPDATE_AUTO_BELOW)
 
 
 @dataclass(frozen=True)
@@ -107,7 +74,7 @@ def _dropped_fraction(sigma: Tensor, r: int) -> float:
     return float(energy[r:].sum() / energy.sum().clamp_min(1e-300))
 
 
-@register("svd-llm", SVDLLMConfig, kind="compress")
+@register(SVDLLMConfig)
 def apply(model: nn.Module, config: SVDLLMConfig, ctx: Context) -> StageResult:
     """Whitened truncated SVD of every targeted linear, calibrated block by block."""
     return LowRankDriver(model, config, ctx, WhitenedSVD(config.damping, config.use_update())).run()

@@ -21,39 +21,17 @@ low-rank method uses the same allocation with `allocation: welore`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from ..configs.welore import WeLoreConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
-from ..errors import ConfigError
 from ..registry import register
 from ..report.records import StageResult
 from ._lowrank_driver import LowRankDriver, TruncatedSVD
 from ._lowrank_plan import layer_plan_at, welore_allocation, welore_plan  # noqa: F401  (the allocation; re-exported)
-from .lowrank import LowRankConfig
 
 
-@dataclass(frozen=True, kw_only=True)
-class WeLoreConfig(LowRankConfig):
-    """WeLore (see LowRankConfig: `rank` is the keep ratio, `min_ratio` the LRC threshold).
-
-    Args:
-        allocation: always `welore` for this stage (other methods accept `allocation: welore`).
-    """
-
-    allocation: str = "welore"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.allocation != "welore":
-            raise ConfigError(
-                f"welore: `allocation` must be `welore`, got {self.allocation!r}; "
-                "for uniform ranks use the `svd` method"
-            )
-
-
-@register("welore", WeLoreConfig, kind="compress")
+@register(WeLoreConfig)
 def apply(model: nn.Module, config: WeLoreConfig, ctx: Context) -> StageResult:
     """Factor WeLore's low-rank components (truncated SVD at their tail-derived ranks); N-LRCs stay dense."""
     result = LowRankDriver(model, config, ctx, TruncatedSVD()).run()

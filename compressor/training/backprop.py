@@ -3,24 +3,16 @@ through `fit` (training/trainer.py)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
+from compressor.configs.backprop import BackpropConfig  # noqa: F401  (the config, declared there; re-exported)
 from compressor.errors import ConfigError
 from compressor.registry import register
 from compressor.report.records import StageResult
-from compressor.training.config import TrainConfig
 from compressor.training.trainer import fit, trainable_for_targets
 
 
-@dataclass(frozen=True, kw_only=True)
-class BackpropConfig(TrainConfig):
-    """Full fine-tuning with AdamW. All `TrainConfig` fields apply; `targets` / `ignore` pick the
-    linears whose weights (and biases) train; empty `targets` = every parameter of the model."""
-
-
-@register("backprop", BackpropConfig, kind="finetune")
+@register(BackpropConfig)
 def apply(model: nn.Module, config: BackpropConfig, ctx) -> StageResult:
     """Fine-tune `model` in place by backpropagation."""
     if config.optimizer != "adamw":

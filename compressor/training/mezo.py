@@ -26,53 +26,16 @@ Layout: this module is the `mezo` stage (config and apply, above `fit`); the opt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 import torch
 from torch import nn
 
-from compressor.errors import ConfigError
+from compressor.configs.mezo import MezoConfig  # noqa: F401  (the config, declared there; re-exported)
 from compressor.registry import register
 from compressor.report.records import StageResult
-from compressor.training.config import TrainConfig
 from compressor.training.mezo_optimizer import LOG_NAME
 from compressor.training.trainer import fit, trainable_for_targets
 
 DEFAULT_LORA_LR = 5e-5  # MeZO paper, LoRA mode (with mezo_eps 1e-2)
-
-
-@dataclass(frozen=True, kw_only=True)
-class MezoConfig(TrainConfig):
-    """MeZO fine-tuning. All `TrainConfig` fields apply (`optimizer` is always "mezo").
-
-    Args:
-        adapter: None = perturb the full weights (or the linears named by `targets`);
-            "lora" = inject LoRA adapters into the `targets` linears (as the `lora` stage does)
-            and train only those; `lr` then defaults to 5e-5 and the paper uses mezo_eps 1e-2.
-        lora_r: LoRA rank (peft's `r`) when `adapter` is "lora".
-        lora_alpha: LoRA scaling numerator (the update is alpha/r * B A).
-    """
-
-    optimizer: str = "mezo"
-    adapter: str | None = None
-    renamed: ClassVar[dict[str, str]] = {"lora_rank": "lora_r (peft's name for the adapter rank)"}
-
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.optimizer != "mezo":
-            raise ConfigError(
-                f"mezo: `optimizer` must be 'mezo', got {self.optimizer!r}; use `backprop` for AdamW"
-            )
-        if self.adapter not in (None, "lora"):
-            raise ConfigError(
-                f"mezo: `adapter` must be null (full weights) or 'lora', got {self.adapter!r}"
-            )
-        if self.lora_r < 1:
-            raise ConfigError(f"mezo: `lora_r` must be >= 1, got {self.lora_r}")
 
 
 # -- the `mezo` stage -------------------------------------------------------------------------
@@ -94,7 +57,7 @@ def _train_lora(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
     )  # fmt: skip
 
 
-@register("mezo", MezoConfig, kind="finetune")
+@register(MezoConfig)
 def apply(model: nn.Module, config: MezoConfig, ctx) -> StageResult:
     """Fine-tune `model` in place with MeZO (full weights, targeted linears, or LoRA adapters)."""
     if config.adapter == "lora":

@@ -16,49 +16,19 @@ For the 5-layer stories260K that is [2, 3, 4, 5]; for 30-layer SmolLM2 [9, 12, .
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from compressor.calibration import transformer_blocks
+from compressor.configs.sorted_ft import WEIGHTINGS, SortedConfig  # noqa: F401  (the config, declared there; re-exported)
 from compressor.errors import ConfigError
 from compressor.evaluation import final_norm_and_head, num_layers, perplexity
 from compressor.registry import register
 from compressor.report.records import StageResult
-from compressor.training.config import TrainConfig
 from compressor.training.data import build_task_data
 from compressor.training.losses import next_token_loss
 from compressor.training.trainer import fit, trainable_for_targets
-
-WEIGHTINGS = ("sum", "mean")
-
-
-@dataclass(frozen=True, kw_only=True)
-class SortedConfig(TrainConfig):
-    """Sorted fine-tuning of a causal LM (task "lm"). All `TrainConfig` fields apply.
-
-    Args:
-        exits: depths n (1..num_layers) of the sub-models trained together; empty = the
-            default spacing (see the module docstring). The full depth is always included.
-        exit_weighting: "sum" (the paper's equal-weight sum) or "mean" of the per-exit losses.
-    """
-
-    exits: tuple[int, ...] = ()
-    exit_weighting: str = "sum"
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.task != "lm":
-            raise ConfigError(
-                f"sorted: `task` must be 'lm' (next-token loss at every exit), got {self.task!r}"
-            )
-        if self.exit_weighting not in WEIGHTINGS:
-            raise ConfigError(
-                f"sorted: `exit_weighting` must be 'sum' or 'mean', got {self.exit_weighting!r}"
-            )
-        if any(not isinstance(n, int) or n < 1 for n in self.exits):
-            raise ConfigError(f"sorted: `exits` must be layer counts >= 1, got {list(self.exits)}")
 
 
 def default_exits(total_layers: int) -> list[int]:
@@ -122,7 +92,7 @@ def per_exit_perplexity(
     }
 
 
-@register("sorted", SortedConfig, kind="finetune")
+@register(SortedConfig)
 def apply(model: nn.Module, config: SortedConfig, ctx) -> StageResult:
     """Sorted fine-tuning of `model` in place; metrics include every exit's perplexity."""
     exits = resolve_exits(model, config.exits)

@@ -6,11 +6,11 @@ Contract (adapter stages call this; it trains `params` of `model` in place):
 
     from compressor.training import TrainConfig, fit
 
-    @dataclass(frozen=True, kw_only=True)
-    class LoraConfig(TrainConfig):            # inherits steps, lr, data, task, optimizer, ...
-        rank: int = 8
+    @dataclass(frozen=True, kw_only=True)     # in compressor/configs/lora.py (torch-free)
+    class LoraConfig(TrainConfig, method="lora", kind="finetune", apply="compressor.adapters.lora"):
+        rank: int = 8                         # inherits steps, lr, data, task, optimizer, ...
 
-    @register("lora", LoraConfig, kind="finetune")
+    @register(LoraConfig)
     def apply(model, config, ctx):
         ...inject adapters...
         params = {n: p for n, p in model.named_parameters() if "lora_" in n}
