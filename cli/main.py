@@ -1,12 +1,14 @@
 """The `compressor` console script: builds the Typer app, nothing else.
 
 Every command module imports only typer, rich and light compressor modules at the top; torch,
-transformers and peft load inside the commands that run a model, so `--help`, `--version` and
-`compressor methods` answer at once (benchmarks/cli_latency.py measures it).
+transformers and peft load inside the commands that run a model, and `main` imports only the module
+of the command it runs, so `--help`, `--version` and `compressor methods` answer at once
+(benchmarks/cli_latency.py measures it).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -17,26 +19,55 @@ from typing import Annotated
 import click
 import typer
 
-from . import analyze, compare, compress, eval, export, finetune, generate, methods, run
 from .common import report_failure
 from .failures import DEBUG_ENV
 from .outcome import SHOWN_WARNINGS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# Plain (click) help: no box drawing, flags without a `<bool>` type, and no rich import for --help.
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
-                  help="Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`; "
-                       "MODEL defaults to the embedded stories260K everywhere. Add --debug anywhere to see the traceback of a failure.")
-app.command("analyze", short_help="spectra, κ, effective rank, WeLore ranks of every linear")(analyze.analyze)
-app.command("compress", short_help="compress the linears (low rank, dense×sparse, pruning) and write a checkpoint")(compress.compress)
-app.command("finetune", short_help="fine-tune (LoRA, NOLA, DSEE, KappaTune, MeZO, Sorted, backprop)")(finetune.finetune)
-app.command("eval", short_help="held-out perplexity of a causal LM, and lm-eval task scores")(eval.eval_command)
-app.command("compare", short_help="checkpoints of one model side by side: bytes, perplexity, tasks, speed")(compare.compare)
-app.command("run", short_help="run a YAML recipe (stages, evaluation, quality gates)")(run.run)
-app.command("methods", short_help="list methods, or one method's fields and defaults")(methods.methods)
-app.command("generate", short_help="continue a prompt, to eyeball a model")(generate.generate)
-app.command("export", short_help="write a checkpoint in a standard format (compressed-tensors)")(export.export)
+HELP = ("Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`; "
+        "MODEL defaults to the embedded stories260K everywhere. Add --debug anywhere to see the traceback of a failure.")
+
+# name -> (module in compressor.cli, function, short help). The console script imports only the
+# module of the command it runs (`main`), so `--help` / `--version` import no command and
+# `compress --help` only compress's (whose `--method` help reads every config class).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "analyze": ("analyze", "analyze", "spectra, κ, effective rank, WeLore ranks of every linear"),
+    "compress": ("compress", "compress", "compress the linears (low rank, dense×sparse, pruning, quantization) and write a checkpoint"),
+    "finetune": ("finetune", "finetune", "fine-tune (LoRA, NOLA, DSEE, KappaTune, MeZO, Sorted, backprop)"),
+    "eval": ("eval", "eval_command", "held-out perplexity of a causal LM, and lm-eval task scores"),
+    "compare": ("compare", "compare", "checkpoints of one model side by side: bytes, perplexity, tasks, speed"),
+    "run": ("run", "run", "run a YAML recipe (stages, evaluation, quality gates)"),
+    "methods": ("methods", "methods", "list methods, or one method's fields and defaults"),
+    "generate": ("generate", "generate", "continue a prompt, to eyeball a model"),
+    "export": ("export", "export", "write a checkpoint in a standard format (compressed-tensors)"),
+}
+
+
+def build_app(only: str | None = None) -> typer.Typer:
+    """The Typer app with every command; with `only`, the other commands are listed (name and
+    short help) but their modules are not imported — they cannot be the one that runs."""
+    app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                      rich_markup_mode=None, help=HELP)  # plain click help: no box drawing, no rich import
+    for name, (module, function, short_help) in COMMANDS.items():
+        if only is None or name == only:
+            command = getattr(importlib.import_module(f"{__package__}.{module}"), function)
+        else:
+            command = _not_loaded
+        app.command(name, short_help=short_help)(command)
+    app.callback()(_root)
+    return app
+
+
+def _not_loaded() -> None:
+    raise RuntimeError("a command main() did not load ran")  # unreachable: main loads the command it runs
+
+
+def command_in(argv: list[str]) -> str:
+    """The command a command line runs ('' for `--help`, `--version` or none): its first
+    argument that is not an option (the top level takes no option with a value)."""
+    first = next((arg for arg in argv if not arg.startswith("-")), "")
+    return first if first in COMMANDS or not first else ""
 
 
 def _print_version(value: bool) -> None:
@@ -47,7 +78,6 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 show_default=False, help="print the version and exit")] = False):
     """Analyse, compress and fine-tune transformer checkpoints. Run `compressor COMMAND --help`;
@@ -82,7 +112,7 @@ def main() -> None:
         sys.argv.remove("--debug")
         os.environ[DEBUG_ENV] = "1"
     try:
-        app()
+        build_app(command_in(sys.argv[1:]))()
     except (SystemExit, click.exceptions.ClickException):
         raise
     except BaseException as err:  # what escaped a command's own handler (e.g. during imports)
@@ -90,6 +120,15 @@ def main() -> None:
             report_failure(err)
         except click.exceptions.Exit as done:
             sys.exit(done.exit_code)
+
+
+def __getattr__(name: str) -> typer.Typer:
+    """`compressor.cli.main.app`: the app with every command loaded (tests, `python -m`)."""
+    if name != "app":
+        raise AttributeError(name)
+    global app
+    app = build_app()
+    return app
 
 
 def _interrupt(signum, frame) -> None:

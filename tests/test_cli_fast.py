@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -50,3 +51,24 @@ def test_methods_name_prints_descriptions_and_defaults():
     assert done.returncode == 0, done.stderr
     assert "mezo_eps" in done.stdout and "MeZO perturbation scale epsilon" in done.stdout
     assert "0.001" in done.stdout
+
+
+LEAN = """
+import sys
+from compressor.cli import main
+sys.argv = ["compressor", *sys.argv[1:]]
+try:
+    main.main()
+except SystemExit:
+    pass
+print(sorted(m for m in sys.modules if m.startswith("compressor.cli.") and m.split(".")[-1] in main.COMMANDS))
+"""
+
+
+@pytest.mark.parametrize("argv, loaded", [(["--help"], []), (["--version"], []),
+                                          (["compress", "--help"], ["compressor.cli.compress"])])
+def test_the_console_script_imports_only_the_command_it_runs(argv, loaded):
+    """`main` builds the app with the other commands listed but not imported (CLI latency)."""
+    done = subprocess.run([sys.executable, "-c", LEAN, *argv], capture_output=True, text=True, cwd=tempfile.gettempdir())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == repr(loaded)
