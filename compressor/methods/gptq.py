@@ -36,6 +36,7 @@ from ._obs import inverse_hessian_factor, obs_sweep, output_error
 from ._quant_grid import (
     Grid,
     QuantFields,
+    check_embedding,
     check_targets,
     dequantize_codes,
     factor_grids,
@@ -48,6 +49,7 @@ from ._quant_grid import (
     quant_nm,
     quant_row,
     quantize_codes,
+    quantize_embedding,
     round_to_nearest,
     rtn_quantize,
     summary,
@@ -244,11 +246,15 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
 
 @register("gptq", GPTQConfig, kind="compress")
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
-    """Quantize every targeted linear with GPTQ, block by block on the calibration engine."""
+    """Quantize every targeted linear with GPTQ, block by block on the calibration engine (the
+    input embedding and a tied lm_head, when `embedding_bits` asks, round to nearest first)."""
     selected = select_linears(model, config.targets, config.ignore)
     check_targets("gptq", selected, config.group_size)
     _check_rank(selected, config.correction_rank)
+    embedding = check_embedding("gptq", model, config)
     rows: list[dict[str, Any]] = []
+    if embedding is not None:  # first, so the blocks calibrate on the quantized embedding's outputs
+        quantize_embedding(model, embedding, config, set(selected), rows)
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
         return _quantize_one(name, module, stats, config, rows)
