@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import MethodConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 from ..kernels.packing import INT_BITS, expand_nm_indices, pack_int, unpack_nm
 from ..layers import (
     CompressedLinear,
@@ -260,6 +260,15 @@ def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) 
     if bad:
         raise ConfigError(f"{method}: `group_size`={group_size} does not divide in_features of {len(bad)} "
                           f"layer(s): {', '.join(bad[:4])}; choose a divisor or `group_size: 0` (per-channel)")
+    for name, module in selected.items():
+        _check_finite(method, name, linear_weight(module))
+
+
+def _check_finite(method: str, name: str, weight: Tensor) -> None:
+    """NaN / Inf would become NaN scales in the checkpoint: refuse before anything changes."""
+    if not torch.isfinite(weight.detach()).all():
+        raise ModelError(f"{method}: `{name}` holds NaN/Inf weights, which cannot be quantized; restore the "
+                         "original weights (the model or checkpoint is corrupt)")
 
 
 # -- the input embedding and its (tied) output head ------------------------------------------------
@@ -283,6 +292,7 @@ def check_embedding(method: str, model: nn.Module, config: QuantFields) -> nn.Em
     if hidden % group:
         raise ConfigError(f"{method}: `embedding_group_size`={group} does not divide the embedding dim {hidden}; "
                           "choose a divisor or `embedding_group_size: 0` (one group per row)")
+    _check_finite(method, "the input embedding", embedding.weight)
     return embedding
 
 
