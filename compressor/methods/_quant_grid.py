@@ -97,19 +97,22 @@ class Grid:
     def top(self) -> int:
         return 2**self.bits - 1
 
-    def scales_and_zeros(self, groups: Tensor) -> tuple[Tensor, Tensor | None]:
-        return group_params(groups, self.bits, self.symmetric, self.dtype)
+    def scales_and_zeros(self, groups: Tensor, least_error: bool = True) -> tuple[Tensor, Tensor | None]:
+        return group_params(groups, self.bits, self.symmetric, self.dtype, least_error)
 
 
-def group_params(groups: Tensor, bits: int, symmetric: bool, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+def group_params(groups: Tensor, bits: int, symmetric: bool, dtype: torch.dtype,
+                 least_error: bool = True) -> tuple[Tensor, Tensor | None]:
     """Scales (and zero points) of groups (..., g) -> scales (...) in groups.dtype, already rounded
-    to `dtype`; zeros (...) float integers in [0, 2^b − 1], or None when symmetric."""
+    to `dtype` (`least_error`: the storable neighbour with the least squared error of these values,
+    else the nearest); zeros (...) float integers in [0, 2^b − 1], or None when symmetric."""
     top = 2**bits - 1
     lo = groups.amin(-1).clamp(max=0)
     hi = groups.amax(-1).clamp(min=0)
     eps = torch.finfo(torch.float32).eps
     ideal = (torch.maximum(-lo, hi) / (top / 2) if symmetric else (hi - lo) / top).clamp(min=eps)
-    choices = [_grid_choice(groups, s.to(groups.dtype), lo, bits, symmetric) for s in _stored_candidates(ideal, dtype)]
+    candidates = _stored_candidates(ideal, dtype)[:None if least_error else 1]
+    choices = [_grid_choice(groups, s.to(groups.dtype), lo, bits, symmetric) for s in candidates]
     pick = torch.stack([error for _, _, error in choices]).argmin(0, keepdim=True)  # ties: the nearest
     scales = torch.stack([s for s, _, _ in choices]).gather(0, pick)[0]
     if symmetric:
@@ -133,7 +136,9 @@ def _stored_candidates(ideal: Tensor, dtype: torch.dtype) -> list[Tensor]:
     error, codes chosen against it as stored). Rounding a bfloat16 scale to nearest moves a whole
     group's grid by up to 0.4 %: int4 g64 RTN of SmolLM2 held in bfloat16 measured perplexity 46.87
     that way and 44.95 with this choice (llm-compressor, float32 scales: 44.96), at no byte cost.
-    Kept positive: a tiny scale must not round to 0."""
+    GPTQ takes the nearest: it fixes a group's scale before its error feedback changes the group's
+    later columns, so the least error on the values at hand is not the error it ends with (int4 g64
+    on SmolLM2: 41.63 nearest, 42.29 least-error). Kept positive: a tiny scale must not round to 0."""
     nearest = ideal.to(dtype)
     nearest = torch.where(nearest > 0, nearest, torch.finfo(dtype).tiny)
     if torch.finfo(dtype).bits >= torch.finfo(ideal.dtype).bits:  # stored as computed: nothing to choose
