@@ -9,7 +9,8 @@ packed codes at one byte per byte), over the dense bf16 file.
 
 Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS] with METHOD gptq or rtn,
 GROUP 0 = per-channel, `ao` = act_order, rRANK = correction_rank (gptq), eEBITS = embedding_bits (the
-input embedding and the tied lm_head, groups as the linears). Rows are appended to
+input embedding and the tied lm_head, groups as the linears; `g` after it: by GPTQ against lm_head's
+input Hessian, `embedding_gptq`). Rows are appended to
 reports/quant_smollm2.json as each finishes; the .md table is rebuilt from it.
 
 Example:  OMP_NUM_THREADS=1 python benchmarks/quant_smollm2.py --rows dense,rtn-w4-g64,gptq-w4-g64
@@ -31,7 +32,7 @@ import torch
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = "/work/shared/data/wikitext-2/wiki.test.raw"
-LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?(-e(?P<emb>\d))?$")
+LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
 
 
 def stage_config(label: str, args):
@@ -48,6 +49,7 @@ def stage_config(label: str, args):
     from compressor.methods.gptq import GPTQConfig
 
     return GPTQConfig(**fields, act_order=bool(match["ao"]), correction_rank=int(match["rank"] or 0),
+                      embedding_gptq=bool(match["eg"]),
                       calibration=WIKI, num_windows=args.calib_windows, seq_len=args.calib_seq, batch_size=8)
 
 
@@ -100,7 +102,7 @@ def render(state: dict, path: Path) -> None:
                    "the least squared error: rtn-w4-g64 measured 46.87 when every scale was rounded to "
                    "nearest, as gptq still does (rtn-w8-g64 was measured that way). `-eB`: the input "
                    "embedding and the tied lm_head (one table) rounded to nearest at B bits, groups of "
-                   "GROUP.")]
+                   "GROUP; `-eBg`: that table by GPTQ against lm_head's input Hessian (`embedding_gptq`).")]
     path.write_text("\n".join(lines) + "\n")
 
 
