@@ -7,8 +7,10 @@ float32 for the perplexity (the exact values of the bf16 checkpoint). Bytes: the
 model.safetensors written in bfloat16 (every stored tensor, embeddings and a tied lm_head once,
 packed codes at one byte per byte), over the dense bf16 file.
 
-Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK] with METHOD gptq or rtn, GROUP 0 =
-per-channel, `ao` = act_order, rRANK = correction_rank (gptq). Rows are appended to
+Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS] with METHOD gptq or rtn,
+GROUP 0 = per-channel, `ao` = act_order, rRANK = correction_rank (gptq), eEBITS = embedding_bits (the
+input embedding and the tied lm_head, groups as the linears; `g` after it: by GPTQ against lm_head's
+input Hessian, `embedding_gptq`). Rows are appended to
 reports/quant_smollm2.json as each finishes (a row already there with the same config is not
 rerun; --force reruns it); the .md table is rebuilt from it (--render: from the JSON alone).
 
@@ -26,15 +28,16 @@ from pathlib import Path
 
 from harness import Report, arguments, eval_windows, need_file, rerender, table, wiki
 
-LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?$")
+LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
 
 
 def stage_config(label: str, args):
     """The method config a row label names."""
     match = LABEL.match(label)
     if not match:
-        sys.exit(f"error: row label {label!r} is not dense or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK]")
-    fields = {"bits": int(match["bits"]), "group_size": int(match["group"]), "symmetric": not match["asym"]}
+        sys.exit(f"error: row label {label!r} is not dense or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS]")
+    fields = {"bits": int(match["bits"]), "group_size": int(match["group"]), "symmetric": not match["asym"],
+              "embedding_bits": int(match["emb"] or 0)}
     if match["method"] == "rtn":
         from compressor.methods.rtn import RTNConfig
 
@@ -42,7 +45,7 @@ def stage_config(label: str, args):
     from compressor.methods.gptq import GPTQConfig
 
     return GPTQConfig(**fields, act_order=bool(match["ao"]), correction_rank=int(match["rank"] or 0),
-                      calibration=wiki(args.data_dir), num_windows=args.calib_windows, seq_len=args.calib_seq,
+                      embedding_gptq=bool(match["eg"]), calibration=wiki(args.data_dir), num_windows=args.calib_windows, seq_len=args.calib_seq,
                       batch_size=8)
 
 
@@ -88,10 +91,12 @@ def render(state: dict) -> str:
         "`-rN` = correction_rank N. Mean output error: the mean over layers of GPTQ's relative "
         "calibration output error. llm-compressor 0.14 on these windows (reports/quant_peer.md, a "
         "float32 model, scales kept in float32): dense 30.78, RTN int4 44.96, GPTQ int4 (actorder "
-        "static) 41.76, RTN int8 30.85, GPTQ int3 (actorder static) 185.73. The same RTN int4 g64 grid "
-        "applied to the float32 model with float32 scales (rtn's apply, then perplexity on these "
-        "windows; no checkpoint written) measured 44.96, llm-compressor's value: the gap of the "
-        "rtn-w4-g64 row comes from holding the model and its scales in bfloat16."]) + "\n"
+        "static) 41.76, RTN int8 30.85, GPTQ int3 (actorder static) 185.73. rtn keeps, per group, "
+        "the storable bf16 scale (the nearest or a neighbour one unit in the last place away) with "
+        "the least squared error: rtn-w4-g64 measured 46.87 when every scale was rounded to "
+        "nearest, as gptq still does (rtn-w8-g64 was measured that way). `-eB`: the input "
+        "embedding and the tied lm_head (one table) rounded to nearest at B bits, groups of "
+        "GROUP; `-eBg`: that table by GPTQ against lm_head's input Hessian (`embedding_gptq`)."]) + "\n"
 
 
 def main(argv=None) -> None:

@@ -25,12 +25,16 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128,
         block_size: columns per lazy-update block (the paper's 128; rounded to whole groups).
         correction_rank: r > 0 stores a rank-r low-rank correction of the quantization residual
             (W ≈ Q + U·V, whitened by the calibration inputs); 0 = none.
+        embedding_gptq: with `embedding_bits` and a tied lm_head, quantize the shared table by GPTQ
+            against the Hessian of lm_head's input (the final-norm hidden states of the calibration
+            windows, after the blocks are quantized) instead of rounding it to nearest first.
     """
 
     act_order: bool = False
     dampening: float = 0.01
     block_size: int = 128
     correction_rank: int = 0
+    embedding_gptq: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,7 +34,9 @@ from ..targeting import linear_shape, linear_weight, select_linears
 from ._obs import inverse_hessian_factor, obs_sweep, output_error
 from ._quant_grid import (
     Grid,
+    check_embedding,
     check_targets,
+    embedding_grid,
     dequantize_codes,
     factor_grids,
     layer_grid,
@@ -46,6 +48,7 @@ from ._quant_grid import (
     quant_nm,
     quant_row,
     quantize_codes,
+    quantize_embedding,
     round_to_nearest,
     rtn_quantize,
     summary,
@@ -97,7 +100,7 @@ class _GridRule:
         self.grid, self.perm, self.mask = grid, None if perm is None else perm.tolist(), mask
         self.codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=original.device)
         groups = original.reshape(out_f, in_f // grid.group_size, grid.group_size)
-        scales, zeros = grid.scales_and_zeros(groups)  # static parameters; else overwritten per group
+        scales, zeros = grid.scales_and_zeros(groups, least_error=False)  # static; else overwritten per group
         self.static, self.scales, self.zeros = static, scales, zeros
 
     def begin_block(self, block: Tensor, scale: Tensor, start: int, stop: int) -> None:
@@ -110,7 +113,7 @@ class _GridRule:
             columns = block[:, col:col + self.grid.group_size]
             if self.mask is not None:  # the parameters of the kept entries only
                 columns = columns * self.mask[:, index:index + self.grid.group_size]
-            self.scales[:, group], zeros = self.grid.scales_and_zeros(columns)
+            self.scales[:, group], zeros = self.grid.scales_and_zeros(columns, least_error=False)
             if zeros is not None:
                 self.zeros[:, group] = zeros
         s = self.scales[:, group]
@@ -213,11 +216,16 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
 
 @register(GPTQConfig)
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
-    """Quantize every targeted linear with GPTQ, block by block on the calibration engine."""
+    """Quantize every targeted linear with GPTQ, block by block on the calibration engine (the
+    input embedding and a tied lm_head, when `embedding_bits` asks, round to nearest first)."""
     selected = select_linears(model, config.targets, config.ignore)
     check_targets("gptq", selected, config.group_size)
     _check_rank(selected, config.correction_rank)
+    embedding = check_embedding("gptq", model, config)
+    head_gptq = _check_head_gptq(model, embedding, config)
     rows: list[dict[str, Any]] = []
+    if embedding is not None and not head_gptq:  # first: the blocks calibrate on its outputs
+        quantize_embedding(model, embedding, config, set(selected), rows)
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
         return _quantize_one(name, module, stats, config, rows)
@@ -227,4 +235,54 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
                               batch_size=config.batch_size, description="gptq").outside
     notes = [(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
               f"{', '.join(outside[:4])}")] if outside else []
+    if head_gptq:
+        _quantize_tied_table(model, embedding, config, windows, rows)
     return StageResult(metrics=summary(rows), per_module=rows, notes=notes)
+
+
+def _check_head_gptq(model: nn.Module, embedding: nn.Embedding | None, config: GPTQConfig) -> bool:
+    if not config.embedding_gptq:
+        return False
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if embedding is None or getattr(head, "weight", None) is not embedding.weight:
+        raise ConfigError("gptq: `embedding_gptq` quantizes a tied embedding / lm_head table, so it needs "
+                          "`embedding_bits` and a model whose lm_head shares the embedding's weight; drop it")
+    return True
+
+
+@torch.no_grad()
+def head_hessian(model: nn.Module, windows: Tensor, batch_size: int) -> Tensor:
+    """E[x xᵀ] (fp64) of lm_head's input (the final-norm hidden states) over the windows."""
+    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64, device=device)
+    count = 0
+
+    def accumulate(_module: nn.Module, args: tuple) -> None:
+        nonlocal count
+        x = args[0].reshape(-1, head.in_features).double()
+        total.add_(x.T @ x)
+        count += x.shape[0]
+
+    handle = head.register_forward_pre_hook(accumulate)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            model(input_ids=batch, attention_mask=torch.ones_like(batch))
+    finally:
+        handle.remove()
+    return total / max(count, 1)
+
+
+def _quantize_tied_table(model: nn.Module, embedding: nn.Embedding, config: GPTQConfig, windows: Tensor,
+                         rows: list[dict[str, Any]]) -> None:
+    """The tied table by GPTQ against lm_head's input Hessian; the lookup reads the same codes."""
+    hessian = head_hessian(model, windows, config.batch_size)
+    weight = embedding.weight.detach()
+    grid = embedding_grid(config, weight)
+    codes, scales, zeros, _ = gptq_quantize(weight, hessian.to(weight.device), grid, act_order=config.act_order,
+                                            block_size=config.block_size, dampening=config.dampening)
+    quantize_embedding(model, embedding, config, set(), rows, codes=(codes, scales, zeros))
+    table = model.get_input_embeddings().dense_weight().detach()
+    rows[-1].update(solver="gptq", output_error=round(output_error(weight, table, hessian), 6),
+                    output_error_rtn=round(output_error(weight, _rtn_weight(weight, grid), hessian), 6))
