@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from compressor.memory import proc_status_mb
-from harness import (Report, apply_method, arguments, calib_fields, environment, fmt, log, rerender, run_worker,
-                     table, wiki)
+from harness import (Report, apply_method, arguments, calib_fields, environment, fmt, log, numbers, rerender,
+                     run_worker, table, wiki)
 
 VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached", "int8", "int4",
             "lowrank-0.6+int4")
@@ -55,9 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batches", default="1,8")
-    for flag, default in (("new-tokens", 128), ("prompt-tokens", 32), ("repeats", 5), ("calib-windows", 16),
-                          ("calib-seq", 256), ("seed", 0)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("new-tokens", 128), ("prompt-tokens", 32), ("repeats", 5), ("calib-windows", 16),
+                ("calib-seq", 256), ("seed", 0)))
     p.add_argument("--cache-dir", default="/tmp/compressor-decode-cache")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
     p.add_argument("--tag", default="", help="report names become decode_speed_<tag>.*")

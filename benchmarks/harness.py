@@ -212,6 +212,12 @@ def arguments(doc: str, *, smollm2=False, data=False, threads: int | None = 1, r
     return p
 
 
+def numbers(parser, defaults) -> None:
+    """Numeric flags from (flag, default) pairs: the default's type (int when the default is None)."""
+    for flag, default in defaults:
+        parser.add_argument(f"--{flag}", type=int if default is None else type(default), default=default)
+
+
 def run_worker(script: str, argv: list[str]) -> dict:
     """Run `script` in a fresh interpreter (so its memory readings are its own); the JSON object
     its last stdout line holds."""

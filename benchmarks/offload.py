@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from compressor.memory import PeakMemory, proc_status_mb
-from harness import Report, arguments, environment, rerender, run_worker, wiki
+from harness import Report, arguments, environment, numbers, rerender, run_worker, wiki
 
 MODES = ("memory", "offload")
 FLAGS = ("method", "keep", "calib_windows", "calib_seq", "eval_windows", "budget", "threads")  # passed to workers
@@ -33,8 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = arguments(__doc__, smollm2=True, data=True)
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--keep", type=float, default=0.6)
-    for flag, default in (("calib-windows", 16), ("calib-seq", 128), ("eval-windows", 4)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 16), ("calib-seq", 128), ("eval-windows", 4)))
     p.add_argument("--budget", default="150MB", help="CPU memory budget of the offload run")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)

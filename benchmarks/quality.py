@@ -21,7 +21,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from harness import Report, arguments, environment, eval_windows, fmt, log, provenance, rerender, table, wiki
+from harness import (Report, arguments, environment, eval_windows, fmt, log, numbers, provenance, rerender, table,
+                     wiki)
 
 # (label, method, extra config): the rows of Q1/Q2; `svd-llm` = whitening only (BENCHMARKS' baseline).
 LM_ROWS = [("svd", "svd", {}), ("asvd", "asvd", {}), ("svd-llm", "svd-llm", {"update": "false"}),
@@ -42,8 +43,7 @@ def parse_args(argv=None):
     p.add_argument("which", choices=["q1", "q2", "q3", "q4", "all"])
     p.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: the pip package's)")
     p.add_argument("--keeps", default=None, help="comma-separated keep ratios")
-    for flag in ("calib-windows", "calib-seq", "eval-windows", "eval-seq"):
-        p.add_argument(f"--{flag}", type=int, default=None)
+    numbers(p, ((flag, None) for flag in ("calib-windows", "calib-seq", "eval-windows", "eval-seq")))
     return p.parse_args(argv)
 
 

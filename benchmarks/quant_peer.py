@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness import ROOT, Report, arguments, finite, need_file, rerender, table, wiki
+from harness import Report, ROOT, arguments, finite, need_file, numbers, rerender, table, wiki
 # (label, llm-compressor modifier or None for dense, weight bits); run in this order.
 ROWS = [("dense", None, None), ("rtn-int4-g64", "QuantizationModifier", 4), ("gptq-int4-g64", "GPTQModifier", 4),
         ("rtn-int8-g64", "QuantizationModifier", 8), ("gptq-int3-g64", "GPTQModifier", 3)]
@@ -48,8 +48,7 @@ ISSUE_TABLE = {"dense": 26.84, "rtn-int8-g64": 26.94, "gptq-int4-g64": 37.07, "r
 
 def parse_args(argv: list[str] | None = None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    for flag, default in (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)))
     p.add_argument("--no-reload", action="store_true", help="skip the compressed save + reload check")
     return p.parse_args(argv)
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Report, arguments, eval_windows, need_file, rerender, table, wiki
+from harness import Report, arguments, eval_windows, need_file, numbers, rerender, table, wiki
 
 LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?$")
 
@@ -96,8 +96,7 @@ def render(state: dict) -> str:
 
 def main(argv=None) -> None:
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    for flag, default in (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)))
     args = p.parse_args(argv)
     if args.render:
         print(rerender(Path(args.out), "quant_smollm2", render))

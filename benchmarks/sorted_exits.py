@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness import Report, arguments, command_line, environment, eval_windows, rerender
+from harness import Report, arguments, command_line, environment, eval_windows, numbers, rerender
 
 
 def tune(kind: str, args, source: str):
@@ -61,9 +61,7 @@ def render(result: dict) -> str:
 def main(argv=None) -> None:
     p = arguments(__doc__, data=True, threads=2)
     p.add_argument("--text", default=None, help="tuning/eval text file (overrides --data-dir)")
-    for flag, default in (("steps", 300), ("warmup", 10), ("batch", 16), ("seq", 128), ("eval-windows", 64),
-                          ("seed", 0)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("steps", 300), ("warmup", 10), ("batch", 16), ("seq", 128), ("eval-windows", 64), ("seed", 0)))
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
     args = p.parse_args(argv)

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from frontier import heal_row, sizes_and_heal_arguments
-from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, rerender,
-                     stored_bytes, table, wiki, write_text)
+from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, numbers,
+                     rerender, stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
@@ -42,8 +42,7 @@ PEER_ROW, DS_INIT = "llm-compressor-sparsegpt-2:4", "dsformer-init"
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
     sizes_and_heal_arguments(p, heal_steps=0)  # --heal-steps N adds the rows `<label>+heal`
-    for flag, default in (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)))
     p.add_argument("--ds-lr", type=float, default=1e-4, help="dsformer STF learning rate")
     p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
     p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
