@@ -18,7 +18,7 @@ import copy
 import time
 from pathlib import Path
 
-from harness import (Report, apply_method, arguments, environment, eval_windows, fmt, log, need_file, numbers,
+from harness import (Report, apply_method, arguments, environment, eval_windows, fmt, load, log, need_file, numbers,
                      provenance, rerender, table, wiki)
 
 RENDER = {}  # part -> renderer, filled below
@@ -44,15 +44,11 @@ class Part:
     """One part's model, text, windows and report."""
 
     def __init__(self, args, part: str, **extra) -> None:
-        from compressor.context import Context
-        from compressor.models import load_model
-
         stories = part.startswith("stories")
         if not stories:
             need_file(args.smollm2, "--smollm2 PATH")
         self.args, self.source = args, "default" if stories else wiki(args.data_dir)
-        self.loaded = load_model(None if stories else args.smollm2)
-        self.ctx = Context(tokenizer=self.loaded.tokenizer, quiet=True)
+        self.loaded, self.ctx = load(None if stories else args.smollm2)
         self.windows = eval_windows(self.ctx, self.source, args.seq_len, args.eval_windows)
         name = f"dense_sparse_{part}" + (f"_{args.tag}" if args.tag else "")
         self.sizes = {"calib_windows": args.calib_windows, "seq_len": args.seq_len, "batch_size": args.batch_size,

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, log, need_file,
-                     numbers, stored_bytes, table as md_table, wiki, write_text)
+from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, load, log,
+                     need_file, numbers, sizes_of, stored_bytes, table as md_table, wiki, write_text)
 
 METHODS = ("saes-svd", "svd-llm")
 KEEPS = (0.6, 0.4, 0.8)
@@ -76,20 +76,17 @@ def parse_args(argv=None):
 
 
 def run(args) -> None:
-    from compressor.context import Context
     from compressor.evaluation import perplexity
-    from compressor.models import load_model
 
     labels = args.rows.split(",") if args.rows else all_labels()
     unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
     if unknown:
         sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
     source = "default" if args.stories else wiki(args.data_dir)
-    loaded = load_model(None if args.stories else args.smollm2)
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
+    loaded, ctx = load(None if args.stories else args.smollm2)
     windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
-    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq",
-                                           "heal_steps", "heal_batch", "heal_seq", "heal_lr")}
+    sizes = sizes_of(args, ("calib_windows", "calib_seq", "eval_windows", "eval_seq", "heal_steps", "heal_batch",
+                            "heal_seq", "heal_lr"))
     report = frontier_report(args.out)
     if report.state.get("sizes") != sizes:  # rows of other sizes are not this frontier's
         report.begin(sizes, benchmark="frontier", env=environment(), data=data_name(args),

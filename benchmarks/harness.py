@@ -106,6 +106,20 @@ def apply_method(model, method: str, fields: dict, ctx):
     return result, config.to_dict(), time.perf_counter() - started
 
 
+def load(path: str | None, **context):
+    """(LoadedModel, Context) of `path` (None: the embedded stories260K); Context is quiet."""
+    from compressor.context import Context
+    from compressor.models import load_model
+
+    loaded = load_model(path)
+    return loaded, Context(tokenizer=loaded.tokenizer, quiet=True, **context)
+
+
+def sizes_of(args, keys=("calib_windows", "calib_seq", "eval_windows", "eval_seq")) -> dict:
+    """The run's sizes: what every row's numbers depend on."""
+    return {k: getattr(args, k) for k in keys}
+
+
 def stored_bytes(model, value_bytes: int = 2) -> int:
     """Bytes of every stored tensor (state_dict, a shared storage once): floating values at
     `value_bytes` (bfloat16 = 2), integer buffers (packed indices, codes) at their own width."""

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness import Report, ROOT, arguments, finite, need_file, numbers, rerender, table, wiki
+from harness import Report, ROOT, arguments, finite, need_file, numbers, rerender, sizes_of, table, wiki
 # (label, llm-compressor modifier or None for dense, weight bits); run in this order.
 ROWS = [("dense", None, None), ("rtn-int4-g64", "QuantizationModifier", 4), ("gptq-int4-g64", "GPTQModifier", 4),
         ("rtn-int8-g64", "QuantizationModifier", 8), ("gptq-int3-g64", "GPTQModifier", 3)]
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = args.rows.split(",") if args.rows else known
     if sorted(set(wanted) - set(known)):
         sys.exit(f"error: unknown row label(s) {sorted(set(wanted) - set(known))}; choose from {','.join(known)}")
-    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+    sizes = sizes_of(args)
     dense, tokenizer = load_plain_smollm2(args.smollm2)
     calib, eval_windows = halves_windows(token_stream(tokenizer, Path(wiki(args.data_dir))), sizes)
     report = Report(out, "quant_peer", render)

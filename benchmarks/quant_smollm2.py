@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Report, arguments, eval_windows, need_file, numbers, rerender, table, wiki
+from harness import Report, arguments, eval_windows, load, need_file, numbers, rerender, sizes_of, table, wiki
 
 LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?$")
 
@@ -104,16 +104,12 @@ def main(argv=None) -> None:
     need_file(args.smollm2, "--smollm2 PATH")
     import torch
 
-    from compressor.context import Context
-    from compressor.models import load_model
-
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.smollm2)
+    loaded, ctx = load(args.smollm2)
     dense = loaded.model.to(torch.bfloat16)
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
     windows = eval_windows(ctx, wiki(args.data_dir), args.eval_seq, args.eval_windows)
     report = Report(args.out, "quant_smollm2", render)
-    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+    sizes = sizes_of(args)
     report.begin(sizes, model=Path(args.smollm2).name,
                         calib=f"wiki.test.raw first half, {args.calib_windows}x{args.calib_seq} tokens",
                         eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")

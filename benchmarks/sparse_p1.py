@@ -24,7 +24,7 @@ from pathlib import Path
 
 from frontier import heal_row, sizes_and_heal_arguments
 from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, numbers,
-                     rerender, stored_bytes, table, wiki, write_text)
+                     rerender, sizes_of, stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
@@ -68,8 +68,7 @@ class Run:
         from compressor.data import windows_for
         from compressor.models import load_model
 
-        self.args, self.source = args, wiki(args.data_dir)
-        self.sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+        self.args, self.source, self.sizes = args, wiki(args.data_dir), sizes_of(args)
         loaded = load_model(args.smollm2)
         self.dense, self.tokenizer = loaded.model, loaded.tokenizer
         stream = windows_for(self.tokenizer, self.source, split="calib", seq_len=args.calib_seq)
