@@ -7,8 +7,7 @@
   stories  stories260K (embedded), TinyStories: both comparisons with real training budgets.
   minilm   all-MiniLM-L6-v2, STS-B dev Spearman vs keep ratio: dsformer (no STF) against svd-llm.
 
-reports/dense_sparse_<part>[_<tag>].{json,md} are rewritten after every row; a row whose config
-is unchanged is not rerun (--force reruns it).
+Writes reports/dense_sparse_<part>[_<tag>].{json,md} after every row (the row cache: benchmarks/README.md).
 Example:  nice -n 10 python benchmarks/dense_sparse.py stories            (a few minutes)
 """
 

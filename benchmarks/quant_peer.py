@@ -14,8 +14,7 @@ from the start of its second half evaluate. Rows: dense; RTN (QuantizationModifi
 Linear but the tied lm_head. Perplexity on the in-memory fake-quantized model, then again after a
 compressed-tensors save + reload. Bytes from the saved safetensors: floating values at 2 bytes
 (bfloat16), integer tensors at their width; the denominator is the dense checkpoint counted alike.
-Writes reports/quant_peer.{json,md} after every row; a row already there with the same sizes is
-not rerun (--force reruns it); --render rewrites the .md from the .json.
+Writes reports/quant_peer.{json,md} after every row (harness.Report: its row cache, --force, --render).
 """
 
 from __future__ import annotations

@@ -8,9 +8,8 @@ model.safetensors written in bfloat16 (every stored tensor, embeddings and a tie
 packed codes at one byte per byte), over the dense bf16 file.
 
 Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK] with METHOD gptq or rtn, GROUP 0 =
-per-channel, `ao` = act_order, rRANK = correction_rank (gptq). Rows are appended to
-reports/quant_smollm2.json as each finishes (a row already there with the same config is not
-rerun; --force reruns it); the .md table is rebuilt from it (--render: from the JSON alone).
+per-channel, `ao` = act_order, rRANK = correction_rank (gptq). Rows are added to
+reports/quant_smollm2.{json,md} as each finishes (the row cache: benchmarks/README.md).
 
 Example:  OMP_NUM_THREADS=1 python benchmarks/quant_smollm2.py --rows dense,rtn-w4-g64,gptq-w4-g64
 """

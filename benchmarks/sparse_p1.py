@@ -7,7 +7,7 @@ the dense model. Stored bytes: every value in bfloat16, index metadata at its ow
 embeddings once (unstructured pruning stores its zeros densely: it saves no bytes).
 
 Writes reports/sparse_p1[_TAG].{json,md} and reports/frontier_sparse.json (benchmarks/frontier.py's
-rows) after every row; a row whose config is unchanged is not rerun (--force reruns it).
+rows) after every row.
 
 Example:  nice -n 5 nohup python benchmarks/sparse_p1.py > /tmp/sparse-bench.log 2>&1 &
           python benchmarks/sparse_p1.py --rows dense,sparsegpt-2:4 --eval-windows 4   (quick look)
