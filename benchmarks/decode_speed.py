@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 from compressor.memory import proc_status_mb
-from harness import (apply_method, arguments, calib_fields, environment, log, rerender, run_worker, table, wiki,
-                     write_text)
+from harness import (Report, apply_method, arguments, calib_fields, environment, fmt, log, numbers, rerender,
+                     run_worker, table, wiki)
 
 VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached", "int8", "int4",
             "lowrank-0.6+int4")
@@ -55,9 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batches", default="1,8")
-    for flag, default in (("new-tokens", 128), ("prompt-tokens", 32), ("repeats", 5), ("calib-windows", 16),
-                          ("calib-seq", 256), ("seed", 0)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("new-tokens", 128), ("prompt-tokens", 32), ("repeats", 5), ("calib-windows", 16),
+                ("calib-seq", 256), ("seed", 0)))
     p.add_argument("--cache-dir", default="/tmp/compressor-decode-cache")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
     p.add_argument("--tag", default="", help="report names become decode_speed_<tag>.*")
@@ -327,6 +326,12 @@ def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: in
     return runs
 
 
+def rates(args, batch: int, run: dict) -> tuple[list[float], list[float]]:
+    """Decode tok/s (first to last new token) and end-to-end tok/s of each repeat."""
+    return ([batch * (args.new_tokens - 1) / s for s in run["decode_s"]],
+            [batch * args.new_tokens / s for s in run["total_s"]])
+
+
 def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
     rows = []
     for batch, per_variant in runs.items():
@@ -334,8 +339,7 @@ def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
         for variant, run in per_variant.items():
             if not run["decode_s"]:
                 continue  # not timed yet (the report is written as results come in)
-            decode = [batch * (args.new_tokens - 1) / s for s in run["decode_s"]]
-            total = [batch * args.new_tokens / s for s in run["total_s"]]
+            decode, total = rates(args, batch, run)
             row = {
                 "variant": variant, "batch": batch,
                 "decode_tokens_per_s": statistics.median(decode), "decode_tokens_per_s_all": decode,
@@ -346,10 +350,9 @@ def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
                 "tensor_mb": tensor_mb[variant], **memory.get(variant, {}),
             }
             if dense and dense["decode_s"]:
-                row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(
-                    [batch * (args.new_tokens - 1) / s for s in dense["decode_s"]])
-                row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(
-                    [batch * args.new_tokens / s for s in dense["total_s"]])
+                dense_decode, dense_total = rates(args, batch, dense)
+                row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(dense_decode)
+                row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(dense_total)
             rows.append(row)
     return rows
 
@@ -362,7 +365,7 @@ def render(result: dict) -> str:
     dense_rows = {r["batch"]: r for r in result["rows"] if r["variant"] == "dense"}
     rows = [[r["variant"], r["batch"], f"{r['decode_tokens_per_s']:.2f}", fmt(r.get("decode_ratio_to_dense")),
              per_repeat_ratios(r, base), f"{r['spread'] * 100:.0f} %", f"{r['e2e_tokens_per_s']:.2f}",
-             fmt(r.get("e2e_ratio_to_dense")), fmt(r["same_tokens_as_dense"], pct=True), f"{r['tensor_mb']:.0f}",
+             fmt(r.get("e2e_ratio_to_dense")), fmt(r["same_tokens_as_dense"] and 100 * r["same_tokens_as_dense"], 0) + " %" * (r["same_tokens_as_dense"] is not None), f"{r['tensor_mb']:.0f}",
              fmt(r.get("model_rss_after_decode_mb"), 0), ratio(r, base, "model_rss_after_decode_mb"),
              fmt(r.get("model_rss_mb"), 0), fmt(r.get("model_hwm_mb"), 0)]
             for r in result["rows"] for base in [dense_rows.get(r["batch"], {})]]
@@ -413,6 +416,10 @@ CPU_PATHS = [
 ]
 
 
+def ratio(row: dict, base: dict, key: str) -> str:
+    return fmt(row[key] / base[key]) if row.get(key) is not None and base.get(key) else "–"
+
+
 def per_repeat_ratios(row: dict, dense: dict) -> str:
     """median (min-max) of variant / dense decode tok/s within each repeat: the two ran minutes
     apart, so this follows the machine's load better than the ratio of the two medians."""
@@ -421,18 +428,6 @@ def per_repeat_ratios(row: dict, dense: dict) -> str:
     if not ratios:
         return "–"
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})"
-
-
-def fmt(value, digits: int = 2, pct: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value * 100:.0f} %" if pct else f"{value:.{digits}f}"
-
-
-def ratio(row: dict, base: dict, key: str) -> str:
-    if row.get(key) is None or not base.get(key):
-        return "–"
-    return f"{row[key] / base[key]:.2f}"
 
 
 def notes(args, random_init: bool, dtype) -> list[str]:
@@ -473,9 +468,9 @@ def report_name(args) -> str:
 
 
 def write_report(args, result: dict) -> str:
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    write_text(Path(args.out) / f"{report_name(args)}.json", json.dumps(result, indent=2, default=str))
-    write_text(Path(args.out) / f"{report_name(args)}.md", render(result))
+    report = Report(args.out, report_name(args), render)
+    report.state = result
+    report.write()
     return render(result)
 
 

@@ -7,8 +7,7 @@
   stories  stories260K (embedded), TinyStories: both comparisons with real training budgets.
   minilm   all-MiniLM-L6-v2, STS-B dev Spearman vs keep ratio: dsformer (no STF) against svd-llm.
 
-reports/dense_sparse_<part>[_<tag>].{json,md} are rewritten after every row; a row whose config
-is unchanged is not rerun (--force reruns it).
+Writes reports/dense_sparse_<part>[_<tag>].{json,md} after every row (the row cache: benchmarks/README.md).
 Example:  nice -n 10 python benchmarks/dense_sparse.py stories            (a few minutes)
 """
 
@@ -18,7 +17,8 @@ import copy
 import time
 from pathlib import Path
 
-from harness import Report, apply_method, eval_windows, arguments, environment, fmt, log, need_file, provenance, rerender, table, wiki
+from harness import (Report, apply_method, arguments, environment, eval_windows, fmt, load, log, need_file, numbers,
+                     provenance, rerender, table, wiki)
 
 RENDER = {}  # part -> renderer, filled below
 
@@ -29,9 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--minilm", default=None)
     p.add_argument("--keep", type=float, default=0.6, help="keep ratio (bytes for dsformer, params for maestro)")
     p.add_argument("--keeps", default="0.75,0.6,0.45", help="minilm keeps (dsformer 2:4 cannot exceed 0.78 there)")
-    for flag, default in (("calib-windows", 32), ("seq-len", 256), ("eval-windows", 24), ("batch-size", 2),
-                          ("stf-steps", 30), ("init-iters", 4), ("maestro-epochs", 1), ("maestro-windows", 8)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 32), ("seq-len", 256), ("eval-windows", 24), ("batch-size", 2),
+                ("stf-steps", 30), ("init-iters", 4), ("maestro-epochs", 1), ("maestro-windows", 8)))
     p.add_argument("--stf-lr", default="1e-4", help="comma-separated STF learning rates (one run each)")
     p.add_argument("--distill", action="store_true", help="STF with KL to the dense teacher")
     p.add_argument("--maestro-lr", type=float, default=1e-3)
@@ -44,15 +43,11 @@ class Part:
     """One part's model, text, windows and report."""
 
     def __init__(self, args, part: str, **extra) -> None:
-        from compressor.context import Context
-        from compressor.models import load_model
-
         stories = part.startswith("stories")
         if not stories:
             need_file(args.smollm2, "--smollm2 PATH")
         self.args, self.source = args, "default" if stories else wiki(args.data_dir)
-        self.loaded = load_model(None if stories else args.smollm2)
-        self.ctx = Context(tokenizer=self.loaded.tokenizer, quiet=True)
+        self.loaded, self.ctx = load(None if stories else args.smollm2)
         self.windows = eval_windows(self.ctx, self.source, args.seq_len, args.eval_windows)
         name = f"dense_sparse_{part}" + (f"_{args.tag}" if args.tag else "")
         self.sizes = {"calib_windows": args.calib_windows, "seq_len": args.seq_len, "batch_size": args.batch_size,

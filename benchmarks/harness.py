@@ -106,6 +106,20 @@ def apply_method(model, method: str, fields: dict, ctx):
     return result, config.to_dict(), time.perf_counter() - started
 
 
+def load(path: str | None, **context):
+    """(LoadedModel, Context) of `path` (None: the embedded stories260K); Context is quiet."""
+    from compressor.context import Context
+    from compressor.models import load_model
+
+    loaded = load_model(path)
+    return loaded, Context(tokenizer=loaded.tokenizer, quiet=True, **context)
+
+
+def sizes_of(args, keys=("calib_windows", "calib_seq", "eval_windows", "eval_seq")) -> dict:
+    """The run's sizes: what every row's numbers depend on."""
+    return {k: getattr(args, k) for k in keys}
+
+
 def stored_bytes(model, value_bytes: int = 2) -> int:
     """Bytes of every stored tensor (state_dict, a shared storage once): floating values at
     `value_bytes` (bfloat16 = 2), integer buffers (packed indices, codes) at their own width."""
@@ -210,6 +224,12 @@ def arguments(doc: str, *, smollm2=False, data=False, threads: int | None = 1, r
     p.add_argument("--render", action="store_true", help="only rebuild the .md/.png from the .json")
     p.add_argument("--out", default=str(REPORTS))
     return p
+
+
+def numbers(parser, defaults) -> None:
+    """Numeric flags from (flag, default) pairs: the default's type (int when the default is None)."""
+    for flag, default in defaults:
+        parser.add_argument(f"--{flag}", type=int if default is None else type(default), default=default)
 
 
 def run_worker(script: str, argv: list[str]) -> dict:

@@ -44,23 +44,15 @@ LORA_RANK, DSEE_NNZ, SCALING = 16, 64, 2.0
 # -- setup -----------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None):
-    parser = arguments(__doc__, threads=None)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--check-only", action="store_true", help="correctness checks only")
-    parser.add_argument("--cpu-smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, checks")
-    return parser.parse_args(argv)
-
-
 def environment(device: torch.device) -> dict:
     import triton
 
     from compressor.report.env import git_sha
 
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU interpreter)"
-    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return {"date": date, "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__,
-            "cuda": torch.version.cuda, "python": sys.version.split()[0], "git": git_sha()[:10]}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU interpreter)",
+            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+            "python": sys.version.split()[0], "git": git_sha()[:10]}
 
 
 # -- inputs: one builder per op, shared by checks and timings --------------------------------------
@@ -290,12 +282,12 @@ def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list
               keep=keep, rank=r)
     packed_bytes = in_f * out_f * (1 + 0.125)  # bf16 values for half the entries + 2-bit indices
     timed("nm_linear", lambda: build("nm_linear", in_f, out_f, bf16, device, bias=False), tri.nm_linear,
-          {"torch 2:4": _torch_semi_structured()}, packed_bytes, dense_flops // 2, "K3")
+          {"torch 2:4": derived("t24", lambda c: torch.sparse.to_sparse_semi_structured(c["dense"]))}, packed_bytes, dense_flops // 2, "K3")
     k = max(4, in_f // 4 // 4 * 4)
     factor_bytes = 2 * out_f * k + in_f * k * 1.125
     timed("dense_sparse_linear", lambda: build("dense_sparse_linear", in_f, out_f, bf16, device, bias=False),
           tri.dense_sparse_linear,
-          {"merged dense": _merged_ds(), "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
+          {"merged dense": derived("merged", lambda c: c["d"] @ c["s"]), "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
           factor_bytes + 8 * batch * k, 2 * batch * k * (in_f // 2 + out_f), "K5",
           bytes_ratio=dense_bytes / factor_bytes)
     lora_bytes = 2 * LORA_RANK * (in_f + out_f)
@@ -303,44 +295,27 @@ def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list
           {"base + separate LoRA": lambda x, c: F.linear(x, c["w"]) + SCALING * F.linear(F.linear(x, c["a"]), c["b"])},
           dense_bytes + lora_bytes + 2 * batch * in_f, dense_flops + 2 * batch * LORA_RANK * (in_f + out_f), "K6")
     timed("dsee_nm_linear", lambda: build("dsee_nm_linear", in_f, out_f, bf16, device, bias=False),
-          tri.dsee_nm_linear, {"merged dense": _merged_dsee(), "unfused": lambda x, c: ref.dsee_linear(
+          tri.dsee_nm_linear, {"merged dense": derived("merged", merged_dsee), "unfused": lambda x, c: ref.dsee_linear(
               x, c["w"], c["a"], c["b"], SCALING, *c["delta"])},
           packed_bytes + lora_bytes + 18 * DSEE_NNZ + 2 * batch * in_f,
           dense_flops // 2 + 2 * batch * LORA_RANK * (in_f + out_f), "K4")
     return rows
 
 
-def _torch_semi_structured():
-    """Baseline: torch's own 2:4 (cuSPARSELt / CUTLASS), converted once per weight copy."""
+def derived(key: str, make):
+    """A baseline on a weight derived once per copy (torch's 2:4 form, a merged dense matrix)."""
 
     def run(x, c):
-        if "torch24" not in c:
-            from torch.sparse import to_sparse_semi_structured
-
-            c["torch24"] = to_sparse_semi_structured(c["dense"])
-        return F.linear(x, c["torch24"])
+        if key not in c:
+            c[key] = make(c)
+        return F.linear(x, c[key])
 
     return run
 
 
-def _merged_ds():
-    def run(x, c):
-        if "merged" not in c:
-            c["merged"] = c["d"] @ c["s"]
-        return F.linear(x, c["merged"])
-
-    return run
-
-
-def _merged_dsee():
-    def run(x, c):
-        if "merged" not in c:
-            rows, cols, vals = c["delta"]
-            merged = c["w"] + SCALING * c["b"] @ c["a"]
-            c["merged"] = merged.index_put((rows, cols), vals, accumulate=True)
-        return F.linear(x, c["merged"])
-
-    return run
+def merged_dsee(c):
+    rows, cols, vals = c["delta"]
+    return (c["w"] + SCALING * c["b"] @ c["a"]).index_put((rows, cols), vals, accumulate=True)
 
 
 # -- K7 MeZO ---------------------------------------------------------------------------------------
@@ -351,14 +326,14 @@ def layer_shapes(hidden: int = 4096, ffn: int = 11008) -> list[tuple[int, int]]:
     return [(hidden, hidden)] * 4 + [(hidden, ffn)] * 2 + [(ffn, hidden)]
 
 
-def layer_like_shapes(total_elements: int, hidden: int = 4096, ffn: int = 11008) -> list[tuple[int, int]]:
-    """Layer shapes repeated while they fit in `total_elements`."""
-    shapes, used = [], 0
-    for shape in itertools.cycle(layer_shapes(hidden, ffn)):
-        if used + shape[0] * shape[1] > total_elements:
-            return shapes
-        shapes.append(shape)
-        used += shape[0] * shape[1]
+def layer_views(flat: torch.Tensor, hidden: int, ffn: int) -> list[torch.Tensor]:
+    """`flat` as layer-shaped tensors (q, k, v, o, gate, up, down repeated while they fit)."""
+    views, used = [], 0
+    for rows, cols in itertools.cycle(layer_shapes(hidden, ffn)):
+        if used + rows * cols > flat.numel():
+            return views
+        views.append(flat[used: used + rows * cols].view(rows, cols))
+        used += rows * cols
 
 
 def torch_normal_loop(params, seed: int, scale: float) -> None:
@@ -378,11 +353,9 @@ def kernel_loop(axpy):
     return run
 
 
-def _mezo_drift(params, axpy, eps=1e-3) -> dict:
+def _mezo_drift(params, step, eps=1e-3) -> dict:
     """max / mean |theta - theta0| after +eps, -2eps, +eps with one seed."""
     start = [p.clone() for p in params]
-    step = axpy if axpy is torch_normal_loop else (
-        kernel_loop(axpy) if len(params) > 1 else lambda ps, s, e: axpy(ps[0], s, 0, e))
     for scale in (eps, -2 * eps, eps):
         step(params, 31337, scale)
     diffs = [(p.double() - s.double()).abs() for p, s in zip(params, start, strict=True)]
@@ -397,10 +370,10 @@ def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=
     flat = torch.randn(numel, device=device).to(torch.bfloat16)
     nbytes = 2 * 2 * flat.numel()  # read + write
     flat_us = timer.us(lambda: tri.mezo_axpy_(flat, 7, 0, 1e-3), [()])
-    params = [t.view(shape) for t, shape in _split(flat, layer_like_shapes(numel, hidden, ffn))]
+    params = layer_views(flat, hidden, ffn)
     loop_us = timer.us(lambda: kernel_loop(tri.mezo_axpy_)(params, 7, 1e-3), [()])
     ref_us = timer.us(lambda: torch_normal_loop(params, 7, 1e-3), [()])
-    ours = _mezo_drift([p.clone() for p in params], tri.mezo_axpy_)
+    ours = _mezo_drift([p.clone() for p in params], kernel_loop(tri.mezo_axpy_))
     theirs = _mezo_drift([p.clone() for p in params], torch_normal_loop)
     ceil = timer.ceilings["copy_TBps"]
     row = {"kernel": "K7", "op": "mezo_axpy_", "numel": flat.numel(), "us_flat": flat_us,
@@ -410,13 +383,6 @@ def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=
     row["targets"] = [("flat update >= 80 % of copy bandwidth", row["pct_copy"] >= 80),
                       ("drift <= torch.normal loop's", ours["max"] <= theirs["max"])]
     return [row]
-
-
-def _split(flat, shapes):
-    offset = 0
-    for rows, cols in shapes:
-        yield flat[offset : offset + rows * cols], (rows, cols)
-        offset += rows * cols
 
 
 # -- targets from BENCHMARKS.md --------------------------------------------------------------------
@@ -490,8 +456,8 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
 
 def write_report(out: Path, report: dict) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_text(Path(out) / "kernels_gpu.json", json.dumps(report, indent=1, default=str))
-    write_text(Path(out) / "kernels_gpu.md", render_markdown(report))
+    for suffix, text in ((".json", json.dumps(report, indent=1, default=str)), (".md", render_markdown(report))):
+        write_text(Path(out) / f"kernels_gpu{suffix}", text)
 
 
 def render_markdown(report: dict) -> str:
@@ -501,11 +467,7 @@ def render_markdown(report: dict) -> str:
              *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""] if c else []),
              "## Correctness (max |y - y64| / max |y64|)", "",
              "| op | shape / numel | batch | dtype | error | tol | ok |", "|---|---|---|---|---|---|---|"]
-    for r in report["checks"]:
-        shape = f"{r['in']}x{r['out']}" if "in" in r else r["numel"]
-        lines.append(f"| {r['op']} | {shape} | {r.get('batch', '')} | {r['dtype']} | "
-                     f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e} | {r['tolerance']:.1e} | "
-                     f"{'yes' if r['ok'] else '**NO**'} |")
+    lines += map(check_line, report["checks"])
     if report.get("timings"):
         lines += ["", "## Kernels (bf16, in x out, us = do_bench median)", "",
                   "| kernel | op | in x out | batch | us | TB/s | % copy | TFLOP/s | speedups | targets |",
@@ -516,6 +478,13 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## E1 decode, batch 1, CUDA graph", "",
                   *(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["e1"].items())]
     return "\n".join(lines) + "\n"
+
+
+def check_line(r: dict) -> str:
+    shape = f"{r['in']}x{r['out']}" if "in" in r else r["numel"]
+    return (f"| {r['op']} | {shape} | {r.get('batch', '')} | {r['dtype']} | "
+            f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e} | {r['tolerance']:.1e} | "
+            f"{'yes' if r['ok'] else '**NO**'} |")
 
 
 def _timing_line(r: dict) -> str:
@@ -533,7 +502,11 @@ def _timing_line(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser = arguments(__doc__, threads=None)
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--check-only", action="store_true", help="correctness checks only")
+    parser.add_argument("--cpu-smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, checks")
+    args = parser.parse_args(argv)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the Triton kernels
     elif not torch.cuda.is_available():
@@ -543,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     mode = "cpu-smoke" if args.cpu_smoke else ("check-only" if args.check_only else ("quick" if args.quick else "full"))
     report = {"env": environment(device), "mode": mode, "checks": run_checks(device, args.quick, args.cpu_smoke)}
-    _print_checks(report["checks"])
+    for check in report["checks"]:
+        print("check", check_line(check))
     write_report(args.out, report)  # rewritten as results come in: a timeout keeps what was done
     failed = [c for c in report["checks"] if not c["ok"]]
     if args.cpu_smoke and not failed:
@@ -597,14 +571,6 @@ def bench_rows(timer, in_f, out_f, batch, device) -> list[dict]:
     for row in rows:
         row["targets"] = targets(row) if row["kernel"] != "dense" else []
     return rows
-
-
-def _print_checks(checks: list[dict]) -> None:
-    for c in checks:
-        err = c.get("max_rel_error", c.get("max_abs_diff"))
-        where = f"{c['in']}x{c['out']} b{c['batch']}" if "in" in c else f"n={c['numel']}"
-        print(f"check {c['op']:<22} {where:<16} {c['dtype']:<9} err {err:.2e} tol {c['tolerance']:.1e} "
-              f"{'ok' if c['ok'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

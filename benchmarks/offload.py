@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from compressor.memory import PeakMemory, proc_status_mb
-from harness import Report, arguments, environment, rerender, run_worker, wiki
+from harness import Report, arguments, environment, numbers, rerender, run_worker, table, wiki
 
 MODES = ("memory", "offload")
 FLAGS = ("method", "keep", "calib_windows", "calib_seq", "eval_windows", "budget", "threads")  # passed to workers
@@ -33,8 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = arguments(__doc__, smollm2=True, data=True)
     p.add_argument("--method", default="svd-llm")
     p.add_argument("--keep", type=float, default=0.6)
-    for flag, default in (("calib-windows", 16), ("calib-seq", 128), ("eval-windows", 4)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 16), ("calib-seq", 128), ("eval-windows", 4)))
     p.add_argument("--budget", default="150MB", help="CPU memory budget of the offload run")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -119,8 +118,7 @@ def logits_difference(work: Path) -> float:
 def render(result: dict) -> str:
     env, rows = result["env"], {r["mode"]: r for r in result["rows"]}
     lines = [
-        "# Compressing SmolLM2-135M with its weights offloaded to disk (accelerate) vs in memory",
-        "",
+        "# Compressing SmolLM2-135M with its weights offloaded to disk (accelerate) vs in memory", "",
         f"Run {env['date']} on {env['host']}, git {env['git']}, torch {env['torch']}. "
         f"`python benchmarks/offload.py` — {result['method']} at keep {result['keep']}, calibration "
         f"{result['calib_windows']}×{result['calib_seq']} tokens of WikiText-2 (first half), evaluation "
@@ -130,26 +128,22 @@ def render(result: dict) -> str:
         "(RssAnon, sampled every 5 ms; the memory a model really occupies, unlike file pages the kernel "
         "can drop), *RSS peak* = VmHWM (heap + touched file pages), and the compression stage's own "
         "sampled RSS peak above its start. The process peaks include evaluation (logits over the "
-        "49,152-token vocabulary, ~100 MiB per 512-token window) and writing the checkpoint.",
-        "",
-        "| run | placement | heap after load MiB | heap peak MiB | RSS peak MiB | compression stage peak MiB | total seconds | compress seconds | keep reached | ppl before | ppl after |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "49,152-token vocabulary, ~100 MiB per 512-token window) and writing the checkpoint.", "",
+        *table(["run", "placement", "heap after load MiB", "heap peak MiB", "RSS peak MiB",
+                "compression stage peak MiB", "total seconds", "compress seconds", "keep reached", "ppl before",
+                "ppl after"],
+               [[mode, ", ".join(r["placement"]), f"{r['after_load_mb']:.0f}", f"{r['anon_peak_mb']:.0f}",
+                 f"{r['growth_mb']:.0f}", f"{r['compress_peak_mb']:.0f}", f"{r['seconds']:.1f}",
+                 f"{r['compress_seconds']:.1f}", f"{r['keep_reached']:.4f}", f"{r['ppl_before']:.3f}",
+                 f"{r['ppl_after']:.3f}"] for mode in MODES for r in [rows[mode]]]),
     ]
-    for mode in MODES:
-        r = rows[mode]
-        lines.append(f"| {mode} | {', '.join(r['placement'])} | {r['after_load_mb']:.0f} | {r['anon_peak_mb']:.0f} | "
-                     f"{r['growth_mb']:.0f} | {r['compress_peak_mb']:.0f} | {r['seconds']:.1f} | "
-                     f"{r['compress_seconds']:.1f} | {r['keep_reached']:.4f} | {r['ppl_before']:.3f} | "
-                     f"{r['ppl_after']:.3f} |")
     ratio = rows["offload"]["after_load_mb"] / rows["memory"]["after_load_mb"]
     peak_ratio = rows["offload"]["anon_peak_mb"] / rows["memory"]["anon_peak_mb"]
     slow = rows["offload"]["seconds"] / rows["memory"]["seconds"]
     lines += [
-        "",
-        f"Offload / memory: heap after loading **{ratio:.2f}×**, heap peak **{peak_ratio:.2f}×**, "
+        "", f"Offload / memory: heap after loading **{ratio:.2f}×**, heap peak **{peak_ratio:.2f}×**, "
         f"wall time **{slow:.2f}×**. Largest logit "
-        f"difference between the two written checkpoints: **{result['max_logit_diff']:.3g}**.",
-        "",
+        f"difference between the two written checkpoints: **{result['max_logit_diff']:.3g}**.", "",
         "What this shows on a CPU-only machine: the offloaded run gives the identical checkpoint at the "
         "same speed. It cannot show a memory saving here, for two reasons measured in this run's "
         "numbers: transformers memory-maps safetensors, so the in-memory load already keeps the weights "

@@ -6,7 +6,6 @@
   Q3  all-MiniLM-L6-v2: STS-B dev Spearman and mean cosine to the dense embeddings at keep 0.8/0.6.
   Q4  wall time and peak memory of each method relative to plain SVD, from the Q1/Q2 JSON.
 
-Models are found by flag or environment variable, never downloaded (benchmarks/README.md).
 Example:  nice -n 10 python benchmarks/quality.py q2          (about a minute)
           python benchmarks/quality.py q1 --render            (rebuild the .md from the .json)
 """
@@ -18,10 +17,10 @@ import csv
 import json
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
-from harness import Report, arguments, environment, eval_windows, fmt, log, provenance, rerender, table, wiki
+from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, fmt, log, numbers,
+                     provenance, rerender, table, wiki)
 
 # (label, method, extra config): the rows of Q1/Q2; `svd-llm` = whitening only (BENCHMARKS' baseline).
 LM_ROWS = [("svd", "svd", {}), ("asvd", "asvd", {}), ("svd-llm", "svd-llm", {"update": "false"}),
@@ -42,8 +41,7 @@ def parse_args(argv=None):
     p.add_argument("which", choices=["q1", "q2", "q3", "q4", "all"])
     p.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: the pip package's)")
     p.add_argument("--keeps", default=None, help="comma-separated keep ratios")
-    for flag in ("calib-windows", "calib-seq", "eval-windows", "eval-seq"):
-        p.add_argument(f"--{flag}", type=int, default=None)
+    numbers(p, ((flag, None) for flag in ("calib-windows", "calib-seq", "eval-windows", "eval-seq")))
     return p.parse_args(argv)
 
 
@@ -80,7 +78,7 @@ def run_lm(name: str, args) -> dict:
         if row is None:
             model = copy.deepcopy(dense)
             config, metrics = compress(model, method, keep, extra, source, sizes, ctx)
-            row = {"label": label, "method": method, "keep": keep, "config": config.to_dict(),
+            row = {"label": label, "method": method, "keep": keep, "config": config,
                    "ppl": perplexity(model, windows)["perplexity"], **metrics, "key": key}
             log(f"{name}: keep {keep} {label:15s} ppl {row['ppl']:10.3f} reached {row['keep_ratio_reached']:.4f}")
         report.state["rows"].append(row)
@@ -98,15 +96,10 @@ def compress(model, method: str, keep: float, extra: dict, source: str, sizes: d
     """One method config at `keep` applied to `model` in place: (config, the metrics kept)."""
     from compressor.registry import get_method
 
-    cls = get_method(method).config_cls
     fields = {"rank": keep, **extra}
-    if "calibration" in cls.field_names():
-        fields.update(calibration=source, num_windows=sizes["calib_windows"], seq_len=sizes["calib_seq"],
-                      batch_size=sizes.get("batch_size", 8))
-    config = cls(**fields)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stage = get_method(method).apply(model, config, ctx)
+    if "calibration" in get_method(method).config_cls.field_names():
+        fields.update(calib_fields(source, sizes["calib_windows"], sizes["calib_seq"], sizes.get("batch_size", 8)))
+    stage, config, _ = apply_method(model, method, fields, ctx)
     return config, {k: stage.metrics[k] for k in METRIC_KEYS if k in stage.metrics}
 
 

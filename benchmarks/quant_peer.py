@@ -14,8 +14,7 @@ from the start of its second half evaluate. Rows: dense; RTN (QuantizationModifi
 Linear but the tied lm_head. Perplexity on the in-memory fake-quantized model, then again after a
 compressed-tensors save + reload. Bytes from the saved safetensors: floating values at 2 bytes
 (bfloat16), integer tensors at their width; the denominator is the dense checkpoint counted alike.
-Writes reports/quant_peer.{json,md} after every row; a row already there with the same sizes is
-not rerun (--force reruns it); --render rewrites the .md from the .json.
+Writes reports/quant_peer.{json,md} after every row (harness.Report: its row cache, --force, --render).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from harness import ROOT, Report, arguments, finite, need_file, rerender, table, wiki
+from harness import Report, ROOT, arguments, finite, need_file, numbers, rerender, sizes_of, table, wiki
 # (label, llm-compressor modifier or None for dense, weight bits); run in this order.
 ROWS = [("dense", None, None), ("rtn-int4-g64", "QuantizationModifier", 4), ("gptq-int4-g64", "GPTQModifier", 4),
         ("rtn-int8-g64", "QuantizationModifier", 8), ("gptq-int3-g64", "GPTQModifier", 3)]
@@ -48,8 +47,7 @@ ISSUE_TABLE = {"dense": 26.84, "rtn-int8-g64": 26.94, "gptq-int4-g64": 37.07, "r
 
 def parse_args(argv: list[str] | None = None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    for flag, default in (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)))
     p.add_argument("--no-reload", action="store_true", help="skip the compressed save + reload check")
     return p.parse_args(argv)
 
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     wanted = args.rows.split(",") if args.rows else known
     if sorted(set(wanted) - set(known)):
         sys.exit(f"error: unknown row label(s) {sorted(set(wanted) - set(known))}; choose from {','.join(known)}")
-    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+    sizes = sizes_of(args)
     dense, tokenizer = load_plain_smollm2(args.smollm2)
     calib, eval_windows = halves_windows(token_stream(tokenizer, Path(wiki(args.data_dir))), sizes)
     report = Report(out, "quant_peer", render)

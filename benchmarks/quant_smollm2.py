@@ -10,9 +10,8 @@ packed codes at one byte per byte), over the dense bf16 file.
 Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS] with METHOD gptq or rtn,
 GROUP 0 = per-channel, `ao` = act_order, rRANK = correction_rank (gptq), eEBITS = embedding_bits (the
 input embedding and the tied lm_head, groups as the linears; `g` after it: by GPTQ against lm_head's
-input Hessian, `embedding_gptq`). Rows are appended to
-reports/quant_smollm2.json as each finishes (a row already there with the same config is not
-rerun; --force reruns it); the .md table is rebuilt from it (--render: from the JSON alone).
+input Hessian, `embedding_gptq`). Rows are added to reports/quant_smollm2.{json,md} as each finishes
+(the row cache: benchmarks/README.md).
 
 Example:  OMP_NUM_THREADS=1 python benchmarks/quant_smollm2.py --rows dense,rtn-w4-g64,gptq-w4-g64
 """
@@ -26,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Report, arguments, eval_windows, need_file, rerender, table, wiki
+from harness import Report, arguments, eval_windows, load, need_file, numbers, rerender, sizes_of, table, wiki
 
 LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
 
@@ -101,8 +100,7 @@ def render(state: dict) -> str:
 
 def main(argv=None) -> None:
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    for flag, default in (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)))
     args = p.parse_args(argv)
     if args.render:
         print(rerender(Path(args.out), "quant_smollm2", render))
@@ -110,16 +108,12 @@ def main(argv=None) -> None:
     need_file(args.smollm2, "--smollm2 PATH")
     import torch
 
-    from compressor.context import Context
-    from compressor.models import load_model
-
     torch.set_num_threads(args.threads)
-    loaded = load_model(args.smollm2)
+    loaded, ctx = load(args.smollm2)
     dense = loaded.model.to(torch.bfloat16)
-    ctx = Context(tokenizer=loaded.tokenizer, quiet=True)
     windows = eval_windows(ctx, wiki(args.data_dir), args.eval_seq, args.eval_windows)
     report = Report(args.out, "quant_smollm2", render)
-    sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+    sizes = sizes_of(args)
     report.begin(sizes, model=Path(args.smollm2).name,
                         calib=f"wiki.test.raw first half, {args.calib_windows}x{args.calib_seq} tokens",
                         eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")

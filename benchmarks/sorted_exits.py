@@ -15,20 +15,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness import Report, arguments, command_line, environment, eval_windows, rerender
+from harness import Report, arguments, command_line, environment, eval_windows, load, numbers, rerender
 
 
 def tune(kind: str, args, source: str):
     """stories260K tuned by `backprop` (plain) or `sorted`; (model, seconds)."""
-    from compressor.context import Context
-    from compressor.models import load_model
     from compressor.training.backprop import BackpropConfig
     from compressor.training.backprop import apply as backprop_apply
     from compressor.training.sorted_ft import SortedConfig
     from compressor.training.sorted_ft import apply as sorted_apply
 
-    loaded = load_model(None)
-    ctx = Context(tokenizer=loaded.tokenizer, seed=args.seed, quiet=True)
+    loaded, ctx = load(None, seed=args.seed)
     common = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch, "seq_len": args.seq, "data": source,
               "num_eval": 8, "seed": args.seed, "schedule": args.schedule, "warmup_steps": args.warmup}
     started = time.perf_counter()
@@ -61,9 +58,7 @@ def render(result: dict) -> str:
 def main(argv=None) -> None:
     p = arguments(__doc__, data=True, threads=2)
     p.add_argument("--text", default=None, help="tuning/eval text file (overrides --data-dir)")
-    for flag, default in (("steps", 300), ("warmup", 10), ("batch", 16), ("seq", 128), ("eval-windows", 64),
-                          ("seed", 0)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("steps", 300), ("warmup", 10), ("batch", 16), ("seq", 128), ("eval-windows", 64), ("seed", 0)))
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
     args = p.parse_args(argv)
@@ -71,17 +66,14 @@ def main(argv=None) -> None:
         return print(rerender(Path(args.out), "finetune_sorted", render))
     import torch
 
-    from compressor.context import Context
     from compressor.evaluation import perplexity
-    from compressor.models import load_model
     from compressor.training.sorted_ft import default_exits
 
     torch.set_num_threads(args.threads)
     text = Path(args.data_dir) / "tinystories" / "tinystories_val_a.txt"
     source = args.text or (str(text) if text.is_file() else "default")
-    base = load_model(None)
+    base, ctx = load(None, seed=args.seed)
     exits = default_exits(base.model.config.num_hidden_layers)
-    ctx = Context(tokenizer=base.tokenizer, seed=args.seed, quiet=True)
     windows = eval_windows(ctx, source, args.seq, args.eval_windows)
 
     def exit_perplexities(model) -> dict[str, float]:

@@ -7,7 +7,7 @@ the dense model. Stored bytes: every value in bfloat16, index metadata at its ow
 embeddings once (unstructured pruning stores its zeros densely: it saves no bytes).
 
 Writes reports/sparse_p1[_TAG].{json,md} and reports/frontier_sparse.json (benchmarks/frontier.py's
-rows) after every row; a row whose config is unchanged is not rerun (--force reruns it).
+rows) after every row.
 
 Example:  nice -n 5 nohup python benchmarks/sparse_p1.py > /tmp/sparse-bench.log 2>&1 &
           python benchmarks/sparse_p1.py --rows dense,sparsegpt-2:4 --eval-windows 4   (quick look)
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from frontier import heal_row, sizes_and_heal_arguments
-from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, rerender,
-                     stored_bytes, table, wiki, write_text)
+from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, numbers,
+                     rerender, sizes_of, stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
@@ -42,8 +42,7 @@ PEER_ROW, DS_INIT = "llm-compressor-sparsegpt-2:4", "dsformer-init"
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
     sizes_and_heal_arguments(p, heal_steps=0)  # --heal-steps N adds the rows `<label>+heal`
-    for flag, default in (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)):
-        p.add_argument(f"--{flag}", type=int, default=default)
+    numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)))
     p.add_argument("--ds-lr", type=float, default=1e-4, help="dsformer STF learning rate")
     p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
     p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
@@ -69,8 +68,7 @@ class Run:
         from compressor.data import windows_for
         from compressor.models import load_model
 
-        self.args, self.source = args, wiki(args.data_dir)
-        self.sizes = {k: getattr(args, k) for k in ("calib_windows", "calib_seq", "eval_windows", "eval_seq")}
+        self.args, self.source, self.sizes = args, wiki(args.data_dir), sizes_of(args)
         loaded = load_model(args.smollm2)
         self.dense, self.tokenizer = loaded.model, loaded.tokenizer
         stream = windows_for(self.tokenizer, self.source, split="calib", seq_len=args.calib_seq)

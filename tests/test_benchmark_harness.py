@@ -107,3 +107,14 @@ def test_the_frontier_draws_the_gguf_source_at_its_bytes_and_the_dense_perplexit
     peer = {r["label"]: round(r["ppl"], 2) for r in rows if r["source"] == "llm-compressor"}
     assert peer == {"llm-compressor rtn-int4-g64": 44.96, "llm-compressor gptq-int4-g64": 41.76,
                     "llm-compressor rtn-int8-g64": 30.85, "llm-compressor gptq-int3-g64": 185.73}
+
+
+def test_numeric_flags_take_their_defaults_type_and_sizes_of_reads_a_runs_sizes():
+    parser = harness.arguments("doc", threads=None)
+    harness.numbers(parser, (("steps", 3), ("heal-lr", 3e-4), ("eval-windows", None)))
+    args = parser.parse_args(["--steps", "5", "--heal-lr", "1e-3"])
+    assert (args.steps, args.heal_lr, args.eval_windows) == (5, 1e-3, None)
+    assert parser.parse_args(["--eval-windows", "4"]).eval_windows == 4  # None default: an int flag
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--steps", "2.5"])
+    assert harness.sizes_of(args, ("steps", "heal_lr")) == {"steps": 5, "heal_lr": 1e-3}
