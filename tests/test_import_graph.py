@@ -285,3 +285,13 @@ def test_config_modules_import_only_configs_errors_and_the_standard_library():
     assert {"compressor.configs.svd_llm", "compressor.configs.lowrank", "compressor.configs.train"} <= configs
     problems = config_violations(files, configs)
     assert not problems, "config modules must stay torch-free and below the registry:\n" + "\n".join(problems)
+
+
+def test_the_kernels_import_nothing_from_the_library():
+    """ARCHITECTURE rule 5: kernels/ (compressor.kernels) may import torch, triton and each other only."""
+    graph = import_edges(module_files())
+    kernels = [m for m in graph if m.startswith("compressor.kernels")]
+    assert "compressor.kernels.dispatch" in kernels and len(kernels) > 5  # the walker sees them
+    problems = [f"{module} -> {target} ({where})" for module in kernels for target, where in graph[module].items()
+                if target.startswith("compressor") and not target.startswith("compressor.kernels")]
+    assert not problems, "the kernels import nothing from the library:\n" + "\n".join(problems)
