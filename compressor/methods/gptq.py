@@ -17,7 +17,7 @@ code is svd-llm's), which minimises the residual's calibration output error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,7 +27,8 @@ from ..calibration import CalibrationHooks, LayerStats, compress_blocks
 from ..config import CalibrationConfig
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import LowRankLinear, NMSparseLinear
+from ..kernels.packing import INT_BITS
+from ..layers import CompressedLinear, LowRankLinear, NMSparseLinear
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
@@ -52,6 +53,7 @@ from ._quant_grid import (
     rtn_quantize,
     summary,
 )
+from ._byte_allocation import BytePlan, Format, check_budget, format_options, plan_formats
 from ._factors import whitened_factors
 
 __all__ = ["GPTQConfig", "gptq_quantize", "low_rank_correction"]
@@ -68,12 +70,24 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
         block_size: columns per lazy-update block (the paper's 128; rounded to whole groups).
         correction_rank: r > 0 stores a rank-r low-rank correction of the quantization residual
             (W ≈ Q + U·V, whitened by the calibration inputs); 0 = none.
+        target_bytes: B > 0 chooses each matrix's format (bits, group size, correction rank) so that
+            model.safetensors takes at most B × the dense bfloat16 checkpoint's bytes (embeddings
+            included), by calibration loss per byte (`_byte_allocation`); `bits` and `group_size`
+            are then replaced by the options below. 0 = one format for every matrix.
+        bit_options: the code widths target_bytes chooses from.
+        group_options: the group sizes it chooses from (0 = per-channel; one that does not divide a
+            matrix's in_features is not offered to it); empty = `group_size` alone.
+        correction_ranks: the correction ranks it chooses from (0 = none).
     """
 
     act_order: bool = False
     dampening: float = 0.01
     block_size: int = 128
     correction_rank: int = 0
+    target_bytes: float = 0.0
+    bit_options: tuple[int, ...] = (2, 3, 4, 8)
+    group_options: tuple[int, ...] = ()
+    correction_ranks: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -84,6 +98,28 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
             value, low = getattr(self, key), 1 if key == "block_size" else 0
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"gptq: `{key}` must be an integer >= {low}, got {value!r}")
+        self._check_budget_fields()
+
+    def check_model(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Before any work (the pipeline calls it once the model is loaded): the byte budget is
+        reachable by the formats on offer, written in `dtype`."""
+        if self.target_bytes:
+            selected = select_linears(model, self.targets, self.ignore)
+            check_budget(model, _format_options(selected, self), self.target_bytes, dtype, "gptq")
+
+    def _check_budget_fields(self) -> None:
+        if isinstance(self.target_bytes, bool) or not 0 <= self.target_bytes <= 1:
+            raise ConfigError(f"gptq: `target_bytes` is a fraction of the dense bf16 checkpoint's bytes in (0, 1] "
+                              f"(0 = off), got {self.target_bytes!r}; e.g. `--target-bytes 0.3`")
+        if not self.bit_options or any(b not in INT_BITS for b in self.bit_options):
+            raise ConfigError(f"gptq: `bit_options` must list widths among {', '.join(map(str, INT_BITS))}, got "
+                              f"{list(self.bit_options)}")
+        for key in ("group_options", "correction_ranks"):
+            if any(isinstance(v, bool) or v < 0 for v in getattr(self, key)):
+                raise ConfigError(f"gptq: `{key}` must list integers >= 0, got {list(getattr(self, key))}")
+        if self.target_bytes and self.correction_rank:
+            raise ConfigError("gptq: with `target_bytes` the correction ranks are chosen from `correction_ranks`; "
+                              "drop `correction_rank` and list the ranks to choose from, e.g. `correction_ranks: [0, 16]`")
 
 
 # -- pure tensor functions ---------------------------------------------------------------------
@@ -244,18 +280,63 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
 
 @register("gptq", GPTQConfig, kind="compress")
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
-    """Quantize every targeted linear with GPTQ, block by block on the calibration engine."""
+    """Quantize every targeted linear with GPTQ, block by block on the calibration engine (each at
+    the format the byte allocation chose, with `target_bytes`)."""
     selected = select_linears(model, config.targets, config.ignore)
-    check_targets("gptq", selected, config.group_size)
+    check_targets("gptq", selected, 0 if config.target_bytes else config.group_size)
     _check_rank(selected, config.correction_rank)
+    notes: list[str] = []
+    plan = _byte_plan(model, selected, config, ctx, notes) if config.target_bytes else None
     rows: list[dict[str, Any]] = []
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
-        return _quantize_one(name, module, stats, config, rows)
+        if plan is None:
+            return _quantize_one(name, module, stats, config, rows)
+        fmt = plan.formats[name]
+        own = replace(config, bits=fmt.bits, group_size=fmt.group_size, correction_rank=fmt.rank, target_bytes=0.0)
+        return _quantize_one(name, module, stats, own, rows)
 
     windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows)
     outside = compress_blocks(model, selected, CalibrationHooks("hessian", compress), windows, ctx,
                               batch_size=config.batch_size, description="gptq").outside
-    notes = [(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
-              f"{', '.join(outside[:4])}")] if outside else []
-    return StageResult(metrics=summary(rows), per_module=rows, notes=notes)
+    if outside:
+        notes.append(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
+                     f"{', '.join(outside[:4])}")
+    metrics = summary(rows)
+    if plan is not None:
+        metrics.update(target_bytes=config.target_bytes, budget_bytes=plan.budget, predicted_bytes=plan.predicted,
+                       dense_bf16_bytes=plan.dense, predicted_loss=round(sum(plan.losses.values()), 8))
+        for row in rows:
+            row.update(format=plan.formats[row["module"]].label, predicted_loss=plan.losses.get(row["module"]))
+    return StageResult(metrics=metrics, per_module=rows, notes=notes)
+
+
+def _format_options(selected: dict[str, nn.Module], config: GPTQConfig) -> dict[str, list[Format]]:
+    """{name: the formats `target_bytes` may give it}; ConfigError for a matrix no group size fits."""
+    groups = config.group_options or (config.group_size,)
+    options = {n: format_options(linear_shape(m), config.bit_options, groups, config.correction_ranks)
+               for n, m in selected.items()}
+    unfit = [f"{n} (in_features={linear_shape(selected[n])[1]})" for n, o in options.items() if not o]
+    if unfit:
+        raise ConfigError(f"gptq: no group size of {list(groups)} divides {len(unfit)} layer(s): {', '.join(unfit[:3])}; "
+                          "add 0 (per-channel) to `group_options`")
+    return options
+
+
+def _byte_plan(model: nn.Module, selected: dict[str, nn.Module], config: GPTQConfig, ctx: Context,
+               notes: list[str]) -> BytePlan:
+    """Each matrix's format under `target_bytes` (see `_byte_allocation`), and its report line."""
+    compressed = [n for n, m in selected.items() if isinstance(m, CompressedLinear)]
+    if compressed:
+        raise ConfigError(f"gptq: `target_bytes` chooses formats for dense linears, but {compressed[0]} is already "
+                          "compressed; add the compressed layers to `ignore` or use `bits` without `target_bytes`")
+    options = _format_options(selected, config)
+    dtype = ctx.checkpoint_dtype or torch.bfloat16
+    plan = plan_formats(model, selected, options, config.target_bytes, dtype, config, ctx, notes)
+    counts: dict[str, int] = {}
+    for fmt in plan.formats.values():
+        counts[fmt.label] = counts.get(fmt.label, 0) + 1
+    notes.append(f"target_bytes {config.target_bytes:g}: budget {plan.budget} bytes of the dense bf16 {plan.dense}; "
+                 f"predicted model.safetensors {plan.predicted} bytes ({plan.predicted / plan.dense:.4f}); formats "
+                 + ", ".join(f"{label} ×{n}" for label, n in sorted(counts.items())))
+    return plan
