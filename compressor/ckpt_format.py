@@ -64,13 +64,22 @@ def check_layer_table(model: nn.Module, layers: Any, where: str) -> None:
 
     modules = dict(model.named_modules())
     for name, spec in layers.items():
-        if name not in modules or not is_linear(modules[name]):
+        module = modules.get(name)
+        if module is None or not (is_linear(module) or _is_embedding(module)):
             raise ModelError(f"{where}: layer table names `{name}`, which is not a linear layer of "
                              f"{type(model).__name__}; the checkpoint does not match its config.json")
         kind, args = check_layer_spec(name, spec, where)
-        problem = _shape_problem(kind, args, linear_shape(modules[name]))
+        embedding = kind == "quant_embedding"  # a lookup table: (num_embeddings, embedding_dim) = (out, in)
+        if embedding != _is_embedding(module):
+            raise ModelError(f"{where}: layer `{name}` ({kind}) is {'not ' * embedding}an embedding in "
+                             f"{type(model).__name__}; the checkpoint does not match its config.json")
+        problem = _shape_problem(kind, args, tuple(module.weight.shape) if embedding else linear_shape(module))
         if problem:
             raise ModelError(f"{where}: layer `{name}` ({kind}): {problem}; the checkpoint is damaged, re-create it")
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return type(module).__name__ == "Embedding" and getattr(module, "weight", None) is not None
 
 
 def check_layer_spec(name: str, spec: Any, where: str) -> tuple[str, dict[str, Any]]:
@@ -148,7 +157,7 @@ def _shape_problem(kind: str, args: dict[str, Any], shape: tuple[int, int]) -> s
         return f"rank {rank!r} / u_group_size {args.get('u_group_size')!r} do not fit"
     if kind == "nm_sparse_quant" and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f // m * n)):
         return f"group_size {args.get('group_size')!r} does not divide the {in_f // m * n} kept values per row"
-    if kind in ("quant", "low_rank_quant") and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
+    if kind in ("quant", "low_rank_quant", "quant_embedding") and not (args.get("bits") in (2, 3, 4, 8) and _divides(args.get("group_size"), in_f)):
         return f"bits {args.get('bits')!r} / group_size {args.get('group_size')!r} are not a b-bit grid over {in_f} inputs"
     return None
 

@@ -72,6 +72,12 @@ WHY_NOT = {
     "nm_sparse_quant": "2:4 with quantized kept values is compressed-tensors' marlin-24 layout, which vLLM "
                        "dropped in 2026 (and compressed-tensors after 0.14); export the 2:4 model before "
                        "quantizing, or quantize a dense model",
+    "quant_embedding": "its input embedding is quantized (`embedding_bits`), and compressed-tensors' "
+                       "pack-quantized export holds quantized linears beside a dense embedding; re-quantize "
+                       "without `embedding_bits` to export",
+    "quant_tied_head": "its lm_head reads the quantized embedding's codes (`embedding_bits`), and "
+                       "compressed-tensors' pack-quantized export holds quantized linears beside a dense "
+                       "embedding; re-quantize without `embedding_bits` to export",
     "lora": "a LoRA adapter is not a weight format; merge it first (--merge)",
     "nola": "a NOLA adapter is not a weight format; merge it first (--merge)",
     "dsee": "a DSEE adapter is not a weight format; merge it first (--merge)",
@@ -91,7 +97,8 @@ def check_format(fmt: Any) -> None:
 def check_exportable(layers: dict[str, dict[str, Any]], where: str) -> str:
     """The compressed-tensors layout that holds every compressed layer (SPARSE24 or PACKED), or a
     ModelError naming the first layer that cannot be expressed and why."""
-    layouts = {_layout_of(name, spec, where) for name, spec in layers.items()}
+    embedding_first = sorted(layers.items(), key=lambda item: item[1].get("type") != "quant_embedding")
+    layouts = {_layout_of(name, spec, where) for name, spec in embedding_first}
     if not layouts:
         raise ModelError(f"{where} has no 2:4 or int4/int8 layers to export; run `compressor compress -m prune` "
                          "or `-m gptq --bits 4` first")
@@ -122,6 +129,9 @@ def _pack_problem(args: dict[str, Any]) -> str | None:
     if args.get("bits") not in PACKED_BITS:
         return (f"is {args.get('bits')}-bit: compressed-tensors' pack-quantized is served (vLLM W4A16 / W8A16) "
                 "for 4- and 8-bit codes only; quantize with --bits 4 or --bits 8")
+    if args.get("embedding_bits"):
+        return ("quantizes the input embedding (`embedding_bits`), and compressed-tensors' pack-quantized "
+                "export holds quantized linears beside a dense embedding; drop `embedding_bits`")
     if args.get("correction_rank"):
         return (f"carries a rank-{args['correction_rank']} low-rank correction U V beside its codes, and "
                 "compressed-tensors stores one weight tensor per linear; quantize without `correction_rank`")

@@ -47,7 +47,7 @@ class CompressorQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .layers import build_layer
+        from .layers import build_layer, link_quantized_embeddings
         from .layers.base import replace_module
 
         source = getattr(model.config, "_name_or_path", "") or ""
@@ -61,6 +61,7 @@ class CompressorQuantizer(HfQuantizer):
             for name, spec in self.quantization_config.layers.items():
                 built[name] = build_layer(spec, dtype=dtype)
                 replace_module(model, name, built[name])
+        link_quantized_embeddings(model)  # a quantized tied lm_head reads the embedding's codes
         for name in built:  # parents' _init_weights may reach for `child.weight` (GPT-2's c_proj): every
             parent = model.get_submodule(name.rpartition(".")[0])  # tensor they own is loaded anyway
             parent._is_hf_initialized = True

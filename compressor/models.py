@@ -330,7 +330,7 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from .layers import build_layer
+    from .layers import build_layer, link_quantized_embeddings
     from .targeting import replace_module
 
     kwargs = kwargs or {}
@@ -349,6 +349,7 @@ def load_compressed(folder: Path, kwargs: dict[str, Any] | None = None) -> Loade
     model = _from_config(config, dtype=kwargs.get("dtype", torch.float32))
     for name, spec in layers.items():
         replace_module(model, name, build_layer(spec))
+    link_quantized_embeddings(model)
     state = {}
     # Only the model's own shards: users sometimes drop other .safetensors files beside them.
     for shard in sorted(folder.glob("model*.safetensors")):

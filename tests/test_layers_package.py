@@ -29,6 +29,8 @@ SPECS = {
                        "u_group_size": 2, "symmetric": True, "bias": True},
     "nm_sparse_quant": {"in_features": 8, "out_features": 6, "n": 2, "m": 4, "bits": 4, "group_size": 2,
                         "symmetric": False, "bias": False},
+    "quant_embedding": {"in_features": 8, "out_features": 6, "bits": 4, "group_size": 4, "symmetric": True},
+    "quant_tied_head": {"in_features": 8, "out_features": 6},
 }
 
 FORBIDDEN = """

@@ -19,12 +19,13 @@ from .lora import LoraLinear
 from .low_rank import LowRankLinear
 from .nm_sparse import NMSparseLinear
 from .nola import NolaLinear
+from .quant_embedding import QuantEmbedding, QuantTiedHead, link_quantized_embeddings
 from .quantized import QuantLinear, QuantLowRankLinear, QuantNMLinear
 
 __all__ = [
     "LAYER_TYPES", "CompressedLinear", "DenseSparseLinear", "DseeLinear", "LoraLinear",
-    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantLinear", "QuantLowRankLinear", "QuantNMLinear",
-    "build_layer", "compressed_layers", "dense_linear",
+    "LowRankLinear", "NMSparseLinear", "NolaLinear", "QuantEmbedding", "QuantLinear", "QuantLowRankLinear",
+    "QuantNMLinear", "QuantTiedHead", "build_layer", "compressed_layers", "dense_linear", "link_quantized_embeddings",
     "layer_manifest", "merge_compressed", "register_layer",
 ]
 

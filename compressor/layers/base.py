@@ -63,7 +63,10 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, HF's GPT-2 style Conv1D, and compressor's own factored layers."""
+    """nn.Linear, HF's GPT-2 style Conv1D, and compressor's own factored layers (not a quantized
+    embedding table, which is a CompressedLinear only for the checkpoint's layer table)."""
+    if getattr(module, "is_lookup", False):
+        return False
     return isinstance(module, (nn.Linear, CompressedLinear)) or type(module).__name__ == "Conv1D"
 
 

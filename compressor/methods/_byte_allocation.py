@@ -30,16 +30,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..calibration import calibration_windows
 from ..ckpt_format import IMPORT_HINT
 from ..errors import ConfigError
-from ..layers import QuantLinear, compressed_layers
+from ..layers import QuantEmbedding, QuantLinear, QuantTiedHead, compressed_layers
 from ..numerics import cholesky_with_shift
 from ..offload import materialized
 from ..targeting import linear_shape, linear_weight
-from ._lowrank_allocation import allocate_options, dense_layer_stats, output_fisher
+from ._lowrank_allocation import FISHER_WINDOWS, allocate_options, dense_layer_stats, output_fisher
 from ._quant_grid import Grid, dequantize_codes, resolve_group, rtn_quantize
 
-__all__ = ["Format", "allocate_formats", "format_losses", "format_options", "planned_bytes", "safetensors_bytes"]
+__all__ = ["Format", "allocate_formats", "embedding_head", "format_losses", "format_options", "planned_bytes", "safetensors_bytes"]
 
 # safetensors writes tensors sorted by dtype (its enum order, descending), then by name.
 _ST_DTYPES = {torch.bool: ("BOOL", 0), torch.uint8: ("U8", 1), torch.int8: ("I8", 2), torch.int16: ("I16", 3),
@@ -71,11 +72,41 @@ def format_options(shape: tuple[int, int], bits: Iterable[int], groups: Iterable
     return sorted({Format(b, g, r) for b in bits for g in sizes for r in ranks if r < min(out_f, in_f)})
 
 
-def planned_layer(module: nn.Module, fmt: Format, dtype: torch.dtype) -> QuantLinear:
-    """The QuantLinear `module` becomes at `fmt`, on the meta device (shapes and dtypes only)."""
+def planned_layer(module: nn.Module, fmt: Format, dtype: torch.dtype, tied: bool = False) -> nn.Module:
+    """The layer `module` becomes at `fmt`, on the meta device (shapes and dtypes only): a
+    QuantEmbedding for the input embedding, a QuantTiedHead (no tensors) for a head `tied` to
+    it, a QuantLinear otherwise."""
+    if isinstance(module, nn.Embedding):
+        return QuantEmbedding(module.embedding_dim, module.num_embeddings, fmt.bits, fmt.group_size, True,
+                              dtype=dtype, device="meta")
     out_f, in_f = linear_shape(module)
+    if tied:
+        return QuantTiedHead(in_f, out_f, dtype=dtype, device="meta")
     return QuantLinear(in_f, out_f, fmt.bits, fmt.group_size, True, getattr(module, "bias", None) is not None,
                        fmt.rank, dtype=dtype, device="meta")
+
+
+def embedding_head(model: nn.Module) -> tuple[str | None, str | None, bool]:
+    """(input embedding's name, output head's name, whether the head is tied to it); None where
+    the model has none. An untied head is quantized on the embedding's grid (as `embedding_bits`
+    does), so a plan for the embedding covers the head too."""
+    names = {id(m): n for n, m in model.named_modules()}
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    tied = head is not None and getattr(head, "weight", None) is getattr(embedding, "weight", False)
+    return names.get(id(embedding)), names.get(id(head)), tied
+
+
+def unit_layers(model: nn.Module, name: str, fmt: Format, dtype: torch.dtype) -> dict[str, nn.Module]:
+    """{module name: planned layer} of one allocation unit: a linear, or the input embedding with
+    its output head (tied: a QuantTiedHead; an untied nn.Linear: quantized on the same grid)."""
+    modules = dict(model.named_modules())
+    layers = {name: planned_layer(modules[name], fmt, dtype)}
+    embedding, head, tied = embedding_head(model)
+    if name == embedding and head is not None and (tied or type(modules[head]) is nn.Linear):
+        layers[head] = planned_layer(modules[head], Format(fmt.bits, fmt.group_size), dtype, tied=tied)
+    return layers
 
 
 def tensor_bytes(tensor: Tensor, dtype: torch.dtype) -> int:
@@ -83,29 +114,31 @@ def tensor_bytes(tensor: Tensor, dtype: torch.dtype) -> int:
     return tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
 
 
-def layer_bytes(module: nn.Module, fmt: Format, dtype: torch.dtype) -> int:
-    """Bytes the tensors of `module` at `fmt` take in the checkpoint (header excluded)."""
-    return sum(tensor_bytes(t, dtype) for t in planned_layer(module, fmt, dtype).state_dict().values())
+def layer_bytes(model: nn.Module, name: str, fmt: Format, dtype: torch.dtype) -> int:
+    """Bytes the tensors of unit `name` at `fmt` take in the checkpoint (header excluded)."""
+    return sum(tensor_bytes(t, dtype) for layer in unit_layers(model, name, fmt, dtype).values()
+               for t in layer.state_dict().values())
 
 
 def planned_entries(model: nn.Module, formats: Mapping[str, Format], dtype: torch.dtype) -> dict[str, tuple]:
     """{key: (dtype, shape)} of the checkpoint the model would write with `formats[name]` for
-    each named linear: tensors shared in memory (a tied lm_head) once, under the first name; the
+    each named unit: tensors shared in memory (a tied lm_head) once, under the first name; the
     empty `.weight` placeholders and the import hint that compressed layers bring."""
+    planned: dict[str, nn.Module] = {}
+    for name, fmt in formats.items():
+        planned.update(unit_layers(model, name, fmt, dtype))
     entries: dict[str, tuple] = {}
     seen: set[tuple] = set()
     for key, tensor in model.state_dict().items():
-        if key.rsplit(".", 1)[0] in formats:
+        if key.rsplit(".", 1)[0] in planned:
             continue
         shared = (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype) if tensor.numel() else None
         if shared is not None and shared in seen:
             continue
         seen.add(shared)
         entries[key] = (dtype if tensor.is_floating_point() else tensor.dtype, tuple(tensor.shape))
-    modules = dict(model.named_modules())
-    layers: dict[str, nn.Module] = dict(compressed_layers(model))
-    for name, fmt in formats.items():
-        layers[name] = layer = planned_layer(modules[name], fmt, dtype)
+    layers: dict[str, nn.Module] = {**compressed_layers(model), **planned}
+    for name, layer in planned.items():
         for key, tensor in layer.state_dict().items():
             entries[f"{name}.{key}"] = (tensor.dtype, tuple(tensor.shape))
     for name, layer in layers.items():  # ckpt_format.placeholder_names, without materialising anything
@@ -172,7 +205,8 @@ def format_losses(weight: Tensor, hessian: Tensor, formats: list[Format], weight
         if key not in spectra:
             delta = weight.double() - rtn_weight(weight, Grid(fmt.bits, fmt.group_size, True, weight.dtype))
             error = float(((delta @ h) * delta).sum())
-            energy = None if chol is None else torch.linalg.svdvals(delta @ chol).square().cumsum(0)
+            # float32 singular values: ranking options needs σ² to a few digits, not fp64's (3x the time)
+            energy = None if chol is None else torch.linalg.svdvals((delta @ chol).float()).double().square().cumsum(0)
             spectra[key] = (error, energy)
         error, energy = spectra[key]
         removed = float(energy[fmt.rank - 1]) if fmt.rank else 0.0
@@ -218,11 +252,10 @@ class BytePlan:
 def check_budget(model: nn.Module, options: Mapping[str, list[Format]], target: float, dtype: torch.dtype,
                  method: str) -> tuple[int, int]:
     """(budget bytes, dense bf16 bytes); ConfigError when even the cheapest format of every
-    matrix exceeds target·dense (from shapes alone: nothing has been computed yet)."""
+    unit exceeds target·dense (from shapes alone: nothing has been computed yet)."""
     dense = dense_reference_bytes(model)
     budget = int(target * dense)
-    modules = dict(model.named_modules())
-    cheapest = {n: min(opts, key=lambda f: layer_bytes(modules[n], f, dtype)) for n, opts in options.items()}
+    cheapest = {n: min(opts, key=lambda f, n=n: layer_bytes(model, n, f, dtype)) for n, opts in options.items()}
     floor = planned_bytes(model, cheapest, dtype)
     if floor > budget:
         raise ConfigError(f"{method}: `target_bytes`={target:g} is {budget} bytes, but the smallest formats on offer "
@@ -234,9 +267,11 @@ def check_budget(model: nn.Module, options: Mapping[str, list[Format]], target: 
 
 def plan_formats(model: nn.Module, selected: Mapping[str, nn.Module], options: Mapping[str, list[Format]],
                  target: float, dtype: torch.dtype, config, ctx, notes: list[str]) -> BytePlan:
-    """Formats for `selected` under target·(dense bf16 bytes): dense-model Hessians and output
-    Fisher weights (one pass each), RTN losses of every option, the greedy per byte. Matrices
-    without calibration inputs (outside the blocks) keep their first option."""
+    """Formats for every unit of `options` (the selected linears, and the input embedding when
+    offered) under target·(dense bf16 bytes): dense-model Hessians and output Fisher weights (one
+    pass each), RTN losses of every option, the greedy per byte. The embedding is priced by its
+    error as the output head (the head's input Hessian and Fisher weight); units with one option
+    or without calibration inputs (linears outside the blocks) keep their first option."""
     budget, dense = check_budget(model, options, target, dtype, config.method_name)
     hessians: dict[str, Tensor] = {}
 
@@ -245,20 +280,25 @@ def plan_formats(model: nn.Module, selected: Mapping[str, nn.Module], options: M
             hessians[name] = stats[name].second_moment().detach().cpu()
 
     dense_layer_stats(model, dict(selected), config, ctx, notes, consume)
-    fisher = output_fisher(model, {n: selected[n] for n in hessians}, config, ctx, notes)
     modules = dict(model.named_modules())
-    fixed = {n: options[n][0] for n in selected if n not in hessians}
-    # Every byte but the allocated matrices' own tensors, with the header of the largest plan
-    # (more tensors and longer offsets than any other): what the greedy buys never overshoots.
-    largest = {**fixed, **{n: max(options[n], key=lambda f, n=n: layer_bytes(modules[n], f, dtype)) for n in hessians}}
-    rest = planned_bytes(model, largest, dtype) - sum(layer_bytes(modules[n], f, dtype) for n, f in largest.items())
+    embedding, head, _ = embedding_head(model)
+    scored = {n: modules[n] for n in hessians}
+    if embedding in options and len(options[embedding]) > 1 and head is not None:
+        hessians[embedding] = head_second_moment(model, modules[head], config, ctx)
+        scored[embedding] = modules[head]  # its Fisher weight: the head output's (the logits)
+    fisher = output_fisher(model, scored, config, ctx, notes)
+    fixed = {n: options[n][0] for n in options if n not in hessians}
+    # Every byte but the allocated units' own tensors, with the header of the largest plan (more
+    # tensors and longer offsets than any other), so what the greedy buys never overshoots.
+    largest = {**fixed, **{n: max(options[n], key=lambda f, n=n: layer_bytes(model, n, f, dtype)) for n in hessians}}
+    rest = planned_bytes(model, largest, dtype) - sum(layer_bytes(model, n, f, dtype) for n, f in largest.items())
     priced = {}
     for name, hessian in hessians.items():
         with materialized(modules[name]):
-            weight = linear_weight(modules[name]).detach().cpu()
+            weight = (modules[name].weight if name == embedding else linear_weight(modules[name])).detach().cpu()
         losses = format_losses(weight, hessian, options[name], float(fisher[name]))
-        priced[name] = [(f, layer_bytes(modules[name], f, dtype), loss) for f, loss in zip(options[name], losses)]
-    spend = budget - rest - sum(layer_bytes(modules[n], f, dtype) for n, f in fixed.items())
+        priced[name] = [(f, layer_bytes(model, name, f, dtype), loss) for f, loss in zip(options[name], losses)]
+    spend = budget - rest - sum(layer_bytes(model, n, f, dtype) for n, f in fixed.items())
     try:
         chosen = {**fixed, **allocate_formats(priced, spend)}
     except ValueError:  # only within a header's few bytes of the floor check_budget passed
@@ -267,3 +307,24 @@ def plan_formats(model: nn.Module, selected: Mapping[str, nn.Module], options: M
     predicted = planned_bytes(model, chosen, dtype)
     losses = {n: next(loss for f, _, loss in priced[n] if f == chosen[n]) for n in priced}
     return BytePlan(chosen, budget, predicted, dense, losses)
+
+
+@torch.no_grad()
+def head_second_moment(model: nn.Module, head: nn.Module, config, ctx) -> Tensor:
+    """E[h hᵀ] of the output head's input h over the first FISHER_WINDOWS calibration windows
+    (the dense model, one window per forward pass)."""
+    total, tokens = None, 0
+
+    def accumulate(_module, args, _output) -> None:
+        nonlocal total, tokens
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()
+        total = x.T @ x if total is None else total + x.T @ x
+        tokens += x.shape[0]
+
+    handle = head.register_forward_hook(accumulate)
+    try:
+        for window in calibration_windows(config, ctx, [])[:FISHER_WINDOWS]:
+            model(input_ids=window[None].to(ctx.device), use_cache=False)
+    finally:
+        handle.remove()
+    return (total / max(tokens, 1)).float()

@@ -30,14 +30,17 @@ from ..layers import (
     CompressedLinear,
     LowRankLinear,
     NMSparseLinear,
+    QuantEmbedding,
     QuantLinear,
     QuantLowRankLinear,
     QuantNMLinear,
+    QuantTiedHead,
+    link_quantized_embeddings,
 )
-from ..targeting import layer_type, linear_shape, linear_weight
+from ..targeting import layer_type, linear_shape, linear_weight, replace_module
 
-__all__ = ["Grid", "QuantFields", "check_targets", "factor_grids", "group_params", "quantize_codes",
-           "rtn_quantize"]
+__all__ = ["Grid", "QuantFields", "check_embedding", "check_targets", "factor_grids", "group_params",
+           "quantize_codes", "quantize_embedding", "rtn_quantize"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +51,18 @@ class QuantFields(MethodConfig):
         every targeted layer's in_features; 0 = per-channel (one group per output row).
     symmetric: symmetric grid (no zero point; llm-compressor's W4A16) or asymmetric (a uint8 zero
         point per group).
+    embedding_bits: 0 leaves the input embedding as it is; 2, 3, 4 or 8 rounds it to nearest on
+        that grid (groups along the hidden dimension). A tied lm_head then computes with the same
+        packed codes; an untied one is quantized as a linear on the same grid.
+    embedding_group_size: the embedding's group size (a divisor of the hidden size, 0 =
+        per-row); None = `group_size`.
     """
 
     bits: int = 4
     group_size: int = 64
     symmetric: bool = True
+    embedding_bits: int = 0
+    embedding_group_size: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,6 +73,13 @@ class QuantFields(MethodConfig):
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
             raise ConfigError(f"{name}: `group_size` must be a positive integer dividing in_features, or 0 "
                               f"for per-channel, got {self.group_size!r}")
+        if isinstance(self.embedding_bits, bool) or self.embedding_bits not in (0, *INT_BITS):
+            raise ConfigError(f"{name}: `embedding_bits` must be 0 (embedding left as is) or one of "
+                              f"{', '.join(map(str, INT_BITS))}, got {self.embedding_bits!r}; e.g. `embedding_bits: 8`")
+        group = self.embedding_group_size
+        if group is not None and (isinstance(group, bool) or not isinstance(group, int) or group < 0):
+            raise ConfigError(f"{name}: `embedding_group_size` must be a positive integer dividing the hidden "
+                              f"size, 0 for one group per row, or omitted (= group_size), got {group!r}")
 
 
 @dataclass(frozen=True)
@@ -208,8 +225,10 @@ def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) 
     """ConfigError, before anything changes, for a target already quantized, a compressed kind this
     method cannot quantize, or a group size that does not divide in_features."""
     for name, module in selected.items():
-        if isinstance(module, (QuantLinear, QuantLowRankLinear, QuantNMLinear)):
-            raise ConfigError(f"{method}: `{name}` is already quantized ({module.bits} bits); quantize each "
+        if isinstance(module, (QuantLinear, QuantLowRankLinear, QuantNMLinear, QuantTiedHead)):
+            bits = f"{module.embedding.bits} bits, the embedding's codes" if isinstance(module, QuantTiedHead) \
+                else f"{module.bits} bits"
+            raise ConfigError(f"{method}: `{name}` is already quantized ({bits}); quantize each "
                               "layer once: drop this stage or add the layer to `ignore`")
         if isinstance(module, CompressedLinear) and not isinstance(module, (LowRankLinear, NMSparseLinear)):
             raise ConfigError(f"{method}: `{name}` is a `{module.layer_type}` layer, which {method} cannot "
@@ -218,6 +237,61 @@ def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) 
     if bad:
         raise ConfigError(f"{method}: `group_size`={group_size} does not divide in_features of {len(bad)} "
                           f"layer(s): {', '.join(bad[:4])}; choose a divisor or `group_size: 0` (per-channel)")
+
+
+# -- the input embedding and its (tied) output head ------------------------------------------------
+
+
+def check_embedding(method: str, model: nn.Module, config: QuantFields) -> nn.Embedding | None:
+    """The input embedding `embedding_bits` asks to quantize (None when 0); ConfigError, before
+    anything changes, when there is none, it is already quantized, or the group does not fit."""
+    if not config.embedding_bits:
+        return None
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if isinstance(embedding, QuantEmbedding):
+        raise ConfigError(f"{method}: the input embedding is already quantized ({embedding.bits} bits); quantize "
+                          "it once: drop `embedding_bits` from this stage")
+    if type(embedding) is not nn.Embedding:
+        raise ConfigError(f"{method}: `embedding_bits` needs a plain nn.Embedding input embedding, but this model has "
+                          f"{type(embedding).__name__}; drop `embedding_bits`")
+    hidden = embedding.embedding_dim
+    group = _embedding_group(config, hidden)
+    if hidden % group:
+        raise ConfigError(f"{method}: `embedding_group_size`={group} does not divide the embedding dim {hidden}; "
+                          "choose a divisor or `embedding_group_size: 0` (one group per row)")
+    return embedding
+
+
+def _embedding_group(config: QuantFields, hidden: int) -> int:
+    group = config.group_size if config.embedding_group_size is None else config.embedding_group_size
+    return resolve_group(group, hidden)
+
+
+def quantize_embedding(model: nn.Module, embedding: nn.Embedding, config: QuantFields, skip: set[str],
+                       rows: list[dict[str, Any]]) -> None:
+    """Round the input embedding to nearest on its grid. A tied lm_head (`tie_word_embeddings`, the
+    same weight) becomes a QuantTiedHead reading the same codes; an untied nn.Linear lm_head not in
+    `skip` (the linears the stage quantizes itself) is quantized on the same grid."""
+    weight = embedding.weight.detach()
+    grid = Grid(config.embedding_bits, _embedding_group(config, weight.shape[1]), config.symmetric, weight.dtype)
+    codes, scales, zeros = rtn_quantize(weight, grid)
+    layer = QuantEmbedding.from_codes(pack_int(codes, grid.bits), scales, zeros, grid.bits, grid.group_size,
+                                      weight.shape[1])
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False) and \
+        getattr(head, "weight", None) is embedding.weight
+    replace_module(model, names[id(embedding)], layer)
+    rows.append(quant_row(names[id(embedding)], weight, layer, solver="rtn"))
+    if tied:
+        replace_module(model, names[id(head)], QuantTiedHead(weight.shape[1], weight.shape[0]))
+    elif type(head) is nn.Linear and names.get(id(head)) not in skip:
+        head_grid = Grid(grid.bits, grid.group_size, grid.symmetric, head.weight.dtype)
+        quantized = quant_layer(*rtn_quantize(head.weight.detach(), head_grid), head_grid, head.bias)
+        replace_module(model, names[id(head)], quantized)
+        rows.append(quant_row(names[id(head)], head.weight.detach(), quantized, solver="rtn"))
+    link_quantized_embeddings(model)
 
 
 def _grouped_width(module: nn.Module) -> str:

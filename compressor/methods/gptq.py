@@ -37,6 +37,7 @@ from ._obs import inverse_hessian_factor, obs_sweep, output_error
 from ._quant_grid import (
     Grid,
     QuantFields,
+    check_embedding,
     check_targets,
     dequantize_codes,
     factor_grids,
@@ -49,11 +50,12 @@ from ._quant_grid import (
     quant_nm,
     quant_row,
     quantize_codes,
+    quantize_embedding,
     round_to_nearest,
     rtn_quantize,
     summary,
 )
-from ._byte_allocation import BytePlan, Format, check_budget, format_options, plan_formats
+from ._byte_allocation import BytePlan, Format, check_budget, embedding_head, format_options, plan_formats
 from ._factors import whitened_factors
 
 __all__ = ["GPTQConfig", "gptq_quantize", "low_rank_correction"]
@@ -78,6 +80,9 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
         group_options: the group sizes it chooses from (0 = per-channel; one that does not divide a
             matrix's in_features is not offered to it); empty = `group_size` alone.
         correction_ranks: the correction ranks it chooses from (0 = none).
+        embedding_bit_options: with target_bytes, the input embedding's (and its lm_head's) code
+            widths to choose from, priced by the head's output error; empty = as `embedding_bits`
+            says (counted in the bytes either way).
     """
 
     act_order: bool = False
@@ -88,6 +93,7 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
     bit_options: tuple[int, ...] = (2, 3, 4, 8)
     group_options: tuple[int, ...] = ()
     correction_ranks: tuple[int, ...] = (0,)
+    embedding_bit_options: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -105,15 +111,20 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
         reachable by the formats on offer, written in `dtype`."""
         if self.target_bytes:
             selected = select_linears(model, self.targets, self.ignore)
-            check_budget(model, _format_options(selected, self), self.target_bytes, dtype, "gptq")
+            check_budget(model, _format_options(model, selected, self), self.target_bytes, dtype, "gptq")
 
     def _check_budget_fields(self) -> None:
         if isinstance(self.target_bytes, bool) or not 0 <= self.target_bytes <= 1:
             raise ConfigError(f"gptq: `target_bytes` is a fraction of the dense bf16 checkpoint's bytes in (0, 1] "
                               f"(0 = off), got {self.target_bytes!r}; e.g. `--target-bytes 0.3`")
-        if not self.bit_options or any(b not in INT_BITS for b in self.bit_options):
-            raise ConfigError(f"gptq: `bit_options` must list widths among {', '.join(map(str, INT_BITS))}, got "
-                              f"{list(self.bit_options)}")
+        for key in ("bit_options", "embedding_bit_options"):
+            widths = getattr(self, key)
+            if (key == "bit_options" and not widths) or any(b not in INT_BITS for b in widths):
+                raise ConfigError(f"gptq: `{key}` must list widths among {', '.join(map(str, INT_BITS))}, got "
+                                  f"{list(widths)}")
+        if self.embedding_bit_options and not self.target_bytes:
+            raise ConfigError("gptq: `embedding_bit_options` is what `target_bytes` chooses from; set `target_bytes`, "
+                              "or give the embedding one width with `embedding_bits`")
         for key in ("group_options", "correction_ranks"):
             if any(isinstance(v, bool) or v < 0 for v in getattr(self, key)):
                 raise ConfigError(f"gptq: `{key}` must list integers >= 0, got {list(getattr(self, key))}")
@@ -281,19 +292,27 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
 @register("gptq", GPTQConfig, kind="compress")
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
     """Quantize every targeted linear with GPTQ, block by block on the calibration engine (each at
-    the format the byte allocation chose, with `target_bytes`)."""
+    the format the byte allocation chose, with `target_bytes`); the input embedding and a tied
+    lm_head, when `embedding_bits` (or `embedding_bit_options`) asks, round to nearest first."""
     selected = select_linears(model, config.targets, config.ignore)
     check_targets("gptq", selected, 0 if config.target_bytes else config.group_size)
     _check_rank(selected, config.correction_rank)
+    embedding = check_embedding("gptq", model, _embedding_config(config))
     notes: list[str] = []
     plan = _byte_plan(model, selected, config, ctx, notes) if config.target_bytes else None
     rows: list[dict[str, Any]] = []
+    if embedding is not None:  # first, so the blocks calibrate on the quantized embedding's outputs
+        fmt = None if plan is None else plan.formats[embedding_head(model)[0]]
+        own = config if fmt is None else replace(config, embedding_bits=fmt.bits, embedding_group_size=fmt.group_size,
+                                                 target_bytes=0.0, embedding_bit_options=())
+        quantize_embedding(model, embedding, own, set(selected), rows)
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
         if plan is None:
             return _quantize_one(name, module, stats, config, rows)
         fmt = plan.formats[name]
-        own = replace(config, bits=fmt.bits, group_size=fmt.group_size, correction_rank=fmt.rank, target_bytes=0.0)
+        own = replace(config, bits=fmt.bits, group_size=fmt.group_size, correction_rank=fmt.rank, target_bytes=0.0,
+                      embedding_bit_options=())
         return _quantize_one(name, module, stats, own, rows)
 
     windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows)
@@ -307,20 +326,36 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
         metrics.update(target_bytes=config.target_bytes, budget_bytes=plan.budget, predicted_bytes=plan.predicted,
                        dense_bf16_bytes=plan.dense, predicted_loss=round(sum(plan.losses.values()), 8))
         for row in rows:
-            row.update(format=plan.formats[row["module"]].label, predicted_loss=plan.losses.get(row["module"]))
+            fmt = plan.formats.get(row["module"])  # an untied head follows its embedding's format
+            row.update(format=None if fmt is None else fmt.label, predicted_loss=plan.losses.get(row["module"]))
     return StageResult(metrics=metrics, per_module=rows, notes=notes)
 
 
-def _format_options(selected: dict[str, nn.Module], config: GPTQConfig) -> dict[str, list[Format]]:
-    """{name: the formats `target_bytes` may give it}; ConfigError for a matrix no group size fits."""
+def _format_options(model: nn.Module, selected: dict[str, nn.Module], config: GPTQConfig) -> dict[str, list[Format]]:
+    """{unit: the formats `target_bytes` may give it}: each selected linear, and the input
+    embedding (with its head) when `embedding_bit_options` or `embedding_bits` quantizes it;
+    ConfigError for a unit no group size fits."""
     groups = config.group_options or (config.group_size,)
     options = {n: format_options(linear_shape(m), config.bit_options, groups, config.correction_ranks)
                for n, m in selected.items()}
-    unfit = [f"{n} (in_features={linear_shape(selected[n])[1]})" for n, o in options.items() if not o]
+    embedding_bits = config.embedding_bit_options or ((config.embedding_bits,) if config.embedding_bits else ())
+    name = embedding_head(model)[0]
+    if embedding_bits and name is not None:
+        table = dict(model.named_modules())[name]
+        own = groups if config.embedding_group_size is None else (config.embedding_group_size,)
+        options[name] = format_options((table.num_embeddings, table.embedding_dim), embedding_bits, own, (0,))
+    unfit = [n for n, o in options.items() if not o]
     if unfit:
-        raise ConfigError(f"gptq: no group size of {list(groups)} divides {len(unfit)} layer(s): {', '.join(unfit[:3])}; "
-                          "add 0 (per-channel) to `group_options`")
+        raise ConfigError(f"gptq: no group size of {list(groups)} divides the columns of {len(unfit)} matrix(es): "
+                          f"{', '.join(unfit[:3])}; add 0 (per-channel) to `group_options`")
     return options
+
+
+def _embedding_config(config: GPTQConfig) -> GPTQConfig:
+    """The config check_embedding validates: with `embedding_bit_options`, one of those widths."""
+    if not config.embedding_bit_options:
+        return config
+    return replace(config, embedding_bits=max(config.embedding_bit_options), target_bytes=0.0, embedding_bit_options=())
 
 
 def _byte_plan(model: nn.Module, selected: dict[str, nn.Module], config: GPTQConfig, ctx: Context,
@@ -330,7 +365,7 @@ def _byte_plan(model: nn.Module, selected: dict[str, nn.Module], config: GPTQCon
     if compressed:
         raise ConfigError(f"gptq: `target_bytes` chooses formats for dense linears, but {compressed[0]} is already "
                           "compressed; add the compressed layers to `ignore` or use `bits` without `target_bytes`")
-    options = _format_options(selected, config)
+    options = _format_options(model, selected, config)
     dtype = ctx.checkpoint_dtype or torch.bfloat16
     plan = plan_formats(model, selected, options, config.target_bytes, dtype, config, ctx, notes)
     counts: dict[str, int] = {}

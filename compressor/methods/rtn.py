@@ -18,7 +18,7 @@ from ..context import Context
 from ..registry import register
 from ..report.records import StageResult
 from ..targeting import select_linears
-from ._quant_grid import QuantFields, check_targets, round_to_nearest, summary
+from ._quant_grid import QuantFields, check_embedding, check_targets, quantize_embedding, round_to_nearest, summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,10 +28,14 @@ class RTNConfig(QuantFields):
 
 @register("rtn", RTNConfig, kind="compress")
 def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageResult:
-    """Replace every targeted linear by its round-to-nearest QuantLinear (no calibration)."""
+    """Replace every targeted linear by its round-to-nearest QuantLinear (no calibration), and the
+    input embedding (with a tied lm_head) when `embedding_bits` asks."""
     selected = select_linears(model, config.targets, config.ignore)
     check_targets("rtn", selected, config.group_size)
+    embedding = check_embedding("rtn", model, config)
     rows: list[dict[str, Any]] = []
+    if embedding is not None:
+        quantize_embedding(model, embedding, config, set(selected), rows)
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
         return round_to_nearest(name, module, config, rows)
