@@ -69,7 +69,7 @@ def test_a_full_rank_correction_prices_zero_loss():
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     hessian = torch.eye(16) + 0.1
     zero, full = format_losses(weight, hessian, [Format(2, 16, 0), Format(2, 16, 8)])
-    assert zero > 0 and full == pytest.approx(0.0, abs=1e-9 * zero)
+    assert zero > 0 and full == pytest.approx(0.0, abs=1e-5 * zero)  # float32 singular values
 
 
 @functools.cache

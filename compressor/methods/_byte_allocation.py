@@ -305,8 +305,17 @@ def plan_formats(model: nn.Module, selected: Mapping[str, nn.Module], options: M
         raise ConfigError(f"{config.method_name}: `target_bytes`={target:g} leaves no room beyond the smallest "
                           "formats; raise `target_bytes` a little") from None
     predicted = planned_bytes(model, chosen, dtype)
+    for _ in range(SLACK_ROUNDS):  # the largest plan's header was a bound: spend what the real one leaves
+        spend = budget - (predicted - sum(layer_bytes(model, n, f, dtype) for n, f in chosen.items()))
+        wider = {**fixed, **allocate_formats(priced, spend)}
+        if wider == chosen or planned_bytes(model, wider, dtype) > budget:
+            break
+        chosen, predicted = wider, planned_bytes(model, wider, dtype)
     losses = {n: next(loss for f, _, loss in priced[n] if f == chosen[n]) for n in priced}
     return BytePlan(chosen, budget, predicted, dense, losses)
+
+
+SLACK_ROUNDS = 4  # re-allocations that hand back header bytes the bound over-reserved
 
 
 @torch.no_grad()
