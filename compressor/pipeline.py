@@ -73,7 +73,7 @@ class Pipeline:
     def from_recipe(cls, recipe: dict[str, Any]) -> Pipeline:
         """Validate every level before any model loads; errors name the stage index."""
         config = RunConfig.from_dict(copy.deepcopy(recipe))
-        stages = [parse_stage(i, spec) for i, spec in enumerate(config.stages)]
+        stages = [parse_stage(i, spec) for i, spec in enumerate(config.stage_specs())]
         if config.export is not None:
             check_stages(config.export, [(s.name, s.config.to_dict()) for s in stages])
         return cls(stages=stages, config=config)

@@ -94,6 +94,8 @@ class RunConfig(Config):
             compressed-tensors (int4/int8 gptq/rtn -> pack-quantized, 2:4 prune -> sparse-24-bitmask).
         text_column: column holding the text in tabular data (.jsonl/.json/.csv/.tsv/.parquet,
             datasets).
+        calibration: text for every stage that calibrates (its `calibration`) or heals (heal's and
+            welore-tune's training `data`); a stage that sets its own keeps it.
         evaluate: {data, seq_len, num_windows, batch_size, text_column, tasks, tasks_dir} or false.
         gates: {max_ppl, max_ppl_increase, min_cosine}: exit non-zero when missed.
         stages: ordered list of {method: NAME, **fields}; each is validated by its method's config.
@@ -117,6 +119,7 @@ class RunConfig(Config):
     merge: bool = False
     export: str | None = None
     text_column: str | None = None
+    calibration: str | None = None
     evaluate: EvaluateConfig | None = field(default_factory=EvaluateConfig)
     gates: GatesConfig = field(default_factory=GatesConfig)
     stages: tuple[Any, ...] = ()
@@ -149,6 +152,28 @@ class RunConfig(Config):
             top["evaluate"] = False
         return {**top, "stages": stages}
 
+
+    def stage_specs(self) -> list[Any]:
+        """The stages with the top-level `calibration` filled in where a stage calibrates or heals
+        and does not name its own text (specs that are not stages are left for the stage parser)."""
+        if self.calibration is None:
+            return list(self.stages)
+        return [_with_calibration(spec, self.calibration) for spec in self.stages]
+
+
+def _with_calibration(spec: Any, text: str) -> Any:
+    from .adapters._heal_train import HealFields
+    from .registry import get_method
+
+    if not isinstance(spec, dict) or "method" not in spec:
+        return spec
+    try:
+        config_cls = get_method(str(spec["method"])).config_cls
+    except ConfigError:
+        return spec  # the stage parser names the unknown method
+    key = "calibration" if "calibration" in config_cls.field_names() else \
+        "data" if issubclass(config_cls, HealFields) else None
+    return spec if key is None or key in spec else {**spec, key: text}
 
 
 # What accelerate's max_memory takes: bytes, or a number with a unit (`20GiB`, `5.0GB`, `512MB`).

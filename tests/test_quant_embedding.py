@@ -163,6 +163,13 @@ def test_compressed_tensors_export_is_refused_in_one_line(tmp_path):
     assert not out.exists()
 
 
+def test_a_recipe_exporting_a_quantized_embedding_is_refused_before_loading():
+    from compressor.export import check_stages
+
+    with pytest.raises(ConfigError, match="quantizes the input embedding .*; drop `embedding_bits`"):
+        check_stages("compressed-tensors", [("gptq", {"bits": 4, "embedding_bits": 8})])
+
+
 def test_heal_after_quantizing_keeps_the_embedding_codes_frozen():
     from compressor.pipeline import Pipeline
 

@@ -175,7 +175,7 @@ class _GridRule:
         self.grid, self.perm, self.mask = grid, None if perm is None else perm.tolist(), mask
         self.codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=original.device)
         groups = original.reshape(out_f, in_f // grid.group_size, grid.group_size)
-        scales, zeros = grid.scales_and_zeros(groups)  # static parameters; else overwritten per group
+        scales, zeros = grid.scales_and_zeros(groups, least_error=False)  # static; else overwritten per group
         self.static, self.scales, self.zeros = static, scales, zeros
 
     def begin_block(self, block: Tensor, scale: Tensor, start: int, stop: int) -> None:
@@ -188,7 +188,7 @@ class _GridRule:
             columns = block[:, col:col + self.grid.group_size]
             if self.mask is not None:  # the parameters of the kept entries only
                 columns = columns * self.mask[:, index:index + self.grid.group_size]
-            self.scales[:, group], zeros = self.grid.scales_and_zeros(columns)
+            self.scales[:, group], zeros = self.grid.scales_and_zeros(columns, least_error=False)
             if zeros is not None:
                 self.zeros[:, group] = zeros
         s = self.scales[:, group]

@@ -40,6 +40,15 @@ def rtn_weight(weight: torch.Tensor, grid: Grid) -> torch.Tensor:
     return dequantize_int(pack_int(codes, grid.bits), scales, zeros, grid.bits, grid.group_size, weight.shape[1])
 
 
+def test_static_groups_store_the_nearest_bfloat16_scale_of_the_original_weight():
+    """GPTQ keeps the nearest storable scale (rtn picks among its neighbours): the scale is fixed
+    before the error feedback moves the group, so a least-error pick on it has nothing to stand on."""
+    weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    _, scales, _, _ = gptq_quantize(weight, correlated_hessian(64), Grid(4, 16, True, torch.bfloat16), act_order=True)
+    nearest = (weight.reshape(32, 4, 16).abs().amax(-1) / 7.5).to(torch.bfloat16)
+    assert scales.dtype == torch.bfloat16 and torch.equal(scales, nearest)
+
+
 @pytest.mark.parametrize("bits,group,symmetric", [(4, 32, True), (3, 32, False), (2, 96, True)])
 def test_gptq_output_error_is_below_rtn_at_the_same_bits(bits, group, symmetric):
     weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
