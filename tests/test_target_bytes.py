@@ -141,3 +141,21 @@ def test_a_target_bytes_checkpoint_loads_with_from_pretrained_after_import_compr
     assert "REFUSED RuntimeError False" in output
     assert f"EQUAL True {bits}" in output
     assert load_model(str(folder)).model is not None
+
+
+def test_a_file_over_its_budget_is_not_published():
+    from compressor.pipeline import record_budgets, result_problems
+    from compressor.report.records import Report, StageRecord
+
+    def report(disk: int) -> Report:
+        metrics = {"budget_bytes": 1000, "predicted_bytes": 990, "dense_bf16_bytes": 4000}
+        record = StageRecord("gptq", "compress", {}, metrics, [], [], {}, {}, 0.0, modified_model=False)
+        return Report(stages=[record], size={"after": {"disk_bytes": disk}})
+
+    within, over = report(990), report(1001)
+    for r in (within, over):
+        record_budgets(r)
+    assert within.stages[0].notes == ["bytes budget 1000 vs on disk 990 (predicted 990; 0.2475 of the dense bf16 checkpoint)"]
+    assert result_problems(None, within) == []
+    assert result_problems(None, over) == ["stage `gptq`: model.safetensors is 1001 bytes, over its `target_bytes` "
+                                           "budget of 1000 (predicted 990)"]
