@@ -7,8 +7,10 @@ float32 for the perplexity (the exact values of the bf16 checkpoint). Bytes: the
 model.safetensors written in bfloat16 (every stored tensor, embeddings and a tied lm_head once,
 packed codes at one byte per byte), over the dense bf16 file.
 
-Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK] with METHOD gptq or rtn, GROUP 0 =
-per-channel, `ao` = act_order, rRANK = correction_rank (gptq). Rows are appended to
+Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS] with METHOD gptq or rtn,
+GROUP 0 = per-channel, `ao` = act_order, rRANK = correction_rank (gptq), eEBITS = embedding_bits (the
+input embedding and the tied lm_head, groups as the linears; `g` after it: by GPTQ against lm_head's
+input Hessian, `embedding_gptq`). Rows are appended to
 reports/quant_smollm2.json as each finishes; the .md table is rebuilt from it.
 
 Example:  OMP_NUM_THREADS=1 python benchmarks/quant_smollm2.py --rows dense,rtn-w4-g64,gptq-w4-g64
@@ -30,15 +32,16 @@ import torch
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
 DEFAULT_SMOLLM2 = "/work/assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 WIKI = "/work/shared/data/wikitext-2/wiki.test.raw"
-LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?$")
+LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
 
 
 def stage_config(label: str, args):
     """The method config a row label names."""
     match = LABEL.match(label)
     if not match:
-        sys.exit(f"error: row label {label!r} is not dense or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK]")
-    fields = {"bits": int(match["bits"]), "group_size": int(match["group"]), "symmetric": not match["asym"]}
+        sys.exit(f"error: row label {label!r} is not dense or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS]")
+    fields = {"bits": int(match["bits"]), "group_size": int(match["group"]), "symmetric": not match["asym"],
+              "embedding_bits": int(match["emb"] or 0)}
     if match["method"] == "rtn":
         from compressor.methods.rtn import RTNConfig
 
@@ -46,6 +49,7 @@ def stage_config(label: str, args):
     from compressor.methods.gptq import GPTQConfig
 
     return GPTQConfig(**fields, act_order=bool(match["ao"]), correction_rank=int(match["rank"] or 0),
+                      embedding_gptq=bool(match["eg"]),
                       calibration=WIKI, num_windows=args.calib_windows, seq_len=args.calib_seq, batch_size=8)
 
 
@@ -93,10 +97,12 @@ def render(state: dict, path: Path) -> None:
                    "`-rN` = correction_rank N. Mean output error: the mean over layers of GPTQ's relative "
                    "calibration output error. llm-compressor 0.14 on these windows (reports/quant_peer.md, a "
                    "float32 model, scales kept in float32): dense 30.78, RTN int4 44.96, GPTQ int4 (actorder "
-                   "static) 41.76, RTN int8 30.85, GPTQ int3 (actorder static) 185.73. The same RTN int4 g64 grid "
-                   "applied to the float32 model with float32 scales (rtn's apply, then perplexity on these "
-                   "windows; no checkpoint written) measured 44.96, llm-compressor's value: the gap of the "
-                   "rtn-w4-g64 row comes from holding the model and its scales in bfloat16.")]
+                   "static) 41.76, RTN int8 30.85, GPTQ int3 (actorder static) 185.73. rtn keeps, per group, "
+                   "the storable bf16 scale (the nearest or a neighbour one unit in the last place away) with "
+                   "the least squared error: rtn-w4-g64 measured 46.87 when every scale was rounded to "
+                   "nearest, as gptq still does (rtn-w8-g64 was measured that way). `-eB`: the input "
+                   "embedding and the tied lm_head (one table) rounded to nearest at B bits, groups of "
+                   "GROUP; `-eBg`: that table by GPTQ against lm_head's input Hessian (`embedding_gptq`).")]
     path.write_text("\n".join(lines) + "\n")
 
 

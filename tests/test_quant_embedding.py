@@ -180,3 +180,19 @@ def test_heal_after_quantizing_keeps_the_embedding_codes_frozen():
     old, new = before.model.model.embed_tokens, after.model.model.embed_tokens
     assert isinstance(new, QuantEmbedding) and torch.equal(old.qweight, new.qweight)
     assert after.model.lm_head.embedding is new
+
+
+def test_gptq_of_the_tied_table_lowers_the_head_output_error_below_rtn(tmp_path):
+    from compressor.methods.gptq import GPTQConfig
+    from compressor.methods.gptq import apply as gptq_apply
+
+    model = tiny_llama()
+    config = GPTQConfig(group_size=16, embedding_bits=4, embedding_gptq=True, num_windows=8, seq_len=32, batch_size=4)
+    result = gptq_apply(model, config, Context.for_model(model))
+    row = next(r for r in result.per_module if r["module"] == "model.embed_tokens")
+    assert row["solver"] == "gptq" and row["output_error"] < row["output_error_rtn"], row
+    assert isinstance(model.lm_head, QuantTiedHead) and model.lm_head.embedding is model.model.embed_tokens
+    save(model, tmp_path / "q")
+    assert torch.equal(logits(load(tmp_path / "q")), logits(model))
+    with pytest.raises(ConfigError, match="`embedding_gptq` quantizes a tied embedding"):
+        gptq_apply(tiny_llama(), GPTQConfig(group_size=16, embedding_gptq=True), Context(quiet=True))

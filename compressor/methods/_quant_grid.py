@@ -11,9 +11,10 @@ in_features is per-channel), unsigned b-bit codes c ∈ [0, 2^b − 1]:
   ŵ = s·(c − z).
 
 Scales are rounded to the storage dtype before the codes are chosen, so the stored (codes,
-scales) reproduce exactly the weight the method measured; of the storable scales next to the ideal
-one, each group keeps the one with the least squared error (`_stored_candidates`). Also here: the config fields both methods
-share, the checks every quantize stage runs on its targets, and the layer-report row.
+scales) reproduce exactly the weight the method measured; rtn keeps, of the storable scales next
+to the ideal one, the one with the least squared error per group (`_stored_candidates`; gptq the
+nearest). Also here: the config fields both methods share, the checks every quantize stage runs on
+its targets, the input embedding's quantization, and the layer-report row.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ from ..layers import (
 )
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module
 
-__all__ = ["Grid", "QuantFields", "check_embedding", "check_targets", "factor_grids", "group_params",
-           "quantize_codes", "quantize_embedding", "rtn_quantize"]
+__all__ = ["Grid", "QuantFields", "check_embedding", "check_targets", "embedding_grid", "factor_grids",
+           "group_params", "quantize_codes", "quantize_embedding", "rtn_quantize"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -306,14 +307,19 @@ def _embedding_group(config: QuantFields, hidden: int) -> int:
     return resolve_group(group, hidden)
 
 
+def embedding_grid(config: QuantFields, weight: Tensor) -> Grid:
+    return Grid(config.embedding_bits, _embedding_group(config, weight.shape[1]), config.symmetric, weight.dtype)
+
+
 def quantize_embedding(model: nn.Module, embedding: nn.Embedding, config: QuantFields, skip: set[str],
-                       rows: list[dict[str, Any]]) -> None:
-    """Round the input embedding to nearest on its grid. A tied lm_head (`tie_word_embeddings`, the
-    same weight) becomes a QuantTiedHead reading the same codes; an untied nn.Linear lm_head not in
-    `skip` (the linears the stage quantizes itself) is quantized on the same grid."""
+                       rows: list[dict[str, Any]], codes: tuple | None = None) -> None:
+    """Round the input embedding to nearest on its grid (or store the given (codes, scales,
+    zeros)). A tied lm_head (`tie_word_embeddings`, the same weight) becomes a QuantTiedHead
+    reading the same codes; an untied nn.Linear lm_head not in `skip` (the linears the stage
+    quantizes itself) is quantized on the same grid."""
     weight = embedding.weight.detach()
-    grid = Grid(config.embedding_bits, _embedding_group(config, weight.shape[1]), config.symmetric, weight.dtype)
-    codes, scales, zeros = rtn_quantize(weight, grid)
+    grid = embedding_grid(config, weight)
+    codes, scales, zeros = rtn_quantize(weight, grid) if codes is None else codes
     layer = QuantEmbedding.from_codes(pack_int(codes, grid.bits), scales, zeros, grid.bits, grid.group_size,
                                       weight.shape[1])
     names = {id(m): n for n, m in model.named_modules()}

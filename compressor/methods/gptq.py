@@ -39,6 +39,7 @@ from ._quant_grid import (
     QuantFields,
     check_embedding,
     check_targets,
+    embedding_grid,
     dequantize_codes,
     factor_grids,
     layer_grid,
@@ -83,6 +84,9 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
         embedding_bit_options: with target_bytes, the input embedding's (and its lm_head's) code
             widths to choose from, priced by the head's output error; empty = as `embedding_bits`
             says (counted in the bytes either way).
+        embedding_gptq: with `embedding_bits` and a tied lm_head, quantize the shared table by GPTQ
+            against the Hessian of lm_head's input (the final-norm hidden states of the calibration
+            windows, after the blocks are quantized) instead of rounding it to nearest first.
     """
 
     act_order: bool = False
@@ -94,6 +98,7 @@ class GPTQConfig(CalibrationConfig, QuantFields, num_windows=128):
     group_options: tuple[int, ...] = ()
     correction_ranks: tuple[int, ...] = (0,)
     embedding_bit_options: tuple[int, ...] = ()
+    embedding_gptq: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -293,19 +298,23 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
     """Quantize every targeted linear with GPTQ, block by block on the calibration engine (each at
     the format the byte allocation chose, with `target_bytes`); the input embedding and a tied
-    lm_head, when `embedding_bits` (or `embedding_bit_options`) asks, round to nearest first."""
+    lm_head, when `embedding_bits` (or `embedding_bit_options`) asks, round to nearest first (or, with
+    `embedding_gptq`, by GPTQ after the blocks)."""
     selected = select_linears(model, config.targets, config.ignore)
     check_targets("gptq", selected, 0 if config.target_bytes else config.group_size)
     _check_rank(selected, config.correction_rank)
     embedding = check_embedding("gptq", model, _embedding_config(config))
     notes: list[str] = []
     plan = _byte_plan(model, selected, config, ctx, notes) if config.target_bytes else None
+    table_config = config  # the embedding's grid: as configured, or the format the plan chose
+    if plan is not None and embedding is not None:
+        fmt = plan.formats[embedding_head(model)[0]]
+        table_config = replace(config, embedding_bits=fmt.bits, embedding_group_size=fmt.group_size,
+                               target_bytes=0.0, embedding_bit_options=())
+    head_gptq = _check_head_gptq(model, embedding, table_config)
     rows: list[dict[str, Any]] = []
-    if embedding is not None:  # first, so the blocks calibrate on the quantized embedding's outputs
-        fmt = None if plan is None else plan.formats[embedding_head(model)[0]]
-        own = config if fmt is None else replace(config, embedding_bits=fmt.bits, embedding_group_size=fmt.group_size,
-                                                 target_bytes=0.0, embedding_bit_options=())
-        quantize_embedding(model, embedding, own, set(selected), rows)
+    if embedding is not None and not head_gptq:  # first: the blocks calibrate on its outputs
+        quantize_embedding(model, embedding, table_config, set(selected), rows)
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
         if plan is None:
@@ -321,6 +330,8 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
     if outside:
         notes.append(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
                      f"{', '.join(outside[:4])}")
+    if head_gptq:
+        _quantize_tied_table(model, embedding, table_config, windows, rows)
     metrics = summary(rows)
     if plan is not None:
         metrics.update(target_bytes=config.target_bytes, budget_bytes=plan.budget, predicted_bytes=plan.predicted,
@@ -375,3 +386,51 @@ def _byte_plan(model: nn.Module, selected: dict[str, nn.Module], config: GPTQCon
                  f"predicted model.safetensors {plan.predicted} bytes ({plan.predicted / plan.dense:.4f}); formats "
                  + ", ".join(f"{label} ×{n}" for label, n in sorted(counts.items())))
     return plan
+
+
+def _check_head_gptq(model: nn.Module, embedding: nn.Embedding | None, config: GPTQConfig) -> bool:
+    if not config.embedding_gptq:
+        return False
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if embedding is None or getattr(head, "weight", None) is not embedding.weight:
+        raise ConfigError("gptq: `embedding_gptq` quantizes a tied embedding / lm_head table, so it needs "
+                          "`embedding_bits` and a model whose lm_head shares the embedding's weight; drop it")
+    return True
+
+
+@torch.no_grad()
+def head_hessian(model: nn.Module, windows: Tensor, batch_size: int) -> Tensor:
+    """E[x xᵀ] (fp64) of lm_head's input (the final-norm hidden states) over the windows."""
+    head = model.get_output_embeddings()
+    device = next(model.parameters()).device
+    total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64, device=device)
+    count = 0
+
+    def accumulate(_module: nn.Module, args: tuple) -> None:
+        nonlocal count
+        x = args[0].reshape(-1, head.in_features).double()
+        total.add_(x.T @ x)
+        count += x.shape[0]
+
+    handle = head.register_forward_pre_hook(accumulate)
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start:start + batch_size].to(device)
+            model(input_ids=batch, attention_mask=torch.ones_like(batch))
+    finally:
+        handle.remove()
+    return total / max(count, 1)
+
+
+def _quantize_tied_table(model: nn.Module, embedding: nn.Embedding, config: GPTQConfig, windows: Tensor,
+                         rows: list[dict[str, Any]]) -> None:
+    """The tied table by GPTQ against lm_head's input Hessian; the lookup reads the same codes."""
+    hessian = head_hessian(model, windows, config.batch_size)
+    weight = embedding.weight.detach()
+    grid = embedding_grid(config, weight)
+    codes, scales, zeros, _ = gptq_quantize(weight, hessian.to(weight.device), grid, act_order=config.act_order,
+                                            block_size=config.block_size, dampening=config.dampening)
+    quantize_embedding(model, embedding, config, set(), rows, codes=(codes, scales, zeros))
+    table = model.get_input_embeddings().dense_weight().detach()
+    rows[-1].update(solver="gptq", output_error=round(output_error(weight, table, hessian), 6),
+                    output_error_rtn=round(output_error(weight, _rtn_weight(weight, grid), hessian), 6))
