@@ -49,6 +49,10 @@ def compress(
     group_size: Annotated[int | None, typer.Option(
         show_default=False, help="gptq, rtn: input columns sharing one scale, a divisor of in_features, or 0 for "
                                  f"per-channel {METHOD_DEFAULT}")] = None,
+    target_bytes: Annotated[float | None, typer.Option(
+        show_default=False, help="gptq: at most this fraction of the dense bf16 checkpoint's bytes on disk, "
+                                 "0 < B ≤ 1; bits (and group size, correction rank) chosen per matrix by loss per "
+                                 "byte [default: off, one format]")] = None,
     allocation: Annotated[str | None, typer.Option(
         show_default=False, help="uniform (one keep ratio per matrix), welore (non-uniform ranks from the "
                                  "singular-value tails) or aware (svd-llm, saes-svd: one rank multiplier per block, "
@@ -90,7 +94,7 @@ def compress(
     from compressor.pipeline import Pipeline
 
     flags = {"rank": rank, "keep-bytes": keep_bytes, "allocation": allocation, "calib": calib,
-             "bits": bits, "group-size": group_size,
+             "bits": bits, "group-size": group_size, "target-bytes": target_bytes,
              "calib-windows": calib_windows, "targets": targets or None, "ignore": ignore or None,
              "from-trained": from_trained}
     out = out or f"compressed-{method}"

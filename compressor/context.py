@@ -129,6 +129,8 @@ class Context:
     text_column: the column read from tabular text sources when a stage names none.
     evaluate: the run's evaluation settings (compressor.protocol.PROTOCOL and the recipe's
         `evaluate:`); stages that score held-out text use its `seq_len`, so their numbers are the run's.
+    checkpoint_dtype: the dtype the run writes floats in (None: not known, e.g. the Python API);
+        stages that budget bytes on disk (`target_bytes`) price scales and other floats in it.
     """
 
     tokenizer: PreTrainedTokenizerBase | None = None
@@ -139,6 +141,7 @@ class Context:
     quiet: bool = False
     text_column: str | None = None
     evaluate: dict[str, Any] | None = None
+    checkpoint_dtype: torch.dtype | None = None
     console: Console = field(default_factory=lambda: Console(stderr=True))
 
     @classmethod

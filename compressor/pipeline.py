@@ -143,6 +143,10 @@ class Pipeline:
         """What needs the loaded model to refuse: window lengths against its context, stage support."""
         check_seq_lens(self._seq_lens(), context_of(getattr(loaded.model, "config", None) or {}))
         check_supported(self.stages, loaded.model, loaded.causal, self.evaluate is not None)
+        dtype = output_dtype(self.config.dtype, loaded.source_dtype)
+        for stage in self.stages:  # a method's own checks against the model (gptq: a reachable byte budget)
+            if stage.method.check_model is not None:
+                stage.method.check_model(stage.config, loaded.model, dtype)
 
     def _start_report(self, loaded: LoadedModel, device) -> Report:
         report = Report(run={**collect_env(device, self.config.seed), "model": loaded.source,
@@ -217,7 +221,7 @@ class Pipeline:
         written). Returns the context and the "before" reference (an encoder's embeddings)."""
         ctx = Context(tokenizer=loaded.tokenizer, device=device, seed=self.config.seed, out_dir=tmp,
                       model_source=loaded.source, quiet=quiet, text_column=self.config.text_column,
-                      evaluate=self.evaluate)
+                      evaluate=self.evaluate, checkpoint_dtype=output_dtype(self.config.dtype, loaded.source_dtype))
         modifies = any(s.kind != "analyze" for s in self.stages)
         if modifies:
             bad = nonfinite_tensors(loaded.model)
@@ -309,6 +313,7 @@ class Pipeline:
             save_checkpoint(loaded.model, loaded.tokenizer, tmp, _manifest(self, report), dtype)
             after = {**model_size(loaded.model, dtype), "disk_bytes": weight_file_bytes(tmp)}
             report.size = size_summary(report.size["before"], after, dtype)
+            record_budgets(report)
             if self.config.export is not None:
                 export_beside(tmp, self.config.export)
             return True
@@ -411,11 +416,27 @@ def result_problems(loaded: LoadedModel, report: Report) -> list[str]:
     for key, value in report.evaluation.get("after", {}).items():
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{key} after the run is {value}")
+    for record in report.stages:  # a byte budget (`target_bytes`) is met on disk, or nothing is published
+        budget, disk = record.metrics.get("budget_bytes"), record.metrics.get("disk_bytes")
+        if budget and disk and disk > budget:
+            problems.append(f"stage `{record.stage}`: model.safetensors is {disk} bytes, over its `target_bytes` "
+                            f"budget of {budget} (predicted {record.metrics.get('predicted_bytes')})")
     if any(r.modified_model for r in report.stages):
         bad = nonfinite_tensors(loaded.model)
         if bad:
             problems.append(f"{len(bad)} weight tensor(s) hold NaN/Inf (e.g. {bad[0]})")
     return problems
+
+
+def record_budgets(report: Report) -> None:
+    """The file's measured bytes beside each byte budget a stage planned (metric + report line)."""
+    disk = report.size.get("after", {}).get("disk_bytes")
+    for record in report.stages:
+        if record.metrics.get("budget_bytes") and disk:
+            record.metrics["disk_bytes"] = disk
+            record.notes.append(f"bytes budget {record.metrics['budget_bytes']} vs on disk {disk} (predicted "
+                                f"{record.metrics.get('predicted_bytes')}; {disk / record.metrics['dense_bf16_bytes']:.4f} "
+                                "of the dense bf16 checkpoint)")
 
 
 def secondary_rank() -> bool:

@@ -114,6 +114,9 @@ class Method:
     name: str
     config_cls: type[MethodConfig]
     apply: Callable[..., StageResult]
+    # check_model(config, model, dtype): the method's own refusals that need the loaded model (gptq: a
+    # reachable byte budget), called by the pipeline before any stage runs; None = none.
+    check_model: Callable[..., None] | None = None
 
     @property
     def kind(self) -> str:
@@ -141,9 +144,11 @@ def summary_of(docstring: str | None) -> str:
     return text
 
 
-def register(config_cls: type[MethodConfig], *old_style: Any, **old_keywords: Any):
+def register(config_cls: type[MethodConfig], *old_style: Any, check_model: Callable[..., None] | None = None,
+             **old_keywords: Any):
     """Decorator registering `apply(model, config, ctx) -> StageResult` for the method that
-    `config_cls` declares (name and kind are read from it; nothing is written onto it)."""
+    `config_cls` declares (name and kind are read from it; nothing is written onto it), with its
+    optional `check_model(config, model, dtype)` (see `Method`)."""
     if old_style or old_keywords or isinstance(config_cls, str):  # register("foo", FooConfig, kind=...)
         raise TypeError('register("name", Config, kind=...) is now register(Config): declare the method on the '
                         'config, class FooConfig(MethodConfig, method="foo", kind="compress", apply=__name__)')
@@ -159,7 +164,7 @@ def register(config_cls: type[MethodConfig], *old_style: Any, **old_keywords: An
         if fn.__module__ != config_cls.apply_module:
             raise TypeError(f"{config_cls.__name__} declares apply={config_cls.apply_module!r} but `{name}` is "
                             f"registered in {fn.__module__}; make them the same module")
-        method = Method(name, config_cls, fn)
+        method = Method(name, config_cls, fn, check_model)
         _BY_NAME[name] = method
         _BY_CONFIG[config_cls] = method
         return fn

@@ -17,6 +17,7 @@ code is svd-llm's), which minimises the residual's calibration output error.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from ..calibration import CalibrationHooks, LayerStats, compress_blocks
 from ..configs.gptq import GPTQConfig  # noqa: F401  (the config, declared there; re-exported)
 from ..context import Context
 from ..errors import ConfigError
-from ..layers import LowRankLinear, NMSparseLinear
+from ..layers import CompressedLinear, LowRankLinear, NMSparseLinear
 from ..numerics import cholesky_with_shift
 from ..registry import register
 from ..report.records import StageResult
@@ -53,9 +54,18 @@ from ._quant_grid import (
     rtn_quantize,
     summary,
 )
+from ._byte_allocation import BytePlan, Format, check_budget, embedding_head, format_options, plan_formats
 from ._factors import whitened_factors
 
 __all__ = ["GPTQConfig", "gptq_quantize", "low_rank_correction"]
+
+
+def check_model(config: GPTQConfig, model: nn.Module, dtype: torch.dtype) -> None:
+    """Before any work (the pipeline calls it once the model is loaded): the byte budget is
+    reachable by the formats on offer, written in `dtype`."""
+    if config.target_bytes:
+        selected = select_linears(model, config.targets, config.ignore)
+        check_budget(model, _format_options(model, selected, config), config.target_bytes, dtype, "gptq")
 
 
 # -- pure tensor functions ---------------------------------------------------------------------
@@ -214,30 +224,98 @@ def _check_rank(selected: dict[str, nn.Module], rank: int) -> None:
                           f"{bad[0]} {linear_shape(selected[bad[0]])}; choose at most the smaller dimension")
 
 
-@register(GPTQConfig)
+@register(GPTQConfig, check_model=check_model)
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageResult:
-    """Quantize every targeted linear with GPTQ, block by block on the calibration engine (the
-    input embedding and a tied lm_head, when `embedding_bits` asks, round to nearest first)."""
+    """Quantize every targeted linear with GPTQ, block by block on the calibration engine (each at
+    the format the byte allocation chose, with `target_bytes`); the input embedding and a tied
+    lm_head, when `embedding_bits` (or `embedding_bit_options`) asks, round to nearest first (or, with
+    `embedding_gptq`, by GPTQ after the blocks)."""
     selected = select_linears(model, config.targets, config.ignore)
-    check_targets("gptq", selected, config.group_size)
+    check_targets("gptq", selected, 0 if config.target_bytes else config.group_size)
     _check_rank(selected, config.correction_rank)
-    embedding = check_embedding("gptq", model, config)
-    head_gptq = _check_head_gptq(model, embedding, config)
+    embedding = check_embedding("gptq", model, _embedding_config(config))
+    notes: list[str] = []
+    plan = _byte_plan(model, selected, config, ctx, notes) if config.target_bytes else None
+    table_config = config  # the embedding's grid: as configured, or the format the plan chose
+    if plan is not None and embedding is not None:
+        fmt = plan.formats[embedding_head(model)[0]]
+        table_config = replace(config, embedding_bits=fmt.bits, embedding_group_size=fmt.group_size,
+                               target_bytes=0.0, embedding_bit_options=())
+    head_gptq = _check_head_gptq(model, embedding, table_config)
     rows: list[dict[str, Any]] = []
     if embedding is not None and not head_gptq:  # first: the blocks calibrate on its outputs
-        quantize_embedding(model, embedding, config, set(selected), rows)
+        quantize_embedding(model, embedding, table_config, set(selected), rows)
 
     def compress(name: str, module: nn.Module, stats: LayerStats | None) -> nn.Module:
-        return _quantize_one(name, module, stats, config, rows)
+        if plan is None:
+            return _quantize_one(name, module, stats, config, rows)
+        fmt = plan.formats[name]
+        own = replace(config, bits=fmt.bits, group_size=fmt.group_size, correction_rank=fmt.rank, target_bytes=0.0,
+                      embedding_bit_options=())
+        return _quantize_one(name, module, stats, own, rows)
 
     windows = ctx.windows(config.calibration, split="calib", seq_len=config.seq_len, num_windows=config.num_windows)
     outside = compress_blocks(model, selected, CalibrationHooks("hessian", compress), windows, ctx,
                               batch_size=config.batch_size, description="gptq").outside
-    notes = [(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
-              f"{', '.join(outside[:4])}")] if outside else []
+    if outside:
+        notes.append(f"{len(outside)} linear(s) outside the transformer blocks were rounded to nearest: "
+                     f"{', '.join(outside[:4])}")
     if head_gptq:
-        _quantize_tied_table(model, embedding, config, windows, rows)
-    return StageResult(metrics=summary(rows), per_module=rows, notes=notes)
+        _quantize_tied_table(model, embedding, table_config, windows, rows)
+    metrics = summary(rows)
+    if plan is not None:
+        metrics.update(target_bytes=config.target_bytes, budget_bytes=plan.budget, predicted_bytes=plan.predicted,
+                       dense_bf16_bytes=plan.dense, predicted_loss=round(sum(plan.losses.values()), 8))
+        for row in rows:
+            fmt = plan.formats.get(row["module"])  # an untied head follows its embedding's format
+            row.update(format=None if fmt is None else fmt.label, predicted_loss=plan.losses.get(row["module"]))
+    return StageResult(metrics=metrics, per_module=rows, notes=notes)
+
+
+def _format_options(model: nn.Module, selected: dict[str, nn.Module], config: GPTQConfig) -> dict[str, list[Format]]:
+    """{unit: the formats `target_bytes` may give it}: each selected linear, and the input
+    embedding (with its head) when `embedding_bit_options` or `embedding_bits` quantizes it;
+    ConfigError for a unit no group size fits."""
+    groups = config.group_options or (config.group_size,)
+    options = {n: format_options(linear_shape(m), config.bit_options, groups, config.correction_ranks)
+               for n, m in selected.items()}
+    embedding_bits = config.embedding_bit_options or ((config.embedding_bits,) if config.embedding_bits else ())
+    name = embedding_head(model)[0]
+    if embedding_bits and name is not None:
+        table = dict(model.named_modules())[name]
+        own = groups if config.embedding_group_size is None else (config.embedding_group_size,)
+        options[name] = format_options((table.num_embeddings, table.embedding_dim), embedding_bits, own, (0,))
+    unfit = [n for n, o in options.items() if not o]
+    if unfit:
+        raise ConfigError(f"gptq: no group size of {list(groups)} divides the columns of {len(unfit)} matrix(es): "
+                          f"{', '.join(unfit[:3])}; add 0 (per-channel) to `group_options`")
+    return options
+
+
+def _embedding_config(config: GPTQConfig) -> GPTQConfig:
+    """The config check_embedding validates: with `embedding_bit_options`, one of those widths."""
+    if not config.embedding_bit_options:
+        return config
+    return replace(config, embedding_bits=max(config.embedding_bit_options), target_bytes=0.0, embedding_bit_options=())
+
+
+def _byte_plan(model: nn.Module, selected: dict[str, nn.Module], config: GPTQConfig, ctx: Context,
+               notes: list[str]) -> BytePlan:
+    """Each matrix's format under `target_bytes` (see `_byte_allocation`), and its report line."""
+    compressed = [n for n, m in selected.items() if isinstance(m, CompressedLinear)]
+    if compressed:
+        raise ConfigError(f"gptq: `target_bytes` chooses formats for dense linears, but {compressed[0]} is already "
+                          "compressed; add the compressed layers to `ignore` or use `bits` without `target_bytes`")
+    options = _format_options(model, selected, config)
+    dtype = ctx.checkpoint_dtype or torch.bfloat16
+    plan = plan_formats(model, selected, options, config.target_bytes, dtype, config, ctx, notes)
+    counts: dict[str, int] = {}
+    for fmt in plan.formats.values():
+        counts[fmt.label] = counts.get(fmt.label, 0) + 1
+    notes.append(f"target_bytes {config.target_bytes:g}: budget {plan.budget} bytes of the dense bf16 {plan.dense}; "
+                 f"predicted model.safetensors {plan.predicted} bytes ({plan.predicted / plan.dense:.4f}); formats "
+                 + ", ".join(f"{label} ×{n}" for label, n in sorted(counts.items())))
+    return plan
 
 
 def _check_head_gptq(model: nn.Module, embedding: nn.Embedding | None, config: GPTQConfig) -> bool:

@@ -1,0 +1,57 @@
+"""Rows of reports/frontier_quant.json from finished `compressor run` / `compress` output folders.
+
+Each SmolLM2 point of issue 19's byte-budgeted frontier is one output folder whose report.json
+holds the held-out perplexity the pipeline measured on the written checkpoint (reloaded) and whose
+model.safetensors is the stored size. This script only reads them and appends / replaces the row
+with the same label; benchmarks/frontier.py plots the rows.
+
+Example:
+  python benchmarks/frontier_quant.py OUT --label gptq-0.30 --recipe recipes/frontier-0.30.yaml \\
+      --command "compressor run recipes/frontier-0.30.yaml --set model=... --out OUT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+from pathlib import Path
+
+REPORTS = Path(__file__).resolve().parent.parent / "reports"
+
+
+def row_from_run(out: Path, label: str, recipe: str | None, command: str, calib: str) -> dict:
+    """The frontier row of one finished output folder."""
+    report = json.loads((out / "report.json").read_text())
+    after = report["evaluation"]["after"]
+    stages = report["stages"]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent).stdout.strip()
+    return {"label": label, "method": " -> ".join(s["stage"] for s in stages),
+            "heal": any(s["stage"] == "heal" for s in stages),
+            "stored_bytes": (out / "model.safetensors").stat().st_size, "ppl": after["perplexity"],
+            "eval_tokens": after["tokens"], "calib": calib, "recipe": recipe, "git": git, "command": command,
+            "seconds": round(report["run"].get("seconds", 0.0), 1)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out", help="a finished output folder (report.json + model.safetensors)")
+    p.add_argument("--label", required=True)
+    p.add_argument("--recipe", default=None)
+    p.add_argument("--command", required=True, help="the command that wrote OUT, as run")
+    p.add_argument("--calib", default="32x256")
+    p.add_argument("--json", default=str(REPORTS / "frontier_quant.json"))
+    args = p.parse_args(argv)
+    path = Path(args.json)
+    rows = json.loads(path.read_text()) if path.exists() else []
+    row = row_from_run(Path(args.out), args.label, args.recipe, args.command, args.calib)
+    rows = [r for r in rows if r["label"] != args.label] + [row]
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"{row['label']}: ppl {row['ppl']:.3f}, {row['stored_bytes']} bytes")
+
+
+if __name__ == "__main__":
+    main()
