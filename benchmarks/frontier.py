@@ -243,8 +243,9 @@ def all_rows(state: dict) -> list[dict]:
 
 def card_method(r: dict) -> str:
     """Which of the card's methods a point uses: low-rank factors / corrections, N:M sparsity."""
-    low_rank = r["method"] in (*METHODS, "dsformer") or "-r" in r["label"].split("-g")[-1]
-    nm = ":" in r["label"] or r["method"] == "dsformer"
+    low_rank = (r["method"] in (*METHODS, "dsformer") or "-r" in r["label"].split("-g")[-1]
+                or bool(r.get("corrections")))  # a target_bytes point that bought low-rank corrections
+    nm = ":" in r["label"] or r["method"] == "dsformer" or r["method"].startswith("prune")
     return " + ".join([name for name, used in (("low rank", low_rank), ("N:M", nm)) if used]) or "–"
 
 
@@ -283,6 +284,8 @@ def data_name(args) -> str:
 
 def series_name(r: dict) -> str:
     name = r["method"] + (f" {r['allocation']}" if r.get("allocation") else "")
+    name += " target_bytes" if r.get("source") == "quant-budget" and r["method"] == "gptq" else ""
+    name += " + low-rank corrections" if r.get("corrections") else ""
     return name + (" + heal" if r["heal"] else "")
 
 

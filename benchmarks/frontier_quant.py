@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports"
@@ -27,7 +28,11 @@ def row_from_run(out: Path, label: str, recipe: str | None, command: str, calib:
     stages = report["stages"]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                          cwd=Path(__file__).parent).stdout.strip()
+    modules = [m for s in stages for m in s.get("per_module") or []]
+    formats = Counter(m["format"] for m in modules if "format" in m)
     return {"label": label, "method": " -> ".join(s["stage"] for s in stages),
+            "corrections": sum(1 for m in modules if m.get("correction_rank")),
+            "formats": dict(formats.most_common()),
             "heal": any(s["stage"] == "heal" for s in stages),
             "stored_bytes": (out / "model.safetensors").stat().st_size, "ppl": after["perplexity"],
             "eval_tokens": after["tokens"], "calib": calib, "recipe": recipe, "git": git, "command": command,
