@@ -39,6 +39,7 @@ from ..layers import (
     QuantTiedHead,
     link_quantized_embeddings,
 )
+from ..offload import materialized
 from ..targeting import layer_type, linear_shape, linear_weight, replace_module
 
 __all__ = ["Grid", "QuantFields", "check_embedding", "check_targets", "embedding_grid", "factor_grids",
@@ -228,7 +229,8 @@ def check_targets(method: str, selected: dict[str, nn.Module], group_size: int) 
         raise ConfigError(f"{method}: `group_size`={group_size} does not divide in_features of {len(bad)} "
                           f"layer(s): {', '.join(bad[:4])}; choose a divisor or `group_size: 0` (per-channel)")
     for name, module in selected.items():
-        _check_finite(method, name, linear_weight(module))
+        with materialized(module):  # an offloaded weight is read from where accelerate keeps it
+            _check_finite(method, name, linear_weight(module))
 
 
 def _check_finite(method: str, name: str, weight: Tensor) -> None:
@@ -259,7 +261,8 @@ def check_embedding(method: str, model: nn.Module, config: QuantFields) -> nn.Em
     if hidden % group:
         raise ConfigError(f"{method}: `embedding_group_size`={group} does not divide the embedding dim {hidden}; "
                           "choose a divisor or `embedding_group_size: 0` (one group per row)")
-    _check_finite(method, "the input embedding", embedding.weight)
+    with materialized(embedding):
+        _check_finite(method, "the input embedding", embedding.weight)
     return embedding
 
 
