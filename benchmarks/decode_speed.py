@@ -43,7 +43,9 @@ from harness import (Report, apply_method, arguments, calib_fields, environment,
 
 VARIANTS = ("dense", "lowrank-0.6", "lowrank-0.8", "prune-2:4", "prune-2:4-cached", "int8", "int4",
             "lowrank-0.6+int4")
+KNOWN = (*VARIANTS, "int8-emb", "int4-emb")  # -emb: named only (`--variants`), not in the default run
 QUANT_BITS = {"int8": 8, "int4": 4}  # weight-only quantization: bits by variant suffix
+EMBEDDING = "-emb"  # "int8-emb": the tied embedding / lm_head quantized too (rtn `embedding_bits`)
 QUANT_GROUP = 64  # one group size for every quantized matrix
 CACHED_UNPACK = {"prune-2:4-cached": "prune-2:4"}  # runs the other variant's model inside cached_unpack()
 
@@ -78,7 +80,7 @@ def keep_of(variant: str) -> float:
 
 def split_variant(variant: str) -> tuple[str, int | None]:
     """("lowrank-0.6", 4) for "lowrank-0.6+int4"; ("dense", 8) for "int8"; (variant, None) else."""
-    base, _, quant = variant.partition("+")
+    base, _, quant = variant.removesuffix(EMBEDDING).partition("+")
     if base in QUANT_BITS:
         return "dense", QUANT_BITS[base]
     return base, QUANT_BITS.get(quant)
@@ -121,7 +123,8 @@ def variant_stages(variant: str, args) -> list[tuple[str, dict]]:
         stages.append(("svd" if rand else "saes-svd", {"rank": keep_of(base), **calib}))
     elif base.startswith("prune"):
         stages.append(("prune", {"pattern": "2:4", "score": "magnitude" if rand else "wanda", **calib}))
-    return stages + ([("rtn", {"bits": bits, "group_size": QUANT_GROUP})] if bits else [])
+    embedding = {"embedding_bits": bits} if variant.endswith(EMBEDDING) else {}
+    return stages + ([("rtn", {"bits": bits, "group_size": QUANT_GROUP, **embedding})] if bits else [])
 
 
 def compress_into(args, dense: Path, out: Path, variant: str) -> None:
@@ -521,9 +524,9 @@ def main(argv=None) -> int:
     threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
     variants = [v for v in args.variants.split(",") if v and not (device.type == "cuda" and v in CACHED_UNPACK)]
-    unknown = [v for v in variants if v not in VARIANTS]  # on CUDA the 2:4 kernel reads the packed weight
+    unknown = [v for v in variants if v not in KNOWN]  # on CUDA the 2:4 kernel reads the packed weight
     if unknown:
-        sys.exit(f"error: unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+        sys.exit(f"error: unknown variant(s) {unknown}; choose from {list(KNOWN)}")
     loadavg_before, memory = os.getloadavg()[0], {}
     models, tokenizer = load_models(args, variants, dtype, device, memory)
     some = next(iter(models.values()))
