@@ -273,19 +273,35 @@ class OutputClaim:
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back (delivered on exit) so a publish is never left half done."""
+    """Hold SIGINT/SIGTERM back (delivered on exit) so a publish or an optimizer step is never left
+    half done.
+
+    Masking the main thread alone is not enough: the kernel hands a process-wide signal to any
+    thread that does not block it (torch's and gloo's workers), and Python then runs the handler
+    in the main thread at its next bytecode, inside the block. So the handlers themselves are
+    swapped for one that only records the signal, which is re-raised once the block is over."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    blocked = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    held = (signal.SIGINT, signal.SIGTERM)
+    pending: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in held}
+    for sig in held:
+        if previous[sig] is not None:  # None: a handler set outside Python, which we cannot put back
+            signal.signal(sig, lambda signum, frame: pending.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, held)  # and no EINTR in the main thread meanwhile
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for sig in held:
+            if previous[sig] is not None:
+                signal.signal(sig, previous[sig])
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal that waited on the mask runs here
+        for sig in dict.fromkeys(pending):
+            signal.raise_signal(sig)  # the restored handler (the CLI's raises KeyboardInterrupt)
 
 
 @contextlib.contextmanager

@@ -212,6 +212,38 @@ def test_main_strips_debug_and_handles_sigterm_like_sigint(monkeypatch):
         os.environ.pop("COMPRESSOR_DEBUG", None)
 
 
+def test_a_deferred_signal_waits_for_the_block_even_when_another_thread_receives_it():
+    """killpg's SIGTERM is process-wide: the kernel may hand it to a thread that does not mask it
+    (torch's and gloo's workers), and Python then runs the handler in the main thread at its next
+    bytecode. It must still wait for the block (an optimizer step, a publish) to finish. (A
+    resumed two-process run once redid a step: the interrupt landed inside the optimizer step.)"""
+    import signal
+    import threading
+    import time
+
+    from compressor.outdir import signals_deferred
+
+    seen: list[str] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("handler"))
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)  # started before the block, so SIGTERM is not masked there
+    worker.start()
+    try:
+        with signals_deferred():
+            signal.pthread_kill(worker.ident, signal.SIGTERM)  # what the kernel may do with os.kill
+            deadline = time.monotonic() + 0.2
+            while time.monotonic() < deadline:  # bytecodes at which a pending handler would run
+                pass
+            seen.append("block done")
+        seen.append("after")
+    finally:
+        stop.set()
+        worker.join()
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ["block done", "handler", "after"]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def test_failed_result_marker_is_valid_json(user):
     test_diverged_finetune_exits_nonzero_and_keeps_result_aside(user)
     marker = json.loads((user / "ft.failed" / ".compressor-output.json").read_text())

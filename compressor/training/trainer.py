@@ -324,7 +324,8 @@ def run_backprop(run: TrainRun) -> None:
         except KeyboardInterrupt:
             # Keep the finished steps, whatever `checkpoint_every` says: the interrupted run resumes from here.
             if done > run.start_step and run.diverged_at is None:
-                _checkpoint(run, done, optimizer, scheduler)
+                with signals_deferred():  # a second signal (the launcher passing it on) waits for the save
+                    _checkpoint(run, done, optimizer, scheduler)
             raise
     run.model.eval()
 
