@@ -6,11 +6,9 @@ healing read the first half of wikitext-2 wiki.test.raw, perplexity the second h
 Stored bytes count every stored value (embeddings and lm_head included, a tied matrix once) as
 bfloat16 = 2 bytes, integer buffers (packed positions, codes) at their own size.
 
-The figure and table also draw, from their JSON (same windows): the project's pruning rows
-(reports/frontier_sparse.json, benchmarks/sparse_p1.py) and quantized rows
-(reports/quant_smollm2.json, reports/frontier_quant.json when present); llm-compressor's rows
-(reports/quant_peer.json) and the Q4_1 GGUF source as separate markers, outside the project's
-Pareto front. P2 (uniform vs aware ranks) is rebuilt into reports/p2_allocation.{json,md}.
+The figure and table also draw the other scripts' rows from their JSON (same windows, SOURCES):
+pruning, quantized, llm-compressor's as a separate marker off the project's Pareto front, and the
+Q4_1 GGUF source. P2 (uniform vs aware ranks) is rebuilt into reports/p2_allocation.{json,md}.
 
 Examples:  nice -n 5 python benchmarks/frontier.py --rows saes-svd-uniform-0.6,saes-svd-aware-0.6
            python benchmarks/frontier.py --render
@@ -60,9 +58,6 @@ def sizes_and_heal_arguments(p, heal_steps: int) -> None:
     p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
 
 
-# ---------------------------------------------------------------- running rows
-
-
 def run(args) -> None:
     labels = args.rows.split(",") if args.rows else all_labels()
     unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
@@ -94,8 +89,14 @@ def run(args) -> None:
 def row_config(label: str, sizes: dict, args) -> dict:
     """What a row's numbers depend on: the run's sizes, aware rows' allocation knobs, heal's loss."""
     spec = parse_label(label)
-    knobs = tuple(AWARE_KNOBS) if spec.get("allocation") == "aware" else ()
-    return {**sizes, **{k: getattr(args, k) for k in knobs + (("heal_loss", "heal_lora_r") if spec["heal"] else ())}}
+    return {**sizes, **aware_knobs(spec, args, set_only=False),
+            **{k: getattr(args, k) for k in (("heal_loss", "heal_lora_r") if spec["heal"] else ())}}
+
+
+def aware_knobs(spec: dict, args, set_only: bool = True) -> dict:
+    """The aware rows' allocation flags (those given, with `set_only`)."""
+    return {k: getattr(args, k) for k in AWARE_KNOBS
+            if spec.get("allocation") == "aware" and not (set_only and getattr(args, k) is None)}
 
 
 def frontier_report(stories: bool) -> Report:
@@ -104,8 +105,7 @@ def frontier_report(stories: bool) -> Report:
 
 def compress(dense, spec: dict, source: str, args, ctx):
     """A compressed copy of `dense` and what its row records of the compression."""
-    knobs = {k: getattr(args, k) for k in AWARE_KNOBS if spec["allocation"] == "aware" and getattr(args, k) is not None}
-    fields = {"rank": spec["keep"], "allocation": spec["allocation"], **knobs,
+    fields = {"rank": spec["keep"], "allocation": spec["allocation"], **aware_knobs(spec, args),
               **({"update": "false"} if spec["method"] == "svd-llm" else {}),
               **calib_fields(source, args.calib_windows, args.calib_seq)}
     model = copy.deepcopy(dense)
@@ -161,24 +161,6 @@ def point(model, windows, calib: str, spec: dict, info: dict, heal_info: dict | 
     return {**out, **info, **(heal_info or {})}
 
 
-def merge(other: Path, stories: bool) -> None:
-    """Rows of `other` (a frontier JSON of a run with the same sizes, e.g. a second process) into
-    this frontier's, with a note."""
-    report, new = frontier_report(stories), json.loads(other.read_text())
-    same = ("calib_windows", "calib_seq", "eval_windows", "eval_seq")
-    if any((new.get("sizes") or {}).get(k) != (report.state.get("sizes") or {}).get(k) for k in same):
-        sys.exit(f"error: {other} was run with sizes {new.get('sizes')}, not {report.state.get('sizes')}; "
-                 "merge only runs of the same calibration/evaluation sizes")
-    labels = [r["label"] for r in new["rows"]]
-    report.state["rows"] = [r for r in report.state["rows"] if r["label"] not in labels] + new["rows"]
-    env = new.get("env") or {}
-    report.state.setdefault("notes", []).append(f"rows {', '.join(labels)}: run {env.get('date', '?')}, git "
-                                                f"{env.get('git_sha', '?')} (same sizes), merged")
-    report.write()
-
-
-# ---------------------------------------------------------------- the other scripts' points
-
 # source -> (file in reports/, on the project's Pareto front): rows drawn beside the low-rank ones.
 SOURCES = {"sparse": ("frontier_sparse.json", True), "quant": ("quant_smollm2.json", True),
            "quant-budget": ("frontier_quant.json", True), "llm-compressor": ("quant_peer.json", False)}
@@ -228,9 +210,6 @@ def pareto(rows: list[dict]) -> set[str]:
     return {r["label"] for r in own if not any(o["stored_bytes"] <= r["stored_bytes"] and o["ppl"] < r["ppl"]
                                                 or o["stored_bytes"] < r["stored_bytes"] and o["ppl"] <= r["ppl"]
                                                 for o in own)}
-
-
-# ---------------------------------------------------------------- rendering
 
 
 def render_all(state: dict) -> None:
@@ -371,18 +350,12 @@ def p2_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-def p2_target(p: dict) -> str:
-    """Issue's target: saes-svd's aware ranks ≥ 10 % lower perplexity at keep 0.6 and 0.4."""
-    if p["method"] == "saes-svd" and p["keep"] in (0.6, 0.4):
-        return "met" if p["reduction"] >= 0.10 else "MISSED"
-    return "(no target)"
-
-
 def p2_markdown(p2: dict) -> str:
     s, env, history = p2.get("sizes") or {}, p2.get("env") or {}, p2.get("p2_history", [])
     spec = [("method", "{method}"), ("keep", "{keep}"), ("uniform ppl", "{ppl_uniform:.2f}"),
             ("aware ppl", "{ppl_aware:.2f}"), ("change", lambda p: f"{-p['reduction']:+.1%}"),
-            ("target ≥ 10 % lower", p2_target),
+            ("target ≥ 10 % lower", lambda p: ("met" if p["reduction"] >= 0.10 else "MISSED")  # the issue's target
+             if p["method"] == "saes-svd" and p["keep"] in (0.6, 0.4) else "(no target)"),
             ("keep reached (u / a)", "{keep_reached_uniform:.4f} / {keep_reached_aware:.4f}"),
             ("dense layers (aware)", "{layers_dense_aware}"), ("aware rule", lambda p: p.get("aware_rule", ""))]
     return markdown(
@@ -404,12 +377,9 @@ def main(argv=None) -> None:
         p.add_argument(f"--{knob.replace('_', '-')}", type=kind, default=None, help=f"aware rows: `{knob}`")
     p.add_argument("--stories", action="store_true", help="stories260K on its embedded TinyStories halves "
                    "(CI-size; files get the suffix _stories)")
-    p.add_argument("--merge", default=None, help="add the rows of another run's frontier JSON, then render")
     args = p.parse_args(argv)
     OUT = Path(args.out)
-    if args.merge:
-        merge(Path(args.merge), args.stories)
-    elif not args.render:
+    if not args.render:
         if not args.stories:
             need_file(args.smollm2, "--smollm2 PATH")
         import torch

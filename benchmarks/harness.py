@@ -186,9 +186,10 @@ class Report:
         return None
 
     def add(self, label: str, config: dict, row: dict) -> dict:
-        """Replace the row of `label` (and the other `same` fields) with `row`, keyed by `config`; rewrite the report."""
-        env = self.state.get("env") or {}
-        row = {"label": label, **row, "key": row_key(label, config), "run": {k: env.get(k) for k in ("date", "git_sha")}}
+        """Replace the row of `label` (and the other `same` fields) with `row`, keyed by `config`;
+        rewrite the report."""
+        run = {k: (self.state.get("env") or {}).get(k) for k in ("date", "git_sha")}
+        row = {"label": label, **row, "key": row_key(label, config), "run": run}
         kept = [r for r in self.state.get("rows", []) if any(r.get(k) != row.get(k) for k in self.same)]
         self.state["rows"] = kept + [row]
         self.write()

