@@ -281,11 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         dense.config.save_pretrained(plain_dir)
         for label, modifier, bits in [row for row in ROWS if row[0] in wanted]:
             if report.cached(label, sizes, args.force) is None:
-                row = run_row(dense, tokenizer, label, modifier, bits, calib, windows, args, plain_dir)
-                report.state["rows"] = [r for r in report.state["rows"] if r["label"] != label] + [
-                    {"label": label, **row}]
+                report.add(label, sizes, run_row(dense, tokenizer, label, modifier, bits, calib, windows, args,
+                                                 plain_dir))
                 report.state["notes"] = protocol_notes(report.state, Path(args.out) / "frontier.json")
-                report.add(label, sizes, row)
+                report.write()
 
 
 if __name__ == "__main__":
