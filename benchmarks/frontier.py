@@ -9,9 +9,6 @@ bfloat16 = 2 bytes, integer buffers (packed positions, codes) at their own size.
 The figure and table also draw the other scripts' rows from their JSON (same windows, SOURCES):
 pruning, quantized, llm-compressor's as a separate marker off the project's Pareto front, and the
 Q4_1 GGUF source. P2 (uniform vs aware ranks) is rebuilt into reports/p2_allocation.{json,md}.
-
-Examples:  nice -n 5 python benchmarks/frontier.py --rows saes-svd-uniform-0.6,saes-svd-aware-0.6
-           python benchmarks/frontier.py --render
 """
 
 from __future__ import annotations

@@ -5,9 +5,6 @@
   Q2  stories260K (embedded), TinyStories: the same sweep on the embedded text's halves.
   Q3  all-MiniLM-L6-v2: STS-B dev Spearman and mean cosine to the dense embeddings at keep 0.8/0.6.
   Q4  wall time and peak memory of each method relative to plain SVD, from the Q1/Q2 JSON.
-
-Example:  nice -n 10 python benchmarks/quality.py q2          (about a minute)
-          python benchmarks/quality.py q1 --render            (rebuild the .md from the .json)
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """QF peer rows (issue 19): llm-compressor's weight-only int quantization of SmolLM2-135M on our protocol.
 
-Runs in llm-compressor's own venv (it pins its own transformers), without importing compressor:
-    python -m venv /work/venvs/llmc-peer
-    /work/venvs/llmc-peer/bin/pip install torch==2.13.0 'llmcompressor==0.14.*' gguf
-    OMP_NUM_THREADS=1 nohup /work/venvs/llmc-peer/bin/python benchmarks/quant_peer.py \
-        > /tmp/quant_peer.log 2>&1 &
+Runs in llm-compressor's own venv (it pins its own transformers) and imports no compressor:
+harness.py's module level is standard library only (benchmarks/README.md sets the venv up).
 
 Protocol (benchmarks/frontier.py, sparse_p1.py): SmolLM2-135M from its GGUF rebuilt as a plain
 float32 LlamaForCausalLM; wiki.test.raw read as one document (CRLF normalised) and tokenized once,

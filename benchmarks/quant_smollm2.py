@@ -10,8 +10,6 @@ packed codes at one byte per byte), over the dense bf16 file.
 Row labels: `dense` or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS[g]] (GROUP 0 = per-channel;
 the report's last paragraph reads each part). Rows are added to reports/quant_smollm2.{json,md} as
 each finishes (the row cache: benchmarks/README.md).
-
-Example:  OMP_NUM_THREADS=1 python benchmarks/quant_smollm2.py --rows dense,rtn-w4-g64,gptq-w4-g64
 """
 
 from __future__ import annotations

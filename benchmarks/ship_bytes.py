@@ -1,8 +1,6 @@
 """Bytes of a compressed checkpoint against a dense copy of the same model in the same dtype.
 
-    python benchmarks/ship_bytes.py --checkpoint OUT [--source MODEL]
-
-OUT is a `compressor compress` output (its report.json names the source and the dtype). The script
+OUT (--checkpoint) is a `compressor compress` output (its report.json names the source and the dtype). The script
 writes a dense copy of the source in that dtype (save_pretrained, safetensors, tied embeddings once)
 to a temporary folder and compares file sizes. Writes reports/ship_bytes.{json,md}.
 """
