@@ -160,7 +160,8 @@ class Report:
     """One report: its JSON state (rows included), the Markdown renderer, the row cache."""
 
     def __init__(self, out: Path, name: str, render, png=None, same=("label",)) -> None:
-        """`same`: the row fields that name one row (a label measured at several keeps: label, keep)."""
+        """`same`: the row fields that name one row, label first (a label measured at several keeps:
+        label, keep; the config holds the others)."""
         self.out, self.name, self.render, self.png, self.same = Path(out), name, render, png, same
         path = self.out / f"{name}.json"
         self.state = json.loads(path.read_text()) if path.is_file() else {"rows": []}
@@ -178,9 +179,10 @@ class Report:
         """The row of `label` whose config is `config`, unless `force`."""
         key, sizes = row_key(label, config), self.state.get("sizes") or {}
         for row in [] if force else self.state.get("rows", []):
-            # a row written before keys existed: measured with the report's sizes and the config it holds
+            # a row written before keys existed: measured with the report's sizes (and at its `same` fields)
             same = row["key"] == key if "key" in row else bool(sizes) and all(
-                config.get(k) == v for k, v in sizes.items()) and all(row.get(k, v) == v for k, v in config.items())
+                config.get(k) == v for k, v in sizes.items()) and all(
+                row.get(k) == config.get(k) for k in self.same[1:])
             if row.get("label") == label and same:
                 return row
         return None

@@ -135,7 +135,7 @@ def test_a_report_that_names_rows_by_label_and_keep_caches_and_replaces_each_kee
     (tmp_path / "q.json").write_text(json.dumps({"sizes": {"w": 8}, "rows": [
         {"label": "svd", "keep": 0.8, "ppl": 166.0}, {"label": "svd", "keep": 0.6, "ppl": 987.2}]}))
     report = harness.Report(tmp_path, "q", render, same=("label", "keep"))
-    assert report.cached("svd", {"keep": 0.6, "method": "svd", "w": 8})["ppl"] == 987.2  # held fields agree
+    assert report.cached("svd", {"keep": 0.6, "method": "svd", "w": 8})["ppl"] == 987.2  # a pre-key row: its keep
     assert report.cached("svd", {"keep": 0.4, "method": "svd", "w": 8}) is None
     report.add("svd", {"keep": 0.6, "w": 8}, {"keep": 0.6, "ppl": 990.0})
     assert [(r["keep"], r["ppl"]) for r in report.state["rows"]] == [(0.8, 166.0), (0.6, 990.0)]
