@@ -6,14 +6,9 @@ healing read the first half of wikitext-2 wiki.test.raw, perplexity the second h
 Stored bytes count every stored value (embeddings and lm_head included, a tied matrix once) as
 bfloat16 = 2 bytes, integer buffers (packed positions, codes) at their own size.
 
-The figure and table also draw, from their JSON (same windows): the project's pruning rows
-(reports/frontier_sparse.json, benchmarks/sparse_p1.py) and quantized rows
-(reports/quant_smollm2.json, reports/frontier_quant.json when present); llm-compressor's rows
-(reports/quant_peer.json) and the Q4_1 GGUF source as separate markers, outside the project's
-Pareto front. P2 (uniform vs aware ranks) is rebuilt into reports/p2_allocation.{json,md}.
-
-Examples:  nice -n 5 python benchmarks/frontier.py --rows saes-svd-uniform-0.6,saes-svd-aware-0.6
-           python benchmarks/frontier.py --render
+The figure and table also draw the other scripts' rows from their JSON (same windows, SOURCES):
+pruning, quantized, llm-compressor's as a separate marker off the project's Pareto front, and the
+Q4_1 GGUF source. P2 (uniform vs aware ranks) is rebuilt into reports/p2_allocation.{json,md}.
 """
 
 from __future__ import annotations
@@ -25,13 +20,14 @@ import sys
 import time
 from pathlib import Path
 
-from harness import (Report, apply_method, arguments, calib_fields, environment, eval_windows, load, log,
-                     need_file, numbers, sizes_of, stored_bytes, table as md_table, wiki, write_text)
+from harness import (REPORTS, Report, apply_method, arguments, calib_fields, columns, environment,
+                    eval_windows, load, log, markdown, need_file, numbers, sizes_of, stored_bytes, wiki,
+                    write_text)
 
 METHODS = ("saes-svd", "svd-llm")
 KEEPS = (0.6, 0.4, 0.8)
-OUT = Path(__file__).resolve().parent.parent / "reports"  # where the other scripts' rows are read
-SUFFIX = ""  # "_stories" with --stories
+AWARE_KNOBS = {"aware_loss": str, "aware_group": str, "rank_spread": float}  # flags of the aware rows
+OUT = REPORTS  # --out: where the reports are written and the other scripts' rows are read
 
 
 def all_labels() -> list[str]:
@@ -59,92 +55,61 @@ def sizes_and_heal_arguments(p, heal_steps: int) -> None:
     p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
 
 
-def parse_args(argv=None):
-    p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    sizes_and_heal_arguments(p, heal_steps=40)
-    for knob in ("aware-loss", "aware-group"):
-        p.add_argument(f"--{knob}", default=None, help=f"aware rows: `{knob.replace('-', '_')}`")
-    p.add_argument("--rank-spread", type=float, default=None, help="aware rows: `rank_spread`")
-    p.add_argument("--cache", default=None, help="folder of compressed checkpoints, reused by label")
-    p.add_argument("--stories", action="store_true", help="stories260K on its embedded TinyStories halves "
-                   "(CI-size; files get the suffix _stories)")
-    p.add_argument("--merge", default=None, help="add the rows of another run's frontier JSON, then render")
-    return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------- running rows
-
-
 def run(args) -> None:
-    from compressor.evaluation import perplexity
-
     labels = args.rows.split(",") if args.rows else all_labels()
     unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
     if unknown:
         sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
+    data = "embedded TinyStories" if args.stories else "wikitext-2 wiki.test.raw"
     source = "default" if args.stories else wiki(args.data_dir)
     loaded, ctx = load(None if args.stories else args.smollm2)
     windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
     sizes = sizes_of(args, ("calib_windows", "calib_seq", "eval_windows", "eval_seq", "heal_steps", "heal_batch",
                             "heal_seq", "heal_lr"))
-    report = frontier_report(args.out)
-    if report.state.get("sizes") != sizes:  # rows of other sizes are not this frontier's
-        report.begin(sizes, benchmark="frontier", env=environment(), data=data_name(args),
-                     model="stories260K (embedded)" if args.stories else Path(args.smollm2).name)
-    calib = f"{data_name(args)} first half: {args.calib_windows}x{args.calib_seq} tokens"
+    report = frontier_report(args.stories)
+    report.begin(sizes, benchmark="frontier", env=environment(), data=data,
+                 model="stories260K (embedded)" if args.stories else Path(args.smollm2).name)
+    calib = f"{data} first half: {args.calib_windows}x{args.calib_seq} tokens"
     configs = {lab: row_config(lab, sizes, args) for lab in labels}
     todo = [lab for lab in labels if report.cached(lab, configs[lab], args.force) is None]
-    for base in dict.fromkeys(lab.partition("+")[0] for lab in todo):
-        measure = lambda model: perplexity(model, windows)  # noqa: E731
-        if base == "dense":
-            report.add("dense", configs[base], point("dense", False, loaded.model, measure(loaded.model), calib))
-            continue
-        spec = parse_label(base)
-        model, info = cached_compress(loaded.model, spec, base, source, args, ctx, loaded.tokenizer)
+    for base in dict.fromkeys(lab.partition("+")[0] for lab in todo):  # a healed row heals its base's model
+        spec, model, info = parse_label(base), loaded.model, {}
+        if base != "dense":
+            model, info = compress(loaded.model, spec, source, args, ctx)
         if base in todo:
-            report.add(base, configs[base], point(spec["method"], False, model, measure(model), calib, spec, info))
+            report.add(base, configs[base], point(model, windows, calib, spec, info))
         if f"{base}+heal" in todo:
             healed = heal_row(model, loaded.model, source, args, ctx, windows)
-            report.add(f"{base}+heal", configs[f"{base}+heal"], point(spec["method"], True, model, measure(model),
-                                                                     calib, spec, info, healed))
-    render_all(report.state)
+            report.add(f"{base}+heal", configs[f"{base}+heal"], point(model, windows, calib, spec, info, healed))
 
 
 def row_config(label: str, sizes: dict, args) -> dict:
     """What a row's numbers depend on: the run's sizes, aware rows' allocation knobs, heal's loss."""
     spec = parse_label(label)
-    knobs = ("aware_loss", "aware_group", "rank_spread") if spec.get("allocation") == "aware" else ()
-    return {**sizes, **{k: getattr(args, k) for k in knobs + (("heal_loss", "heal_lora_r") if spec["heal"] else ())}}
+    return {**sizes, **aware_knobs(spec, args, set_only=False),
+            **{k: getattr(args, k) for k in (("heal_loss", "heal_lora_r") if spec["heal"] else ())}}
 
 
-def frontier_report(out) -> Report:
-    return Report(out, f"frontier{SUFFIX}", lambda state: table(state), png=lambda s, p: plot(s, p))
+def aware_knobs(spec: dict, args, set_only: bool = True) -> dict:
+    """The aware rows' allocation flags (those given, with `set_only`)."""
+    return {k: getattr(args, k) for k in AWARE_KNOBS
+            if spec.get("allocation") == "aware" and not (set_only and getattr(args, k) is None)}
 
 
-def cached_compress(dense, spec: dict, label: str, source: str, args, ctx, tokenizer):
-    """The compressed model, or the checkpoint (and its info) saved under --cache by an earlier run."""
-    import torch
+def frontier_report(stories: bool) -> Report:
+    return Report(OUT, "frontier_stories" if stories else "frontier", render, png=plot)
 
-    from compressor.models import load_model, save_checkpoint
 
-    knobs = {k: getattr(args, k) for k in ("aware_loss", "aware_group", "rank_spread")
-             if spec["allocation"] == "aware" and getattr(args, k) is not None}
-    folder = Path(args.cache) / ",".join([label, *(f"{k}={v}" for k, v in knobs.items())]) if args.cache else None
-    if folder is not None and (folder / "frontier_info.json").is_file():
-        log(f"{label}: compressed model from {folder}")
-        return load_model(str(folder)).model, json.loads((folder / "frontier_info.json").read_text())
-    model = copy.deepcopy(dense)
-    extra = {"update": "false"} if spec["method"] == "svd-llm" else {}
-    fields = {"rank": spec["keep"], "allocation": spec["allocation"], **extra, **knobs,
+def compress(dense, spec: dict, source: str, args, ctx):
+    """A compressed copy of `dense` and what its row records of the compression."""
+    fields = {"rank": spec["keep"], "allocation": spec["allocation"], **aware_knobs(spec, args),
+              **({"update": "false"} if spec["method"] == "svd-llm" else {}),
               **calib_fields(source, args.calib_windows, args.calib_seq)}
+    model = copy.deepcopy(dense)
     result, config, seconds = apply_method(model, spec["method"], fields, ctx)
     info = {"compress_seconds": round(seconds, 1), "keep_ratio_reached": result.metrics["keep_ratio_reached"],
-            "layers_dense": result.metrics["layers_dense"], "notes": result.notes,
-            "config": config}
-    log(f"{label}: compressed in {info['compress_seconds']} s, keep reached {info['keep_ratio_reached']:.4f}")
-    if folder is not None:
-        save_checkpoint(model, tokenizer, folder, dtype=torch.float32)
-        write_text(folder / "frontier_info.json", json.dumps(info, default=str))
+            "layers_dense": result.metrics["layers_dense"], "notes": result.notes, "config": config}
+    log(f"{spec['method']}: compressed in {info['compress_seconds']} s, keep reached {info['keep_ratio_reached']:.4f}")
     return model, info
 
 
@@ -169,9 +134,9 @@ def heal_row(model, dense, source: str, args, ctx, eval_windows) -> dict:
                   eval_fn=progress if args.heal_eval_every else None)
     every = args.heal_eval_every
     curves = {k: v for k, v in result.curves.items() if k.startswith("eval_") and v}
+    budget = ("loss", "steps", "batch_size", "seq_len", "lr", "schedule", "lora_r")
     info = {"heal_seconds": round(time.perf_counter() - started, 1),
-            "heal": {k: config.to_dict()[k] for k in ("loss", "steps", "batch_size", "seq_len", "lr", "schedule",
-                                                       "lora_r")},
+            "heal": {k: config.to_dict()[k] for k in budget},
             "heal_curve": {k: sorted({(s, v[s]) for s in [*range(0, len(v), every or len(v)), len(v) - 1]})
                            for k, v in curves.items()},
             "heal_trainable_params": result.metrics["method_params"],
@@ -181,31 +146,17 @@ def heal_row(model, dense, source: str, args, ctx, eval_windows) -> dict:
     return info
 
 
-def point(method, healed, model, ppl: dict, calib, spec=None, compressed=None, heal_info=None) -> dict:
-    out = {"method": method, "heal": healed, "stored_bytes": stored_bytes(model), "ppl": ppl["perplexity"],
-           "eval_tokens": ppl["tokens"], "calib": calib}
-    if spec:
-        out.update(allocation=spec["allocation"], keep=spec["keep"])
-    log(f"{method}: ppl {out['ppl']:.3f}, {out['stored_bytes'] / 2**20:.1f} MiB")
-    return {**out, **(compressed or {}), **(heal_info or {})}
+def point(model, windows, calib: str, spec: dict, info: dict, heal_info: dict | None = None) -> dict:
+    """A frontier row: bytes and held-out perplexity of `model`, with its compression (and heal) info."""
+    from compressor.evaluation import perplexity
 
+    ppl = perplexity(model, windows)
+    out = {"method": spec["method"], "heal": heal_info is not None, "stored_bytes": stored_bytes(model),
+           "ppl": ppl["perplexity"], "eval_tokens": ppl["tokens"], "calib": calib,
+           **{k: spec[k] for k in ("allocation", "keep") if k in spec}}
+    log(f"{spec['method']}: ppl {out['ppl']:.3f}, {out['stored_bytes'] / 2**20:.1f} MiB")
+    return {**out, **info, **(heal_info or {})}
 
-def merge(out: Path, other: Path) -> None:
-    """Rows of `other` (a frontier JSON of a run with the same sizes) into out's, with a note."""
-    report, new = frontier_report(out), json.loads(other.read_text())
-    same = ("calib_windows", "calib_seq", "eval_windows", "eval_seq")
-    if any((new.get("sizes") or {}).get(k) != (report.state.get("sizes") or {}).get(k) for k in same):
-        sys.exit(f"error: {other} was run with sizes {new.get('sizes')}, not {report.state.get('sizes')}; "
-                 "merge only runs of the same calibration/evaluation sizes")
-    labels = [r["label"] for r in new["rows"]]
-    report.state["rows"] = [r for r in report.state["rows"] if r["label"] not in labels] + new["rows"]
-    env = new.get("env") or {}
-    report.state.setdefault("notes", []).append(f"rows {', '.join(labels)}: run {env.get('date', '?')}, git "
-                                                f"{env.get('git_sha', '?')} (same sizes), merged")
-    report.write()
-
-
-# ---------------------------------------------------------------- the other scripts' points
 
 # source -> (file in reports/, on the project's Pareto front): rows drawn beside the low-rank ones.
 SOURCES = {"sparse": ("frontier_sparse.json", True), "quant": ("quant_smollm2.json", True),
@@ -234,10 +185,11 @@ def all_rows(state: dict) -> list[dict]:
     for source, (name, _) in SOURCES.items():
         if (OUT / name).is_file():
             rows += source_rows(source, json.loads((OUT / name).read_text()))
-    gguf, dense = Path(state.get("gguf", "")), next((r for r in rows if r["method"] == "dense"), None)
+    dense = next((r for r in rows if r["method"] == "dense"), None)
     if dense and state.get("gguf_bytes"):
-        rows.append({"label": gguf.name, "method": "Q4_1 (GGUF)", "heal": False, "source": "gguf",
-                     "stored_bytes": state["gguf_bytes"], "ppl": dense["ppl"], "eval_tokens": dense["eval_tokens"]})
+        rows.append({"label": Path(state.get("gguf", "")).name, "method": "Q4_1 (GGUF)", "heal": False,
+                     "source": "gguf", "stored_bytes": state["gguf_bytes"], "ppl": dense["ppl"],
+                     "eval_tokens": dense["eval_tokens"]})
     return rows
 
 
@@ -257,20 +209,17 @@ def pareto(rows: list[dict]) -> set[str]:
                                                 for o in own)}
 
 
-# ---------------------------------------------------------------- rendering
-
-
 def render_all(state: dict) -> None:
-    out = OUT
+    """frontier[_stories].md/png and, when the rows hold uniform/aware pairs, p2_allocation[_stories]."""
     state.setdefault("data", "wikitext-2 wiki.test.raw")  # runs before the key existed
-    write_text(out / f"frontier{SUFFIX}.md", table(state))
-    plot(state, out / f"frontier{SUFFIX}.png")
+    write_text(OUT / f"frontier{suffix(state)}.md", render(state))
+    plot(state, OUT / f"frontier{suffix(state)}.png")
     pairs = p2_pairs(state["rows"])
     if pairs:
         p2 = {"env": state.get("env"), "sizes": state.get("sizes"), "pairs": pairs, "model": state.get("model"),
-              "data": state.get("data"), "p2_history": state.get("p2_history", []), "suffix": SUFFIX}
-        write_text(out / f"p2_allocation{SUFFIX}.json", json.dumps(p2, indent=1, default=str))
-        write_text(out / f"p2_allocation{SUFFIX}.md", p2_markdown(p2))
+              "data": state.get("data"), "p2_history": state.get("p2_history", []), "suffix": suffix(state)}
+        write_text(OUT / f"p2_allocation{suffix(state)}.json", json.dumps(p2, indent=1, default=str))
+        write_text(OUT / f"p2_allocation{suffix(state)}.md", p2_markdown(p2))
 
 
 def suffix(state: dict) -> str:
@@ -278,15 +227,17 @@ def suffix(state: dict) -> str:
     return "_stories" if str(state.get("model", "")).startswith("stories") else ""
 
 
-def data_name(args) -> str:
-    return "embedded TinyStories" if args.stories else "wikitext-2 wiki.test.raw"
-
-
 def series_name(r: dict) -> str:
     name = r["method"] + (f" {r['allocation']}" if r.get("allocation") else "")
     name += " target_bytes" if r.get("source") == "quant-budget" and r["method"] == "gptq" else ""
     name += " + low-rank corrections" if r.get("corrections") else ""
     return name + (" + heal" if r["heal"] else "")
+
+
+# the points drawn apart from the project's series: (source or method, legend, style)
+MARKERS = (("llm-compressor", "llm-compressor 0.14 (peer)", {"marker": "x", "s": 90, "color": "crimson", "zorder": 6}),
+           ("gguf", "Q4_1 GGUF source", {"marker": "P", "s": 140, "color": "darkorange", "zorder": 6}),
+           ("dense", "dense (reference)", {"marker": "*", "s": 220, "color": "black", "zorder": 5}))
 
 
 def plot(state: dict, path: Path) -> None:
@@ -310,16 +261,10 @@ def plot(state: dict, path: Path) -> None:
     front_points = sorted((r["stored_bytes"] / 1e6, r["ppl"]) for r in rows if r["label"] in front)
     if front_points:
         ax.step(*zip(*front_points), where="post", color="grey", linewidth=3, alpha=0.35, label="project Pareto front")
-    for source, style in (("llm-compressor", dict(marker="x", s=90, color="crimson")),
-                          ("gguf", dict(marker="P", s=140, color="darkorange"))):
-        peers = [r for r in rows if r["source"] == source]
-        if peers:
-            ax.scatter([r["stored_bytes"] / 1e6 for r in peers], [r["ppl"] for r in peers], zorder=6,
-                       label="llm-compressor 0.14 (peer)" if source != "gguf" else "Q4_1 GGUF source", **style)
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    if dense:
-        ax.scatter([dense["stored_bytes"] / 1e6], [dense["ppl"]], marker="*", s=220, color="black", zorder=5,
-                   label="dense (reference)")
+    for key, label, style in MARKERS:
+        points = [r for r in rows if (r["method"] if key == "dense" else r["source"]) == key]
+        if points:
+            ax.scatter([r["stored_bytes"] / 1e6 for r in points], [r["ppl"] for r in points], label=label, **style)
     ax.set_yscale("log")
     ax.set_xlabel("stored bytes (MB, bfloat16 values, embeddings included)")
     ax.set_ylabel("held-out perplexity (log scale)")
@@ -331,14 +276,15 @@ def plot(state: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def table(state: dict) -> str:
+def render(state: dict) -> str:
     env, s, rows = state.get("env") or {}, state.get("sizes") or {}, all_rows(state)
     front = pareto(rows)
     dense = next((r["stored_bytes"] for r in rows if r["method"] == "dense"), None)
-    cells = [[r["label"], r["method"], heal_budget(r), f"{r['stored_bytes'] / 1e6:.4g}",
-              f"{r['stored_bytes'] / dense:.3f}" if dense else "–", f"{r['ppl']:.2f}", r["eval_tokens"],
-              r["source"], card_method(r), "yes" if r["label"] in front else ""]
-             for r in sorted(rows, key=lambda r: (-r["stored_bytes"], r["ppl"]))]
+    spec = [("label", "{label}"), ("method", "{method}"), ("heal", heal_budget),
+            ("stored MB", lambda r: f"{r['stored_bytes'] / 1e6:.4g}"),
+            ("bytes / dense", lambda r: f"{r['stored_bytes'] / dense:.3f}" if dense else "–"),
+            ("perplexity", "{ppl:.2f}"), ("eval tokens", "{eval_tokens}"), ("source", "{source}"),
+            ("card method", card_method), ("Pareto", lambda r: "yes" if r["label"] in front else "")]
     others = "" if suffix(state) else (
         " Rows from reports/frontier_sparse.json (pruning, benchmarks/sparse_p1.py) are marked `sparse`; "
         "reports/quant_smollm2.json `quant` (bytes: its bf16 model.safetensors on disk); "
@@ -346,18 +292,17 @@ def table(state: dict) -> str:
         f"(a separate marker, not on the project's front); `gguf`: {GGUF_NOTE}. `Pareto`: on the front of "
         "the project's own points (lowrank, sparse, quant). `card method`: points using low-rank factors / "
         "corrections or N:M sparsity.")
-    return "\n".join([
-        f"# Frontier: held-out perplexity vs stored bytes ({state.get('model')}, {state.get('data')})", "",
+    return markdown(
+        f"# Frontier: held-out perplexity vs stored bytes ({state.get('model')}, {state.get('data')})",
         f"Run {env.get('date', '?')} on {env.get('host', '?')} ({env.get('device_name', '?')}), git "
         f"{env.get('git_sha', '?')}. Calibration and healing: first half of {state.get('data')} "
         f"({s.get('calib_windows')}×{s.get('calib_seq')} calibration tokens); perplexity: "
         f"{s.get('eval_windows')} windows × {s.get('eval_seq')} of the second half. Heal: AdamW on the "
         "factors, cosine schedule, budget per row in the heal column (steps × batch×seq tokens; kl = "
         "distillation from the dense logits, the teacher run alongside). Bytes: every stored value as bfloat16 "
-        "(2 bytes), embeddings/lm_head included (tied once), packed index buffers at their size." + others, "",
-        *[f"- {note}" for note in state.get("notes", [])], "", f"![frontier](frontier{suffix(state)}.png)", "",
-        *md_table(["label", "method", "heal", "stored MB", "bytes / dense", "perplexity", "eval tokens", "source",
-                   "card method", "Pareto"], cells), "", *heal_gap_lines(rows)]) + "\n"
+        "(2 bytes), embeddings/lm_head included (tied once), packed index buffers at their size." + others,
+        [f"- {note}" for note in state.get("notes", [])], f"![frontier](frontier{suffix(state)}.png)",
+        columns(spec, sorted(rows, key=lambda r: (-r["stored_bytes"], r["ppl"]))), heal_gap_lines(rows))
 
 
 def heal_budget(r: dict) -> str:
@@ -388,58 +333,57 @@ def heal_gap_lines(rows: list[dict]) -> list[str]:
 
 def p2_pairs(rows: list[dict]) -> list[dict]:
     by, pairs = {r["label"]: r for r in rows}, []
-    for method in METHODS:
-        for keep in KEEPS:
-            u, a = by.get(f"{method}-uniform-{keep}"), by.get(f"{method}-aware-{keep}")
-            if u and a:
-                c = a.get("config") or {}
-                rule = (f"{c.get('aware_loss', 'relative')}, per {c.get('aware_group', 'matrix')}, "
-                        f"spread {c.get('rank_spread', 1.5):g}, floor {c.get('floor_ratio', 0.05):g}")
-                pairs.append({"method": method, "keep": keep, "ppl_uniform": u["ppl"], "ppl_aware": a["ppl"],
-                              "reduction": 1 - a["ppl"] / u["ppl"], "keep_reached_uniform": u.get("keep_ratio_reached"),
-                              "keep_reached_aware": a.get("keep_ratio_reached"), "aware_rule": rule,
-                              "layers_dense_aware": a.get("layers_dense"), "stored_bytes_uniform": u["stored_bytes"],
-                              "stored_bytes_aware": a["stored_bytes"]})
+    for method, keep in [(m, k) for m in METHODS for k in KEEPS]:
+        u, a = by.get(f"{method}-uniform-{keep}"), by.get(f"{method}-aware-{keep}")
+        if u and a:
+            c = a.get("config") or {}
+            rule = (f"{c.get('aware_loss', 'relative')}, per {c.get('aware_group', 'matrix')}, "
+                    f"spread {c.get('rank_spread', 1.5):g}, floor {c.get('floor_ratio', 0.05):g}")
+            pairs.append({"method": method, "keep": keep, "ppl_uniform": u["ppl"], "ppl_aware": a["ppl"],
+                          "reduction": 1 - a["ppl"] / u["ppl"], "keep_reached_uniform": u.get("keep_ratio_reached"),
+                          "keep_reached_aware": a.get("keep_ratio_reached"), "aware_rule": rule,
+                          "layers_dense_aware": a.get("layers_dense"), "stored_bytes_uniform": u["stored_bytes"],
+                          "stored_bytes_aware": a["stored_bytes"]})
     return pairs
 
 
 def p2_markdown(p2: dict) -> str:
-    s, env = p2.get("sizes") or {}, p2.get("env") or {}
-    cells = []
-    for p in p2["pairs"]:
-        target = p["method"] == "saes-svd" and p["keep"] in (0.6, 0.4)  # what the issue's target covers
-        met = ("met" if p["reduction"] >= 0.10 else "MISSED") if target else "(no target)"
-        cells.append([p["method"], p["keep"], f"{p['ppl_uniform']:.2f}", f"{p['ppl_aware']:.2f}",
-                      f"{-p['reduction']:+.1%}", met, f"{p['keep_reached_uniform']:.4f} / {p['keep_reached_aware']:.4f}",
-                      p["layers_dense_aware"], p.get("aware_rule", "")])
-    history = p2.get("p2_history", [])  # other aware rules measured on the same split
-    return "\n".join([
-        f"# P2: activation-aware vs uniform ranks ({p2.get('model')}, {p2.get('data')})", "",
+    s, env, history = p2.get("sizes") or {}, p2.get("env") or {}, p2.get("p2_history", [])
+    spec = [("method", "{method}"), ("keep", "{keep}"), ("uniform ppl", "{ppl_uniform:.2f}"),
+            ("aware ppl", "{ppl_aware:.2f}"), ("change", lambda p: f"{-p['reduction']:+.1%}"),
+            ("target ≥ 10 % lower", lambda p: ("met" if p["reduction"] >= 0.10 else "MISSED")  # the issue's target
+             if p["method"] == "saes-svd" and p["keep"] in (0.6, 0.4) else "(no target)"),
+            ("keep reached (u / a)", "{keep_reached_uniform:.4f} / {keep_reached_aware:.4f}"),
+            ("dense layers (aware)", "{layers_dense_aware}"), ("aware rule", lambda p: p.get("aware_rule", ""))]
+    return markdown(
+        f"# P2: activation-aware vs uniform ranks ({p2.get('model')}, {p2.get('data')})",
         f"Run {env.get('date', '?')}, git {env.get('git_sha', '?')} (rows of reports/frontier{p2.get('suffix', '')}"
         f".json). Same calibration for both ({s.get('calib_windows')}×{s.get('calib_seq')} tokens of the first "
         f"half of {p2.get('data')}), perplexity on {s.get('eval_windows')}×{s.get('eval_seq')} tokens of the "
         "second half. Aware ranks (`allocation: aware`, the rule of each row in the last column) get at most "
-        "the parameters the uniform plan keeps.", "",
-        *md_table(["method", "keep", "uniform ppl", "aware ppl", "change", "target ≥ 10 % lower",
-                   "keep reached (u / a)", "dense layers (aware)", "aware rule"], cells),
-        *(["", "Other aware rules measured on the same split (replaced in the table above):", "",
-           *[f"- {h}" for h in history]] if history else [])]) + "\n"
+        "the parameters the uniform plan keeps.", columns(spec, p2["pairs"]),
+        *(["Other aware rules measured on the same split (replaced in the table above):",
+           [f"- {h}" for h in history]] if history else []))
 
 
 def main(argv=None) -> None:
-    global SUFFIX, OUT
-    args = parse_args(argv)
-    SUFFIX, OUT = ("_stories" if args.stories else ""), Path(args.out)
-    if args.merge:
-        merge(OUT, Path(args.merge))
-    if not (args.render or args.merge):
+    global OUT
+    p = arguments(__doc__, smollm2=True, data=True, rows=True)
+    sizes_and_heal_arguments(p, heal_steps=40)
+    for knob, kind in AWARE_KNOBS.items():
+        p.add_argument(f"--{knob.replace('_', '-')}", type=kind, default=None, help=f"aware rows: `{knob}`")
+    p.add_argument("--stories", action="store_true", help="stories260K on its embedded TinyStories halves "
+                   "(CI-size; files get the suffix _stories)")
+    args = p.parse_args(argv)
+    OUT = Path(args.out)
+    if not args.render:
         if not args.stories:
             need_file(args.smollm2, "--smollm2 PATH")
         import torch
 
         torch.set_num_threads(args.threads)
         run(args)
-    report = frontier_report(OUT)
+    report = frontier_report(args.stories)
     if not args.stories and Path(args.smollm2).is_file():  # the GGUF source point: its file's bytes
         report.state.update(gguf=Path(args.smollm2).name, gguf_bytes=Path(args.smollm2).stat().st_size)
         write_text(OUT / "frontier.json", json.dumps(report.state, indent=1, default=str) + "\n")

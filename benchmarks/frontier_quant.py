@@ -18,7 +18,7 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-REPORTS = Path(__file__).resolve().parent.parent / "reports"
+from harness import REPORTS, write_text
 
 
 def row_from_run(out: Path, label: str, recipe: str | None, command: str, calib: str) -> dict:
@@ -27,7 +27,7 @@ def row_from_run(out: Path, label: str, recipe: str | None, command: str, calib:
     after = report["evaluation"]["after"]
     stages = report["stages"]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()
+                         cwd=Path(__file__).parent, check=False).stdout.strip()
     modules = [m for s in stages for m in s.get("per_module") or []]
     formats = Counter(m["format"] for m in modules if "format" in m)
     return {"label": label, "method": " -> ".join(s["stage"] for s in stages),
@@ -51,10 +51,7 @@ def main(argv=None) -> None:
     path = Path(args.json)
     rows = json.loads(path.read_text()) if path.exists() else []
     row = row_from_run(Path(args.out), args.label, args.recipe, args.command, args.calib)
-    rows = [r for r in rows if r["label"] != args.label] + [row]
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=2) + "\n")
-    tmp.replace(path)
+    write_text(path, json.dumps([r for r in rows if r["label"] != args.label] + [row], indent=2) + "\n")
     print(f"{row['label']}: ppl {row['ppl']:.3f}, {row['stored_bytes']} bytes")
 
 

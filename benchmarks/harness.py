@@ -1,22 +1,10 @@
 """The one benchmark harness: protocol, row cache, provenance and report writing for benchmarks/.
 
-A benchmark declares its rows (a label and the config that produces it), a `measure` for one row
-and a `render(result) -> str` of its JSON. The harness gives it:
-
-- the protocol: `eval_windows`, the first non-overlapping windows of a text's held-out (second)
-  half, as `compressor eval` reads them (compressor.protocol), and `calib_fields`, a method
-  config's calibration fields (windows of the first half); each benchmark states its own sizes;
-- a row cache: the report's JSON is the cache. Each row carries `key`, the JSON of its config
-  (label + run sizes + method fields); a row whose key is unchanged is not rerun, `--force` reruns
-  it. Rows of reports written before keys existed are keyed by their label and the report's sizes;
-- provenance: `environment()` (date, host, device, git sha, versions, load average) and the
-  one-line `provenance(env)` every report prints;
-- writing: JSON + Markdown (+ PNG) through a temporary file and a rename, so an interrupted run
-  never leaves half a report; `--render` rebuilds the Markdown (and PNG) from the JSON alone.
-
-`python benchmarks/harness.py check` re-renders every report in REPORTS from its committed JSON
-into a temporary folder and compares the Markdown tables with the committed ones (exit 1 on a
-difference): the proof that each report is regenerable by its command.
+A benchmark declares its rows (a label and the config that produces it), measures one row, and
+renders its JSON (`render(state) -> str`); benchmarks/README.md describes what the harness gives it.
+`python benchmarks/harness.py check` re-renders every report in REPORT_RENDERERS from its committed
+JSON and compares the Markdown tables with the committed ones (exit 1 on a difference): the proof
+that each report is regenerable by its command.
 """
 
 from __future__ import annotations
@@ -56,6 +44,29 @@ def table(header: list[str], rows: list[list]) -> list[str]:
     """Markdown table lines; cells are str()-ed as given (format them first)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def columns(spec, rows) -> list[str]:
+    """Markdown table lines from a column spec, (header, cell) pairs: a cell is a format template
+    filled from the row ("{ppl:.3f}") or a function of the row."""
+    def cell(how, row):
+        return how.format_map(row) if isinstance(how, str) else how(row)
+
+    return table([header for header, _ in spec], [[cell(how, row) for _, how in spec] for row in rows])
+
+
+def markdown(*blocks) -> str:
+    """A report's text: blocks (a line, or a list of lines; empty ones left out) separated by one blank line."""
+    return "\n\n".join(b if isinstance(b, str) else "\n".join(b) for b in blocks if b) + "\n"
+
+
+def pick(wanted: str | None, known: list[str]) -> list[str]:
+    """The rows `--rows` names (all of `known` when it names none); exits on an unknown label."""
+    labels = wanted.split(",") if wanted else list(known)
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        sys.exit(f"error: unknown row label(s) {unknown}; choose from {','.join(known)}")
+    return labels
 
 
 # ---------------------------------------------------------------- provenance
@@ -148,8 +159,10 @@ def row_key(label: str, config: dict) -> str:
 class Report:
     """One report: its JSON state (rows included), the Markdown renderer, the row cache."""
 
-    def __init__(self, out: Path, name: str, render, png=None) -> None:
-        self.out, self.name, self.render, self.png = Path(out), name, render, png
+    def __init__(self, out: Path, name: str, render, png=None, same=("label",)) -> None:
+        """`same`: the row fields that name one row, label first (a label measured at several keeps:
+        label, keep; the config holds the others)."""
+        self.out, self.name, self.render, self.png, self.same = Path(out), name, render, png, same
         path = self.out / f"{name}.json"
         self.state = json.loads(path.read_text()) if path.is_file() else {"rows": []}
         for row in self.state.get("rows", []):  # each row keeps the provenance of the run that measured it
@@ -166,18 +179,21 @@ class Report:
         """The row of `label` whose config is `config`, unless `force`."""
         key, sizes = row_key(label, config), self.state.get("sizes") or {}
         for row in [] if force else self.state.get("rows", []):
-            # a row written before keys existed: measured with the report's sizes
-            same = row["key"] == key if "key" in row else bool(sizes) and all(config.get(k) == v
-                                                                               for k, v in sizes.items())
+            # a row written before keys existed: measured with the report's sizes (and at its `same` fields)
+            same = row["key"] == key if "key" in row else bool(sizes) and all(
+                config.get(k) == v for k, v in sizes.items()) and all(
+                row.get(k) == config.get(k) for k in self.same[1:])
             if row.get("label") == label and same:
                 return row
         return None
 
     def add(self, label: str, config: dict, row: dict) -> dict:
-        """Replace the row of `label` with `row` (keyed by `config`) and rewrite the report."""
-        env = self.state.get("env") or {}
-        row = {"label": label, **row, "key": row_key(label, config), "run": {k: env.get(k) for k in ("date", "git_sha")}}
-        self.state["rows"] = [r for r in self.state.get("rows", []) if r.get("label") != label] + [row]
+        """Replace the row of `label` (and the other `same` fields) with `row`, keyed by `config`;
+        rewrite the report."""
+        run = {k: (self.state.get("env") or {}).get(k) for k in ("date", "git_sha")}
+        row = {"label": label, **row, "key": row_key(label, config), "run": run}
+        kept = [r for r in self.state.get("rows", []) if any(r.get(k) != row.get(k) for k in self.same)]
+        self.state["rows"] = kept + [row]
         self.write()
         return row
 
@@ -255,7 +271,7 @@ REPORT_RENDERERS = [
     ("quality", "quality_q1", "render_lm"), ("quality", "quality_q1_eval32k", "render_lm"),
     ("quality", "quality_q2", "render_lm"), ("quality", "quality_q3", "render_q3"),
     ("quality", "quality_q4", "render_q4"),
-    ("frontier", "frontier", "table"), ("frontier", "frontier_stories", "table"),
+    ("frontier", "frontier", "render"), ("frontier", "frontier_stories", "render"),
     ("frontier", "p2_allocation", "p2_markdown"), ("frontier", "p2_allocation_stories", "p2_markdown"),
     ("quant_smollm2", "quant_smollm2", "render"), ("quant_peer", "quant_peer", "render"),
     ("sparse_p1", "sparse_p1", "render"), ("sparse_p1", "sparse_p1_ds", "render"),

@@ -7,13 +7,9 @@ float32 for the perplexity (the exact values of the bf16 checkpoint). Bytes: the
 model.safetensors written in bfloat16 (every stored tensor, embeddings and a tied lm_head once,
 packed codes at one byte per byte), over the dense bf16 file.
 
-Row labels: `dense`, or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS] with METHOD gptq or rtn,
-GROUP 0 = per-channel, `ao` = act_order, rRANK = correction_rank (gptq), eEBITS = embedding_bits (the
-input embedding and the tied lm_head, groups as the linears; `g` after it: by GPTQ against lm_head's
-input Hessian, `embedding_gptq`). Rows are added to reports/quant_smollm2.{json,md} as each finishes
-(the row cache: benchmarks/README.md).
-
-Example:  OMP_NUM_THREADS=1 python benchmarks/quant_smollm2.py --rows dense,rtn-w4-g64,gptq-w4-g64
+Row labels: `dense` or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS[g]] (GROUP 0 = per-channel;
+the report's last paragraph reads each part). Rows are added to reports/quant_smollm2.{json,md} as
+each finishes (the row cache: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -25,48 +21,43 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Report, arguments, eval_windows, load, need_file, numbers, rerender, sizes_of, table, wiki
+from harness import (Report, arguments, columns, eval_windows, load, markdown, need_file, numbers, rerender,
+                     sizes_of, wiki)
 
-LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
+LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?"
+                   r"(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
 
 
 def stage_config(label: str, args):
     """The method config a row label names."""
+    from compressor.methods.gptq import GPTQConfig
+    from compressor.methods.rtn import RTNConfig
+
     match = LABEL.match(label)
     if not match:
         sys.exit(f"error: row label {label!r} is not dense or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS]")
     fields = {"bits": int(match["bits"]), "group_size": int(match["group"]), "symmetric": not match["asym"],
               "embedding_bits": int(match["emb"] or 0)}
     if match["method"] == "rtn":
-        from compressor.methods.rtn import RTNConfig
-
         return RTNConfig(**fields)
-    from compressor.methods.gptq import GPTQConfig
-
     return GPTQConfig(**fields, act_order=bool(match["ao"]), correction_rank=int(match["rank"] or 0),
-                      embedding_gptq=bool(match["eg"]), calibration=wiki(args.data_dir), num_windows=args.calib_windows, seq_len=args.calib_seq,
-                      batch_size=8)
-
-
-def disk_bytes(model, tokenizer) -> int:
-    """Bytes of model.safetensors of `model` saved as a bfloat16 compressor checkpoint."""
-    import torch
-
-    from compressor.models import save_checkpoint
-
-    with tempfile.TemporaryDirectory() as folder:
-        save_checkpoint(model, tokenizer, Path(folder), dtype=torch.bfloat16)
-        return (Path(folder) / "model.safetensors").stat().st_size
+                      embedding_gptq=bool(match["eg"]), calibration=wiki(args.data_dir),
+                      num_windows=args.calib_windows, seq_len=args.calib_seq, batch_size=8)
 
 
 def run_row(label: str, dense, tokenizer, ctx, windows, args) -> dict:
+    """Quantize a copy (held in bfloat16), its bf16 model.safetensors' size, its float32 perplexity."""
+    import torch
+
     from compressor import apply_
     from compressor.evaluation import perplexity
+    from compressor.models import save_checkpoint
 
-    started = time.perf_counter()
-    model = copy.deepcopy(dense)
+    started, model = time.perf_counter(), copy.deepcopy(dense)
     metrics = apply_(model, stage_config(label, args), ctx).metrics if label != "dense" else {}
-    size = disk_bytes(model, tokenizer)
+    with tempfile.TemporaryDirectory() as folder:
+        save_checkpoint(model, tokenizer, Path(folder), dtype=torch.bfloat16)
+        size = (Path(folder) / "model.safetensors").stat().st_size
     ppl = perplexity(model.float(), windows)
     row = {"disk_bytes": size, "ppl": ppl["perplexity"], "eval_tokens": ppl["tokens"],
            "output_error": metrics.get("output_error"), "seconds": round(time.perf_counter() - started, 1)}
@@ -76,16 +67,17 @@ def run_row(label: str, dense, tokenizer, ctx, windows, args) -> dict:
 
 def render(state: dict) -> str:
     dense = next((r["disk_bytes"] for r in state["rows"] if r["label"] == "dense"), None)
-    rows = [[r["label"], r["disk_bytes"], f"{r['disk_bytes'] / dense:.3f}" if dense else "–", f"{r['ppl']:.2f}",
-             "–" if r.get("output_error") is None else f"{r['output_error']:.4f}", r["eval_tokens"]]
-            for r in sorted(state["rows"], key=lambda r: -r["disk_bytes"])]
-    return "\n".join([
-        "# Weight-only quantization on SmolLM2-135M (benchmarks/quant_smollm2.py)", "",
+    spec = [("label", "{label}"), ("bytes on disk", "{disk_bytes}"),
+            ("bytes / dense bf16", lambda r: f"{r['disk_bytes'] / dense:.3f}" if dense else "–"),
+            ("perplexity", "{ppl:.2f}"),
+            ("mean output error", lambda r: "–" if r.get("output_error") is None else f"{r['output_error']:.4f}"),
+            ("eval tokens", "{eval_tokens}")]
+    return markdown(
+        "# Weight-only quantization on SmolLM2-135M (benchmarks/quant_smollm2.py)",
         f"Calibration: {state['calib']}; perplexity: {state['eval']}. Bytes: model.safetensors of the "
         "bfloat16 checkpoint (embeddings included, tied lm_head once) over the dense bfloat16 file. "
-        "Quantized while held in bfloat16, evaluated in float32.", "",
-        *table(["label", "bytes on disk", "bytes / dense bf16", "perplexity", "mean output error", "eval tokens"],
-               rows), "",
+        "Quantized while held in bfloat16, evaluated in float32.",
+        columns(spec, sorted(state["rows"], key=lambda r: -r["disk_bytes"])),
         "Labels: METHOD-wBITS-gGROUP (symmetric unless `-asym`), `-ao` = act_order (static groups), "
         "`-rN` = correction_rank N. Mean output error: the mean over layers of GPTQ's relative "
         "calibration output error. llm-compressor 0.14 on these windows (reports/quant_peer.md, a "
@@ -95,7 +87,7 @@ def render(state: dict) -> str:
         "the least squared error: rtn-w4-g64 measured 46.87 when every scale was rounded to "
         "nearest, as gptq still does (rtn-w8-g64 was measured that way). `-eB`: the input "
         "embedding and the tied lm_head (one table) rounded to nearest at B bits, groups of "
-        "GROUP; `-eBg`: that table by GPTQ against lm_head's input Hessian (`embedding_gptq`)."]) + "\n"
+        "GROUP; `-eBg`: that table by GPTQ against lm_head's input Hessian (`embedding_gptq`).")
 
 
 def main(argv=None) -> None:
@@ -103,8 +95,7 @@ def main(argv=None) -> None:
     numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)))
     args = p.parse_args(argv)
     if args.render:
-        print(rerender(Path(args.out), "quant_smollm2", render))
-        return
+        return print(rerender(Path(args.out), "quant_smollm2", render))
     need_file(args.smollm2, "--smollm2 PATH")
     import torch
 
@@ -112,11 +103,10 @@ def main(argv=None) -> None:
     loaded, ctx = load(args.smollm2)
     dense = loaded.model.to(torch.bfloat16)
     windows = eval_windows(ctx, wiki(args.data_dir), args.eval_seq, args.eval_windows)
-    report = Report(args.out, "quant_smollm2", render)
-    sizes = sizes_of(args)
+    report, sizes = Report(args.out, "quant_smollm2", render), sizes_of(args)
     report.begin(sizes, model=Path(args.smollm2).name,
-                        calib=f"wiki.test.raw first half, {args.calib_windows}x{args.calib_seq} tokens",
-                        eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")
+                 calib=f"wiki.test.raw first half, {args.calib_windows}x{args.calib_seq} tokens",
+                 eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")
     for label in (args.rows or "dense,rtn-w4-g64,gptq-w4-g64").split(","):
         if report.cached(label, sizes, args.force) is None:
             report.add(label, sizes, run_row(label, dense, loaded.tokenizer, ctx, windows, args))

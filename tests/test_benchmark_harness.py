@@ -118,3 +118,24 @@ def test_numeric_flags_take_their_defaults_type_and_sizes_of_reads_a_runs_sizes(
     with pytest.raises(SystemExit):
         parser.parse_args(["--steps", "2.5"])
     assert harness.sizes_of(args, ("steps", "heal_lr")) == {"steps": 5, "heal_lr": 1e-3}
+
+
+def test_a_column_spec_fills_templates_and_functions_and_markdown_joins_the_non_empty_blocks():
+    rows = [{"label": "svd", "ppl": 12.3456, "beta": None}, {"label": "asvd", "ppl": 7.0, "beta": 0.25}]
+    spec = [("method", "{label}"), ("perplexity", "{ppl:.2f}"), ("β", lambda r: harness.fmt(r["beta"], 1))]
+    assert harness.columns(spec, rows) == ["| method | perplexity | β |", "|---|---|---|",
+                                           "| svd | 12.35 | – |", "| asvd | 7.00 | 0.2 |"]
+    assert harness.markdown("# T", [], ["a", "b"], "") == "# T\n\na\nb\n"
+    assert harness.pick(None, ["dense", "q"]) == ["dense", "q"] and harness.pick("q", ["dense", "q"]) == ["q"]
+    with pytest.raises(SystemExit, match=r"unknown row label\(s\) \['x'\]; choose from dense,q"):
+        harness.pick("q,x", ["dense", "q"])
+
+
+def test_a_report_that_names_rows_by_label_and_keep_caches_and_replaces_each_keep_apart(tmp_path):
+    (tmp_path / "q.json").write_text(json.dumps({"sizes": {"w": 8}, "rows": [
+        {"label": "svd", "keep": 0.8, "ppl": 166.0}, {"label": "svd", "keep": 0.6, "ppl": 987.2}]}))
+    report = harness.Report(tmp_path, "q", render, same=("label", "keep"))
+    assert report.cached("svd", {"keep": 0.6, "method": "svd", "w": 8})["ppl"] == 987.2  # a pre-key row: its keep
+    assert report.cached("svd", {"keep": 0.4, "method": "svd", "w": 8}) is None
+    report.add("svd", {"keep": 0.6, "w": 8}, {"keep": 0.6, "ppl": 990.0})
+    assert [(r["keep"], r["ppl"]) for r in report.state["rows"]] == [(0.8, 166.0), (0.6, 990.0)]
