@@ -3,20 +3,19 @@
     python benchmarks/kernels_gpu.py [--quick] [--check-only] [--out reports/]
     python benchmarks/kernels_gpu.py --cpu-smoke --out /tmp/k    # CPU: interpreter, tiny shapes
 
-1. Correctness first: every Triton kernel against the fp64 reference (`compressor.kernels.ref`
-   on the same rounded inputs) on fresh random inputs, including ragged shapes.
+1. Correctness first: every Triton kernel against the fp64 reference (`compressor.kernels.ref` on
+   the same rounded inputs) on fresh random inputs, including ragged shapes.
 2. Ceilings measured in the same run: large-tensor copy bandwidth and the bf16 GEMM rate (8192^3).
-3. Kernels against their baselines with `triton.testing.do_bench` (median; it also clears L2 before
-   every call), rotating several weight copies (>= 4x the 60 MB L2), bf16, at in x out = 4096x4096,
-   4096x11008, 11008x4096, 8192x8192 and batches 1, 16, 512, 4096: K1/K2 low rank, K3 2:4,
-   K4 DSEE, K5 DSFormer, K6 LoRA, K7 MeZO. Each row reports us, TB/s on the bytes the kernel must
-   move, % of the copy ceiling, TFLOP/s, speedups, and the BENCHMARKS target with met / missed.
+3. K1-K6 (`kernel_rows`) and K7 MeZO against their baselines with `triton.testing.do_bench` (median;
+   it clears L2 before every call), rotating weight copies (>= 4x the 60 MB L2), bf16, at SHAPES x
+   BATCHES: us, TB/s on the bytes the kernel must move, % of the copy ceiling, TFLOP/s, speedups,
+   and the BENCHMARKS targets met / missed.
 4. E1: a 7B-shaped stack (32 x q,k,v,o 4096^2, gate/up 4096->11008, down 11008->4096) at batch 1,
    dense vs low rank keep 0.6, captured in a CUDA graph: ms/token against the bytes floor.
 
-Writes <out>/kernels_gpu.json and <out>/kernels_gpu.md (date, GPU, torch/triton/CUDA versions),
-rewritten after each part, so a run stopped by a time limit keeps what was done. `--quick` (about
-4 minutes on an H200) uses two shapes, three batches and shorter timing windows.
+Writes <out>/kernels_gpu.{json,md} (date, GPU, versions), rewritten after each part, so a run stopped
+by a time limit keeps what was done. `--quick` (about 4 minutes on an H200): two shapes, three
+batches, shorter timing windows.
 """
 
 from __future__ import annotations
