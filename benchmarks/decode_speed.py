@@ -256,11 +256,11 @@ def generate(model, input_ids: torch.Tensor, new_tokens: int, pad_id: int, cache
 
 
 def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: int, after_repeat) -> dict:
-    """{batch: {variant: {"decode_s": [...], "total_s": [...], "tokens": ids}}}, interleaved;
+    """{batch: {variant: {"decode": [tok/s], "e2e": [tok/s], "tokens": ids}}}, interleaved;
     `after_repeat(runs, complete_repeats)` is called after every decode (the report is rewritten
     each time, so a run stopped by a time limit still leaves its table)."""
     names = list(models)
-    runs = {b: {v: {"decode_s": [], "total_s": []} for v in names} for b in inputs}
+    runs = {b: {v: {"decode": [], "e2e": []} for v in names} for b in inputs}
     for batch, ids in inputs.items():  # warm-up: allocator, caches, lazy init (untimed)
         for variant in names:
             generate(models[variant], ids, min(4, args.new_tokens), pad_id, variant in CACHED_UNPACK)
@@ -270,36 +270,32 @@ def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: in
             for variant in order:
                 done = generate(models[variant], ids, args.new_tokens, pad_id, variant in CACHED_UNPACK)
                 run = runs[batch][variant]
-                run["decode_s"].append(done["decode_s"])
-                run["total_s"].append(done["total_s"])
+                run["decode"].append(batch * (args.new_tokens - 1) / done["decode_s"])  # first to last token
+                run["e2e"].append(batch * args.new_tokens / done["total_s"])
                 run["tokens"] = done["tokens"].cpu()
-                log(f"repeat {repeat} batch {batch} {variant}: "
-                    f"{batch * (args.new_tokens - 1) / done['decode_s']:.2f} decode tok/s, "
-                    f"{batch * args.new_tokens / done['total_s']:.2f} end-to-end")
+                log(f"repeat {repeat} batch {batch} {variant}: {run['decode'][-1]:.2f} decode tok/s, "
+                    f"{run['e2e'][-1]:.2f} end-to-end")
                 after_repeat(runs, repeat + (variant == order[-1] and batch == list(inputs)[-1]))
     return runs
 
 
-def summarize(args, runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
+def summarize(runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
     """One row per (batch, variant) timed so far: medians over repeats, ratios to dense."""
     rows = []
     for batch, per_variant in runs.items():
         dense = per_variant.get("dense") or {}
         for variant, run in per_variant.items():
-            if not run["decode_s"]:
+            decode, total = run["decode"], run["e2e"]
+            if not decode:
                 continue  # not timed yet (the report is written as results come in)
-            decode = [batch * (args.new_tokens - 1) / s for s in run["decode_s"]]
-            total = [batch * args.new_tokens / s for s in run["total_s"]]
             row = {"variant": variant, "batch": batch, "decode_tokens_per_s": statistics.median(decode),
                    "decode_tokens_per_s_all": decode, "spread": (max(decode) - min(decode)) / statistics.median(decode),
                    "e2e_tokens_per_s": statistics.median(total), "e2e_tokens_per_s_all": total,
                    "same_tokens_as_dense": (run["tokens"] == dense["tokens"]).float().mean().item()
                    if "tokens" in dense else None, "tensor_mb": tensor_mb[variant], **memory.get(variant, {})}
-            if dense.get("decode_s"):
-                row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(
-                    batch * (args.new_tokens - 1) / s for s in dense["decode_s"])
-                row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(
-                    batch * args.new_tokens / s for s in dense["total_s"])
+            if dense.get("decode"):
+                row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(dense["decode"])
+                row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(dense["e2e"])
             rows.append(row)
     return rows
 
@@ -325,7 +321,8 @@ COLUMNS = [
     ("variant", lambda r, d: r["variant"]), ("batch", lambda r, d: r["batch"]),
     ("decode tok/s", lambda r, d: f"{r['decode_tokens_per_s']:.2f}"),
     ("× dense", lambda r, d: fmt(r.get("decode_ratio_to_dense"))), ("× dense per repeat", per_repeat_ratios),
-    ("spread", lambda r, d: f"{r['spread'] * 100:.0f} %"), ("end-to-end tok/s", lambda r, d: f"{r['e2e_tokens_per_s']:.2f}"),
+    ("spread", lambda r, d: f"{r['spread'] * 100:.0f} %"),
+    ("end-to-end tok/s", lambda r, d: f"{r['e2e_tokens_per_s']:.2f}"),
     ("× dense", lambda r, d: fmt(r.get("e2e_ratio_to_dense"))), ("same tokens as dense", lambda r, d: same_tokens(r)),
     ("tensor MB", lambda r, d: f"{r['tensor_mb']:.0f}"),
     ("RSS after decode MB", lambda r, d: fmt(r.get("model_rss_after_decode_mb"), 0)),
@@ -404,7 +401,8 @@ def notes(args) -> list[str]:
                  "quantized low-rank factor per-channel where 64 does not divide it) with scales in the model "
                  "dtype, on the block linears only: the tied embedding / lm_head stays float (49152 x 576, 113 MB "
                  "in float32), which bounds how far their memory ratio can fall.")
-    return [spread, memory, source, quantized, f"dtype {args.dtype_name} for every variant (dense and compressed alike)."]
+    dtype = f"dtype {args.dtype_name} for every variant (dense and compressed alike)."
+    return [spread, memory, source, quantized, dtype]
 
 
 def main(argv=None) -> int:
@@ -452,7 +450,7 @@ def main(argv=None) -> int:
     def write(runs: dict, repeats_done: int) -> None:  # rewritten after every decode
         config.update(repeats=repeats_done, loadavg_after=f"{os.getloadavg()[0]:.2f}")
         report.state = {"benchmark": "decode_speed", "env": collect_env(device, args.seed), "config": config,
-                        "rows": summarize(args, runs, memory, tensor_mb), "layer_shapes": layer_shapes(models),
+                        "rows": summarize(runs, memory, tensor_mb), "layer_shapes": layer_shapes(models),
                         "notes": notes(args)}
         report.write()
 
