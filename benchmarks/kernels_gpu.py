@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import arguments, table, write_text
+from harness import Report, arguments, table
 
 L2_BYTES = 60e6
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (in, out)
@@ -231,15 +231,20 @@ def kernel_rows(in_f: int, out_f: int, batch: int) -> list[tuple]:
              2 * r * (in_f + out_f) + 8 * batch * r, 2 * batch * r * (in_f + out_f), {"keep": keep, "rank": r})
             for keep in (0.5, 0.25) for r in [rank_for(keep, in_f, out_f)]]
     return rows + [
-        ("K3", "nm_linear", {}, {"torch 2:4": derived("t24", lambda c: torch.sparse.to_sparse_semi_structured(
-            c["dense"]))}, packed_bytes, dense_flops // 2, {}),
-        ("K5", "dense_sparse_linear", {}, {"merged dense": derived("merged", lambda c: c["d"] @ c["s"]),
-                                           "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
-         factor_bytes + 8 * batch * k, 2 * batch * k * (in_f // 2 + out_f), {"bytes_ratio": dense_bytes / factor_bytes}),
-        ("K6", "lora_linear", {}, {"base + separate LoRA": lambda x, c: F.linear(x, c["w"]) + SCALING * F.linear(
-            F.linear(x, c["a"]), c["b"])}, dense_bytes + lora_bytes + 2 * batch * in_f, dense_flops + lora_flops, {}),
-        ("K4", "dsee_nm_linear", {}, {"merged dense": derived("merged", merged_dsee), "unfused": lambda x, c: (
-            ref.dsee_linear(x, c["w"], c["a"], c["b"], SCALING, *c["delta"]))},
+        ("K3", "nm_linear", {},
+         {"torch 2:4": derived("t24", lambda c: torch.sparse.to_sparse_semi_structured(c["dense"]))},
+         packed_bytes, dense_flops // 2, {}),
+        ("K5", "dense_sparse_linear", {},
+         {"merged dense": derived("merged", lambda c: c["d"] @ c["s"]),
+          "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
+         factor_bytes + 8 * batch * k, 2 * batch * k * (in_f // 2 + out_f),
+         {"bytes_ratio": dense_bytes / factor_bytes}),
+        ("K6", "lora_linear", {},
+         {"base + separate LoRA": lambda x, c: F.linear(x, c["w"]) + SCALING * F.linear(F.linear(x, c["a"]), c["b"])},
+         dense_bytes + lora_bytes + 2 * batch * in_f, dense_flops + lora_flops, {}),
+        ("K4", "dsee_nm_linear", {},
+         {"merged dense": derived("merged", merged_dsee),
+          "unfused": lambda x, c: ref.dsee_linear(x, c["w"], c["a"], c["b"], SCALING, *c["delta"])},
          packed_bytes + lora_bytes + 18 * DSEE_NNZ + 2 * batch * in_f, dense_flops // 2 + lora_flops, {})]
 
 
@@ -410,7 +415,8 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
     result = {"layers": layers, "keep": keep, "dense_GB": dense_bytes / 1e9, "lowrank_GB": factor_bytes / 1e9}
     for name, forward in (("dense F.linear", stack(F.linear, dense)),
                           ("low rank, Triton", stack(lambda h, uv: kernels()[1].low_rank_linear(h, *uv), factors)),
-                          ("low rank, two F.linear", stack(lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors))):
+                          ("low rank, two F.linear",
+                           stack(lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors))):
         result[f"{name} ms/token"] = timer.graph_ms(forward, x)
     ceil = timer.ceilings["copy_TBps"] * 1e12
     result["floor dense ms"] = dense_bytes / ceil * 1e3
@@ -422,7 +428,8 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
 # column specs: (header, format string over the row's fields, or a function of the row)
 CHECK_COLUMNS = [("op", "{op}"), ("shape / numel", lambda r: f"{r['in']}x{r['out']}" if "in" in r else r["numel"]),
                  ("batch", lambda r: r.get("batch", "")), ("dtype", "{dtype}"),
-                 ("error", lambda r: f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e}"), ("tol", "{tolerance:.1e}"),
+                 ("error", lambda r: f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e}"),
+                 ("tol", "{tolerance:.1e}"),
                  ("ok", lambda r: "yes" if r["ok"] else "**NO**")]
 TIMING_COLUMNS = [
     ("kernel", "{kernel}"), ("op", lambda r: r["op"] + (f" keep {r['keep']}" if "keep" in r else "")),
@@ -447,7 +454,8 @@ def render_markdown(report: dict) -> str:
     c = report.get("ceilings")
     lines = ["# Kernel benchmarks (BENCHMARKS.md K, E1)", "", " | ".join(f"{k}: {v}" for k, v in report["env"].items()),
              "", f"mode: {report['mode']}", "",
-             *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""] if c else []),
+             *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""]
+               if c else []),
              "## Correctness (max |y - y64| / max |y64|)", "", *spec_table(CHECK_COLUMNS, report["checks"])]
     if report.get("timings"):
         lines += ["", "## Kernels (bf16, in x out, us = do_bench median)", "",
@@ -458,12 +466,6 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## E1 decode, batch 1, CUDA graph", "",
                   *(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["e1"].items())]
     return "\n".join(lines) + "\n"
-
-
-def write_report(out: str, report: dict) -> None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(report, indent=1, default=str)), (".md", render_markdown(report))):
-        write_text(Path(out) / f"kernels_gpu{suffix}", text)
 
 
 def run_timings(report: dict, device, quick: bool, save) -> None:
@@ -511,16 +513,18 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     torch.manual_seed(0)
     mode = "cpu-smoke" if args.cpu_smoke else ("check-only" if args.check_only else ("quick" if args.quick else "full"))
-    report = {"env": environment(device), "mode": mode, "checks": run_checks(device, args.quick, args.cpu_smoke)}
+    saved = Report(args.out, "kernels_gpu", render_markdown)
+    saved.state = report = {"env": environment(device), "mode": mode,
+                            "checks": run_checks(device, args.quick, args.cpu_smoke)}
     for check in report["checks"]:
         print("check", " | ".join(map(str, cells(CHECK_COLUMNS, check))))
-    write_report(args.out, report)
+    saved.write()
     failed = [c for c in report["checks"] if not c["ok"]]
     if args.cpu_smoke and not failed:
         report["dry_run"] = dry_run(device)
     elif not (args.check_only or failed):
-        run_timings(report, device, args.quick, save=lambda: write_report(args.out, report))
-    write_report(args.out, report)
+        run_timings(report, device, args.quick, save=saved.write)
+    saved.write()
     print(f"kernels_gpu: wrote {Path(args.out) / 'kernels_gpu.json'} and kernels_gpu.md")
     return 1 if failed or report.get("dry_run", {}).get("errors") else 0
 
