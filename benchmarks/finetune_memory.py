@@ -1,8 +1,6 @@
 """F1: peak memory of one MeZO step vs inference vs backprop + AdamW (BENCHMARKS.md §F).
 
-Each mode runs in a fresh subprocess: it loads the model, reads its resident set (the baseline),
-resets the high-water mark (/proc/self/clear_refs <- 5), works on `--batch` x `--seq` tokens and
-reads VmHWM:
+Each mode runs in a fresh subprocess (`worker`) on `--batch` x `--seq` tokens:
 
   forward    model(input_ids).logits under no_grad (full (B, T, vocab) logits)
   inference  the loss MeZO evaluates, once, under no_grad (`lm_loss`: logits in chunks)
@@ -33,8 +31,8 @@ RATIOS = {"mezo_over_inference": ("mezo", "inference", ("peak", "growth")),
 
 
 def worker(args) -> dict:
-    """In the subprocess: load, read the baseline, reset the high-water mark, do the mode's work
-    (its last loss is kept), read the peak."""
+    """In the subprocess: load, read the resident set (the baseline), reset the high-water mark
+    (/proc/self/clear_refs <- 5), do the mode's work (its last loss is kept), read VmHWM."""
     import torch
 
     from compressor.models import load_model
