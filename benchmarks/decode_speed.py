@@ -413,6 +413,8 @@ def main(argv=None) -> int:
     if args.memory_only:  # the memory columns of an existing report again, each variant in a fresh process
         from compressor.report.env import git_sha
 
+        if "config" not in report.state:
+            sys.exit(f"error: `{args.out}/{report.name}.json` not found; run the benchmark first (no --memory-only)")
         folders = build_cache(args, sorted({r["variant"] for r in report.state["rows"]}))
         for variant, folder in folders.items():
             log(f"memory of {variant} in a fresh process")
