@@ -1,8 +1,6 @@
 """F1: peak memory of one MeZO step vs inference vs backprop + AdamW (BENCHMARKS.md §F).
 
-Each mode runs in a fresh subprocess: it loads the model, reads its resident set (the baseline),
-resets the high-water mark (/proc/self/clear_refs <- 5), works on `--batch` x `--seq` tokens and
-reads VmHWM:
+Each mode runs in a fresh subprocess (`worker`) on `--batch` x `--seq` tokens:
 
   forward    model(input_ids).logits under no_grad (full (B, T, vocab) logits)
   inference  the loss MeZO evaluates, once, under no_grad (`lm_loss`: logits in chunks)
@@ -10,8 +8,7 @@ reads VmHWM:
   backprop   two AdamW steps on every weight (the optimizer state exists from the first step)
 
 Targets: MeZO <= 1.2x inference peak; backprop+AdamW >= 3x MeZO. `--model default` = the embedded
-stories260K (a quick smoke run).
-Example:  nice -n 10 python benchmarks/finetune_memory.py --threads 2     (a few minutes)
+stories260K (a quick smoke run). Example: `nice -n 10 python benchmarks/finetune_memory.py --threads 2`.
 """
 
 from __future__ import annotations
@@ -21,20 +18,35 @@ import sys
 import time
 from pathlib import Path
 
+from harness import (SMOLLM2, Report, arguments, command_line, environment, need_file, numbers, rerender,
+                     run_worker)
+
 from compressor.memory import proc_status_mb
-from harness import SMOLLM2, Report, arguments, command_line, environment, need_file, rerender, run_worker
 
 MODES = ("forward", "inference", "mezo", "backprop")
+# ratio name -> (numerator mode, denominator mode, the readings it is taken of)
+RATIOS = {"mezo_over_inference": ("mezo", "inference", ("peak", "growth")),
+          "backprop_over_mezo": ("backprop", "mezo", ("peak", "growth")),
+          "mezo_over_forward": ("mezo", "forward", ("peak",))}
 
 
-def work(mode: str, model, batch: dict, params: list):
-    """The measured work of one mode; returns its last loss."""
+def worker(args) -> dict:
+    """In the subprocess: load, read the resident set (the baseline), reset the high-water mark
+    (/proc/self/clear_refs <- 5), do the mode's work (its last loss is kept), read VmHWM."""
     import torch
 
+    from compressor.models import load_model
     from compressor.training.losses import lm_loss
     from compressor.training.mezo_optimizer import mezo_update_, spsa_gradient, step_seed
 
-    if mode == "backprop":
+    torch.set_num_threads(args.threads)
+    model = load_model(None if args.model == "default" else args.model).model.eval()
+    params = list(model.parameters())
+    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq))}
+    baseline = proc_status_mb("VmRSS", required=True)
+    Path("/proc/self/clear_refs").write_text("5")
+    started = time.perf_counter()
+    if args.worker == "backprop":
         optimizer = torch.optim.AdamW(params, lr=1e-5)
         model.train()
         for _ in range(2):
@@ -42,32 +54,15 @@ def work(mode: str, model, batch: dict, params: list):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-    with torch.no_grad():
-        if mode == "forward":
-            return float(model(input_ids=batch["input_ids"]).logits[0, 0, 0])
-        if mode == "inference":
-            return lm_loss(model, batch).item()
-        grad, loss, _ = spsa_gradient(params, lambda: lm_loss(model, batch).item(), step_seed(0, 0), 1e-3)
-        mezo_update_(params, step_seed(0, 0), grad, 1e-6, 0.0, [False] * len(params))
-        return loss
-
-
-def worker(args) -> dict:
-    """In the subprocess: load, baseline, reset the high-water mark, work, peak."""
-    import torch
-
-    from compressor.models import load_model
-
-    torch.set_num_threads(args.threads)
-    model = load_model(None if args.model == "default" else args.model).model.eval()
-    params = list(model.parameters())
-    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.seq))}
-    baseline = proc_status_mb("VmRSS", required=True)
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-    started = time.perf_counter()
-    loss = work(args.worker, model, batch, params)
+        loss = loss.item()
+    with torch.no_grad():  # the other modes
+        if args.worker == "forward":
+            loss = float(model(input_ids=batch["input_ids"]).logits[0, 0, 0])
+        elif args.worker == "inference":
+            loss = lm_loss(model, batch).item()
+        elif args.worker == "mezo":
+            grad, loss, _ = spsa_gradient(params, lambda: lm_loss(model, batch).item(), step_seed(0, 0), 1e-3)
+            mezo_update_(params, step_seed(0, 0), grad, 1e-6, 0.0, [False] * len(params))
     peak = proc_status_mb("VmHWM", required=True)
     return {"mode": args.worker, "baseline_mb": baseline, "peak_mb": peak, "growth_mb": peak - baseline,
             "seconds": time.perf_counter() - started, "loss": loss, "params": sum(p.numel() for p in params)}
@@ -77,19 +72,19 @@ def render(result: dict) -> str:
     rows, ratios, env = result["modes"], result["ratios"], result["env"]
     return "\n".join([
         "# F1 — fine-tuning peak memory", "",
-        f"Model `{result['model']}` ({rows['mezo']['params']:,} parameters), batch {result['batch']} x "
-        f"{result['seq']} tokens, fp32 on CPU, {result['threads']} threads; each mode in a fresh process. "
-        "Peak = resident-set high-water mark during the work; growth = peak minus the resident set "
-        "right after loading the model.", "",
+        (f"Model `{result['model']}` ({rows['mezo']['params']:,} parameters), batch {result['batch']} x "
+         f"{result['seq']} tokens, fp32 on CPU, {result['threads']} threads; each mode in a fresh process. "
+         "Peak = resident-set high-water mark during the work; growth = peak minus the resident set "
+         "right after loading the model."), "",
         "| mode | peak RSS MB | growth MB | seconds |", "|---|---:|---:|---:|",
         *(f"| {m} | {rows[m]['peak_mb']:.0f} | {rows[m]['growth_mb']:.0f} | {rows[m]['seconds']:.1f} |"
           for m in MODES), "",
-        f"* MeZO / inference peak: **{ratios['mezo_over_inference_peak']:.3f}x** (target <= 1.2x); "
-        f"growth ratio {ratios['mezo_over_inference_growth']:.3f}x",
-        f"* backprop+AdamW / MeZO peak: **{ratios['backprop_over_mezo_peak']:.2f}x** (target >= 3x); "
-        f"growth ratio {ratios['backprop_over_mezo_growth']:.2f}x",
-        f"* MeZO / plain forward with full logits: {ratios['mezo_over_forward_peak']:.3f}x "
-        "(the loss never materialises the (B, T, vocab) logits)", "",
+        (f"* MeZO / inference peak: **{ratios['mezo_over_inference_peak']:.3f}x** (target <= 1.2x); "
+         f"growth ratio {ratios['mezo_over_inference_growth']:.3f}x"),
+        (f"* backprop+AdamW / MeZO peak: **{ratios['backprop_over_mezo_peak']:.2f}x** (target >= 3x); "
+         f"growth ratio {ratios['backprop_over_mezo_growth']:.2f}x"),
+        (f"* MeZO / plain forward with full logits: {ratios['mezo_over_forward_peak']:.3f}x "
+         "(the loss never materialises the (B, T, vocab) logits)"), "",
         f"Command: `{result['command']}`  ",
         f"git {env['git_sha']}, torch {env['versions']['torch']}, {env['device_name']}, {env['date']}"]) + "\n"
 
@@ -97,8 +92,7 @@ def render(result: dict) -> str:
 def main(argv=None) -> None:
     p = arguments(__doc__, threads=2)
     p.add_argument("--model", default=SMOLLM2)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
+    numbers(p, (("batch", 16), ("seq", 128)))
     p.add_argument("--worker", choices=MODES, help="(internal) run one mode, print its JSON")
     args = p.parse_args(argv)
     if args.worker:
@@ -110,15 +104,10 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)  # so the recorded device line shows the workers' threads
-    flags = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--threads", str(args.threads)]
-    modes = {mode: run_worker(__file__, ["--worker", mode, *flags]) for mode in MODES}
-    peak = {m: r["peak_mb"] for m, r in modes.items()}
-    growth = {m: r["growth_mb"] for m, r in modes.items()}
-    ratios = {"mezo_over_inference_peak": peak["mezo"] / peak["inference"],
-              "mezo_over_inference_growth": growth["mezo"] / growth["inference"],
-              "backprop_over_mezo_peak": peak["backprop"] / peak["mezo"],
-              "backprop_over_mezo_growth": growth["backprop"] / growth["mezo"],
-              "mezo_over_forward_peak": peak["mezo"] / peak["forward"]}
+    flags = [f"--{flag}={getattr(args, flag)}" for flag in ("model", "batch", "seq", "threads")]
+    modes = {mode: run_worker(__file__, [f"--worker={mode}", *flags]) for mode in MODES}
+    ratios = {f"{name}_{reading}": modes[a][f"{reading}_mb"] / modes[b][f"{reading}_mb"]
+              for name, (a, b, readings) in RATIOS.items() for reading in readings}
     report = Report(args.out, "finetune_memory", render)
     report.state = {"benchmark": "F1", "model": Path(args.model).name, "batch": args.batch, "seq": args.seq,
                     "threads": args.threads, "modes": modes, "ratios": ratios, "env": environment(),

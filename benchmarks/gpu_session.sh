@@ -10,7 +10,8 @@
 # package-dir does) and goes on PYTHONPATH. Writes flat files into OUT (at most 8):
 #   nvidia-smi.txt  kernels_gpu.{md,json}  decode_speed_cuda.{md,json}  session.log
 #
-# GPU_SESSION_CPU_CHECK=1 runs the same steps on CPU, tiny (kernels --cpu-smoke, 3 new tokens):
+# GPU_SESSION_CPU_CHECK=1 runs the same steps on CPU, tiny (kernels --cpu-smoke; one variant per
+# kind of layer, 3 new tokens: all eight SmolLM2-sized variants took over the 180 s limit on 2 cores):
 # a check that the script and its python steps start on a machine without a GPU.
 set -u
 cd "$(dirname "$0")/.."
@@ -39,7 +40,8 @@ cat "$OUT_DIR/nvidia-smi.txt" | head -20 | tee -a "$LOG"
 torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', \
 torch.cuda.is_available())") 2>&1 | tee -a "$LOG"  # from /tmp: the repo's own compressor/ would shadow
 if [ "${GPU_SESSION_CPU_CHECK:-0}" = 1 ]; then
-  KERNEL_ARGS=(--cpu-smoke); DECODE_ARGS=(--device cpu --new-tokens 3 --repeats 1 --batches 1)
+  KERNEL_ARGS=(--cpu-smoke)
+  DECODE_ARGS=(--device cpu --new-tokens 3 --repeats 1 --batches 1 --variants dense,lowrank-0.6,prune-2:4,int4)
 else
   KERNEL_ARGS=(--quick); DECODE_ARGS=(--device cuda --repeats 2)
 fi

@@ -3,19 +3,19 @@
     python benchmarks/kernels_gpu.py [--quick] [--check-only] [--out reports/]
     python benchmarks/kernels_gpu.py --cpu-smoke --out /tmp/k    # CPU: interpreter, tiny shapes
 
-1. Correctness first: every Triton kernel against the fp64 reference (`compressor.kernels.ref`
-   on the same rounded inputs) on fresh random inputs, including ragged shapes.
+1. Correctness first: every Triton kernel against the fp64 reference (`compressor.kernels.ref` on
+   the same rounded inputs) on fresh random inputs, including ragged shapes.
 2. Ceilings measured in the same run: large-tensor copy bandwidth and the bf16 GEMM rate (8192^3).
-3. Kernels against their baselines with `triton.testing.do_bench` (median; it also clears L2 before
-   every call), rotating several weight copies (>= 4x the 60 MB L2), bf16, at in x out = 4096x4096,
-   4096x11008, 11008x4096, 8192x8192 and batches 1, 16, 512, 4096: K1/K2 low rank, K3 2:4,
-   K4 DSEE, K5 DSFormer, K6 LoRA, K7 MeZO. Each row reports us, TB/s on the bytes the kernel must
-   move, % of the copy ceiling, TFLOP/s, speedups, and the BENCHMARKS target with met / missed.
+3. K1-K6 (`kernel_rows`) and K7 MeZO against their baselines with `triton.testing.do_bench` (median;
+   it clears L2 before every call), rotating weight copies (>= 4x the 60 MB L2), bf16, at SHAPES x
+   BATCHES: us, TB/s on the bytes the kernel must move, % of the copy ceiling, TFLOP/s, speedups,
+   and the BENCHMARKS targets met / missed.
 4. E1: a 7B-shaped stack (32 x q,k,v,o 4096^2, gate/up 4096->11008, down 11008->4096) at batch 1,
    dense vs low rank keep 0.6, captured in a CUDA graph: ms/token against the bytes floor.
 
-Writes <out>/kernels_gpu.json and <out>/kernels_gpu.md (date, GPU, torch/triton/CUDA versions).
-`--quick` (about 4 minutes on an H200) uses two shapes, three batches and shorter timing windows.
+Writes <out>/kernels_gpu.{json,md} (date, GPU, versions), rewritten after each part, so a run stopped
+by a time limit keeps what was done. `--quick` (about 4 minutes on an H200): two shapes, three
+batches, shorter timing windows.
 """
 
 from __future__ import annotations
@@ -31,17 +31,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from harness import arguments, write_text
+from harness import Report, arguments, table
 
 L2_BYTES = 60e6
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (in, out)
 BATCHES = [1, 16, 512, 4096]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 LORA_RANK, DSEE_NNZ, SCALING = 16, 64, 2.0
-
-
-# -- setup -----------------------------------------------------------------------------------------
+OPS = ["low_rank_linear", "nm_linear", "dense_sparse_linear", "lora_linear", "dsee_linear", "dsee_nm_linear"]
 
 
 def environment(device: torch.device) -> dict:
@@ -55,7 +52,12 @@ def environment(device: torch.device) -> dict:
             "python": sys.version.split()[0], "git": git_sha()[:10]}
 
 
-# -- inputs: one builder per op, shared by checks and timings --------------------------------------
+def kernels():
+    """(reference module, Triton module): imported late, after --cpu-smoke set TRITON_INTERPRET."""
+    from compressor.kernels import ref
+    from compressor.kernels import triton as tri
+
+    return ref, tri
 
 
 def rank_for(keep: float, in_f: int, out_f: int) -> int:
@@ -77,12 +79,6 @@ def _packed_24(rows, cols, dtype, device):
     return dense, values, compress_nm_indices(indices, 4)
 
 
-def _coo(out_f, in_f, nnz, dtype, device):
-    rows = torch.randint(0, out_f, (nnz,), device=device)
-    cols = torch.randint(0, in_f, (nnz,), device=device)
-    return rows, cols, torch.randn(nnz, device=device).mul_(0.1).to(dtype)
-
-
 def build(op: str, in_f: int, out_f: int, dtype, device, keep: float = 0.5, bias=True) -> dict:
     """Arguments of `op` plus the dense pieces the baselines need."""
     b = torch.randn(out_f, device=device).to(dtype) if bias else None
@@ -99,28 +95,20 @@ def build(op: str, in_f: int, out_f: int, dtype, device, keep: float = 0.5, bias
         d = _w(out_f, k, dtype, device)
         return {"args": (d, s_values, s_indices, 2, 4, k, b), "d": d, "s": s_t.T.contiguous(), "k": k}
     a, lb = _w(LORA_RANK, in_f, dtype, device), _w(out_f, LORA_RANK, dtype, device)
-    if op == "lora_linear":
+    delta = () if op == "lora_linear" else (torch.randint(0, out_f, (DSEE_NNZ,), device=device),
+                                            torch.randint(0, in_f, (DSEE_NNZ,), device=device),
+                                            torch.randn(DSEE_NNZ, device=device).mul_(0.1).to(dtype))
+    if op == "dsee_nm_linear":
+        w, values, indices = _packed_24(out_f, in_f, dtype, device)
+        head = (values, indices, 2, 4, in_f)
+    else:
         w = _w(out_f, in_f, dtype, device)
-        return {"args": (w, a, lb, SCALING, b), "w": w, "a": a, "b": lb}
-    delta = _coo(out_f, in_f, DSEE_NNZ, dtype, device)
-    if op == "dsee_linear":
-        w = _w(out_f, in_f, dtype, device)
-        return {"args": (w, a, lb, SCALING, *delta, b), "w": w, "a": a, "b": lb, "delta": delta}
-    dense, values, indices = _packed_24(out_f, in_f, dtype, device)
-    return {"args": (values, indices, 2, 4, in_f, a, lb, SCALING, *delta, b), "w": dense, "a": a, "b": lb,
-            "delta": delta}
-
-
-OPS = ["low_rank_linear", "nm_linear", "dense_sparse_linear", "lora_linear", "dsee_linear", "dsee_nm_linear"]
-
-
-# -- 1. correctness --------------------------------------------------------------------------------
+        head = (w,)
+    return {"args": (*head, a, lb, SCALING, *delta, b), "w": w, "a": a, "b": lb, "delta": delta}
 
 
 def check_op(op, in_f, out_f, batch, dtype, device) -> dict:
-    from compressor.kernels import ref
-    from compressor.kernels import triton as tri
-
+    ref, tri = kernels()
     case = build(op, in_f, out_f, dtype, device)
     x = torch.randn(batch, in_f, device=device).to(dtype)
     got = getattr(tri, op)(x, *case["args"])
@@ -134,14 +122,12 @@ def check_op(op, in_f, out_f, batch, dtype, device) -> dict:
 def check_mezo(device, numel: int) -> list[dict]:
     """Same noise as the reference; +eps, -2eps, +eps returns to the start within rounding."""
     from compressor.kernels.dispatch import mezo_normal
-    from compressor.kernels import ref
-    from compressor.kernels import triton as tri
 
+    ref, tri = kernels()
     rows, eps = [], 1e-3
     z = mezo_normal(numel, 31337, 0, torch.float64, device)
     for dtype in (torch.float32, torch.bfloat16):
-        name = str(dtype).split(".")[-1]
-        start = torch.randn(numel, device=device).to(dtype)
+        name, start = str(dtype).split(".")[-1], torch.randn(numel, device=device).to(dtype)
         a, b = start.clone(), start.clone()
         ref.mezo_axpy_(a, 1234, 7, 0.5)
         tri.mezo_axpy_(b, 1234, 7, 0.5)
@@ -163,36 +149,41 @@ def check_mezo(device, numel: int) -> list[dict]:
 
 def run_checks(device, quick: bool, smoke: bool) -> list[dict]:
     """Checks on (in, out, batch, dtypes) cases: ragged ones in every dtype, large ones in bf16."""
-    every = (torch.bfloat16, torch.float16, torch.float32)
+    every, bf16 = (torch.bfloat16, torch.float16, torch.float32), (torch.bfloat16,)
     if smoke:
         cases = [(40, 24, 1, (torch.float32, torch.bfloat16)), (72, 70, 37, (torch.float32, torch.bfloat16))]
     else:
-        cases = [(1000, 3000, 3, every), (520, 136, 77, every), (4096, 4096, 1, (torch.bfloat16,))]
-        cases += [] if quick else [(4096, 11008, 16, (torch.bfloat16,)), (11008, 4096, 512, (torch.bfloat16,))]
+        cases = [(1000, 3000, 3, every), (520, 136, 77, every), (4096, 4096, 1, bf16)]
+        cases += [] if quick else [(4096, 11008, 16, bf16), (11008, 4096, 512, bf16)]
     rows = [check_op(op, in_f, out_f, batch, dtype, device)
             for op, (in_f, out_f, batch, dtypes) in itertools.product(OPS, cases) for dtype in dtypes]
     return rows + check_mezo(device, 10_000 if smoke else 3_000_001)
 
 
-# -- 2./3. timing ----------------------------------------------------------------------------------
-
-
 @dataclass
 class Timer:
-    """do_bench medians in microseconds; `copies` are cycled so L2 cannot hold the weights."""
+    """do_bench medians in microseconds; `copies` are cycled so L2 cannot hold the weights. A `dry`
+    timer runs every timed callable once and returns NaN: it exercises the timing code on CPU."""
 
     quick: bool
     ceilings: dict = field(default_factory=dict)
+    dry: bool = False
 
     def us(self, fn, copies: list[tuple]) -> float:
         import triton.testing
 
+        if self.dry:
+            fn(*copies[0])
+            return float("nan")
         cycle = itertools.cycle(copies)
         warmup, rep = (5, 20) if self.quick else (25, 100)
         return 1e3 * triton.testing.do_bench(lambda: fn(*next(cycle)), warmup=warmup, rep=rep, return_mode="median")
 
     def graph_ms(self, forward, x, replays: int = 20) -> float:
         """One forward captured in a CUDA graph (no launch overhead, as in a decode loop)."""
+        if self.dry:
+            forward(x)
+            return float("nan")
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -212,18 +203,6 @@ class Timer:
         return start.elapsed_time(end) / replays
 
 
-class DryTimer(Timer):
-    """Runs every timed callable once and returns NaN: exercises the timing code on CPU."""
-
-    def us(self, fn, copies: list[tuple]) -> float:
-        fn(*copies[0])
-        return float("nan")
-
-    def graph_ms(self, forward, x, replays: int = 20) -> float:
-        forward(x)
-        return float("nan")
-
-
 def copies_for(nbytes: float) -> int:
     return int(min(16, max(2, math.ceil(4 * L2_BYTES / max(nbytes, 1)))))
 
@@ -238,68 +217,35 @@ def measure_ceilings(timer: Timer, device) -> dict:
     return {"copy_TBps": 2 * 2e9 / copy_us / 1e6, "gemm_TFLOPs": 2 * 8192**3 / gemm_us / 1e6}
 
 
-def _row(kernel, op, in_f, out_f, batch, us, nbytes, flops, baselines, ceilings, **extra) -> dict:
-    tbps = nbytes / us / 1e6
-    return {"kernel": kernel, "op": op, "in": in_f, "out": out_f, "batch": batch, "us": us, "bytes": nbytes,
-            "TBps": tbps, "pct_copy": 100 * tbps / ceilings["copy_TBps"], "TFLOPs": flops / us / 1e6,
-            "pct_gemm": 100 * flops / us / 1e6 / ceilings["gemm_TFLOPs"], "baselines_us": baselines,
-            "speedup": {k: v / us for k, v in baselines.items()}, **extra}
-
-
-def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list[dict]:
-    """All K1-K6 rows for one weight shape and batch (bf16, no bias)."""
-    from compressor.kernels import ref
-    from compressor.kernels import triton as tri
-
-    bf16, ceil = torch.bfloat16, timer.ceilings
-    x = torch.randn(batch, in_f, device=device).to(bf16)
-    io = 2 * batch * (in_f + out_f)
-    dense_bytes = 2 * in_f * out_f
-    dense = [(_w(out_f, in_f, bf16, device),) for _ in range(copies_for(dense_bytes))]
-    dense_us = timer.us(lambda w: F.linear(x, w), dense)
-    dense_flops = 2 * batch * in_f * out_f
-    rows = [_row("dense", "F.linear", in_f, out_f, batch, dense_us, dense_bytes + io, dense_flops, {}, ceil)]
-    del dense
-
-    def timed(op, make, ours, baselines, nbytes, flops, kernel, **extra):
-        cases = [(make(),) for _ in range(copies_for(nbytes))]
-        us = timer.us(lambda c: ours(x, *c["args"]), cases)
-        base, errors = {"dense F.linear": dense_us}, {}
-        for name, baseline in baselines.items():
-            try:  # a baseline that cannot run here (torch 2:4 on some GPUs) is a result too
-                base[name] = timer.us(lambda c, f=baseline: f(x, c), cases)
-            except Exception as error:  # noqa: BLE001
-                errors[name] = f"{type(error).__name__}: {error}"[:200]
-        rows.append(_row(kernel, op, in_f, out_f, batch, us, nbytes + io, flops, base, ceil,
-                         baseline_errors=errors, **extra))
-
-    small = batch <= 16
-    for keep in (0.5, 0.25):
-        r = rank_for(keep, in_f, out_f)
-        timed("low_rank_linear", lambda keep=keep: build("low_rank_linear", in_f, out_f, bf16, device, keep, False),
-              tri.low_rank_linear, {"two F.linear": lambda x, c: F.linear(F.linear(x, c["v"]), c["u"])},
-              2 * r * (in_f + out_f) + 8 * batch * r, 2 * batch * r * (in_f + out_f), "K1" if small else "K2",
-              keep=keep, rank=r)
+def kernel_rows(in_f: int, out_f: int, batch: int) -> list[tuple]:
+    """K1-K6 declared: (kernel, op, build keywords, baselines {name: (x, case) -> y}, bytes the kernel
+    must move besides x and y, flops, extra row fields), bf16, no bias."""
+    ref, _ = kernels()
+    dense_bytes, dense_flops = 2 * in_f * out_f, 2 * batch * in_f * out_f
     packed_bytes = in_f * out_f * (1 + 0.125)  # bf16 values for half the entries + 2-bit indices
-    timed("nm_linear", lambda: build("nm_linear", in_f, out_f, bf16, device, bias=False), tri.nm_linear,
-          {"torch 2:4": derived("t24", lambda c: torch.sparse.to_sparse_semi_structured(c["dense"]))}, packed_bytes, dense_flops // 2, "K3")
     k = max(4, in_f // 4 // 4 * 4)
     factor_bytes = 2 * out_f * k + in_f * k * 1.125
-    timed("dense_sparse_linear", lambda: build("dense_sparse_linear", in_f, out_f, bf16, device, bias=False),
-          tri.dense_sparse_linear,
-          {"merged dense": derived("merged", lambda c: c["d"] @ c["s"]), "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
-          factor_bytes + 8 * batch * k, 2 * batch * k * (in_f // 2 + out_f), "K5",
-          bytes_ratio=dense_bytes / factor_bytes)
-    lora_bytes = 2 * LORA_RANK * (in_f + out_f)
-    timed("lora_linear", lambda: build("lora_linear", in_f, out_f, bf16, device, bias=False), tri.lora_linear,
-          {"base + separate LoRA": lambda x, c: F.linear(x, c["w"]) + SCALING * F.linear(F.linear(x, c["a"]), c["b"])},
-          dense_bytes + lora_bytes + 2 * batch * in_f, dense_flops + 2 * batch * LORA_RANK * (in_f + out_f), "K6")
-    timed("dsee_nm_linear", lambda: build("dsee_nm_linear", in_f, out_f, bf16, device, bias=False),
-          tri.dsee_nm_linear, {"merged dense": derived("merged", merged_dsee), "unfused": lambda x, c: ref.dsee_linear(
-              x, c["w"], c["a"], c["b"], SCALING, *c["delta"])},
-          packed_bytes + lora_bytes + 18 * DSEE_NNZ + 2 * batch * in_f,
-          dense_flops // 2 + 2 * batch * LORA_RANK * (in_f + out_f), "K4")
-    return rows
+    lora_bytes, lora_flops = 2 * LORA_RANK * (in_f + out_f), 2 * batch * LORA_RANK * (in_f + out_f)
+    rows = [("K1" if batch <= 16 else "K2", "low_rank_linear", {"keep": keep},
+             {"two F.linear": lambda x, c: F.linear(F.linear(x, c["v"]), c["u"])},
+             2 * r * (in_f + out_f) + 8 * batch * r, 2 * batch * r * (in_f + out_f), {"keep": keep, "rank": r})
+            for keep in (0.5, 0.25) for r in [rank_for(keep, in_f, out_f)]]
+    return rows + [
+        ("K3", "nm_linear", {},
+         {"torch 2:4": derived("t24", lambda c: torch.sparse.to_sparse_semi_structured(c["dense"]))},
+         packed_bytes, dense_flops // 2, {}),
+        ("K5", "dense_sparse_linear", {},
+         {"merged dense": derived("merged", lambda c: c["d"] @ c["s"]),
+          "unfused": lambda x, c: F.linear(F.linear(x, c["s"]), c["d"])},
+         factor_bytes + 8 * batch * k, 2 * batch * k * (in_f // 2 + out_f),
+         {"bytes_ratio": dense_bytes / factor_bytes}),
+        ("K6", "lora_linear", {},
+         {"base + separate LoRA": lambda x, c: F.linear(x, c["w"]) + SCALING * F.linear(F.linear(x, c["a"]), c["b"])},
+         dense_bytes + lora_bytes + 2 * batch * in_f, dense_flops + lora_flops, {}),
+        ("K4", "dsee_nm_linear", {},
+         {"merged dense": derived("merged", merged_dsee),
+          "unfused": lambda x, c: ref.dsee_linear(x, c["w"], c["a"], c["b"], SCALING, *c["delta"])},
+         packed_bytes + lora_bytes + 18 * DSEE_NNZ + 2 * batch * in_f, dense_flops // 2 + lora_flops, {})]
 
 
 def derived(key: str, make):
@@ -318,74 +264,47 @@ def merged_dsee(c):
     return (c["w"] + SCALING * c["b"] @ c["a"]).index_put((rows, cols), vals, accumulate=True)
 
 
-# -- K7 MeZO ---------------------------------------------------------------------------------------
+def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list[dict]:
+    """The dense row and every declared K1-K6 row for one weight shape and batch."""
+    _, tri = kernels()
+    x = torch.randn(batch, in_f, device=device).to(torch.bfloat16)
+    io, dense_bytes = 2 * batch * (in_f + out_f), 2 * in_f * out_f
+    dense = [(_w(out_f, in_f, torch.bfloat16, device),) for _ in range(copies_for(dense_bytes))]
+    dense_us = timer.us(lambda w: F.linear(x, w), dense)
+    del dense
+
+    def row(kernel, op, us, nbytes, flops, baselines, **extra) -> dict:
+        tbps, tflops = nbytes / us / 1e6, flops / us / 1e6
+        return {"kernel": kernel, "op": op, "in": in_f, "out": out_f, "batch": batch, "us": us, "bytes": nbytes,
+                "TBps": tbps, "pct_copy": 100 * tbps / timer.ceilings["copy_TBps"], "TFLOPs": tflops,
+                "pct_gemm": 100 * tflops / timer.ceilings["gemm_TFLOPs"], "baselines_us": baselines,
+                "speedup": {k: v / us for k, v in baselines.items()}, **extra}
+
+    rows = [row("dense", "F.linear", dense_us, dense_bytes + io, 2 * batch * in_f * out_f, {})]
+    for kernel, op, keywords, baselines, nbytes, flops, extra in kernel_rows(in_f, out_f, batch):
+        cases = [(build(op, in_f, out_f, torch.bfloat16, device, bias=False, **keywords),)
+                 for _ in range(copies_for(nbytes))]
+        us = timer.us(lambda c, op=op: getattr(tri, op)(x, *c["args"]), cases)
+        base, errors = {"dense F.linear": dense_us}, {}
+        for name, baseline in baselines.items():
+            try:  # a baseline that cannot run here (torch 2:4 on some GPUs) is a result too
+                base[name] = timer.us(lambda c, f=baseline: f(x, c), cases)
+            except Exception as error:  # noqa: BLE001
+                errors[name] = f"{type(error).__name__}: {error}"[:200]
+        rows.append(row(kernel, op, us, nbytes + io, flops, base, baseline_errors=errors, **extra))
+    return rows
 
 
-def layer_shapes(hidden: int = 4096, ffn: int = 11008) -> list[tuple[int, int]]:
-    """(in, out) of a LLaMA-7B-shaped layer's linears: q, k, v, o, gate, up, down."""
-    return [(hidden, hidden)] * 4 + [(hidden, ffn)] * 2 + [(ffn, hidden)]
-
-
-def layer_views(flat: torch.Tensor, hidden: int, ffn: int) -> list[torch.Tensor]:
-    """`flat` as layer-shaped tensors (q, k, v, o, gate, up, down repeated while they fit)."""
-    views, used = [], 0
-    for rows, cols in itertools.cycle(layer_shapes(hidden, ffn)):
-        if used + rows * cols > flat.numel():
-            return views
-        views.append(flat[used: used + rows * cols].view(rows, cols))
-        used += rows * cols
-
-
-def torch_normal_loop(params, seed: int, scale: float) -> None:
-    """The reference MeZO step: reset the RNG, draw z per tensor with torch.normal, add in place."""
-    torch.manual_seed(seed)
-    for p in params:
-        p.add_(torch.normal(0.0, 1.0, size=p.shape, device=p.device, dtype=p.dtype), alpha=scale)
-
-
-def kernel_loop(axpy):
-    def run(params, seed, scale):
-        offset = 0
-        for p in params:
-            axpy(p, seed, offset, scale)
-            offset += p.numel()
-
-    return run
-
-
-def _mezo_drift(params, step, eps=1e-3) -> dict:
-    """max / mean |theta - theta0| after +eps, -2eps, +eps with one seed."""
-    start = [p.clone() for p in params]
-    for scale in (eps, -2 * eps, eps):
-        step(params, 31337, scale)
-    diffs = [(p.double() - s.double()).abs() for p, s in zip(params, start, strict=True)]
-    return {"max": max(float(d.max()) for d in diffs),
-            "mean": sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)}
-
-
-def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=11008) -> list[dict]:
-    """K7 on a flat bf16 buffer (default 1e9 bytes) and on that memory as layer-shaped tensors."""
-    from compressor.kernels import triton as tri
-
-    flat = torch.randn(numel, device=device).to(torch.bfloat16)
-    nbytes = 2 * 2 * flat.numel()  # read + write
-    flat_us = timer.us(lambda: tri.mezo_axpy_(flat, 7, 0, 1e-3), [()])
-    params = layer_views(flat, hidden, ffn)
-    loop_us = timer.us(lambda: kernel_loop(tri.mezo_axpy_)(params, 7, 1e-3), [()])
-    ref_us = timer.us(lambda: torch_normal_loop(params, 7, 1e-3), [()])
-    ours = _mezo_drift([p.clone() for p in params], kernel_loop(tri.mezo_axpy_))
-    theirs = _mezo_drift([p.clone() for p in params], torch_normal_loop)
-    ceil = timer.ceilings["copy_TBps"]
-    row = {"kernel": "K7", "op": "mezo_axpy_", "numel": flat.numel(), "us_flat": flat_us,
-           "us_per_tensor_loop": loop_us, "us_torch_normal_loop": ref_us, "TBps": nbytes / flat_us / 1e6,
-           "pct_copy": 100 * nbytes / flat_us / 1e6 / ceil, "speedup_vs_torch_normal_loop": ref_us / loop_us,
-           "drift": ours, "torch_drift": theirs}
-    row["targets"] = [("flat update >= 80 % of copy bandwidth", row["pct_copy"] >= 80),
-                      ("drift <= torch.normal loop's", ours["max"] <= theirs["max"])]
-    return [row]
-
-
-# -- targets from BENCHMARKS.md --------------------------------------------------------------------
+def bench_rows(timer, in_f, out_f, batch, device) -> list[dict]:
+    """bench_shape with its targets; a shape that fails is recorded as an error row, not an abort."""
+    try:
+        rows = bench_shape(timer, in_f, out_f, batch, device)
+    except Exception as error:  # noqa: BLE001 - report and continue with the next shape
+        return [{"kernel": "error", "in": in_f, "out": out_f, "batch": batch,
+                 "error": f"{type(error).__name__}: {error}"[:300]}]
+    for row in rows:
+        row["targets"] = targets(row) if row["kernel"] != "dense" else []
+    return rows
 
 
 def targets(row: dict) -> list[tuple[str, bool]]:
@@ -414,15 +333,69 @@ def targets(row: dict) -> list[tuple[str, bool]]:
     return []
 
 
-# -- 4. E1: 7B-shaped decode stack -----------------------------------------------------------------
+def layer_shapes(hidden: int = 4096, ffn: int = 11008) -> list[tuple[int, int]]:
+    """(in, out) of a LLaMA-7B-shaped layer's linears: q, k, v, o, gate, up, down."""
+    return [(hidden, hidden)] * 4 + [(hidden, ffn)] * 2 + [(ffn, hidden)]
+
+
+def layer_views(flat: torch.Tensor, hidden: int, ffn: int) -> list[torch.Tensor]:
+    """`flat` as layer-shaped tensors (q, k, v, o, gate, up, down repeated while they fit)."""
+    views, used = [], 0
+    for rows, cols in itertools.cycle(layer_shapes(hidden, ffn)):
+        if used + rows * cols > flat.numel():
+            return views
+        views.append(flat[used: used + rows * cols].view(rows, cols))
+        used += rows * cols
+
+
+def torch_normal_loop(params, seed: int, scale: float) -> None:
+    """The reference MeZO step: reset the RNG, draw z per tensor with torch.normal, add in place."""
+    torch.manual_seed(seed)
+    for p in params:
+        p.add_(torch.normal(0.0, 1.0, size=p.shape, device=p.device, dtype=p.dtype), alpha=scale)
+
+
+def kernel_loop(params, seed: int, scale: float) -> None:
+    """The same step with the Triton kernel: one counter-based stream over all tensors."""
+    offset = 0
+    for p in params:
+        kernels()[1].mezo_axpy_(p, seed, offset, scale)
+        offset += p.numel()
+
+
+def _mezo_drift(params, step, eps=1e-3) -> dict:
+    """max / mean |theta - theta0| after +eps, -2eps, +eps with one seed."""
+    start = [p.clone() for p in params]
+    for scale in (eps, -2 * eps, eps):
+        step(params, 31337, scale)
+    diffs = [(p.double() - s.double()).abs() for p, s in zip(params, start, strict=True)]
+    return {"max": max(float(d.max()) for d in diffs),
+            "mean": sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)}
+
+
+def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=11008) -> list[dict]:
+    """K7 on a flat bf16 buffer (default 1e9 bytes) and on that memory as layer-shaped tensors."""
+    flat = torch.randn(numel, device=device).to(torch.bfloat16)
+    nbytes = 2 * 2 * flat.numel()  # read + write
+    flat_us = timer.us(lambda: kernels()[1].mezo_axpy_(flat, 7, 0, 1e-3), [()])
+    params = layer_views(flat, hidden, ffn)
+    loop_us = timer.us(lambda: kernel_loop(params, 7, 1e-3), [()])
+    ref_us = timer.us(lambda: torch_normal_loop(params, 7, 1e-3), [()])
+    ours = _mezo_drift([p.clone() for p in params], kernel_loop)
+    theirs = _mezo_drift([p.clone() for p in params], torch_normal_loop)
+    tbps = nbytes / flat_us / 1e6
+    row = {"kernel": "K7", "op": "mezo_axpy_", "numel": flat.numel(), "us_flat": flat_us,
+           "us_per_tensor_loop": loop_us, "us_torch_normal_loop": ref_us, "TBps": tbps,
+           "pct_copy": 100 * tbps / timer.ceilings["copy_TBps"], "speedup_vs_torch_normal_loop": ref_us / loop_us,
+           "drift": ours, "torch_drift": theirs}
+    row["targets"] = [("flat update >= 80 % of copy bandwidth", row["pct_copy"] >= 80),
+                      ("drift <= torch.normal loop's", ours["max"] <= theirs["max"])]
+    return [row]
 
 
 def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: int = 11008) -> dict:
     """ms/token of a decoder-shaped chain of linears at batch 1: dense vs low rank keep 0.6."""
-    from compressor.kernels import triton as tri
-
-    bf16, keep = torch.bfloat16, 0.6
-    shapes = layer_shapes(hidden, ffn)
+    bf16, keep, shapes = torch.bfloat16, 0.6, layer_shapes(hidden, ffn)
     dense = [[_w(o, i, bf16, device) for i, o in shapes] for _ in range(layers)]
     factors = [[(_w(o, rank_for(keep, i, o), bf16, device), _w(rank_for(keep, i, o), i, bf16, device))
                 for i, o in shapes] for _ in range(layers)]
@@ -439,11 +412,11 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
         return forward
 
     x = torch.randn(1, hidden, device=device).to(bf16)
-    ours = stack(lambda h, uv: tri.low_rank_linear(h, *uv), factors)
-    two = stack(lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors)
     result = {"layers": layers, "keep": keep, "dense_GB": dense_bytes / 1e9, "lowrank_GB": factor_bytes / 1e9}
-    for name, forward in (("dense F.linear", stack(F.linear, dense)), ("low rank, Triton", ours),
-                          ("low rank, two F.linear", two)):
+    for name, forward in (("dense F.linear", stack(F.linear, dense)),
+                          ("low rank, Triton", stack(lambda h, uv: kernels()[1].low_rank_linear(h, *uv), factors)),
+                          ("low rank, two F.linear",
+                           stack(lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors))):
         result[f"{name} ms/token"] = timer.graph_ms(forward, x)
     ceil = timer.ceilings["copy_TBps"] * 1e12
     result["floor dense ms"] = dense_bytes / ceil * 1e3
@@ -451,27 +424,42 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
     return result
 
 
-# -- report ----------------------------------------------------------------------------------------
+
+# column specs: (header, format string over the row's fields, or a function of the row)
+CHECK_COLUMNS = [("op", "{op}"), ("shape / numel", lambda r: f"{r['in']}x{r['out']}" if "in" in r else r["numel"]),
+                 ("batch", lambda r: r.get("batch", "")), ("dtype", "{dtype}"),
+                 ("error", lambda r: f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e}"),
+                 ("tol", "{tolerance:.1e}"),
+                 ("ok", lambda r: "yes" if r["ok"] else "**NO**")]
+TIMING_COLUMNS = [
+    ("kernel", "{kernel}"), ("op", lambda r: r["op"] + (f" keep {r['keep']}" if "keep" in r else "")),
+    ("in x out", "{in}x{out}"), ("batch", "{batch}"), ("us", "{us:.1f}"), ("TB/s", "{TBps:.2f}"),
+    ("% copy", "{pct_copy:.0f}"), ("TFLOP/s", "{TFLOPs:.1f}"),
+    ("speedups", lambda r: ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items()) + " " + "; ".join(
+        f"{k}: {v}" for k, v in r.get("baseline_errors", {}).items())),
+    ("targets", lambda r: ", ".join(f"{t} {'met' if ok else '**missed**'}" for t, ok in r.get("targets", [])))]
 
 
-def write_report(out: Path, report: dict) -> None:
-    Path(out).mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(report, indent=1, default=str)), (".md", render_markdown(report))):
-        write_text(Path(out) / f"kernels_gpu{suffix}", text)
+def cells(columns, row: dict) -> list:
+    if row.get("kernel") == "error":  # a shape that failed: its message in the "us" column
+        return ["error", "", f"{row['in']}x{row['out']}", row["batch"], row["error"], "", "", "", "", ""]
+    return [cell.format(**row) if isinstance(cell, str) else cell(row) for _, cell in columns]
+
+
+def spec_table(columns, rows: list[dict]) -> list[str]:
+    return table([header for header, _ in columns], [cells(columns, r) for r in rows])
 
 
 def render_markdown(report: dict) -> str:
     c = report.get("ceilings")
     lines = ["# Kernel benchmarks (BENCHMARKS.md K, E1)", "", " | ".join(f"{k}: {v}" for k, v in report["env"].items()),
              "", f"mode: {report['mode']}", "",
-             *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""] if c else []),
-             "## Correctness (max |y - y64| / max |y64|)", "",
-             "| op | shape / numel | batch | dtype | error | tol | ok |", "|---|---|---|---|---|---|---|"]
-    lines += map(check_line, report["checks"])
+             *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""]
+               if c else []),
+             "## Correctness (max |y - y64| / max |y64|)", "", *spec_table(CHECK_COLUMNS, report["checks"])]
     if report.get("timings"):
         lines += ["", "## Kernels (bf16, in x out, us = do_bench median)", "",
-                  "| kernel | op | in x out | batch | us | TB/s | % copy | TFLOP/s | speedups | targets |",
-                  "|---|---|---|---|---|---|---|---|---|---|", *map(_timing_line, report["timings"])]
+                  *spec_table(TIMING_COLUMNS, report["timings"])]
     for r in report.get("mezo", []):
         lines += ["", "## K7 MeZO", "", "```", json.dumps(r, indent=1, default=str), "```"]
     if report.get("e1"):
@@ -480,25 +468,35 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_line(r: dict) -> str:
-    shape = f"{r['in']}x{r['out']}" if "in" in r else r["numel"]
-    return (f"| {r['op']} | {shape} | {r.get('batch', '')} | {r['dtype']} | "
-            f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e} | {r['tolerance']:.1e} | "
-            f"{'yes' if r['ok'] else '**NO**'} |")
+def run_timings(report: dict, device, quick: bool, save) -> None:
+    """Fills report["ceilings" / "timings" / "mezo" / "e1"], calling `save()` after each part."""
+    timer = Timer(quick)
+    timer.ceilings = report["ceilings"] = measure_ceilings(timer, device)
+    report["timings"] = []
+    for (in_f, out_f), batch in itertools.product([SHAPES[0], SHAPES[2]] if quick else SHAPES,
+                                                  [1, 16, 4096] if quick else BATCHES):
+        for row in bench_rows(timer, in_f, out_f, batch, device):
+            report["timings"].append(row)
+            print(" | ".join(map(str, cells(TIMING_COLUMNS, row))), flush=True)
+        torch.cuda.empty_cache()
+        save()
+    report["mezo"] = bench_mezo(timer, device)
+    torch.cuda.empty_cache()
+    save()
+    report["e1"] = e1_decode(timer, device)
 
 
-def _timing_line(r: dict) -> str:
-    if r["kernel"] == "error":
-        return f"| error | | {r['in']}x{r['out']} | {r['batch']} | {r['error']} | | | | | |"
-    label = r["op"] + (f" keep {r['keep']}" if "keep" in r else "")
-    speed = ", ".join(f"{k} {v:.2f}x" for k, v in r["speedup"].items())
-    errors = "; ".join(f"{k}: {v}" for k, v in r.get("baseline_errors", {}).items())
-    goals = ", ".join(f"{t} {'met' if ok else '**missed**'}" for t, ok in r.get("targets", []))
-    return (f"| {r['kernel']} | {label} | {r['in']}x{r['out']} | {r['batch']} | {r['us']:.1f} | "
-            f"{r['TBps']:.2f} | {r['pct_copy']:.0f} | {r['TFLOPs']:.1f} | {speed} {errors} | {goals} |")
-
-
-# -- main ------------------------------------------------------------------------------------------
+def dry_run(device) -> dict:
+    """Every timing path once on tiny shapes with no clock: catches plumbing errors off-GPU."""
+    timer = Timer(quick=True, ceilings={"copy_TBps": float("nan"), "gemm_TFLOPs": float("nan")}, dry=True)
+    rows = [row for batch in (1, 20) for row in bench_rows(timer, 64, 48, batch, device)]
+    errors = [row["error"] for row in rows if row["kernel"] == "error"]
+    errors += [f"{row['op']} / {name}: {e}" for row in rows for name, e in row.get("baseline_errors", {}).items()
+               if name != "torch 2:4"]  # torch's 2:4 needs CUDA; on a GPU its failure is a result
+    bench_mezo(timer, device, numel=3 * 64 * 96, hidden=64, ffn=96)
+    e1_decode(timer, device, layers=2, hidden=64, ffn=96)
+    print(f"dry run of the timing code: {len(rows)} rows, errors: {errors or 'none'}")
+    return {"rows": len(rows), "errors": errors}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,62 +513,20 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     torch.manual_seed(0)
     mode = "cpu-smoke" if args.cpu_smoke else ("check-only" if args.check_only else ("quick" if args.quick else "full"))
-    report = {"env": environment(device), "mode": mode, "checks": run_checks(device, args.quick, args.cpu_smoke)}
+    saved = Report(args.out, "kernels_gpu", render_markdown)
+    saved.state = report = {"env": environment(device), "mode": mode,
+                            "checks": run_checks(device, args.quick, args.cpu_smoke)}
     for check in report["checks"]:
-        print("check", check_line(check))
-    write_report(args.out, report)  # rewritten as results come in: a timeout keeps what was done
+        print("check", " | ".join(map(str, cells(CHECK_COLUMNS, check))))
+    saved.write()
     failed = [c for c in report["checks"] if not c["ok"]]
     if args.cpu_smoke and not failed:
         report["dry_run"] = dry_run(device)
     elif not (args.check_only or failed):
-        run_timings(report, device, args.quick, save=lambda: write_report(args.out, report))
-    write_report(args.out, report)
+        run_timings(report, device, args.quick, save=saved.write)
+    saved.write()
     print(f"kernels_gpu: wrote {Path(args.out) / 'kernels_gpu.json'} and kernels_gpu.md")
     return 1 if failed or report.get("dry_run", {}).get("errors") else 0
-
-
-def run_timings(report: dict, device, quick: bool, save=lambda: None) -> None:
-    """Fills report["ceilings" / "timings" / "mezo" / "e1"], calling `save()` after each part."""
-    timer = Timer(quick)
-    timer.ceilings = report["ceilings"] = measure_ceilings(timer, device)
-    shapes = [SHAPES[0], SHAPES[2]] if quick else SHAPES
-    batches = [1, 16, 4096] if quick else BATCHES
-    report["timings"] = []
-    for (in_f, out_f), batch in itertools.product(shapes, batches):
-        for row in bench_rows(timer, in_f, out_f, batch, device):
-            report["timings"].append(row)
-            print(_timing_line(row), flush=True)
-        torch.cuda.empty_cache()
-        save()
-    report["mezo"] = bench_mezo(timer, device)
-    torch.cuda.empty_cache()
-    save()
-    report["e1"] = e1_decode(timer, device)
-
-
-def dry_run(device) -> dict:
-    """Every timing path once on tiny shapes with no clock: catches plumbing errors off-GPU."""
-    timer = DryTimer(quick=True, ceilings={"copy_TBps": float("nan"), "gemm_TFLOPs": float("nan")})
-    rows = [row for batch in (1, 20) for row in bench_rows(timer, 64, 48, batch, device)]
-    errors = [row["error"] for row in rows if row["kernel"] == "error"]
-    errors += [f"{row['op']} / {name}: {e}" for row in rows for name, e in row.get("baseline_errors", {}).items()
-               if name != "torch 2:4"]  # torch's 2:4 needs CUDA; on a GPU its failure is a result
-    bench_mezo(timer, device, numel=3 * 64 * 96, hidden=64, ffn=96)
-    e1_decode(timer, device, layers=2, hidden=64, ffn=96)
-    print(f"dry run of the timing code: {len(rows)} rows, errors: {errors or 'none'}")
-    return {"rows": len(rows), "errors": errors}
-
-
-def bench_rows(timer, in_f, out_f, batch, device) -> list[dict]:
-    """bench_shape with failures of optional baselines recorded per row instead of aborting."""
-    try:
-        rows = bench_shape(timer, in_f, out_f, batch, device)
-    except Exception as error:  # noqa: BLE001 - report and continue with the next shape
-        return [{"kernel": "error", "in": in_f, "out": out_f, "batch": batch,
-                 "error": f"{type(error).__name__}: {error}"[:300]}]
-    for row in rows:
-        row["targets"] = targets(row) if row["kernel"] != "dense" else []
-    return rows
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from harness import write_text
+from harness import table, write_text
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -50,16 +49,12 @@ def main(argv=None) -> None:
     same = torch.equal(rows["ref"][0], rows["triton"][0])
     mode = "compiled on " + torch.cuda.get_device_name() if device == "cuda" else "Triton interpreter on CPU"
     lines = [
-        "# Greedy tokens with the Triton kernels vs the torch references",
-        "",
-        f"Model `{args.model}` ({len(compressed_layers(model))} compressed layers), prompt "
-        f"{args.prompt!r}, {args.new_tokens} new tokens, Triton {mode}.",
-        "",
-        "| backend | seconds | text |",
-        "|---|---|---|",
-        *[f"| {b} | {s:.1f} | {tokenizer.decode(t[0])!r} |" for b, (t, s) in rows.items()],
-        "",
-        f"Identical token ids: **{same}**.",
+        "# Greedy tokens with the Triton kernels vs the torch references", "",
+        (f"Model `{args.model}` ({len(compressed_layers(model))} compressed layers), prompt "
+         f"{args.prompt!r}, {args.new_tokens} new tokens, Triton {mode}."), "",
+        *table(["backend", "seconds", "text"],
+               [[b, f"{s:.1f}", repr(tokenizer.decode(t[0]))] for b, (t, s) in rows.items()]),
+        "", f"Identical token ids: **{same}**.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)
