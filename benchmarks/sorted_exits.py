@@ -41,7 +41,8 @@ def main(argv=None) -> None:
     p = arguments(__doc__, data=True, threads=2)
     p.add_argument("--text", help="tuning/eval text (default: --data-dir's TinyStories, else the embedded one)")
     numbers(p, (("steps", 300), ("warmup", 10), ("batch", 16), ("seq", 128), ("eval-windows", 64), ("seed", 0),
-                ("lr", 3e-4), ("schedule", "cosine")))
+                ("lr", 3e-4)))
+    p.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
     args = p.parse_args(argv)
     if args.render:
         return print(rerender(Path(args.out), "finetune_sorted", render))

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from dense_sparse import measure, stf
 from frontier import heal_row, sizes_and_heal_arguments
-from harness import (Report, arguments, environment, eval_windows, need_file, numbers, provenance, rerender, sizes_of,
-                     stored_bytes, table, wiki, write_text)
+from harness import (Report, arguments, environment, eval_windows, log, need_file, numbers, provenance, rerender,
+                     sizes_of, stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
@@ -64,6 +64,8 @@ def rows(a, dense) -> list:
     stf_row = (f"dsformer-stf{a.ds_stf_steps}", "stf", {**ds, "stf_steps": a.ds_stf_steps, "lr": a.ds_lr,
                                                         "stf_batch": a.ds_stf_batch, "stf_seq": a.calib_seq}, DS_INIT)
     peer = [(PEER_ROW, "llm-compressor", {"peer": "llmcompressor"}, None)] if find_spec("llmcompressor") else []
+    if not peer and (a.rows is None or PEER_ROW in a.rows.split(",")):
+        log("llm-compressor is not installed; its row is skipped")
     heal = {"heal": [a.heal_steps, a.heal_batch, a.heal_seq, a.heal_lr, a.heal_loss, a.heal_lora_r]}
     out = []
     for label, method, fields, *start in [*ROWS, *peer, (DS_INIT, "dsformer", ds, None), stf_row]:
