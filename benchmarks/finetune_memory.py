@@ -6,9 +6,6 @@ Each mode runs in a fresh subprocess (`worker`) on `--batch` x `--seq` tokens:
   inference  the loss MeZO evaluates, once, under no_grad (`lm_loss`: logits in chunks)
   mezo       one full MeZO step on every weight (perturb, 2 losses, restore, update)
   backprop   two AdamW steps on every weight (the optimizer state exists from the first step)
-
-Targets: MeZO <= 1.2x inference peak; backprop+AdamW >= 3x MeZO. `--model default` = the embedded
-stories260K (a quick smoke run). Example: `nice -n 10 python benchmarks/finetune_memory.py --threads 2`.
 """
 
 from __future__ import annotations
@@ -70,15 +67,13 @@ def worker(args) -> dict:
 
 def render(result: dict) -> str:
     rows, ratios, env = result["modes"], result["ratios"], result["env"]
-    return "\n".join([
-        "# F1 — fine-tuning peak memory", "",
+    return "\n".join(["# F1 — fine-tuning peak memory", "",
         (f"Model `{result['model']}` ({rows['mezo']['params']:,} parameters), batch {result['batch']} x "
          f"{result['seq']} tokens, fp32 on CPU, {result['threads']} threads; each mode in a fresh process. "
          "Peak = resident-set high-water mark during the work; growth = peak minus the resident set "
          "right after loading the model."), "",
         "| mode | peak RSS MB | growth MB | seconds |", "|---|---:|---:|---:|",
-        *(f"| {m} | {rows[m]['peak_mb']:.0f} | {rows[m]['growth_mb']:.0f} | {rows[m]['seconds']:.1f} |"
-          for m in MODES), "",
+        *("| {mode} | {peak_mb:.0f} | {growth_mb:.0f} | {seconds:.1f} |".format_map(rows[m]) for m in MODES), "",
         (f"* MeZO / inference peak: **{ratios['mezo_over_inference_peak']:.3f}x** (target <= 1.2x); "
          f"growth ratio {ratios['mezo_over_inference_growth']:.3f}x"),
         (f"* backprop+AdamW / MeZO peak: **{ratios['backprop_over_mezo_peak']:.2f}x** (target >= 3x); "
@@ -91,7 +86,7 @@ def render(result: dict) -> str:
 
 def main(argv=None) -> None:
     p = arguments(__doc__, threads=2)
-    p.add_argument("--model", default=SMOLLM2)
+    p.add_argument("--model", default=SMOLLM2, help="a GGUF, or `default`: the embedded stories260K (a smoke run)")
     numbers(p, (("batch", 16), ("seq", 128)))
     p.add_argument("--worker", choices=MODES, help="(internal) run one mode, print its JSON")
     args = p.parse_args(argv)

@@ -1,8 +1,5 @@
 """K-series kernel benchmarks (BENCHMARKS.md section K) and the E1 decode benchmark, on one GPU.
 
-    python benchmarks/kernels_gpu.py [--quick] [--check-only] [--out reports/]
-    python benchmarks/kernels_gpu.py --cpu-smoke --out /tmp/k    # CPU: interpreter, tiny shapes
-
 1. Correctness first: every Triton kernel against the fp64 reference (`compressor.kernels.ref` on
    the same rounded inputs) on fresh random inputs, including ragged shapes.
 2. Ceilings measured in the same run: large-tensor copy bandwidth and the bf16 GEMM rate (8192^3).
@@ -13,14 +10,12 @@
 4. E1: a 7B-shaped stack (32 x q,k,v,o 4096^2, gate/up 4096->11008, down 11008->4096) at batch 1,
    dense vs low rank keep 0.6, captured in a CUDA graph: ms/token against the bytes floor.
 
-Writes <out>/kernels_gpu.{json,md} (date, GPU, versions), rewritten after each part, so a run stopped
-by a time limit keeps what was done. `--quick` (about 4 minutes on an H200): two shapes, three
-batches, shorter timing windows.
+Writes <out>/kernels_gpu.{json,md}, rewritten after each part: a run stopped by a time limit keeps
+what was done.
 """
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import math
@@ -31,25 +26,24 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import Report, arguments, table
+from harness import Report, arguments, markdown, rerender, table
 
 L2_BYTES = 60e6
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]  # (in, out)
 BATCHES = [1, 16, 512, 4096]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
-LORA_RANK, DSEE_NNZ, SCALING = 16, 64, 2.0
+LORA_RANK, DSEE_NNZ, SCALING, EPS = 16, 64, 2.0, 1e-3  # EPS: MeZO's perturbation
 OPS = ["low_rank_linear", "nm_linear", "dense_sparse_linear", "lora_linear", "dsee_linear", "dsee_nm_linear"]
 
 
 def environment(device: torch.device) -> dict:
-    import triton
+    from compressor.report.env import collect_env
 
-    from compressor.report.env import git_sha
-
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "none (CPU interpreter)",
-            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-            "python": sys.version.split()[0], "git": git_sha()[:10]}
+    env = collect_env(device, 0)
+    v = env["versions"]
+    return {"date": env["date"], "gpu": env["device_name"] if device.type == "cuda" else "none (CPU interpreter)",
+            "torch": v["torch"], "triton": v["triton"], "cuda": torch.version.cuda, "python": v["python"],
+            "git": env["git_sha"][:10]}
 
 
 def kernels():
@@ -70,13 +64,13 @@ def _w(rows, cols, dtype, device):
 
 
 def _packed_24(rows, cols, dtype, device):
-    """Random 2:4 matrix (rows, cols) -> (dense, values, bit-packed indices)."""
+    """Random 2:4 matrix (rows, cols) -> (dense, the kernels' packed arguments: values, indices, 2, 4, cols)."""
     from compressor.kernels.dispatch import compress_nm_indices, nm_mask, pack_nm
 
     dense = _w(rows, cols, dtype, device)
     dense = dense * nm_mask(dense.float().abs(), 2, 4)
     values, indices = pack_nm(dense, 2, 4)
-    return dense, values, compress_nm_indices(indices, 4)
+    return dense, (values, compress_nm_indices(indices, 4), 2, 4, cols)
 
 
 def build(op: str, in_f: int, out_f: int, dtype, device, keep: float = 0.5, bias=True) -> dict:
@@ -87,20 +81,19 @@ def build(op: str, in_f: int, out_f: int, dtype, device, keep: float = 0.5, bias
         u, v = _w(out_f, r, dtype, device), _w(r, in_f, dtype, device)
         return {"args": (u, v, b), "u": u, "v": v, "rank": r}
     if op == "nm_linear":
-        dense, values, indices = _packed_24(out_f, in_f, dtype, device)
-        return {"args": (values, indices, 2, 4, in_f, b), "dense": dense}
+        dense, packed = _packed_24(out_f, in_f, dtype, device)
+        return {"args": (*packed, b), "dense": dense}
     if op == "dense_sparse_linear":
         k = max(4, in_f // 4 // 4 * 4)
-        s_t, s_values, s_indices = _packed_24(in_f, k, dtype, device)  # S.T (in, k)
+        s_t, s_packed = _packed_24(in_f, k, dtype, device)  # S.T (in, k)
         d = _w(out_f, k, dtype, device)
-        return {"args": (d, s_values, s_indices, 2, 4, k, b), "d": d, "s": s_t.T.contiguous(), "k": k}
+        return {"args": (d, *s_packed, b), "d": d, "s": s_t.T.contiguous(), "k": k}
     a, lb = _w(LORA_RANK, in_f, dtype, device), _w(out_f, LORA_RANK, dtype, device)
     delta = () if op == "lora_linear" else (torch.randint(0, out_f, (DSEE_NNZ,), device=device),
                                             torch.randint(0, in_f, (DSEE_NNZ,), device=device),
                                             torch.randn(DSEE_NNZ, device=device).mul_(0.1).to(dtype))
     if op == "dsee_nm_linear":
-        w, values, indices = _packed_24(out_f, in_f, dtype, device)
-        head = (values, indices, 2, 4, in_f)
+        w, head = _packed_24(out_f, in_f, dtype, device)
     else:
         w = _w(out_f, in_f, dtype, device)
         head = (w,)
@@ -124,40 +117,33 @@ def check_mezo(device, numel: int) -> list[dict]:
     from compressor.kernels.dispatch import mezo_normal
 
     ref, tri = kernels()
-    rows, eps = [], 1e-3
-    z = mezo_normal(numel, 31337, 0, torch.float64, device)
+    rows, z = [], mezo_normal(numel, 31337, 0, torch.float64, device)
     for dtype in (torch.float32, torch.bfloat16):
-        name, start = str(dtype).split(".")[-1], torch.randn(numel, device=device).to(dtype)
+        case, start = {"dtype": str(dtype).split(".")[-1], "numel": numel}, torch.randn(numel, device=device).to(dtype)
         a, b = start.clone(), start.clone()
         ref.mezo_axpy_(a, 1234, 7, 0.5)
         tri.mezo_axpy_(b, 1234, 7, 0.5)
         # fp32: libm vs GPU log/cos differ by ulps; 16-bit: one rounding of nearly equal values
         diff = (a.double() - b.double()).abs()
-        diff = diff.max() if dtype == torch.float32 else (diff / a.double().abs().clamp_min(1e-30)).max()
+        diff = float(diff.max() if dtype == torch.float32 else (diff / a.double().abs().clamp_min(1e-30)).max())
         allowed = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
-        rows.append({"op": "mezo_axpy_ vs ref", "dtype": name, "numel": numel, "max_abs_diff": float(diff),
-                     "tolerance": allowed, "ok": float(diff) <= allowed})
-        p = start.clone()
-        for scale in (eps, -2 * eps, eps):
-            tri.mezo_axpy_(p, 31337, 0, scale)
-        drift = (p.double() - start.double()).abs()
-        bound = 1.5 * torch.finfo(dtype).eps * (start.double().abs() + 2 * eps * z.abs())
-        rows.append({"op": "mezo +e,-2e,+e drift", "dtype": name, "numel": numel, "max_abs_diff": float(drift.max()),
-                     "tolerance": float(bound.max()), "ok": bool((drift <= bound).all())})
+        drift = round_trip([start], kernel_loop)
+        bound = 1.5 * torch.finfo(dtype).eps * (start.double().abs() + 2 * EPS * z.abs())
+        rows += [{"op": "mezo_axpy_ vs ref", **case, "max_abs_diff": diff, "tolerance": allowed, "ok": diff <= allowed},
+                 {"op": "mezo +e,-2e,+e drift", **case, "max_abs_diff": float(drift.max()),
+                  "tolerance": float(bound.max()), "ok": bool((drift <= bound).all())}]
     return rows
 
 
-def run_checks(device, quick: bool, smoke: bool) -> list[dict]:
-    """Checks on (in, out, batch, dtypes) cases: ragged ones in every dtype, large ones in bf16."""
-    every, bf16 = (torch.bfloat16, torch.float16, torch.float32), (torch.bfloat16,)
-    if smoke:
-        cases = [(40, 24, 1, (torch.float32, torch.bfloat16)), (72, 70, 37, (torch.float32, torch.bfloat16))]
-    else:
-        cases = [(1000, 3000, 3, every), (520, 136, 77, every), (4096, 4096, 1, bf16)]
-        cases += [] if quick else [(4096, 11008, 16, bf16), (11008, 4096, 512, bf16)]
+def run_checks(device, mode: str) -> list[dict]:
+    """The `mode`'s checks on (in, out, batch, dtypes) cases: ragged ones in every dtype, large ones in bf16."""
+    bf16, f16, f32 = torch.bfloat16, torch.float16, torch.float32
+    cases = {"cpu-smoke": [(40, 24, 1, (f32, bf16)), (72, 70, 37, (f32, bf16))],
+             "quick": [(1000, 3000, 3, (bf16, f16, f32)), (520, 136, 77, (bf16, f16, f32)), (4096, 4096, 1, (bf16,))]}
+    cases["full"] = cases["quick"] + [(4096, 11008, 16, (bf16,)), (11008, 4096, 512, (bf16,))]
     rows = [check_op(op, in_f, out_f, batch, dtype, device)
-            for op, (in_f, out_f, batch, dtypes) in itertools.product(OPS, cases) for dtype in dtypes]
-    return rows + check_mezo(device, 10_000 if smoke else 3_000_001)
+            for op, (in_f, out_f, batch, dtypes) in itertools.product(OPS, cases[mode]) for dtype in dtypes]
+    return rows + check_mezo(device, 10_000 if mode == "cpu-smoke" else 3_000_001)
 
 
 @dataclass
@@ -169,38 +155,19 @@ class Timer:
     ceilings: dict = field(default_factory=dict)
     dry: bool = False
 
-    def us(self, fn, copies: list[tuple]) -> float:
+    def us(self, fn, copies: list[tuple], graph: bool = False) -> float:
+        """`graph`: the mean of `fn` replayed in a CUDA graph instead (no launch overhead, as in a decode
+        loop; triton's do_bench_cudagraph runs it once first, so autotuning stays outside the capture)."""
         import triton.testing
 
         if self.dry:
             fn(*copies[0])
             return float("nan")
         cycle = itertools.cycle(copies)
+        if graph:
+            return 1e3 * triton.testing.do_bench_cudagraph(lambda: fn(*next(cycle)))
         warmup, rep = (5, 20) if self.quick else (25, 100)
         return 1e3 * triton.testing.do_bench(lambda: fn(*next(cycle)), warmup=warmup, rep=rep, return_mode="median")
-
-    def graph_ms(self, forward, x, replays: int = 20) -> float:
-        """One forward captured in a CUDA graph (no launch overhead, as in a decode loop)."""
-        if self.dry:
-            forward(x)
-            return float("nan")
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):  # autotune and compile outside the capture
-                forward(x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            forward(x)
-        graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / replays
 
 
 def copies_for(nbytes: float) -> int:
@@ -208,11 +175,9 @@ def copies_for(nbytes: float) -> int:
 
 
 def measure_ceilings(timer: Timer, device) -> dict:
-    src = torch.empty(int(2e9) // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
+    src, dst = (torch.empty(int(2e9) // 2, dtype=torch.bfloat16, device=device) for _ in range(2))
     copy_us = timer.us(lambda: dst.copy_(src), [()])
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
     gemm_us = timer.us(lambda: a @ b, [()])
     return {"copy_TBps": 2 * 2e9 / copy_us / 1e6, "gemm_TFLOPs": 2 * 8192**3 / gemm_us / 1e6}
 
@@ -260,8 +225,7 @@ def derived(key: str, make):
 
 
 def merged_dsee(c):
-    rows, cols, vals = c["delta"]
-    return (c["w"] + SCALING * c["b"] @ c["a"]).index_put((rows, cols), vals, accumulate=True)
+    return (c["w"] + SCALING * c["b"] @ c["a"]).index_put(c["delta"][:2], c["delta"][2], accumulate=True)
 
 
 def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list[dict]:
@@ -269,9 +233,8 @@ def bench_shape(timer: Timer, in_f: int, out_f: int, batch: int, device) -> list
     _, tri = kernels()
     x = torch.randn(batch, in_f, device=device).to(torch.bfloat16)
     io, dense_bytes = 2 * batch * (in_f + out_f), 2 * in_f * out_f
-    dense = [(_w(out_f, in_f, torch.bfloat16, device),) for _ in range(copies_for(dense_bytes))]
-    dense_us = timer.us(lambda w: F.linear(x, w), dense)
-    del dense
+    dense_us = timer.us(lambda w: F.linear(x, w),  # the copies are freed when it returns
+                        [(_w(out_f, in_f, torch.bfloat16, device),) for _ in range(copies_for(dense_bytes))])
 
     def row(kernel, op, us, nbytes, flops, baselines, **extra) -> dict:
         tbps, tflops = nbytes / us / 1e6, flops / us / 1e6
@@ -302,9 +265,7 @@ def bench_rows(timer, in_f, out_f, batch, device) -> list[dict]:
     except Exception as error:  # noqa: BLE001 - report and continue with the next shape
         return [{"kernel": "error", "in": in_f, "out": out_f, "batch": batch,
                  "error": f"{type(error).__name__}: {error}"[:300]}]
-    for row in rows:
-        row["targets"] = targets(row) if row["kernel"] != "dense" else []
-    return rows
+    return [{**row, "targets": targets(row)} for row in rows]  # the dense row meets no target: []
 
 
 def targets(row: dict) -> list[tuple[str, bool]]:
@@ -357,33 +318,29 @@ def torch_normal_loop(params, seed: int, scale: float) -> None:
 
 def kernel_loop(params, seed: int, scale: float) -> None:
     """The same step with the Triton kernel: one counter-based stream over all tensors."""
-    offset = 0
-    for p in params:
+    for p, offset in zip(params, itertools.accumulate((p.numel() for p in params), initial=0)):
         kernels()[1].mezo_axpy_(p, seed, offset, scale)
-        offset += p.numel()
 
 
-def _mezo_drift(params, step, eps=1e-3) -> dict:
-    """max / mean |theta - theta0| after +eps, -2eps, +eps with one seed."""
-    start = [p.clone() for p in params]
-    for scale in (eps, -2 * eps, eps):
-        step(params, 31337, scale)
-    diffs = [(p.double() - s.double()).abs() for p, s in zip(params, start, strict=True)]
-    return {"max": max(float(d.max()) for d in diffs),
-            "mean": sum(float(d.sum()) for d in diffs) / sum(d.numel() for d in diffs)}
+def round_trip(params, step) -> torch.Tensor:
+    """|theta - theta0| of every element (flat, fp64) after MeZO's +eps, -2eps, +eps with one seed,
+    taken on copies of `params`."""
+    moved = [p.clone() for p in params]
+    for scale in (EPS, -2 * EPS, EPS):
+        step(moved, 31337, scale)
+    return torch.cat([(m.double() - p.double()).abs().flatten() for m, p in zip(moved, params, strict=True)])
 
 
 def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=11008) -> list[dict]:
     """K7 on a flat bf16 buffer (default 1e9 bytes) and on that memory as layer-shaped tensors."""
     flat = torch.randn(numel, device=device).to(torch.bfloat16)
-    nbytes = 2 * 2 * flat.numel()  # read + write
     flat_us = timer.us(lambda: kernels()[1].mezo_axpy_(flat, 7, 0, 1e-3), [()])
+    tbps = 2 * 2 * flat.numel() / flat_us / 1e6  # read + write
     params = layer_views(flat, hidden, ffn)
     loop_us = timer.us(lambda: kernel_loop(params, 7, 1e-3), [()])
     ref_us = timer.us(lambda: torch_normal_loop(params, 7, 1e-3), [()])
-    ours = _mezo_drift([p.clone() for p in params], kernel_loop)
-    theirs = _mezo_drift([p.clone() for p in params], torch_normal_loop)
-    tbps = nbytes / flat_us / 1e6
+    ours, theirs = ({"max": float(d.max()), "mean": float(d.mean())}
+                    for d in (round_trip(params, kernel_loop), round_trip(params, torch_normal_loop)))
     row = {"kernel": "K7", "op": "mezo_axpy_", "numel": flat.numel(), "us_flat": flat_us,
            "us_per_tensor_loop": loop_us, "us_torch_normal_loop": ref_us, "TBps": tbps,
            "pct_copy": 100 * tbps / timer.ceilings["copy_TBps"], "speedup_vs_torch_normal_loop": ref_us / loop_us,
@@ -391,6 +348,14 @@ def bench_mezo(timer: Timer, device, numel: int = 500_000_000, hidden=4096, ffn=
     row["targets"] = [("flat update >= 80 % of copy bandwidth", row["pct_copy"] >= 80),
                       ("drift <= torch.normal loop's", ours["max"] <= theirs["max"])]
     return [row]
+
+
+def decode(h, linear, weights):
+    """One token through the stack: q, k, v, o chained, then the gated MLP (the linears are what E1 times)."""
+    for q, k, v, o, gate, up, down in weights:
+        h = linear(linear(linear(linear(h, q), k), v), o)
+        h = linear(F.silu(linear(h, gate)) * linear(h, up), down)
+    return h
 
 
 def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: int = 11008) -> dict:
@@ -401,36 +366,19 @@ def e1_decode(timer: Timer, device, layers: int = 32, hidden: int = 4096, ffn: i
                 for i, o in shapes] for _ in range(layers)]
     dense_bytes = sum(w.numel() * 2 for layer in dense for w in layer)
     factor_bytes = sum((u.numel() + v.numel()) * 2 for layer in factors for u, v in layer)
-
-    def stack(linear, weights):
-        def forward(h):
-            for q, k, v, o, gate, up, down in weights:
-                h = linear(linear(linear(linear(h, q), k), v), o)
-                h = linear(F.silu(linear(h, gate)) * linear(h, up), down)
-            return h
-
-        return forward
-
-    x = torch.randn(1, hidden, device=device).to(bf16)
-    result = {"layers": layers, "keep": keep, "dense_GB": dense_bytes / 1e9, "lowrank_GB": factor_bytes / 1e9}
-    for name, forward in (("dense F.linear", stack(F.linear, dense)),
-                          ("low rank, Triton", stack(lambda h, uv: kernels()[1].low_rank_linear(h, *uv), factors)),
-                          ("low rank, two F.linear",
-                           stack(lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors))):
-        result[f"{name} ms/token"] = timer.graph_ms(forward, x)
-    ceil = timer.ceilings["copy_TBps"] * 1e12
-    result["floor dense ms"] = dense_bytes / ceil * 1e3
-    result["floor low rank ms"] = factor_bytes / ceil * 1e3
-    return result
+    x, ceil = torch.randn(1, hidden, device=device).to(bf16), timer.ceilings["copy_TBps"] * 1e12
+    stacks = {"dense F.linear": (F.linear, dense),
+              "low rank, Triton": (lambda h, uv: kernels()[1].low_rank_linear(h, *uv), factors),
+              "low rank, two F.linear": (lambda h, uv: F.linear(F.linear(h, uv[1]), uv[0]), factors)}
+    return {"layers": layers, "keep": keep, "dense_GB": dense_bytes / 1e9, "lowrank_GB": factor_bytes / 1e9,
+            **{f"{name} ms/token": timer.us(decode, [(x, *stack)], graph=True) / 1e3 for name, stack in stacks.items()},
+            "floor dense ms": dense_bytes / ceil * 1e3, "floor low rank ms": factor_bytes / ceil * 1e3}
 
 
-
-# column specs: (header, format string over the row's fields, or a function of the row)
 CHECK_COLUMNS = [("op", "{op}"), ("shape / numel", lambda r: f"{r['in']}x{r['out']}" if "in" in r else r["numel"]),
                  ("batch", lambda r: r.get("batch", "")), ("dtype", "{dtype}"),
                  ("error", lambda r: f"{r.get('max_rel_error', r.get('max_abs_diff')):.2e}"),
-                 ("tol", "{tolerance:.1e}"),
-                 ("ok", lambda r: "yes" if r["ok"] else "**NO**")]
+                 ("tol", "{tolerance:.1e}"), ("ok", lambda r: "yes" if r["ok"] else "**NO**")]
 TIMING_COLUMNS = [
     ("kernel", "{kernel}"), ("op", lambda r: r["op"] + (f" keep {r['keep']}" if "keep" in r else "")),
     ("in x out", "{in}x{out}"), ("batch", "{batch}"), ("us", "{us:.1f}"), ("TB/s", "{TBps:.2f}"),
@@ -451,21 +399,16 @@ def spec_table(columns, rows: list[dict]) -> list[str]:
 
 
 def render_markdown(report: dict) -> str:
-    c = report.get("ceilings")
-    lines = ["# Kernel benchmarks (BENCHMARKS.md K, E1)", "", " | ".join(f"{k}: {v}" for k, v in report["env"].items()),
-             "", f"mode: {report['mode']}", "",
-             *([f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s", ""]
-               if c else []),
-             "## Correctness (max |y - y64| / max |y64|)", "", *spec_table(CHECK_COLUMNS, report["checks"])]
-    if report.get("timings"):
-        lines += ["", "## Kernels (bf16, in x out, us = do_bench median)", "",
-                  *spec_table(TIMING_COLUMNS, report["timings"])]
-    for r in report.get("mezo", []):
-        lines += ["", "## K7 MeZO", "", "```", json.dumps(r, indent=1, default=str), "```"]
-    if report.get("e1"):
-        lines += ["", "## E1 decode, batch 1, CUDA graph", "",
-                  *(f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in report["e1"].items())]
-    return "\n".join(lines) + "\n"
+    c, timed, e1 = report.get("ceilings"), report.get("timings"), report.get("e1")
+    return markdown(
+        "# Kernel benchmarks (BENCHMARKS.md K, E1)", " | ".join(f"{k}: {v}" for k, v in report["env"].items()),
+        f"mode: {report['mode']}",
+        c and f"Ceilings: copy {c['copy_TBps']:.2f} TB/s, bf16 GEMM {c['gemm_TFLOPs']:.0f} TFLOP/s",
+        "## Correctness (max |y - y64| / max |y64|)", spec_table(CHECK_COLUMNS, report["checks"]),
+        *(("## Kernels (bf16, in x out, us = do_bench median)", spec_table(TIMING_COLUMNS, timed)) if timed else ()),
+        *(["## K7 MeZO", "", "```", json.dumps(r, indent=1, default=str), "```"] for r in report.get("mezo", [])),
+        *(("## E1 decode, batch 1, CUDA graph",
+           [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in e1.items()]) if e1 else ()))
 
 
 def run_timings(report: dict, device, quick: bool, save) -> None:
@@ -501,28 +444,28 @@ def dry_run(device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = arguments(__doc__, threads=None)
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--check-only", action="store_true", help="correctness checks only")
-    parser.add_argument("--cpu-smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes, checks")
+    parser.add_argument("--quick", action="store_true",
+                        help="two shapes, three batches, shorter timing windows (about 4 minutes on an H200)")
+    parser.add_argument("--cpu-smoke", action="store_true",
+                        help="CPU, TRITON_INTERPRET=1: the checks at tiny shapes, every timing path once unclocked")
     args = parser.parse_args(argv)
+    if args.render:
+        return print(rerender(args.out, "kernels_gpu", render_markdown))
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of the Triton kernels
     elif not torch.cuda.is_available():
-        print("kernels_gpu: no CUDA device; use --cpu-smoke for the CPU correctness run", file=sys.stderr)
-        return 2
+        sys.exit("error: kernels_gpu needs a CUDA device; use --cpu-smoke for the CPU correctness run")
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     torch.manual_seed(0)
-    mode = "cpu-smoke" if args.cpu_smoke else ("check-only" if args.check_only else ("quick" if args.quick else "full"))
+    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
     saved = Report(args.out, "kernels_gpu", render_markdown)
-    saved.state = report = {"env": environment(device), "mode": mode,
-                            "checks": run_checks(device, args.quick, args.cpu_smoke)}
-    for check in report["checks"]:
-        print("check", " | ".join(map(str, cells(CHECK_COLUMNS, check))))
+    saved.state = report = {"env": environment(device), "mode": mode, "checks": run_checks(device, mode)}
+    print("\n".join("check " + " | ".join(map(str, cells(CHECK_COLUMNS, c))) for c in report["checks"]))
     saved.write()
     failed = [c for c in report["checks"] if not c["ok"]]
     if args.cpu_smoke and not failed:
         report["dry_run"] = dry_run(device)
-    elif not (args.check_only or failed):
+    elif not failed:
         run_timings(report, device, args.quick, save=saved.write)
     saved.write()
     print(f"kernels_gpu: wrote {Path(args.out) / 'kernels_gpu.json'} and kernels_gpu.md")
