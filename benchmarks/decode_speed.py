@@ -68,9 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def variant_stages(variant: str, args) -> list[tuple[str, dict]]:
-    """The method stages that build `variant`: its base calibrated on WikiText-2 for the real model,
-    data-free for --random-init (the same shapes). RTN is data-free either way: the speed depends on
-    the packed shapes, not on the rounding."""
+    """The method stages that build `variant`: calibrated for the real model, data-free (the same shapes)
+    for --random-init; RTN is data-free either way (speed depends on the packed shapes, not the rounding)."""
     base, bits = VARIANTS[variant]
     built = (DATA_FREE if args.random_init else CALIBRATED).get(base)
     calib = {} if args.random_init else calib_fields(wiki(args.data_dir), args.calib_windows, args.calib_seq,
@@ -163,9 +162,8 @@ def memory_worker(args) -> None:
 
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype_name)
-    # Load and decode the embedded stories260K and drop it, so the baseline already holds what any
-    # model pays once (Llama modelling and generation code, tokenizer stack, BLAS workspaces); one
-    # quantized decode row imports inductor for the compiled CPU GEMV, a once-per-process cost too.
+    # The baseline holds what any model pays once (Llama code, tokenizer stack, BLAS workspaces; notes():
+    # Baseline), and inductor, which one quantized decode row imports for the compiled CPU GEMV.
     tiny = compressor.load("default", dtype=args.dtype_name)
     with torch.inference_mode(), cached_unpack():
         greedy(tiny, torch.arange(1, 9).unsqueeze(0), 4)
@@ -393,10 +391,10 @@ def notes(args) -> list[str]:
     return [spread, memory, source, quantized, dtype]
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     args = parse_args(argv)
     if args.memory_worker:
-        return memory_worker(args) or 0
+        return memory_worker(args)
     report = Report(args.out, f"decode_speed_{args.tag}" if args.tag else "decode_speed", render)
     if args.memory_only:  # the memory columns of an existing report again, each variant in a fresh process
         if "config" not in report.state:
@@ -408,25 +406,22 @@ def main(argv=None) -> int:
         report.state["config"]["memory_measured"] = f"separately, git {git_sha()}"
         report.write()
     if args.render or args.memory_only:
-        print(rerender(Path(args.out), report.name, render))
-        return 0
+        return print(rerender(Path(args.out), report.name, render))
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
     on_cuda = device.type == "cuda"  # where the 2:4 kernel reads the packed weight: no -cached variant
     variants = [v for v in pick(args.variants, list(VARIANTS)) if not (on_cuda and v.endswith("-cached"))]
-    loadavg_before = os.getloadavg()[0]
+    config = {"command": command_line(), "device": str(device), "dtype": args.dtype_name, "threads": threads,
+              "cpu_count": os.cpu_count(), "loadavg_before": f"{os.getloadavg()[0]:.2f}", "machine": platform.machine(),
+              **{k: getattr(args, k) for k in ("random_init", "new_tokens", "prompt_tokens", "repeats")},
+              "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}"}
     models, tokenizer, memory = load_models(args, variants, device)
     some = next(iter(models.values()))
     pad_id = some.config.eos_token_id if isinstance(some.config.eos_token_id, int) else 0
     inputs = {b: prompts(args, tokenizer, some.config.vocab_size, b).to(device)
               for b in (int(x) for x in args.batches.split(","))}
     tensor_mb = {v: tensor_bytes(m) / 2**20 for v, m in models.items()}
-    config = {"command": command_line(), "device": str(device), "dtype": args.dtype_name, "threads": threads,
-              "cpu_count": os.cpu_count(), "random_init": args.random_init, "new_tokens": args.new_tokens,
-              "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "loadavg_before": f"{loadavg_before:.2f}",
-              "machine": platform.machine(),
-              "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}"}
 
     def write(runs: dict, repeats_done: int) -> None:  # rewritten after every decode
         config.update(repeats=repeats_done, loadavg_after=f"{os.getloadavg()[0]:.2f}")
@@ -437,7 +432,6 @@ def main(argv=None) -> int:
 
     write(time_decodes(args, models, inputs, pad_id, write), args.repeats)
     print(render(report.state))
-    return 0
 
 
 if __name__ == "__main__":
