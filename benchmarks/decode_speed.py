@@ -6,15 +6,12 @@
 
 Variants (VARIANTS): `dense`; saes-svd at keep 0.6 / 0.8; Wanda 2:4 stored packed (`-cached`: inside
 `cached_unpack()`, CPU only); symmetric RTN in groups of 64 (`int8`, `int4`, `lowrank-0.6+int4`;
-`-emb`: the tied embedding too). Every variant decodes the same prompts with greedy `generate`,
-exactly `--new-tokens` tokens, at each batch size; variants are interleaved inside every repeat (the
-order rotates) so load noise spreads over all of them. Medians over repeats, ratios to dense.
+`-emb`: the tied embedding too). All decode the same prompts at each batch size, interleaved inside
+every repeat (the order rotates) so load noise spreads over all of them; render() says what each column reads.
 
-Memory: each variant is loaded in a FRESH subprocess (`memory_worker`; the notes say what each column
-reads). Real model: the GGUF is dequantized once into a float HF folder, compressed once with 16 x 256
-tokens of WikiText-2 into `--cache-dir` and reused. `--random-init CONFIG_JSON`: the same shapes
-with random weights (plain SVD, magnitude 2:4) for machines the GGUF cannot reach; memory there is
-tensor bytes. dtype float32 on CPU (`--dtype`), bfloat16 on CUDA; `--threads` default 1 on CPU.
+Memory: each variant's checkpoint (built once into `--cache-dir`) is loaded in a fresh subprocess
+(`memory_worker`). `--random-init CONFIG_JSON`: the same shapes with random weights, for machines the GGUF
+cannot reach. dtype float32 on CPU (`--dtype`), bfloat16 on CUDA; `--threads` default 1 on CPU.
 """
 
 from __future__ import annotations
@@ -26,61 +23,58 @@ import copy
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
-from harness import (Report, apply_method, arguments, calib_fields, command_line, fmt, log, numbers, rerender,
-                     run_worker, table, wiki)
+from harness import (Report, apply_method, arguments, calib_fields, columns, command_line, fmt, log, markdown,
+                     numbers, pick, provenance, rerender, run_worker, wiki)
 
+from compressor.kernels.dispatch import cached_unpack
 from compressor.memory import proc_status_mb
+from compressor.report.env import collect_env, git_sha
 
-# variant -> (base model, RTN bits of every block linear); "-emb": the tied embedding quantized too
+# variant -> (base model, RTN bits of every block linear), as the docstring says; "-emb": only when named
 VARIANTS = {"dense": ("dense", None), "lowrank-0.6": ("lowrank-0.6", None), "lowrank-0.8": ("lowrank-0.8", None),
             "prune-2:4": ("prune-2:4", None), "prune-2:4-cached": ("prune-2:4", None), "int8": ("dense", 8),
-            "int4": ("dense", 4), "lowrank-0.6+int4": ("lowrank-0.6", 4)}
-NAMED_ONLY = {"int8-emb": ("dense", 8), "int4-emb": ("dense", 4)}  # run only when named in --variants
-# the stage that builds a base: calibrated on WikiText-2 for the real model; data-free with --random-init
+            "int4": ("dense", 4), "lowrank-0.6+int4": ("lowrank-0.6", 4), "int8-emb": ("dense", 8),
+            "int4-emb": ("dense", 4)}
 CALIBRATED = {"lowrank-0.6": ("saes-svd", {"rank": 0.6}), "lowrank-0.8": ("saes-svd", {"rank": 0.8}),
               "prune-2:4": ("prune", {"pattern": "2:4", "score": "wanda"})}
 DATA_FREE = {"lowrank-0.6": ("svd", {"rank": 0.6}), "lowrank-0.8": ("svd", {"rank": 0.8}),
              "prune-2:4": ("prune", {"pattern": "2:4", "score": "magnitude"})}
 QUANT_GROUP = 64  # one group size for every quantized matrix
-CACHED_UNPACK = {"prune-2:4-cached": "prune-2:4"}  # runs the other variant's model inside cached_unpack()
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = arguments(__doc__, smollm2=True, data=True, threads=None)
+    p = arguments(__doc__, smollm2=True, data=True, threads=0)
     p.add_argument("--random-init", metavar="CONFIG_JSON", help="random weights from this config.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join(v for v in VARIANTS if not v.endswith("-emb")))
     p.add_argument("--batches", default="1,8")
     numbers(p, (("new-tokens", 128), ("prompt-tokens", 32), ("repeats", 5), ("calib-windows", 16),
                 ("calib-seq", 256), ("seed", 0)))
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU)")
     p.add_argument("--cache-dir", default="/tmp/compressor-decode-cache")
     p.add_argument("--tag", default="", help="report names become decode_speed_<tag>.*")
     p.add_argument("--memory-only", action="store_true", help="re-measure the memory columns of a report")
     p.add_argument("--memory-worker", metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--cached", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    cuda = torch.device(args.device).type == "cuda"
-    args.dtype_name = args.dtype if args.dtype != "auto" else "bfloat16" if cuda else "float32"
+    args.dtype_name = args.dtype if args.dtype != "auto" else "bfloat16" if "cuda" in args.device else "float32"
     return args
 
 
 def variant_stages(variant: str, args) -> list[tuple[str, dict]]:
-    """The method stages that build `variant`: calibrated for the real model, plain SVD and magnitude
-    2:4 (the same shapes) for --random-init. RTN is data-free either way: the speed depends on the
-    packed shapes, not on the rounding."""
-    base, bits = {**VARIANTS, **NAMED_ONLY}[variant]
-    stages = [(DATA_FREE if args.random_init else CALIBRATED)[base]] if base in CALIBRATED else []
-    if not args.random_init:
-        calib = calib_fields(wiki(args.data_dir), args.calib_windows, args.calib_seq, batch_size=4)
-        stages = [(method, {**fields, **calib}) for method, fields in stages]
+    """The method stages that build `variant`: calibrated for the real model, data-free (the same shapes)
+    for --random-init; RTN is data-free either way (speed depends on the packed shapes, not the rounding)."""
+    base, bits = VARIANTS[variant]
+    built = (DATA_FREE if args.random_init else CALIBRATED).get(base)
+    calib = {} if args.random_init else calib_fields(wiki(args.data_dir), args.calib_windows, args.calib_seq,
+                                                     batch_size=4)
+    stages = [(built[0], {**built[1], **calib})] if built else []
     embedding = {"embedding_bits": bits} if variant.endswith("-emb") else {}
     return stages + ([("rtn", {"bits": bits, "group_size": QUANT_GROUP, **embedding})] if bits else [])
 
@@ -96,33 +90,31 @@ def build_cache(args, variants: list[str]) -> dict[str, Path]:
         log(f"dequantizing {args.smollm2} -> {folders['dense']}")
         loaded = load_model(args.smollm2, dtype="float32")
         save_checkpoint(loaded.model, loaded.tokenizer, folders["dense"])
-    for variant in dict.fromkeys(CACHED_UNPACK.get(v, v) for v in variants if v != "dense"):
+    for variant in dict.fromkeys(v.removesuffix("-cached") for v in variants if v != "dense"):
         folders[variant] = cache / f"{variant.replace(':', '')}-c{args.calib_windows}x{args.calib_seq}"
         if not (folders[variant] / "config.json").is_file():
             log(f"compressing {variant} -> {folders[variant]}")
             stages = [{"method": method, **fields} for method, fields in variant_stages(variant, args)]
             Pipeline.from_recipe({"model": str(folders["dense"]), "out": str(folders[variant]), "evaluate": False,
                                   "stages": stages}).run()
-    return {v: folders[CACHED_UNPACK.get(v, v)] for v in variants}
+    return {v: folders[v.removesuffix("-cached")] for v in variants}
 
 
-def load_models(args, variants: list[str], device, memory: dict):
-    """({variant: model}, tokenizer): build_cache's checkpoints, their memory readings (each in a fresh
-    process) going into `memory`; a -cached variant shares its base's model object."""
+def load_models(args, variants: list[str], device):
+    """({variant: model}, tokenizer, {variant: memory readings}): build_cache's checkpoints, each one's
+    memory read in a fresh process; a -cached variant shares its base's model object."""
     from transformers import AutoTokenizer
 
     import compressor
 
     if args.random_init:
-        return random_models(args, variants, device), None
-    folders, models = build_cache(args, variants), {}
-    for variant in variants:
-        log(f"memory of {variant} in a fresh process")
-        memory[variant] = measure_memory_fresh(args, folders[variant], variant in CACHED_UNPACK)
-    for built in dict.fromkeys(CACHED_UNPACK.get(v, v) for v in variants):
-        models[built] = compressor.load(folders[built], device=args.device, dtype=args.dtype_name).eval()
-    tokenizer = AutoTokenizer.from_pretrained(build_cache(args, ["dense"])["dense"])
-    return {v: models[CACHED_UNPACK.get(v, v)] for v in variants}, tokenizer
+        return random_models(args, variants, device), None, {}
+    folders = build_cache(args, variants)
+    memory = fresh_memory(args, folders)
+    models = {folder: compressor.load(folder, device=args.device, dtype=args.dtype_name).eval()
+              for folder in dict.fromkeys(folders.values())}
+    tokenizer = AutoTokenizer.from_pretrained(Path(args.cache_dir) / "dense")
+    return {v: models[folders[v]] for v in variants}, tokenizer, memory
 
 
 def random_models(args, variants: list[str], device) -> dict:
@@ -134,18 +126,17 @@ def random_models(args, variants: list[str], device) -> dict:
     config = AutoConfig.for_model(**json.loads(Path(args.random_init).read_text()))
     torch.manual_seed(args.seed)
     models = {"dense": AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()}
-    for built in dict.fromkeys(CACHED_UNPACK.get(v, v) for v in variants):
+    for built in dict.fromkeys(v.removesuffix("-cached") for v in variants):
         if built not in models:
             models[built] = copy.deepcopy(models["dense"])
             for method, fields in variant_stages(built, args):
                 apply_method(models[built], method, fields, Context(quiet=True, device=torch.device(device)))
-    return {v: models[CACHED_UNPACK.get(v, v)].to(dtype=getattr(torch, args.dtype_name)) for v in variants}
+    return {v: models[v.removesuffix("-cached")].to(dtype=getattr(torch, args.dtype_name)) for v in variants}
 
 
 def tensor_bytes(model) -> int:
     """Bytes of parameters + buffers, tied tensors counted once."""
-    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    return sum(seen.values())
+    return sum({t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}.values())
 
 
 def layer_shapes(models: dict) -> dict:
@@ -168,13 +159,11 @@ def memory_worker(args) -> None:
 
     import compressor
     from compressor.context import Context
-    from compressor.kernels.dispatch import cached_unpack
 
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype_name)
-    # Load and decode the embedded stories260K and drop it, so the baseline already holds what any
-    # model pays once (Llama modelling and generation code, tokenizer stack, BLAS workspaces); one
-    # quantized decode row imports inductor for the compiled CPU GEMV, a once-per-process cost too.
+    # The baseline holds what any model pays once (Llama code, tokenizer stack, BLAS workspaces; notes():
+    # Baseline), and inductor, which one quantized decode row imports for the compiled CPU GEMV.
     tiny = compressor.load("default", dtype=args.dtype_name)
     with torch.inference_mode(), cached_unpack():
         greedy(tiny, torch.arange(1, 9).unsqueeze(0), 4)
@@ -189,12 +178,10 @@ def memory_worker(args) -> None:
     with torch.inference_mode(), cached_unpack() if args.cached else contextlib.nullcontext():
         greedy(model, torch.arange(1, 9).unsqueeze(0), 8)
         decoded = rss("VmRSS")  # inside the block: cached weights held
-    print(json.dumps({
-        "rss_after_import_mb": baseline, "rss_after_load_untrimmed_mb": raw, "rss_after_load_mb": loaded,
-        "hwm_after_load_mb": hwm, "model_rss_untrimmed_mb": raw - baseline, "model_rss_mb": loaded - baseline,
-        "model_hwm_mb": hwm - baseline, "model_rss_after_decode_mb": decoded - baseline,
-        "compressor_version": getattr(compressor, "__version__", "?"),
-    }))
+    print(json.dumps({"rss_after_import_mb": baseline, "rss_after_load_untrimmed_mb": raw,
+                      "rss_after_load_mb": loaded, "hwm_after_load_mb": hwm, "model_rss_untrimmed_mb": raw - baseline,
+                      "model_rss_mb": loaded - baseline, "model_hwm_mb": hwm - baseline,
+                      "model_rss_after_decode_mb": decoded - baseline, "compressor_version": compressor.__version__}))
 
 
 def rss(field: str) -> float:
@@ -207,9 +194,15 @@ def rss(field: str) -> float:
     return proc_status_mb(field, required=True)
 
 
-def measure_memory_fresh(args, folder: Path, cached: bool) -> dict:
-    return run_worker(str(Path(__file__).resolve()), ["--memory-worker", str(folder), "--dtype", args.dtype,
-                                                      "--device", "cpu", *(["--cached"] if cached else [])])
+def fresh_memory(args, folders: dict[str, Path]) -> dict:
+    """{variant: memory readings}, each variant's checkpoint loaded in its own fresh process."""
+    memory = {}
+    for variant, folder in folders.items():
+        log(f"memory of {variant} in a fresh process")
+        memory[variant] = run_worker(str(Path(__file__).resolve()), [
+            "--memory-worker", str(folder), "--dtype", args.dtype, "--device", "cpu",
+            *(["--cached"] if variant.endswith("-cached") else [])])
+    return memory
 
 
 def prompts(args, tokenizer, vocab_size: int, batch: int) -> torch.Tensor:
@@ -239,8 +232,6 @@ def generate(model, input_ids: torch.Tensor, new_tokens: int, pad_id: int, cache
     """Greedy decode of exactly `new_tokens`; {tokens, total_s, decode_s (first -> last token)}."""
     from transformers import StoppingCriteriaList
 
-    from compressor.kernels.dispatch import cached_unpack
-
     stamps = []
 
     def stamp(ids, scores, **kwargs):  # a stopping criterion that never stops: it stamps every step
@@ -263,12 +254,12 @@ def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: in
     runs = {b: {v: {"decode": [], "e2e": []} for v in names} for b in inputs}
     for batch, ids in inputs.items():  # warm-up: allocator, caches, lazy init (untimed)
         for variant in names:
-            generate(models[variant], ids, min(4, args.new_tokens), pad_id, variant in CACHED_UNPACK)
+            generate(models[variant], ids, min(4, args.new_tokens), pad_id, variant.endswith("-cached"))
     for repeat in range(args.repeats):
         order = names[repeat % len(names):] + names[:repeat % len(names)]
         for batch, ids in inputs.items():
             for variant in order:
-                done = generate(models[variant], ids, args.new_tokens, pad_id, variant in CACHED_UNPACK)
+                done = generate(models[variant], ids, args.new_tokens, pad_id, variant.endswith("-cached"))
                 run = runs[batch][variant]
                 run["decode"].append(batch * (args.new_tokens - 1) / done["decode_s"])  # first to last token
                 run["e2e"].append(batch * args.new_tokens / done["total_s"])
@@ -280,7 +271,7 @@ def time_decodes(args, models: dict, inputs: dict[int, torch.Tensor], pad_id: in
 
 
 def summarize(runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
-    """One row per (batch, variant) timed so far: medians over repeats, ratios to dense."""
+    """One row per (batch, variant) timed so far: medians over repeats (render divides them by dense's)."""
     rows = []
     for batch, per_variant in runs.items():
         dense = per_variant.get("dense") or {}
@@ -288,47 +279,45 @@ def summarize(runs: dict, memory: dict, tensor_mb: dict) -> list[dict]:
             decode, total = run["decode"], run["e2e"]
             if not decode:
                 continue  # not timed yet (the report is written as results come in)
-            row = {"variant": variant, "batch": batch, "decode_tokens_per_s": statistics.median(decode),
-                   "decode_tokens_per_s_all": decode, "spread": (max(decode) - min(decode)) / statistics.median(decode),
-                   "e2e_tokens_per_s": statistics.median(total), "e2e_tokens_per_s_all": total,
-                   "same_tokens_as_dense": (run["tokens"] == dense["tokens"]).float().mean().item()
-                   if "tokens" in dense else None, "tensor_mb": tensor_mb[variant], **memory.get(variant, {})}
-            if dense.get("decode"):
-                row["decode_ratio_to_dense"] = row["decode_tokens_per_s"] / statistics.median(dense["decode"])
-                row["e2e_ratio_to_dense"] = row["e2e_tokens_per_s"] / statistics.median(dense["e2e"])
-            rows.append(row)
+            rows.append({"variant": variant, "batch": batch, "decode_tokens_per_s": median(decode),
+                         "decode_tokens_per_s_all": decode, "spread": (max(decode) - min(decode)) / median(decode),
+                         "e2e_tokens_per_s": median(total), "e2e_tokens_per_s_all": total,
+                         "same_tokens_as_dense": (run["tokens"] == dense["tokens"]).float().mean().item()
+                         if "tokens" in dense else None, "tensor_mb": tensor_mb[variant], **memory.get(variant, {})})
     return rows
 
 
-def per_repeat_ratios(row: dict, dense: dict) -> str:
+def per_repeat_ratios(row: dict) -> str:
     """median (min-max) of variant / dense decode tok/s within each repeat."""
-    pairs = zip(row["decode_tokens_per_s_all"], dense.get("decode_tokens_per_s_all", []), strict=False)
+    pairs = zip(row["decode_tokens_per_s_all"], row["dense"].get("decode_tokens_per_s_all", []), strict=False)
     ratios = [a / b for a, b in pairs]
-    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "–"
+    return f"{median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})" if ratios else "–"
 
 
-def ratio(row: dict, base: dict, key: str) -> str:
-    return fmt(row[key] / base[key]) if row.get(key) is not None and base.get(key) else "–"
+def to_dense(key: str):
+    """A cell: the row's `key` over its batch's dense row's (– where either has none)."""
+    return lambda row: (fmt(row[key] / row["dense"][key]) if row.get(key) is not None and row["dense"].get(key)
+                        else "–")
 
 
 def same_tokens(row: dict) -> str:
     share = row["same_tokens_as_dense"]
-    return "–" if share is None else fmt(share and 100 * share, 0) + " %"
+    return "–" if share is None else fmt(100 * share, 0) + " %"
 
 
-# the table: (header, cell of (row, the dense row of its batch))
+def reading(key: str):
+    """A memory cell in MB, – where the run has no memory readings (--random-init)."""
+    return lambda row: fmt(row.get(key), 0)
+
+
+# the table; a row carries the dense row of its batch as "dense"
 COLUMNS = [
-    ("variant", lambda r, d: r["variant"]), ("batch", lambda r, d: r["batch"]),
-    ("decode tok/s", lambda r, d: f"{r['decode_tokens_per_s']:.2f}"),
-    ("× dense", lambda r, d: fmt(r.get("decode_ratio_to_dense"))), ("× dense per repeat", per_repeat_ratios),
-    ("spread", lambda r, d: f"{r['spread'] * 100:.0f} %"),
-    ("end-to-end tok/s", lambda r, d: f"{r['e2e_tokens_per_s']:.2f}"),
-    ("× dense", lambda r, d: fmt(r.get("e2e_ratio_to_dense"))), ("same tokens as dense", lambda r, d: same_tokens(r)),
-    ("tensor MB", lambda r, d: f"{r['tensor_mb']:.0f}"),
-    ("RSS after decode MB", lambda r, d: fmt(r.get("model_rss_after_decode_mb"), 0)),
-    ("× dense", lambda r, d: ratio(r, d, "model_rss_after_decode_mb")),
-    ("RSS after load MB", lambda r, d: fmt(r.get("model_rss_mb"), 0)),
-    ("load peak MB", lambda r, d: fmt(r.get("model_hwm_mb"), 0))]
+    ("variant", "{variant}"), ("batch", "{batch}"), ("decode tok/s", "{decode_tokens_per_s:.2f}"),
+    ("× dense", to_dense("decode_tokens_per_s")), ("× dense per repeat", per_repeat_ratios),
+    ("spread", lambda r: f"{r['spread'] * 100:.0f} %"), ("end-to-end tok/s", "{e2e_tokens_per_s:.2f}"),
+    ("× dense", to_dense("e2e_tokens_per_s")), ("same tokens as dense", same_tokens), ("tensor MB", "{tensor_mb:.0f}"),
+    ("RSS after decode MB", reading("model_rss_after_decode_mb")), ("× dense", to_dense("model_rss_after_decode_mb")),
+    ("RSS after load MB", reading("model_rss_mb")), ("load peak MB", reading("model_hwm_mb"))]
 RATIO_LEGEND = ("× dense = ratio of the medians; × dense per repeat = median (min–max) of the ratios within "
                 "each repeat (variant and dense ran minutes apart, so this follows a drifting machine load better).")
 CPU_PATHS = [
@@ -354,24 +343,21 @@ def render(result: dict) -> str:
     env, cfg, remeasured = result["env"], result["config"], result["config"].get("memory_measured")
     dense = {r["batch"]: r for r in result["rows"] if r["variant"] == "dense"}
     baselines = sorted({f"{r['rss_after_import_mb']:.0f}" for r in result["rows"] if "rss_after_import_mb" in r})
-    return "\n".join([
-        (f"# Decode speed — SmolLM2-135M{' (random init, same shapes)' if cfg['random_init'] else ''}, "
-         f"{cfg['device']} {cfg['dtype']}"), "",
-        (f"Run {env['date']} on {env['host']} ({env['device_name']}, {cfg['threads']} torch thread(s), "
-         f"{cfg['cpu_count']} CPUs, load average {cfg['loadavg_before']} before / {cfg['loadavg_after']} "
-         f"after), git {env['git_sha']}, torch {env['versions']['torch']}, transformers "
-         f"{env['versions']['transformers']}."), "",
+    return markdown(
+        f"# Decode speed — SmolLM2-135M{' (random init, same shapes)' if cfg['random_init'] else ''}, "
+        f"{cfg['device']} {cfg['dtype']}",
+        provenance({**env, "device_name": f"{env['device_name']}, {cfg['threads']} torch thread(s), {cfg['cpu_count']} "
+                    f"CPUs, load average {cfg['loadavg_before']} before / {cfg['loadavg_after']} after"}),
         f"Command: `{cfg['command']}`" + (f" (memory columns re-measured {remeasured} with `--memory-only`)"
-                                          if remeasured else ""), "",
-        (f"Greedy `generate`, {cfg['prompt_tokens']}-token prompts, exactly {cfg['new_tokens']} new tokens, "
-         f"median of {cfg['repeats']} repeats, variants interleaved per repeat. Decode tok/s = batch x "
-         f"{cfg['new_tokens'] - 1} / time from the first to the last generated token (prefill excluded); "
-         "end-to-end tok/s = batch x new tokens / wall time of `generate` (prefill included). Ratios are "
-         "against dense in this run."), "",
-        *table([h for h, _ in COLUMNS], [[cell(r, dense.get(r["batch"], {})) for _, cell in COLUMNS]
-                                         for r in result["rows"]]), "",
-        *(n.replace("{baseline}", "/".join(baselines) + " MB") for n in result["notes"]), "", RATIO_LEGEND,
-        *(["", *CPU_PATHS] if cfg["device"] == "cpu" else [])]) + "\n"
+                                          if remeasured else ""),
+        f"Greedy `generate`, {cfg['prompt_tokens']}-token prompts, exactly {cfg['new_tokens']} new tokens, "
+        f"median of {cfg['repeats']} repeats, variants interleaved per repeat. Decode tok/s = batch x "
+        f"{cfg['new_tokens'] - 1} / time from the first to the last generated token (prefill excluded); "
+        "end-to-end tok/s = batch x new tokens / wall time of `generate` (prefill included). Ratios are "
+        "against dense in this run.",
+        columns(COLUMNS, [{**r, "dense": dense.get(r["batch"], {})} for r in result["rows"]]),
+        [n.replace("{baseline}", "/".join(baselines) + " MB") for n in result["notes"]], RATIO_LEGEND,
+        CPU_PATHS if cfg["device"] == "cpu" else None)
 
 
 def notes(args) -> list[str]:
@@ -405,49 +391,37 @@ def notes(args) -> list[str]:
     return [spread, memory, source, quantized, dtype]
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> None:
     args = parse_args(argv)
     if args.memory_worker:
-        return memory_worker(args) or 0
+        return memory_worker(args)
     report = Report(args.out, f"decode_speed_{args.tag}" if args.tag else "decode_speed", render)
     if args.memory_only:  # the memory columns of an existing report again, each variant in a fresh process
-        from compressor.report.env import git_sha
-
         if "config" not in report.state:
             sys.exit(f"error: `{args.out}/{report.name}.json` not found; run the benchmark first (no --memory-only)")
-        folders = build_cache(args, sorted({r["variant"] for r in report.state["rows"]}))
-        for variant, folder in folders.items():
-            log(f"memory of {variant} in a fresh process")
-            fresh = measure_memory_fresh(args, folder, variant in CACHED_UNPACK)
-            for row in (r for r in report.state["rows"] if r["variant"] == variant):
-                row.update(fresh)
+        memory = fresh_memory(args, build_cache(args, sorted({r["variant"] for r in report.state["rows"]})))
+        for row in report.state["rows"]:
+            row.update(memory[row["variant"]])
         report.state["notes"] = notes(args)
         report.state["config"]["memory_measured"] = f"separately, git {git_sha()}"
         report.write()
     if args.render or args.memory_only:
-        print(rerender(Path(args.out), report.name, render))
-        return 0
-    from compressor.report.env import collect_env
-
+        return print(rerender(Path(args.out), report.name, render))
     device = torch.device(args.device)
     threads = args.threads or (1 if device.type == "cpu" else torch.get_num_threads())
     torch.set_num_threads(threads)
-    # on CUDA the 2:4 kernel reads the packed weight: no -cached variant there
-    variants = [v for v in args.variants.split(",") if v and not (device.type == "cuda" and v in CACHED_UNPACK)]
-    if unknown := [v for v in variants if v not in {**VARIANTS, **NAMED_ONLY}]:
-        sys.exit(f"error: unknown variant(s) {unknown}; choose from {[*VARIANTS, *NAMED_ONLY]}")
-    loadavg_before, memory = os.getloadavg()[0], {}
-    models, tokenizer = load_models(args, variants, device, memory)
+    on_cuda = device.type == "cuda"  # where the 2:4 kernel reads the packed weight: no -cached variant
+    variants = [v for v in pick(args.variants, list(VARIANTS)) if not (on_cuda and v.endswith("-cached"))]
+    config = {"command": command_line(), "device": str(device), "dtype": args.dtype_name, "threads": threads,
+              "cpu_count": os.cpu_count(), "loadavg_before": f"{os.getloadavg()[0]:.2f}", "machine": platform.machine(),
+              **{k: getattr(args, k) for k in ("random_init", "new_tokens", "prompt_tokens", "repeats")},
+              "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}"}
+    models, tokenizer, memory = load_models(args, variants, device)
     some = next(iter(models.values()))
     pad_id = some.config.eos_token_id if isinstance(some.config.eos_token_id, int) else 0
     inputs = {b: prompts(args, tokenizer, some.config.vocab_size, b).to(device)
               for b in (int(x) for x in args.batches.split(","))}
     tensor_mb = {v: tensor_bytes(m) / 2**20 for v, m in models.items()}
-    config = {"command": command_line(), "device": str(device), "dtype": args.dtype_name, "threads": threads,
-              "cpu_count": os.cpu_count(), "random_init": args.random_init, "new_tokens": args.new_tokens,
-              "prompt_tokens": args.prompt_tokens, "repeats": args.repeats, "loadavg_before": f"{loadavg_before:.2f}",
-              "machine": platform.machine(),
-              "calibration": None if args.random_init else f"{args.calib_windows}x{args.calib_seq}"}
 
     def write(runs: dict, repeats_done: int) -> None:  # rewritten after every decode
         config.update(repeats=repeats_done, loadavg_after=f"{os.getloadavg()[0]:.2f}")
@@ -458,7 +432,6 @@ def main(argv=None) -> int:
 
     write(time_decodes(args, models, inputs, pad_id, write), args.repeats)
     print(render(report.state))
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Compressing with the weights offloaded to disk (accelerate) vs in memory, SmolLM2-135M (issue 3:
 the block-by-block loop on a model bigger than the device).
 
-The same compression runs twice, each in a fresh subprocess so peak memory is the process's own:
-`memory` loads the model whole into RAM; `offload` sets `max_memory={cpu: BUDGET}` + `offload_folder`,
-so accelerate's hooks read what does not fit from disk block by block. The largest logit difference
-between the two written checkpoints must be ~0 (offloading changes where weights live, not the maths);
-render()'s text says what each column measures.
+The same compression runs twice, each in a fresh process: `memory` loads the model whole into RAM,
+`offload` sets `max_memory={cpu: BUDGET}` + `offload_folder`. The two written checkpoints must give the
+same logits (offloading changes where weights live, not the maths); render()'s text says what each
+column measures.
 
   nice -n 10 python benchmarks/offload.py [--smollm2 SmolLM2-135M-Instruct.Q4_1.gguf] [--render]
 """
@@ -19,14 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import Report, arguments, environment, numbers, rerender, run_worker, table, wiki
+from harness import Report, arguments, columns, environment, markdown, numbers, rerender, run_worker, wiki
 
 from compressor.memory import PeakMemory, proc_status_mb
 
 MODES = ("memory", "offload")
 FLAGS = ("method", "keep", "calib_windows", "calib_seq", "eval_windows", "budget", "threads")  # passed to workers
 COLUMNS = [  # (header, cell of a row)
-    ("run", lambda r: r["mode"]), ("placement", lambda r: ", ".join(r["placement"])),
+    ("run", "{mode}"), ("placement", lambda r: ", ".join(r["placement"])),
     ("heap after load MiB", "{after_load_mb:.0f}"), ("heap peak MiB", "{anon_peak_mb:.0f}"),
     ("RSS peak MiB", "{growth_mb:.0f}"), ("compression stage peak MiB", "{compress_peak_mb:.0f}"),
     ("total seconds", "{seconds:.1f}"), ("compress seconds", "{compress_seconds:.1f}"),
@@ -52,14 +51,13 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     work, text = Path(args.workdir), str(Path(args.workdir) / "wiki.txt")
-    baseline = proc_status_mb("VmRSS", required=True)
+    baseline, anon_baseline = proc_status_mb("VmRSS", required=True), proc_status_mb("RssAnon", required=True)
     offload = {"max_memory": f"cpu={args.budget}", "offload_folder": str(work / "offload")}
     recipe = {"model": str(work / "hf"), "out": str(work / f"out-{args.worker}"),
               **(offload if args.worker == "offload" else {}),
               "evaluate": {"data": text, "seq_len": 512, "num_windows": args.eval_windows, "batch_size": 1},
               "stages": [{"method": args.method, "rank": args.keep, "calibration": text,
                           "num_windows": args.calib_windows, "seq_len": args.calib_seq, "batch_size": 4}]}
-    anon_baseline = proc_status_mb("RssAnon", required=True)
     started = time.perf_counter()
     # Heap = RssAnon (not file pages the kernel can drop); PeakMemory samples it every 5 ms.
     with PeakMemory("cpu", reader=lambda: proc_status_mb("RssAnon", required=True) * 2**20) as anon:
@@ -92,11 +90,10 @@ def measure(args, work: Path) -> tuple[list[dict], float]:
     never fill RAM), with the WikiText-2 text as a .txt the data loader reads."""
     import torch
 
-    from compressor.models import load_model
+    from compressor.models import load_model, save_checkpoint
 
     loaded = load_model(args.smollm2)
-    loaded.model.save_pretrained(work / "hf")
-    loaded.tokenizer.save_pretrained(work / "hf")
+    save_checkpoint(loaded.model, loaded.tokenizer, work / "hf")
     (work / "wiki.txt").write_text(Path(wiki(args.data_dir)).read_text())
     flags = [item for k in FLAGS for item in (f"--{k.replace('_', '-')}", str(getattr(args, k)))]
     rows = [run_worker(__file__, ["--worker", mode, "--workdir", str(work), *flags]) for mode in MODES]
@@ -108,9 +105,8 @@ def measure(args, work: Path) -> tuple[list[dict], float]:
 def render(result: dict) -> str:
     env, rows = result["env"], {r["mode"]: r for r in result["rows"]}
     memory, offload = rows["memory"], rows["offload"]
-    cells = [[c.format(**r) if isinstance(c, str) else c(r) for _, c in COLUMNS] for r in (memory, offload)]
-    return "\n".join([
-        "# Compressing SmolLM2-135M with its weights offloaded to disk (accelerate) vs in memory", "",
+    return markdown(
+        "# Compressing SmolLM2-135M with its weights offloaded to disk (accelerate) vs in memory",
         (f"Run {env['date']} on {env['host']}, git {env['git']}, torch {env['torch']}. `python benchmarks/offload.py`"
          f" — {result['method']} at keep {result['keep']}, calibration {result['calib_windows']}×"
          f"{result['calib_seq']} tokens of WikiText-2 (first half), evaluation {result['eval_windows']}×512 tokens "
@@ -119,18 +115,18 @@ def render(result: dict) -> str:
          "imports: *heap* = anonymous resident memory (RssAnon, sampled every 5 ms; the memory a model really "
          "occupies, unlike file pages the kernel can drop), *RSS peak* = VmHWM (heap + touched file pages), and the "
          "compression stage's own sampled RSS peak above its start. The process peaks include evaluation (logits "
-         "over the 49,152-token vocabulary, ~100 MiB per 512-token window) and writing the checkpoint."), "",
-        *table([h for h, _ in COLUMNS], cells), "",
+         "over the 49,152-token vocabulary, ~100 MiB per 512-token window) and writing the checkpoint."),
+        columns(COLUMNS, (memory, offload)),
         (f"Offload / memory: heap after loading **{offload['after_load_mb'] / memory['after_load_mb']:.2f}×**, "
          f"heap peak **{offload['anon_peak_mb'] / memory['anon_peak_mb']:.2f}×**, wall time "
          f"**{offload['seconds'] / memory['seconds']:.2f}×**. Largest logit difference between the two written "
-         f"checkpoints: **{result['max_logit_diff']:.3g}**."), "",
+         f"checkpoints: **{result['max_logit_diff']:.3g}**."),
         ("What this shows on a CPU-only machine: the offloaded run gives the identical checkpoint at the same speed. "
          "It cannot show a memory saving here, for two reasons measured in this run's numbers: transformers "
          "memory-maps safetensors, so the in-memory load already keeps the weights as file pages read on demand "
          "(heap after loading is the same in both runs), and the execution device is the CPU itself, so the "
          "compressed factors live in RAM in both runs. The saving offloading exists for, device memory on a GPU "
-         "holding one block at a time, needs a GPU run (not measured: no GPU).")]) + "\n"
+         "holding one block at a time, needs a GPU run (not measured: no GPU)."))
 
 
 def main(argv=None) -> None:
