@@ -225,10 +225,10 @@ def f5_run(args, selection: str) -> dict:
         names = kappatune.select_modules(kappas, kappatune.KappaTuneConfig())
     result = lora.train_lora(loaded.model, names, config, ctx, rank=16, alpha=32, dropout=0.05,
                              merge=False, method=f"f5-{selection}", eval_fn=eval_fn, data=data)
-    curves = result.curves
+    curves = result.curves  # evaluations as staircases over steps 0..N: index s holds the one at step s
     steps = [0, *range(10, len(curves["loss"]), 10), len(curves["loss"])]  # fit's eval points
-    evals = [{"step": s, "task_perplexity": t, "general_perplexity": g} for s, t, g in
-             zip(steps, curves["eval_task_perplexity"], curves["eval_general_perplexity"])]
+    evals = [{"step": s, "task_perplexity": curves["eval_task_perplexity"][s],
+              "general_perplexity": curves["eval_general_perplexity"][s]} for s in steps]
     return {"selection": selection, "adapted": len(names), "losses": curves["loss"], "evals": evals,
             "trainable_params": result.metrics["trainable_params"]}
 
