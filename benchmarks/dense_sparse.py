@@ -17,8 +17,8 @@ import copy
 import time
 from pathlib import Path
 
-from harness import (Report, apply_method, arguments, environment, eval_windows, finite, fmt, load, log, need_file,
-                     numbers, provenance, rerender, table, wiki)
+from harness import (Report, apply_method, arguments, calib_fields, columns, environment, eval_windows, finite, fmt,
+                     load, log, markdown, need_file, numbers, provenance, rerender, table, wiki)
 
 
 def parse_args(argv=None):
@@ -38,10 +38,11 @@ INIT = "dsformer 2:4, whitened init (no training)"
 LABELS = {"svd-llm": "svd-llm (whitening)", "dsformer": "dsformer 2:4 (whitened init, no STF)"}  # minilm rows
 
 
-def report_of(part: str, tag: str) -> tuple[str, object]:
-    """(report name, renderer): `stories` renders as `ds`, `stories_maestro` as `maestro`."""
+def report_of(args, part: str) -> Report:
+    """The part's report (the row cache): `stories` renders as `ds`, `stories_maestro` as `maestro`."""
     render = {"ds": render_ds, "maestro": render_maestro, "minilm": render_minilm}
-    return f"dense_sparse_{part}" + f"_{tag}" * bool(tag), render.get(part.removeprefix("stories_"), render_ds)
+    name = f"dense_sparse_{part}" + f"_{args.tag}" * bool(args.tag)
+    return Report(args.out, name, render.get(part.removeprefix("stories_"), render_ds))
 
 
 def stf(model, ctx, source: str, seq_len: int, steps: int, lr: float, batch_size: int) -> dict:
@@ -58,12 +59,11 @@ def stf(model, ctx, source: str, seq_len: int, steps: int, lr: float, batch_size
 
 def measure(report: Report, rows: list, model, ctx, result, force: bool, only=None, calib=None,
             special=None) -> None:
-    """The one loop (sparse_p1.py's too). Rows (label, method, fields, start): a copy of `model`, or of
-    row `start`'s, transformed by `method` (a registered method on `{**calib, **fields}`, or
-    `special[method](model, fields, ctx) -> stage`) with `ctx` (when callable: a fresh `ctx()` per
-    row). A row is measured when asked (`only`: None = all) and not in the report, and built when a
-    row to measure starts from it.
-    `result(state, method, fields, model, stage, base)` = a row's numbers (`base`: its start's)."""
+    """The one loop (sparse_p1.py's too). Rows (label, method, fields, start): a copy of `model` (or of row
+    `start`'s) transformed by `method` (registered, on `{**calib, **fields}`; or `special[method](model, fields,
+    ctx) -> stage`) with `ctx` (callable: a fresh `ctx()` per row). A row asked for (`only`: None = all) and
+    not in the report is measured, and a row it starts from built. `result(state, method, fields, model,
+    stage, base)` = a row's numbers (`base`: its start's)."""
     config = {label: {**report.state["sizes"], **fields} for label, _, fields, _ in rows}
     todo = {label for label in config if (only is None or label in only)
             and report.cached(label, config[label], force) is None}
@@ -117,21 +117,15 @@ def lm_part(args, part: str, rows, **state) -> None:
 
     sizes = {"calib_windows": args.calib_windows, "seq_len": args.seq_len, "batch_size": args.batch_size,
              "eval_windows": int(windows.shape[0]), "eval_tokens": int(windows.numel())}
-    report = begin(args, part, sizes, **state, dense_ppl=ppl(loaded.model), data=(
-        "embedded TinyStories excerpt" if stories else "wikitext-2 wiki.test.raw") + ": calib/train = first half, "
-        "eval = second half", model="stories260K (embedded)" if stories else Path(args.smollm2).name)
+    report = report_of(args, part)
+    report.begin(sizes, benchmark=f"dense_sparse_{part}", env=environment(), **state, dense_ppl=ppl(loaded.model),
+                 model="stories260K (embedded)" if stories else Path(args.smollm2).name,
+                 data=f"{'embedded TinyStories excerpt' if stories else 'wikitext-2 wiki.test.raw'}: calib/train = "
+                 "first half, eval = second half")
     log(f"{part}: dense ppl {report.state['dense_ppl']:.3f}")
-    base = {"calibration": source, "num_windows": args.calib_windows, "seq_len": args.seq_len,
-            "batch_size": args.batch_size}
+    base = calib_fields(source, args.calib_windows, args.seq_len, args.batch_size)
     measure(report, rows(base), loaded.model, ctx, result, args.force, special={"stf": lambda model, f, ctx: stf(
         model, ctx, f["calibration"], f["seq_len"], f["stf_steps"], f["lr"], f["batch_size"])})
-
-
-def begin(args, part: str, sizes: dict, **state) -> Report:
-    """The part's report (the row cache), begun with this run's sizes and state."""
-    report = Report(args.out, *report_of(part, args.tag))
-    report.begin(sizes, benchmark=f"dense_sparse_{part}", env=environment(), **state)
-    return report
 
 
 def part_ds(args, part: str) -> None:
@@ -150,10 +144,9 @@ def part_ds(args, part: str) -> None:
 def part_maestro(args, part: str) -> None:
     """Uniform and WeLore ranks (svd-llm), then maestro's ranks by two importances, untrained and trained."""
     a = args
-    trained = f"{a.maestro_epochs} epoch(s) of LoD training"
     ranks = (("whitened init, no training", 0, "factor-norm", "factors"),
              ("whitened init, no training", 0, "output-metric", "output"),
-             (trained, a.maestro_epochs, "output-metric", "output"))
+             (f"{a.maestro_epochs} epoch(s) of LoD training", a.maestro_epochs, "output-metric", "output"))
 
     def rows(base: dict) -> list:
         svd = {**base, "rank": a.keep, "update": "false"}
@@ -164,8 +157,7 @@ def part_maestro(args, part: str) -> None:
                 ("WeLore ranks (svd-llm whitening)", "svd-llm", {**svd, "allocation": "welore"}, None),
                 *((f"maestro ranks, {how} ({name} importance)", "maestro",
                    {**maestro, "epochs": epochs, "importance": by}, None) for how, epochs, name, by in ranks)]
-    lm_part(args, part, rows, keep=a.keep, maestro_epochs=a.maestro_epochs, maestro_windows=a.maestro_windows,
-            maestro_lr=a.maestro_lr)
+    lm_part(args, part, rows, **{k: getattr(a, k) for k in ("keep", "maestro_epochs", "maestro_windows", "maestro_lr")})
 
 
 def part_minilm(args, part: str) -> None:
@@ -184,8 +176,10 @@ def part_minilm(args, part: str) -> None:
                 "spearman_vs_dense": rho / sts.dense_rho, "cosine_to_dense": cosine,
                 "keep_bytes": m.get("keep_ratio_bytes", m.get("keep_ratio_reached"))}
 
-    report = begin(args, part, {"calib_windows": args.calib_windows, "seq_len": 64}, model=sts.folder.name,
-                   data="STS-B dev (1500 pairs); calibration: STS-B train sentences", dense_spearman=sts.dense_rho)
+    report = report_of(args, part)
+    report.begin({"calib_windows": args.calib_windows, "seq_len": 64}, benchmark=f"dense_sparse_{part}",
+                 env=environment(), model=sts.folder.name, dense_spearman=sts.dense_rho,
+                 data="STS-B dev (1500 pairs); calibration: STS-B train sentences")
     rows = [(f"{LABELS[method]} @ {keep}", method, extra, None) for keep in [float(k) for k in args.keeps.split(",")]
             for method, extra in (("svd-llm", {"rank": keep, "update": "false"}),
                                   ("dsformer", {"keep_bytes": keep, "stf_steps": 0, "eval_windows": 0}))]
@@ -193,70 +187,62 @@ def part_minilm(args, part: str) -> None:
         calib = Path(tmp) / "sts-train-sentences.txt"
         calib.write_text(sts.train_text, encoding="utf-8")
         measure(report, rows, sts.model, lambda: Context(tokenizer=sts.tokenizer, quiet=True), result, args.force,
-                calib={"calibration": str(calib), "num_windows": args.calib_windows, "seq_len": 64, "batch_size": 16,
-                       "ignore": ["pooler"]})
-
-
-def page(title: str, result: dict, prose: str, dense: str, table_lines: list, after: list) -> str:
-    """A report: title, provenance, the protocol in prose, the dense reference, the table, what follows."""
-    return "\n".join([f"# {title}", "", provenance(result["env"]), "", prose, "", dense, "", *table_lines,
-                      *after]) + "\n"
+                calib={**calib_fields(str(calib), args.calib_windows, 64, 16), "ignore": ["pooler"]})
 
 
 def render_ds(result: dict) -> str:
-    s = result["sizes"]
-    rows = [[r["label"], f"{r['ppl']:.3f}", fmt(r["keep_bytes"], 4), fmt(r["keep_params"], 4),
-             "" if r["seconds"] is None else f"{r['seconds']:.0f}"] for r in result["rows"]]
-    by_lr = result.get("dsformer_curves", {})
+    s, by_lr = result["sizes"], result.get("dsformer_curves", {})
     by_lr = {str(result["stf_lr"]): by_lr} if "stf_loss" in by_lr else by_lr  # one-lr runs of an older version
+    spec = [("method", "{label}"), ("perplexity", "{ppl:.3f}"), ("keep bytes", lambda r: fmt(r["keep_bytes"], 4)),
+            ("keep params", lambda r: fmt(r["keep_params"], 4)), ("seconds", lambda r: fmt(r["seconds"], 0, ""))]
     curves = [f"- STF lr {lr}: training loss {c['stf_loss'][0]:.3f} (first step) -> {c['stf_loss'][-1]:.3f} (last), "
               f"mean of the last 5 {sum(c['stf_loss'][-5:]) / len(c['stf_loss'][-5:]):.3f}; support moved "
               f"{c['stf_support_change'][-1]:.4f} of S's entries" for lr, c in by_lr.items()]
-    return page(f"dsformer vs svd-llm at equal stored bytes ({result['model']})", result, (
+    return markdown(f"# dsformer vs svd-llm at equal stored bytes ({result['model']})", provenance(result["env"]),
         f"Data: {result['data']}. Calibration {s['calib_windows']} windows x {s['seq_len']} tokens; STF "
         f"{result['stf_steps']} AdamW steps (lr {result['stf_lr']}) of {s['batch_size']} windows x {s['seq_len']} "
         f"tokens on the training half; evaluation {s['eval_tokens']} tokens in non-overlapping windows of "
         f"{s['seq_len']}. Every linear except lm_head/embeddings is compressed. `keep bytes` = stored bytes "
         "of the compressed linears / their dense bytes, counting dsformer's 2-bit index metadata; svd-llm "
-        "factors have no metadata so its bytes ratio equals its parameter ratio."), f"Dense perplexity: **"
-        f"{result['dense_ppl']:.3f}**", table(["method", "perplexity", "keep bytes", "keep params", "seconds"], rows),
-        ["", "Every STF row continues from the same initialised model; its seconds are the STF alone.", "", *curves])
+        "factors have no metadata so its bytes ratio equals its parameter ratio.",
+        f"Dense perplexity: **{result['dense_ppl']:.3f}**", columns(spec, result["rows"]),
+        "Every STF row continues from the same initialised model; its seconds are the STF alone.", curves)
 
 
 def render_maestro(result: dict) -> str:
-    s = result["sizes"]
-    rows = [[r["label"], f"{r['ppl']:.3f}", fmt(r["keep_params"], 4), "" if r["seconds"] is None else
-             f"{r['seconds']:.0f}"] for r in result["rows"]]
-    curves = [r for r in result["rows"] if r.get("curve_keep")]
-    curve_table = ["", "Accuracy-size curves (the trained factors truncated to each budget, no retraining):", "",
-                   *table(["run", *(f"keep {k}" for k in curves[0]["curve_keep"])],
-                          [[r["label"], *(f"{p:.3f}" for p in r["curve_ppl"])] for r in curves])] if curves else []
-    return page(f"maestro ranks vs uniform and WeLore ranks at equal parameters ({result['model']})", result, (
-        f"Data: {result['data']}. Keep {result['keep']} of the parameters of every linear except lm_head/"
-        f"embeddings. Calibration {s['calib_windows']} windows x {s['seq_len']} tokens (whitening for all rows); "
-        f"maestro training: {result['maestro_epochs']} epoch(s) over {result['maestro_windows']} windows "
+    s, curves = result["sizes"], [r for r in result["rows"] if r.get("curve_keep")]
+    spec = [("ranks", "{label}"), ("perplexity", "{ppl:.3f}"), ("keep params", lambda r: fmt(r["keep_params"], 4)),
+            ("seconds", lambda r: fmt(r["seconds"], 0, ""))]
+    return markdown(f"# maestro ranks vs uniform and WeLore ranks at equal parameters ({result['model']})",
+        provenance(result["env"]), f"Data: {result['data']}. Keep {result['keep']} of the parameters of every linear "
+        f"except lm_head/embeddings. Calibration {s['calib_windows']} windows x {s['seq_len']} tokens (whitening for "
+        f"all rows); maestro training: {result['maestro_epochs']} epoch(s) over {result['maestro_windows']} windows "
         f"(batch {s['batch_size']}, SGD momentum 0.9, lr {result['maestro_lr']}, gp_lambda 5e-3), then ranks "
         f"truncated by relative importance to the budget. Evaluation: {s['eval_tokens']} tokens in "
-        f"non-overlapping windows of {s['seq_len']}."), f"Dense perplexity: **{result['dense_ppl']:.3f}**",
-        table(["ranks", "perplexity", "keep params", "seconds"], rows), curve_table)
+        f"non-overlapping windows of {s['seq_len']}.", f"Dense perplexity: **{result['dense_ppl']:.3f}**",
+        columns(spec, result["rows"]),
+        curves and "Accuracy-size curves (the trained factors truncated to each budget, no retraining):",
+        curves and table(["run", *(f"keep {k}" for k in curves[0]["curve_keep"])],
+                         [[r["label"], *(f"{p:.3f}" for p in r["curve_ppl"])] for r in curves]))
 
 
 def render_minilm(result: dict) -> str:
-    rows = [[r["keep"], r.get("method", r["label"]), f"{r['spearman']:.4f}", f"{r['spearman_vs_dense']:.3f}",
-             f"{r['cosine_to_dense']:.4f}", fmt(r["keep_bytes"], 4), f"{r['seconds']:.0f}"] for r in result["rows"]]
-    return page(f"STS-B dev Spearman vs keep ratio ({result['model']})", result, (
+    spec = [("keep", "{keep}"), ("method", lambda r: r.get("method", r["label"])), ("Spearman", "{spearman:.4f}"),
+            ("/ dense", "{spearman_vs_dense:.3f}"), ("mean cosine to dense", "{cosine_to_dense:.4f}"),
+            ("keep bytes", lambda r: fmt(r["keep_bytes"], 4)), ("seconds", "{seconds:.0f}")]
+    return markdown(f"# STS-B dev Spearman vs keep ratio ({result['model']})", provenance(result["env"]),
         f"Data: {result['data']}; calibration {result['sizes']['calib_windows']} windows x 64 tokens. "
         "Embedding = mean pooling + L2 norm; the pooler is ignored. `keep bytes` counts dsformer's "
-        "index metadata (svd-llm: parameters = bytes)."), f"Dense Spearman: **{result['dense_spearman']:.4f}**",
-        table(["keep", "method", "Spearman", "/ dense", "mean cosine to dense", "keep bytes", "seconds"], rows), [])
-
+        "index metadata (svd-llm: parameters = bytes).", f"Dense Spearman: **{result['dense_spearman']:.4f}**",
+        columns(spec, result["rows"]))
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     parts = ["stories", "stories_maestro"] if args.part == "stories" else [args.part]
     if args.render:
-        return print("\n".join(rerender(Path(args.out), *report_of(part, args.tag)) for part in parts))
+        reports = [report_of(args, part) for part in parts]
+        return print("\n".join(rerender(r.out, r.name, r.render) for r in reports))
     import torch
 
     torch.set_num_threads(args.threads)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from harness import Report, apply_method, arguments, command_line, environment, load, numbers, rerender, table
+from harness import (Report, apply_method, arguments, columns, command_line, environment, eval_windows, load, log,
+                     markdown, need_file, numbers, rerender, table)
+from quality import embed, minilm_dir
 
 # MiniLM's pooler is unused by mean pooling: adapters on it would count parameters that never train.
 IGNORE = ["pooler.dense"]
@@ -43,11 +44,9 @@ DSEE_KEYS = ("accuracy_after", "retune_accuracy_before", "retune_accuracy_after"
 def parse_args(argv=None):
     p = arguments(__doc__, smollm2=True, data=True)
     p.add_argument("--part", choices=("f2", "f3", "f5", "all"), default="all")
-    p.add_argument("--minilm", default=os.environ.get("COMPRESSOR_MINILM"),
-                   help="all-MiniLM-L6-v2 folder (COMPRESSOR_MINILM; default: the pip package's)")
+    p.add_argument("--minilm", help="all-MiniLM-L6-v2 folder (default: the pip package's)")
     p.add_argument("--methods", default=",".join(F2_METHODS), help="F2 methods, comma-separated")
     p.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="an F2 method's lr (repeatable)")
-    p.add_argument("--append", action="store_true", help="F2: add these rows to finetune_sst2.json")
     numbers(p, (("train", 512), ("eval", 500), ("steps", 64), ("mezo-steps", 300), ("seq-len", 48),
                 ("f5-steps", 300), ("seed", 0)))
     return p.parse_args(argv)
@@ -63,9 +62,7 @@ def sst2_config(args, **fields) -> dict:
 def pooled(model, inputs: dict, batch_size: int = 64) -> torch.Tensor:
     """Mean-pooled last hidden states (N, D): the features the classification head reads."""
     chunks = []
-    for start in range(0, len(inputs["input_ids"]), batch_size):
-        ids = inputs["input_ids"][start : start + batch_size]
-        mask = inputs["attention_mask"][start : start + batch_size]
+    for ids, mask in zip(inputs["input_ids"].split(batch_size), inputs["attention_mask"].split(batch_size)):
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         chunks.append((hidden * weights).sum(1) / weights.sum(1).clamp_min(1))
@@ -76,8 +73,7 @@ def zero_shot_and_probe(args, loaded, data) -> tuple[dict, torch.nn.Linear]:
     """Zero-shot accuracy (cosine to label sentences) and a linear probe on frozen features."""
     model, tokenizer, labels = loaded.model, loaded.tokenizer, data.train["labels"]
     train_x, eval_x = pooled(model, data.train), pooled(model, data.eval)
-    anchors = dict(tokenizer([LABEL_SENTENCES[label] for label in data.labels], padding=True, return_tensors="pt"))
-    anchor_x = torch.nn.functional.normalize(pooled(model, anchors), dim=-1)
+    anchor_x = embed(model, tokenizer, [LABEL_SENTENCES[label] for label in data.labels])
     guess = (torch.nn.functional.normalize(eval_x, dim=-1) @ anchor_x.T).argmax(-1)
     torch.manual_seed(args.seed)
     head = torch.nn.Linear(train_x.shape[1], len(data.labels))
@@ -87,9 +83,8 @@ def zero_shot_and_probe(args, loaded, data) -> tuple[dict, torch.nn.Linear]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        probe = float((head(eval_x).argmax(-1) == data.eval["labels"]).float().mean())
-    return {"zero_shot": float((guess == data.eval["labels"]).float().mean()), "linear_probe": probe}, head
+    hits = {"zero_shot": guess, "linear_probe": head(eval_x).argmax(-1)}
+    return {k: float((g == data.eval["labels"]).float().mean()) for k, g in hits.items()}, head
 
 
 def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
@@ -109,15 +104,12 @@ def run_f2_method(args, name: str, head: torch.nn.Linear) -> dict:
            "trainable_params": m["trainable_params"], "method_params": m.get("method_params"),
            "head_params": sum(p.numel() for p in head.parameters()), "peak_memory_mb": m.get("peak_memory_mb"),
            **({k: m[k] for k in DSEE_KEYS} if name == "dsee" else {})}
-    print(f"  {name}: accuracy {row['accuracy_before']:.3f} -> {row['accuracy']:.3f} "
-          f"({row['trainable_params']:,} trainable, {row['seconds']:.0f} s)", flush=True)
+    log(f"{name}: accuracy {row['accuracy_before']:.3f} -> {row['accuracy']:.3f}, {row['trainable_params']:,} params")
     return row
 
 
 def run_f2(args) -> dict:
-    """Baselines, then each method; `--append` keeps the earlier rows and commands (these rows get a run number)."""
-    from quality import minilm_dir
-
+    """Baselines, then each method."""
     from compressor.training import TrainConfig
     from compressor.training.data import build_task_data
 
@@ -127,13 +119,7 @@ def run_f2(args) -> dict:
     baselines, head = zero_shot_and_probe(args, loaded, data)
     print(f"F2 baselines: {baselines}", flush=True)
     rows = [run_f2_method(args, name, head) for name in args.methods.split(",") if name]
-    previous = Path(args.out) / "finetune_sst2.json"
-    earlier = json.loads(previous.read_text()) if args.append and previous.is_file() else {"methods": []}
-    if earlier["methods"]:
-        run = max(r.get("run", 1) for r in earlier["methods"]) + 1
-        rows = [*earlier["methods"], *({**r, "run": run} for r in rows)]
-    commands = [*earlier.get("commands", [earlier["command"]] if "command" in earlier else []), command_line()]
-    return {"commands": commands, "model": args.minilm, "train_rows": data.num_train, "eval_rows": data.num_eval,
+    return {"model": args.minilm, "train_rows": data.num_train, "eval_rows": data.num_eval,
             "seq_len": args.seq_len, "batch_size": 16, "baselines": baselines, "methods": rows}
 
 
@@ -144,25 +130,21 @@ def adapter_counts(model, ctx) -> dict:
     from compressor.adapters.dsee import DseeConfig, dsee_params, install_dsee
     from compressor.targeting import select_linears
 
-    def lora_on(names, rank: int):
-        def install(m):
-            lora.inject_lora(m, names(m), rank=rank, alpha=2 * rank, dropout=0.0)
-            return lora.lora_params(m)
-        return install
+    def lora_on(m, names, rank: int) -> dict:
+        lora.inject_lora(m, names, rank=rank, alpha=2 * rank, dropout=0.0)
+        return lora.lora_params(m)
 
-    def nola_all(k: int):
-        config = nola.NolaConfig(r=8, num_basis_a=k, num_basis_b=k, ignore=IGNORE)
-        return lambda m: nola.coefficient_params(m) if nola.install_nola(m, config, 0) else {}
+    def nola_on(m, k: int) -> dict:
+        nola.install_nola(m, nola.NolaConfig(r=8, num_basis_a=k, num_basis_b=k, ignore=IGNORE), 0)
+        return nola.coefficient_params(m)
 
-    def kappa_chosen(m):
-        config = kappatune.KappaTuneConfig(ignore=IGNORE)
-        return kappatune.select_modules(kappatune.condition_numbers(m, config, ctx)[0], config)
-
-    installs = {"lora_r8_all_linears": lora_on(lambda m: list(select_linears(m, (), IGNORE)), 8),
-                "nola_k512_all_linears": nola_all(512), "nola_k256_all_linears": nola_all(256),
+    kappa = kappatune.KappaTuneConfig(ignore=IGNORE)
+    installs = {"lora_r8_all_linears": lambda m: lora_on(m, list(select_linears(m, (), IGNORE)), 8),
+                "nola_k512_all_linears": lambda m: nola_on(m, 512), "nola_k256_all_linears": lambda m: nola_on(m, 256),
                 # where Ω lies does not change the count: a random support skips GreBsmo
                 "dsee_r16_n64_qv": lambda m: dsee_params(install_dsee(m, DseeConfig(sparse_method="random"), ctx, 0)),
-                "kappatune_lora_r16_top20pct": lora_on(kappa_chosen, 16)}
+                "kappatune_lora_r16_top20pct": lambda m: lora_on(
+                    m, kappatune.select_modules(kappatune.condition_numbers(m, kappa, ctx)[0], kappa), 16)}
     counts = {"full": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())}
     for key, install in installs.items():
         counts[key] = sum(p.numel() for p in install(copy.deepcopy(model)).values())
@@ -173,13 +155,9 @@ def adapter_counts(model, ctx) -> dict:
 
 def run_f3(args) -> dict:
     """Counts on both models; F2's measured counts (and DSEE's FLOPs) quoted from finetune_sst2.json."""
-    from quality import minilm_dir
-
+    need_file(args.smollm2, "--smollm2 PATH")
     out = {}
     for label, path in (("all-MiniLM-L6-v2", args.minilm or minilm_dir()), ("SmolLM2-135M", args.smollm2)):
-        if not Path(path).exists():
-            out[label] = {"skipped": f"{path} not found (the module docstring says how to get it)"}
-            continue
         loaded, ctx = load(path)
         out[label] = adapter_counts(loaded.model, ctx)
         print(f"F3 {label}: {out[label]}", flush=True)
@@ -211,8 +189,7 @@ def f5_run(args, selection: str) -> dict:
     loaded, ctx = load(None, seed=args.seed)
     config = TrainConfig(data=str(Path(args.data_dir) / "sst2" / "train.tsv"), task="lm", seq_len=64, batch_size=8,
                          steps=args.f5_steps, lr=2e-3, eval_every=10, num_eval=16, seed=args.seed)
-    general = ctx.windows(str(Path(args.data_dir) / "tinystories" / "tinystories_val_a.txt"), split="eval",
-                          seq_len=128, num_windows=32)
+    general = eval_windows(ctx, str(Path(args.data_dir) / "tinystories" / "tinystories_val_a.txt"), 128, 32)
     data = build_task_data(config, ctx)
 
     def eval_fn(model):  # general text first: the order the committed run evaluated in
@@ -225,10 +202,10 @@ def f5_run(args, selection: str) -> dict:
         names = kappatune.select_modules(kappas, kappatune.KappaTuneConfig())
     result = lora.train_lora(loaded.model, names, config, ctx, rank=16, alpha=32, dropout=0.05,
                              merge=False, method=f"f5-{selection}", eval_fn=eval_fn, data=data)
-    curves = result.curves
+    curves = result.curves  # evaluations as staircases over steps 0..N: index s holds the one at step s
     steps = [0, *range(10, len(curves["loss"]), 10), len(curves["loss"])]  # fit's eval points
-    evals = [{"step": s, "task_perplexity": t, "general_perplexity": g} for s, t, g in
-             zip(steps, curves["eval_task_perplexity"], curves["eval_general_perplexity"])]
+    evals = [{"step": s, "task_perplexity": curves["eval_task_perplexity"][s],
+              "general_perplexity": curves["eval_general_perplexity"][s]} for s in steps]
     return {"selection": selection, "adapted": len(names), "losses": curves["loss"], "evals": evals,
             "trainable_params": result.metrics["trainable_params"]}
 
@@ -258,12 +235,17 @@ def run_f5(args) -> dict:
             "matched_smoothed_train_loss": target, "summary": summary, "runs": runs}
 
 
-def header(title: str, state: dict) -> str:
+def header(title: str, state: dict) -> list[str]:
     env, v = state["env"], state["env"]["versions"]
     command = "`; `".join(state.get("commands") or [state["command"]])
-    return (f"# {title}\n\nMeasured {env['date']} on {env['device_name']} (host {env['host']}), "
-            f"git {env['git_sha']}, torch {v['torch']}, transformers {v['transformers']}, "
-            f"peft {v['peft']}.\n\nCommand: `{command}`\n\n")
+    return [f"# {title}", f"Measured {env['date']} on {env['device_name']} (host {env['host']}), git {env['git_sha']}, "
+            f"torch {v['torch']}, transformers {v['transformers']}, peft {v['peft']}.", f"Command: `{command}`"]
+
+
+# finetune_sst2.json's run 2 was merged into it by hand (its env is `env_run2`): what the report says of it
+RUN2_NOTE = ("Run 2 re-ran LoRA and NOLA at lower learning rates chosen after seeing run 1's held-out accuracy, so "
+             "its numbers are tuned on the evaluation rows (a sensitivity check, not a clean result). MeZO ran 300 "
+             "steps (2 forward passes each) with the pure-torch noise generator on CPU, hence its time.")
 
 
 def render_f2(f2: dict) -> str:
@@ -274,46 +256,42 @@ def render_f2(f2: dict) -> str:
               f"{r['lr']:g}", f"{r['accuracy']:.3f}", f"{r['trainable_params']:,}",
               f"{r['method_params']:,}" if r.get("method_params") else "-", f"{r['seconds']:.0f}"]
              for r in f2["methods"]]
-    return (header("F2: SST-2 few-shot accuracy", f2) +
-            f"all-MiniLM-L6-v2 + linear head, {f2['train_rows']} SST-2 training rows, {f2['eval_rows']} held-out "
-            f"rows (seq {f2['seq_len']}, batch 16). Every method starts from the linear probe's head; `trainable` "
-            "includes its 770 parameters.\n\n" + "\n".join(table(["method", "steps", "lr", "accuracy", "trainable",
-                                                                "method params", "seconds"], rows))
-            + "\n" + "".join(map(_dsee_line, f2["methods"])))
+    return markdown(*header("F2: SST-2 few-shot accuracy", f2),
+                    f"all-MiniLM-L6-v2 + linear head, {f2['train_rows']} SST-2 training rows, {f2['eval_rows']} "
+                    f"held-out rows (seq {f2['seq_len']}, batch 16). Every method starts from the linear probe's "
+                    "head; `trainable` includes its 770 parameters.",
+                    table(["method", "steps", "lr", "accuracy", "trainable", "method params", "seconds"], rows),
+                    *(dsee_line(r) for r in f2["methods"] if r["method"] == "dsee"), "env_run2" in f2 and RUN2_NOTE)
 
 
-def _dsee_line(row: dict) -> str:
-    if row["method"] != "dsee":
-        return ""
+def dsee_line(row: dict) -> str:
     run = f" (run {row['run']})" if row.get("run") else ""
-    return (f"\nDSEE{run}: accuracy {row['accuracy_after']:.3f} after tuning, "
+    return (f"DSEE{run}: accuracy {row['accuracy_after']:.3f} after tuning, "
             f"{row['retune_accuracy_before']:.3f} after pruning, {row['retune_accuracy_after']:.3f} after "
             f"re-tuning; FLOPs per token {row['flops_per_token_dense']:,} dense -> {row['flops_per_token_dsee']:,} "
-            f"({row['flops_saved_fraction']:.1%} saved, counting non-zero weights + adapters).\n")
+            f"({row['flops_saved_fraction']:.1%} saved, counting non-zero weights + adapters).")
 
 
 def render_f3(f3: dict) -> str:
-    models = [m for m in ("all-MiniLM-L6-v2", "SmolLM2-135M") if "full" in f3.get(m, {})]
-    keys = [k for k in f3[models[0]] if not k.endswith("_over_lora_r8")] if models else []
-    ratios = ("nola_k512_over_lora_r8", "nola_k256_over_lora_r8") if models else ()
-    lines = table(["count", *models], [[k, *(f"{f3[m][k]:,}" for m in models)] for k in keys]
-                  + [[k, *(f"{f3[m][k]:.4f}" for m in models)] for k in ratios])
+    models = ["all-MiniLM-L6-v2", "SmolLM2-135M"]
+    counts = [[k, *(f"{f3[m][k]:,}" if isinstance(f3[m][k], int) else f"{f3[m][k]:.4f}" for m in models)]
+              for k in f3[models[0]]]  # parameter counts, then the NOLA / LoRA ratios
     rest = {k: v for k, v in f3.items() if k not in (*models, "env", "command")}
-    return (header("F3: trainable parameters", f3) + "\n".join(lines) + "\n\n```json\n"
-            + json.dumps(rest, indent=1) + "\n```\n")
+    return markdown(*header("F3: trainable parameters", f3), table(["count", *models], counts),
+                    f"```json\n{json.dumps(rest, indent=1)}\n```")
 
 
 def render_f5(f5: dict) -> str:
-    rows = [[sel, s["adapted_modules"], f"{s['trainable_params']:,}", f"{s['general_perplexity_before']:.3f}",
-             s["matched"]["step"], f"{s['matched']['task_perplexity']:.2f}",
-             f"{s['matched']['general_perplexity']:.3f}", f"{s['forgetting_at_matched_loss']:+.1%}",
-             f"{s['forgetting_at_end']:+.1%}"] for sel, s in f5["summary"].items()]
-    return (header("F5: KappaTune forgetting vs LoRA at matched training loss", f5) +
-            f"{f5['model']}, LoRA r16 α32 for {f5['steps']} steps on {f5['task']}; general text: "
-            f"{f5['general_text']}. Matched smoothed training loss: {f5['matched_smoothed_train_loss']:.4f}.\n\n"
-            + "\n".join(table(["LoRA on", "modules", "trainable", "general ppl before", "step at matched loss",
-                               "task ppl there", "general ppl there", "forgetting there", "forgetting at end"], rows))
-            + "\n")
+    spec = [("LoRA on", "{on}"), ("modules", "{adapted_modules}"), ("trainable", "{trainable_params:,}"),
+            ("general ppl before", "{general_perplexity_before:.3f}"), ("step at matched loss", "{matched[step]}"),
+            ("task ppl there", "{matched[task_perplexity]:.2f}"),
+            ("general ppl there", "{matched[general_perplexity]:.3f}"),
+            ("forgetting there", "{forgetting_at_matched_loss:+.1%}"),
+            ("forgetting at end", "{forgetting_at_end:+.1%}")]
+    return markdown(*header("F5: KappaTune forgetting vs LoRA at matched training loss", f5),
+                    f"{f5['model']}, LoRA r16 α32 for {f5['steps']} steps on {f5['task']}; general text: "
+                    f"{f5['general_text']}. Matched smoothed training loss: {f5['matched_smoothed_train_loss']:.4f}.",
+                    columns(spec, [{"on": on, **s} for on, s in f5["summary"].items()]))
 
 
 # part -> (report, measure, render): F3 quotes the finetune_sst2.json an F2 part of the same run wrote first
