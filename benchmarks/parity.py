@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from harness import ROOT, markdown, table
 
 
 def _sha256(path: Path) -> str:
@@ -64,12 +64,9 @@ def snapshot_q2(work: Path) -> dict[str, float]:
     out = work / "q2"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "q2", "--out", str(out)],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    rows = json.loads((out / "quality_q2.json").read_text())
-    numbers = {}
-    for row in rows["rows"]:
-        numbers[f"q2/{row['keep']}/{row['label']}/perplexity"] = float(row["ppl"])
-    numbers["q2/dense/perplexity"] = float(rows["dense_ppl"])
-    return numbers
+    q2 = json.loads((out / "quality_q2.json").read_text())
+    numbers = {f"q2/{row['keep']}/{row['label']}/perplexity": float(row["ppl"]) for row in q2["rows"]}
+    return {**numbers, "q2/dense/perplexity": float(q2["dense_ppl"])}
 
 
 def snapshot_recipe(recipe: Path, work: Path) -> dict[str, object]:
@@ -126,20 +123,13 @@ def compare(args: argparse.Namespace) -> int:
     keys = sorted(b)
     differ = [k for k in keys if k not in a or not _same(b[k], a[k])]
     new = sorted(set(a) - set(b))
-    lines = [
-        f"# Parity: {before['git'][:7]} -> {after['git'][:7]}",
-        "",
-        f"{len(keys)} values compared (Q2 stories260K sweep perplexities; every recipe's report "
-        "numbers and weight-file SHA-256); "
-        f"**{len(keys) - len(differ)} identical, {len(differ)} differ**"
-        + (f"; {len(new)} values only in the after snapshot (not compared)." if new else "."),
-        "",
-        "| value | before | after |",
-        "|---|---|---|",
-    ]
     shown = differ or [k for k in keys if k.endswith("perplexity")]
-    lines += [f"| {k} | {b.get(k)} | {a.get(k)} |" for k in shown]
-    text = "\n".join(lines) + "\n"
+    text = markdown(
+        f"# Parity: {before['git'][:7]} -> {after['git'][:7]}",
+        f"{len(keys)} values compared (Q2 stories260K sweep perplexities; every recipe's report numbers and "
+        f"weight-file SHA-256); **{len(keys) - len(differ)} identical, {len(differ)} differ**"
+        + (f"; {len(new)} values only in the after snapshot (not compared)." if new else "."),
+        table(["value", "before", "after"], [[k, b.get(k), a.get(k)] for k in shown]))
     if args.md:
         Path(args.md).write_text(text)
     print(text)
