@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,8 +51,7 @@ def load_plain_smollm2(gguf: Path):
     model = LlamaForCausalLM(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):  # lm_head is tied to the embedding
-        sys.exit(f"error: the GGUF state dict does not fit LlamaForCausalLM "
-                 f"(missing {missing}, unexpected {unexpected})")
+        sys.exit(f"error: the GGUF weights do not fit LlamaForCausalLM (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     return model.eval(), tokenizer
 
@@ -63,9 +61,7 @@ def halves_windows(tokenizer, path: Path, sizes: dict) -> tuple[torch.Tensor, to
     special tokens, no EOS appended), split_stream + make_windows: calibration = the first windows of
     the first half, in order (sparse_p1's start_windows); evaluation = the first windows of the second."""
     text = path.read_bytes().decode("utf-8").replace("\r\n", "\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stream = torch.tensor(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    stream = torch.tensor(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     cut = int(len(stream) * 0.5)
     windows = []
     for part, what in ((stream[:cut], "calib"), (stream[cut:], "eval")):
