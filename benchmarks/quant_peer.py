@@ -170,10 +170,9 @@ def environment() -> dict:
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
-    dirty = "-dirty" if git("status", "--porcelain", "benchmarks") else ""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-            "git_sha": git("rev-parse", "HEAD") + dirty, "python": platform.python_version(),
-            "versions": {name: version(name) for name in PACKAGES},
+            "git_sha": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "benchmarks") else ""),
+            "python": platform.python_version(), "versions": {name: version(name) for name in PACKAGES},
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
 
 
