@@ -53,18 +53,19 @@ def run_lm(name: str, args) -> None:
                  data=f"{data}: calib = first half, eval = second half",
                  dense_ppl=perplexity(loaded.model, windows)["perplexity"])
     log(f"{name}: dense ppl {report.state['dense_ppl']:.3f} on {windows.numel()} tokens")
-    sweep(args, report, LM_ROWS + LM_EXTRA_ROWS, keep_list(args, keeps), loaded.model,
+    sweep(args, report, LM_ROWS + LM_EXTRA_ROWS, keeps, loaded.model,
           lambda model: {"ppl": perplexity(model, windows)["perplexity"]}, source, ctx)
 
 
-def sweep(args, report: Report, rows: list, keeps: list[float], dense, measure, source: str, ctx) -> None:
-    """Every row at every keep (core rows first, then LM_EXTRA_ROWS: partial runs still answer
+def sweep(args, report: Report, rows: list, keeps: str, dense, measure, source: str, ctx) -> None:
+    """Every row at every keep (--keeps, else `keeps`; core rows first, then LM_EXTRA_ROWS: partial runs still answer
     BENCHMARKS) on a copy of `dense`, scored by `measure`. A row whose key (label, keep, method
     config, sizes) the report holds is not rerun (--force reruns it)."""
     from compressor.registry import get_method
 
     sizes = report.state["sizes"]
     rows = [r for r in rows if not args.rows or r[0] in args.rows.split(",")]
+    keeps = [float(k) for k in (args.keeps or keeps).split(",")]
     order = [(k, r) for extra in (False, True) for k in keeps for r in rows if (r in LM_EXTRA_ROWS) == extra]
     for keep, (label, method, extra) in order:
         config = {"keep": keep, "method": method, **extra, **sizes}
@@ -145,7 +146,7 @@ def q3(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "sts-train-sentences.txt"
         calib.write_text(sts.train_text, encoding="utf-8")
-        sweep(args, report, ENCODER_ROWS, keep_list(args, "0.8,0.6"), sts.model, measure, str(calib),
+        sweep(args, report, ENCODER_ROWS, "0.8,0.6", sts.model, measure, str(calib),
               Context(tokenizer=sts.tokenizer, quiet=True))
 
 
@@ -224,10 +225,6 @@ def render_q4(result: dict) -> str:
         "`all blocks` = what caching every block's inputs would take instead.", columns(spec, result["rows"]))
 
 
-def keep_list(args, default: str) -> list[float]:
-    return [float(k) for k in (args.keeps or default).split(",")]
-
-
 def main(argv=None) -> None:
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
     p.add_argument("which", choices=["q1", "q2", "q3", "q4", "all"])
@@ -236,9 +233,8 @@ def main(argv=None) -> None:
     numbers(p, ((flag, None) for flag in ("calib-windows", "calib-seq", "eval-windows", "eval-seq")))
     args = p.parse_args(argv)
     if args.render:
-        renders = {"q3": render_q3, "q4": render_q4}
         for name in ("q1", "q2", "q3", "q4") if args.which == "all" else (args.which,):
-            print(rerender(Path(args.out), f"quality_{name}", renders.get(name, render_lm)))
+            print(rerender(Path(args.out), f"quality_{name}", {"q3": render_q3, "q4": render_q4}.get(name, render_lm)))
         return
     import torch
 

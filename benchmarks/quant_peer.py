@@ -1,17 +1,10 @@
 """QF peer rows (issue 19): llm-compressor's weight-only int quantization of SmolLM2-135M on our protocol.
 
-Runs in llm-compressor's own venv (it pins its own transformers) and imports no compressor:
-harness.py's module level is standard library only (benchmarks/README.md sets the venv up).
-
-Protocol (benchmarks/frontier.py, sparse_p1.py): SmolLM2-135M from its GGUF rebuilt as a plain
-float32 LlamaForCausalLM; wiki.test.raw read as one document (CRLF normalised) and tokenized once,
-as compressor.data does; the first 32 x 256 tokens of its first half calibrate, 16 windows of 512
-from the start of its second half evaluate. Rows: dense; RTN (QuantizationModifier) and GPTQ
-(GPTQModifier, its defaults) with symmetric int weights in groups of 64, float activations, every
-Linear but the tied lm_head. Perplexity on the in-memory fake-quantized model, then again after a
-compressed-tensors save + reload. Bytes from the saved safetensors: floating values at 2 bytes
-(bfloat16), integer tensors at their width; the denominator is the dense checkpoint counted alike.
-Writes reports/quant_peer.{json,md} after every row (harness.Report: its row cache, --force, --render).
+Runs in llm-compressor's own venv and imports no compressor (benchmarks/README.md sets it up).
+Rows: dense; RTN (QuantizationModifier) and GPTQ (GPTQModifier, its defaults), symmetric int weights
+in groups of 64, every Linear but the tied lm_head, on the windows of benchmarks/frontier.py.
+Each row: perplexity of the fake-quantized model in memory and after a compressed-tensors save +
+reload, and the bytes of that save (the report says how they are counted).
 """
 
 from __future__ import annotations
@@ -25,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +31,7 @@ from harness import (ROOT, Report, arguments, columns, finite, log, markdown, ne
 ROWS = [("dense", None, None), ("rtn-int4-g64", "QuantizationModifier", 4), ("gptq-int4-g64", "GPTQModifier", 4),
         ("rtn-int8-g64", "QuantizationModifier", 8), ("gptq-int3-g64", "GPTQModifier", 3)]
 GROUP_SIZE = 64
+PACKAGES = ("torch", "transformers", "llmcompressor", "compressed-tensors")  # the report's provenance line
 # issue 19's table (llm-compressor 0.14, its own held-out split, dense 26.84 there)
 ISSUE_TABLE = {"dense": 26.84, "rtn-int8-g64": 26.94, "gptq-int4-g64": 37.07, "rtn-int4-g64": 39.13,
                "gptq-int3-g64": 175.3}
@@ -57,8 +51,7 @@ def load_plain_smollm2(gguf: Path):
     model = LlamaForCausalLM(config).to(torch.float32)
     missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
     if unexpected or any(k != "lm_head.weight" for k in missing):  # lm_head is tied to the embedding
-        sys.exit(f"error: the GGUF state dict does not fit LlamaForCausalLM "
-                 f"(missing {missing}, unexpected {unexpected})")
+        sys.exit(f"error: the GGUF weights do not fit LlamaForCausalLM (missing {missing}, unexpected {unexpected})")
     model.tie_weights()
     return model.eval(), tokenizer
 
@@ -67,11 +60,8 @@ def halves_windows(tokenizer, path: Path, sizes: dict) -> tuple[torch.Tensor, to
     """compressor.data for a .txt source (the whole file one document, CRLF normalised, tokenized with
     special tokens, no EOS appended), split_stream + make_windows: calibration = the first windows of
     the first half, in order (sparse_p1's start_windows); evaluation = the first windows of the second."""
-    with path.open(encoding="utf-8", newline="") as handle:
-        text = handle.read().replace("\r\n", "\n")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        stream = torch.tensor(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
+    text = path.read_bytes().decode("utf-8").replace("\r\n", "\n")
+    stream = torch.tensor(tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"])
     cut = int(len(stream) * 0.5)
     windows = []
     for part, what in ((stream[:cut], "calib"), (stream[cut:], "eval")):
@@ -101,12 +91,11 @@ def quantize(model, tokenizer, modifier: str, bits: int, calib: torch.Tensor, pl
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
     from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers import quantization
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=GROUP_SIZE)
-    cls = {"QuantizationModifier": QuantizationModifier, "GPTQModifier": GPTQModifier}[modifier]
-    recipe = cls(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-                 ignore=["lm_head"])
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights)
+    recipe = getattr(quantization, modifier)(config_groups={"group_0": scheme}, ignore=["lm_head"])
     data = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
     model.config._name_or_path = plain_dir  # oneshot re-reads the config from there
     oneshot(model=model, dataset=data, processor=tokenizer, recipe=recipe, num_calibration_samples=calib.shape[0],
@@ -119,22 +108,21 @@ def checkpoint_bytes(folder: Path) -> dict:
     it on save); `lm_head_stored` records whether a separate copy was written."""
     from safetensors import safe_open
 
-    stored, disk, names, dtypes = 0, 0, [], {}
-    for path in sorted(folder.glob("*.safetensors")):
-        disk += path.stat().st_size
+    stored, names, dtypes, files = 0, [], Counter(), sorted(folder.glob("*.safetensors"))
+    for path in files:
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (a safetensors handle is not iterable)
                 piece = handle.get_slice(name)
                 dtype, numel = piece.get_dtype(), math.prod(piece.get_shape())
                 stored += numel * (2 if dtype in ("F32", "F16", "BF16", "F64") else int(dtype.lstrip("IU")) // 8)
                 names.append(name)
-                dtypes[dtype] = dtypes.get(dtype, 0) + numel
-    return {"stored_bytes": stored, "file_bytes": disk, "tensors": len(names), "dtype_values": dtypes,
+                dtypes[dtype] += numel
+    return {"stored_bytes": stored, "file_bytes": sum(path.stat().st_size for path in files), "tensors": len(names),
+            "dtype_values": dict(dtypes),
             "lm_head_stored": any(n.startswith("lm_head") for n in names)}
 
 
-def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None, calib, windows, args,
-            plain_dir: str) -> dict:
+def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None, calib, windows, plain_dir) -> dict:
     """One row: quantize a copy, perplexity in memory, bytes of its compressed-tensors save, and the
     perplexity of that save reloaded by transformers (decompressed to float on load)."""
     from transformers import AutoModelForCausalLM
@@ -149,15 +137,15 @@ def run_row(dense, tokenizer, label: str, modifier: str | None, bits: int | None
            "seconds": round(seconds, 1)}
     if modifier is not None:  # `k/n`: Linear modules carrying a weight quantization scheme
         linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        schemed = [m for m in linears if getattr(m, "quantization_scheme", None) is not None]
-        row["linear_weights_quantized"] = f"{len(schemed)}/{len(linears)}"
+        schemed = sum(getattr(m, "quantization_scheme", None) is not None for m in linears)
+        row["linear_weights_quantized"] = f"{schemed}/{len(linears)}"
     with tempfile.TemporaryDirectory(prefix="quant_peer_") as folder:
         model.save_pretrained(folder)  # llm-compressor's wrapper: compressed-tensors when quantized
         row.update(checkpoint_bytes(Path(folder)))
         row["format"] = json.loads((Path(folder) / "config.json").read_text()).get(
             "quantization_config", {}).get("format", "dense")
         del model
-        if modifier is not None and not args.no_reload:
+        if modifier is not None:
             reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, quantization_config=
                                                             CompressedTensorsConfig(dequantize=True))
             row["ppl_reloaded"] = finite(f"{label} (reloaded)", perplexity(reloaded, windows))
@@ -177,19 +165,14 @@ def value_counts(model: torch.nn.Module) -> dict:
 
 def environment() -> dict:
     """harness.environment without compressor (not in this venv)."""
-    import compressed_tensors
-    import llmcompressor
-    import transformers
+    from importlib.metadata import version
 
     def git(*cmd):
         return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
 
-    dirty = "-dirty" if git("status", "--porcelain", "benchmarks") else ""
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
-            "git_sha": git("rev-parse", "HEAD") + dirty, "python": platform.python_version(),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "llmcompressor": llmcompressor.__version__,
-                         "compressed-tensors": compressed_tensors.__version__},
+            "git_sha": git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "benchmarks") else ""),
+            "python": platform.python_version(), "versions": {name: version(name) for name in PACKAGES},
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}
 
 
@@ -237,13 +220,11 @@ def protocol_notes(result: dict, frontier: Path) -> list[str]:
     notes += ["- Seconds are one run on a shared 2-core machine: indicative only, not a speed result.",
               ("- The issue 19 table's perplexities were measured on a held-out split of their own "
                "(dense 26.84 there); compare our rows with this report's, which share the frontier's windows.")]
-    if "gptq-int4-g64" in rows:
-        gptq = rows["gptq-int4-g64"]["ppl"]
-        notes.append(f"- On these windows issue 19's parity target for GPTQ W4 g64 is <= 1.02 x {gptq:.2f} = "
-                     f"{1.02 * gptq:.2f}, and its <= 0.30x-bytes target is perplexity <= {gptq:.2f}.")
-    if "rtn-int4-g64" in rows:
-        rtn = rows["rtn-int4-g64"]["ppl"]
-        notes.append(f"- RTN W4 g64 within 1 % of the peer: {0.99 * rtn:.2f} to {1.01 * rtn:.2f}.")
+    if gptq := rows.get("gptq-int4-g64"):
+        notes.append(f"- On these windows issue 19's parity target for GPTQ W4 g64 is <= 1.02 x {gptq['ppl']:.2f} = "
+                     f"{1.02 * gptq['ppl']:.2f}, and its <= 0.30x-bytes target is perplexity <= {gptq['ppl']:.2f}.")
+    if rtn := rows.get("rtn-int4-g64"):
+        notes.append(f"- RTN W4 g64 within 1 % of the peer: {0.99 * rtn['ppl']:.2f} to {1.01 * rtn['ppl']:.2f}.")
     for r in [r for r in result["rows"] if counts and r["bits"]]:
         # bits/8 bytes per code, one 2-byte scale per group of GROUP_SIZE, other values at 2 bytes
         scales = counts["quantized_linear"] // GROUP_SIZE * 2
@@ -261,7 +242,6 @@ def protocol_notes(result: dict, frontier: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
     numbers(p, (("calib-windows", 32), ("calib-seq", 256), ("eval-windows", 16), ("eval-seq", 512)))
-    p.add_argument("--no-reload", action="store_true", help="skip the compressed save + reload check")
     args = p.parse_args(argv)
     if args.render:
         return print(rerender(Path(args.out), "quant_peer", render))
@@ -278,8 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         dense.config.save_pretrained(plain_dir)
         for label, modifier, bits in [row for row in ROWS if row[0] in wanted]:
             if report.cached(label, sizes, args.force) is None:
-                report.add(label, sizes, run_row(dense, tokenizer, label, modifier, bits, calib, windows, args,
-                                                 plain_dir))
+                report.add(label, sizes, run_row(dense, tokenizer, label, modifier, bits, calib, windows, plain_dir))
                 report.state["notes"] = protocol_notes(report.state, Path(args.out) / "frontier.json")
                 report.write()
 
