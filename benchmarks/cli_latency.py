@@ -3,14 +3,11 @@
 CLI pays). Each command runs in a fresh interpreter `--repeats` times; the median is reported.
 """
 
-from __future__ import annotations
-
 import os
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from harness import Report, arguments, columns, environment, markdown, numbers, rerender
 
@@ -36,8 +33,7 @@ def median_seconds(repeats: int) -> dict[str, float]:
     """Median wall time per command; the commands take turns within each repeat, so a machine
     whose load drifts during the run slows all of them alike."""
     rounds = [{name: wall_seconds(command) for name, command in COMMANDS.items()} for _ in range(repeats + 1)]
-    samples = rounds[1:]  # the first round warms the file cache; not counted
-    return {name: statistics.median(sample[name] for sample in samples) for name in COMMANDS}
+    return {name: statistics.median(r[name] for r in rounds[1:]) for name in COMMANDS}  # round 0 only warms the cache
 
 
 def render(result: dict) -> str:
@@ -60,7 +56,7 @@ def main(argv=None) -> None:
     numbers(parser, (("repeats", 7),))
     args = parser.parse_args(argv)
     if args.render:
-        return print(rerender(Path(args.out), "cli_latency", render))
+        return print(rerender(args.out, "cli_latency", render))
     medians = median_seconds(args.repeats)
     baseline, minimal = medians.pop("baseline"), medians.pop("minimal")
     report = Report(args.out, "cli_latency", render)

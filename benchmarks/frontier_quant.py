@@ -8,8 +8,6 @@ This script only reads them and appends / replaces the row with the same label; 
       --command "compressor run recipes/frontier-0.30.yaml --set model=... --out OUT"
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 from collections import Counter

@@ -8,8 +8,6 @@ decorated) runs them on the CPU — slow (minutes per token for 210 factored lin
   python benchmarks/kernels_parity.py small/ --new-tokens 6 --out reports/kernels_parity.md
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import time

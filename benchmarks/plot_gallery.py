@@ -6,8 +6,6 @@ keep ratio); a run whose report.json already exists under --runs is only re-rend
 report.json are written to --out/<run>.
 """
 
-from __future__ import annotations
-
 import argparse
 import shutil
 import subprocess

@@ -5,8 +5,6 @@ on windows of its second half); the report states the sizes and how the bytes ar
 METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS[g]] (GROUP 0 = per-channel; the report's legend reads each part).
 """
 
-from __future__ import annotations
-
 import copy
 import re
 import sys
@@ -58,8 +56,7 @@ def render(state: dict) -> str:
     dense = next((r["disk_bytes"] for r in state["rows"] if r["label"] == "dense"), None)
     spec = [("label", "{label}"), ("bytes on disk", "{disk_bytes}"),
             ("bytes / dense bf16", lambda r: f"{r['disk_bytes'] / dense:.3f}" if dense else "–"),
-            ("perplexity", "{ppl:.2f}"),
-            ("mean output error", lambda r: fmt(r.get("output_error"), 4)),
+            ("perplexity", "{ppl:.2f}"), ("mean output error", lambda r: fmt(r.get("output_error"), 4)),
             ("eval tokens", "{eval_tokens}")]
     return markdown(
         "# Weight-only quantization on SmolLM2-135M (benchmarks/quant_smollm2.py)",

@@ -5,8 +5,6 @@ copy of the source in that dtype (save_pretrained, safetensors, tied embeddings 
 temporary folder and the file sizes compared.
 """
 
-from __future__ import annotations
-
 import json
 import tempfile
 from pathlib import Path
