@@ -1,20 +1,15 @@
 """Rows of reports/frontier_quant.json from finished `compressor run` / `compress` output folders.
 
-Each SmolLM2 point of issue 19's byte-budgeted frontier is one output folder whose report.json
-holds the held-out perplexity the pipeline measured on the written checkpoint (reloaded) and whose
-model.safetensors is the stored size. This script only reads them and appends / replaces the row
-with the same label; benchmarks/frontier.py plots the rows.
+Each SmolLM2 point of issue 19's byte-budgeted frontier is one output folder whose report.json holds the held-out
+perplexity the pipeline measured on the written checkpoint (reloaded) and whose model.safetensors is the stored size.
+This script only reads them and appends / replaces the row with the same label; benchmarks/frontier.py plots the rows.
 
-Example:
   python benchmarks/frontier_quant.py OUT --label gptq-0.30 --recipe recipes/frontier-0.30.yaml \\
       --command "compressor run recipes/frontier-0.30.yaml --set model=... --out OUT"
 """
 
-from __future__ import annotations
-
 import argparse
 import json
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -23,19 +18,16 @@ from harness import REPORTS, write_text
 
 def row_from_run(out: Path, label: str, recipe: str | None, command: str, calib: str) -> dict:
     """The frontier row of one finished output folder."""
+    from compressor.report.env import git_sha
+
     report = json.loads((out / "report.json").read_text())
-    after = report["evaluation"]["after"]
-    stages = report["stages"]
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent, check=False).stdout.strip()
-    modules = [m for s in stages for m in s.get("per_module") or []]
-    formats = Counter(m["format"] for m in modules if "format" in m)
-    return {"label": label, "method": " -> ".join(s["stage"] for s in stages),
+    after, stages = report["evaluation"]["after"], [s["stage"] for s in report["stages"]]
+    modules = [m for s in report["stages"] for m in s.get("per_module") or []]
+    return {"label": label, "method": " -> ".join(stages), "heal": "heal" in stages,
             "corrections": sum(1 for m in modules if m.get("correction_rank")),
-            "formats": dict(formats.most_common()),
-            "heal": any(s["stage"] == "heal" for s in stages),
+            "formats": dict(Counter(m["format"] for m in modules if "format" in m).most_common()),
             "stored_bytes": (out / "model.safetensors").stat().st_size, "ppl": after["perplexity"],
-            "eval_tokens": after["tokens"], "calib": calib, "recipe": recipe, "git": git, "command": command,
+            "eval_tokens": after["tokens"], "calib": calib, "recipe": recipe, "git": git_sha()[:7], "command": command,
             "seconds": round(report["run"].get("seconds", 0.0), 1)}
 
 
@@ -46,12 +38,11 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", default=None)
     p.add_argument("--command", required=True, help="the command that wrote OUT, as run")
     p.add_argument("--calib", default="32x256")
-    p.add_argument("--json", default=str(REPORTS / "frontier_quant.json"))
+    p.add_argument("--json", type=Path, default=REPORTS / "frontier_quant.json")
     args = p.parse_args(argv)
-    path = Path(args.json)
-    rows = json.loads(path.read_text()) if path.exists() else []
+    rows = json.loads(args.json.read_text()) if args.json.exists() else []
     row = row_from_run(Path(args.out), args.label, args.recipe, args.command, args.calib)
-    write_text(path, json.dumps([r for r in rows if r["label"] != args.label] + [row], indent=2) + "\n")
+    write_text(args.json, json.dumps([r for r in rows if r["label"] != args.label] + [row], indent=2) + "\n")
     print(f"{row['label']}: ppl {row['ppl']:.3f}, {row['stored_bytes']} bytes")
 
 

@@ -1,15 +1,12 @@
 """Greedy tokens of a compressed model with the Triton kernels vs the torch references.
 
-Issue 6 asks that a compressed SmolLM2-135M generate identical greedy tokens with kernels on and
-off. On a GPU this runs the compiled kernels; without one, Triton's interpreter (TRITON_INTERPRET=1,
-set here before any kernel is decorated) runs them on the CPU — slow (minutes per token for 210
-factored linears), but the same kernel code.
+Issue 6 asks that a compressed SmolLM2-135M generate identical greedy tokens with kernels on and off. On a GPU this
+runs the compiled kernels; without one, Triton's interpreter (TRITON_INTERPRET=1, set here before any kernel is
+decorated) runs them on the CPU — slow (minutes per token for 210 factored linears), but the same kernel code.
 
   compressor compress SmolLM2-135M-Instruct.Q4_1.gguf --method svd-llm --rank 0.8 --out small/
   python benchmarks/kernels_parity.py small/ --new-tokens 6 --out reports/kernels_parity.md
 """
-
-from __future__ import annotations
 
 import argparse
 import os
@@ -17,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import table, write_text
+from harness import markdown, table, write_text
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -43,20 +40,16 @@ def main(argv=None) -> None:
     for backend in ("ref", "triton"):
         os.environ["COMPRESSOR_KERNELS"] = backend
         started = time.perf_counter()
-        with torch.no_grad():
-            tokens = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)
+        tokens = model.generate(ids, max_new_tokens=args.new_tokens, do_sample=False)  # generate runs under no_grad
         rows[backend] = (tokens, time.perf_counter() - started)
-    same = torch.equal(rows["ref"][0], rows["triton"][0])
     mode = "compiled on " + torch.cuda.get_device_name() if device == "cuda" else "Triton interpreter on CPU"
-    lines = [
-        "# Greedy tokens with the Triton kernels vs the torch references", "",
-        (f"Model `{args.model}` ({len(compressed_layers(model))} compressed layers), prompt "
-         f"{args.prompt!r}, {args.new_tokens} new tokens, Triton {mode}."), "",
-        *table(["backend", "seconds", "text"],
-               [[b, f"{s:.1f}", repr(tokenizer.decode(t[0]))] for b, (t, s) in rows.items()]),
-        "", f"Identical token ids: **{same}**.",
-    ]
-    text = "\n".join(lines) + "\n"
+    text = markdown(
+        "# Greedy tokens with the Triton kernels vs the torch references",
+        f"Model `{args.model}` ({len(compressed_layers(model))} compressed layers), prompt "
+        f"{args.prompt!r}, {args.new_tokens} new tokens, Triton {mode}.",
+        table(["backend", "seconds", "text"],
+              [[b, f"{s:.1f}", repr(tokenizer.decode(t[0]))] for b, (t, s) in rows.items()]),
+        f"Identical token ids: **{torch.equal(rows['ref'][0], rows['triton'][0])}**.")
     print(text)
     if args.out:
         write_text(Path(args.out), text)

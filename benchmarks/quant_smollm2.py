@@ -1,18 +1,9 @@
 """Weight-only quantization rows on SmolLM2-135M: held-out perplexity against bytes on disk.
 
-Protocol of benchmarks/frontier.py: calibration 32×256 tokens from the first half of wikitext-2
-wiki.test.raw, perplexity on 16×512 tokens of its second half. The model is held in bfloat16 while
-it is quantized (so the scales are chosen as the bf16 checkpoint stores them), then cast to
-float32 for the perplexity (the exact values of the bf16 checkpoint). Bytes: the size of
-model.safetensors written in bfloat16 (every stored tensor, embeddings and a tied lm_head once,
-packed codes at one byte per byte), over the dense bf16 file.
-
-Row labels: `dense` or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS[g]] (GROUP 0 = per-channel;
-the report's last paragraph reads each part). Rows are added to reports/quant_smollm2.{json,md} as
-each finishes (the row cache: benchmarks/README.md).
+Protocol of benchmarks/frontier.py (calibration windows of the first half of wikitext-2 wiki.test.raw, perplexity
+on windows of its second half); the report states the sizes and how the bytes are counted. Row labels: `dense` or
+METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS[g]] (GROUP 0 = per-channel; the report's legend reads each part).
 """
-
-from __future__ import annotations
 
 import copy
 import re
@@ -21,40 +12,36 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import (Report, arguments, columns, eval_windows, load, markdown, need_file, numbers, rerender,
-                     sizes_of, wiki)
+from harness import (Report, apply_method, arguments, calib_fields, columns, eval_windows, fmt, load, markdown,
+                     need_file, numbers, rerender, sizes_of, wiki)
 
 LABEL = re.compile(r"(?P<method>gptq|rtn)-w(?P<bits>\d)-g(?P<group>\d+)(?P<asym>-asym)?(?P<ao>-ao)?"
                    r"(-r(?P<rank>\d+))?(-e(?P<emb>\d)(?P<eg>g)?)?$")
 
 
-def stage_config(label: str, args):
-    """The method config a row label names."""
-    from compressor.methods.gptq import GPTQConfig
-    from compressor.methods.rtn import RTNConfig
-
+def stage_fields(label: str, args) -> tuple[str, dict]:
+    """The method and config fields a row label names."""
     match = LABEL.match(label)
     if not match:
         sys.exit(f"error: row label {label!r} is not dense or METHOD-wBITS-gGROUP[-asym][-ao][-rRANK][-eEBITS]")
     fields = {"bits": int(match["bits"]), "group_size": int(match["group"]), "symmetric": not match["asym"],
               "embedding_bits": int(match["emb"] or 0)}
-    if match["method"] == "rtn":
-        return RTNConfig(**fields)
-    return GPTQConfig(**fields, act_order=bool(match["ao"]), correction_rank=int(match["rank"] or 0),
-                      embedding_gptq=bool(match["eg"]), calibration=wiki(args.data_dir),
-                      num_windows=args.calib_windows, seq_len=args.calib_seq, batch_size=8)
+    if match["method"] == "gptq":
+        calibration = calib_fields(wiki(args.data_dir), args.calib_windows, args.calib_seq)
+        fields.update(calibration, act_order=bool(match["ao"]), correction_rank=int(match["rank"] or 0),
+                      embedding_gptq=bool(match["eg"]))
+    return match["method"], fields
 
 
 def run_row(label: str, dense, tokenizer, ctx, windows, args) -> dict:
     """Quantize a copy (held in bfloat16), its bf16 model.safetensors' size, its float32 perplexity."""
     import torch
 
-    from compressor import apply_
     from compressor.evaluation import perplexity
     from compressor.models import save_checkpoint
 
     started, model = time.perf_counter(), copy.deepcopy(dense)
-    metrics = apply_(model, stage_config(label, args), ctx).metrics if label != "dense" else {}
+    metrics = apply_method(model, *stage_fields(label, args), ctx)[0].metrics if label != "dense" else {}
     with tempfile.TemporaryDirectory() as folder:
         save_checkpoint(model, tokenizer, Path(folder), dtype=torch.bfloat16)
         size = (Path(folder) / "model.safetensors").stat().st_size
@@ -69,14 +56,14 @@ def render(state: dict) -> str:
     dense = next((r["disk_bytes"] for r in state["rows"] if r["label"] == "dense"), None)
     spec = [("label", "{label}"), ("bytes on disk", "{disk_bytes}"),
             ("bytes / dense bf16", lambda r: f"{r['disk_bytes'] / dense:.3f}" if dense else "–"),
-            ("perplexity", "{ppl:.2f}"),
-            ("mean output error", lambda r: "–" if r.get("output_error") is None else f"{r['output_error']:.4f}"),
+            ("perplexity", "{ppl:.2f}"), ("mean output error", lambda r: fmt(r.get("output_error"), 4)),
             ("eval tokens", "{eval_tokens}")]
     return markdown(
         "# Weight-only quantization on SmolLM2-135M (benchmarks/quant_smollm2.py)",
-        f"Calibration: {state['calib']}; perplexity: {state['eval']}. Bytes: model.safetensors of the "
-        "bfloat16 checkpoint (embeddings included, tied lm_head once) over the dense bfloat16 file. "
-        "Quantized while held in bfloat16, evaluated in float32.",
+        "Calibration: wiki.test.raw first half, {calib_windows}x{calib_seq} tokens; perplexity: wiki.test.raw second "
+        "half, {eval_windows}x{eval_seq} tokens. Bytes: model.safetensors of the bfloat16 checkpoint (embeddings "
+        "included, tied lm_head once) over the dense bfloat16 file. Quantized while held in bfloat16, evaluated in "
+        "float32.".format_map(state["sizes"]),
         columns(spec, sorted(state["rows"], key=lambda r: -r["disk_bytes"])),
         "Labels: METHOD-wBITS-gGROUP (symmetric unless `-asym`), `-ao` = act_order (static groups), "
         "`-rN` = correction_rank N. Mean output error: the mean over layers of GPTQ's relative "
@@ -104,9 +91,7 @@ def main(argv=None) -> None:
     dense = loaded.model.to(torch.bfloat16)
     windows = eval_windows(ctx, wiki(args.data_dir), args.eval_seq, args.eval_windows)
     report, sizes = Report(args.out, "quant_smollm2", render), sizes_of(args)
-    report.begin(sizes, model=Path(args.smollm2).name,
-                 calib=f"wiki.test.raw first half, {args.calib_windows}x{args.calib_seq} tokens",
-                 eval=f"wiki.test.raw second half, {args.eval_windows}x{args.eval_seq} tokens")
+    report.begin(sizes, model=Path(args.smollm2).name)
     for label in (args.rows or "dense,rtn-w4-g64,gptq-w4-g64").split(","):
         if report.cached(label, sizes, args.force) is None:
             report.add(label, sizes, run_row(label, dense, loaded.tokenizer, ctx, windows, args))

@@ -1,10 +1,10 @@
 """F4: Sorted fine-tuning vs plain fine-tuning + truncation, perplexity at every exit (BENCHMARKS §F).
 
-stories260K (embedded, 5 layers) is fine-tuned twice with one budget (steps, lr, batch, data order,
-seed) on the first half of a TinyStories text: `plain` = full fine-tuning (`backprop`), `sorted` =
-Sorted FT (loss summed over exits [2, 3, 4, 5] in one pass). Every sub-model n (first n blocks + final
-norm + LM head) of both and of the untuned model is evaluated on held-out windows of the second half.
-Target: every early exit of the sorted model beats the same truncation of the plainly tuned one.
+stories260K (embedded, 5 layers) is fine-tuned twice with one budget (steps, lr, batch, data order, seed) on the first
+half of a TinyStories text: `plain` = full fine-tuning (`backprop`), `sorted` = Sorted FT (loss summed over exits
+[2, 3, 4, 5] in one pass). Every sub-model n (first n blocks + final norm + LM head) of both and of the untuned model
+is evaluated on held-out windows of the second half. Target: every early exit of the sorted model beats the same
+truncation of the plainly tuned one.
 """
 
 from pathlib import Path
@@ -14,8 +14,7 @@ import torch
 from harness import Report, apply_method, arguments, command_line, environment, eval_windows, load, numbers, rerender
 
 # the budget both runs share: the report's name of each flag -> its training-config field
-BUDGET = {"steps": "steps", "lr": "lr", "schedule": "schedule", "warmup": "warmup_steps", "batch": "batch_size",
-          "seq": "seq_len"}
+BUDGET = dict(steps="steps", lr="lr", schedule="schedule", warmup="warmup_steps", batch="batch_size", seq="seq_len")
 
 
 def render(result: dict) -> str:
@@ -39,7 +38,6 @@ def render(result: dict) -> str:
 
 def main(argv=None) -> None:
     p = arguments(__doc__, data=True, threads=2)
-    p.add_argument("--text", help="tuning/eval text (default: --data-dir's TinyStories, else the embedded one)")
     numbers(p, (("steps", 300), ("warmup", 10), ("batch", 16), ("seq", 128), ("eval-windows", 64), ("seed", 0),
                 ("lr", 3e-4)))
     p.add_argument("--schedule", default="cosine", choices=["constant", "linear", "cosine"])
@@ -51,7 +49,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(args.threads)
     text = Path(args.data_dir, "tinystories", "tinystories_val_a.txt")
-    source = args.text or (str(text) if text.is_file() else "default")
+    source = str(text) if text.is_file() else "default"  # TinyStories under --data-dir, else the embedded text
     base, ctx = load(None, seed=args.seed)
     exits = default_exits(base.model.config.num_hidden_layers)
     windows = eval_windows(ctx, source, args.seq, args.eval_windows)
