@@ -52,17 +52,15 @@ def run(args, report: Report) -> None:
     source = "default" if args.stories else wiki(args.data_dir)
     loaded, ctx = load(None if args.stories else args.smollm2)
     windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
-    sizes = sizes_of(args, ("calib_windows", "calib_seq", "eval_windows", "eval_seq", "heal_steps", "heal_batch",
-                            "heal_seq", "heal_lr"))
+    sizes = {**sizes_of(args), **sizes_of(args, ("heal_steps", "heal_batch", "heal_seq", "heal_lr"))}
     report.begin(sizes, benchmark="frontier", env=environment(), data=data,
                  model="stories260K (embedded)" if args.stories else Path(args.smollm2).name)
     calib = f"{data} first half: {args.calib_windows}x{args.calib_seq} tokens"
     configs = {lab: row_config(lab, sizes, args) for lab in labels}
     todo = [lab for lab in labels if report.cached(lab, configs[lab], args.force) is None]
     for base in dict.fromkeys(lab.partition("+")[0] for lab in todo):  # a healed row heals its base's model
-        spec, model, info = parse_label(base), loaded.model, {}
-        if base != "dense":
-            model, info = compress(loaded.model, spec, source, args, ctx)
+        spec = parse_label(base)
+        model, info = (loaded.model, {}) if base == "dense" else compress(loaded.model, spec, source, args, ctx)
         if base in todo:
             report.add(base, configs[base], point(model, windows, calib, spec, info))
         if f"{base}+heal" in todo:
@@ -159,9 +157,7 @@ def source_rows(source: str, data) -> list[dict]:
 def all_rows(state: dict) -> list[dict]:
     """The low-rank rows, then every other source's (SmolLM2 frontier only), then the GGUF point."""
     rows = [{**r, "source": r.get("source", "lowrank")} for r in state["rows"]]
-    if suffix(state):
-        return rows
-    for source, (name, _) in SOURCES.items():
+    for source, (name, _) in ({} if suffix(state) else SOURCES).items():
         if (OUT / name).is_file():
             rows += source_rows(source, json.loads((OUT / name).read_text()))
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -345,8 +341,7 @@ def main(argv=None) -> None:
     sizes_and_heal_arguments(p, heal_steps=40)
     for knob, kind in AWARE_KNOBS.items():
         p.add_argument(f"--{knob.replace('_', '-')}", type=kind, default=None, help=f"aware rows: `{knob}`")
-    p.add_argument("--stories", action="store_true", help="stories260K on its embedded TinyStories halves "
-                   "(CI-size; files get the suffix _stories)")
+    p.add_argument("--stories", action="store_true", help="stories260K on embedded TinyStories (CI-size; *_stories)")
     args = p.parse_args(argv)
     OUT = Path(args.out)
     report = Report(OUT, "frontier_stories" if args.stories else "frontier", render, png=plot)

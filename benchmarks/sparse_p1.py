@@ -23,18 +23,15 @@ from harness import (Report, arguments, environment, eval_windows, fmt, load, lo
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
 # (label, method, config fields beyond calibration): run in this order; each but dense can be healed.
 ROWS = [("dense", "dense", {}),
-        ("sparsegpt-2:4", "prune", {"score": "sparsegpt", "pattern": "2:4"}),
-        ("wanda-2:4", "prune", {"score": "wanda", "pattern": "2:4"}),
-        ("magnitude-2:4", "prune", {"score": "magnitude", "pattern": "2:4"}),
-        ("sparsegpt-50%", "prune", {"score": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5}),
-        ("wanda-50%", "prune", {"score": "wanda", "pattern": "unstructured", "sparsity": 0.5})]
+        *[(f"{s}-2:4", "prune", {"score": s, "pattern": "2:4"}) for s in ("sparsegpt", "wanda", "magnitude")],
+        *[(f"{s}-50%", "prune", {"score": s, "pattern": "unstructured", "sparsity": 0.5})
+          for s in ("sparsegpt", "wanda")]]
 METRIC_KEYS = ("sparsity", "output_error", "output_error_mask_only", "keep_ratio_bytes", "mean_fit_error")
 PEER_ROW, DS_INIT = "llm-compressor-sparsegpt-2:4", "dsformer-init"
 
 
 def fixed_calibration(calib, **kwargs):
-    """A Context whose calibration windows are `calib` (the start of the text, as the peer run
-    used) instead of compressor.data's seeded random subset of the calibration half."""
+    """A Context whose calibration windows are `calib` (the start of the text, as the peer run used), not a subset."""
     from compressor.context import Context
 
     class FixedCalibration(Context):
@@ -45,9 +42,8 @@ def fixed_calibration(calib, **kwargs):
 
 
 def rows(a, dense) -> list:
-    """Every row (label, method, fields, start) in run order: ROWS, llm-compressor's row (when it is
-    installed), dsformer's init and its STF; `<label>+heal` after each pruned or STF row."""
-    ds = {"keep_bytes": two_four_rank(dense), "coding": a.ds_coding, "init_iters": a.ds_init_iters, "stf_steps": 0,
+    """Every row (label, method, fields, start) in run order, each pruned or STF row followed by its `+heal` row."""
+    ds = {"keep_bytes": two_four_rank(dense), "coding": "sparsegpt", "init_iters": a.ds_init_iters, "stf_steps": 0,
           "eval_windows": 0}
     stf_row = (f"dsformer-stf{a.ds_stf_steps}", "stf", {**ds, "stf_steps": a.ds_stf_steps, "lr": a.ds_lr,
                                                         "stf_batch": a.ds_stf_batch, "stf_seq": a.calib_seq}, DS_INIT)
@@ -67,7 +63,6 @@ def main(argv=None) -> None:
     p = arguments(__doc__, smollm2=True, data=True, rows=True)
     sizes_and_heal_arguments(p, heal_steps=0)
     numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2), ("ds-lr", 1e-4)))
-    p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
     p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
     args = p.parse_args(argv)
     name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
@@ -106,8 +101,7 @@ def main(argv=None) -> None:
 
     special = {"dense": lambda model, fields, ctx: None,
                "heal": lambda model, fields, ctx: heal_row(model, loaded.model, source, args, ctx, windows),
-               "stf": lambda model, f, ctx: stf(model, ctx, source, f["stf_seq"], f["stf_steps"], f["lr"],
-                                                f["stf_batch"]),
+               "stf": lambda m, f, ctx: stf(m, ctx, source, f["stf_seq"], f["stf_steps"], f["lr"], f["stf_batch"]),
                "llm-compressor": lambda model, fields, ctx: llmcompressor(model, calib, loaded.tokenizer)}
     measure(report, rows(args, loaded.model), loaded.model, ctx, result, args.force,
             only=set(args.rows.split(",")) if args.rows else None, special=special,
@@ -117,10 +111,9 @@ def main(argv=None) -> None:
 class SparseReport(Report):
     """sparse_p1's report: every row added also rewrites reports/frontier_sparse.json."""
 
-    def add(self, label: str, config: dict, row: dict) -> dict:
-        row = super().add(label, config, row)
+    def write(self) -> None:
+        super().write()
         write_frontier_rows(self.out, self.state["sizes"])
-        return row
 
 
 def llmcompressor(model, calib, tokenizer) -> dict:
