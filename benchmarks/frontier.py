@@ -1,14 +1,9 @@
 """The frontier: held-out perplexity against stored bytes for SmolLM2-135M (BENCHMARKS §P).
 
-Rows: svd-llm and saes-svd with uniform and activation-aware ranks at keep 0.8 / 0.6 / 0.4, each
-with and without `heal` (distillation from the dense model's logits), plus dense. Calibration and
-healing read the first half of wikitext-2 wiki.test.raw, perplexity the second half (disjoint).
-Stored bytes count every stored value (embeddings and lm_head included, a tied matrix once) as
-bfloat16 = 2 bytes, integer buffers (packed positions, codes) at their own size.
-
-The figure and table also draw the other scripts' rows from their JSON (same windows, SOURCES):
-pruning, quantized, llm-compressor's as a separate marker off the project's Pareto front, and the
-Q4_1 GGUF source. P2 (uniform vs aware ranks) is rebuilt into reports/p2_allocation.{json,md}.
+Rows: svd-llm and saes-svd with uniform and activation-aware ranks at keep 0.8 / 0.6 / 0.4, each with and without
+`heal` (distillation from the dense model's logits), plus dense. Calibration and healing read the first half of
+wikitext-2 wiki.test.raw, perplexity the second half (disjoint). Stored bytes: every stored value as bfloat16 (2
+bytes; embeddings and lm_head included, a tied matrix once), integer buffers (packed positions, codes) at their size.
 """
 
 from __future__ import annotations
@@ -16,13 +11,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-from harness import (REPORTS, Report, apply_method, arguments, calib_fields, columns, environment,
-                    eval_windows, load, log, markdown, need_file, numbers, sizes_of, stored_bytes, wiki,
-                    write_text)
+from harness import (REPORTS, Report, apply_method, arguments, calib_fields, columns, environment, eval_windows,
+                     load, log, markdown, need_file, numbers, pick, sizes_of, stored_bytes, wiki, write_text)
 
 METHODS = ("saes-svd", "svd-llm")
 KEEPS = (0.6, 0.4, 0.8)
@@ -31,12 +24,10 @@ OUT = REPORTS  # --out: where the reports are written and the other scripts' row
 
 
 def all_labels() -> list[str]:
-    """P2's rows first (keep 0.6 and 0.4, uniform vs aware), then the healed ones, then keep 0.8."""
-    plain = [f"{m}-{a}-{k}" for k in (0.6, 0.4) for m in METHODS for a in ("uniform", "aware")]
-    healed = ["saes-svd-aware-0.6+heal", "saes-svd-uniform-0.6+heal"]
-    rest = [f"{m}-{a}-0.8" for m in METHODS for a in ("uniform", "aware")]
-    more = [f"{m}-{a}-{k}+heal" for k in (0.4, 0.8, 0.6) for m in METHODS for a in ("aware", "uniform")]
-    return list(dict.fromkeys(["dense", *plain, *healed, *rest, *more]))
+    """P2's rows first (keep 0.6 and 0.4, uniform vs aware), then keep 0.8, then the healed ones (the heal
+    target, saes-svd keep 0.6, first)."""
+    plain = [f"{m}-{a}-{k}" for k in KEEPS for m in METHODS for a in ("uniform", "aware")]
+    return ["dense", *plain, *[f"{m}-{a}-{k}+heal" for k in KEEPS for m in METHODS for a in ("aware", "uniform")]]
 
 
 def parse_label(label: str) -> dict:
@@ -55,27 +46,21 @@ def sizes_and_heal_arguments(p, heal_steps: int) -> None:
     p.add_argument("--heal-loss", default="kl", choices=("kl", "lm"))
 
 
-def run(args) -> None:
-    labels = args.rows.split(",") if args.rows else all_labels()
-    unknown = [lab for lab in labels if lab != "dense" and parse_label(lab)["method"] not in METHODS]
-    if unknown:
-        sys.exit(f"error: unknown row label(s) {unknown}; labels look like saes-svd-aware-0.6+heal")
+def run(args, report: Report) -> None:
+    labels = pick(args.rows, all_labels())
     data = "embedded TinyStories" if args.stories else "wikitext-2 wiki.test.raw"
     source = "default" if args.stories else wiki(args.data_dir)
     loaded, ctx = load(None if args.stories else args.smollm2)
     windows = eval_windows(ctx, source, args.eval_seq, args.eval_windows)
-    sizes = sizes_of(args, ("calib_windows", "calib_seq", "eval_windows", "eval_seq", "heal_steps", "heal_batch",
-                            "heal_seq", "heal_lr"))
-    report = frontier_report(args.stories)
+    sizes = {**sizes_of(args), **sizes_of(args, ("heal_steps", "heal_batch", "heal_seq", "heal_lr"))}
     report.begin(sizes, benchmark="frontier", env=environment(), data=data,
                  model="stories260K (embedded)" if args.stories else Path(args.smollm2).name)
     calib = f"{data} first half: {args.calib_windows}x{args.calib_seq} tokens"
     configs = {lab: row_config(lab, sizes, args) for lab in labels}
     todo = [lab for lab in labels if report.cached(lab, configs[lab], args.force) is None]
     for base in dict.fromkeys(lab.partition("+")[0] for lab in todo):  # a healed row heals its base's model
-        spec, model, info = parse_label(base), loaded.model, {}
-        if base != "dense":
-            model, info = compress(loaded.model, spec, source, args, ctx)
+        spec = parse_label(base)
+        model, info = (loaded.model, {}) if base == "dense" else compress(loaded.model, spec, source, args, ctx)
         if base in todo:
             report.add(base, configs[base], point(model, windows, calib, spec, info))
         if f"{base}+heal" in todo:
@@ -96,10 +81,6 @@ def aware_knobs(spec: dict, args, set_only: bool = True) -> dict:
             if spec.get("allocation") == "aware" and not (set_only and getattr(args, k) is None)}
 
 
-def frontier_report(stories: bool) -> Report:
-    return Report(OUT, "frontier_stories" if stories else "frontier", render, png=plot)
-
-
 def compress(dense, spec: dict, source: str, args, ctx):
     """A compressed copy of `dense` and what its row records of the compression."""
     fields = {"rank": spec["keep"], "allocation": spec["allocation"], **aware_knobs(spec, args),
@@ -114,8 +95,7 @@ def compress(dense, spec: dict, source: str, args, ctx):
 
 
 def heal_row(model, dense, source: str, args, ctx, eval_windows) -> dict:
-    """Heal `model` in place (distillation from `dense` with --heal-loss kl): the heal budget and
-    curve of the row. benchmarks/sparse_p1.py heals its rows with this same protocol."""
+    """Heal `model` in place (distillation from `dense` with --heal-loss kl): the row's heal budget and curve."""
     from compressor.adapters.heal import HealConfig, heal
     from compressor.evaluation import perplexity
 
@@ -132,16 +112,14 @@ def heal_row(model, dense, source: str, args, ctx, eval_windows) -> dict:
 
     result = heal(model, config, ctx, teacher=dense if args.heal_loss == "kl" else None,
                   eval_fn=progress if args.heal_eval_every else None)
-    every = args.heal_eval_every
+    every, metrics = args.heal_eval_every, result.metrics
     curves = {k: v for k, v in result.curves.items() if k.startswith("eval_") and v}
     budget = ("loss", "steps", "batch_size", "seq_len", "lr", "schedule", "lora_r")
-    info = {"heal_seconds": round(time.perf_counter() - started, 1),
-            "heal": {k: config.to_dict()[k] for k in budget},
+    info = {"heal_seconds": round(time.perf_counter() - started, 1), "heal": {k: config.to_dict()[k] for k in budget},
             "heal_curve": {k: sorted({(s, v[s]) for s in [*range(0, len(v), every or len(v)), len(v) - 1]})
                            for k, v in curves.items()},
-            "heal_trainable_params": result.metrics["method_params"],
-            "heal_loss_first": result.metrics["train_loss_first"],
-            "heal_loss_last": result.metrics["train_loss_last"]}
+            "heal_trainable_params": metrics["method_params"], "heal_loss_first": metrics["train_loss_first"],
+            "heal_loss_last": metrics["train_loss_last"]}
     log(f"healed in {info['heal_seconds']} s, loss {info['heal_loss_first']:.3f} -> {info['heal_loss_last']:.3f}")
     return info
 
@@ -161,7 +139,6 @@ def point(model, windows, calib: str, spec: dict, info: dict, heal_info: dict | 
 # source -> (file in reports/, on the project's Pareto front): rows drawn beside the low-rank ones.
 SOURCES = {"sparse": ("frontier_sparse.json", True), "quant": ("quant_smollm2.json", True),
            "quant-budget": ("frontier_quant.json", True), "llm-compressor": ("quant_peer.json", False)}
-GGUF_NOTE = "the GGUF file's bytes; its dequantization is the dense model, so the dense perplexity"
 
 
 def source_rows(source: str, data) -> list[dict]:
@@ -180,9 +157,7 @@ def source_rows(source: str, data) -> list[dict]:
 def all_rows(state: dict) -> list[dict]:
     """The low-rank rows, then every other source's (SmolLM2 frontier only), then the GGUF point."""
     rows = [{**r, "source": r.get("source", "lowrank")} for r in state["rows"]]
-    if suffix(state):
-        return rows
-    for source, (name, _) in SOURCES.items():
+    for source, (name, _) in ({} if suffix(state) else SOURCES).items():
         if (OUT / name).is_file():
             rows += source_rows(source, json.loads((OUT / name).read_text()))
     dense = next((r for r in rows if r["method"] == "dense"), None)
@@ -241,16 +216,13 @@ MARKERS = (("llm-compressor", "llm-compressor 0.14 (peer)", {"marker": "x", "s":
 
 
 def plot(state: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from compressor.report.plots import _pyplot, _save  # headless pyplot; tight layout, 110 dpi, closed
 
     rows = all_rows(state)
     front = pareto(rows)
     own = [r for r in rows if r["source"] not in ("llm-compressor", "gguf") and r["method"] != "dense"]
     marker = dict(zip(sorted({r["method"] for r in own}), "os^vD<>pPXh" * 3))  # one marker per method
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, ax = _pyplot().subplots(figsize=(9, 6))
     for name in sorted({series_name(r) for r in own}):
         series = [r for r in own if series_name(r) == name]
         points = sorted((r["stored_bytes"] / 1e6, r["ppl"]) for r in series)
@@ -265,15 +237,12 @@ def plot(state: dict, path: Path) -> None:
         points = [r for r in rows if (r["method"] if key == "dense" else r["source"]) == key]
         if points:
             ax.scatter([r["stored_bytes"] / 1e6 for r in points], [r["ppl"] for r in points], label=label, **style)
-    ax.set_yscale("log")
-    ax.set_xlabel("stored bytes (MB, bfloat16 values, embeddings included)")
-    ax.set_ylabel("held-out perplexity (log scale)")
+    ax.set(yscale="log", xlabel="stored bytes (MB, bfloat16 values, embeddings included)",
+           ylabel="held-out perplexity (log scale)")
     ax.set_title(f"{state.get('model', '?')}, {state.get('data', '?')}: perplexity vs stored bytes", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def render(state: dict) -> str:
@@ -287,11 +256,11 @@ def render(state: dict) -> str:
             ("card method", card_method), ("Pareto", lambda r: "yes" if r["label"] in front else "")]
     others = "" if suffix(state) else (
         " Rows from reports/frontier_sparse.json (pruning, benchmarks/sparse_p1.py) are marked `sparse`; "
-        "reports/quant_smollm2.json `quant` (bytes: its bf16 model.safetensors on disk); "
-        "reports/frontier_quant.json `quant-budget` when present; reports/quant_peer.json `llm-compressor` "
-        f"(a separate marker, not on the project's front); `gguf`: {GGUF_NOTE}. `Pareto`: on the front of "
-        "the project's own points (lowrank, sparse, quant). `card method`: points using low-rank factors / "
-        "corrections or N:M sparsity.")
+        "reports/quant_smollm2.json `quant` (bytes: its bf16 model.safetensors on disk); reports/frontier_quant.json "
+        "`quant-budget` when present; reports/quant_peer.json `llm-compressor` (a separate marker, not on the "
+        "project's front); `gguf`: the GGUF file's bytes; its dequantization is the dense model, so the dense "
+        "perplexity. `Pareto`: on the front of the project's own points (lowrank, sparse, quant). `card method`: "
+        "points using low-rank factors / corrections or N:M sparsity.")
     return markdown(
         f"# Frontier: held-out perplexity vs stored bytes ({state.get('model')}, {state.get('data')})",
         f"Run {env.get('date', '?')} on {env.get('host', '?')} ({env.get('device_name', '?')}), git "
@@ -372,18 +341,17 @@ def main(argv=None) -> None:
     sizes_and_heal_arguments(p, heal_steps=40)
     for knob, kind in AWARE_KNOBS.items():
         p.add_argument(f"--{knob.replace('_', '-')}", type=kind, default=None, help=f"aware rows: `{knob}`")
-    p.add_argument("--stories", action="store_true", help="stories260K on its embedded TinyStories halves "
-                   "(CI-size; files get the suffix _stories)")
+    p.add_argument("--stories", action="store_true", help="stories260K on embedded TinyStories (CI-size; *_stories)")
     args = p.parse_args(argv)
     OUT = Path(args.out)
+    report = Report(OUT, "frontier_stories" if args.stories else "frontier", render, png=plot)
     if not args.render:
         if not args.stories:
             need_file(args.smollm2, "--smollm2 PATH")
         import torch
 
         torch.set_num_threads(args.threads)
-        run(args)
-    report = frontier_report(args.stories)
+        run(args, report)
     if not args.stories and Path(args.smollm2).is_file():  # the GGUF source point: its file's bytes
         report.state.update(gguf=Path(args.smollm2).name, gguf_bytes=Path(args.smollm2).stat().st_size)
         write_text(OUT / "frontier.json", json.dumps(report.state, indent=1, default=str) + "\n")

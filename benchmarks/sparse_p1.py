@@ -1,12 +1,9 @@
 """P1 (BENCHMARKS.md): 2:4 and 50 % pruning of SmolLM2-135M, and dsformer at the bytes of 2:4.
 
-Protocol (the llm-compressor comparison of issue 14): a plain HF copy of the model in float32;
-calibration = the first 32 x 256 tokens of wiki.test.raw (in order); perplexity on
-non-overlapping windows of the second half of the same file. Every row compresses a fresh copy of
-the dense model. Stored bytes: every value in bfloat16, index metadata at its own width, tied
-embeddings once (unstructured pruning stores its zeros densely: it saves no bytes). `--heal-steps N`
-adds `<label>+heal` rows: benchmarks/frontier.py's heal of that row's model, same budget flags.
-Writes reports/sparse_p1[_TAG].{json,md} and reports/frontier_sparse.json (frontier.py's rows) after every row.
+The llm-compressor comparison of issue 14, on its protocol (in the report's text: calibration on the first
+tokens of wiki.test.raw in order, perplexity on the second half). Every row compresses a fresh copy of the dense
+model; unstructured pruning stores its zeros densely (it saves no bytes). `--heal-steps N` adds `<label>+heal`
+rows: benchmarks/frontier.py's heal of that row's model, same budget flags.
 """
 
 from __future__ import annotations
@@ -19,34 +16,22 @@ from pathlib import Path
 
 from dense_sparse import measure, stf
 from frontier import heal_row, sizes_and_heal_arguments
-from harness import (Report, arguments, environment, eval_windows, log, need_file, numbers, provenance, rerender,
-                     sizes_of, stored_bytes, table, wiki, write_text)
+from harness import (Report, arguments, environment, eval_windows, fmt, load, log, need_file, numbers, provenance,
+                     rerender, sizes_of, stored_bytes, table, wiki, write_text)
 
 # llm-compressor 0.14 on the same model and protocol (issue 14's table; held-out split of its own).
 PEER = {"dense": 26.8, "wanda-2:4": 155.0, "sparsegpt-2:4": 78.5}
 # (label, method, config fields beyond calibration): run in this order; each but dense can be healed.
 ROWS = [("dense", "dense", {}),
-        ("sparsegpt-2:4", "prune", {"score": "sparsegpt", "pattern": "2:4"}),
-        ("wanda-2:4", "prune", {"score": "wanda", "pattern": "2:4"}),
-        ("magnitude-2:4", "prune", {"score": "magnitude", "pattern": "2:4"}),
-        ("sparsegpt-50%", "prune", {"score": "sparsegpt", "pattern": "unstructured", "sparsity": 0.5}),
-        ("wanda-50%", "prune", {"score": "wanda", "pattern": "unstructured", "sparsity": 0.5})]
+        *[(f"{s}-2:4", "prune", {"score": s, "pattern": "2:4"}) for s in ("sparsegpt", "wanda", "magnitude")],
+        *[(f"{s}-50%", "prune", {"score": s, "pattern": "unstructured", "sparsity": 0.5})
+          for s in ("sparsegpt", "wanda")]]
 METRIC_KEYS = ("sparsity", "output_error", "output_error_mask_only", "keep_ratio_bytes", "mean_fit_error")
 PEER_ROW, DS_INIT = "llm-compressor-sparsegpt-2:4", "dsformer-init"
 
 
-def parse_args(argv=None):
-    p = arguments(__doc__, smollm2=True, data=True, rows=True)
-    sizes_and_heal_arguments(p, heal_steps=0)
-    numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2), ("ds-lr", 1e-4)))
-    p.add_argument("--ds-coding", default="sparsegpt", help="dsformer sparse coding rule")
-    p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
-    return p.parse_args(argv)
-
-
 def fixed_calibration(calib, **kwargs):
-    """A Context whose calibration windows are `calib` (the start of the text, as the peer run
-    used) instead of compressor.data's seeded random subset of the calibration half."""
+    """A Context whose calibration windows are `calib` (the start of the text, as the peer run used), not a subset."""
     from compressor.context import Context
 
     class FixedCalibration(Context):
@@ -57,9 +42,8 @@ def fixed_calibration(calib, **kwargs):
 
 
 def rows(a, dense) -> list:
-    """Every row (label, method, fields, start) in run order: ROWS, llm-compressor's row (when it is
-    installed), dsformer's init and its STF; `<label>+heal` after each pruned or STF row."""
-    ds = {"keep_bytes": two_four_rank(dense), "coding": a.ds_coding, "init_iters": a.ds_init_iters, "stf_steps": 0,
+    """Every row (label, method, fields, start) in run order, each pruned or STF row followed by its `+heal` row."""
+    ds = {"keep_bytes": two_four_rank(dense), "coding": "sparsegpt", "init_iters": a.ds_init_iters, "stf_steps": 0,
           "eval_windows": 0}
     stf_row = (f"dsformer-stf{a.ds_stf_steps}", "stf", {**ds, "stf_steps": a.ds_stf_steps, "lr": a.ds_lr,
                                                         "stf_batch": a.ds_stf_batch, "stf_seq": a.calib_seq}, DS_INIT)
@@ -76,20 +60,22 @@ def rows(a, dense) -> list:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    p = arguments(__doc__, smollm2=True, data=True, rows=True)
+    sizes_and_heal_arguments(p, heal_steps=0)
+    numbers(p, (("ds-stf-steps", 100), ("ds-stf-batch", 1), ("ds-init-iters", 2), ("ds-lr", 1e-4)))
+    p.add_argument("--tag", default="", help="report name suffix: sparse_p1_<tag>.{json,md}")
+    args = p.parse_args(argv)
     name = f"sparse_p1_{args.tag}" if args.tag else "sparse_p1"
     if args.render:
         return print(rerender(Path(args.out), name, render))
     need_file(args.smollm2, "--smollm2 PATH")
     import torch
 
-    from compressor.data import windows_for
     from compressor.evaluation import perplexity
-    from compressor.models import load_model
 
     torch.set_num_threads(args.threads)
-    source, sizes, loaded = wiki(args.data_dir), sizes_of(args), load_model(args.smollm2)
-    stream = windows_for(loaded.tokenizer, source, split="calib", seq_len=args.calib_seq)
+    (loaded, plain), source, sizes = load(args.smollm2), wiki(args.data_dir), sizes_of(args)
+    stream = plain.windows(source, split="calib", seq_len=args.calib_seq)
     if stream.shape[0] < args.calib_windows:
         sys.exit(f"error: the calibration half holds only {stream.shape[0]} windows of {args.calib_seq}")
     calib = stream[:args.calib_windows]
@@ -115,8 +101,7 @@ def main(argv=None) -> None:
 
     special = {"dense": lambda model, fields, ctx: None,
                "heal": lambda model, fields, ctx: heal_row(model, loaded.model, source, args, ctx, windows),
-               "stf": lambda model, f, ctx: stf(model, ctx, source, f["stf_seq"], f["stf_steps"], f["lr"],
-                                                f["stf_batch"]),
+               "stf": lambda m, f, ctx: stf(m, ctx, source, f["stf_seq"], f["stf_steps"], f["lr"], f["stf_batch"]),
                "llm-compressor": lambda model, fields, ctx: llmcompressor(model, calib, loaded.tokenizer)}
     measure(report, rows(args, loaded.model), loaded.model, ctx, result, args.force,
             only=set(args.rows.split(",")) if args.rows else None, special=special,
@@ -126,10 +111,9 @@ def main(argv=None) -> None:
 class SparseReport(Report):
     """sparse_p1's report: every row added also rewrites reports/frontier_sparse.json."""
 
-    def add(self, label: str, config: dict, row: dict) -> dict:
-        row = super().add(label, config, row)
+    def write(self) -> None:
+        super().write()
         write_frontier_rows(self.out, self.state["sizes"])
-        return row
 
 
 def llmcompressor(model, calib, tokenizer) -> dict:
@@ -171,19 +155,17 @@ def two_four_rank(model) -> float:
 
 def render(result: dict) -> str:
     s, dense = result["sizes"], next((r for r in result["rows"] if r["label"] == "dense"), None)
-    cell = lambda v: "–" if v is None else f"{v:.4f}"
     rows = [[r["label"], f"{r['ppl']:.2f}", f"{r['ppl'] / dense['ppl']:.2f}" if dense else "–",
              PEER.get(r["label"], "–"), f"{r['stored_bytes'] / 1e6:.1f}",
-             f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–", cell(r.get("output_error")),
-             cell(r.get("output_error_mask_only")), f"{r['seconds']:.0f}"] for r in result["rows"]]
+             f"{r['stored_bytes'] / dense['stored_bytes']:.3f}" if dense else "–", fmt(r.get("output_error"), 4),
+             fmt(r.get("output_error_mask_only"), 4), f"{r['seconds']:.0f}"] for r in result["rows"]]
     return "\n".join([
         "# P1: pruning SmolLM2-135M (2:4 and 50 % unstructured), WikiText-2", "", provenance(result["env"]), "",
-        f"Model: {result['model']} loaded as a plain HF LlamaForCausalLM in float32. Calibration: the "
-        f"first {s['calib_windows']} x {s['calib_seq']} tokens of wiki.test.raw. Evaluation: "
-        f"{result['eval_tokens']} tokens, {s['eval_windows']} non-overlapping windows of "
-        f"{s['eval_seq']} from the start of the second half of the file (disjoint). Every linear of "
-        "the 30 blocks is pruned (lm_head and embeddings are not). Bytes: every stored value in "
-        "bfloat16 (2 B), index metadata at its own width, tied embeddings once.", "",
+        f"Model: {result['model']} loaded as a plain HF LlamaForCausalLM in float32. Calibration: the first "
+        f"{s['calib_windows']} x {s['calib_seq']} tokens of wiki.test.raw. Evaluation: {result['eval_tokens']} tokens, "
+        f"{s['eval_windows']} non-overlapping windows of {s['eval_seq']} from the start of the second half of the file "
+        "(disjoint). Every linear of the 30 blocks is pruned (lm_head and embeddings are not). Bytes: every stored "
+        "value in bfloat16 (2 B), index metadata at its own width, tied embeddings once.", "",
         *table(["row", "perplexity", "/ dense", "llm-compressor 0.14 (issue 14)", "stored MB", "/ dense bytes",
                 "output err (mean)", "mask-only err", "seconds"], rows), "", *result.get("notes", [])]) + "\n"
 
@@ -192,18 +174,13 @@ def write_frontier_rows(out: Path, sizes: dict) -> None:
     """reports/frontier_sparse.json (benchmarks/frontier.py's schema) from every sparse_p1*.json of
     these sizes; the peer's in-memory model stores no packed bytes and is left out."""
     rows: dict[str, dict] = {}
-    for path in sorted(out.glob("sparse_p1*.json")):
-        part = json.loads(path.read_text())
-        if part.get("sizes") != sizes:
-            continue
-        seq = part["sizes"]["eval_seq"]  # every window's first token has no prediction
-        for r in part["rows"]:
-            if r["method"] != "llm-compressor":  # prune rows are told apart by their score
-                method = r["fields"].get("score", r["method"]) if r["method"] == "prune" else r["method"]
-                rows[r["label"]] = {"label": r["label"], "method": method, "heal": r.get("heal", False),
-                                    "stored_bytes": r["stored_bytes"], "ppl": r["ppl"],
-                                    "eval_tokens": part["eval_tokens"] - part["eval_tokens"] // seq,
-                                    "calib": f"{sizes['calib_windows']}x{sizes['calib_seq']}"}
+    for part in [json.loads(path.read_text()) for path in sorted(out.glob("sparse_p1*.json"))]:
+        scored = part.get("eval_tokens", 0) // sizes["eval_seq"] * (sizes["eval_seq"] - 1)  # a window's first: unscored
+        for r in [r for r in part["rows"] if part.get("sizes") == sizes and r["method"] != "llm-compressor"]:
+            method = r["fields"].get("score", r["method"]) if r["method"] == "prune" else r["method"]  # prune: by score
+            rows[r["label"]] = {"label": r["label"], "method": method, "heal": r.get("heal", False),
+                                "stored_bytes": r["stored_bytes"], "ppl": r["ppl"], "eval_tokens": scored,
+                                "calib": f"{sizes['calib_windows']}x{sizes['calib_seq']}"}
     write_text(out / "frontier_sparse.json", json.dumps(list(rows.values()), indent=2))
 
 
