@@ -14,8 +14,6 @@ Memory: each variant's checkpoint (built once into `--cache-dir`) is loaded in a
 cannot reach. dtype float32 on CPU (`--dtype`), bfloat16 on CUDA; `--threads` default 1 on CPU.
 """
 
-from __future__ import annotations
-
 import argparse
 import collections
 import contextlib

@@ -11,8 +11,6 @@ Writes reports/dense_sparse_<part>[_<tag>].{json,md} after every row. Example (a
 nice -n 10 python benchmarks/dense_sparse.py stories
 """
 
-from __future__ import annotations
-
 import copy
 import time
 from pathlib import Path

@@ -8,8 +8,6 @@ Each mode runs in a fresh subprocess (`worker`) on `--batch` x `--seq` tokens:
   backprop   two AdamW steps on every weight (the optimizer state exists from the first step)
 """
 
-from __future__ import annotations
-
 import json
 import sys
 import time

@@ -14,8 +14,6 @@ F5  stories260K tuned as a language model on SST-2 sentences; forgetting = incre
 Example:  nice -n 10 python benchmarks/finetune_sst2.py --threads 1   (F2 about 65 min, F3 2, F5 6)
 """
 
-from __future__ import annotations
-
 import copy
 import json
 from pathlib import Path

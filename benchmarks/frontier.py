@@ -6,8 +6,6 @@ wikitext-2 wiki.test.raw, perplexity the second half (disjoint). Stored bytes: e
 bytes; embeddings and lm_head included, a tied matrix once), integer buffers (packed positions, codes) at their size.
 """
 
-from __future__ import annotations
-
 import copy
 import json
 import math

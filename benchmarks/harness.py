@@ -7,8 +7,6 @@ JSON and compares the Markdown tables with the committed ones (exit 1 on a diffe
 that each report is regenerable by its command.
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib
 import json

@@ -14,8 +14,6 @@ Writes <out>/kernels_gpu.{json,md}, rewritten after each part: a run stopped by 
 what was done.
 """
 
-from __future__ import annotations
-
 import itertools
 import json
 import math

@@ -9,8 +9,6 @@ column measures.
   nice -n 10 python benchmarks/offload.py [--smollm2 SmolLM2-135M-Instruct.Q4_1.gguf] [--render]
 """
 
-from __future__ import annotations
-
 import argparse
 import collections
 import json

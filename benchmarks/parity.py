@@ -13,8 +13,6 @@ and after a restructuring commit and compare:
 threaded).
 """
 
-from __future__ import annotations
-
 import argparse
 import hashlib
 import json

@@ -7,8 +7,6 @@
   Q4  wall time and peak memory of each method relative to plain SVD, from the Q1/Q2 JSON.
 """
 
-from __future__ import annotations
-
 import copy
 import csv
 import importlib.util

@@ -7,8 +7,6 @@ Each row: perplexity of the fake-quantized model in memory and after a compresse
 reload, and the bytes of that save (the report says how they are counted).
 """
 
-from __future__ import annotations
-
 import copy
 import json
 import math

@@ -6,8 +6,6 @@ model; unstructured pruning stores its zeros densely (it saves no bytes). `--hea
 rows: benchmarks/frontier.py's heal of that row's model, same budget flags.
 """
 
-from __future__ import annotations
-
 import json
 import sys
 import tempfile
